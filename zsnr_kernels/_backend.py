@@ -1,0 +1,36 @@
+"""Backend choice (DESIGN §3): each backend says why it cannot serve a call; ``auto`` falls back, an explicit
+request that cannot be met raises with the reasons.
+
+Only the ``torch`` reference runs sampler steps so far; the fused ``cpu``, ``cuda`` and ``triton`` backends are
+listed with the reason they cannot serve yet, so the error a user sees is already the final one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+
+
+def not_supported_reasons(backend: str, y: torch.Tensor) -> list[str]:
+    """Why ``backend`` cannot run a step on ``y`` (empty when it can)."""
+    if backend == "torch":
+        return []
+    if backend == "cpu":
+        return ["the fused CPU step kernels are not built yet (only Philox noise is compiled in zsnr_kernels._C)"]
+    if backend in ("cuda", "triton"):
+        return [f"the {backend} backend is not implemented yet"]
+    return [f"unknown backend {backend!r}; choose one of {BACKENDS}"]
+
+
+def resolve(backend: str, y: torch.Tensor) -> str:
+    """The backend that will run a step on ``y``: ``auto`` picks cpu then torch on CPU, cuda then triton on GPU."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        reasons = not_supported_reasons(backend, y)
+        if reasons:
+            raise ValueError(f"backend={backend!r} cannot run this step: " + "; ".join(reasons))
+        return backend
+    order = ("cuda", "triton", "torch") if y.is_cuda else ("cpu", "torch")
+    return next(b for b in order if not not_supported_reasons(b, y))

@@ -1,0 +1,107 @@
+"""Argument checks shared by the step functions and the sampling loop.
+
+Every check runs before any tensor is written, so a refused call leaves every input untouched.  Messages name
+the argument and say what to do instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+RESCALE_SPACES = ("output", "v", "x0")
+
+
+def tensor(name: str, t, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A floating tensor; with ``like``: the same shape, dtype and device as ``like``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if like is not None:
+        if t.shape != like.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but y has shape {tuple(like.shape)}; they must match")
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but y has dtype {like.dtype}; cast one of them")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but y is on {like.device}; move them to one device")
+    elif t.ndim < 1:
+        raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor")
+    return t
+
+
+def model_output(out, y: torch.Tensor, guidance_scale: float, name: str = "model_output"):
+    """(F_cond, F_uncond or None) from a tensor or a (cond, uncond) pair; a pair is required when guiding."""
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ValueError(f"{name} must be a tensor or a (cond, uncond) pair, got a sequence of {len(out)}")
+        return tensor(f"{name}[0] (cond)", out[0], y), tensor(f"{name}[1] (uncond)", out[1], y)
+    tensor(name, out, y)
+    if guidance_scale != 1.0:
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs the pair (F_cond, F_uncond) as {name}; the model returned "
+            "a single tensor. Return both outputs, or use guidance_scale=1.0")
+    return out, None
+
+
+def real(name: str, v, *, lo: float | None = None, hi: float | None = None, allow_inf: bool = False) -> float:
+    """A real number (not bool), not NaN, within [lo, hi]; finite unless ``allow_inf``."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if math.isnan(v) or (not allow_inf and math.isinf(v)):
+        raise ValueError(f"{name} must be {'a number' if allow_inf else 'finite'}, got {v}")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {v}")
+    return v
+
+
+def sigma_values(name: str, s, batch: int) -> list[float] | float:
+    """A step's sigma: a number (one for the batch) or a (B,) tensor / sequence (one per sample, §2.9)."""
+    if isinstance(s, torch.Tensor) and s.ndim == 1 and s.numel() > 1 or isinstance(s, Sequence) and not isinstance(s, str):
+        vals = s.detach().double().cpu().tolist() if isinstance(s, torch.Tensor) else list(s)
+        if len(vals) != batch:
+            raise ValueError(f"{name} has {len(vals)} values but the batch has {batch} samples")
+        return [real(f"{name}[{i}]", v, lo=0.0, allow_inf=True) for i, v in enumerate(vals)]
+    if isinstance(s, torch.Tensor) and s.numel() != 1:
+        raise ValueError(f"{name} must be a number or a (B,) tensor, got shape {tuple(s.shape)}")
+    return real(name, s, lo=0.0, allow_inf=True)
+
+
+def sigmas(s) -> list[float]:
+    """A sampling schedule: 1-D, strictly descending, ends with 0, no NaN; the first value may be inf."""
+    if isinstance(s, torch.Tensor):
+        if s.ndim != 1:
+            raise ValueError(f"sigmas must be 1-D, got shape {tuple(s.shape)}")
+        vals = s.detach().double().cpu().tolist()
+    elif isinstance(s, Sequence):
+        vals = [real(f"sigmas[{i}]", v, allow_inf=True) for i, v in enumerate(s)]
+    else:
+        raise TypeError(f"sigmas must be a 1-D tensor or a sequence of floats, got {type(s).__name__}")
+    if len(vals) < 2:
+        raise ValueError(f"sigmas needs at least 2 values (a start and the final 0), got {len(vals)}")
+    if any(math.isnan(v) for v in vals):
+        raise ValueError("sigmas contains NaN")
+    if any(v < 0 for v in vals):
+        raise ValueError(f"sigmas must be >= 0, got {min(vals)}")
+    if vals[-1] != 0.0:
+        raise ValueError(f"sigmas must end with 0 (the clean sample), got {vals[-1]}; append a 0")
+    if any(math.isinf(v) for v in vals[1:]):
+        raise ValueError("only sigmas[0] may be inf")
+    if any(b >= a for a, b in zip(vals, vals[1:])):
+        i = next(i for i, (a, b) in enumerate(zip(vals, vals[1:])) if b >= a)
+        raise ValueError(f"sigmas must be strictly descending, but sigmas[{i + 1}]={vals[i + 1]} >= sigmas[{i}]={vals[i]}")
+    return vals
+
+
+def choice(name: str, v, options: Sequence[str]) -> str:
+    if not isinstance(v, str) or v not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {v!r}")
+    return v

@@ -1,0 +1,365 @@
+"""Host coefficients of every sampler step, as exact finite limits at sigma = inf and sigma_next = 0.
+
+DESIGN §2.3-2.5.  Every update of every sampler is one linear combination in the state space of model inputs::
+
+    y_out = a * y + b * D + sum_k h[k] * H_k + e * z          (D = p*y + q*F, z unit noise)
+
+where ``y`` is the model input the model was just called with, ``D`` that call's denoised prediction, ``H_k`` the
+tensors the sampler remembers (newest first: earlier denoised predictions, or LMS derivatives) and ``y_out`` the
+next model input, at noise level ``sigma_out``.  This module computes ``a, b, h, e`` in float64 on the host.
+
+Each sampler is first written the way k-diffusion writes it, in the variance-exploding latent
+``x = y / c_in(sigma)``, as ``x' = A x + B D + ... + E z``; then ``y' = c_in(sigma') x'``.  Every ``A`` has the form
+``(sigma'/sigma) * K``, so the y-weight is ``(s'/s) * K`` with the noise scale ``s = sigma * c_in(sigma)``, which is
+1 at sigma = inf.  Ratios ``r = sigma'/sigma`` are 0 at sigma = inf, ``h = log(sigma/sigma')`` is inf there and
+``expm1(-h)`` is -1: nothing here ever forms inf/inf or 0*inf.
+
+Two rules fix what the samplers do at the ends of a schedule (§2.3):
+
+* a step *from* sigma = inf is first order for every sampler (the exponential-integrator corrections have
+  weight h/h_last -> 0 there, and Heun's trapezoid over an infinite interval has no limit), and a history entry
+  at sigma = inf carries weight 0 in later steps;
+* a step *to* sigma = 0 follows k-diffusion: Heun and DPM2 take an Euler step, DPM++ 2M is first order, the SDE
+  samplers return D and ancestral samplers add no noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .parameterization import Parameterization
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class StepCoeffs:
+    """``y_out = a*y + b*D + sum(h[k]*H_k) + e*z``; ``y_out`` is the model input at ``sigma_out``.
+
+    ``complete`` is False after the first stage of a two-stage sampler (the model must be called at
+    ``(y_out, sigma_out)`` and the second stage run).  ``carry`` = ``(g_y, g_D)`` asks the kernel to also output
+    ``g_y*y + g_D*D`` (the derivative LMS remembers); None otherwise.
+    """
+
+    a: float
+    b: float
+    h: tuple[float, ...] = ()
+    e: float = 0.0
+    sigma_out: float = 0.0
+    complete: bool = True
+    carry: tuple[float, float] | None = None
+
+
+def _ratio(sigma: float, sigma_next: float) -> float:
+    """sigma_next / sigma, 0 at sigma = inf."""
+    return 0.0 if sigma == INF else sigma_next / sigma
+
+
+def _log_ratio(sigma: float, sigma_next: float) -> float:
+    """h = log(sigma / sigma_next) = lambda_next - lambda (lambda = -log sigma); inf when sigma = inf."""
+    return INF if sigma == INF else math.log(sigma / sigma_next)
+
+
+def _check_pair(sigma: float, sigma_next: float) -> None:
+    if not (sigma_next >= 0.0 and sigma > sigma_next):
+        raise ValueError(f"need sigma > sigma_next >= 0, got sigma={sigma}, sigma_next={sigma_next}")
+
+
+# --------------------------------------------------------------------------------------------- building blocks
+
+
+def euler(pz: Parameterization, sigma: float, sigma_next: float) -> StepCoeffs:
+    """Euler / DDIM(eta=0) / DPM-Solver++(1): x' = D + sigma' * (x - D) / sigma.
+
+    y' = (s'/s) y + c'(1 - sigma'/sigma) D; from sigma = inf: y' = s' y + c' D.
+    """
+    _check_pair(sigma, sigma_next)
+    r = _ratio(sigma, sigma_next)
+    a = pz.noise_scale(sigma_next) / pz.noise_scale(sigma)
+    return StepCoeffs(a=a, b=pz.c_in(sigma_next) * (1.0 - r), sigma_out=sigma_next)
+
+
+def ancestral_split(sigma: float, sigma_next: float, eta: float, clamp: bool = True) -> tuple[float, float]:
+    """(d, u) = (sigma_down, sigma_up) / sigma_next of an ancestral step; (1, 0) when sigma_next = 0 or eta = 0.
+
+    k-diffusion's ``get_ancestral_step``: sigma_up = min(sigma', eta * sqrt(sigma'^2 (sigma^2 - sigma'^2) /
+    sigma^2)), sigma_down = sqrt(sigma'^2 - sigma_up^2).  Divided by sigma' both are finite at sigma = inf:
+    u = min(1, eta * sqrt(1 - r^2)).  ``clamp=False`` is DDIM's variance (no min; requires u <= 1).
+    """
+    if sigma_next == 0.0 or eta == 0.0:
+        return 1.0, 0.0
+    r = _ratio(sigma, sigma_next)
+    u = eta * math.sqrt((1.0 - r) * (1.0 + r))
+    if clamp:
+        u = min(1.0, u)
+    elif u > 1.0:
+        raise ValueError(f"eta={eta} gives a DDIM variance larger than the target noise level; use eta <= 1")
+    return math.sqrt((1.0 - u) * (1.0 + u)), u
+
+
+def ancestral(pz: Parameterization, sigma: float, sigma_next: float, eta: float, s_noise: float = 1.0,
+              clamp: bool = True) -> StepCoeffs:
+    """Euler step to sigma_down, then noise of std sigma_up: euler_ancestral, and DDIM(eta) / DDPM.
+
+    x' = D + sigma_down (x - D)/sigma + s_noise sigma_up z, i.e. with (d, u) of :func:`ancestral_split`:
+    y' = (s'/s) d y + c'(1 - d r) D + s' u s_noise z.  DDIM with eta is this step without the min() clamp
+    (its posterior std eta*sqrt((1-a')/(1-a) (1 - a/a')) equals c' sigma_up in VP terms), DDPM is DDIM at eta=1.
+    """
+    _check_pair(sigma, sigma_next)
+    d, u = ancestral_split(sigma, sigma_next, eta, clamp)
+    r = _ratio(sigma, sigma_next)
+    s_next = pz.noise_scale(sigma_next)
+    return StepCoeffs(a=s_next / pz.noise_scale(sigma) * d, b=pz.c_in(sigma_next) * (1.0 - d * r),
+                      e=s_next * u * s_noise, sigma_out=sigma_next)
+
+
+def churn_gamma(sigma: float, num_steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
+    """EDM churn: min(s_churn/N, sqrt(2)-1) if s_tmin <= sigma <= s_tmax else 0.  0 at sigma = inf (already
+    pure noise) and at sigma = 0."""
+    if s_churn <= 0.0 or sigma == INF or sigma == 0.0 or not (s_tmin <= sigma <= s_tmax):
+        return 0.0
+    return min(s_churn / num_steps, math.sqrt(2.0) - 1.0)
+
+
+def churn(pz: Parameterization, sigma: float, sigma_hat: float, s_noise: float = 1.0) -> tuple[float, float]:
+    """(k, e) with y_hat = k*y + e*z: add noise to go from sigma up to sigma_hat >= sigma (§2.5).
+
+    x_hat = x + s_noise sqrt(sigma_hat^2 - sigma^2) z, so k = c_in(sigma_hat)/c_in(sigma) and
+    e = c_in(sigma_hat) sqrt(sigma_hat^2 - sigma^2) s_noise.  (1, 0) when sigma_hat == sigma.
+    """
+    if sigma_hat == sigma:
+        return 1.0, 0.0
+    if not (math.isfinite(sigma_hat) and sigma_hat > sigma >= 0.0):
+        raise ValueError(f"churn needs inf > sigma_hat > sigma >= 0, got sigma={sigma}, sigma_hat={sigma_hat}")
+    c_hat = pz.c_in(sigma_hat)
+    return c_hat / pz.c_in(sigma), c_hat * math.sqrt((sigma_hat - sigma) * (sigma_hat + sigma)) * s_noise
+
+
+def with_churn(coeffs: StepCoeffs, pz: Parameterization, sigma_hat_next: float, s_noise: float = 1.0) -> StepCoeffs:
+    """Fold the churn of the next step into this update: the result is the model input at sigma_hat_next."""
+    k, e = churn(pz, coeffs.sigma_out, sigma_hat_next, s_noise)
+    if e == 0.0:
+        return coeffs
+    if coeffs.e != 0.0 or not coeffs.complete:
+        raise ValueError("churn can only follow a complete, noise-free update (euler, heun, dpm_2)")
+    return replace(coeffs, a=k * coeffs.a, b=k * coeffs.b, h=tuple(k * w for w in coeffs.h), e=e,
+                   sigma_out=sigma_hat_next)
+
+
+# ------------------------------------------------------------------------------------------ two-stage samplers
+
+
+def heun(pz: Parameterization, sigma: float, sigma_next: float, stage: int) -> StepCoeffs:
+    """Heun (EDM Algorithm 2).  Stage 1: Euler predictor to sigma' (the whole step if sigma' = 0 or sigma = inf).
+
+    Stage 2, from the predictor y_2 at sigma' with D_2 and the remembered D_1:
+    x' = x_hat + (sigma'-sigma)(d_1+d_2)/2 = x_2 + (sigma'-sigma)/(2 sigma') (D_1 - D_2), because
+    d_1 = (x_2 - D_1)/sigma'.  So y' = y_2 + w (D_1 - D_2) with w = c'(1 - sigma/sigma')/2.
+    """
+    _check_pair(sigma, sigma_next)
+    if stage == 1:
+        c = euler(pz, sigma, sigma_next)
+        return replace(c, complete=sigma_next == 0.0 or sigma == INF)
+    w = 0.5 * pz.c_in(sigma_next) * (1.0 - sigma / sigma_next)
+    return StepCoeffs(a=1.0, b=-w, h=(w,), sigma_out=sigma_next)
+
+
+def _midpoint_stage2(pz, sigma, sigma_mid, sigma_down, sigma_next, d, dpmpp: bool) -> StepCoeffs:
+    """Second stage shared by dpm_2, dpm_2_ancestral and dpmpp_2s_ancestral (y_2 at sigma_mid, D_1 remembered).
+
+    With x = (sigma/sigma_m) x_2 - (sigma/sigma_m - 1) D_1 (undoing the Euler predictor):
+      DPM-Solver-2:  x_down = x + (sigma_d - sigma)(x_2 - D_2)/sigma_m
+                           = (sigma_d/sigma_m) x_2 + (1 - sigma/sigma_m) D_1 + ((sigma - sigma_d)/sigma_m) D_2
+      DPM-Solver++(2S): x_down = (sigma_d/sigma) x + (1 - sigma_d/sigma) D_2
+                           = (sigma_d/sigma_m) x_2 + sigma_d (1/sigma - 1/sigma_m) D_1 + (1 - sigma_d/sigma) D_2
+    and y' = c'(sigma_next) x_down, whose y_2 weight is (s'/s_m) * d with d = sigma_d / sigma_next.
+    """
+    c_next = pz.c_in(sigma_next)
+    a = pz.noise_scale(sigma_next) / pz.noise_scale(sigma_mid) * d
+    if dpmpp:
+        h1, b = sigma_down * (1.0 / sigma - 1.0 / sigma_mid), 1.0 - sigma_down / sigma
+    else:
+        h1, b = 1.0 - sigma / sigma_mid, (sigma - sigma_down) / sigma_mid
+    return StepCoeffs(a=a, b=c_next * b, h=(c_next * h1,), sigma_out=sigma_next)
+
+
+def dpm_2(pz: Parameterization, sigma: float, sigma_next: float, stage: int) -> StepCoeffs:
+    """k-diffusion's DPM-Solver-2: Euler predictor to sigma_mid = sqrt(sigma sigma'), corrector with D at sigma_mid.
+
+    Stage 1 is the whole (Euler) step when sigma' = 0 or sigma = inf.
+    """
+    _check_pair(sigma, sigma_next)
+    if sigma_next == 0.0 or sigma == INF:
+        return euler(pz, sigma, sigma_next) if stage == 1 else _no_stage2("dpm_2")
+    sigma_mid = math.sqrt(sigma * sigma_next)
+    if stage == 1:
+        return replace(euler(pz, sigma, sigma_mid), complete=False)
+    return _midpoint_stage2(pz, sigma, sigma_mid, sigma_next, sigma_next, 1.0, dpmpp=False)
+
+
+def midpoint_sigma(sigma: float, sigma_next: float) -> float:
+    """sigma_mid = exp(lerp(log sigma, log sigma', 1/2)) = sqrt(sigma sigma'), computed like k-diffusion."""
+    return math.exp(0.5 * (math.log(sigma) + math.log(sigma_next)))
+
+
+def _no_stage2(name: str):
+    raise ValueError(f"{name}: this step was complete after its first stage (first.complete is True)")
+
+
+def _ancestral_two_stage(pz, sigma, sigma_next, eta, s_noise, stage, dpmpp: bool) -> StepCoeffs:
+    _check_pair(sigma, sigma_next)
+    d, u = ancestral_split(sigma, sigma_next, eta)
+    sigma_down = d * sigma_next
+    noise = s_noise * pz.noise_scale(sigma_next) * u
+    if sigma_down == 0.0:
+        # k-diffusion: Euler to 0; dpmpp_2s_ancestral still adds sigma_up noise when sigma' > 0, dpm_2_ancestral not.
+        if stage != 1:
+            _no_stage2("dpmpp_2s_ancestral" if dpmpp else "dpm_2_ancestral")
+        return StepCoeffs(a=0.0, b=pz.c_in(sigma_next), e=noise if dpmpp else 0.0, sigma_out=sigma_next)
+    if sigma == INF:  # limit: the midpoint is at inf too and D_2 -> D_1, the step is euler_ancestral
+        return ancestral(pz, sigma, sigma_next, eta, s_noise) if stage == 1 else _no_stage2("ancestral")
+    sigma_mid = math.sqrt(sigma * sigma_down) if not dpmpp else math.exp(-0.5 * (-math.log(sigma) - math.log(sigma_down)))
+    if stage == 1:
+        return replace(euler(pz, sigma, sigma_mid), complete=False)
+    return replace(_midpoint_stage2(pz, sigma, sigma_mid, sigma_down, sigma_next, d, dpmpp), e=noise)
+
+
+def dpm_2_ancestral(pz, sigma, sigma_next, eta=1.0, s_noise=1.0, *, stage: int) -> StepCoeffs:
+    """k-diffusion's dpm_2_ancestral: DPM-Solver-2 to sigma_down, then noise sigma_up (none when sigma_down = 0)."""
+    return _ancestral_two_stage(pz, sigma, sigma_next, eta, s_noise, stage, dpmpp=False)
+
+
+def dpmpp_2s_ancestral(pz, sigma, sigma_next, eta=1.0, s_noise=1.0, *, stage: int) -> StepCoeffs:
+    """DPM-Solver++(2S) to sigma_down with r = 1/2 (midpoint exp(-(t + h/2))), then noise sigma_up."""
+    return _ancestral_two_stage(pz, sigma, sigma_next, eta, s_noise, stage, dpmpp=True)
+
+
+# ------------------------------------------------------------------------------------------ multistep samplers
+
+
+def dpmpp_2m(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: float | None) -> StepCoeffs:
+    """DPM-Solver++(2M): x' = (sigma'/sigma) x + (1 - sigma'/sigma) D_d, D_d = (1 + w) D - w D_prev.
+
+    w = 1/(2r) = h/(2 h_last), h = log(sigma/sigma'), h_last = log(sigma_prev/sigma); first order (w = 0) on the
+    first step, when sigma' = 0, and when sigma_prev = inf (h_last = inf).  ``h`` of the result is (-b0 w,) or ().
+    """
+    c = euler(pz, sigma, sigma_next)
+    if sigma_prev is None or sigma_next == 0.0:
+        return c
+    w = _log_ratio(sigma, sigma_next) / (2.0 * _log_ratio(sigma_prev, sigma))
+    return replace(c, b=c.b * (1.0 + w), h=(-c.b * w,))
+
+
+def _sde_base(pz, sigma, sigma_next, eta, s_noise):
+    """Shared part of the DPM++ SDE samplers: y-weight, x-space D weight 1 - e^{-h(1+eta)}, noise weight, h."""
+    h = _log_ratio(sigma, sigma_next)
+    r = _ratio(sigma, sigma_next)
+    s_next = pz.noise_scale(sigma_next)
+    a = s_next / pz.noise_scale(sigma) * r ** eta          # (s'/s) e^{-eta h}; r**0 == 1 also at r == 0
+    big_h = h * (1.0 + eta)
+    base = 1.0 if h == INF else -math.expm1(-big_h)        # 1 - e^{-h(1+eta)}
+    noise = 0.0
+    if eta:
+        noise = s_next * s_noise * (1.0 if h == INF else math.sqrt(-math.expm1(-2.0 * eta * h)))
+    return h, big_h, a, base, noise
+
+
+def dpmpp_2m_sde(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: float | None,
+                 eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint") -> StepCoeffs:
+    """DPM-Solver++(2M) SDE (k-diffusion), y-space.  sigma' = 0 returns D.
+
+    x' = (sigma'/sigma) e^{-eta h} x + B D + corr (D - D_prev) + sigma' sqrt(1 - e^{-2 eta h}) s_noise z with
+    B = 1 - e^{-h(1+eta)}, corr = B/2 * h/h_last (midpoint) or (1 - B/(h(1+eta))) * h/h_last (heun).
+    """
+    _check_pair(sigma, sigma_next)
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    if sigma_next == 0.0:
+        return StepCoeffs(a=0.0, b=pz.c_in(0.0), sigma_out=0.0)
+    h, big_h, a, base, noise = _sde_base(pz, sigma, sigma_next, eta, s_noise)
+    c_next = pz.c_in(sigma_next)
+    hist: tuple[float, ...] = ()
+    corr = 0.0
+    if sigma_prev is not None:
+        inv_r = h / _log_ratio(sigma_prev, sigma)
+        corr = (0.5 * base if solver_type == "midpoint" else 1.0 - base / big_h) * inv_r
+        hist = (-c_next * corr,)
+    return StepCoeffs(a=a, b=c_next * (base + corr), h=hist, e=noise, sigma_out=sigma_next)
+
+
+def dpmpp_3m_sde(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple[float, ...] = (),
+                 eta: float = 1.0, s_noise: float = 1.0) -> StepCoeffs:
+    """DPM-Solver++(3M) SDE (k-diffusion), y-space; ``sigma_prev`` = (sigma_{i-1}, sigma_{i-2}), newest first.
+
+    With h_eta = h(1+eta), phi_2 = 1 - B/h_eta (B = 1 - e^{-h_eta}), phi_3 = phi_2/h_eta - 1/2, A0 = h/h_1,
+    A1 = h/h_2, w = h_1/(h_1+h_2), v = h/(h_1+h_2), k-diffusion's correction phi_2 d1 - phi_3 d2 expands to
+      D:   phi_2 A0 (1+w) - phi_3 v A0
+      D_1: -phi_2 (A0 + w (A0+A1)) + phi_3 v (A0+A1)
+      D_2: phi_2 w A1 - phi_3 v A1
+    (second order, phi_2 A0 (D - D_1), with one history entry).  h_k = inf gives A_k = 0 and w = v = 0.
+    """
+    _check_pair(sigma, sigma_next)
+    if sigma_next == 0.0:
+        return StepCoeffs(a=0.0, b=pz.c_in(0.0), sigma_out=0.0)
+    h, big_h, a, base, noise = _sde_base(pz, sigma, sigma_next, eta, s_noise)
+    c_next = pz.c_in(sigma_next)
+    x_d, hist = base, ()
+    if sigma_prev:
+        phi2 = 1.0 if big_h == INF else 1.0 - base / big_h
+        h1 = _log_ratio(sigma_prev[0], sigma)
+        a0 = h / h1
+        if len(sigma_prev) == 1:
+            x_d, hist = base + phi2 * a0, (-phi2 * a0,)
+        else:
+            phi3 = phi2 / big_h - 0.5
+            h2 = _log_ratio(sigma_prev[1], sigma_prev[0])
+            a1, w, v = h / h2, h1 / (h1 + h2), h / (h1 + h2)
+            x_d = base + phi2 * a0 * (1.0 + w) - phi3 * v * a0
+            hist = (-phi2 * (a0 + w * (a0 + a1)) + phi3 * v * (a0 + a1), phi2 * w * a1 - phi3 * v * a1)
+    return StepCoeffs(a=a, b=c_next * x_d, h=tuple(c_next * k for k in hist), e=noise, sigma_out=sigma_next)
+
+
+_GAUSS_X, _GAUSS_W = np.polynomial.legendre.leggauss(4)  # exact for the cubic Lagrange basis of order 4
+
+
+def lms_weights(ts: tuple[float, ...], t_next: float) -> list[float]:
+    """Integral over [ts[0], t_next] of each Lagrange basis polynomial through the points ``ts`` (newest first).
+
+    k-diffusion integrates the same polynomials with scipy.integrate.quad; 4-point Gauss-Legendre is exact for
+    degree <= 7, so the two agree to float64 rounding.
+    """
+    lo, hi = ts[0], t_next
+    taus = 0.5 * (hi - lo) * _GAUSS_X + 0.5 * (hi + lo)
+    out = []
+    for j, tj in enumerate(ts):
+        basis = np.ones_like(taus)
+        for k, tk in enumerate(ts):
+            if k != j:
+                basis *= (taus - tk) / (tj - tk)
+        out.append(float(0.5 * (hi - lo) * np.dot(_GAUSS_W, basis)))
+    return out
+
+
+def lms(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple[float, ...] = (),
+        order: int = 4) -> StepCoeffs:
+    """Linear multistep on the derivative d = (x - D)/sigma (k-diffusion ``sample_lms``).
+
+    ``sigma_prev`` are the sigmas of the remembered derivatives, newest first.  x' = x + sum_j w_j d_{i-j}; with
+    d_i = y/s - D/sigma this is y' = (c'/c)(1 + w_0/sigma) y - (c' w_0/sigma) D + sum_{j>0} c' w_j d_{i-j}.
+    Remembered points at sigma = inf (d = y there) get weight 0: the interpolant through a point at infinity
+    tends to the one through the finite points.  The step from sigma = inf is Euler.  ``carry`` returns
+    d_i = (1/s) y - (1/sigma) D for the next steps (d = y at sigma = inf).
+    """
+    _check_pair(sigma, sigma_next)
+    if sigma == INF:
+        return replace(euler(pz, sigma, sigma_next), carry=(1.0, 0.0))
+    carry = (1.0 / pz.noise_scale(sigma), -1.0 / sigma)
+    pts = (sigma,) + tuple(p for p in sigma_prev[: order - 1] if p != INF)
+    w = lms_weights(pts, sigma_next)
+    c_next = pz.c_in(sigma_next)
+    a = c_next / pz.c_in(sigma) * (1.0 + w[0] / sigma)
+    hist = tuple(c_next * wj for wj in w[1:]) + (0.0,) * (len(sigma_prev[: order - 1]) - (len(pts) - 1))
+    return StepCoeffs(a=a, b=-c_next * w[0] / sigma, h=hist, sigma_out=sigma_next, carry=carry)

@@ -1,0 +1,106 @@
+"""The eager PyTorch reference of one fused step: the executable spec every backend is checked against.
+
+DESIGN §2.3 and §2.7.  One call of :func:`fused_step` does, per element and per sample::
+
+    F     = F_u + w (F_c - F_u)                              guidance (F = F_c when there is no pair)
+    f     = phi std(G_c)/std(G) + (1 - phi)                  guidance rescale, per sample (1 if std(G) = 0)
+    D     = p_eff y + q_eff F                                p_eff = p + (q u / t)(f - 1), q_eff = q f
+    y_out = a y + b D + sum_k h_k H_k + e z
+    carry = g_y y + g_D D                                    (only when asked: LMS derivatives)
+
+where G = u y + t F is the quantity the rescale acts on (``output``: u=0, t=1; ``x0``: G = D; ``v``: the
+v-prediction of the same D) and G_c the same with F_c.  Every coefficient is a Python float or a float64 tensor
+of shape (B,) (per-sample sigmas, §2.9).  Math runs in float64 for float64 inputs and in float32 otherwise
+(fp16/bf16 are storage formats), and results are cast back to y's dtype.
+
+Memory traffic, for the byte models of the fused kernels: reads y, F_c (, F_u) and each H_k (, z when the noise
+is an input), writes y_out (, D when it is remembered, carry); the rescale statistics read F_c and F_u (and y
+for the ``x0``/``v`` spaces) once more.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Coeff = "float | torch.Tensor"
+
+
+def _per_sample(c, like: torch.Tensor) -> torch.Tensor | float:
+    """A float stays a float; a (B,) tensor becomes (B, 1, ..., 1) in ``like``'s dtype for broadcasting."""
+    if isinstance(c, torch.Tensor):
+        return c.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
+    return c
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 for float64 storage, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def guidance(out_cond: torch.Tensor, out_uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Classifier-free guidance F = F_u + w (F_c - F_u), written as diffusers writes it (reads 2N, writes N)."""
+    if out_uncond is None:
+        return out_cond
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
+def rescale_factor(g_cond: torch.Tensor, g_guided: torch.Tensor, phi: float) -> torch.Tensor:
+    """Per-sample f = phi std(G_c)/std(G) + (1 - phi), std over all non-batch dims; f = 1 where std(G) = 0.
+
+    Lin et al. 2023 §3.4 / diffusers ``rescale_noise_cfg`` (which returns NaN where std(G) = 0).  The
+    population std is used: the ratio is the same as with Bessel's correction.  Shape (B,).
+    """
+    dims = tuple(range(1, g_cond.ndim))
+    std_c = g_cond.std(dim=dims, correction=0)
+    std_g = g_guided.std(dim=dims, correction=0)
+    ok = std_g > 0
+    ratio = torch.where(ok, std_c / torch.where(ok, std_g, torch.ones_like(std_g)), torch.ones_like(std_g))
+    return torch.where(ok, phi * ratio + (1.0 - phi), torch.ones_like(std_g))
+
+
+def fused_step(
+    y: torch.Tensor,
+    out_cond: torch.Tensor,
+    out_uncond: torch.Tensor | None,
+    *,
+    p: Coeff,
+    q: Coeff,
+    a: Coeff,
+    b: Coeff,
+    history: tuple[torch.Tensor, ...] = (),
+    h: tuple = (),
+    noise: torch.Tensor | None = None,
+    e: Coeff = 0.0,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    rescale_uv: tuple = (0.0, 1.0),
+    carry: tuple | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One fused sampler update.  Returns ``(y_out, D, carry)`` in y's dtype (carry None unless asked).
+
+    ``rescale_uv`` = (u, t) defines G = u y + t F for the guidance rescale (see the module docstring).
+    ``noise`` is unit Gaussian of y's shape, required when ``e`` is not 0.  Inputs are never modified.
+    """
+    ct = compute_dtype(y.dtype)
+    yc = y.to(ct)
+    fc = out_cond.to(ct)
+    fu = out_uncond.to(ct) if out_uncond is not None else None
+    F = guidance(fc, fu, guidance_scale)
+    pp, qq = _per_sample(p, yc), _per_sample(q, yc)
+    if guidance_rescale != 0.0 and fu is not None:
+        u, t = (_per_sample(c, yc) for c in rescale_uv)
+        f = rescale_factor(u * yc + t * fc, u * yc + t * F, guidance_rescale)
+        f = f.reshape((-1,) + (1,) * (yc.ndim - 1))
+        pp, qq = pp + (qq * u / t) * (f - 1.0), qq * f
+    D = pp * yc + qq * F
+    out = _per_sample(a, yc) * yc + _per_sample(b, yc) * D
+    for hk, wk in zip(history, h):
+        out = out + _per_sample(wk, yc) * hk.to(ct)
+    if not (isinstance(e, float) and e == 0.0):
+        if noise is None:
+            raise ValueError("this step adds noise (e != 0) but no noise tensor was given")
+        out = out + _per_sample(e, yc) * noise.to(ct)
+    carry_out = None
+    if carry is not None:
+        carry_out = (_per_sample(carry[0], yc) * yc + _per_sample(carry[1], yc) * D).to(y.dtype)
+    return out.to(y.dtype), D.to(y.dtype), carry_out

@@ -1,0 +1,170 @@
+"""The sampling loop: ``zsnr_kernels.sample``, built on the step functions of :mod:`zsnr_kernels.steps`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _validate, coefficients as co, schedules, steps
+from .parameterization import parameterization
+
+INF = math.inf
+
+#: sampler name -> (step function, kind).  kind: "single", "two_stage" or "multistep".
+SAMPLERS = {
+    "euler": (steps.euler_step, "single"),
+    "euler_ancestral": (steps.euler_ancestral_step, "single"),
+    "heun": (steps.heun_step, "two_stage"),
+    "dpm_2": (steps.dpm_2_step, "two_stage"),
+    "dpm_2_ancestral": (steps.dpm_2_ancestral_step, "two_stage"),
+    "dpmpp_2s_ancestral": (steps.dpmpp_2s_ancestral_step, "two_stage"),
+    "dpmpp_2m": (steps.dpmpp_2m_step, "multistep"),
+    "dpmpp_2m_sde": (steps.dpmpp_2m_sde_step, "multistep"),
+    "dpmpp_3m_sde": (steps.dpmpp_3m_sde_step, "multistep"),
+    "ddim": (steps.ddim_step, "single"),
+    "ddpm": (steps.ddpm_step, "single"),
+    "lms": (steps.lms_step, "multistep"),
+}
+_CHURN = ("euler", "heun", "dpm_2")
+_ETA = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim")
+_HISTORY_DEPTH = {"dpmpp_2m": 1, "dpmpp_2m_sde": 1, "dpmpp_3m_sde": 2, "lms": 3}
+
+
+def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=1.0, guidance_scale=1.0,
+           guidance_rescale=0.0, rescale_space="output", s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+           s_noise=1.0, eta=1.0, solver_type="midpoint", model_sigmas=None, seed=None, noise_sampler=None,
+           backend="auto", callback=None, progress=False) -> torch.Tensor:
+    """Sample from ``model`` along ``sigmas``; the schedule may start at sigma = inf (zero terminal SNR).
+
+    model:     ``model(y, sigma) -> F`` (or ``(F_cond, F_uncond)`` when ``guidance_scale != 1``), called with the
+               model input y (shape of ``noise``) and sigma as a float64 tensor of shape (B,) on y's device
+               (inf allowed).  F is the model's raw output for ``prediction`` (``v``, ``eps``, ``x0``, ``flow``).
+    noise:     unit Gaussian; the start state is y = sigma_0 c_in(sigma_0) noise (``noise`` itself at inf).
+    sigmas:    1-D, strictly descending, ends with 0; the first may be inf.
+    sampler:   one of :data:`SAMPLERS`.  ``s_churn``/``s_tmin``/``s_tmax``/``s_noise`` drive EDM churn for
+               euler/heun/dpm_2; ``eta``/``s_noise`` the ancestral and SDE samplers and ``ddim`` (pass
+               ``eta=0.0`` for deterministic DDIM; ``ddpm`` is DDIM at eta = 1); ``solver_type`` dpmpp_2m_sde.
+    model_sigmas: the discrete model's training sigmas; sigma_hat under churn is quantized to them (log
+               space) before the noise is added, so noise, model call and update share one sigma.
+    seed:      an int or one int per sample, for the Philox noise of §2.8 (a batch of 8 equals 8 batches of
+               1); ``noise_sampler(sigma, sigma_next) -> Tensor`` gives explicit unit noise instead (for churn
+               it is called as ``(sigma_i, sigma_hat_i)``).  With neither, seeds come from torch's generator.
+    callback:  called once per step with k-diffusion's keys ``i``, ``sigma``, ``sigma_hat``, ``denoised`` and
+               ``x`` (the VE latent; None at sigma = inf), plus ``y``, the model input.
+    progress:  show a tqdm bar.
+
+    Returns x0, the latent at sigma = 0, in ``noise``'s dtype.
+    """
+    entry = SAMPLERS.get(sampler) if isinstance(sampler, str) else None
+    if entry is None:
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
+    step_fn, kind = entry
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(y, sigma), got {type(model).__name__}")
+    _validate.tensor("noise", noise)
+    vals = _validate.sigmas(sigmas)
+    pz = parameterization(prediction, sigma_data)
+    if vals[0] == INF and pz.prediction == "eps":
+        raise ValueError("sigmas[0] is inf but prediction='eps': an eps-prediction model has no denoised "
+                         "prediction at sigma = inf. Use a v- or x0-prediction model, or a finite sigmas[0]")
+    for name, v in (("s_churn", s_churn), ("s_noise", s_noise), ("eta", eta)):
+        _validate.real(name, v, lo=0.0)
+    s_tmin = _validate.real("s_tmin", s_tmin, allow_inf=True)
+    s_tmax = _validate.real("s_tmax", s_tmax, allow_inf=True)
+    if noise_sampler is not None and not callable(noise_sampler):
+        raise TypeError("noise_sampler must be callable as noise_sampler(sigma, sigma_next)")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable with one dict argument")
+    table = _model_table(model_sigmas)
+    batch = noise.shape[0]
+    n = len(vals) - 1
+    common = dict(prediction=prediction, sigma_data=sigma_data, guidance_scale=guidance_scale,
+                  guidance_rescale=guidance_rescale, rescale_space=rescale_space, backend=backend)
+    kwargs = {}
+    if sampler in _ETA:
+        kwargs["eta"] = eta
+    if sampler in _ETA or sampler in _CHURN or sampler == "euler_ancestral":
+        kwargs["s_noise"] = s_noise
+    if sampler in ("ddim",):
+        kwargs.pop("s_noise", None)
+    if sampler == "dpmpp_2m_sde":
+        kwargs["solver_type"] = solver_type
+
+    # sigma_hat of every step: churn (euler/heun/dpm_2 only), quantized to the model's table, never below sigma
+    hats = list(vals[:-1])
+    if sampler in _CHURN and s_churn > 0:
+        for i in range(n):
+            gamma = co.churn_gamma(vals[i], n, s_churn, s_tmin, s_tmax)
+            if gamma > 0:
+                hat = vals[i] * (1.0 + gamma)
+                if table is not None:
+                    hat = schedules.quantize(hat, table)
+                hats[i] = max(hat, vals[i])
+    stochastic = (sampler in ("ddpm",) or (sampler in _ETA and eta > 0)
+                  or any(hv != v for hv, v in zip(hats, vals)))
+    seeds = _seeds(seed, batch, stochastic and noise_sampler is None)
+
+    def noise_for(step_index, sigma_from, sigma_to):
+        if noise_sampler is not None:
+            return {"noise": lambda: noise_sampler(sigma_from, sigma_to)}
+        return {"seed": seeds, "step_index": step_index}
+
+    def call_model(y, sigma):
+        sig = sigma if isinstance(sigma, torch.Tensor) else torch.full((batch,), sigma, dtype=torch.float64)
+        return model(y, sig.to(device=y.device, dtype=torch.float64))
+
+    y, _ = steps.initial_state(noise, vals[0], prediction=prediction, sigma_data=sigma_data)
+    if hats[0] != vals[0]:
+        k, e = co.churn(pz, vals[0], hats[0], s_noise)
+        z = steps._noise_tensor(y, **noise_for(0, vals[0], hats[0]))
+        y = (k * y.to(torch.float64 if y.dtype == torch.float64 else torch.float32) + e * z).to(noise.dtype)
+    history: list[tuple[float, torch.Tensor]] = []
+    iterator = range(n)
+    if progress:
+        from tqdm.auto import trange
+        iterator = trange(n)
+    for i in iterator:
+        sigma, sigma_next = hats[i], vals[i + 1]
+        out = call_model(y, sigma)
+        extra = dict(kwargs)
+        if sampler in _CHURN:
+            nxt = hats[i + 1] if i + 1 < n else None
+            extra["sigma_hat_next"] = nxt
+            if nxt is not None and nxt != sigma_next:
+                extra.update(noise_for(i + 1, sigma_next, nxt))
+        elif "eta" in kwargs or sampler == "ddpm":
+            extra.update(noise_for(i, vals[i], sigma_next))
+        if kind == "multistep":
+            extra["history"] = history
+        r = step_fn(y, out, sigma, sigma_next, **extra, **common)
+        if callback is not None:
+            callback({"i": i, "sigma": vals[i], "sigma_hat": sigma, "denoised": r.denoised,
+                      "x": pz.to_x(y, sigma), "y": y})
+        if not r.complete:
+            out2 = call_model(r.y, r.sigma)
+            r = step_fn(r.y, out2, sigma, sigma_next, first=r, **extra, **common)
+        if kind == "multistep":
+            item = r.derivative if sampler == "lms" else r.denoised
+            history = [(sigma, item)] + history[: _HISTORY_DEPTH[sampler] - 1]
+        y = r.y
+    return steps.final_sample(y, prediction=prediction, sigma_data=sigma_data).to(noise.dtype)
+
+
+def _model_table(model_sigmas):
+    if model_sigmas is None:
+        return None
+    t = torch.as_tensor(model_sigmas, dtype=torch.float64).flatten()
+    if t.numel() == 0 or torch.isnan(t).any() or (t < 0).any():
+        raise ValueError("model_sigmas must be a non-empty table of sigmas >= 0 without NaN")
+    return t
+
+
+def _seeds(seed, batch: int, needed: bool):
+    """Per-sample 64-bit seeds: given, or drawn from torch's default generator when noise is needed."""
+    if seed is None:
+        if not needed:
+            return None
+        return torch.randint(0, 2**62, (batch,), dtype=torch.int64).tolist()
+    from .noise import normalize_seeds
+    return normalize_seeds(seed, batch)

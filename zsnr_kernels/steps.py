@@ -1,0 +1,401 @@
+"""Step functions for people who write their own sampling loops: one call per model evaluation.
+
+Each call takes the model input ``y`` the model was just called with, at noise level ``sigma``, and the model
+output there, and does guidance, guidance rescale, the conversion to the denoised ``D`` and the sampler update in
+one pass (DESIGN §2.3).  It returns a :class:`StepResult`: ``y`` is the **next model input** and ``sigma`` the noise
+level to call the model at next, so a loop is::
+
+    y, sigma = zsnr_kernels.initial_state(noise, sigmas[0])
+    for i in range(len(sigmas) - 1):
+        r = zsnr_kernels.euler_step(y, model(y, sigma), sigma, sigmas[i + 1])
+        y, sigma = r.y, r.sigma
+    x0 = zsnr_kernels.final_sample(y)
+
+Two-stage samplers (``heun``, ``dpm_2``, ``dpm_2_ancestral``, ``dpmpp_2s_ancestral``) return
+``complete=False`` after the first call; evaluate the model at ``(r.y, r.sigma)`` and call again with
+``first=r`` and the same ``sigma``/``sigma_next``.  Multistep samplers take ``history``: earlier
+``(sigma, denoised)`` pairs, newest first (``(sigma, derivative)`` for :func:`lms_step`).
+
+Keyword arguments every step function takes:
+
+* ``prediction`` (``"v"``, ``"eps"``, ``"x0"``, ``"flow"``) and ``sigma_data``: the model's parameterization (§2.2).
+* ``guidance_scale`` w: with a pair ``model_output=(F_cond, F_uncond)``, F = F_u + w (F_c - F_u).
+* ``guidance_rescale`` phi and ``rescale_space`` (``"output"``, ``"v"``, ``"x0"``): Lin et al.'s rescale (§2.7).
+* ``backend``: ``"auto"``, ``"torch"``, ... (see :mod:`zsnr_kernels._backend`).
+
+Noise (samplers that add it): ``noise=`` a unit-Gaussian tensor of y's shape (or a function returning one, called
+only when the step adds noise), or ``seed=`` (an int or one per
+sample) with ``step_index=`` (the index of the step in the schedule) for the Philox noise of §2.8.
+
+``sigma`` and the other noise levels may be numbers or (B,) tensors (one per sample, §2.9).  ``y`` is any float
+dtype; the math runs in float32 (float64 for float64 inputs).  Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from . import _backend, _validate, coefficients as co, noise as _noise, reference
+from .parameterization import PREDICTIONS, parameterization, rescale_space_coeffs
+
+INF = float("inf")
+
+
+class StepResult(NamedTuple):
+    """What a step returns.
+
+    y:          the next model input (the state), at noise level ``sigma``
+    sigma:      where to call the model next (a float, or a (B,) float64 tensor for per-sample sigmas);
+                0 when sampling is finished: then ``final_sample(y)`` is the clean latent
+    denoised:   D of this model evaluation (remember it for multistep samplers; ``callback`` shows it)
+    complete:   False after the first stage of a two-stage sampler
+    derivative: d = (x - D)/sigma of this evaluation, only for :func:`lms_step`
+    """
+
+    y: torch.Tensor
+    sigma: float | torch.Tensor
+    denoised: torch.Tensor
+    complete: bool = True
+    derivative: torch.Tensor | None = None
+
+
+def initial_state(noise: torch.Tensor, sigma_max, *, prediction: str = "v", sigma_data: float = 1.0):
+    """(y, sigma) to start sampling at ``sigma_max`` from unit Gaussian ``noise``: y = s(sigma_max) * noise.
+
+    s = sigma c_in(sigma) is 1 at sigma = inf, where the state is the noise itself.
+    """
+    _validate.tensor("noise", noise)
+    pz = parameterization(prediction, sigma_data)
+    smax = _validate.real("sigma_max", sigma_max, lo=0.0, allow_inf=True)
+    return noise * pz.noise_scale(smax) if smax != INF else noise.clone(), smax
+
+
+def final_sample(y: torch.Tensor, *, prediction: str = "v", sigma_data: float = 1.0) -> torch.Tensor:
+    """The clean latent x0 = y / c_in(0) from a state at sigma = 0 (y * sigma_data; y itself for flow)."""
+    return y / parameterization(prediction, sigma_data).c_in(0.0)
+
+
+def to_x(y: torch.Tensor, sigma: float, *, prediction: str = "v", sigma_data: float = 1.0):
+    """Variance-exploding latent x = y / c_in(sigma) (k-diffusion's state); None at sigma = inf."""
+    return parameterization(prediction, sigma_data).to_x(y, sigma)
+
+
+def to_y(x: torch.Tensor, sigma: float, *, prediction: str = "v", sigma_data: float = 1.0) -> torch.Tensor:
+    """Model input y = c_in(sigma) * x from a variance-exploding latent x at finite sigma."""
+    return parameterization(prediction, sigma_data).to_y(x, sigma)
+
+
+# ------------------------------------------------------------------------------------------------- machinery
+
+
+def _at(v, i: int):
+    return v[i] if isinstance(v, list) else v
+
+
+def _column(vals: list[float], per_sample: bool):
+    return torch.tensor(vals, dtype=torch.float64) if per_sample else vals[0]
+
+
+def _run(
+    y: torch.Tensor,
+    model_output,
+    sigma_eval,
+    coeffs_for: Callable[[object, int], co.StepCoeffs],
+    *,
+    history: Sequence[torch.Tensor] = (),
+    noise=None,
+    seed=None,
+    step_index=None,
+    prediction: str = "v",
+    sigma_data: float = 1.0,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    rescale_space: str = "output",
+    backend: str = "auto",
+) -> StepResult:
+    """Validate, compute per-sample host coefficients, draw noise if needed, run the fused step."""
+    y = _validate.tensor("y", y)
+    pz = parameterization(prediction, sigma_data)
+    w = _validate.real("guidance_scale", guidance_scale)
+    phi = _validate.real("guidance_rescale", guidance_rescale, lo=0.0, hi=1.0)
+    space = _validate.choice("rescale_space", rescale_space, _validate.RESCALE_SPACES)
+    f_cond, f_uncond = _validate.model_output(model_output, y, w)
+    for k, t in enumerate(history):
+        _validate.tensor(f"history[{k}]", t, y)
+    batch = y.shape[0]
+    per_sample = isinstance(sigma_eval, list)
+    n = batch if per_sample else 1
+    cs = [coeffs_for(pz, i) for i in range(n)]
+    if len({c.complete for c in cs}) > 1:
+        raise ValueError("per-sample sigmas put samples in different stages of a two-stage step; "
+                         "use one sigma_next == 0 decision for the whole batch")
+    if any(c.h and len(c.h) > len(history) for c in cs):
+        raise ValueError(f"this step needs {max(len(c.h) for c in cs)} history tensor(s), got {len(history)}")
+    pq = [pz.denoise_coeffs(_at(sigma_eval, i)) for i in range(n)]
+    uv = [rescale_space_coeffs(pz, _at(sigma_eval, i), space) for i in range(n)] if phi else [(0.0, 1.0)]
+    col = lambda vals: _column(list(vals), per_sample)  # noqa: E731
+    n_hist = max(len(c.h) for c in cs)
+    h = tuple(col(c.h[k] if k < len(c.h) else 0.0 for c in cs) for k in range(n_hist))
+    e = col(c.e for c in cs)
+    z = None
+    if any(c.e != 0.0 for c in cs):
+        z = _noise_tensor(y, noise, seed, step_index)
+    carry = None
+    if cs[0].carry is not None:
+        carry = (col(c.carry[0] for c in cs), col(c.carry[1] for c in cs))
+    _backend.resolve(backend, y)  # only the reference runs steps so far
+    y_out, d, carry_out = reference.fused_step(
+        y, f_cond, f_uncond,
+        p=col(v[0] for v in pq), q=col(v[1] for v in pq), a=col(c.a for c in cs), b=col(c.b for c in cs),
+        history=tuple(history[: n_hist]), h=h, noise=z, e=e if per_sample or e != 0.0 else 0.0,
+        guidance_scale=w, guidance_rescale=phi,
+        rescale_uv=(col(v[0] for v in uv), col(v[1] for v in uv)) if per_sample and phi else uv[0],
+        carry=carry,
+    )
+    sigma_out = col(c.sigma_out for c in cs)
+    return StepResult(y_out, sigma_out, d, cs[0].complete, carry_out)
+
+
+def _noise_tensor(y: torch.Tensor, noise, seed, step_index) -> torch.Tensor:
+    if callable(noise):
+        noise = noise()
+    if noise is not None:
+        return _validate.tensor("noise", noise, y)
+    if seed is None:
+        raise ValueError("this step adds noise: pass noise= (a unit-Gaussian tensor shaped like y) or "
+                         "seed= with step_index= (Philox noise)")
+    if step_index is None:
+        raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
+    return _noise.normal(tuple(y.shape), seed, int(step_index), 0, dtype=y.dtype, device=y.device)
+
+
+def _sigmas(y, sigma, sigma_next, **others):
+    """Validated sigma, sigma_next (and named others) as floats or per-sample lists."""
+    b = y.shape[0] if isinstance(y, torch.Tensor) and y.ndim else 1
+    out = [_validate.sigma_values("sigma", sigma, b), _validate.sigma_values("sigma_next", sigma_next, b)]
+    out += [None if v is None else _validate.sigma_values(k, v, b) for k, v in others.items()]
+    if any(isinstance(v, list) for v in out if v is not None):  # broadcast scalars to per-sample lists
+        out = [v if v is None or isinstance(v, list) else [v] * b for v in out]
+    return out
+
+
+def _history(history, depth: int, name: str = "history"):
+    """Split [(sigma, tensor), ...] (newest first) into sigmas and tensors, at most ``depth`` entries."""
+    if history is None:
+        return [], []
+    if not isinstance(history, Sequence):
+        raise TypeError(f"{name} must be a sequence of (sigma, tensor) pairs, newest first")
+    pairs = list(history)[:depth]
+    for k, pair in enumerate(pairs):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(f"{name}[{k}] must be a (sigma, tensor) pair")
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _hist_sigmas(sig_list, y):
+    b = y.shape[0]
+    return [_validate.sigma_values(f"history[{k}] sigma", s, b) for k, s in enumerate(sig_list)]
+
+
+def _first_stage(first, stage_name: str):
+    if first is None:
+        return 1, ()
+    if not isinstance(first, StepResult):
+        raise TypeError(f"first must be the StepResult of the first {stage_name} call")
+    if first.complete:
+        raise ValueError(f"first.complete is True: that {stage_name} step already finished; start the next step")
+    return 2, (first.denoised,)
+
+
+# ------------------------------------------------------------------------------------------ public functions
+
+
+def euler_step(y, model_output, sigma, sigma_next, *, sigma_hat_next=None, s_noise=1.0, noise=None, seed=None,
+               step_index=None, **options) -> StepResult:
+    """Euler (Karras et al. Algorithm 2 without the Heun correction), the model called at (y, sigma).
+
+    x' = x + (sigma' - sigma)(x - D)/sigma, i.e. y' = (s'/s) y + c_in(sigma')(1 - sigma'/sigma) D with
+    s = sigma c_in(sigma); from sigma = inf, y' = s' y + c_in(sigma') D.  With ``sigma_hat_next`` > sigma' the
+    churn of the next step is folded in (§2.5): y_hat = (c_hat/c') y' + c_hat sqrt(sigma_hat^2 - sigma'^2)
+    s_noise z, and the result is the model input at sigma_hat_next (its noise is drawn with ``step_index``).
+    """
+    sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next=sigma_hat_next)
+    sn_hat = shn if shn is not None else sn
+
+    def coeffs(pz, i):
+        c = co.euler(pz, _at(sg, i), _at(sn, i))
+        return co.with_churn(c, pz, _at(sn_hat, i), s_noise) if _at(sn_hat, i) != _at(sn, i) else c
+
+    return _run(y, model_output, sg, coeffs, noise=noise, seed=seed, step_index=step_index, **options)
+
+
+def euler_ancestral_step(y, model_output, sigma, sigma_next, *, eta=1.0, s_noise=1.0, noise=None, seed=None,
+                         step_index=None, **options) -> StepResult:
+    """Euler ancestral (k-diffusion): Euler to sigma_down, then s_noise * sigma_up noise (none at sigma' = 0).
+
+    sigma_up = min(sigma', eta sqrt(sigma'^2 (sigma^2 - sigma'^2)/sigma^2)), sigma_down = sqrt(sigma'^2 -
+    sigma_up^2); in y: y' = (s'/s) d y + c'(1 - d sigma'/sigma) D + s' u s_noise z, d, u = sigma_down/sigma',
+    sigma_up/sigma' (finite at sigma = inf: u = min(1, eta)).
+    """
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    eta = _validate.real("eta", eta, lo=0.0)
+    return _run(y, model_output, sg, lambda pz, i: co.ancestral(pz, _at(sg, i), _at(sn, i), eta, s_noise),
+                noise=noise, seed=seed, step_index=step_index, **options)
+
+
+def ddim_step(y, model_output, sigma, sigma_next, *, eta=0.0, noise=None, seed=None, step_index=None,
+              **options) -> StepResult:
+    """DDIM (diffusers ``DDIMScheduler.step``): y' = alpha' D + sqrt(s'^2 - std^2) eps_hat + std z.
+
+    With the VP signal and noise scales alpha = c_in and s, eps_hat = (y - alpha D)/s and
+    std = eta s' sqrt(1 - (sigma'/sigma)^2) (= eta sqrt((1-a')/(1-a)(1 - a/a'))).  This is
+    :func:`euler_ancestral_step` without k-diffusion's min() clamp, so 0 <= eta <= 1; eta = 0 is Euler.
+    """
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    eta = _validate.real("eta", eta, lo=0.0, hi=1.0)
+    return _run(y, model_output, sg, lambda pz, i: co.ancestral(pz, _at(sg, i), _at(sn, i), eta, 1.0, clamp=False),
+                noise=noise, seed=seed, step_index=step_index, **options)
+
+
+def ddpm_step(y, model_output, sigma, sigma_next, *, noise=None, seed=None, step_index=None,
+              **options) -> StepResult:
+    """DDPM ancestral step (diffusers ``DDPMScheduler``, variance ``fixed_small``): the posterior
+    q(x_{t'} | x_t, x0 = D), which is :func:`ddim_step` at eta = 1."""
+    return ddim_step(y, model_output, sigma, sigma_next, eta=1.0, noise=noise, seed=seed, step_index=step_index,
+                     **options)
+
+
+def heun_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next=None, s_noise=1.0, noise=None,
+              seed=None, step_index=None, **options) -> StepResult:
+    """Heun (Karras et al. Algorithm 2), in two calls.
+
+    First call (model at (y, sigma)): the Euler predictor to sigma'; it is the whole step (``complete``) when
+    sigma' = 0 or sigma = inf.  Second call (``first`` = that result, model at (first.y, sigma')):
+    x' = x_2 + (sigma' - sigma)/(2 sigma') (D_1 - D_2), i.e. y' = y_2 + w (D_1 - D_2), w = c'(1 - sigma/sigma')/2.
+    ``sigma_hat_next`` folds the next step's churn into the final call (see :func:`euler_step`).
+    """
+    sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next=sigma_hat_next)
+    stage, hist = _first_stage(first, "heun")
+    sg_eval = sg if stage == 1 else _sigmas(y, first.sigma, 0.0)[0]
+    return _two_stage(y, model_output, sg_eval, lambda pz, i: co.heun(pz, _at(sg, i), _at(sn, i), stage),
+                      hist, shn, s_noise, noise, seed, step_index, options)
+
+
+def dpm_2_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next=None, s_noise=1.0, noise=None,
+               seed=None, step_index=None, **options) -> StepResult:
+    """k-diffusion's DPM-Solver-2, in two calls: Euler predictor to sigma_mid = sqrt(sigma sigma'), then
+    x' = x + (sigma' - sigma)(x_2 - D_2)/sigma_mid, i.e.
+    y' = (s'/s_mid) y_2 + c'[(1 - sigma/sigma_mid) D_1 + ((sigma - sigma')/sigma_mid) D_2].
+    Euler (complete after the first call) when sigma' = 0 or sigma = inf."""
+    sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next=sigma_hat_next)
+    stage, hist = _first_stage(first, "dpm_2")
+    sg_eval = sg if stage == 1 else _sigmas(y, first.sigma, 0.0)[0]
+    return _two_stage(y, model_output, sg_eval, lambda pz, i: co.dpm_2(pz, _at(sg, i), _at(sn, i), stage),
+                      hist, shn, s_noise, noise, seed, step_index, options)
+
+
+def dpm_2_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, eta=1.0, s_noise=1.0, noise=None,
+                         seed=None, step_index=None, **options) -> StepResult:
+    """k-diffusion's dpm_2_ancestral, in two calls: DPM-Solver-2 from sigma to sigma_down, then sigma_up noise
+    (see :func:`euler_ancestral_step` for sigma_down/up).  Complete after one call when sigma_down = 0 or
+    sigma = inf (there the step is :func:`euler_ancestral_step`, its limit)."""
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    eta = _validate.real("eta", eta, lo=0.0)
+    stage, hist = _first_stage(first, "dpm_2_ancestral")
+    sg_eval = sg if stage == 1 else _sigmas(y, first.sigma, 0.0)[0]
+    return _run(y, model_output, sg_eval,
+                lambda pz, i: co.dpm_2_ancestral(pz, _at(sg, i), _at(sn, i), eta, s_noise, stage=stage),
+                history=hist, noise=noise, seed=seed, step_index=step_index, **options)
+
+
+def dpmpp_2s_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, eta=1.0, s_noise=1.0, noise=None,
+                            seed=None, step_index=None, **options) -> StepResult:
+    """DPM-Solver++(2S) ancestral (k-diffusion), in two calls: predictor to sigma_mid = sqrt(sigma sigma_down),
+    then x_down = (sigma_down/sigma) x + (1 - sigma_down/sigma) D_2, plus sigma_up noise.  From sigma = inf the
+    step is :func:`euler_ancestral_step` (its limit: the midpoint is at inf too)."""
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    eta = _validate.real("eta", eta, lo=0.0)
+    stage, hist = _first_stage(first, "dpmpp_2s_ancestral")
+    sg_eval = sg if stage == 1 else _sigmas(y, first.sigma, 0.0)[0]
+    return _run(y, model_output, sg_eval,
+                lambda pz, i: co.dpmpp_2s_ancestral(pz, _at(sg, i), _at(sn, i), eta, s_noise, stage=stage),
+                history=hist, noise=noise, seed=seed, step_index=step_index, **options)
+
+
+def dpmpp_2m_step(y, model_output, sigma, sigma_next, *, history=None, **options) -> StepResult:
+    """DPM-Solver++(2M): y' = (s'/s) y + c'(1 - sigma'/sigma)[(1 + w) D - w D_prev], w = h/(2 h_last),
+    h = log(sigma/sigma'), h_last = log(sigma_prev/sigma).  ``history`` = [(sigma_prev, D_prev)] (first order
+    without it, at sigma' = 0 and when sigma_prev = inf)."""
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    hs, ht = _history(history, 1)
+    hs = _hist_sigmas(hs, y)
+    return _run(y, model_output, sg,
+                lambda pz, i: co.dpmpp_2m(pz, _at(sg, i), _at(sn, i), _at(hs[0], i) if hs else None),
+                history=ht, **options)
+
+
+def dpmpp_2m_sde_step(y, model_output, sigma, sigma_next, *, history=None, eta=1.0, s_noise=1.0,
+                      solver_type="midpoint", noise=None, seed=None, step_index=None, **options) -> StepResult:
+    """DPM-Solver++(2M) SDE (k-diffusion); returns D at sigma' = 0.  See
+    :func:`zsnr_kernels.coefficients.dpmpp_2m_sde` for the formula.  ``history`` = [(sigma_prev, D_prev)]."""
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    eta = _validate.real("eta", eta, lo=0.0)
+    _validate.choice("solver_type", solver_type, ("midpoint", "heun"))
+    hs, ht = _history(history, 1)
+    hs = _hist_sigmas(hs, y)
+    return _run(y, model_output, sg,
+                lambda pz, i: co.dpmpp_2m_sde(pz, _at(sg, i), _at(sn, i), _at(hs[0], i) if hs else None, eta,
+                                              s_noise, solver_type),
+                history=ht, noise=noise, seed=seed, step_index=step_index, **options)
+
+
+def dpmpp_3m_sde_step(y, model_output, sigma, sigma_next, *, history=None, eta=1.0, s_noise=1.0, noise=None,
+                      seed=None, step_index=None, **options) -> StepResult:
+    """DPM-Solver++(3M) SDE (k-diffusion); returns D at sigma' = 0.  ``history`` = up to two earlier
+    (sigma, D) pairs, newest first.  See :func:`zsnr_kernels.coefficients.dpmpp_3m_sde`."""
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    eta = _validate.real("eta", eta, lo=0.0)
+    hs, ht = _history(history, 2)
+    hs = _hist_sigmas(hs, y)
+    return _run(y, model_output, sg,
+                lambda pz, i: co.dpmpp_3m_sde(pz, _at(sg, i), _at(sn, i), tuple(_at(s, i) for s in hs), eta,
+                                              s_noise),
+                history=ht, noise=noise, seed=seed, step_index=step_index, **options)
+
+
+def lms_step(y, model_output, sigma, sigma_next, *, history=None, order=4, **options) -> StepResult:
+    """Linear multistep of ``order`` on d = (x - D)/sigma (k-diffusion ``sample_lms``): x' = x + sum_j w_j d_j,
+    w_j the integrals over [sigma, sigma'] of the Lagrange basis through the current and remembered sigmas.
+    ``history`` = earlier (sigma, derivative) pairs, newest first (``StepResult.derivative``)."""
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(f"order must be an int >= 1, got {order!r}")
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    hs, ht = _history(history, order - 1)
+    hs = _hist_sigmas(hs, y)
+    return _run(y, model_output, sg,
+                lambda pz, i: co.lms(pz, _at(sg, i), _at(sn, i), tuple(_at(s, i) for s in hs), order),
+                history=ht, **options)
+
+
+def _two_stage(y, model_output, sg_eval, coeffs_for, hist, shn, s_noise, noise, seed, step_index, options):
+    """Heun / DPM2: fold the next step's churn into the call that completes the step."""
+
+    def coeffs(pz, i):
+        c = coeffs_for(pz, i)
+        target = _at(shn, i) if shn is not None else None
+        if c.complete and target is not None and target != c.sigma_out:
+            c = co.with_churn(c, pz, target, s_noise)
+        return c
+
+    return _run(y, model_output, sg_eval, coeffs, history=hist, noise=noise, seed=seed, step_index=step_index,
+                **options)
+
+
+__all__ = [
+    "StepResult", "initial_state", "final_sample", "to_x", "to_y", "euler_step", "euler_ancestral_step",
+    "ddim_step", "ddpm_step", "heun_step", "dpm_2_step", "dpm_2_ancestral_step", "dpmpp_2s_ancestral_step",
+    "dpmpp_2m_step", "dpmpp_2m_sde_step", "dpmpp_3m_sde_step", "lms_step", "PREDICTIONS",
+]
