@@ -1,0 +1,41 @@
+"""Shared fixtures: small deterministic networks used as models, and the k-diffusion oracle loader."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+class TinyNet:
+    """A small fixed nonlinear network F(y, t) of the model input and a time feature: a stand-in for a UNet.
+
+    Deterministic (seeded weights), smooth in y and t, and it mixes channels, so sampler bugs cannot hide behind
+    an element-wise model.  ``t`` is whatever conditioning the caller passes (sigma, k-diffusion's t ...).
+    """
+
+    def __init__(self, channels: int, seed: int = 0, dtype=torch.float64):
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(channels, channels, generator=g, dtype=torch.float64) / math.sqrt(channels)
+        self.bias = torch.randn(channels, generator=g, dtype=torch.float64) * 0.1
+
+    def __call__(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tt = t.to(torch.float64).reshape((-1,) + (1,) * (y.ndim - 1))
+        feat = torch.atan(tt)  # finite at sigma = inf
+        w = self.w.to(y.dtype)
+        mixed = torch.einsum("ij,bj...->bi...", w, y)
+        bias = self.bias.to(y.dtype).reshape((1, -1) + (1,) * (y.ndim - 2))
+        return torch.tanh(mixed + bias + 0.3 * y * torch.cos(feat).to(y.dtype)) + 0.1 * torch.sin(3 * feat).to(y.dtype)
+
+
+@pytest.fixture(scope="session")
+def kdiff():
+    """(k_diffusion.sampling, k_diffusion.external), from the unmodified package (see tests/_kdiffusion.py)."""
+    import _kdiffusion
+
+    return _kdiffusion.load()

@@ -1,0 +1,606 @@
+"""Noise schedules: betas, zero terminal SNR, timestep spacings, sigma grids and sigma quantization.
+
+All math here is host math in float64 (DESIGN.md 2.6).  Functions take Python numbers, sequences or torch tensors
+and return float64 CPU tensors unless a docstring says otherwise.  Noise levels live in [0, inf]: sigma = inf is
+the exact zero-terminal-SNR start (Lin et al. 2023), sigma = 0 is clean data, and nothing here returns NaN.
+
+Conventions (those of diffusers and k-diffusion):
+
+* ``alphas_cumprod[t] = prod_{s <= t} (1 - betas[s])`` and ``sigma_t = sqrt((1 - abar_t) / abar_t)``;
+  a table of training sigmas is ascending, index = training timestep.
+* A sampling schedule is descending and ends with an appended 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Sequence, Union
+
+import torch
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "SPACINGS",
+    "GRIDS",
+    "betas",
+    "alphas_cumprod",
+    "rescale_zero_terminal_snr",
+    "sigmas_from_alphas_cumprod",
+    "timesteps",
+    "karras",
+    "exponential",
+    "polyexponential",
+    "vp",
+    "quantize",
+    "DiscreteSchedule",
+]
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("leading", "linspace", "trailing")
+GRIDS = ("karras", "exponential", "polyexponential", "vp")
+QUANTIZE_SPACES = ("log", "linear")
+
+_F64 = torch.float64
+TensorLike = Union[torch.Tensor, Sequence[float]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _check_int(name: str, value, *, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _check_real(name: str, value, *, positive: bool = False, allow_inf: bool = False) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not (allow_inf and value > 0)):
+        raise ValueError(f"{name} must be finite{' or +inf' if allow_inf else ''}, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def _as_f64_vector(name: str, values: TensorLike) -> torch.Tensor:
+    """A 1-D float64 CPU copy of ``values`` (never aliases the caller's tensor)."""
+    try:
+        if isinstance(values, torch.Tensor):
+            t = values.detach().to(device="cpu", dtype=_F64).clone()
+        else:  # not via the default dtype: a list of Python floats must not pass through float32
+            t = torch.tensor(values, dtype=_F64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{name} must be a 1-D sequence of real numbers: {exc}") from None
+    if t.ndim != 1 or t.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {tuple(t.shape)}")
+    if torch.isnan(t).any():
+        raise ValueError(f"{name} contains NaN")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# betas and alphas_cumprod
+
+
+def _alpha_bar_cosine(t: float) -> float:
+    """Nichol & Dhariwal's cosine alpha-bar, s = 0.008."""
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def betas(
+    kind: str = "scaled_linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+) -> torch.Tensor:
+    """Training betas as diffusers' DDPM/DDIM schedulers build them, but in float64.
+
+    * ``linear``: ``linspace(beta_start, beta_end, T)``.
+    * ``scaled_linear`` (Stable Diffusion): ``linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2``.
+    * ``squaredcos_cap_v2``: ``beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999)`` with the cosine
+      ``abar(t) = cos((t + 0.008) / 1.008 * pi/2) ** 2``; beta_start/beta_end are ignored.
+
+    diffusers computes ``linear``/``scaled_linear`` with a float32 ``torch.linspace`` (so its values differ from
+    these by float32 rounding, a few ulp of float32) and ``squaredcos_cap_v2`` in Python floats before casting to
+    float32 (so its values are exactly these rounded to float32).
+    """
+    _check_choice("kind", kind, BETA_SCHEDULES)
+    T = _check_int("num_train_timesteps", num_train_timesteps, low=2)
+    if kind == "squaredcos_cap_v2":
+        vals = [min(1 - _alpha_bar_cosine((i + 1) / T) / _alpha_bar_cosine(i / T), 0.999) for i in range(T)]
+        return torch.tensor(vals, dtype=_F64)
+    b0 = _check_real("beta_start", beta_start, positive=True)
+    b1 = _check_real("beta_end", beta_end, positive=True)
+    for name, b in (("beta_start", b0), ("beta_end", b1)):
+        if b >= 1:
+            raise ValueError(f"{name} must be < 1, got {b}")
+    if kind == "linear":
+        return torch.linspace(b0, b1, T, dtype=_F64)
+    return torch.linspace(b0**0.5, b1**0.5, T, dtype=_F64) ** 2
+
+
+def _check_betas(b: TensorLike) -> torch.Tensor:
+    b = _as_f64_vector("betas", b)
+    if ((b < 0) | (b > 1)).any():
+        raise ValueError("betas must lie in [0, 1]")
+    return b
+
+
+def alphas_cumprod(betas: TensorLike) -> torch.Tensor:
+    """``cumprod(1 - betas)`` in float64.  A final beta of exactly 1 gives a final value of exactly 0."""
+    return torch.cumprod(1.0 - _check_betas(betas), dim=0)
+
+
+def rescale_zero_terminal_snr(betas: TensorLike) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1: rescale betas so the terminal SNR is exactly zero.
+
+    With ``a = sqrt(alphas_cumprod)``, the new ``a'`` is ``(a - a[-1]) * a[0] / (a[0] - a[-1])``: an affine map
+    that keeps ``a[0]`` and sends ``a[-1]`` to exactly 0.0 (``x - x`` is exact), so the last beta is exactly 1,
+    the last ``alphas_cumprod`` is exactly 0.0 and the last sigma is inf.  The first beta is returned unchanged
+    (diffusers' ``rescale_zero_terminal_snr`` recomputes it as ``1 - a'[0]**2``, which may move it by an ulp);
+    the others agree with diffusers up to its float32 arithmetic.
+    """
+    b = _check_betas(betas)
+    if b.numel() < 2:
+        raise ValueError("betas must have at least 2 entries")
+    a = torch.cumprod(1.0 - b, dim=0).sqrt()
+    a0, aT = a[0].item(), a[-1].item()
+    if not a0 > aT:
+        raise ValueError("betas must give alphas_cumprod[0] > alphas_cumprod[-1] (some beta after the first > 0)")
+    a = (a - aT) * (a0 / (a0 - aT))
+    abar = a * a
+    out = torch.empty_like(b)
+    out[0] = b[0]
+    out[1:] = 1.0 - abar[1:] / abar[:-1]
+    out[-1] = 1.0  # abar[-1] is exactly 0 already; make the intent explicit
+    return out
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: TensorLike) -> torch.Tensor:
+    """``sigma = sqrt((1 - abar) / abar)``, with ``sigma = inf`` exactly where ``abar == 0`` (no NaN, no warning)."""
+    ac = _as_f64_vector("alphas_cumprod", alphas_cumprod)
+    if ((ac < 0) | (ac > 1)).any():
+        raise ValueError("alphas_cumprod must lie in [0, 1]")
+    zero = ac == 0
+    safe = torch.where(zero, torch.ones_like(ac), ac)
+    return torch.where(zero, torch.full_like(ac, math.inf), ((1.0 - safe) / safe).sqrt())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timestep spacing (diffusers' DDIMScheduler.set_timesteps)
+
+
+def timesteps(
+    num_steps: int, num_train_timesteps: int = 1000, spacing: str = "leading", steps_offset: int = 0
+) -> torch.Tensor:
+    """Integer training timesteps, descending, exactly as diffusers' ``DDIMScheduler.set_timesteps``.
+
+    With ``T = num_train_timesteps`` and ``S = num_steps`` (numpy's float arithmetic is reproduced step by step,
+    and ``round`` is round-half-to-even like ``np.round``):
+
+    * ``leading``: ``arange(S) * (T // S)`` reversed, plus ``steps_offset``.
+    * ``linspace``: ``round(linspace(0, T - 1, S))`` reversed (``S = 1`` gives ``[0]``, as numpy does).
+    * ``trailing``: ``round(arange(T, 0, -T / S)) - 1``.  numpy's float ``arange`` returns S + 1 values for some S
+      (T = 1000: S = 61, 103, 121, ...), so diffusers then ends with a spurious timestep -1; we return the first S.
+
+    ``steps_offset`` applies to ``leading`` only, as in diffusers (it is ignored otherwise).  Returns int64.
+    """
+    T = _check_int("num_train_timesteps", num_train_timesteps, low=1)
+    S = _check_int("num_steps", num_steps, low=1, high=T)
+    _check_choice("spacing", spacing, SPACINGS)
+    offset = _check_int("steps_offset", steps_offset, low=0)
+    if spacing == "leading":
+        ratio = T // S
+        ts = [i * ratio + offset for i in range(S)][::-1]
+    elif spacing == "linspace":
+        step = (T - 1) / (S - 1) if S > 1 else 0.0
+        vals = [float(i) * step for i in range(S)]
+        if S > 1:
+            vals[-1] = float(T - 1)  # numpy sets the endpoint exactly
+        ts = [round(v) for v in vals][::-1]
+    else:
+        # np.arange(T, 0, -r): first two values start, start - r; then numpy's fill uses start + i * delta
+        # with delta recomputed as (start - r) - start.
+        start = float(T)
+        delta = (start + (-T / S)) - start
+        vals = [start] + [start + i * delta for i in range(1, S)]
+        ts = [round(v) - 1 for v in vals]
+    return torch.tensor(ts, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# continuous grids (k-diffusion's get_sigmas_*), with sigma_max = inf for zero-SNR models
+
+
+def _append_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(1)])
+
+
+def _grid_bounds(n, sigma_min, sigma_max, sigma_max_finite):
+    """Validate and return (n_finite, sigma_min, top, starts_with_inf)."""
+    n = _check_int("n", n, low=1)
+    smin = _check_real("sigma_min", sigma_min, positive=True)
+    smax = _check_real("sigma_max", sigma_max, positive=True, allow_inf=True)
+    if math.isinf(smax):
+        if sigma_max_finite is None:
+            raise ValueError(
+                "sigma_max is inf (a zero-SNR model): pass sigma_max_finite=, the model's largest finite sigma, "
+                "which the grid continues from after its first point inf"
+            )
+        top = _check_real("sigma_max_finite", sigma_max_finite, positive=True)
+        if top < smin:
+            raise ValueError(f"sigma_max_finite ({top}) must be >= sigma_min ({smin})")
+        return n - 1, smin, top, True
+    if smax < smin:
+        raise ValueError(f"sigma_max ({smax}) must be >= sigma_min ({smin})")
+    return n, smin, smax, False
+
+
+def _finish(body: torch.Tensor, starts_with_inf: bool) -> torch.Tensor:
+    if starts_with_inf:
+        body = torch.cat([torch.full((1,), math.inf, dtype=_F64), body])
+    return _append_zero(body)
+
+
+_INF_DOC = """
+    ``n`` is the number of nonzero sigmas; a final 0 is appended (length ``n + 1``).  If ``sigma_max`` is inf (a
+    zero-SNR model) the grid is ``[inf]`` followed by this grid of ``n - 1`` points from ``sigma_max_finite`` (the
+    model's largest finite sigma, required then, ignored otherwise) down to ``sigma_min``, then 0.  Float64 values
+    equal k-diffusion's run with float64 as torch's default dtype; its default float32 ``linspace`` differs by
+    float32 rounding.
+"""
+
+
+def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, *, sigma_max_finite=None) -> torch.Tensor:
+    """Karras et al. (2022): ``(max^(1/rho) + ramp * (min^(1/rho) - max^(1/rho))) ** rho``, ramp = linspace(0, 1, n).
+    """
+    n, smin, smax, inf0 = _grid_bounds(n, sigma_min, sigma_max, sigma_max_finite)
+    rho = _check_real("rho", rho, positive=True)
+    ramp = torch.linspace(0, 1, n, dtype=_F64)
+    lo, hi = smin ** (1 / rho), smax ** (1 / rho)
+    return _finish((hi + ramp * (lo - hi)) ** rho, inf0)
+
+
+def exponential(n: int, sigma_min: float, sigma_max: float, *, sigma_max_finite=None) -> torch.Tensor:
+    """Uniform in log sigma: ``exp(linspace(log sigma_max, log sigma_min, n))``."""
+    n, smin, smax, inf0 = _grid_bounds(n, sigma_min, sigma_max, sigma_max_finite)
+    return _finish(torch.linspace(math.log(smax), math.log(smin), n, dtype=_F64).exp(), inf0)
+
+
+def polyexponential(
+    n: int, sigma_min: float, sigma_max: float, rho: float = 1.0, *, sigma_max_finite=None
+) -> torch.Tensor:
+    """Polynomial in log sigma: ``exp(ramp * (log max - log min) + log min)``, ramp = ``linspace(1, 0, n) ** rho``."""
+    n, smin, smax, inf0 = _grid_bounds(n, sigma_min, sigma_max, sigma_max_finite)
+    rho = _check_real("rho", rho, positive=True)
+    ramp = torch.linspace(1, 0, n, dtype=_F64) ** rho
+    return _finish(torch.exp(ramp * (math.log(smax) - math.log(smin)) + math.log(smin)), inf0)
+
+
+for _f in (karras, exponential, polyexponential):
+    _f.__doc__ += _INF_DOC
+
+
+def vp(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> torch.Tensor:
+    """Continuous VP (Song et al.): ``sqrt(exp(beta_d * t**2 / 2 + beta_min * t) - 1)``, t = linspace(1, eps_s, n),
+    then a final 0.  Its largest sigma is finite by construction (no inf variant)."""
+    n = _check_int("n", n, low=1)
+    beta_d = _check_real("beta_d", beta_d, positive=True)
+    beta_min = _check_real("beta_min", beta_min)
+    if beta_min < 0:
+        raise ValueError(f"beta_min must be >= 0, got {beta_min}")
+    eps_s = _check_real("eps_s", eps_s, positive=True)
+    if eps_s > 1:
+        raise ValueError(f"eps_s must be <= 1, got {eps_s}")
+    t = torch.linspace(1, eps_s, n, dtype=_F64)
+    return _append_zero(torch.sqrt(torch.exp(beta_d * t**2 / 2 + beta_min * t) - 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantization to a table of sigmas
+
+
+def _check_table(table: TensorLike) -> torch.Tensor:
+    t = _as_f64_vector("table", table)
+    if (t < 0).any():
+        raise ValueError("table must not contain negative sigmas")
+    if not ((t > 0) & torch.isfinite(t)).any():
+        raise ValueError("table must contain at least one finite positive sigma")
+    return t
+
+
+def _nearest(s: torch.Tensor, table: torch.Tensor, space: str) -> torch.Tensor:
+    """Index into ``table`` of the nearest usable entry (finite, > 0) for each finite positive ``s``.
+
+    ``s`` and ``table`` are float64 on one device.  Entries of ``s`` that are 0/inf get an arbitrary index; the
+    callers mask them.  Ties go to the first entry in table order (``argmin``).
+    """
+    usable = torch.isfinite(table) & (table > 0)
+    valid = torch.isfinite(s) & (s > 0)
+    s_safe = torch.where(valid, s, torch.ones_like(s)).unsqueeze(-1)
+    tab_safe = torch.where(usable, table, torch.ones_like(table))
+    if space == "log":
+        dist = (s_safe.log() - tab_safe.log()).abs()
+    else:
+        dist = (s_safe - tab_safe).abs()
+    dist = torch.where(usable, dist, torch.full_like(dist, math.inf))
+    return dist.argmin(dim=-1)
+
+
+def quantize(sigmas, table: TensorLike, space: str = "log"):
+    """Replace each sigma by the nearest entry of ``table``.
+
+    ``space="log"`` (default) takes ``argmin |log sigma - log table|`` (k-diffusion ``quantize=True``, ComfyUI);
+    ``space="linear"`` takes ``argmin |sigma - table|`` (EDM ``round_sigma``).  Ties go to the first entry in table
+    order.  The table may be ascending, descending or unsorted and may contain inf (a zero-SNR model's last
+    sigma) or 0 (a schedule's final 0): only finite positive entries are ever selected.  sigma = inf and sigma = 0
+    are returned unchanged (they are exact endpoints, not noise levels to round).
+
+    ``sigmas`` is a Python float (returns a float) or a tensor of any shape (returns a tensor of the same shape,
+    dtype and device; the distances are taken in float64 on that device).  Negative or NaN sigmas raise ValueError
+    for Python floats and CPU tensors; on accelerator tensors they are not checked (that would sync the device)
+    and pass through unchanged.
+    """
+    _check_choice("space", space, QUANTIZE_SPACES)
+    tab = _check_table(table)
+    if isinstance(sigmas, torch.Tensor):
+        if not sigmas.is_floating_point():
+            raise ValueError(f"sigmas must be a floating-point tensor, got {sigmas.dtype}")
+        if sigmas.device.type == "cpu" and (torch.isnan(sigmas) | (sigmas < 0)).any():
+            raise ValueError("sigmas must be >= 0 and not NaN")
+        s = sigmas.detach().to(_F64)
+        tab = tab.to(s.device)
+        idx = _nearest(s.reshape(-1), tab, space).reshape(s.shape)
+        out = torch.where(torch.isfinite(s) & (s > 0), tab[idx], s)
+        return out.to(sigmas.dtype)
+    s = _check_real("sigmas", sigmas, allow_inf=True)
+    if s < 0:
+        raise ValueError(f"sigmas must be >= 0, got {s}")
+    if s == 0 or math.isinf(s):
+        return s
+    return float(tab[_nearest(torch.tensor([s], dtype=_F64), tab, space)[0]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a discrete model's table
+
+
+@dataclass(frozen=True, eq=False)
+class DiscreteSchedule:
+    """The training noise levels of a discrete-time model: ``train_sigmas[t]`` for timestep ``t``, ascending.
+
+    ``train_sigmas`` is a float64 CPU tensor of length ``num_train_timesteps >= 2``, strictly increasing and positive;
+    only its last entry may be inf (a zero-terminal-SNR model).  ``alphas_cumprod`` is kept beside it so that
+    DDIM/DDPM coefficients can use the exact training values (``abar = 1 / (1 + sigma^2)``, 0 at inf).  Build it
+    with :meth:`from_betas`, :meth:`from_alphas_cumprod` or :meth:`from_sigmas`.  The tensors are private
+    copies; do not modify them in place.
+    """
+
+    train_sigmas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+
+    def __post_init__(self):
+        s = _as_f64_vector("train_sigmas", self.train_sigmas)
+        ac = _as_f64_vector("alphas_cumprod", self.alphas_cumprod)
+        if s.numel() < 2:
+            raise ValueError(f"train_sigmas must have at least 2 entries, got {s.numel()}")
+        if ac.shape != s.shape:
+            raise ValueError(f"alphas_cumprod has shape {tuple(ac.shape)}, train_sigmas {tuple(s.shape)}")
+        if not s[0] > 0:
+            raise ValueError(f"train_sigmas must be > 0 (the first training sigma is {s[0].item()})")
+        if torch.isinf(s[:-1]).any():
+            raise ValueError("only the last of train_sigmas may be inf")
+        if not (s[1:] > s[:-1]).all():
+            raise ValueError("train_sigmas must be strictly increasing (index = timestep)")
+        object.__setattr__(self, "train_sigmas", s)
+        object.__setattr__(self, "alphas_cumprod", ac)
+        object.__setattr__(self, "_log_sigmas", s.log())
+
+    # constructors ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: TensorLike) -> "DiscreteSchedule":
+        """From a model's ``alphas_cumprod`` (descending, in (0, 1), the last may be 0)."""
+        ac = _as_f64_vector("alphas_cumprod", alphas_cumprod)
+        return cls(sigmas_from_alphas_cumprod(ac), ac)
+
+    @classmethod
+    def from_betas(
+        cls,
+        kind: str = "scaled_linear",
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        zero_terminal_snr: bool = False,
+    ) -> "DiscreteSchedule":
+        """From a named beta schedule (see :func:`betas`), rescaled to zero terminal SNR on request."""
+        b = betas(kind, num_train_timesteps, beta_start, beta_end)
+        if zero_terminal_snr:
+            b = rescale_zero_terminal_snr(b)
+        return cls.from_alphas_cumprod(alphas_cumprod(b))
+
+    @classmethod
+    def from_sigmas(cls, sigmas: TensorLike) -> "DiscreteSchedule":
+        """From an ascending table of training sigmas (the last may be inf)."""
+        s = _as_f64_vector("sigmas", sigmas)
+        if (s < 0).any():
+            raise ValueError("sigmas must be >= 0")
+        return cls(s, torch.where(torch.isinf(s), torch.zeros_like(s), 1.0 / (1.0 + s * s)))
+
+    # properties --------------------------------------------------------------------------------------------------
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.train_sigmas.numel()
+
+    @property
+    def log_sigmas(self) -> torch.Tensor:
+        """``log(train_sigmas)`` (the last is inf for a zero-SNR model)."""
+        return self._log_sigmas
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return math.isinf(self.train_sigmas[-1].item())
+
+    @property
+    def sigma_min(self) -> float:
+        return self.train_sigmas[0].item()
+
+    @property
+    def sigma_max(self) -> float:
+        """The largest training sigma: inf for a zero-SNR model."""
+        return self.train_sigmas[-1].item()
+
+    @property
+    def sigma_max_finite(self) -> float:
+        """The largest finite training sigma (the second-to-last one for a zero-SNR model)."""
+        return self.train_sigmas[-2 if self.zero_terminal_snr else -1].item()
+
+    # sampling schedules ------------------------------------------------------------------------------------------
+
+    def timesteps(self, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
+        """:func:`timesteps` for this model's ``num_train_timesteps`` (diffusers' ``set_timesteps``)."""
+        return timesteps(num_steps, self.num_train_timesteps, spacing, steps_offset)
+
+    def sigmas(self, num_steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
+        """The training sigmas at :meth:`timesteps`, then a final 0: descending, length ``num_steps + 1``.
+
+        For a zero-SNR model with ``trailing`` spacing the first sigma is inf.
+        """
+        ts = self.timesteps(num_steps, spacing, steps_offset)
+        if ts.max().item() >= self.num_train_timesteps:
+            raise ValueError(
+                f"steps_offset={steps_offset} pushes timestep {ts.max().item()} past the last training timestep "
+                f"{self.num_train_timesteps - 1}"
+            )
+        return _append_zero(self.train_sigmas[ts])
+
+    def grid(self, kind: str, n: int, **kw) -> torch.Tensor:
+        """A continuous grid (:func:`karras`, :func:`exponential`, :func:`polyexponential`) spanning this model.
+
+        ``sigma_min``, ``sigma_max`` and ``sigma_max_finite`` default to the model's; for a zero-SNR model the grid
+        starts with inf.  Other keywords (``rho``) are passed on.  ``kind="vp"`` ignores the model.
+        """
+        _check_choice("kind", kind, GRIDS)
+        if kind == "vp":
+            return vp(n, **kw)
+        kw.setdefault("sigma_min", self.sigma_min)
+        kw.setdefault("sigma_max", self.sigma_max)
+        kw.setdefault("sigma_max_finite", self.sigma_max_finite)
+        return {"karras": karras, "exponential": exponential, "polyexponential": polyexponential}[kind](n, **kw)
+
+    def quantize(self, sigmas, space: str = "log"):
+        """:func:`quantize` to this model's training sigmas (inf stays inf, 0 stays 0)."""
+        return quantize(sigmas, self.train_sigmas, space)
+
+    # sigma <-> t -------------------------------------------------------------------------------------------------
+
+    def sigma_to_t(self, sigma, mode: str = "nearest"):
+        """Timestep of a noise level.
+
+        * ``nearest``: ``argmin_t |log sigma - log sigmas[t]|`` (k-diffusion ``quantize=True``); int64 result.
+        * ``interp``: log-linear interpolation between the bracketing timesteps, clamped to the table
+          (k-diffusion ``quantize=False``, same formula); float64 result.
+
+        Ends: sigma = inf maps to the last timestep ``T - 1`` (the zero-SNR timestep, or the noisiest one).
+        sigma = 0 and anything below ``sigma_min`` map to 0, as in k-diffusion (a model should not be evaluated at
+        sigma = 0).  For a zero-SNR model every finite sigma above ``sigma_max_finite`` maps to ``T - 2`` in both
+        modes: log-linear interpolation towards log inf = inf has weight 0 for any finite sigma.
+
+        ``sigma``: a Python float (returns int / float) or a tensor (returns a tensor of its shape on its device).
+        """
+        _check_choice("mode", mode, ("nearest", "interp"))
+        scalar = not isinstance(sigma, torch.Tensor)
+        if scalar:
+            s = torch.tensor(_check_real("sigma", sigma, allow_inf=True), dtype=_F64)
+        else:
+            if not sigma.is_floating_point():
+                raise ValueError(f"sigma must be a floating-point tensor, got {sigma.dtype}")
+            s = sigma.detach().to(_F64)
+        if s.device.type == "cpu" and (torch.isnan(s) | (s < 0)).any():
+            raise ValueError("sigma must be >= 0 and not NaN")
+        T = self.num_train_timesteps
+        logs = self._log_sigmas.to(s.device)
+        flat = s.reshape(-1)
+        if mode == "nearest":
+            t = _nearest(flat, self.train_sigmas.to(s.device), "log")
+            t = torch.where(torch.isinf(flat), torch.full_like(t, T - 1), t)
+            t = torch.where(flat == 0, torch.zeros_like(t), t)
+        else:
+            valid = torch.isfinite(flat) & (flat > 0)
+            ls = torch.where(valid, flat, torch.ones_like(flat)).log()
+            low_idx = (torch.searchsorted(logs, ls, right=True) - 1).clamp(0, T - 2)
+            high_idx = low_idx + 1
+            low, high = logs[low_idx], logs[high_idx]
+            high_inf = torch.isinf(high)
+            high_safe = torch.where(high_inf, low - 1, high)
+            w = torch.where(high_inf, torch.zeros_like(ls), (low - ls) / (low - high_safe)).clamp(0, 1)
+            t = (1 - w) * low_idx + w * high_idx
+            t = torch.where(torch.isinf(flat), torch.full_like(t, T - 1), t)
+            t = torch.where(flat == 0, torch.zeros_like(t), t)
+        t = t.reshape(s.shape)
+        return t.item() if scalar else t
+
+    def t_to_sigma(self, t):
+        """Noise level of a timestep.
+
+        Integer ``t`` (Python int or integer tensor) indexes the table.  Fractional ``t`` is log-linear
+        interpolation, ``exp((1 - w) log sigmas[floor t] + w log sigmas[ceil t])`` with ``w = frac(t)`` (k-diffusion's
+        ``t_to_sigma``, computed in float64 where k-diffusion casts t to float32); integral values of a float ``t``
+        return the table entry exactly, and for a zero-SNR model any ``t > T - 2`` gives inf.
+        ``t`` must lie in ``[0, T - 1]``.  Returns a float for a Python number, else a float64 tensor.
+        """
+        scalar = not isinstance(t, torch.Tensor)
+        if scalar:
+            if isinstance(t, bool) or not isinstance(t, Real):
+                raise ValueError(f"t must be a real number or a tensor, got {t!r}")
+            tt = torch.tensor(t, dtype=torch.int64 if isinstance(t, Integral) else _F64)
+        else:
+            tt = t.detach()
+        T = self.num_train_timesteps
+        table = self.train_sigmas.to(tt.device)
+        if tt.device.type == "cpu":
+            bad = (tt < 0) | (tt > T - 1)
+            if tt.is_floating_point():
+                bad = bad | torch.isnan(tt)
+            if bad.any():
+                raise ValueError(f"t must lie in [0, {T - 1}]")
+        if not tt.is_floating_point():
+            out = table[tt.long()]
+        else:
+            tf = tt.to(_F64)
+            low_idx = tf.floor().long().clamp(0, T - 1)
+            high_idx = tf.ceil().long().clamp(0, T - 1)
+            w = tf - low_idx
+            lows, highs = table[low_idx], table[high_idx]
+            logs = self._log_sigmas.to(tt.device)
+            high_log = torch.where(torch.isinf(highs), torch.zeros_like(w), logs[high_idx])
+            interp = ((1 - w) * logs[low_idx] + w * high_log).exp()
+            interp = torch.where(torch.isinf(highs), torch.full_like(w, math.inf), interp)
+            out = torch.where(w == 0, lows, interp)
+        return out.item() if scalar else out
+
+    def __repr__(self) -> str:
+        return (
+            f"DiscreteSchedule(num_train_timesteps={self.num_train_timesteps}, sigma_min={self.sigma_min:.6g}, "
+            f"sigma_max={self.sigma_max:.6g}, zero_terminal_snr={self.zero_terminal_snr})"
+        )
