@@ -87,17 +87,18 @@ def ancestral_split(sigma: float, sigma_next: float, eta: float, clamp: bool = T
 
     k-diffusion's ``get_ancestral_step``: sigma_up = min(sigma', eta * sqrt(sigma'^2 (sigma^2 - sigma'^2) /
     sigma^2)), sigma_down = sqrt(sigma'^2 - sigma_up^2).  Divided by sigma' both are finite at sigma = inf:
-    u = min(1, eta * sqrt(1 - r^2)).  ``clamp=False`` is DDIM's variance (no min; requires u <= 1).
+    u = min(1, eta sqrt(1 - r^2)) and d = sqrt((1 - eta^2) + (eta r)^2), written without k-diffusion's
+    cancellation (for eta = 1, d = r exactly).  ``clamp=False`` is DDIM's variance (no min; requires u <= 1).
     """
     if sigma_next == 0.0 or eta == 0.0:
         return 1.0, 0.0
     r = _ratio(sigma, sigma_next)
     u = eta * math.sqrt((1.0 - r) * (1.0 + r))
-    if clamp:
-        u = min(1.0, u)
-    elif u > 1.0:
-        raise ValueError(f"eta={eta} gives a DDIM variance larger than the target noise level; use eta <= 1")
-    return math.sqrt((1.0 - u) * (1.0 + u)), u
+    if u > 1.0:
+        if not clamp:
+            raise ValueError(f"eta={eta} gives a DDIM variance larger than the target noise level; use eta <= 1")
+        return 0.0, 1.0
+    return math.sqrt(max(0.0, (1.0 - eta) * (1.0 + eta) + (eta * r) ** 2)), u
 
 
 def ancestral(pz: Parameterization, sigma: float, sigma_next: float, eta: float, s_noise: float = 1.0,
@@ -194,7 +195,7 @@ def dpm_2(pz: Parameterization, sigma: float, sigma_next: float, stage: int) -> 
     _check_pair(sigma, sigma_next)
     if sigma_next == 0.0 or sigma == INF:
         return euler(pz, sigma, sigma_next) if stage == 1 else _no_stage2("dpm_2")
-    sigma_mid = math.sqrt(sigma * sigma_next)
+    sigma_mid = midpoint_sigma(sigma, sigma_next)
     if stage == 1:
         return replace(euler(pz, sigma, sigma_mid), complete=False)
     return _midpoint_stage2(pz, sigma, sigma_mid, sigma_next, sigma_next, 1.0, dpmpp=False)
@@ -210,18 +211,32 @@ def _no_stage2(name: str):
 
 
 def _ancestral_two_stage(pz, sigma, sigma_next, eta, s_noise, stage, dpmpp: bool) -> StepCoeffs:
+    """dpm_2_ancestral and dpmpp_2s_ancestral: a midpoint method from sigma to sigma_down, then sigma_up noise.
+
+    From sigma = inf, DPM-Solver-2's update has no limit (like Heun's), so dpm_2_ancestral takes the
+    euler_ancestral step there by definition.  DPM-Solver++(2S)'s midpoint sigma_mid = sqrt(sigma sigma_down) =
+    sqrt(sigma' sqrt(sigma^2 (1 - eta^2) + (eta sigma')^2)) tends to inf for eta < 1 (then D_2 -> D_1 and the
+    limit is euler_ancestral) but equals sigma' for every sigma when eta = 1, so the limit of the default sampler
+    is the two-evaluation step: predictor to sigma', y' = c' D_2 + s' s_noise z.
+    """
     _check_pair(sigma, sigma_next)
     d, u = ancestral_split(sigma, sigma_next, eta)
     sigma_down = d * sigma_next
     noise = s_noise * pz.noise_scale(sigma_next) * u
-    if sigma_down == 0.0:
-        # k-diffusion: Euler to 0; dpmpp_2s_ancestral still adds sigma_up noise when sigma' > 0, dpm_2_ancestral not.
+    r = _ratio(sigma, sigma_next)
+    clamped = eta * math.sqrt((1.0 - r) * (1.0 + r)) > 1.0
+    if sigma_next == 0.0 or clamped:
+        # k-diffusion's sigma_down == 0 branch: Euler to 0; dpmpp_2s_ancestral still adds sigma_up noise.
         if stage != 1:
             _no_stage2("dpmpp_2s_ancestral" if dpmpp else "dpm_2_ancestral")
         return StepCoeffs(a=0.0, b=pz.c_in(sigma_next), e=noise if dpmpp else 0.0, sigma_out=sigma_next)
-    if sigma == INF:  # limit: the midpoint is at inf too and D_2 -> D_1, the step is euler_ancestral
+    if dpmpp:
+        sigma_d_times = (INF if eta < 1.0 else eta * sigma_next) if sigma == INF else sigma * d  # sigma*sigma_down/sigma'
+        sigma_mid = math.sqrt(sigma_next * sigma_d_times)
+    else:
+        sigma_mid = INF if sigma == INF else midpoint_sigma(sigma, sigma_down)
+    if sigma_mid == INF:
         return ancestral(pz, sigma, sigma_next, eta, s_noise) if stage == 1 else _no_stage2("ancestral")
-    sigma_mid = math.sqrt(sigma * sigma_down) if not dpmpp else math.exp(-0.5 * (-math.log(sigma) - math.log(sigma_down)))
     if stage == 1:
         return replace(euler(pz, sigma, sigma_mid), complete=False)
     return replace(_midpoint_stage2(pz, sigma, sigma_mid, sigma_down, sigma_next, d, dpmpp), e=noise)
@@ -348,7 +363,9 @@ def lms(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple
     """Linear multistep on the derivative d = (x - D)/sigma (k-diffusion ``sample_lms``).
 
     ``sigma_prev`` are the sigmas of the remembered derivatives, newest first.  x' = x + sum_j w_j d_{i-j}; with
-    d_i = y/s - D/sigma this is y' = (c'/c)(1 + w_0/sigma) y - (c' w_0/sigma) D + sum_{j>0} c' w_j d_{i-j}.
+    d_i = y/s - D/sigma this is y' = (c'/c)(1 + w_0/sigma) y - (c' w_0/sigma) D + sum_{j>0} c' w_j d_{i-j}; as
+    the weights sum to sigma' - sigma, the y weight is c'(sigma' - sum_{j>0} w_j)/s, free of the cancellation in
+    1 + w_0/sigma at large sigma.
     Remembered points at sigma = inf (d = y there) get weight 0: the interpolant through a point at infinity
     tends to the one through the finite points.  The step from sigma = inf is Euler.  ``carry`` returns
     d_i = (1/s) y - (1/sigma) D for the next steps (d = y at sigma = inf).
@@ -360,6 +377,6 @@ def lms(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple
     pts = (sigma,) + tuple(p for p in sigma_prev[: order - 1] if p != INF)
     w = lms_weights(pts, sigma_next)
     c_next = pz.c_in(sigma_next)
-    a = c_next / pz.c_in(sigma) * (1.0 + w[0] / sigma)
+    a = c_next * (sigma_next - sum(w[1:])) / pz.noise_scale(sigma)
     hist = tuple(c_next * wj for wj in w[1:]) + (0.0,) * (len(sigma_prev[: order - 1]) - (len(pts) - 1))
     return StepCoeffs(a=a, b=-c_next * w[0] / sigma, h=hist, sigma_out=sigma_next, carry=carry)

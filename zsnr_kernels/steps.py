@@ -159,7 +159,7 @@ def _run(
     return StepResult(y_out, sigma_out, d, cs[0].complete, carry_out)
 
 
-def _noise_tensor(y: torch.Tensor, noise, seed, step_index) -> torch.Tensor:
+def _noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None) -> torch.Tensor:
     if callable(noise):
         noise = noise()
     if noise is not None:
@@ -301,7 +301,7 @@ def dpm_2_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, eta=
                          seed=None, step_index=None, **options) -> StepResult:
     """k-diffusion's dpm_2_ancestral, in two calls: DPM-Solver-2 from sigma to sigma_down, then sigma_up noise
     (see :func:`euler_ancestral_step` for sigma_down/up).  Complete after one call when sigma_down = 0 or
-    sigma = inf (there the step is :func:`euler_ancestral_step`, its limit)."""
+    sigma = inf: DPM-Solver-2 has no limit there (like Heun), so that step is :func:`euler_ancestral_step`."""
     sg, sn = _sigmas(y, sigma, sigma_next)
     eta = _validate.real("eta", eta, lo=0.0)
     stage, hist = _first_stage(first, "dpm_2_ancestral")
@@ -314,8 +314,9 @@ def dpm_2_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, eta=
 def dpmpp_2s_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, eta=1.0, s_noise=1.0, noise=None,
                             seed=None, step_index=None, **options) -> StepResult:
     """DPM-Solver++(2S) ancestral (k-diffusion), in two calls: predictor to sigma_mid = sqrt(sigma sigma_down),
-    then x_down = (sigma_down/sigma) x + (1 - sigma_down/sigma) D_2, plus sigma_up noise.  From sigma = inf the
-    step is :func:`euler_ancestral_step` (its limit: the midpoint is at inf too)."""
+    then x_down = (sigma_down/sigma) x + (1 - sigma_down/sigma) D_2, plus sigma_up noise.  From sigma = inf this
+    is its exact limit: for eta < 1 the midpoint is at inf too and the step is :func:`euler_ancestral_step`; for
+    eta = 1, sigma_mid = sigma' at every sigma, so the limit keeps both evaluations."""
     sg, sn = _sigmas(y, sigma, sigma_next)
     eta = _validate.real("eta", eta, lo=0.0)
     stage, hist = _first_stage(first, "dpmpp_2s_ancestral")

@@ -1,0 +1,217 @@
+"""Noise: one definition on every backend (DESIGN.md 2.8).  This module is the pure-PyTorch reference.
+
+A noise value is a pure function of (seed of the sample, step, draw, element index j within the sample)::
+
+    key     = (seed % 2**32, seed // 2**32)            seed taken mod 2**64
+    counter = (g % 2**32, g // 2**32, step, draw)      g = j // 4
+    x0, x1, x2, x3 = Philox4x32-10(key, counter)
+    u_k = float32(s_k) * float32(4.6566127342e-10)     s_k = x_k as int32, bitwise-not if negative
+    n0, n1 = box_muller(u0, u1);  n2, n3 = box_muller(u2, u3)
+    box_muller(a, b) = (r cos th, r sin th),  r = sqrt(-2 log(max(a, 1e-7))),  th = 2 pi b   (float32)
+    noise[j] = n_{j % 4}
+
+This is Triton's generator (``tl.philox``, ``uint_to_uniform_float``, ``pair_uniform_to_normal``) with the
+counter laid out as above, and ``csrc/include/zsnr/philox.h`` for the C++/CUDA code.  The 32-bit integers
+are bit-identical on every backend; the normals agree to float rounding of log/cos/sin.  Because the
+counter is per sample, a batch of 8 gives the same noise as 8 batches of 1, on any device.
+
+Integers are held in int64 tensors with values in [0, 2**32); a 32x32-bit product is split into 16-bit
+halves so that no int64 product overflows.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["philox4x32", "uint32_to_uniform", "normal", "normalize_seeds"]
+
+MASK32 = 0xFFFFFFFF
+PHILOX_KEY_A = 0x9E3779B9  # key bump of k0 after each round
+PHILOX_KEY_B = 0xBB67AE85  # key bump of k1
+PHILOX_ROUND_A = 0xD2511F53  # multiplier of c0
+PHILOX_ROUND_B = 0xCD9E8D57  # multiplier of c2
+UINT_TO_UNIFORM_SCALE = 4.6566127342e-10  # largest float s with (2**31 - 1) * s < 1 in float32
+TWO_PI = 6.283185307179586
+MIN_UNIFORM = 1.0e-7  # u is clamped to at least this where its log is taken
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of the 64-bit product ``a * b``, for a constant ``a < 2**32`` and ``b``
+    holding uint32 values, without int64 overflow: b = b_hi 2**16 + b_lo, each partial product < 2**48."""
+    p_lo = a * (b & 0xFFFF)
+    mid = a * (b >> 16) + (p_lo >> 16)  # a * b = mid * 2**16 + (p_lo mod 2**16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+
+
+def _as_u32(x: Tensor | int, device: torch.device | None, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        if x.dtype != torch.int64:
+            raise TypeError(f"{name} must be an int64 tensor, got dtype {x.dtype}")
+    elif isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int or an int64 tensor, got {type(x).__name__}")
+    else:
+        x = torch.tensor(x & MASK32, dtype=torch.int64, device=device)
+    return x & MASK32
+
+
+def philox4x32(
+    key0: Tensor | int,
+    key1: Tensor | int,
+    c0: Tensor | int,
+    c1: Tensor | int,
+    c2: Tensor | int,
+    c3: Tensor | int,
+    rounds: int = 10,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32 with key (key0, key1) and counter (c0, c1, c2, c3); Triton's ``tl.philox_impl``.
+
+    Each round maps (c0, c1, c2, c3) to (hi(B c2) ^ c1 ^ k0, lo(B c2), hi(A c0) ^ c3 ^ k1, lo(A c0)) with
+    A = 0xD2511F53, B = 0xCD9E8D57, then bumps the key: k0 += 0x9E3779B9, k1 += 0xBB67AE85 (mod 2**32).
+
+    Arguments are int64 tensors (or Python ints) holding uint32 values, taken mod 2**32, and broadcast
+    against each other.  Returns the four output words as int64 tensors with values in [0, 2**32).
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
+    names = ("key0", "key1", "c0", "c1", "c2", "c3")
+    args = (key0, key1, c0, c1, c2, c3)
+    device = next((a.device for a in args if isinstance(a, Tensor)), None)
+    k0, k1, c0, c1, c2, c3 = torch.broadcast_tensors(*(_as_u32(a, device, n) for a, n in zip(args, names)))
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & MASK32
+        k1 = (k1 + PHILOX_KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def uint32_to_uniform(x: Tensor) -> Tensor:
+    """Triton's ``uint_to_uniform_float`` for 32 bits: a float32 uniform in [0, 1).
+
+    ``x`` (an integer tensor holding uint32 values) is read as int32 s; negative s becomes ~s; the result
+    is float32(s) * float32(4.6566127342e-10).  As unsigned arithmetic: s = x if x < 2**31 else 2**32-1-x.
+    """
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"x must be an integer tensor, got dtype {x.dtype}")
+    x = x.to(torch.int64) & MASK32
+    s = torch.where(x >= 2**31, MASK32 - x, x)
+    # A Python float scalar is rounded to float32 by type promotion, as Triton rounds its constant.
+    return s.to(torch.float32) * UINT_TO_UNIFORM_SCALE
+
+
+def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton's ``pair_uniform_to_normal`` in float32: (r cos th, r sin th), r = sqrt(-2 log max(u1, 1e-7)),
+    th = 2 pi u2."""
+    u1 = torch.clamp_min(u1, MIN_UNIFORM)  # the bound is rounded to float32, as in Triton
+    th = TWO_PI * u2
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def _check_index(value: object, name: str, bound: int) -> int:
+    """``value`` as an int in [0, bound); TypeError/ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if not 0 <= v < bound:
+        raise ValueError(f"{name} must be in [0, {bound}), got {v}")
+    return v
+
+
+def _seed_int(value: object, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if not -(2**63) <= v < 2**64:
+        raise ValueError(f"{name} must be in [-2**63, 2**64), got {v}")
+    return v % 2**64
+
+
+def _check_seed_tensor(seed: Tensor, batch: int) -> None:
+    if seed.dtype == torch.bool or seed.dtype.is_floating_point or seed.dtype.is_complex:
+        raise TypeError(f"seed tensor must have an integer dtype, got {seed.dtype}")
+    if seed.dim() > 1 or (seed.dim() == 1 and seed.shape[0] != batch):
+        raise ValueError(f"seed tensor must be 0-d or have shape ({batch},) (one per sample), got {tuple(seed.shape)}")
+
+
+def normalize_seeds(seed: int | Sequence[int] | Tensor, batch: int) -> list[int]:
+    """The per-sample seeds as ``batch`` Python ints in [0, 2**64).
+
+    ``seed`` is one int for every sample, or a sequence / 1-d integer tensor of ``batch`` ints (one per
+    sample).  Ints must lie in [-2**63, 2**64) (an int64 or a uint64); negative ones are taken mod 2**64.
+    """
+    batch = _check_index(batch, "batch", 2**63)
+    if isinstance(seed, Tensor):
+        _check_seed_tensor(seed, batch)
+        values = seed.tolist()
+        return [v % 2**64 for v in values] if seed.dim() == 1 else [values % 2**64] * batch
+    if isinstance(seed, (str, bytes, Mapping)) or not isinstance(seed, Iterable):
+        return [_seed_int(seed, "seed")] * batch
+    seeds = [_seed_int(s, f"seed[{i}]") for i, s in enumerate(seed)]
+    if len(seeds) != batch:
+        raise ValueError(f"seed must hold one seed per sample: got {len(seeds)} seeds for batch {batch}")
+    return seeds
+
+
+def _seed_keys(seed: int | Sequence[int] | Tensor, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Philox keys (seed_lo, seed_hi) as int64 tensors of shape [batch, 1]; a seed tensor stays on its
+    device (no host synchronization)."""
+    if isinstance(seed, Tensor):
+        _check_seed_tensor(seed, batch)
+        s = seed.to(device=device, dtype=torch.int64).reshape(-1, 1).expand(batch, 1)  # wraps mod 2**64
+    else:
+        signed = [v - 2**64 if v >= 2**63 else v for v in normalize_seeds(seed, batch)]
+        s = torch.tensor(signed, dtype=torch.int64, device=device).reshape(batch, 1)
+    return s & MASK32, (s >> 32) & MASK32
+
+
+def normal(
+    shape: Sequence[int],
+    seed: int | Sequence[int] | Tensor,
+    step: int,
+    draw: int = 0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Standard normal noise of ``shape`` by the DESIGN 2.8 definition (see the module docstring).
+
+    ``shape[0]`` is the batch B; element j counts over the flattened remaining dims of each sample.
+    ``seed``: one int for all samples, or a sequence / integer tensor of B ints (see ``normalize_seeds``).
+    ``step`` (the step index) and ``draw`` (the draw within the step) are ints in [0, 2**32).
+    Computed in float32, then cast to ``dtype``; on ``device`` (default: the default device).
+    Writes N elements; int64 and float32 temporaries take a few tens of bytes per element.
+    """
+    if isinstance(shape, (int, Tensor)) or not isinstance(shape, Sequence):
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}")
+    shape = tuple(_check_index(d, f"shape[{i}]", 2**63) for i, d in enumerate(shape))
+    if not shape:
+        raise ValueError("shape must have at least one dim (the batch)")
+    step = _check_index(step, "step", 2**32)
+    draw = _check_index(draw, "draw", 2**32)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if device is None:  # torch.get_default_device exists from PyTorch 2.3 on
+        device = getattr(torch, "get_default_device", lambda: torch.device("cpu"))()
+    device = torch.device(device)
+    batch, n = shape[0], math.prod(shape[1:])
+    key0, key1 = _seed_keys(seed, batch, device)
+    g = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+    x = philox4x32(key0, key1, g & MASK32, g >> 32, step, draw)  # 4 x [B, groups]
+    u0, u1, u2, u3 = (uint32_to_uniform(v) for v in x)
+    n0, n1 = _box_muller(u0, u1)
+    n2, n3 = _box_muller(u2, u3)
+    out = torch.stack((n0, n1, n2, n3), dim=-1).reshape(batch, 4 * g.numel())[:, :n]
+    return out.reshape(shape).to(dtype)
