@@ -104,3 +104,11 @@ def fused_step(
     if carry is not None:
         carry_out = (_per_sample(carry[0], yc) * yc + _per_sample(carry[1], yc) * D).to(y.dtype)
     return out.to(y.dtype), D.to(y.dtype), carry_out
+
+
+def add_noise(y: torch.Tensor, k: Coeff, e: Coeff, noise: torch.Tensor) -> torch.Tensor:
+    """y_hat = k y + e z: EDM churn of a state that no model output accompanies (the first step of a loop).
+    Reads 2N, writes N."""
+    ct = compute_dtype(y.dtype)
+    yc = y.to(ct)
+    return (_per_sample(k, yc) * yc + _per_sample(e, yc) * noise.to(ct)).to(y.dtype)

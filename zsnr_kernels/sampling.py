@@ -84,10 +84,8 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
     kwargs = {}
     if sampler in _ETA:
         kwargs["eta"] = eta
-    if sampler in _ETA or sampler in _CHURN or sampler == "euler_ancestral":
+    if sampler in _ETA and sampler != "ddim" or sampler in _CHURN:
         kwargs["s_noise"] = s_noise
-    if sampler in ("ddim",):
-        kwargs.pop("s_noise", None)
     if sampler == "dpmpp_2m_sde":
         kwargs["solver_type"] = solver_type
 
@@ -116,9 +114,8 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
 
     y, _ = steps.initial_state(noise, vals[0], prediction=prediction, sigma_data=sigma_data)
     if hats[0] != vals[0]:
-        k, e = co.churn(pz, vals[0], hats[0], s_noise)
-        z = steps._noise_tensor(y, **noise_for(0, vals[0], hats[0]))
-        y = (k * y.to(torch.float64 if y.dtype == torch.float64 else torch.float32) + e * z).to(noise.dtype)
+        y = steps.churn_step(y, vals[0], hats[0], s_noise=s_noise, prediction=prediction, sigma_data=sigma_data,
+                             **noise_for(0, vals[0], hats[0]))
     history: list[tuple[float, torch.Tensor]] = []
     iterator = range(n)
     if progress:
@@ -133,7 +130,7 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
             extra["sigma_hat_next"] = nxt
             if nxt is not None and nxt != sigma_next:
                 extra.update(noise_for(i + 1, sigma_next, nxt))
-        elif "eta" in kwargs or sampler == "ddpm":
+        elif sampler in _ETA or sampler == "ddpm":
             extra.update(noise_for(i, vals[i], sigma_next))
         if kind == "multistep":
             extra["history"] = history

@@ -88,6 +88,22 @@ def to_y(x: torch.Tensor, sigma: float, *, prediction: str = "v", sigma_data: fl
     return parameterization(prediction, sigma_data).to_y(x, sigma)
 
 
+def churn_step(y, sigma, sigma_hat, *, s_noise=1.0, noise=None, seed=None, step_index=None,
+               prediction: str = "v", sigma_data: float = 1.0) -> torch.Tensor:
+    """EDM churn of a state with no model output at hand (the first step of a loop; the step functions fold
+    later churn in through ``sigma_hat_next``): raise the noise level of y from sigma to sigma_hat (§2.5),
+    y_hat = (c_in(sigma_hat)/c_in(sigma)) y + c_in(sigma_hat) sqrt(sigma_hat^2 - sigma^2) s_noise z.
+    Returns y itself when sigma_hat == sigma (no noise is drawn)."""
+    y = _validate.tensor("y", y)
+    pz = parameterization(prediction, sigma_data)
+    sg = _validate.real("sigma", sigma, lo=0.0)
+    sh = _validate.real("sigma_hat", sigma_hat, lo=0.0)
+    k, e = co.churn(pz, sg, sh, _validate.real("s_noise", s_noise, lo=0.0))
+    if e == 0.0:
+        return y
+    return reference.add_noise(y, k, e, _noise_tensor(y, noise, seed, step_index))
+
+
 # ------------------------------------------------------------------------------------------------- machinery
 
 
@@ -139,10 +155,9 @@ def _run(
     col = lambda vals: _column(list(vals), per_sample)  # noqa: E731
     n_hist = max(len(c.h) for c in cs)
     h = tuple(col(c.h[k] if k < len(c.h) else 0.0 for c in cs) for k in range(n_hist))
-    e = col(c.e for c in cs)
-    z = None
+    e, z = 0.0, None
     if any(c.e != 0.0 for c in cs):
-        z = _noise_tensor(y, noise, seed, step_index)
+        e, z = col(c.e for c in cs), _noise_tensor(y, noise, seed, step_index)
     carry = None
     if cs[0].carry is not None:
         carry = (col(c.carry[0] for c in cs), col(c.carry[1] for c in cs))
@@ -150,7 +165,7 @@ def _run(
     y_out, d, carry_out = reference.fused_step(
         y, f_cond, f_uncond,
         p=col(v[0] for v in pq), q=col(v[1] for v in pq), a=col(c.a for c in cs), b=col(c.b for c in cs),
-        history=tuple(history[: n_hist]), h=h, noise=z, e=e if per_sample or e != 0.0 else 0.0,
+        history=tuple(history[: n_hist]), h=h, noise=z, e=e,
         guidance_scale=w, guidance_rescale=phi,
         rescale_uv=(col(v[0] for v in uv), col(v[1] for v in uv)) if per_sample and phi else uv[0],
         carry=carry,
@@ -396,7 +411,7 @@ def _two_stage(y, model_output, sg_eval, coeffs_for, hist, shn, s_noise, noise, 
 
 
 __all__ = [
-    "StepResult", "initial_state", "final_sample", "to_x", "to_y", "euler_step", "euler_ancestral_step",
+    "StepResult", "churn_step", "initial_state", "final_sample", "to_x", "to_y", "euler_step", "euler_ancestral_step",
     "ddim_step", "ddpm_step", "heun_step", "dpm_2_step", "dpm_2_ancestral_step", "dpmpp_2s_ancestral_step",
     "dpmpp_2m_step", "dpmpp_2m_sde_step", "dpmpp_3m_sde_step", "lms_step", "PREDICTIONS",
 ]
