@@ -8,7 +8,9 @@ linear combination of y, the denoised prediction and remembered tensors with hos
 * :mod:`zsnr_kernels.coefficients` holds the host coefficients, :mod:`zsnr_kernels.reference` the eager spec.
 """
 
-from . import coefficients, noise, reference, schedules
+__version__ = "0.1.0"
+
+from . import coefficients, noise, reference, schedules  # noqa: E402
 from .parameterization import PREDICTIONS, Parameterization, parameterization
 from .sampling import SAMPLERS, sample
 from .steps import (
@@ -32,7 +34,6 @@ from .steps import (
     to_y,
 )
 
-__version__ = "0.1.0"
 
 __all__ = [
     "PREDICTIONS", "Parameterization", "SAMPLERS", "StepResult", "churn_step", "coefficients", "ddim_step", "ddpm_step",
