@@ -197,3 +197,14 @@ def test_noise_needed_but_missing():
         zk.euler_ancestral_step(y, y, 2.0, 1.0)
     with pytest.raises(ValueError, match="step_index"):
         zk.euler_ancestral_step(y, y, 2.0, 1.0, seed=3)
+
+
+@pytest.mark.parametrize("sampler", list(zk.SAMPLERS))
+def test_one_step_schedule_from_inf_returns_the_first_denoised(sampler):
+    """[inf, 0]: every sampler returns D(noise, inf) (k-diffusion's SDE samplers fail here: h is unbound)."""
+    net = TinyNet(2, seed=4)
+    noise = _rand(2, 2, 5, 5, seed=8)
+    got = zk.sample(net, noise, torch.tensor([INF, 0.0], dtype=torch.float64), sampler=sampler, seed=0)
+    p, q = zk.parameterization("v").denoise_coeffs(INF)
+    expected = p * noise + q * net(noise, torch.full((2,), INF, dtype=torch.float64))
+    torch.testing.assert_close(got, expected, atol=1e-15, rtol=0)

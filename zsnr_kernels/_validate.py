@@ -65,7 +65,9 @@ def real(name: str, v, *, lo: float | None = None, hi: float | None = None, allo
 
 def sigma_values(name: str, s, batch: int) -> list[float] | float:
     """A step's sigma: a number (one for the batch) or a (B,) tensor / sequence (one per sample, §2.9)."""
-    if isinstance(s, torch.Tensor) and s.ndim == 1 and s.numel() > 1 or isinstance(s, Sequence) and not isinstance(s, str):
+    per_sample = (isinstance(s, torch.Tensor) and s.ndim == 1 and s.numel() > 1) or (
+        isinstance(s, Sequence) and not isinstance(s, str))
+    if per_sample:
         vals = s.detach().double().cpu().tolist() if isinstance(s, torch.Tensor) else list(s)
         if len(vals) != batch:
             raise ValueError(f"{name} has {len(vals)} values but the batch has {batch} samples")

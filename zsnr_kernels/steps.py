@@ -215,6 +215,11 @@ def _hist_sigmas(sig_list, y):
     return [_validate.sigma_values(f"history[{k}] sigma", s, b) for k, s in enumerate(sig_list)]
 
 
+def _eval_sigma(y, sigma, first):
+    """The sigma the model was called at: ``sigma`` for a first call, ``first.sigma`` for a second one."""
+    return sigma if first is None else _validate.sigma_values("first.sigma", first.sigma, y.shape[0])
+
+
 def _first_stage(first, stage_name: str):
     if first is None:
         return 1, ()
@@ -294,7 +299,7 @@ def heun_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next=
     """
     sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next=sigma_hat_next)
     stage, hist = _first_stage(first, "heun")
-    sg_eval = sg if stage == 1 else _sigmas(y, first.sigma, 0.0)[0]
+    sg_eval = _eval_sigma(y, sg, first)
     return _two_stage(y, model_output, sg_eval, lambda pz, i: co.heun(pz, _at(sg, i), _at(sn, i), stage),
                       hist, shn, s_noise, noise, seed, step_index, options)
 
@@ -307,7 +312,7 @@ def dpm_2_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next
     Euler (complete after the first call) when sigma' = 0 or sigma = inf."""
     sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next=sigma_hat_next)
     stage, hist = _first_stage(first, "dpm_2")
-    sg_eval = sg if stage == 1 else _sigmas(y, first.sigma, 0.0)[0]
+    sg_eval = _eval_sigma(y, sg, first)
     return _two_stage(y, model_output, sg_eval, lambda pz, i: co.dpm_2(pz, _at(sg, i), _at(sn, i), stage),
                       hist, shn, s_noise, noise, seed, step_index, options)
 
@@ -320,7 +325,7 @@ def dpm_2_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, eta=
     sg, sn = _sigmas(y, sigma, sigma_next)
     eta = _validate.real("eta", eta, lo=0.0)
     stage, hist = _first_stage(first, "dpm_2_ancestral")
-    sg_eval = sg if stage == 1 else _sigmas(y, first.sigma, 0.0)[0]
+    sg_eval = _eval_sigma(y, sg, first)
     return _run(y, model_output, sg_eval,
                 lambda pz, i: co.dpm_2_ancestral(pz, _at(sg, i), _at(sn, i), eta, s_noise, stage=stage),
                 history=hist, noise=noise, seed=seed, step_index=step_index, **options)
@@ -335,7 +340,7 @@ def dpmpp_2s_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, e
     sg, sn = _sigmas(y, sigma, sigma_next)
     eta = _validate.real("eta", eta, lo=0.0)
     stage, hist = _first_stage(first, "dpmpp_2s_ancestral")
-    sg_eval = sg if stage == 1 else _sigmas(y, first.sigma, 0.0)[0]
+    sg_eval = _eval_sigma(y, sg, first)
     return _run(y, model_output, sg_eval,
                 lambda pz, i: co.dpmpp_2s_ancestral(pz, _at(sg, i), _at(sn, i), eta, s_noise, stage=stage),
                 history=hist, noise=noise, seed=seed, step_index=step_index, **options)
