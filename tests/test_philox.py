@@ -113,14 +113,16 @@ def test_batch_equals_batches_of_one():
         assert torch.equal(batch[b : b + 1], noise.normal((1, 4, 9, 7), seed, step=4, draw=1))
     # A seed tensor (int64 bits of the uint64 seeds) gives the same stream as the list.
     assert torch.equal(batch, noise.normal((3, 4, 9, 7), _signed(seeds), step=4, draw=1))
-    # One int seeds every sample alike.
-    same = noise.normal((3, 10), 99, 0)
-    assert torch.equal(same[0], same[1]) and torch.equal(same[0], same[2])
+    # One int s gives sample i the seed s + i (an int or a 0-d tensor alike).
+    one = noise.normal((3, 10), 99, 0)
+    assert torch.equal(one, noise.normal((3, 10), [99, 100, 101], 0))
+    assert torch.equal(one, noise.normal((3, 10), torch.tensor(99), 0))
+    assert not torch.equal(one[0], one[1])
 
 
 def test_negative_seeds_are_taken_mod_2_64():
     assert torch.equal(noise.normal((2, 6), [-1, -(2**63)], 1), noise.normal((2, 6), [2**64 - 1, 2**63], 1))
-    assert noise.normalize_seeds(-1, 2) == [2**64 - 1, 2**64 - 1]
+    assert noise.normalize_seeds(-1, 2) == [2**64 - 1, 0]
     assert noise.normalize_seeds(torch.tensor([-2, 5]), 2) == [2**64 - 2, 5]
 
 

@@ -208,3 +208,13 @@ def test_one_step_schedule_from_inf_returns_the_first_denoised(sampler):
     p, q = zk.parameterization("v").denoise_coeffs(INF)
     expected = p * noise + q * net(noise, torch.full((2,), INF, dtype=torch.float64))
     torch.testing.assert_close(got, expected, atol=1e-15, rtol=0)
+
+
+def test_one_int_seed_gives_sample_i_the_seed_plus_i():
+    net = TinyNet(2, seed=1)
+    noise = _rand(3, 2, 4, 4, seed=5)
+    sig = torch.cat([torch.tensor([INF], dtype=torch.float64), zk.schedules.karras(4, 0.1, 10.0)])
+    batch = zk.sample(net, noise, sig, sampler="euler_ancestral", seed=40)
+    for i in range(3):
+        one = zk.sample(net, noise[i:i + 1], sig, sampler="euler_ancestral", seed=40 + i)
+        torch.testing.assert_close(batch[i:i + 1], one, atol=1e-14, rtol=0)

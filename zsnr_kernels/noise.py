@@ -149,16 +149,19 @@ def _check_seed_tensor(seed: Tensor, batch: int) -> None:
 def normalize_seeds(seed: int | Sequence[int] | Tensor, batch: int) -> list[int]:
     """The per-sample seeds as ``batch`` Python ints in [0, 2**64).
 
-    ``seed`` is one int for every sample, or a sequence / 1-d integer tensor of ``batch`` ints (one per
-    sample).  Ints must lie in [-2**63, 2**64) (an int64 or a uint64); negative ones are taken mod 2**64.
+    ``seed`` is a sequence / 1-d integer tensor of ``batch`` ints (one per sample), or one int s (a Python int
+    or a 0-d tensor) that gives sample i the seed s + i: different noise for every sample, and sample i of a
+    batch equals a batch of one seeded s + i (the convention of A1111 and ComfyUI batches).  Ints must lie in
+    [-2**63, 2**64) (an int64 or a uint64); everything is taken mod 2**64.
     """
     batch = _check_index(batch, "batch", 2**63)
     if isinstance(seed, Tensor):
         _check_seed_tensor(seed, batch)
         values = seed.tolist()
-        return [v % 2**64 for v in values] if seed.dim() == 1 else [values % 2**64] * batch
+        return [v % 2**64 for v in values] if seed.dim() == 1 else [(values + i) % 2**64 for i in range(batch)]
     if isinstance(seed, (str, bytes, Mapping)) or not isinstance(seed, Iterable):
-        return [_seed_int(seed, "seed")] * batch
+        first = _seed_int(seed, "seed")
+        return [(first + i) % 2**64 for i in range(batch)]
     seeds = [_seed_int(s, f"seed[{i}]") for i, s in enumerate(seed)]
     if len(seeds) != batch:
         raise ValueError(f"seed must hold one seed per sample: got {len(seeds)} seeds for batch {batch}")
@@ -170,7 +173,9 @@ def _seed_keys(seed: int | Sequence[int] | Tensor, batch: int, device: torch.dev
     device (no host synchronization)."""
     if isinstance(seed, Tensor):
         _check_seed_tensor(seed, batch)
-        s = seed.to(device=device, dtype=torch.int64).reshape(-1, 1).expand(batch, 1)  # wraps mod 2**64
+        s = seed.to(device=device, dtype=torch.int64).reshape(-1, 1)
+        if seed.dim() == 0:  # one seed s: sample i gets s + i (wraps mod 2**64)
+            s = s + torch.arange(batch, device=device, dtype=torch.int64).reshape(batch, 1)
     else:
         signed = [v - 2**64 if v >= 2**63 else v for v in normalize_seeds(seed, batch)]
         s = torch.tensor(signed, dtype=torch.int64, device=device).reshape(batch, 1)
@@ -189,7 +194,7 @@ def normal(
     """Standard normal noise of ``shape`` by the DESIGN 2.8 definition (see the module docstring).
 
     ``shape[0]`` is the batch B; element j counts over the flattened remaining dims of each sample.
-    ``seed``: one int for all samples, or a sequence / integer tensor of B ints (see ``normalize_seeds``).
+    ``seed``: one int s (sample i gets s + i), or a sequence / integer tensor of B ints (``normalize_seeds``).
     ``step`` (the step index) and ``draw`` (the draw within the step) are ints in [0, 2**32).
     Computed in float32, then cast to ``dtype``; on ``device`` (default: the default device).
     Writes N elements; int64 and float32 temporaries take a few tens of bytes per element.
