@@ -218,3 +218,9 @@ def test_one_int_seed_gives_sample_i_the_seed_plus_i():
     for i in range(3):
         one = zk.sample(net, noise[i:i + 1], sig, sampler="euler_ancestral", seed=40 + i)
         torch.testing.assert_close(batch[i:i + 1], one, atol=1e-14, rtol=0)
+
+
+def test_progress_bar(capsys):
+    sig = zk.schedules.karras(3, 0.1, 5.0)
+    zk.sample(TinyNet(2), _rand(1, 2, 3, 3), sig, progress=True)
+    assert "3/3" in capsys.readouterr().err
