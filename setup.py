@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext, has_flag
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext, has_flag
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
@@ -71,11 +71,14 @@ if _switch("ZSNR_BUILD_CUDA") == "1":
     # Room for the CUDA module (csrc/cuda/, ZSNR_CUDA_ARCHS): not implemented yet.
     raise SystemExit("ZSNR_BUILD_CUDA=1: the CUDA module is not implemented yet")
 
+# Compile the C++ sources in parallel (ZSNR_BUILD_JOBS, default: all cores).
+ParallelCompile("ZSNR_BUILD_JOBS", default=0).install()
+
 ext_modules = [
     Pybind11Extension(
         "zsnr_kernels._C",
-        ["csrc/bindings.cpp"],
-        include_dirs=["csrc/include"],
+        ["csrc/bindings.cpp", "csrc/cpu/step.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp"],
+        include_dirs=["csrc/include", "csrc"],
         cxx_std=17,
     )
 ]

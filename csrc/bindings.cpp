@@ -4,10 +4,13 @@
 // before a pointer crosses this boundary; the functions here trust them.  The GIL is released while
 // a loop runs.  No libtorch: one build serves every PyTorch version.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
 
+#include "cpu/step.h"
+#include "zsnr/coefficients.h"
 #include "zsnr/philox.h"
 
 #ifndef ZSNR_VERSION
@@ -65,6 +68,118 @@ void philox_normal(std::uintptr_t out_ptr, int64_t batch, int64_t n_per_sample,
   }
 }
 
+// One fused CPU step (cpu/step.h).  Pointers are data_ptr integers (0 for none); sigma lists hold one value
+// (shared) or one per sample; sigma_prev is [n_prev][n_sigma] flattened.  Returns (error, complete,
+// noise_used, n_hist_used, bad_sample, sigma_out).
+py::tuple fused_step(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t y, std::uintptr_t f_cond,
+                     std::uintptr_t f_uncond, const std::vector<std::uintptr_t>& hist, std::uintptr_t noise,
+                     std::uintptr_t y_out, std::uintptr_t d_out, std::uintptr_t carry_out, int32_t prediction,
+                     double sigma_data, int32_t sampler, int32_t stage, int32_t solver_heun, int32_t order,
+                     double eta, double s_noise, const std::vector<double>& sigma,
+                     const std::vector<double>& sigma_eval, const std::vector<double>& sigma_next,
+                     const std::vector<double>& sigma_hat_next, const std::vector<double>& sigma_prev,
+                     int32_t n_prev, double guidance_scale, double guidance_rescale, int32_t rescale_space,
+                     const std::vector<uint64_t>& seeds, uint32_t step_index, uint32_t draw) {
+  zsnr::cpu::Tensors t{};
+  t.dtype = dtype;
+  t.batch = batch;
+  t.n = n;
+  t.y = as_ptr<const void>(y);
+  t.f_cond = as_ptr<const void>(f_cond);
+  t.f_uncond = as_ptr<const void>(f_uncond);
+  t.n_hist = static_cast<int32_t>(hist.size() < zsnr::kMaxHist ? hist.size() : zsnr::kMaxHist);
+  for (int k = 0; k < t.n_hist; ++k) t.hist[k] = as_ptr<const void>(hist[k]);
+  t.noise = as_ptr<const void>(noise);
+  t.y_out = as_ptr<void>(y_out);
+  t.d_out = as_ptr<void>(d_out);
+  t.carry_out = as_ptr<void>(carry_out);
+  zsnr::cpu::StepPlan plan{};
+  plan.pz = zsnr::Param{prediction, sigma_data};
+  plan.sampler = sampler;
+  plan.stage = stage;
+  plan.solver_heun = solver_heun;
+  plan.order = order;
+  plan.n_prev = n_prev;
+  plan.eta = eta;
+  plan.s_noise = s_noise;
+  plan.n_sigma = static_cast<int64_t>(sigma.size());
+  plan.sigma = sigma.data();
+  plan.sigma_eval = sigma_eval.data();
+  plan.sigma_next = sigma_next.data();
+  plan.sigma_hat_next = sigma_hat_next.data();
+  plan.sigma_prev = sigma_prev.data();
+  plan.guidance_scale = guidance_scale;
+  plan.guidance_rescale = guidance_rescale;
+  plan.rescale_space = rescale_space;
+  plan.seeds = seeds.empty() ? nullptr : seeds.data();
+  plan.step_index = step_index;
+  plan.draw = draw;
+  std::vector<double> sigma_out(sigma.size());
+  zsnr::cpu::StepOutcome r;
+  {
+    py::gil_scoped_release no_gil;
+    r = zsnr::cpu::fused_step(t, plan, sigma_out.data());
+  }
+  return py::make_tuple(r.error, r.complete, r.noise_used, r.n_hist_used, r.bad_sample, sigma_out);
+}
+
+// ---- test bindings of the shared coefficient functions (zsnr/coefficients.h), plain Python numbers.
+
+// zsnr::step_coeffs for one sample; a dict with every StepCoeffs field (h: the n_hist used entries).
+py::dict coeffs_step(int32_t prediction, double sigma_data, int32_t sampler, int32_t stage, double sigma,
+                     double sigma_next, double sigma_hat_next, const std::vector<double>& sigma_prev,
+                     double eta, double s_noise, int32_t solver_heun, int32_t order) {
+  zsnr::StepArgs a{};
+  a.sampler = sampler;
+  a.stage = stage;
+  a.sigma = sigma;
+  a.sigma_next = sigma_next;
+  a.sigma_hat_next = sigma_hat_next;
+  a.n_prev = static_cast<int32_t>(sigma_prev.size() < zsnr::kMaxHistory ? sigma_prev.size()
+                                                                         : zsnr::kMaxHistory);
+  for (int32_t k = 0; k < a.n_prev; ++k) a.sigma_prev[k] = sigma_prev[k];
+  a.eta = eta;
+  a.s_noise = s_noise;
+  a.solver_heun = solver_heun;
+  a.order = order;
+  const zsnr::StepCoeffs c = zsnr::step_coeffs(zsnr::Param{prediction, sigma_data}, a);
+  py::dict out;
+  out["a"] = c.a;
+  out["b"] = c.b;
+  py::list h;
+  for (int32_t k = 0; k < c.n_hist && k < zsnr::kMaxHistory; ++k) h.append(c.h[k]);
+  out["h"] = h;
+  out["e"] = c.e;
+  out["sigma_out"] = c.sigma_out;
+  out["n_hist"] = c.n_hist;
+  out["complete"] = c.complete != 0;
+  out["has_carry"] = c.has_carry != 0;
+  out["g_y"] = c.g_y;
+  out["g_d"] = c.g_d;
+  out["error"] = c.error;
+  return out;
+}
+
+// (error, p, q) of zsnr::denoise_coeffs.
+py::tuple coeffs_denoise(int32_t prediction, double sigma_data, double sigma) {
+  double p = 0.0, q = 0.0;
+  const int32_t err = zsnr::denoise_coeffs(zsnr::Param{prediction, sigma_data}, sigma, &p, &q);
+  return py::make_tuple(err, p, q);
+}
+
+// (error, u, t) of zsnr::rescale_space_coeffs.
+py::tuple coeffs_rescale_space(int32_t prediction, double sigma_data, double sigma, int32_t space) {
+  double u = 0.0, t = 0.0;
+  const int32_t err =
+      zsnr::rescale_space_coeffs(zsnr::Param{prediction, sigma_data}, sigma, space, &u, &t);
+  return py::make_tuple(err, u, t);
+}
+
+double coeffs_quantize_sigma(double sigma, const std::vector<double>& table, bool log_space) {
+  return zsnr::quantize_sigma(sigma, table.data(), static_cast<int64_t>(table.size()),
+                              log_space ? 1 : 0);
+}
+
 py::dict build_info() {
   py::dict info;
 #if defined(__clang__)
@@ -99,4 +214,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n_per_sample"), py::arg("seeds_ptr"), py::arg("step"), py::arg("draw"),
         "Fill float32 out[batch, n_per_sample] with the DESIGN 2.8 normals; seeds: uint64[batch].");
   m.def("build_info", &build_info, "Compiler, flags and OpenMP state of this build.");
+  m.def("fused_step", &fused_step, "One fused sampler step on CPU tensors (see csrc/cpu/step.h).");
+  m.def("cpu_isa", []() { return zsnr::cpu::using_avx2() ? "avx2+fma+f16c" : "baseline"; },
+        "The instruction set the CPU kernels use on this machine.");
+  m.def("step_coeffs", &coeffs_step, py::arg("prediction"), py::arg("sigma_data"), py::arg("sampler"),
+        py::arg("stage"), py::arg("sigma"), py::arg("sigma_next"), py::arg("sigma_hat_next"),
+        py::arg("sigma_prev"), py::arg("eta"), py::arg("s_noise"), py::arg("solver_heun"),
+        py::arg("order"), "zsnr::step_coeffs of one sample as a dict (tests; codes as in coefficients.h).");
+  m.def("denoise_coeffs", &coeffs_denoise, py::arg("prediction"), py::arg("sigma_data"),
+        py::arg("sigma"), "(error, p, q) of zsnr::denoise_coeffs: D = p*y + q*F.");
+  m.def("rescale_space_coeffs", &coeffs_rescale_space, py::arg("prediction"), py::arg("sigma_data"),
+        py::arg("sigma"), py::arg("space"), "(error, u, t) of zsnr::rescale_space_coeffs.");
+  m.def("quantize_sigma", &coeffs_quantize_sigma, py::arg("sigma"), py::arg("table"),
+        py::arg("log_space"), "zsnr::quantize_sigma: nearest finite positive table entry.");
+  m.def("churn_gamma", &zsnr::churn_gamma, py::arg("sigma"), py::arg("num_steps"), py::arg("s_churn"),
+        py::arg("s_tmin"), py::arg("s_tmax"), "zsnr::churn_gamma: EDM churn gamma of one step.");
 }

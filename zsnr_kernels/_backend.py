@@ -1,8 +1,9 @@
 """Backend choice (DESIGN §3): each backend says why it cannot serve a call; ``auto`` falls back, an explicit
 request that cannot be met raises with the reasons.
 
-Only the ``torch`` reference runs sampler steps so far; the fused ``cpu``, ``cuda`` and ``triton`` backends are
-listed with the reason they cannot serve yet, so the error a user sees is already the final one.
+``torch`` is the eager reference (any device, any float dtype); ``cpu`` the compiled fused kernels for CPU
+tensors in float32/float16/bfloat16.  The ``cuda`` and ``triton`` backends are listed with the reason they cannot
+serve yet, so the error a user sees is already the final one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ def not_supported_reasons(backend: str, y: torch.Tensor) -> list[str]:
     if backend == "torch":
         return []
     if backend == "cpu":
-        return ["the fused CPU step kernels are not built yet (only Philox noise is compiled in zsnr_kernels._C)"]
+        from . import _cpu
+
+        return _cpu.not_supported_reasons(y)
     if backend in ("cuda", "triton"):
         return [f"the {backend} backend is not implemented yet"]
     return [f"unknown backend {backend!r}; choose one of {BACKENDS}"]

@@ -380,3 +380,65 @@ def lms(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple
     a = c_next * (sigma_next - sum(w[1:])) / pz.noise_scale(sigma)
     hist = tuple(c_next * wj for wj in w[1:]) + (0.0,) * (len(sigma_prev[: order - 1]) - (len(pts) - 1))
     return StepCoeffs(a=a, b=-c_next * w[0] / sigma, h=hist, sigma_out=sigma_next, carry=carry)
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+
+SAMPLER_KINDS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m",
+                 "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "lms")
+_CHURN_SAMPLERS = ("euler", "heun", "dpm_2")
+
+
+@dataclass(frozen=True)
+class StepArgs:
+    """One sample's step, everything :func:`step_coeffs` needs (mirrored by ``zsnr::StepArgs`` in C++).
+
+    ``sigma`` is the step's noise level (for the second call of a two-stage sampler, the same sigma as the
+    first); ``sigma_hat_next`` the next step's churn target (None: no churn); ``sigma_prev`` the sigmas of the
+    remembered tensors, newest first.
+    """
+
+    sampler: str
+    sigma: float
+    sigma_next: float
+    stage: int = 1
+    sigma_hat_next: float | None = None
+    sigma_prev: tuple[float, ...] = ()
+    eta: float = 1.0
+    s_noise: float = 1.0
+    solver_type: str = "midpoint"
+    order: int = 4
+
+
+def step_coeffs(pz: Parameterization, s: StepArgs) -> StepCoeffs:
+    """The coefficients of one sampler call: the dispatch the step functions and the kernels share."""
+    kind = s.sampler
+    if kind == "euler":
+        c = euler(pz, s.sigma, s.sigma_next)
+    elif kind in ("euler_ancestral", "ddim", "ddpm"):
+        eta = 1.0 if kind == "ddpm" else s.eta
+        c = ancestral(pz, s.sigma, s.sigma_next, eta, s.s_noise if kind == "euler_ancestral" else 1.0,
+                      clamp=kind == "euler_ancestral")
+    elif kind == "heun":
+        c = heun(pz, s.sigma, s.sigma_next, s.stage)
+    elif kind == "dpm_2":
+        c = dpm_2(pz, s.sigma, s.sigma_next, s.stage)
+    elif kind == "dpm_2_ancestral":
+        c = dpm_2_ancestral(pz, s.sigma, s.sigma_next, s.eta, s.s_noise, stage=s.stage)
+    elif kind == "dpmpp_2s_ancestral":
+        c = dpmpp_2s_ancestral(pz, s.sigma, s.sigma_next, s.eta, s.s_noise, stage=s.stage)
+    elif kind == "dpmpp_2m":
+        c = dpmpp_2m(pz, s.sigma, s.sigma_next, s.sigma_prev[0] if s.sigma_prev else None)
+    elif kind == "dpmpp_2m_sde":
+        c = dpmpp_2m_sde(pz, s.sigma, s.sigma_next, s.sigma_prev[0] if s.sigma_prev else None, s.eta, s.s_noise,
+                         s.solver_type)
+    elif kind == "dpmpp_3m_sde":
+        c = dpmpp_3m_sde(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev[:2]), s.eta, s.s_noise)
+    elif kind == "lms":
+        c = lms(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev), s.order)
+    else:
+        raise ValueError(f"sampler must be one of {SAMPLER_KINDS}, got {kind!r}")
+    target = s.sigma_hat_next
+    if kind in _CHURN_SAMPLERS and c.complete and target is not None and target != c.sigma_out:
+        c = with_churn(c, pz, target, s.s_noise)
+    return c

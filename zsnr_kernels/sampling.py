@@ -80,7 +80,8 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
     batch = noise.shape[0]
     n = len(vals) - 1
     common = dict(prediction=prediction, sigma_data=sigma_data, guidance_scale=guidance_scale,
-                  guidance_rescale=guidance_rescale, rescale_space=rescale_space, backend=backend)
+                  guidance_rescale=guidance_rescale, rescale_space=rescale_space, backend=backend,
+                  return_denoised=callback is not None)
     kwargs = {}
     if sampler in _ETA:
         kwargs["eta"] = eta

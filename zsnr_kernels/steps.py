@@ -21,7 +21,9 @@ Keyword arguments every step function takes:
 * ``prediction`` (``"v"``, ``"eps"``, ``"x0"``, ``"flow"``) and ``sigma_data``: the model's parameterization (§2.2).
 * ``guidance_scale`` w: with a pair ``model_output=(F_cond, F_uncond)``, F = F_u + w (F_c - F_u).
 * ``guidance_rescale`` phi and ``rescale_space`` (``"output"``, ``"v"``, ``"x0"``): Lin et al.'s rescale (§2.7).
-* ``backend``: ``"auto"``, ``"torch"``, ... (see :mod:`zsnr_kernels._backend`).
+* ``backend``: ``"auto"`` (the fused ``cpu`` kernels for CPU tensors, else the reference), ``"cpu"``, ``"torch"``.
+* ``out``: a tensor shaped like y to write the next state into (it may be ``y`` itself: in place).
+* ``return_denoised``: False skips writing D where the sampler does not need it.
 
 Noise (samplers that add it): ``noise=`` a unit-Gaussian tensor of y's shape (or a function returning one, called
 only when the step adds noise), or ``seed=`` (an int or one per
@@ -33,12 +35,12 @@ dtype; the math runs in float32 (float64 for float64 inputs).  Inputs are never 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
-from . import _backend, _validate, coefficients as co, noise as _noise, reference
+from . import _backend, _cpu, _validate, coefficients as co, noise as _noise, reference
 from .parameterization import PREDICTIONS, parameterization, rescale_space_coeffs
 
 INF = float("inf")
@@ -50,7 +52,8 @@ class StepResult(NamedTuple):
     y:          the next model input (the state), at noise level ``sigma``
     sigma:      where to call the model next (a float, or a (B,) float64 tensor for per-sample sigmas);
                 0 when sampling is finished: then ``final_sample(y)`` is the clean latent
-    denoised:   D of this model evaluation (remember it for multistep samplers; ``callback`` shows it)
+    denoised:   D of this model evaluation (remember it for multistep samplers; ``callback`` shows it); None
+                when ``return_denoised=False`` and the sampler does not need it (saves writing a tensor)
     complete:   False after the first stage of a two-stage sampler
     derivative: d = (x - D)/sigma of this evaluation, only for :func:`lms_step`
     """
@@ -119,12 +122,14 @@ def _run(
     y: torch.Tensor,
     model_output,
     sigma_eval,
-    coeffs_for: Callable[[object, int], co.StepCoeffs],
+    args: list[co.StepArgs],
     *,
     history: Sequence[torch.Tensor] = (),
     noise=None,
     seed=None,
     step_index=None,
+    return_denoised: bool = True,
+    out: torch.Tensor | None = None,
     prediction: str = "v",
     sigma_data: float = 1.0,
     guidance_scale: float = 1.0,
@@ -132,7 +137,8 @@ def _run(
     rescale_space: str = "output",
     backend: str = "auto",
 ) -> StepResult:
-    """Validate, compute per-sample host coefficients, draw noise if needed, run the fused step."""
+    """Validate, then run the fused step on the chosen backend.  ``args`` holds one StepArgs for the batch or one
+    per sample; ``sigma_eval`` is where the model was called (a float or a per-sample list)."""
     y = _validate.tensor("y", y)
     pz = parameterization(prediction, sigma_data)
     w = _validate.real("guidance_scale", guidance_scale)
@@ -141,37 +147,67 @@ def _run(
     f_cond, f_uncond = _validate.model_output(model_output, y, w)
     for k, t in enumerate(history):
         _validate.tensor(f"history[{k}]", t, y)
-    batch = y.shape[0]
-    per_sample = isinstance(sigma_eval, list)
-    n = batch if per_sample else 1
-    cs = [coeffs_for(pz, i) for i in range(n)]
+    if out is not None:
+        _validate.tensor("out", out, y)
+    if noise is not None and not callable(noise):
+        _validate.tensor("noise", noise, y)
+    seeds = None if seed is None else _noise.normalize_seeds(seed, y.shape[0])
+    if seeds is not None and step_index is None:
+        raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
+    sig_eval = sigma_eval if isinstance(sigma_eval, list) else [sigma_eval] * len(args)
+    want_d = return_denoised or _remembers_denoised(args[0])
+    name = _backend.resolve(backend, y)
+    if name == "cpu" and callable(noise):  # explicit noise drawn lazily: only if the spec says a sample adds some
+        noise = noise() if any(co.step_coeffs(pz, a).e != 0.0 for a in args) else None
+        if noise is not None:
+            _validate.tensor("noise", noise, y)
+    if name == "cpu":
+        y_out, d, carry, sigma_out, complete = _cpu.fused_step(
+            y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
+            rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
+    else:
+        y_out, d, carry, sigma_out, complete = _torch_step(
+            y, f_cond, f_uncond, list(history), pz, args, sig_eval, w, phi, space, noise, seeds, step_index, out)
+    per_sample = len(args) > 1
+    return StepResult(y_out, _column(sigma_out, per_sample), d if want_d else None, complete, carry)
+
+
+def _remembers_denoised(a: co.StepArgs) -> bool:
+    """Whether the sampler needs this evaluation's D later (multistep history, or the first of two stages)."""
+    return a.sampler in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde") or (
+        a.sampler in ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral") and a.stage == 1)
+
+
+def _torch_step(y, f_cond, f_uncond, history, pz, args, sig_eval, w, phi, space, noise, seeds, step_index, out):
+    """The reference backend: the Python spec's coefficients, then :func:`reference.fused_step`."""
+    cs = [co.step_coeffs(pz, a) for a in args]
+    per_sample = len(cs) > 1
     if len({c.complete for c in cs}) > 1:
         raise ValueError("per-sample sigmas put samples in different stages of a two-stage step; "
                          "use one sigma_next == 0 decision for the whole batch")
-    if any(c.h and len(c.h) > len(history) for c in cs):
-        raise ValueError(f"this step needs {max(len(c.h) for c in cs)} history tensor(s), got {len(history)}")
-    pq = [pz.denoise_coeffs(_at(sigma_eval, i)) for i in range(n)]
-    uv = [rescale_space_coeffs(pz, _at(sigma_eval, i), space) for i in range(n)] if phi else [(0.0, 1.0)]
-    col = lambda vals: _column(list(vals), per_sample)  # noqa: E731
     n_hist = max(len(c.h) for c in cs)
+    if n_hist > len(history):
+        raise ValueError(f"this step needs {n_hist} history tensor(s), got {len(history)}")
+    pq = [pz.denoise_coeffs(s) for s in sig_eval]
+    uv = [rescale_space_coeffs(pz, s, space) for s in sig_eval] if phi else [(0.0, 1.0)]
+    col = lambda vals: _column(list(vals), per_sample)  # noqa: E731
     h = tuple(col(c.h[k] if k < len(c.h) else 0.0 for c in cs) for k in range(n_hist))
     e, z = 0.0, None
     if any(c.e != 0.0 for c in cs):
-        e, z = col(c.e for c in cs), _noise_tensor(y, noise, seed, step_index)
+        e = col(c.e for c in cs)
+        z = _noise_tensor(y, noise, seeds, step_index)
     carry = None
     if cs[0].carry is not None:
         carry = (col(c.carry[0] for c in cs), col(c.carry[1] for c in cs))
-    _backend.resolve(backend, y)  # only the reference runs steps so far
     y_out, d, carry_out = reference.fused_step(
         y, f_cond, f_uncond,
         p=col(v[0] for v in pq), q=col(v[1] for v in pq), a=col(c.a for c in cs), b=col(c.b for c in cs),
-        history=tuple(history[: n_hist]), h=h, noise=z, e=e,
-        guidance_scale=w, guidance_rescale=phi,
+        history=tuple(history[:n_hist]), h=h, noise=z, e=e, guidance_scale=w, guidance_rescale=phi,
         rescale_uv=(col(v[0] for v in uv), col(v[1] for v in uv)) if per_sample and phi else uv[0],
-        carry=carry,
-    )
-    sigma_out = col(c.sigma_out for c in cs)
-    return StepResult(y_out, sigma_out, d, cs[0].complete, carry_out)
+        carry=carry)
+    if out is not None:
+        y_out = out.copy_(y_out)
+    return y_out, d, carry_out, [c.sigma_out for c in cs], cs[0].complete
 
 
 def _noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None) -> torch.Tensor:
@@ -197,8 +233,17 @@ def _sigmas(y, sigma, sigma_next, **others):
     return out
 
 
-def _history(history, depth: int, name: str = "history"):
-    """Split [(sigma, tensor), ...] (newest first) into sigmas and tensors, at most ``depth`` entries."""
+def _args(sampler: str, sg, sn, *, hat=None, prev=(), **fixed) -> list[co.StepArgs]:
+    """One StepArgs for the batch, or one per sample when any sigma is a per-sample list."""
+    n = max([len(v) for v in (sg, sn, hat, *prev) if isinstance(v, list)], default=0)
+    if n == 0:
+        return [co.StepArgs(sampler, sg, sn, sigma_hat_next=hat, sigma_prev=tuple(prev), **fixed)]
+    return [co.StepArgs(sampler, _at(sg, i), _at(sn, i), sigma_hat_next=None if hat is None else _at(hat, i),
+                        sigma_prev=tuple(_at(p, i) for p in prev), **fixed) for i in range(n)]
+
+
+def _history(history, depth: int, y, name: str = "history"):
+    """Split [(sigma, tensor), ...] (newest first) into validated sigmas and tensors, at most ``depth``."""
     if history is None:
         return [], []
     if not isinstance(history, Sequence):
@@ -207,12 +252,9 @@ def _history(history, depth: int, name: str = "history"):
     for k, pair in enumerate(pairs):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise TypeError(f"{name}[{k}] must be a (sigma, tensor) pair")
-    return [p[0] for p in pairs], [p[1] for p in pairs]
-
-
-def _hist_sigmas(sig_list, y):
-    b = y.shape[0]
-    return [_validate.sigma_values(f"history[{k}] sigma", s, b) for k, s in enumerate(sig_list)]
+    b = y.shape[0] if isinstance(y, torch.Tensor) and y.ndim else 1
+    sigmas = [_validate.sigma_values(f"{name}[{k}] sigma", p[0], b) for k, p in enumerate(pairs)]
+    return sigmas, [p[1] for p in pairs]
 
 
 def _eval_sigma(y, sigma, first):
@@ -230,6 +272,10 @@ def _first_stage(first, stage_name: str):
     return 2, (first.denoised,)
 
 
+def _real(name, v):
+    return _validate.real(name, v, lo=0.0)
+
+
 # ------------------------------------------------------------------------------------------ public functions
 
 
@@ -243,13 +289,8 @@ def euler_step(y, model_output, sigma, sigma_next, *, sigma_hat_next=None, s_noi
     s_noise z, and the result is the model input at sigma_hat_next (its noise is drawn with ``step_index``).
     """
     sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next=sigma_hat_next)
-    sn_hat = shn if shn is not None else sn
-
-    def coeffs(pz, i):
-        c = co.euler(pz, _at(sg, i), _at(sn, i))
-        return co.with_churn(c, pz, _at(sn_hat, i), s_noise) if _at(sn_hat, i) != _at(sn, i) else c
-
-    return _run(y, model_output, sg, coeffs, noise=noise, seed=seed, step_index=step_index, **options)
+    args = _args("euler", sg, sn, hat=shn, s_noise=_real("s_noise", s_noise))
+    return _run(y, model_output, sg, args, noise=noise, seed=seed, step_index=step_index, **options)
 
 
 def euler_ancestral_step(y, model_output, sigma, sigma_next, *, eta=1.0, s_noise=1.0, noise=None, seed=None,
@@ -261,9 +302,8 @@ def euler_ancestral_step(y, model_output, sigma, sigma_next, *, eta=1.0, s_noise
     sigma_up/sigma' (finite at sigma = inf: u = min(1, eta)).
     """
     sg, sn = _sigmas(y, sigma, sigma_next)
-    eta = _validate.real("eta", eta, lo=0.0)
-    return _run(y, model_output, sg, lambda pz, i: co.ancestral(pz, _at(sg, i), _at(sn, i), eta, s_noise),
-                noise=noise, seed=seed, step_index=step_index, **options)
+    args = _args("euler_ancestral", sg, sn, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise))
+    return _run(y, model_output, sg, args, noise=noise, seed=seed, step_index=step_index, **options)
 
 
 def ddim_step(y, model_output, sigma, sigma_next, *, eta=0.0, noise=None, seed=None, step_index=None,
@@ -275,17 +315,17 @@ def ddim_step(y, model_output, sigma, sigma_next, *, eta=0.0, noise=None, seed=N
     :func:`euler_ancestral_step` without k-diffusion's min() clamp, so 0 <= eta <= 1; eta = 0 is Euler.
     """
     sg, sn = _sigmas(y, sigma, sigma_next)
-    eta = _validate.real("eta", eta, lo=0.0, hi=1.0)
-    return _run(y, model_output, sg, lambda pz, i: co.ancestral(pz, _at(sg, i), _at(sn, i), eta, 1.0, clamp=False),
-                noise=noise, seed=seed, step_index=step_index, **options)
+    args = _args("ddim", sg, sn, eta=_validate.real("eta", eta, lo=0.0, hi=1.0))
+    return _run(y, model_output, sg, args, noise=noise, seed=seed, step_index=step_index, **options)
 
 
 def ddpm_step(y, model_output, sigma, sigma_next, *, noise=None, seed=None, step_index=None,
               **options) -> StepResult:
     """DDPM ancestral step (diffusers ``DDPMScheduler``, variance ``fixed_small``): the posterior
     q(x_{t'} | x_t, x0 = D), which is :func:`ddim_step` at eta = 1."""
-    return ddim_step(y, model_output, sigma, sigma_next, eta=1.0, noise=noise, seed=seed, step_index=step_index,
-                     **options)
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    return _run(y, model_output, sg, _args("ddpm", sg, sn), noise=noise, seed=seed, step_index=step_index,
+                **options)
 
 
 def heun_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next=None, s_noise=1.0, noise=None,
@@ -297,11 +337,8 @@ def heun_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next=
     x' = x_2 + (sigma' - sigma)/(2 sigma') (D_1 - D_2), i.e. y' = y_2 + w (D_1 - D_2), w = c'(1 - sigma/sigma')/2.
     ``sigma_hat_next`` folds the next step's churn into the final call (see :func:`euler_step`).
     """
-    sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next=sigma_hat_next)
-    stage, hist = _first_stage(first, "heun")
-    sg_eval = _eval_sigma(y, sg, first)
-    return _two_stage(y, model_output, sg_eval, lambda pz, i: co.heun(pz, _at(sg, i), _at(sn, i), stage),
-                      hist, shn, s_noise, noise, seed, step_index, options)
+    return _two_stage("heun", y, model_output, sigma, sigma_next, first, options, noise=noise, seed=seed,
+                      step_index=step_index, hat=sigma_hat_next, s_noise=s_noise)
 
 
 def dpm_2_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next=None, s_noise=1.0, noise=None,
@@ -310,11 +347,8 @@ def dpm_2_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next
     x' = x + (sigma' - sigma)(x_2 - D_2)/sigma_mid, i.e.
     y' = (s'/s_mid) y_2 + c'[(1 - sigma/sigma_mid) D_1 + ((sigma - sigma')/sigma_mid) D_2].
     Euler (complete after the first call) when sigma' = 0 or sigma = inf."""
-    sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next=sigma_hat_next)
-    stage, hist = _first_stage(first, "dpm_2")
-    sg_eval = _eval_sigma(y, sg, first)
-    return _two_stage(y, model_output, sg_eval, lambda pz, i: co.dpm_2(pz, _at(sg, i), _at(sn, i), stage),
-                      hist, shn, s_noise, noise, seed, step_index, options)
+    return _two_stage("dpm_2", y, model_output, sigma, sigma_next, first, options, noise=noise, seed=seed,
+                      step_index=step_index, hat=sigma_hat_next, s_noise=s_noise)
 
 
 def dpm_2_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, eta=1.0, s_noise=1.0, noise=None,
@@ -322,13 +356,8 @@ def dpm_2_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, eta=
     """k-diffusion's dpm_2_ancestral, in two calls: DPM-Solver-2 from sigma to sigma_down, then sigma_up noise
     (see :func:`euler_ancestral_step` for sigma_down/up).  Complete after one call when sigma_down = 0 or
     sigma = inf: DPM-Solver-2 has no limit there (like Heun), so that step is :func:`euler_ancestral_step`."""
-    sg, sn = _sigmas(y, sigma, sigma_next)
-    eta = _validate.real("eta", eta, lo=0.0)
-    stage, hist = _first_stage(first, "dpm_2_ancestral")
-    sg_eval = _eval_sigma(y, sg, first)
-    return _run(y, model_output, sg_eval,
-                lambda pz, i: co.dpm_2_ancestral(pz, _at(sg, i), _at(sn, i), eta, s_noise, stage=stage),
-                history=hist, noise=noise, seed=seed, step_index=step_index, **options)
+    return _two_stage("dpm_2_ancestral", y, model_output, sigma, sigma_next, first, options, noise=noise,
+                      seed=seed, step_index=step_index, eta=eta, s_noise=s_noise)
 
 
 def dpmpp_2s_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, eta=1.0, s_noise=1.0, noise=None,
@@ -337,13 +366,8 @@ def dpmpp_2s_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, e
     then x_down = (sigma_down/sigma) x + (1 - sigma_down/sigma) D_2, plus sigma_up noise.  From sigma = inf this
     is its exact limit: for eta < 1 the midpoint is at inf too and the step is :func:`euler_ancestral_step`; for
     eta = 1, sigma_mid = sigma' at every sigma, so the limit keeps both evaluations."""
-    sg, sn = _sigmas(y, sigma, sigma_next)
-    eta = _validate.real("eta", eta, lo=0.0)
-    stage, hist = _first_stage(first, "dpmpp_2s_ancestral")
-    sg_eval = _eval_sigma(y, sg, first)
-    return _run(y, model_output, sg_eval,
-                lambda pz, i: co.dpmpp_2s_ancestral(pz, _at(sg, i), _at(sn, i), eta, s_noise, stage=stage),
-                history=hist, noise=noise, seed=seed, step_index=step_index, **options)
+    return _two_stage("dpmpp_2s_ancestral", y, model_output, sigma, sigma_next, first, options, noise=noise,
+                      seed=seed, step_index=step_index, eta=eta, s_noise=s_noise)
 
 
 def dpmpp_2m_step(y, model_output, sigma, sigma_next, *, history=None, **options) -> StepResult:
@@ -351,11 +375,8 @@ def dpmpp_2m_step(y, model_output, sigma, sigma_next, *, history=None, **options
     h = log(sigma/sigma'), h_last = log(sigma_prev/sigma).  ``history`` = [(sigma_prev, D_prev)] (first order
     without it, at sigma' = 0 and when sigma_prev = inf)."""
     sg, sn = _sigmas(y, sigma, sigma_next)
-    hs, ht = _history(history, 1)
-    hs = _hist_sigmas(hs, y)
-    return _run(y, model_output, sg,
-                lambda pz, i: co.dpmpp_2m(pz, _at(sg, i), _at(sn, i), _at(hs[0], i) if hs else None),
-                history=ht, **options)
+    hs, ht = _history(history, 1, y)
+    return _run(y, model_output, sg, _args("dpmpp_2m", sg, sn, prev=hs), history=ht, **options)
 
 
 def dpmpp_2m_sde_step(y, model_output, sigma, sigma_next, *, history=None, eta=1.0, s_noise=1.0,
@@ -363,14 +384,10 @@ def dpmpp_2m_sde_step(y, model_output, sigma, sigma_next, *, history=None, eta=1
     """DPM-Solver++(2M) SDE (k-diffusion); returns D at sigma' = 0.  See
     :func:`zsnr_kernels.coefficients.dpmpp_2m_sde` for the formula.  ``history`` = [(sigma_prev, D_prev)]."""
     sg, sn = _sigmas(y, sigma, sigma_next)
-    eta = _validate.real("eta", eta, lo=0.0)
-    _validate.choice("solver_type", solver_type, ("midpoint", "heun"))
-    hs, ht = _history(history, 1)
-    hs = _hist_sigmas(hs, y)
-    return _run(y, model_output, sg,
-                lambda pz, i: co.dpmpp_2m_sde(pz, _at(sg, i), _at(sn, i), _at(hs[0], i) if hs else None, eta,
-                                              s_noise, solver_type),
-                history=ht, noise=noise, seed=seed, step_index=step_index, **options)
+    hs, ht = _history(history, 1, y)
+    args = _args("dpmpp_2m_sde", sg, sn, prev=hs, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise),
+                 solver_type=_validate.choice("solver_type", solver_type, ("midpoint", "heun")))
+    return _run(y, model_output, sg, args, history=ht, noise=noise, seed=seed, step_index=step_index, **options)
 
 
 def dpmpp_3m_sde_step(y, model_output, sigma, sigma_next, *, history=None, eta=1.0, s_noise=1.0, noise=None,
@@ -378,41 +395,30 @@ def dpmpp_3m_sde_step(y, model_output, sigma, sigma_next, *, history=None, eta=1
     """DPM-Solver++(3M) SDE (k-diffusion); returns D at sigma' = 0.  ``history`` = up to two earlier
     (sigma, D) pairs, newest first.  See :func:`zsnr_kernels.coefficients.dpmpp_3m_sde`."""
     sg, sn = _sigmas(y, sigma, sigma_next)
-    eta = _validate.real("eta", eta, lo=0.0)
-    hs, ht = _history(history, 2)
-    hs = _hist_sigmas(hs, y)
-    return _run(y, model_output, sg,
-                lambda pz, i: co.dpmpp_3m_sde(pz, _at(sg, i), _at(sn, i), tuple(_at(s, i) for s in hs), eta,
-                                              s_noise),
-                history=ht, noise=noise, seed=seed, step_index=step_index, **options)
+    hs, ht = _history(history, 2, y)
+    args = _args("dpmpp_3m_sde", sg, sn, prev=hs, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise))
+    return _run(y, model_output, sg, args, history=ht, noise=noise, seed=seed, step_index=step_index, **options)
 
 
 def lms_step(y, model_output, sigma, sigma_next, *, history=None, order=4, **options) -> StepResult:
     """Linear multistep of ``order`` on d = (x - D)/sigma (k-diffusion ``sample_lms``): x' = x + sum_j w_j d_j,
     w_j the integrals over [sigma, sigma'] of the Lagrange basis through the current and remembered sigmas.
     ``history`` = earlier (sigma, derivative) pairs, newest first (``StepResult.derivative``)."""
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"order must be an int >= 1, got {order!r}")
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
+        raise ValueError(f"order must be an int in 1..4, got {order!r}")
     sg, sn = _sigmas(y, sigma, sigma_next)
-    hs, ht = _history(history, order - 1)
-    hs = _hist_sigmas(hs, y)
-    return _run(y, model_output, sg,
-                lambda pz, i: co.lms(pz, _at(sg, i), _at(sn, i), tuple(_at(s, i) for s in hs), order),
-                history=ht, **options)
+    hs, ht = _history(history, order - 1, y)
+    return _run(y, model_output, sg, _args("lms", sg, sn, prev=hs, order=order), history=ht, **options)
 
 
-def _two_stage(y, model_output, sg_eval, coeffs_for, hist, shn, s_noise, noise, seed, step_index, options):
-    """Heun / DPM2: fold the next step's churn into the call that completes the step."""
-
-    def coeffs(pz, i):
-        c = coeffs_for(pz, i)
-        target = _at(shn, i) if shn is not None else None
-        if c.complete and target is not None and target != c.sigma_out:
-            c = co.with_churn(c, pz, target, s_noise)
-        return c
-
-    return _run(y, model_output, sg_eval, coeffs, history=hist, noise=noise, seed=seed, step_index=step_index,
-                **options)
+def _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, *, noise, seed, step_index, hat=None,
+               eta=1.0, s_noise=1.0) -> StepResult:
+    """The two-stage samplers: stage from ``first``; the final call folds the next step's churn (heun, dpm_2)."""
+    sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next=hat)
+    stage, hist = _first_stage(first, sampler)
+    args = _args(sampler, sg, sn, hat=shn, stage=stage, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise))
+    return _run(y, model_output, _eval_sigma(y, sg, first), args, history=hist, noise=noise, seed=seed,
+                step_index=step_index, **options)
 
 
 __all__ = [

@@ -1,0 +1,209 @@
+// The CPU loops over the shared math, compiled twice (kernels_base.cpp, kernels_avx2.cpp) inside a
+// namespace chosen by the including file; step.cpp picks one at run time.  OpenMP splits the work into fixed
+// chunks (results do not depend on the thread count); `omp simd` vectorises the element loops.
+//
+// Byte model of the element pass (N = batch * n elements of `dtype`): reads y, F_c (, F_u), each remembered
+// tensor (, the explicit noise), writes y_out (, D, carry).  The statistics pass reads F_c, F_u (, y) once.
+#include <math.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "step.h"
+#include "zsnr/combine.h"
+#include "zsnr/philox.h"
+
+namespace zsnr {
+namespace cpu {
+namespace ZSNR_CPU_ISA {
+
+// NOTE: 16384 elements per chunk: large enough to amortise the per-chunk setup, small enough that a
+// (1, 4, 64, 64) latent is one chunk (no threading overhead) and that chunks of larger latents balance.
+constexpr int64_t kChunk = 16384;
+constexpr int64_t kTile = 1024;  // elements converted / noised at a time into stack buffers
+
+// ------------------------------------------------------------------------------ storage conversions
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet (as PyTorch does)
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+template <int32_t DT>
+struct Storage;
+template <>
+struct Storage<kFloat32> {
+  using T = float;
+  static inline float load(T v) { return v; }
+  static inline T store(float v) { return v; }
+};
+template <>
+struct Storage<kFloat16> {
+  using T = _Float16;
+  static inline float load(T v) { return static_cast<float>(v); }
+  static inline T store(float v) { return static_cast<T>(v); }
+};
+template <>
+struct Storage<kBFloat16> {
+  using T = uint16_t;
+  static inline float load(T v) { return bf16_to_float(v); }
+  static inline T store(float v) { return float_to_bf16(v); }
+};
+
+// ------------------------------------------------------------------------------------ statistics pass
+
+template <int32_t DT>
+void rescale_sums_impl(const Tensors& t, int32_t with_y, double* out) {
+  using S = Storage<DT>;
+  using T = typename S::T;
+  const int64_t chunks = (t.n + kChunk - 1) / kChunk;
+  const int64_t tasks = t.batch * chunks;
+  std::vector<double> partial(static_cast<size_t>(tasks) * kNumSums, 0.0);
+#pragma omp parallel for schedule(static) if (tasks > 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / chunks, lo = (task % chunks) * kChunk;
+    const int64_t hi = lo + kChunk < t.n ? lo + kChunk : t.n;
+    const T* fc = static_cast<const T*>(t.f_cond) + b * t.n;
+    const T* fu = static_cast<const T*>(t.f_uncond) + b * t.n;
+    const T* y = static_cast<const T*>(t.y) + b * t.n;
+    double sc = 0, scc = 0, su = 0, suu = 0, scu = 0, sy = 0, syy = 0, syc = 0, syu = 0;
+    if (with_y) {
+#pragma omp simd reduction(+ : sc, scc, su, suu, scu, sy, syy, syc, syu)
+      for (int64_t i = lo; i < hi; ++i) {
+        const double c = S::load(fc[i]), u = S::load(fu[i]), v = S::load(y[i]);
+        sc += c, scc += c * c, su += u, suu += u * u, scu += c * u;
+        sy += v, syy += v * v, syc += v * c, syu += v * u;
+      }
+    } else {
+#pragma omp simd reduction(+ : sc, scc, su, suu, scu)
+      for (int64_t i = lo; i < hi; ++i) {
+        const double c = S::load(fc[i]), u = S::load(fu[i]);
+        sc += c, scc += c * c, su += u, suu += u * u, scu += c * u;
+      }
+    }
+    double* p = partial.data() + task * kNumSums;
+    p[kSumC] = sc, p[kSumCC] = scc, p[kSumU] = su, p[kSumUU] = suu, p[kSumCU] = scu;
+    p[kSumY] = sy, p[kSumYY] = syy, p[kSumYC] = syc, p[kSumYU] = syu;
+  }
+  for (int64_t b = 0; b < t.batch; ++b) {  // fixed order: the result does not depend on the thread count
+    double* o = out + b * kNumSums;
+    for (int k = 0; k < kNumSums; ++k) o[k] = 0.0;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int k = 0; k < kNumSums; ++k) o[k] += partial[(b * chunks + c) * kNumSums + k];
+  }
+}
+
+// -------------------------------------------------------------------------------------- element pass
+
+// Philox normals for elements [lo, lo + count) of one sample into buf (lo is a multiple of 4).
+inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t lo, int64_t count, float* buf) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int64_t g = 0; g < (count + 3) / 4; ++g) philox_normal4(k0, k1, step, draw, static_cast<uint64_t>(lo / 4 + g), buf + 4 * g);
+}
+
+template <int32_t DT, int NHist, bool Guided, bool StoreD, bool StoreCarry, int NoiseMode>
+void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* seeds, uint32_t step, uint32_t draw) {
+  using S = Storage<DT>;
+  using T = typename S::T;
+  const int64_t chunks = (t.n + kChunk - 1) / kChunk;
+  const int64_t tasks = t.batch * chunks;
+#pragma omp parallel for schedule(static) if (tasks > 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / chunks, chunk_lo = (task % chunks) * kChunk;
+    const int64_t chunk_hi = chunk_lo + kChunk < t.n ? chunk_lo + kChunk : t.n;
+    const ElemCoeffs c = coeffs[b];
+    const int64_t base = b * t.n;
+    const T* y = static_cast<const T*>(t.y) + base;
+    const T* fc = static_cast<const T*>(t.f_cond) + base;
+    const T* fu = Guided ? static_cast<const T*>(t.f_uncond) + base : nullptr;
+    const T* h0 = NHist > 0 ? static_cast<const T*>(t.hist[0]) + base : nullptr;
+    const T* h1 = NHist > 1 ? static_cast<const T*>(t.hist[1]) + base : nullptr;
+    const T* h2 = NHist > 2 ? static_cast<const T*>(t.hist[2]) + base : nullptr;
+    const T* zin = NoiseMode == 1 ? static_cast<const T*>(t.noise) + base : nullptr;
+    T* yo = static_cast<T*>(t.y_out) + base;
+    T* dout = StoreD ? static_cast<T*>(t.d_out) + base : nullptr;
+    T* cout = StoreCarry ? static_cast<T*>(t.carry_out) + base : nullptr;
+    alignas(64) float zbuf[kTile];
+    for (int64_t lo = chunk_lo; lo < chunk_hi; lo += kTile) {
+      const int64_t hi = lo + kTile < chunk_hi ? lo + kTile : chunk_hi;
+      if (NoiseMode == 2) philox_tile(seeds[b], step, draw, lo, hi - lo, zbuf);
+#pragma omp simd
+      for (int64_t i = lo; i < hi; ++i) {
+        const float yv = S::load(y[i]);
+        const float f = Guided ? guide(S::load(fc[i]), S::load(fu[i]), c.w) : S::load(fc[i]);
+        const float d = denoise(yv, f, c.p, c.q);
+        float hist[kMaxHist > 0 ? kMaxHist : 1];
+        if (NHist > 0) hist[0] = S::load(h0[i]);
+        if (NHist > 1) hist[1] = S::load(h1[i]);
+        if (NHist > 2) hist[2] = S::load(h2[i]);
+        const float z = NoiseMode == 1 ? S::load(zin[i]) : NoiseMode == 2 ? zbuf[i - lo] : 0.0f;
+        const float out = update<NHist>(c, yv, d, hist, z);
+        if (StoreD) dout[i] = S::store(d);
+        if (StoreCarry) cout[i] = S::store(carry(c, yv, d));
+        yo[i] = S::store(out);
+      }
+    }
+  }
+}
+
+// Run-time flags -> compile-time specialisation.  A carry (LMS) never comes with noise.
+template <int32_t DT, int NHist, bool Guided, bool StoreD>
+void by_noise(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw, int mode) {
+  if (t.carry_out != nullptr) combine_impl<DT, NHist, Guided, StoreD, true, 0>(t, c, seeds, step, draw);
+  else if (mode == 0) combine_impl<DT, NHist, Guided, StoreD, false, 0>(t, c, seeds, step, draw);
+  else if (mode == 1) combine_impl<DT, NHist, Guided, StoreD, false, 1>(t, c, seeds, step, draw);
+  else combine_impl<DT, NHist, Guided, StoreD, false, 2>(t, c, seeds, step, draw);
+}
+
+template <int32_t DT, int NHist>
+void by_flags(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw, int mode) {
+  const bool guided = t.f_uncond != nullptr, store_d = t.d_out != nullptr;
+  if (guided && store_d) by_noise<DT, NHist, true, true>(t, c, seeds, step, draw, mode);
+  else if (guided) by_noise<DT, NHist, true, false>(t, c, seeds, step, draw, mode);
+  else if (store_d) by_noise<DT, NHist, false, true>(t, c, seeds, step, draw, mode);
+  else by_noise<DT, NHist, false, false>(t, c, seeds, step, draw, mode);
+}
+
+template <int32_t DT>
+void by_hist(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw,
+             int n_hist, int mode) {
+  switch (n_hist) {
+    case 0: by_flags<DT, 0>(t, c, seeds, step, draw, mode); break;
+    case 1: by_flags<DT, 1>(t, c, seeds, step, draw, mode); break;
+    case 2: by_flags<DT, 2>(t, c, seeds, step, draw, mode); break;
+    default: by_flags<DT, 3>(t, c, seeds, step, draw, mode); break;
+  }
+}
+
+// noise_mode: 0 none, 1 read t.noise, 2 Philox from seeds.
+void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw,
+             int32_t n_hist, int32_t noise_mode) {
+  switch (t.dtype) {
+    case kFloat32: by_hist<kFloat32>(t, c, seeds, step, draw, n_hist, noise_mode); break;
+    case kFloat16: by_hist<kFloat16>(t, c, seeds, step, draw, n_hist, noise_mode); break;
+    default: by_hist<kBFloat16>(t, c, seeds, step, draw, n_hist, noise_mode); break;
+  }
+}
+
+void rescale_sums(const Tensors& t, int32_t with_y, double* out) {
+  switch (t.dtype) {
+    case kFloat32: rescale_sums_impl<kFloat32>(t, with_y, out); break;
+    case kFloat16: rescale_sums_impl<kFloat16>(t, with_y, out); break;
+    default: rescale_sums_impl<kBFloat16>(t, with_y, out); break;
+  }
+}
+
+}  // namespace ZSNR_CPU_ISA
+}  // namespace cpu
+}  // namespace zsnr

@@ -1,0 +1,111 @@
+"""The ``cpu`` backend: validated tensors and the step plan handed to the compiled module (csrc/cpu/step.h).
+
+Everything is checked in Python before a pointer crosses the boundary (the steps module validated the values;
+this module checks device, dtype and memory layout).  The kernel sees each tensor as ``[batch][n]``: every sample
+a dense block, one element order for all tensors.  Contiguous and channels-last tensors with identical strides
+go straight through; any other layout is copied to contiguous (and the result copied back into ``out``).
+Philox noise is indexed by the logical element order (DESIGN §2.8), so when the kernel draws it the tensors
+are made contiguous too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ext, coefficients as co
+from .parameterization import Parameterization
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+SAMPLER_CODES = {name: i for i, name in enumerate(co.SAMPLER_KINDS)}  # zsnr::SamplerKind order
+PREDICTION_CODES = {"v": 0, "eps": 1, "x0": 2, "flow": 3}             # zsnr::Prediction
+SPACE_CODES = {"output": 0, "v": 1, "x0": 2}                          # zsnr::RescaleSpace
+_ERR_NEEDS_NOISE, _ERR_NEEDS_HISTORY, _ERR_MIXED_STAGES = 100, 101, 102
+
+
+def not_supported_reasons(y: torch.Tensor) -> list[str]:
+    """Why the compiled CPU kernels cannot run a step on ``y`` (empty when they can)."""
+    reasons = []
+    if not _ext.available():
+        reasons.append(_ext.why_unavailable() or "zsnr_kernels._C is not built")
+    if y.device.type != "cpu":
+        reasons.append(f"y is on {y.device}, the cpu backend runs on CPU tensors")
+    if y.dtype not in DTYPE_CODES:
+        reasons.append(f"the cpu kernels store float32, float16 and bfloat16, not {y.dtype} (float64 runs on "
+                       "the torch reference)")
+    if y.numel() == 0:
+        reasons.append("y is empty")
+    return reasons
+
+
+def _per_sample_dense(t: torch.Tensor) -> bool:
+    """Every sample a dense block of numel/B elements, samples one after another (contiguous, channels-last)."""
+    if t.is_contiguous():
+        return True
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _prepare(tensors: list, philox: bool) -> tuple[list, bool]:
+    """The tensors the kernel can read as [batch][n], and whether they kept the caller's layout."""
+    y = tensors[0]
+    same = all(t is None or t.stride() == y.stride() for t in tensors) and _per_sample_dense(y)
+    if same and (y.is_contiguous() or not philox):
+        return tensors, True
+    return [None if t is None else t.contiguous() for t in tensors], False
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
+               guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
+               want_denoised: bool, out):
+    """Run one step.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``, or raises
+    the ValueError the torch path would raise (the Python spec is re-run on the failing sample for the message)."""
+    a0 = args[0]
+    philox = seeds is not None and noise is None
+    (y_k, fc_k, fu_k, z_k, *hist_k), kept = _prepare([y, f_cond, f_uncond, noise, *history], philox)
+    batch = y.shape[0]
+    n = y.numel() // batch
+    in_place = out is not None and out.data_ptr() == y.data_ptr() and kept and out.stride() == y.stride()
+    if out is not None and (in_place or (kept and out.stride() == y.stride())):
+        y_out = out
+    else:
+        y_out = torch.empty_like(y_k)
+    d_out = torch.empty_like(y_k) if want_denoised else None
+    carry_out = torch.empty_like(y_k) if a0.sampler == "lms" else None
+    ns = len(args)
+    n_prev = len(a0.sigma_prev)
+    res = _ext.C.fused_step(
+        DTYPE_CODES[y.dtype], batch, n, _ptr(y_k), _ptr(fc_k), _ptr(fu_k), [_ptr(h) for h in hist_k], _ptr(z_k),
+        _ptr(y_out), _ptr(d_out), _ptr(carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
+        SAMPLER_CODES[a0.sampler], a0.stage, int(a0.solver_type == "heun"), a0.order, a0.eta, a0.s_noise,
+        [a.sigma for a in args], sigma_eval, [a.sigma_next for a in args],
+        [a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args],
+        [a.sigma_prev[k] for k in range(n_prev) for a in args], n_prev,
+        guidance_scale, guidance_rescale if f_uncond is not None else 0.0, SPACE_CODES[rescale_space],
+        [] if seeds is None else seeds, 0 if step_index is None else int(step_index), 0)
+    error, complete, _noise_used, _n_hist, bad, sigma_out = res
+    if error:
+        _raise(error, pz, args, sigma_eval, bad, len(history))
+    if out is not None and y_out is not out:
+        out.copy_(y_out)
+        y_out = out
+    return y_out, d_out, carry_out, sigma_out, bool(complete)
+
+
+def _raise(error: int, pz, args, sigma_eval, bad: int, n_history: int):
+    if error == _ERR_NEEDS_NOISE:
+        raise ValueError("this step adds noise: pass noise= (a unit-Gaussian tensor shaped like y) or "
+                         "seed= with step_index= (Philox noise)")
+    if error == _ERR_NEEDS_HISTORY:
+        raise ValueError(f"this step needs more history tensors than the {n_history} given")
+    if error == _ERR_MIXED_STAGES:
+        raise ValueError("per-sample sigmas put samples in different stages of a two-stage step; "
+                         "use one sigma_next == 0 decision for the whole batch")
+    i = max(bad, 0)
+    co.step_coeffs(pz, args[i])          # raises the spec's message
+    pz.denoise_coeffs(sigma_eval[i])
+    raise RuntimeError(f"zsnr_kernels._C.fused_step failed with code {error} where the Python spec did not")
