@@ -20,7 +20,9 @@ from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
-CXX_FLAGS = ["-O3", "-std=c++17"]
+# -fno-trapping-math / -fno-math-errno: no FP exception traps or errno to preserve, so the compiler may
+# if-convert and vectorise the dtype conversions; IEEE inf/NaN semantics are kept (no -ffinite-math-only).
+CXX_FLAGS = ["-O3", "-std=c++17", "-fno-trapping-math", "-fno-math-errno"]
 
 
 def _switch(name: str) -> str:

@@ -68,6 +68,16 @@ def _check_pair(sigma: float, sigma_next: float) -> None:
         raise ValueError(f"need sigma > sigma_next >= 0, got sigma={sigma}, sigma_next={sigma_next}")
 
 
+def _check_history(sigma: float, sigma_prev) -> None:
+    """Remembered sigmas come from earlier steps: strictly above sigma and growing with age (newest first)."""
+    below = sigma
+    for k, p in enumerate(sigma_prev):
+        if not p > below:
+            raise ValueError(f"history sigmas must be above sigma={sigma} and grow with age (newest first), "
+                             f"got {tuple(sigma_prev)}")
+        below = p
+
+
 # --------------------------------------------------------------------------------------------- building blocks
 
 
@@ -264,6 +274,7 @@ def dpmpp_2m(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: 
     c = euler(pz, sigma, sigma_next)
     if sigma_prev is None or sigma_next == 0.0:
         return c
+    _check_history(sigma, (sigma_prev,))
     w = _log_ratio(sigma, sigma_next) / (2.0 * _log_ratio(sigma_prev, sigma))
     return replace(c, b=c.b * (1.0 + w), h=(-c.b * w,))
 
@@ -299,6 +310,7 @@ def dpmpp_2m_sde(pz: Parameterization, sigma: float, sigma_next: float, sigma_pr
     hist: tuple[float, ...] = ()
     corr = 0.0
     if sigma_prev is not None:
+        _check_history(sigma, (sigma_prev,))
         inv_r = h / _log_ratio(sigma_prev, sigma)
         corr = (0.5 * base if solver_type == "midpoint" else 1.0 - base / big_h) * inv_r
         hist = (-c_next * corr,)
@@ -323,6 +335,7 @@ def dpmpp_3m_sde(pz: Parameterization, sigma: float, sigma_next: float, sigma_pr
     c_next = pz.c_in(sigma_next)
     x_d, hist = base, ()
     if sigma_prev:
+        _check_history(sigma, sigma_prev)
         phi2 = 1.0 if big_h == INF else 1.0 - base / big_h
         h1 = _log_ratio(sigma_prev[0], sigma)
         a0 = h / h1
@@ -373,6 +386,7 @@ def lms(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple
     _check_pair(sigma, sigma_next)
     if sigma == INF:
         return replace(euler(pz, sigma, sigma_next), carry=(1.0, 0.0))
+    _check_history(sigma, sigma_prev[: order - 1])
     carry = (1.0 / pz.noise_scale(sigma), -1.0 / sigma)
     pts = (sigma,) + tuple(p for p in sigma_prev[: order - 1] if p != INF)
     w = lms_weights(pts, sigma_next)

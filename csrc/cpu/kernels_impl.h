@@ -25,19 +25,53 @@ constexpr int64_t kTile = 1024;  // elements converted / noised at a time into s
 
 // ------------------------------------------------------------------------------ storage conversions
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
+// Bit-level conversions, written branch-free so the element loops vectorise on every instruction set (GCC does
+// not vectorise _Float16 conversions without AVX512-FP16).  All round to nearest even, as PyTorch does.
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
   float f;
-  std::memcpy(&f, &bits, 4);
+  std::memcpy(&f, &u, 4);
   return f;
 }
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN kept quiet (as PyTorch does)
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
+inline float bf16_to_float(uint16_t v) { return bits_float(static_cast<uint32_t>(v) << 16); }
+
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t bits = float_bits(f);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (bits >> 16) | 0x40u;
+  return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+// IEEE half -> float: shift the exponent and mantissa into place and rescale by 2^112 (exact, subnormals
+// included); inf and NaN get the float exponent.
+inline float fp16_to_float(uint16_t v) {
+  const uint32_t h = v;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  const float scaled = bits_float(em << 13) * 0x1p112f;
+  const uint32_t body = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : float_bits(scaled);
+  return bits_float(sign | body);
+}
+
+// float -> IEEE half, round to nearest even; overflow to inf, NaN to a quiet NaN, subnormals by adding a magic
+// constant in float (the FPU does the rounding).
+inline uint16_t float_to_fp16(float f) {
+  const uint32_t bits = float_bits(f);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t a = bits & 0x7fffffffu;
+  const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  const uint32_t sub = float_bits(bits_float(a) + bits_float(denorm_magic)) - denorm_magic;
+  const uint32_t norm = (a + (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  const uint32_t out = a >= (143u << 23) ? big : (a < (113u << 23) ? sub : norm);
+  return static_cast<uint16_t>(sign | out);
 }
 
 template <int32_t DT>
@@ -50,9 +84,9 @@ struct Storage<kFloat32> {
 };
 template <>
 struct Storage<kFloat16> {
-  using T = _Float16;
-  static inline float load(T v) { return static_cast<float>(v); }
-  static inline T store(float v) { return static_cast<T>(v); }
+  using T = uint16_t;
+  static inline float load(T v) { return fp16_to_float(v); }
+  static inline T store(float v) { return float_to_fp16(v); }
 };
 template <>
 struct Storage<kBFloat16> {
@@ -63,10 +97,34 @@ struct Storage<kBFloat16> {
 
 // ------------------------------------------------------------------------------------ statistics pass
 
+// Blocked summation: float lanes over blocks of kSumBlock elements (short enough that float rounding stays at
+// ~1e-7 of the block sum), blocks added in double, chunks reduced in a fixed order.
+constexpr int64_t kSumBlock = 256;
+
+template <int32_t DT, bool WithY>
+void block_sums(const typename Storage<DT>::T* fc, const typename Storage<DT>::T* fu,
+                const typename Storage<DT>::T* y, int64_t lo, int64_t hi, double* acc) {
+  using S = Storage<DT>;
+  for (int64_t b0 = lo; b0 < hi; b0 += kSumBlock) {
+    const int64_t b1 = b0 + kSumBlock < hi ? b0 + kSumBlock : hi;
+    float sc = 0, scc = 0, su = 0, suu = 0, scu = 0, sy = 0, syy = 0, syc = 0, syu = 0;
+#pragma omp simd reduction(+ : sc, scc, su, suu, scu, sy, syy, syc, syu)
+    for (int64_t i = b0; i < b1; ++i) {
+      const float c = S::load(fc[i]), u = S::load(fu[i]);
+      sc += c, scc += c * c, su += u, suu += u * u, scu += c * u;
+      if (WithY) {
+        const float v = S::load(y[i]);
+        sy += v, syy += v * v, syc += v * c, syu += v * u;
+      }
+    }
+    acc[kSumC] += sc, acc[kSumCC] += scc, acc[kSumU] += su, acc[kSumUU] += suu, acc[kSumCU] += scu;
+    acc[kSumY] += sy, acc[kSumYY] += syy, acc[kSumYC] += syc, acc[kSumYU] += syu;
+  }
+}
+
 template <int32_t DT>
 void rescale_sums_impl(const Tensors& t, int32_t with_y, double* out) {
-  using S = Storage<DT>;
-  using T = typename S::T;
+  using T = typename Storage<DT>::T;
   const int64_t chunks = (t.n + kChunk - 1) / kChunk;
   const int64_t tasks = t.batch * chunks;
   std::vector<double> partial(static_cast<size_t>(tasks) * kNumSums, 0.0);
@@ -77,24 +135,9 @@ void rescale_sums_impl(const Tensors& t, int32_t with_y, double* out) {
     const T* fc = static_cast<const T*>(t.f_cond) + b * t.n;
     const T* fu = static_cast<const T*>(t.f_uncond) + b * t.n;
     const T* y = static_cast<const T*>(t.y) + b * t.n;
-    double sc = 0, scc = 0, su = 0, suu = 0, scu = 0, sy = 0, syy = 0, syc = 0, syu = 0;
-    if (with_y) {
-#pragma omp simd reduction(+ : sc, scc, su, suu, scu, sy, syy, syc, syu)
-      for (int64_t i = lo; i < hi; ++i) {
-        const double c = S::load(fc[i]), u = S::load(fu[i]), v = S::load(y[i]);
-        sc += c, scc += c * c, su += u, suu += u * u, scu += c * u;
-        sy += v, syy += v * v, syc += v * c, syu += v * u;
-      }
-    } else {
-#pragma omp simd reduction(+ : sc, scc, su, suu, scu)
-      for (int64_t i = lo; i < hi; ++i) {
-        const double c = S::load(fc[i]), u = S::load(fu[i]);
-        sc += c, scc += c * c, su += u, suu += u * u, scu += c * u;
-      }
-    }
-    double* p = partial.data() + task * kNumSums;
-    p[kSumC] = sc, p[kSumCC] = scc, p[kSumU] = su, p[kSumUU] = suu, p[kSumCU] = scu;
-    p[kSumY] = sy, p[kSumYY] = syy, p[kSumYC] = syc, p[kSumYU] = syu;
+    double* acc = partial.data() + task * kNumSums;
+    if (with_y) block_sums<DT, true>(fc, fu, y, lo, hi, acc);
+    else block_sums<DT, false>(fc, fu, y, lo, hi, acc);
   }
   for (int64_t b = 0; b < t.batch; ++b) {  // fixed order: the result does not depend on the thread count
     double* o = out + b * kNumSums;
@@ -143,12 +186,10 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
         const float yv = S::load(y[i]);
         const float f = Guided ? guide(S::load(fc[i]), S::load(fu[i]), c.w) : S::load(fc[i]);
         const float d = denoise(yv, f, c.p, c.q);
-        float hist[kMaxHist > 0 ? kMaxHist : 1];
-        if (NHist > 0) hist[0] = S::load(h0[i]);
-        if (NHist > 1) hist[1] = S::load(h1[i]);
-        if (NHist > 2) hist[2] = S::load(h2[i]);
         const float z = NoiseMode == 1 ? S::load(zin[i]) : NoiseMode == 2 ? zbuf[i - lo] : 0.0f;
-        const float out = update<NHist>(c, yv, d, hist, z);
+        const float out = update<NHist, NoiseMode != 0>(c, yv, d, NHist > 0 ? S::load(h0[i]) : 0.0f,
+                                                         NHist > 1 ? S::load(h1[i]) : 0.0f,
+                                                         NHist > 2 ? S::load(h2[i]) : 0.0f, z);
         if (StoreD) dout[i] = S::store(d);
         if (StoreCarry) cout[i] = S::store(carry(c, yv, d));
         yo[i] = S::store(out);
@@ -157,7 +198,6 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
   }
 }
 
-// Run-time flags -> compile-time specialisation.  A carry (LMS) never comes with noise.
 template <int32_t DT, int NHist, bool Guided, bool StoreD>
 void by_noise(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw, int mode) {
   if (t.carry_out != nullptr) combine_impl<DT, NHist, Guided, StoreD, true, 0>(t, c, seeds, step, draw);

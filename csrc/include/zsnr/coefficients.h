@@ -153,7 +153,8 @@ struct StepArgs {
   int32_t sampler;                 // SamplerKind
   int32_t stage;                   // 1 or 2 (two-stage samplers); 1 otherwise
   double sigma, sigma_next;        // the step's sigmas, sigma > sigma_next >= 0
-  double sigma_hat_next;           // churn target of the next step (euler/heun/dpm_2); == sigma_next for none
+  double sigma_hat_next;           // churn target of the next step (euler/heun/dpm_2 only; others ignore it);
+                                   // == sigma_next for none
   double sigma_prev[kMaxHistory];  // history sigmas, newest first
   int32_t n_prev;                  // used entries of sigma_prev
   double eta, s_noise;
@@ -476,19 +477,19 @@ ZSNR_HD StepCoeffs dpmpp_3m_sde(Param pz, double sigma, double sigma_next, const
   return c;
 }
 
-// 4-point Gauss-Legendre rule on [-1, 1] (numpy.polynomial.legendre.leggauss(4), repr digits): exact for
-// polynomials of degree <= 7, so for the cubic Lagrange basis of 4-point LMS.
-constexpr double kGaussX[4] = {-0.8611363115940526, -0.33998104358485626, 0.33998104358485626,
-                               0.8611363115940526};
-constexpr double kGaussW[4] = {0.34785484513745357, 0.6521451548625464, 0.6521451548625464,
-                               0.34785484513745357};
-
 // coefficients.lms_weights: w_j = integral over [ts[0], t_next] of the Lagrange basis polynomial l_j
 // through ts[0..n) (newest first), by Gauss-Legendre:
 //   tau_i = (hi - lo)/2 x_i + (hi + lo)/2,  w_j = (hi - lo)/2 * sum_i W_i l_j(tau_i).
 // The sum is a chain of fused multiply-adds, s = fma(W_i, l_j(tau_i), s) for i = 0..3, which is what
 // numpy.dot does for 4 elements (OpenBLAS's ddot on x86-64), so the two agree bit for bit there.
 ZSNR_HD void lms_weights(const double* ts, int n, double t_next, double* out) {
+  // 4-point Gauss-Legendre rule on [-1, 1] (numpy.polynomial.legendre.leggauss(4), repr digits): exact for
+  // degree <= 7, so for the cubic Lagrange basis of 4-point LMS.  Local arrays: namespace-scope constexpr
+  // arrays are not visible in CUDA device code.
+  const double kGaussX[4] = {-0.8611363115940526, -0.33998104358485626, 0.33998104358485626,
+                             0.8611363115940526};
+  const double kGaussW[4] = {0.34785484513745357, 0.6521451548625464, 0.6521451548625464,
+                             0.34785484513745357};
   const double lo = ts[0], hi = t_next;
   const double half_width = 0.5 * (hi - lo);
   const double center = 0.5 * (hi + lo);
@@ -587,8 +588,9 @@ ZSNR_HD StepCoeffs with_churn(StepCoeffs c, Param pz, double sigma_hat_next, dou
 //   ddpm             ancestral(1, 1, clamp=False)              dpm_2_ancestral, dpmpp_2s_ancestral (stage)
 //   dpmpp_2m         sigma_prev[0] if n_prev >= 1              dpmpp_2m_sde    sigma_prev[0], solver_heun
 //   dpmpp_3m_sde     up to 2 history sigmas                    lms             up to order - 1 of them
-// then, when the result is complete and sigma_hat_next != sigma_out, folds the next step's churn in
-// (coefficients.with_churn, as steps.euler_step and steps._two_stage do).
+// then, for euler, heun and dpm_2 only, when the result is complete and sigma_hat_next != sigma_out, folds
+// the next step's churn in (coefficients.with_churn; coefficients.step_coeffs, steps.euler_step and
+// steps._two_stage do the same).  The other samplers ignore sigma_hat_next.
 ZSNR_HD StepCoeffs step_coeffs(Param pz, const StepArgs& s) {
   if (pz.prediction < kPredV || pz.prediction > kPredFlow) return detail::error_coeffs(kErrBadArg);
   const int n_prev = s.n_prev < 0 ? 0 : (s.n_prev > kMaxHistory ? kMaxHistory : s.n_prev);
@@ -634,7 +636,8 @@ ZSNR_HD StepCoeffs step_coeffs(Param pz, const StepArgs& s) {
     default:
       return detail::error_coeffs(kErrBadArg);
   }
-  if (c.error == kOk && c.complete && s.sigma_hat_next != c.sigma_out) {
+  const bool churn_sampler = s.sampler == kEuler || s.sampler == kHeun || s.sampler == kDpm2;
+  if (churn_sampler && c.error == kOk && c.complete && s.sigma_hat_next != c.sigma_out) {
     c = detail::with_churn(c, pz, s.sigma_hat_next, s.s_noise);
   }
   return c;

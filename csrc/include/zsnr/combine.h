@@ -34,13 +34,16 @@ ZSNR_HD float guide(float fc, float fu, float w) { return fmaf(w, fc - fu, fu); 
 
 ZSNR_HD float denoise(float y, float f, float p, float q) { return fmaf(p, y, q * f); }
 
-// y_out for one element, given its D; `hist` holds the n_hist remembered values, `z` the noise (0 if none).
-template <int NHist>
-ZSNR_HD float update(const ElemCoeffs& c, float y, float d, const float* hist, float z) {
+// y_out for one element, given its D, the remembered values h0..h2 (the first NHist are used) and the noise z
+// (used when Noise).  The additions run in this order on every backend.
+template <int NHist, bool Noise>
+ZSNR_HD float update(const ElemCoeffs& c, float y, float d, float h0, float h1, float h2, float z) {
   float acc = fmaf(c.b, d, c.a * y);
-#pragma unroll
-  for (int k = 0; k < NHist; ++k) acc = fmaf(c.h[k], hist[k], acc);
-  return fmaf(c.e, z, acc);
+  if (NHist > 0) acc = fmaf(c.h[0], h0, acc);
+  if (NHist > 1) acc = fmaf(c.h[1], h1, acc);
+  if (NHist > 2) acc = fmaf(c.h[2], h2, acc);
+  if (Noise) acc = fmaf(c.e, z, acc);
+  return acc;
 }
 
 ZSNR_HD float carry(const ElemCoeffs& c, float y, float d) { return fmaf(c.g_d, d, c.g_y * y); }
