@@ -28,6 +28,19 @@ def not_supported_reasons(backend: str, y: torch.Tensor) -> list[str]:
 
 def resolve(backend: str, y: torch.Tensor) -> str:
     """The backend that will run a step on ``y``: ``auto`` picks cpu then torch on CPU, cuda then triton on GPU."""
+    if not isinstance(backend, str):
+        return _resolve(backend, y)  # raises the error naming the argument
+    key = (backend, y.device.type, y.dtype, y.numel() == 0)
+    hit = _resolved.get(key)
+    if hit is None:
+        hit = _resolved[key] = _resolve(backend, y)
+    return hit
+
+
+_resolved: dict = {}  # what resolve() decided per (backend, device type, dtype, empty): it runs on every step
+
+
+def _resolve(backend: str, y: torch.Tensor) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":

@@ -49,7 +49,8 @@ def _per_sample_dense(t: torch.Tensor) -> bool:
 def _prepare(tensors: list, philox: bool) -> tuple[list, bool]:
     """The tensors the kernel can read as [batch][n], and whether they kept the caller's layout."""
     y = tensors[0]
-    same = all(t is None or t.stride() == y.stride() for t in tensors) and _per_sample_dense(y)
+    stride = y.stride()
+    same = all(t is None or t.stride() == stride for t in tensors) and _per_sample_dense(y)
     if same and (y.is_contiguous() or not philox):
         return tensors, True
     return [None if t is None else t.contiguous() for t in tensors], False
@@ -76,16 +77,21 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
         y_out = torch.empty_like(y_k)
     d_out = torch.empty_like(y_k) if want_denoised else None
     carry_out = torch.empty_like(y_k) if a0.sampler == "lms" else None
-    ns = len(args)
     n_prev = len(a0.sigma_prev)
+    if len(args) == 1:
+        sig, sig_next = [a0.sigma], [a0.sigma_next]
+        sig_hat = [a0.sigma_next if a0.sigma_hat_next is None else a0.sigma_hat_next]
+        sig_prev = list(a0.sigma_prev)
+    else:
+        sig, sig_next = [a.sigma for a in args], [a.sigma_next for a in args]
+        sig_hat = [a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args]
+        sig_prev = [a.sigma_prev[k] for k in range(n_prev) for a in args]
     res = _ext.C.fused_step(
-        DTYPE_CODES[y.dtype], batch, n, _ptr(y_k), _ptr(fc_k), _ptr(fu_k), [_ptr(h) for h in hist_k], _ptr(z_k),
-        _ptr(y_out), _ptr(d_out), _ptr(carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
-        SAMPLER_CODES[a0.sampler], a0.stage, int(a0.solver_type == "heun"), a0.order, a0.eta, a0.s_noise,
-        [a.sigma for a in args], sigma_eval, [a.sigma_next for a in args],
-        [a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args],
-        [a.sigma_prev[k] for k in range(n_prev) for a in args], n_prev,
-        guidance_scale, guidance_rescale if f_uncond is not None else 0.0, SPACE_CODES[rescale_space],
+        DTYPE_CODES[y.dtype], batch, n, y_k.data_ptr(), fc_k.data_ptr(), _ptr(fu_k), [h.data_ptr() for h in hist_k],
+        _ptr(z_k), y_out.data_ptr(), _ptr(d_out), _ptr(carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
+        SAMPLER_CODES[a0.sampler], a0.stage, a0.solver_type == "heun", a0.order, a0.eta, a0.s_noise, sig,
+        sigma_eval, sig_next, sig_hat, sig_prev, n_prev, guidance_scale,
+        guidance_rescale if f_uncond is not None else 0.0, SPACE_CODES[rescale_space],
         [] if seeds is None else seeds, 0 if step_index is None else int(step_index), 0)
     error, complete, _noise_used, _n_hist, bad, sigma_out = res
     if error:

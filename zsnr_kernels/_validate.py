@@ -49,6 +49,9 @@ def model_output(out, y: torch.Tensor, guidance_scale: float, name: str = "model
 
 def real(name: str, v, *, lo: float | None = None, hi: float | None = None, allow_inf: bool = False) -> float:
     """A real number (not bool), not NaN, within [lo, hi]; finite unless ``allow_inf``."""
+    if type(v) is float and v == v and (allow_inf or v - v == 0.0) and (lo is None or v >= lo) and (
+            hi is None or v <= hi):
+        return v  # the common case, checked without the general path below (this runs on every step)
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         v = v.item()
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -65,6 +68,8 @@ def real(name: str, v, *, lo: float | None = None, hi: float | None = None, allo
 
 def sigma_values(name: str, s, batch: int) -> list[float] | float:
     """A step's sigma: a number (one for the batch) or a (B,) tensor / sequence (one per sample, §2.9)."""
+    if type(s) is float:
+        return real(name, s, lo=0.0, allow_inf=True)
     per_sample = (isinstance(s, torch.Tensor) and s.ndim == 1 and s.numel() > 1) or (
         isinstance(s, Sequence) and not isinstance(s, str))
     if per_sample:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -403,8 +404,7 @@ SAMPLER_KINDS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral",
 _CHURN_SAMPLERS = ("euler", "heun", "dpm_2")
 
 
-@dataclass(frozen=True)
-class StepArgs:
+class StepArgs(NamedTuple):
     """One sample's step, everything :func:`step_coeffs` needs (mirrored by ``zsnr::StepArgs`` in C++).
 
     ``sigma`` is the step's noise level (for the second call of a two-stage sampler, the same sigma as the

@@ -149,10 +149,87 @@ void rescale_sums_impl(const Tensors& t, int32_t with_y, double* out) {
 
 // -------------------------------------------------------------------------------------- element pass
 
-// Philox normals for elements [lo, lo + count) of one sample into buf (lo is a multiple of 4).
-inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t lo, int64_t count, float* buf) {
+// ------------------------------------------------------------------------------------- Philox noise
+
+// The noise of DESIGN 2.8 for a tile of elements, written so the compiler vectorises it across Philox groups:
+// the integers come from the shared philox4x32_10 (bit-exact with every backend); log, sin and cos are the
+// branch-free float polynomials below (Cephes' minimax coefficients, within 2 ulp of libm), because glibc's
+// scalar logf/sinf/cosf would keep the loop scalar.  The normals therefore agree with the other backends to
+// float rounding, as DESIGN 2.8 promises, not bit for bit.
+
+// log(x) for normal positive x: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(1 + f) by a polynomial in f.
+inline float vlogf(float x) {
+  const uint32_t bits = float_bits(x);
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 127;
+  float m = bits_float((bits & 0x007fffffu) | 0x3f800000u);
+  const bool big = m > 1.41421356f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1 : e;
+  const float f = m - 1.0f, z = f * f;
+  float p = 7.0376836292e-2f;
+  p = fmaf(p, f, -1.1514610310e-1f);
+  p = fmaf(p, f, 1.1676998740e-1f);
+  p = fmaf(p, f, -1.2420140846e-1f);
+  p = fmaf(p, f, 1.4249322787e-1f);
+  p = fmaf(p, f, -1.6668057665e-1f);
+  p = fmaf(p, f, 2.0000714765e-1f);
+  p = fmaf(p, f, -2.4999993993e-1f);
+  p = fmaf(p, f, 3.3333331174e-1f);
+  const float ef = static_cast<float>(e);
+  float y = f * z * p;
+  y = fmaf(ef, -2.12194440e-4f, y);
+  y = fmaf(-0.5f, z, y);
+  return fmaf(ef, 0.693359375f, f + y);
+}
+
+// sin and cos of th in [0, 2 pi]: th = x + k pi/2 with |x| <= pi/4 (three-part Cody-Waite reduction), then
+// the quadrant k picks and signs the two polynomials.
+struct SinCos {
+  float s, c;
+};
+
+inline SinCos vsincosf(float th) {
+  int32_t j = static_cast<int32_t>(th * 1.27323954473516f);  // 4/pi
+  j = (j + 1) & ~1;
+  const float q = static_cast<float>(j);
+  const float x = ((th - q * 0.78515625f) - q * 2.4187564849853515625e-4f) - q * 3.77489497744594108e-8f;
+  const float z = x * x;
+  const float sp = fmaf(fmaf(fmaf(-1.9515295891e-4f, z, 8.3321608736e-3f), z, -1.6666654611e-1f), z * x, x);
+  const float cp = fmaf(fmaf(fmaf(2.443315711809948e-5f, z, -1.388731625493765e-3f), z, 4.166664568298827e-2f),
+                        z * z, fmaf(-0.5f, z, 1.0f));
+  const int32_t k = (j >> 1) & 3;
+  const float s = (k & 1) ? cp : sp, c = (k & 1) ? sp : cp;
+  return SinCos{(k & 2) ? -s : s, ((k + 1) & 2) ? -c : c};
+}
+
+// Normals of groups [g0, g0 + ng) (four elements each, ng <= kTile / 4) of one sample into buf[4 * ng]:
+// computed a quarter at a time into four arrays (so the loop vectorises), then interleaved.
+inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int64_t g = 0; g < (count + 3) / 4; ++g) philox_normal4(k0, k1, step, draw, static_cast<uint64_t>(lo / 4 + g), buf + 4 * g);
+  const uint32_t lo0 = static_cast<uint32_t>(g0), hi0 = static_cast<uint32_t>(static_cast<uint64_t>(g0) >> 32);
+  alignas(64) float n0[kTile / 4], n1[kTile / 4], n2[kTile / 4], n3[kTile / 4];
+#pragma omp simd
+  for (int32_t g = 0; g < static_cast<int32_t>(ng); ++g) {
+    const uint32_t c0 = lo0 + static_cast<uint32_t>(g);  // the 64-bit group index g0 + g in 32-bit halves
+    const uint32_t c1 = hi0 + (c0 < lo0 ? 1u : 0u);
+    const U32x4 x = philox4x32_10(k0, k1, U32x4{c0, c1, step, draw});
+    const float v0 = uint_to_uniform(x.x), u1 = uint_to_uniform(x.y);
+    const float v2 = uint_to_uniform(x.z), u3 = uint_to_uniform(x.w);
+    const float u0 = v0 > kMinUniform ? v0 : kMinUniform, u2 = v2 > kMinUniform ? v2 : kMinUniform;  // not fmaxf:
+    // its NaN rules keep GCC from vectorising, and u is never NaN
+    const float r0 = sqrtf(-2.0f * vlogf(u0)), r1 = sqrtf(-2.0f * vlogf(u2));
+    const SinCos a = vsincosf(kTwoPi * u1), b = vsincosf(kTwoPi * u3);
+    n0[g] = r0 * a.c;
+    n1[g] = r0 * a.s;
+    n2[g] = r1 * b.c;
+    n3[g] = r1 * b.s;
+  }
+  for (int64_t g = 0; g < ng; ++g) {
+    buf[4 * g] = n0[g];
+    buf[4 * g + 1] = n1[g];
+    buf[4 * g + 2] = n2[g];
+    buf[4 * g + 3] = n3[g];
+  }
 }
 
 template <int32_t DT, int NHist, bool Guided, bool StoreD, bool StoreCarry, int NoiseMode>
@@ -180,7 +257,7 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
     alignas(64) float zbuf[kTile];
     for (int64_t lo = chunk_lo; lo < chunk_hi; lo += kTile) {
       const int64_t hi = lo + kTile < chunk_hi ? lo + kTile : chunk_hi;
-      if (NoiseMode == 2) philox_tile(seeds[b], step, draw, lo, hi - lo, zbuf);
+      if (NoiseMode == 2) philox_tile(seeds[b], step, draw, lo / 4, (hi - lo + 3) / 4, zbuf);
 #pragma omp simd
       for (int64_t i = lo; i < hi; ++i) {
         const float yv = S::load(y[i]);
