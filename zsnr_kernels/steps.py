@@ -220,7 +220,9 @@ def _noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None) -> to
                          "seed= with step_index= (Philox noise)")
     if step_index is None:
         raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
-    return _noise.normal(tuple(y.shape), seed, int(step_index), 0, dtype=y.dtype, device=y.device)
+    # the float32 normals enter the math unrounded, as in the kernels (rounding them to a bf16 y would add error)
+    return _noise.normal(tuple(y.shape), seed, int(step_index), 0, dtype=reference.compute_dtype(y.dtype),
+                         device=y.device)
 
 
 def _sigmas(y, sigma, sigma_next, **others):

@@ -1,0 +1,682 @@
+"""The fused ``cpu`` backend (csrc/cpu/) against the float64 reference and against itself (DESIGN §2.3, §2.7-2.9,
+§4; issue 3 item 5).
+
+Oracle: the same step function with ``backend="torch"`` on float64 copies of the inputs (the eager reference runs
+in float64 when given float64).  float32 results must lie within ``TOLERANCES[float32]`` of it.  float16 and
+bfloat16 are storage formats: the kernels compute in float32 and round on store, exactly what the torch backend
+does with inputs in that dtype, so their error against float64 is judged against PyTorch's own error in that
+dtype -- at most twice it, plus a slack of a few float32 ulps of the output's scale (flash-attention's "at most
+twice PyTorch's error") -- and also kept under a loose absolute bound, ``TOLERANCES[dtype]``.
+
+Explicit ``noise=`` tensors are used wherever the comparison is against float64 (the Philox normals are float32
+numbers, so seeds would make the reference unfair); the seed path is tested separately against
+``zsnr_kernels.noise.normal`` and against the torch backend with the same seed.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import TinyNet
+
+import zsnr_kernels as zk
+from zsnr_kernels import _ext, coefficients as co, noise as zn
+from zsnr_kernels.parameterization import parameterization
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"zsnr_kernels._C not built: {_ext.why_unavailable()}")
+
+INF = math.inf
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (atol, rtol) against the float64 reference, elementwise: |got - ref| <= atol + rtol |ref|.
+# float32: the terms of the combination reach |b q F| ~ 30 (guidance scale 4.5), whose float32 ulp is 1.9e-6,
+# so atol allows a few ulps of the largest term where the result cancels to ~0; rtol is ~8 ulps of the result.
+# NOTE: measured over every case below: max |err| 1.8e-5 at |y| = 133 (lms to sigma 0: large LMS weights),
+# 1.7e-6 at unit scale; max err / (|ref| + 1) = 2.8e-6; torch's own float32 error is the same size (ratio <= 1.3).
+# float16/bfloat16: the math is float32, so the error is the rounding on store, half an ulp: 2**-11 resp.
+# 2**-8 of |ref|; rtol is twice that.  The primary check for them is the comparison with PyTorch's own error in
+# that dtype (see _check).  NOTE: measured cpu/torch error ratio: at most 1.0 in both (max |err| 0.058 fp16,
+# 0.48 bf16, both at |y| ~ 130, where half an ulp is 0.03 resp. 0.5).
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-4, 1e-3),
+    torch.bfloat16: (2e-3, 8e-3),
+}
+F32_EPS = 2.0**-23  # slack unit for the "at most twice PyTorch's error" rule: float32 rounding of the math
+
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Run this module with one OpenMP thread (restored afterwards).  Results do not depend on the thread count
+    (fixed chunks, reduced in a fixed order; test_results_do_not_depend_on_the_thread_count checks it), and on a
+    busy 2-core machine OpenMP's spinning barriers made the module 10x slower with two threads.
+    NOTE: measured on the 2-core build machine under load average ~4: 130 s with 2 threads, 11 s with 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _randn(shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+LAYOUTS = ("contiguous", "channels_last", "sliced")
+
+
+def _layout(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """``values`` (any dtype) in the given memory layout; the logical values are unchanged."""
+    if layout == "contiguous":
+        return values.contiguous()
+    if layout == "channels_last":
+        fmt = torch.channels_last if values.ndim == 4 else torch.channels_last_3d
+        return values.contiguous(memory_format=fmt)
+    if layout == "sliced":  # a [..., ::2] view of a twice-as-wide buffer: every stride differs from dense
+        wide = torch.zeros(*values.shape[:-1], 2 * values.shape[-1], dtype=values.dtype)
+        wide[..., ::2] = values
+        view = wide[..., ::2]
+        assert not view.is_contiguous()
+        return view
+    raise ValueError(layout)
+
+
+# name -> (shape, layout of tensor k: a function of k).  "mixed" gives every tensor of one call another layout,
+# so the glue must copy them to one element order.
+SHAPES = {
+    "batch1": ((1, 4, 64, 64), lambda k: "contiguous"),
+    "odd": ((3, 4, 97, 131), lambda k: "contiguous"),
+    "odd_small": ((3, 4, 29, 43), lambda k: "contiguous"),  # every sampler runs here (kept small for speed)
+    "video5d": ((1, 16, 5, 12, 20), lambda k: "contiguous"),
+    "channels_last": ((2, 4, 33, 40), lambda k: "channels_last"),
+    "channels_last_3d": ((2, 3, 4, 9, 10), lambda k: "channels_last"),
+    "sliced": ((2, 4, 32, 40), lambda k: "sliced"),
+    "mixed": ((2, 3, 17, 19), lambda k: LAYOUTS[k % 3]),
+}
+
+TENSOR_NAMES = ("y", "fc", "fu", "h0", "h1", "h2", "z")
+
+
+def _inputs(shape_name: str, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random step inputs in ``dtype`` and the shape's layouts: y (unit scale), the model outputs F_c, F_u, three
+    remembered tensors and unit noise z.  Values are drawn in float64 and rounded to ``dtype`` once, so the
+    float64 copies (:func:`_as64`) hold exactly the same numbers."""
+    shape, layout_of = SHAPES[shape_name]
+    out = {}
+    for k, name in enumerate(TENSOR_NAMES):
+        v = _randn(shape, 1000 * seed + k)
+        if name == "fc":  # a conditional output correlated with the unconditional one, as real models give
+            v = 0.8 * _randn(shape, 1000 * seed + 2) + 0.6 * v
+        out[name] = _layout(v.to(dtype), layout_of(k))
+    return out
+
+
+def _as64(t: dict) -> dict:
+    return {k: v.double() for k, v in t.items()}
+
+
+def _as_dtype(t: dict, dtype) -> dict:
+    return {k: v.to(dtype) for k, v in t.items()}
+
+
+GUIDANCE = {
+    "none": {},
+    "cfg": {"guidance_scale": 4.5},
+    "rescale_output": {"guidance_scale": 4.5, "guidance_rescale": 0.7, "rescale_space": "output"},
+    "rescale_v": {"guidance_scale": 4.5, "guidance_rescale": 0.7, "rescale_space": "v"},
+    "rescale_x0": {"guidance_scale": 4.5, "guidance_rescale": 0.7, "rescale_space": "x0"},
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One step call: ``zk.<step>(y, F, sigma, sigma_next, **kwargs)`` with ``prev`` history sigmas (newest first,
+    tensors h0, h1, h2) and, for ``stage2``, the second call of a two-stage sampler (first.denoised = h0)."""
+
+    id: str
+    step: str
+    sigma: float
+    sigma_next: float
+    kwargs: tuple = ()
+    prev: tuple = ()
+    stage2: bool = False
+
+    @property
+    def fn(self):
+        return getattr(zk, self.step + "_step")
+
+    def first_sigma(self) -> float:
+        """The sigma the first stage hands to the second (where the model is evaluated the second time)."""
+        one = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+        r = self.fn(one, one, self.sigma, self.sigma_next, backend="torch", noise=one, **dict(self.kwargs))
+        assert not r.complete, f"{self.id}: the first stage is already the whole step"
+        return r.sigma
+
+
+def _call(case: Case, t: dict, backend: str, guidance: str = "none", **extra) -> zk.StepResult:
+    """Run ``case`` on the tensors ``t`` with ``backend``; explicit noise t["z"] (used only if the step adds some)."""
+    g = GUIDANCE[guidance]
+    model_output = (t["fc"], t["fu"]) if "guidance_scale" in g else t["fc"]
+    kw = dict(case.kwargs, **g, **extra)
+    if "seed" not in kw and "noise" not in kw:
+        kw["noise"] = t["z"]
+    if case.prev:
+        kw["history"] = [(s, t[f"h{k}"]) for k, s in enumerate(case.prev)]
+    if case.stage2:
+        kw["first"] = zk.StepResult(t["y"], case.first_sigma(), t["h0"], complete=False)
+    return case.fn(t["y"], model_output, case.sigma, case.sigma_next, backend=backend, **kw)
+
+
+def _outputs(r: zk.StepResult) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in (("y", r.y), ("denoised", r.denoised), ("derivative", r.derivative)) if v is not None}
+
+
+def _max_err(got: torch.Tensor, ref64: torch.Tensor) -> float:
+    return (got.double() - ref64).abs().max().item()
+
+
+def _check(got: torch.Tensor, ref64: torch.Tensor, torch_lp: torch.Tensor | None, dtype, what: str) -> float:
+    """Assert the cpu result ``got`` is close enough to the float64 reference; returns its max abs error."""
+    assert got.dtype == dtype and got.shape == ref64.shape, what
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = _max_err(got, ref64)
+    atol, rtol = TOLERANCES[dtype]
+    excess = ((got.double() - ref64).abs() - (atol + rtol * ref64.abs())).max().item()
+    assert excess <= 0, f"{what}: max error {err:.3g} beyond TOLERANCES[{dtype}] = (atol {atol}, rtol {rtol})"
+    if torch_lp is not None:  # low precision: at most twice PyTorch's own error in that dtype
+        torch_err = _max_err(torch_lp, ref64)
+        slack = 4 * F32_EPS * max(1.0, ref64.abs().max().item())
+        assert err <= 2 * torch_err + slack, (
+            f"{what}: cpu error {err:.3g} > 2 x torch {dtype} error {torch_err:.3g} + {slack:.2g}")
+    return err
+
+
+def _compare_to_reference(case: Case, shape: str, dtype, guidance: str, seed: int = 0) -> dict[str, float]:
+    t = _inputs(shape, dtype, seed)
+    got = _call(case, t, "cpu", guidance)
+    ref = _call(case, _as64(t), "torch", guidance)
+    lp = _call(case, t, "torch", guidance) if dtype != torch.float32 else None
+    assert got.complete == ref.complete and got.sigma == ref.sigma
+    g, r = _outputs(got), _outputs(ref)
+    assert g.keys() == r.keys(), f"cpu returned {sorted(g)}, reference {sorted(r)}"
+    errs = {}
+    for k in r:
+        errs[k] = _check(g[k], r[k], None if lp is None else _outputs(lp)[k], dtype, f"{case.id} {shape} {k}")
+    return errs
+
+
+# --------------------------------------------------------------------------- 1. every sampler vs float64
+
+_S, _N = 6.0, 2.5        # a finite step
+_HAT = 3.2               # a churn target above sigma_next
+_PREV = (9.0, 14.0, 20.0)  # remembered sigmas, newest first
+
+CASES = [
+    Case("euler_inf", "euler", INF, _N),
+    Case("euler", "euler", _S, _N),
+    Case("euler_to_0", "euler", _S, 0.0),
+    Case("euler_churn", "euler", _S, _N, (("sigma_hat_next", _HAT),)),
+    Case("euler_churn_inf", "euler", INF, _N, (("sigma_hat_next", _HAT), ("s_noise", 1.003))),
+    Case("euler_ancestral_inf", "euler_ancestral", INF, _N),
+    Case("euler_ancestral", "euler_ancestral", _S, _N, (("eta", 0.8),)),
+    Case("euler_ancestral_to_0", "euler_ancestral", _S, 0.0),
+    Case("ddim_eta0_inf", "ddim", INF, _N, (("eta", 0.0),)),
+    Case("ddim_eta0", "ddim", _S, _N, (("eta", 0.0),)),
+    Case("ddim_eta05_inf", "ddim", INF, _N, (("eta", 0.5),)),
+    Case("ddim_eta05", "ddim", _S, _N, (("eta", 0.5),)),
+    Case("ddpm_inf", "ddpm", INF, _N),
+    Case("ddpm", "ddpm", _S, _N),
+    Case("heun_inf", "heun", INF, _N),
+    Case("heun_s1", "heun", _S, _N),
+    Case("heun_s2", "heun", _S, _N, stage2=True),
+    Case("heun_s2_churn", "heun", _S, _N, (("sigma_hat_next", _HAT),), stage2=True),
+    Case("heun_to_0", "heun", _S, 0.0),
+    Case("dpm_2_inf", "dpm_2", INF, _N),
+    Case("dpm_2_s1", "dpm_2", _S, _N),
+    Case("dpm_2_s2", "dpm_2", _S, _N, stage2=True),
+    Case("dpm_2_ancestral_inf", "dpm_2_ancestral", INF, _N),
+    Case("dpm_2_ancestral_s1", "dpm_2_ancestral", _S, _N),
+    Case("dpm_2_ancestral_s2", "dpm_2_ancestral", _S, _N, stage2=True),
+    Case("dpmpp_2s_ancestral_inf_s1", "dpmpp_2s_ancestral", INF, _N),
+    Case("dpmpp_2s_ancestral_inf_s2", "dpmpp_2s_ancestral", INF, _N, stage2=True),
+    Case("dpmpp_2s_ancestral_inf_eta05", "dpmpp_2s_ancestral", INF, _N, (("eta", 0.5),)),
+    Case("dpmpp_2s_ancestral_s1", "dpmpp_2s_ancestral", _S, _N),
+    Case("dpmpp_2s_ancestral_s2", "dpmpp_2s_ancestral", _S, _N, stage2=True),
+    Case("dpmpp_2m_inf", "dpmpp_2m", INF, _N),
+    Case("dpmpp_2m_h1", "dpmpp_2m", _S, _N, prev=_PREV[:1]),
+    Case("dpmpp_2m_prev_inf", "dpmpp_2m", _S, _N, prev=(INF,)),
+    Case("dpmpp_2m_to_0", "dpmpp_2m", _S, 0.0, prev=_PREV[:1]),
+    Case("dpmpp_2m_sde_inf", "dpmpp_2m_sde", INF, _N),
+    Case("dpmpp_2m_sde_midpoint", "dpmpp_2m_sde", _S, _N, (("solver_type", "midpoint"),), prev=_PREV[:1]),
+    Case("dpmpp_2m_sde_heun", "dpmpp_2m_sde", _S, _N, (("solver_type", "heun"), ("eta", 0.7)), prev=_PREV[:1]),
+    Case("dpmpp_2m_sde_to_0", "dpmpp_2m_sde", _S, 0.0, prev=_PREV[:1]),
+    Case("dpmpp_3m_sde_inf", "dpmpp_3m_sde", INF, _N),
+    Case("dpmpp_3m_sde_h0", "dpmpp_3m_sde", _S, _N),
+    Case("dpmpp_3m_sde_h1", "dpmpp_3m_sde", _S, _N, prev=_PREV[:1]),
+    Case("dpmpp_3m_sde_h2", "dpmpp_3m_sde", _S, _N, (("s_noise", 0.9),), prev=_PREV[:2]),
+    Case("lms_inf", "lms", INF, _N),
+    Case("lms_h1", "lms", _S, _N, prev=_PREV[:1]),
+    Case("lms_h2", "lms", _S, _N, prev=_PREV[:2]),
+    Case("lms_h3", "lms", _S, _N, prev=_PREV[:3]),
+    Case("lms_h3_to_0", "lms", _S, 0.0, prev=_PREV[:3]),
+]
+CASE_BY_ID = {c.id: c for c in CASES}
+
+
+def test_cases_cover_every_sampler():
+    assert {c.step for c in CASES} == set(co.SAMPLER_KINDS)
+
+
+@pytest.mark.parametrize("guidance", ["none", "rescale_output"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_sampler_matches_float64_reference(case, dtype, guidance):
+    """Every sampler and stage, on an odd shape: y, D and the LMS derivative."""
+    _compare_to_reference(case, "odd_small", dtype, guidance)
+
+
+# churn noise; a second stage (D_1 as history); two history tensors and noise; three history tensors and a carry
+LAYOUT_CASES = ["euler_churn", "heun_s2", "dpmpp_3m_sde_h2", "lms_h3"]
+
+
+@pytest.mark.parametrize("guidance", list(GUIDANCE))
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case_id", LAYOUT_CASES)
+def test_shapes_layouts_and_guidance_match_float64_reference(case_id, dtype, shape, guidance):
+    """Batch 1, odd sizes, 5-D video, channels_last (2-D and 3-D), sliced views and mixed layouts, with every
+    guidance mode (plain, CFG, and the rescale in each space)."""
+    _compare_to_reference(CASE_BY_ID[case_id], shape, dtype, guidance)
+
+
+@pytest.mark.parametrize("prediction,sigma", [("eps", _S), ("x0", INF), ("flow", INF), ("v", INF)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parameterizations_match_float64_reference(prediction, sigma, dtype):
+    """The kernel's D = p y + q F for every prediction type (sigma_data 0.5 to exercise it), rescale in v space."""
+    case = Case(f"euler_{prediction}", "euler", sigma, _N, (("prediction", prediction), ("sigma_data", 0.5)))
+    _compare_to_reference(case, "channels_last", dtype, "rescale_v")
+
+
+# ------------------------------------------------------------------------------------ 3. Philox noise
+
+
+def test_in_kernel_noise_equals_noise_normal():
+    """With y = F = 0 the step is y' = e z: the kernel's normals equal ``noise.normal`` to float rounding
+    (odd per-sample size, so the last Philox group is partial; per-sample seeds spanning 64 bits)."""
+    shape, seeds, step_index = (3, 5, 7, 11), [0, 2**32 + 7, 2**64 - 1], 17
+    zero = torch.zeros(shape)
+    r = zk.euler_ancestral_step(zero, zero, INF, _N, seed=seeds, step_index=step_index, backend="cpu")
+    e = co.step_coeffs(parameterization("v"), co.StepArgs("euler_ancestral", INF, _N)).e
+    z = zn.normal(shape, seeds, step_index, dtype=torch.float32)
+    torch.testing.assert_close(r.y / e, z, atol=1e-5, rtol=0)  # NORMAL_ATOL of test_philox.py
+    assert (r.y / e - z).abs().max().item() < 1e-5
+
+
+NOISY = ["euler_ancestral_inf", "euler_churn", "ddim_eta05", "ddpm", "dpm_2_ancestral_s2", "dpmpp_2s_ancestral_s2",
+         "dpmpp_2m_sde_heun", "dpmpp_3m_sde_h2"]
+
+
+@pytest.mark.parametrize("shape", ["odd", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case_id", NOISY)
+def test_seeded_step_matches_reference(case_id, dtype, shape):
+    """A seeded step on cpu against the float64 reference given the float32 Philox normals of the same seed (the
+    torch backend rounds its noise to y's dtype first, so its low-precision error is the larger one); in float32,
+    cpu and torch with the same seed agree to float rounding."""
+    case = CASE_BY_ID[case_id]
+    t = _inputs(shape, dtype, seed=3)
+    seed = dict(seed=[11, 2**40 + 3], step_index=5) if SHAPES[shape][0][0] == 2 else dict(seed=99, step_index=5)
+    got = _call(case, t, "cpu", "cfg", **seed)
+    z = zn.normal(tuple(t["y"].shape), seed["seed"], seed["step_index"], dtype=torch.float32).double()
+    ref = _call(case, dict(_as64(t), z=z), "torch", "cfg")
+    same_seed = _call(case, t, "torch", "cfg", **seed)
+    for k, r in _outputs(ref).items():
+        lp = _outputs(same_seed)[k]
+        _check(_outputs(got)[k], r, lp if dtype != torch.float32 else None, dtype, f"{case_id} {k}")
+        if dtype == torch.float32:
+            torch.testing.assert_close(_outputs(got)[k], lp, atol=2e-5, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case_id", ["euler_ancestral", "dpmpp_3m_sde_h2", "euler_churn"])
+def test_batch_of_8_with_per_sample_seeds_equals_8_batches_of_1(case_id, dtype):
+    """Bit-exact on cpu: the noise counter is per sample, the statistics are per sample."""
+    case = CASE_BY_ID[case_id]
+    seeds = [1, 2, 3, 2**32, 2**63 + 1, 12345, 0, 2**64 - 1]
+    shape = (8, 3, 11, 13)  # 429 elements per sample: not a multiple of 4
+    t = {k: _randn(shape, i).to(dtype) for i, k in enumerate(TENSOR_NAMES)}
+    del t["z"]
+    batch = _call(case, t, "cpu", "rescale_x0", seed=seeds, step_index=4)
+    for i, s in enumerate(seeds):
+        one = _call(case, {k: v[i:i + 1] for k, v in t.items()}, "cpu", "rescale_x0", seed=s, step_index=4)
+        for k, v in _outputs(one).items():
+            assert torch.equal(_outputs(batch)[k][i:i + 1], v), f"sample {i} {k}"
+
+
+def test_seeded_noise_ignores_the_memory_layout():
+    """Philox noise is indexed by the logical element order: channels_last and sliced y give the same result as
+    contiguous y, bit for bit."""
+    case = CASE_BY_ID["dpmpp_3m_sde_h2"]
+    for shape in ("channels_last", "sliced"):
+        t = _inputs(shape, torch.float32, seed=5)
+        dense = {k: v.contiguous() for k, v in t.items()}
+        a = _call(case, t, "cpu", "cfg", seed=[3, 4], step_index=2)
+        b = _call(case, dense, "cpu", "cfg", seed=[3, 4], step_index=2)
+        assert torch.equal(a.y, b.y) and torch.equal(a.denoised, b.denoised), shape
+
+
+# ------------------------------------------------------------------------------------------ 2. sample()
+
+SAMPLE_RUNS = [
+    ("euler", {}),
+    ("euler", {"s_churn": 2.0, "s_tmin": 0.2, "s_tmax": 50.0}),
+    ("euler_ancestral", {}),
+    ("heun", {"s_churn": 1.5}),
+    ("dpm_2", {}),
+    ("dpm_2_ancestral", {"eta": 0.7}),
+    ("dpmpp_2s_ancestral", {}),
+    ("dpmpp_2m", {}),
+    ("dpmpp_2m_sde", {"solver_type": "heun"}),
+    ("dpmpp_3m_sde", {}),
+    ("ddim", {"eta": 0.5}),
+    ("ddpm", {}),
+    ("lms", {}),
+]
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg_rescale"])
+@pytest.mark.parametrize("sampler,kw", SAMPLE_RUNS, ids=[s + "".join(f"_{k}" for k in kw) for s, kw in SAMPLE_RUNS])
+def test_sample_cpu_equals_torch(sampler, kw, guided):
+    """A whole run from sigma = inf (seeded where the sampler draws noise), float32, cpu vs torch backend."""
+    net, net_u = TinyNet(4, seed=1), TinyNet(4, seed=2)
+
+    def model(y, s):
+        return (net(y, s), net_u(y, s)) if guided else net(y, s)
+
+    noise = _randn((2, 4, 24, 20), 7).float()
+    sigmas = torch.cat([torch.tensor([INF], dtype=torch.float64), zk.schedules.karras(7, 0.05, 20.0)])
+    extra = dict(guidance_scale=3.0, guidance_rescale=0.6) if guided else {}
+    a = zk.sample(model, noise, sigmas, sampler=sampler, seed=[5, 6], backend="cpu", **kw, **extra)
+    b = zk.sample(model, noise, sigmas, sampler=sampler, seed=[5, 6], backend="torch", **kw, **extra)
+    assert a.dtype == torch.float32 and torch.isfinite(a).all()
+    # float32 rounding accumulated over up to 14 model evaluations; |x0| <= ~11.
+    # NOTE: measured max |cpu - torch| over these runs: 5.2e-6 (dpmpp_3m_sde with CFG + rescale).
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-6)
+
+
+# ------------------------------------------------------------------------------------ 4. out= and in place
+
+
+@pytest.mark.parametrize("case_id", ["euler_inf", "euler_churn", "dpmpp_3m_sde_h2", "heun_s2", "lms_h3"])
+@pytest.mark.parametrize("shape", ["odd", "channels_last", "sliced"])
+def test_out_aliasing_y_equals_fresh_output(case_id, shape):
+    """``out=y`` writes in place (the statistics pass of the x0-space rescale reads y before it is overwritten)
+    and gives the values of a fresh output; the result is ``out`` itself."""
+    case = CASE_BY_ID[case_id]
+    t = _inputs(shape, torch.float32, seed=2)
+    fresh = _call(case, t, "cpu", "rescale_x0", seed=[8, 9, 10][: t["y"].shape[0]], step_index=1)
+    y = t["y"]
+    before = y.clone()
+    inplace = _call(case, t, "cpu", "rescale_x0", seed=[8, 9, 10][: y.shape[0]], step_index=1, out=y)
+    assert inplace.y is y and y.stride() == _layout(before, SHAPES[shape][1](0)).stride()
+    assert torch.equal(y, fresh.y) and not torch.equal(y, before)
+    for k in ("denoised", "derivative"):
+        if getattr(fresh, k) is not None:
+            assert torch.equal(getattr(inplace, k), getattr(fresh, k)), k
+
+
+@pytest.mark.parametrize("out_layout", LAYOUTS)
+@pytest.mark.parametrize("y_layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_with_another_layout(y_layout, out_layout, dtype):
+    """``out`` in any layout receives the values of a fresh output and is the returned y."""
+    t = {k: _layout(_randn((2, 4, 16, 18), i).to(dtype), y_layout) for i, k in enumerate(TENSOR_NAMES)}
+    case = CASE_BY_ID["dpmpp_2m_sde_heun"]
+    fresh = _call(case, t, "cpu", "rescale_output")
+    out = _layout(torch.full_like(fresh.y.contiguous(), float("nan")), out_layout)
+    r = _call(case, t, "cpu", "rescale_output", out=out)
+    assert r.y is out and torch.equal(out, fresh.y)
+    assert torch.equal(r.denoised, fresh.denoised)
+
+
+def test_return_denoised_false():
+    """D is skipped where nothing needs it (euler) and still returned where the sampler remembers it."""
+    t = _inputs("batch1", torch.float32)
+    off = dict(return_denoised=False)
+    assert _call(CASE_BY_ID["euler"], t, "cpu", "cfg", **off).denoised is None
+    assert _call(CASE_BY_ID["lms_h2"], t, "cpu", "cfg", **off).denoised is None
+    for cid in ("dpmpp_2m_h1", "heun_s1", "dpmpp_3m_sde_h1", "dpmpp_2m_sde_heun"):
+        off_r, on_r = _call(CASE_BY_ID[cid], t, "cpu", "cfg", **off), _call(CASE_BY_ID[cid], t, "cpu", "cfg")
+        assert off_r.denoised is not None and torch.equal(off_r.denoised, on_r.denoised), cid
+        assert torch.equal(off_r.y, on_r.y), cid
+    # the y of a step does not depend on whether D is written
+    e_off, e_on = _call(CASE_BY_ID["euler"], t, "cpu", "cfg", **off), _call(CASE_BY_ID["euler"], t, "cpu", "cfg")
+    assert torch.equal(e_off.y, e_on.y)
+
+
+# ------------------------------------------------------------------------------- 5. per-sample sigmas
+
+PER_SAMPLE = [
+    # step, sigma, sigma_next, kwargs, history sigmas per sample (newest first).  A sample at sigma = inf has no
+    # history (its sigma_prev would have to lie above inf), so the multistep rows start sample 0 at 6 with
+    # sigma_prev = inf, the documented "no history yet" marker.
+    ("euler", [INF, 6.0, 0.7, 3.0], [2.5, 2.0, 0.0, 1.0], {}, []),
+    ("euler", [INF, 6.0, 0.7, 3.0], [2.5, 2.0, 0.0, 1.0], {"sigma_hat_next": [3.0, 2.0, 0.0, 1.4]}, []),
+    ("euler_ancestral", [INF, 6.0, 0.7, 3.0], [2.5, 2.0, 0.0, 1.0], {"eta": 0.9}, []),
+    ("ddim", [INF, 6.0, 0.7, 3.0], [2.5, 2.0, 0.0, 1.0], {"eta": 0.5}, []),
+    ("ddpm", [INF, 6.0, 0.7, 3.0], [2.5, 2.0, 0.0, 1.0], {}, []),
+    ("heun", [9.0, 6.0, 0.7, 3.0], [2.5, 2.0, 0.1, 1.0], {}, []),
+    ("dpmpp_2m", [6.0, 6.0, 0.7, 3.0], [2.5, 2.0, 0.0, 1.0], {}, [[INF, 9.0, 1.5, 5.0]]),
+    ("dpmpp_2m_sde", [6.0, 6.0, 0.7, 3.0], [2.5, 2.0, 0.0, 1.0], {"solver_type": "heun"}, [[INF, 9.0, 1.5, 5.0]]),
+    ("dpmpp_3m_sde", [6.0, 6.0, 0.7, 3.0], [2.5, 2.0, 0.0, 1.0], {}, [[9.0, 9.0, 1.5, 5.0], [INF, 14.0, 3.0, 8.0]]),
+    ("lms", [6.0, 6.0, 0.7, 3.0], [2.5, 2.0, 0.0, 1.0], {}, [[9.0, 9.0, 1.5, 5.0], [INF, 14.0, 3.0, 8.0]]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("step,sig,nxt,kw,prev", PER_SAMPLE,
+                         ids=[f"{p[0]}{'_churn' if 'sigma_hat_next' in p[3] else ''}" for p in PER_SAMPLE])
+def test_per_sample_sigmas_equal_one_call_per_sample(step, sig, nxt, kw, prev, dtype):
+    """(B,) sigma tensors (one sample leaving inf, one going to 0) with per-sample seeds and the v-space rescale
+    equal one cpu call per sample, bit for bit; in float32 the batch also matches the torch backend."""
+    fn = getattr(zk, step + "_step")
+    t = {k: _randn((4, 3, 9, 10), 50 + i).to(dtype) for i, k in enumerate(TENSOR_NAMES)}
+    seeds = [21, 22, 23, 24]
+    col = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    common = dict(guidance_scale=4.0, guidance_rescale=0.7, rescale_space="v", step_index=3)
+
+    def batched(backend):
+        kwb = {k: col(v) if isinstance(v, list) else v for k, v in kw.items()}
+        if prev:
+            kwb["history"] = [(col(s), t[f"h{k}"]) for k, s in enumerate(prev)]
+        return fn(t["y"], (t["fc"], t["fu"]), col(sig), col(nxt), seed=seeds, backend=backend, **kwb, **common)
+
+    got = batched("cpu")
+    assert isinstance(got.sigma, torch.Tensor) and got.sigma.shape == (4,)
+    for i in range(4):
+        sl = slice(i, i + 1)
+        kwi = {k: v[i] if isinstance(v, list) else v for k, v in kw.items()}
+        if prev:
+            kwi["history"] = [(s[i], t[f"h{k}"][sl]) for k, s in enumerate(prev)]
+        one = fn(t["y"][sl], (t["fc"][sl], t["fu"][sl]), sig[i], nxt[i], seed=seeds[i], backend="cpu", **kwi,
+                 **common)
+        assert float(got.sigma[i]) == one.sigma
+        for k, v in _outputs(one).items():
+            assert torch.equal(_outputs(got)[k][sl], v), f"sample {i} {k}"
+    if dtype == torch.float32:
+        for k, v in _outputs(batched("torch")).items():
+            torch.testing.assert_close(_outputs(got)[k], v, atol=2e-5, rtol=2e-6)
+
+
+# ------------------------------------------------------------------------------------------ 6. threads
+
+
+def test_concurrent_threads_equal_sequential_calls():
+    """4 Python threads running 6-step loops on different inputs at once (the kernel releases the GIL) give the
+    results of the same loops run one after another."""
+    shape = (2, 4, 96, 96)  # several chunks per sample: the statistics pass reduces across them
+    inputs = [(_randn(shape, 10 + i).float(), _randn(shape, 20 + i).float()) for i in range(4)]
+    sigmas = [INF, 8.0, 4.0, 2.0, 1.0, 0.5, 0.0]
+
+    def loop(k: int):
+        y, f = inputs[k]
+        hist = []
+        for i in range(len(sigmas) - 1):
+            fc, fu = torch.tanh(f + 0.1 * y), 0.5 * f
+            r = zk.dpmpp_3m_sde_step(y, (fc, fu), sigmas[i], sigmas[i + 1], history=hist, seed=[k, k + 100],
+                                     step_index=i, guidance_scale=5.0, guidance_rescale=0.7, backend="cpu")
+            hist = [(sigmas[i], r.denoised)] + hist[:1]
+            y = r.y
+        return y
+
+    sequential = [loop(k) for k in range(4)]
+    results: list = [None] * 4
+    errors: list = []
+    barrier = threading.Barrier(4)
+
+    def worker(k):
+        try:
+            barrier.wait()
+            for _ in range(3):
+                results[k] = loop(k)
+                assert torch.equal(results[k], sequential[k])
+        except BaseException as exc:  # noqa: BLE001 (reported in the main thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for k in range(4):
+        assert torch.equal(results[k], sequential[k]), k
+
+
+# ------------------------------------------------------------------------------------------ 7. refusals
+
+
+def test_cpu_refuses_float64_and_auto_falls_back_to_torch():
+    t = _as64(_inputs("batch1", torch.float32))
+    with pytest.raises(ValueError, match="cpu.*float64"):
+        _call(CASE_BY_ID["euler"], t, "cpu")
+    auto, ref = _call(CASE_BY_ID["euler"], t, "auto"), _call(CASE_BY_ID["euler"], t, "torch")
+    assert auto.y.dtype == torch.float64 and torch.equal(auto.y, ref.y)
+
+
+def test_auto_uses_the_cpu_kernels_for_cpu_tensors():
+    t = _inputs("odd", torch.float32)
+    for cid in ("euler_inf", "dpmpp_3m_sde_h2"):
+        auto, cpu = _call(CASE_BY_ID[cid], t, "auto", "rescale_v"), _call(CASE_BY_ID[cid], t, "cpu", "rescale_v")
+        assert torch.equal(auto.y, cpu.y)
+
+
+def test_cpu_refuses_other_devices():
+    y = torch.zeros(1, 4, 8, 8, device="meta")
+    with pytest.raises(ValueError, match=r"backend='cpu'.*meta"):
+        zk.euler_step(y, y, INF, 1.0, backend="cpu")
+
+
+def _untouched_after(expect_exc, match, call, tensors):
+    """``call()`` raises ``expect_exc`` and every tensor in ``tensors`` keeps its values (bit for bit)."""
+    before = [t.clone() for t in tensors]
+    with pytest.raises(expect_exc, match=match):
+        call()
+    for k, (t, b) in enumerate(zip(tensors, before)):
+        assert torch.equal(t, b), f"tensor {k} was modified by a refused call ({match})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bad_input_raises_before_writing(dtype):
+    """Every refusal leaves y (passed as out=), the model outputs, history and noise untouched; the checks done
+    in Python and the ones the kernel reports (missing noise, eps at inf, mixed stages) alike."""
+    t = _inputs("batch1", dtype)
+    y, fc, fu, h0, z = t["y"], t["fc"], t["fu"], t["h0"], t["z"]
+    all_t = [y, fc, fu, h0, z]
+    hist = [(9.0, h0)]
+    run = zk.dpmpp_2m_sde_step
+    cases = [
+        (ValueError, "shape", lambda: run(y, (fc, fu[:, :3]), _S, _N, history=hist, noise=z, guidance_scale=3.0,
+                                          backend="cpu", out=y)),
+        (TypeError, "dtype", lambda: run(y, (fc, fu), _S, _N, history=[(9.0, h0.double())], noise=z,
+                                         guidance_scale=3.0, backend="cpu", out=y)),
+        (TypeError, "dtype", lambda: run(y, (fc, fu), _S, _N, history=hist, noise=z.double(), guidance_scale=3.0,
+                                         backend="cpu", out=y)),
+        (ValueError, "shape", lambda: run(y, (fc, fu), _S, _N, history=hist, noise=z, guidance_scale=3.0,
+                                          backend="cpu", out=h0[:, :, :4])),
+        (ValueError, "adds noise", lambda: run(y, (fc, fu), _S, _N, history=hist, guidance_scale=3.0,
+                                               backend="cpu", out=y)),
+        (ValueError, "step_index", lambda: run(y, (fc, fu), _S, _N, history=hist, seed=1, guidance_scale=3.0,
+                                               backend="cpu", out=y)),
+        (ValueError, "eps", lambda: zk.euler_step(y, fc, INF, _N, prediction="eps", backend="cpu", out=y)),
+        (ValueError, "pair", lambda: zk.euler_step(y, fc, _S, _N, guidance_scale=3.0, backend="cpu", out=y)),
+        (ValueError, "history sigmas", lambda: run(y, (fc, fu), _S, _N, history=[(3.0, h0)], noise=z,
+                                                   guidance_scale=3.0, backend="cpu", out=y)),
+        (ValueError, "guidance_rescale", lambda: zk.euler_step(y, (fc, fu), _S, _N, guidance_scale=3.0,
+                                                               guidance_rescale=1.5, backend="cpu", out=y)),
+    ]
+    for exc, match, call in cases:
+        _untouched_after(exc, match, call, all_t)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("step", ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms"])
+def test_history_sigmas_must_lie_above_sigma(step, backend):
+    """Both backends refuse remembered sigmas that are not above sigma (newest first, growing with age) with the
+    same ValueError, instead of dividing by log(1) = 0 or letting the kernel fail with an internal code."""
+    t = _inputs("batch1", torch.float32)
+    fn = getattr(zk, step + "_step")
+    for prev in ((3.0,), (_S,), (9.0, 7.0)):
+        if step in ("dpmpp_2m", "dpmpp_2m_sde") and len(prev) > 1:
+            continue  # they remember one evaluation only
+        hist = [(s, t[f"h{k}"]) for k, s in enumerate(prev)]
+        kw = {} if step in ("dpmpp_2m", "lms") else {"noise": t["z"]}
+        _untouched_after(ValueError, "history sigmas must be above", lambda: fn(
+            t["y"], t["fc"], _S, _N, history=hist, backend=backend, out=t["y"], **kw), list(t.values()))
+
+
+def test_mixed_stage_refusal_leaves_out_untouched():
+    """The kernel detects per-sample sigmas that put samples in different stages before writing anything."""
+    t = {k: _randn((2, 3, 8, 8), i).float() for i, k in enumerate(TENSOR_NAMES)}
+    y = t["y"]
+    _untouched_after(ValueError, "stages", lambda: zk.heun_step(
+        y, t["fc"], torch.tensor([_S, _S], dtype=torch.float64), torch.tensor([_N, 0.0], dtype=torch.float64),
+        backend="cpu", out=y), [y, t["fc"]])
+
+
+# ------------------------------------------------------------------------------------------ 8. determinism
+
+
+def _big_step(dtype, threads: int):
+    shape = (1, 16, 128, 128)  # 16 chunks of 16384 elements in one sample
+    t = {k: _randn(shape, 70 + i).to(dtype) for i, k in enumerate(TENSOR_NAMES)}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _call(CASE_BY_ID["dpmpp_3m_sde_h2"], t, "cpu", "rescale_x0", seed=3, step_index=7)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_same_call_twice_is_bit_identical(dtype):
+    a, b = _big_step(dtype, 1), _big_step(dtype, 1)
+    assert torch.equal(a.y, b.y) and torch.equal(a.denoised, b.denoised)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_results_do_not_depend_on_the_thread_count(dtype):
+    """The statistics pass sums fixed chunks and reduces them in a fixed order, so 1, 2 and 3 OpenMP threads
+    (the kernel shares PyTorch's OpenMP runtime, so torch.set_num_threads sets its team size) agree bit for bit."""
+    a = _big_step(dtype, 1)
+    for n in (2, 3):
+        b = _big_step(dtype, n)
+        assert torch.equal(a.y, b.y) and torch.equal(a.denoised, b.denoised), n
