@@ -18,6 +18,7 @@ def info() -> int:
     print(f"compiled module zsnr_kernels._C: {'loaded' if _ext.available() else 'unavailable'}")
     if _ext.available():
         print("  build: " + json.dumps(_ext.build_info(), sort_keys=True))
+        print(f"  cpu kernels use: {_ext.C.cpu_isa()}")
     else:
         print(f"  why: {_ext.why_unavailable()}")
     probe = torch.zeros(1)
