@@ -79,7 +79,8 @@ ParallelCompile("ZSNR_BUILD_JOBS", default=0).install()
 ext_modules = [
     Pybind11Extension(
         "zsnr_kernels._C",
-        ["csrc/bindings.cpp", "csrc/cpu/step.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp"],
+        ["csrc/bindings.cpp", "csrc/cpu/step.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp",
+         "csrc/cpu/kernels_avx512.cpp"],
         include_dirs=["csrc/include", "csrc"],
         cxx_std=17,
     )

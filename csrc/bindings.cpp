@@ -215,7 +215,7 @@ PYBIND11_MODULE(_C, m) {
         "Fill float32 out[batch, n_per_sample] with the DESIGN 2.8 normals; seeds: uint64[batch].");
   m.def("build_info", &build_info, "Compiler, flags and OpenMP state of this build.");
   m.def("fused_step", &fused_step, "One fused sampler step on CPU tensors (see csrc/cpu/step.h).");
-  m.def("cpu_isa", []() { return zsnr::cpu::using_avx2() ? "avx2+fma+f16c" : "baseline"; },
+  m.def("cpu_isa", []() { return std::string(zsnr::cpu::isa_name()); },
         "The instruction set the CPU kernels use on this machine.");
   m.def("step_coeffs", &coeffs_step, py::arg("prediction"), py::arg("sigma_data"), py::arg("sampler"),
         py::arg("stage"), py::arg("sigma"), py::arg("sigma_next"), py::arg("sigma_hat_next"),

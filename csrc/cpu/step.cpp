@@ -15,31 +15,49 @@ namespace cpu {
   }
 ZSNR_DECLARE_ISA(base)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ZSNR_X86 1
 ZSNR_DECLARE_ISA(avx2)
+ZSNR_DECLARE_ISA(avx512)
 #endif
 #undef ZSNR_DECLARE_ISA
 
-bool using_avx2() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool ok =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
+Isa isa() {
+#if defined(ZSNR_X86)
+  static const Isa best = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return kIsaAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return kIsaAvx2;
+    return kIsaBase;
+  }();
+  return best;
 #else
-  return false;
+  return kIsaBase;
 #endif
 }
 
+const char* isa_name() {
+  switch (isa()) {
+    case kIsaAvx512: return "avx512";
+    case kIsaAvx2: return "avx2+fma+f16c";
+    default: return "baseline";
+  }
+}
+
 void rescale_sums(const Tensors& t, int32_t with_y, double* out) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (using_avx2()) return avx2::rescale_sums(t, with_y, out);
+#if defined(ZSNR_X86)
+  if (isa() == kIsaAvx512) return avx512::rescale_sums(t, with_y, out);
+  if (isa() == kIsaAvx2) return avx2::rescale_sums(t, with_y, out);
 #endif
   base::rescale_sums(t, with_y, out);
 }
 
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,
              int32_t n_hist_used, int32_t noise_mode) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (using_avx2()) return avx2::combine(t, c, seeds, step_index, draw, n_hist_used, noise_mode);
+#if defined(ZSNR_X86)
+  if (isa() == kIsaAvx512) return avx512::combine(t, c, seeds, step_index, draw, n_hist_used, noise_mode);
+  if (isa() == kIsaAvx2) return avx2::combine(t, c, seeds, step_index, draw, n_hist_used, noise_mode);
 #endif
   base::combine(t, c, seeds, step_index, draw, n_hist_used, noise_mode);
 }

@@ -79,8 +79,10 @@ void rescale_sums(const Tensors& t, int32_t with_y, double* out);
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,
              int32_t n_hist_used, int32_t add_noise);
 
-// Whether the vectorised (AVX2 + FMA + F16C) kernels run on this machine.
-bool using_avx2();
+// The instruction set the kernels run with on this machine (the best one compiled in and supported).
+enum Isa : int32_t { kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
+Isa isa();
+const char* isa_name();
 
 }  // namespace cpu
 }  // namespace zsnr
