@@ -14,7 +14,7 @@
 #include "zsnr/philox.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 #define ZSNR_CPU_ISA avx512
 #include "kernels_impl.h"
 #endif
