@@ -70,11 +70,9 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     (y_k, fc_k, fu_k, z_k, *hist_k), kept = _prepare([y, f_cond, f_uncond, noise, *history], philox)
     batch = y.shape[0]
     n = y.numel() // batch
-    in_place = out is not None and out.data_ptr() == y.data_ptr() and kept and out.stride() == y.stride()
-    if out is not None and (in_place or (kept and out.stride() == y.stride())):
-        y_out = out
-    else:
-        y_out = torch.empty_like(y_k)
+    # write straight into `out` (which may be y itself: the kernel reads each element before writing it) when it
+    # has the layout the kernel sees; otherwise into a temporary copied into `out` at the end
+    y_out = out if out is not None and kept and out.stride() == y.stride() else torch.empty_like(y_k)
     d_out = torch.empty_like(y_k) if want_denoised else None
     carry_out = torch.empty_like(y_k) if a0.sampler == "lms" else None
     n_prev = len(a0.sigma_prev)

@@ -114,26 +114,26 @@ def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
     return r * torch.cos(th), r * torch.sin(th)
 
 
-def _check_index(value: object, name: str, bound: int) -> int:
-    """``value`` as an int in [0, bound); TypeError/ValueError naming ``name`` otherwise."""
+def _as_int(value: object, name: str) -> int:
+    """``value`` as a Python int (any integer type, not bool); TypeError naming ``name`` otherwise."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool")
     try:
-        v = operator.index(value)
+        return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def _check_index(value: object, name: str, bound: int) -> int:
+    """``value`` as an int in [0, bound); TypeError/ValueError naming ``name`` otherwise."""
+    v = _as_int(value, name)
     if not 0 <= v < bound:
         raise ValueError(f"{name} must be in [0, {bound}), got {v}")
     return v
 
 
 def _seed_int(value: object, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    v = _as_int(value, name)
     if not -(2**63) <= v < 2**64:
         raise ValueError(f"{name} must be in [-2**63, 2**64), got {v}")
     return v % 2**64
