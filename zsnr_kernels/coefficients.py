@@ -72,7 +72,7 @@ def _check_pair(sigma: float, sigma_next: float) -> None:
 def _check_history(sigma: float, sigma_prev) -> None:
     """Remembered sigmas come from earlier steps: strictly above sigma and growing with age (newest first)."""
     below = sigma
-    for k, p in enumerate(sigma_prev):
+    for p in sigma_prev:
         if not p > below:
             raise ValueError(f"history sigmas must be above sigma={sigma} and grow with age (newest first), "
                              f"got {tuple(sigma_prev)}")
