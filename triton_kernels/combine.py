@@ -324,7 +324,8 @@ def fused_step_triton(y, f_cond, f_uncond, history, coeffs, *, denoise, guidance
         y_out, y_out if d_out is None else d_out, y_out if carry_out is None else carry_out,
         n, int(step_index) % 2**32, int(draw) % 2**32,
         N_HIST=n_hist, GUIDED=guided, STORE_D=d_out is not None, STORE_CARRY=store_carry,
-        NOISE_MODE=noise_mode, BLOCK=block)
+        NOISE_MODE=noise_mode, BLOCK=block,
+        enable_fp_fusion=False)  # the tl.fma calls are the only contractions: CPU and GPU round alike
     y_out = y_out.view(y.shape)
     if out is not None:
         out.copy_(y_out)
