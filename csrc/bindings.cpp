@@ -80,7 +80,7 @@ py::tuple fused_step(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t y, 
                      const std::vector<double>& sigma_hat_next, const std::vector<double>& sigma_prev,
                      int32_t n_prev, double guidance_scale, double guidance_rescale, int32_t rescale_space,
                      const std::vector<uint64_t>& seeds, uint32_t step_index, uint32_t draw) {
-  zsnr::cpu::Tensors t{};
+  zsnr::Tensors t{};
   t.dtype = dtype;
   t.batch = batch;
   t.n = n;
@@ -93,7 +93,7 @@ py::tuple fused_step(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t y, 
   t.y_out = as_ptr<void>(y_out);
   t.d_out = as_ptr<void>(d_out);
   t.carry_out = as_ptr<void>(carry_out);
-  zsnr::cpu::StepPlan plan{};
+  zsnr::StepPlan plan{};
   plan.pz = zsnr::Param{prediction, sigma_data};
   plan.sampler = sampler;
   plan.stage = stage;

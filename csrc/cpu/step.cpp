@@ -70,28 +70,12 @@ StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out
     return r;
   }
   const int64_t ns = plan.n_sigma;
-  std::vector<StepCoeffs> cs(ns);
-  std::vector<double> p(ns), q(ns), u(ns, 0.0), tw(ns, 1.0);
   const bool rescale = plan.guidance_rescale != 0.0 && t.f_uncond != nullptr;
+  std::vector<SampleCoeffs> cs(ns);
   for (int64_t i = 0; i < ns; ++i) {
-    StepArgs a{};
-    a.sampler = plan.sampler;
-    a.stage = plan.stage;
-    a.sigma = plan.sigma[i];
-    a.sigma_next = plan.sigma_next[i];
-    a.sigma_hat_next = plan.sigma_hat_next[i];
-    a.n_prev = plan.n_prev;
-    for (int k = 0; k < plan.n_prev; ++k) a.sigma_prev[k] = plan.sigma_prev[k * ns + i];
-    a.eta = plan.eta;
-    a.s_noise = plan.s_noise;
-    a.solver_heun = plan.solver_heun;
-    a.order = plan.order;
-    cs[i] = step_coeffs(plan.pz, a);
-    int32_t err = cs[i].error;
-    if (err == kOk) err = denoise_coeffs(plan.pz, plan.sigma_eval[i], &p[i], &q[i]);
-    if (err == kOk && rescale) err = rescale_space_coeffs(plan.pz, plan.sigma_eval[i], plan.rescale_space, &u[i], &tw[i]);
-    if (err != kOk) {
-      r.error = err;
+    cs[i] = sample_coeffs(plan, i, rescale);
+    if (cs[i].error != kOk) {
+      r.error = cs[i].error;
       r.bad_sample = i;
       return r;
     }
@@ -101,7 +85,7 @@ StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out
       return r;
     }
     if (cs[i].n_hist > r.n_hist_used) r.n_hist_used = cs[i].n_hist;
-    if (cs[i].e != 0.0) r.noise_used = 1;
+    if (cs[i].ec.e != 0.0f) r.noise_used = 1;
   }
   r.complete = cs[0].complete;
   if (r.n_hist_used > t.n_hist) {
@@ -119,24 +103,16 @@ StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out
   }
   std::vector<ElemCoeffs> ec(t.batch);
   for (int64_t b = 0; b < t.batch; ++b) {
-    const int64_t i = ns == 1 ? 0 : b;
-    const StepCoeffs& c = cs[i];
-    double pb = p[i], qb = q[i];
+    const SampleCoeffs& c = cs[ns == 1 ? 0 : b];
+    ec[b] = c.ec;
     if (rescale) {
-      const double f = rescale_factor(sums.data() + b * kNumSums, static_cast<double>(t.n), u[i], tw[i],
+      double pb = c.p, qb = c.q;
+      const double f = rescale_factor(sums.data() + b * kNumSums, static_cast<double>(t.n), c.u, c.t,
                                       plan.guidance_scale, plan.guidance_rescale);
-      fold_rescale(f, u[i], tw[i], &pb, &qb);
+      fold_rescale(f, c.u, c.t, &pb, &qb);
+      ec[b].p = static_cast<float>(pb);
+      ec[b].q = static_cast<float>(qb);
     }
-    ElemCoeffs& e = ec[b];
-    e.w = static_cast<float>(plan.guidance_scale);
-    e.p = static_cast<float>(pb);
-    e.q = static_cast<float>(qb);
-    e.a = static_cast<float>(c.a);
-    e.b = static_cast<float>(c.b);
-    e.e = static_cast<float>(c.e);
-    for (int k = 0; k < kMaxHist; ++k) e.h[k] = k < c.n_hist ? static_cast<float>(c.h[k]) : 0.0f;
-    e.g_y = c.has_carry ? static_cast<float>(c.g_y) : 0.0f;
-    e.g_d = c.has_carry ? static_cast<float>(c.g_d) : 0.0f;
   }
   Tensors tt = t;
   if (!cs[0].has_carry) tt.carry_out = nullptr;

@@ -153,51 +153,14 @@ __device__ __forceinline__ void poison(ElemCoeffs* c) {
   for (int k = 0; k < kMaxHist; ++k) c->h[k] = nan;
 }
 
-// Sample i's record, computed as cpu::fused_step does.
-__device__ SampleCoeffs sample_coeffs(const CoeffKernelArgs& a, int64_t i, double* sigma_out) {
-  const StepPlan& pl = a.plan;
-  const int64_t ns = pl.n_sigma;
-  StepArgs s{};
-  s.sampler = pl.sampler;
-  s.stage = pl.stage;
-  s.sigma = pl.sigma[i];
-  s.sigma_next = pl.sigma_next[i];
-  s.sigma_hat_next = pl.sigma_hat_next[i];
-  s.n_prev = pl.n_prev;
-  for (int k = 0; k < pl.n_prev && k < kMaxHistory; ++k) s.sigma_prev[k] = pl.sigma_prev[k * ns + i];
-  s.eta = pl.eta;
-  s.s_noise = pl.s_noise;
-  s.solver_heun = pl.solver_heun;
-  s.order = pl.order;
-  const StepCoeffs c = step_coeffs(pl.pz, s);
-
-  SampleCoeffs r;
-  r.p = r.q = NAN;
-  r.u = 0.0;
-  r.t = 1.0;
-  int32_t err = c.error;
-  const double sigma_eval = pl.sigma_eval[i];
-  if (err == kOk) err = denoise_coeffs(pl.pz, sigma_eval, &r.p, &r.q);
-  if (err == kOk && a.rescale) err = rescale_space_coeffs(pl.pz, sigma_eval, pl.rescale_space, &r.u, &r.t);
-  r.error = err;
-  r.complete = c.complete;
-  r.n_hist = c.n_hist;
-  r.has_carry = c.has_carry;
-  ElemCoeffs& e = r.ec;
-  e.w = static_cast<float>(pl.guidance_scale);
-  e.p = static_cast<float>(r.p);
-  e.q = static_cast<float>(r.q);
-  e.a = static_cast<float>(c.a);
-  e.b = static_cast<float>(c.b);
-  e.e = static_cast<float>(c.e);
-  for (int k = 0; k < kMaxHist; ++k) e.h[k] = k < c.n_hist ? static_cast<float>(c.h[k]) : 0.0f;
-  e.g_y = c.has_carry ? static_cast<float>(c.g_y) : 0.0f;
-  e.g_d = c.has_carry ? static_cast<float>(c.g_d) : 0.0f;
-  if (err != kOk) {
-    poison(&e);
+// Sample i's record (zsnr/step_plan.h's sample_coeffs, as on the CPU), NaN-poisoned when it failed.
+__device__ SampleCoeffs device_sample_coeffs(const CoeffKernelArgs& a, int64_t i, double* sigma_out) {
+  SampleCoeffs r = sample_coeffs(a.plan, i, a.rescale != 0);
+  if (r.error != kOk) {
+    poison(&r.ec);
     r.p = r.q = NAN;
   }
-  *sigma_out = err == kOk ? c.sigma_out : NAN;
+  *sigma_out = r.error == kOk ? r.sigma_out : NAN;
   return r;
 }
 
@@ -214,7 +177,7 @@ __global__ void __launch_bounds__(kCoeffThreads) coeffs_kernel(const CoeffKernel
   const int64_t ns = a.plan.n_sigma;
   for (int64_t i = threadIdx.x; i < ns; i += blockDim.x) {
     double so;
-    a.out[i] = sample_coeffs(a, i, &so);
+    a.out[i] = device_sample_coeffs(a, i, &so);
     if (a.sigma_out != nullptr) a.sigma_out[i] = so;
   }
   __syncthreads();

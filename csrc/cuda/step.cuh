@@ -26,58 +26,13 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "zsnr/coefficients.h"
-#include "zsnr/combine.h"
+#include "zsnr/step_plan.h"
 
 namespace zsnr {
 namespace cuda {
 
-// Storage dtype codes (the same as the CPU backend's).
-enum DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-// Extra error codes, after coefficients.h's CoeffError values (the same as the CPU backend's).
-enum StepError : int32_t {
-  kErrNeedsNoise = 100,    // a sample's step adds noise but neither seeds nor a noise tensor was given
-  kErrNeedsHistory = 101,  // a sample's step needs more remembered tensors than were given
-  kErrMixedStages = 102,   // per-sample sigmas put samples in different stages of a two-stage step
-  kErrBadArgs = 103,       // (CPU only: the CUDA launchers answer cudaErrorInvalidValue and launch nothing)
-};
-
-// Every tensor is [batch][n] on the device: sample b is the dense block of n elements starting at b * n, in
-// the tensor's logical (row-major) order whenever Philox noise is drawn (DESIGN 2.8).  All of one dtype.
-struct Tensors {
-  int32_t dtype;
-  int64_t batch, n;
-  const void* y;
-  const void* f_cond;
-  const void* f_uncond;        // nullptr: no guidance
-  const void* hist[kMaxHist];  // remembered tensors, newest first
-  int32_t n_hist;              // how many were given: the combine reads exactly these
-  const void* noise;           // explicit unit noise, or nullptr (then Philox from StepPlan::seeds, if any)
-  void* y_out;
-  void* d_out;                 // nullptr: D is not stored
-  void* carry_out;             // nullptr: no LMS derivative stored
-};
-
-// What every sample's step is.  The sigma arrays are DEVICE float64 arrays of n_sigma values each:
-// 1 (shared by the batch) or batch (one per sample, DESIGN 2.9).
-struct StepPlan {
-  Param pz;
-  int32_t sampler, stage, solver_heun, order, n_prev;
-  double eta, s_noise;
-  int64_t n_sigma;
-  const double* sigma;           // the step's sigma
-  const double* sigma_eval;      // where the model was called (stage 2: the first stage's sigma_out)
-  const double* sigma_next;
-  const double* sigma_hat_next;  // churn target; equal to sigma_next for none
-  const double* sigma_prev;      // [n_prev][n_sigma], newest first (may be nullptr when n_prev = 0)
-  // guidance (rescale only when f_uncond is given and guidance_rescale != 0)
-  double guidance_scale, guidance_rescale;
-  int32_t rescale_space;
-  // noise
-  const uint64_t* seeds;         // DEVICE [batch] Philox seeds, or nullptr
-  uint32_t step_index, draw;
-};
+// DType, StepError, Tensors (device pointers here), StepPlan (device sigma and seed arrays) and SampleCoeffs
+// are zsnr/step_plan.h's, shared with the CPU backend.
 
 // What the step produced, written by the coefficient kernel (the layout of cpu::StepOutcome).
 struct StepStatus {
@@ -86,18 +41,6 @@ struct StepStatus {
   int32_t noise_used;   // whether any sample draws noise
   int32_t n_hist_used;  // the most remembered tensors any sample uses
   int64_t bad_sample;   // the failing sample, or -1
-};
-
-// One sample's coefficients as the device computes them (n_sigma records per step).  A table of these per
-// step index is what the device-resident sampling mode precomputes.
-struct SampleCoeffs {
-  ElemCoeffs ec;      // float32, ready for the element pass (p, q without the rescale factor)
-  int32_t error;      // kOk or why this sample failed (then ec is NaN)
-  int32_t complete;
-  int32_t n_hist;
-  int32_t has_carry;
-  double p, q;        // float64 D = p y + q F, where the rescale fold starts
-  double u, t;        // the rescale space G = u y + t F
 };
 
 // (p, q) of one sample with the guidance rescale factor folded in: replaces ec.p, ec.q in the combine.
