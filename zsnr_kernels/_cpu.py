@@ -113,3 +113,48 @@ def _raise(error: int, pz, args, sigma_eval, bad: int, n_history: int):
     co.step_coeffs(pz, args[i])          # raises the spec's message
     pz.denoise_coeffs(sigma_eval[i])
     raise RuntimeError(f"zsnr_kernels._C.fused_step failed with code {error} where the Python spec did not")
+
+
+def fused_step_traced(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
+                      guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
+                      want_denoised: bool, out):
+    """:func:`fused_step` through the ``torch.library`` ops of :mod:`zsnr_kernels._ops`, for ``torch.compile``.
+
+    The host values (sigma_out, complete) and every error come from the Python spec, which the op's C++ mirrors.
+    """
+    from . import _ops
+
+    cs = [co.step_coeffs(pz, a) for a in args]
+    for s in sigma_eval:
+        pz.denoise_coeffs(s)  # raises for eps at inf, as the eager path does
+    if len({c.complete for c in cs}) > 1:
+        raise ValueError("per-sample sigmas put samples in different stages of a two-stage step; "
+                         "use one sigma_next == 0 decision for the whole batch")
+    n_hist = max(len(c.h) for c in cs)
+    if n_hist > len(history):
+        raise ValueError(f"this step needs {n_hist} history tensor(s), got {len(history)}")
+    if any(c.e != 0.0 for c in cs) and noise is None and seeds is None:
+        raise ValueError("this step adds noise: pass noise= (a unit-Gaussian tensor shaped like y) or "
+                         "seed= with step_index= (Philox noise)")
+    a0 = args[0]
+    n_prev = len(a0.sigma_prev)
+    plan = dict(
+        prediction=PREDICTION_CODES[pz.prediction], sigma_data=pz.sigma_data, sampler=SAMPLER_CODES[a0.sampler],
+        stage=a0.stage, solver_heun=int(a0.solver_type == "heun"), order=a0.order, eta=a0.eta, s_noise=a0.s_noise,
+        sigma=[a.sigma for a in args], sigma_eval=list(sigma_eval), sigma_next=[a.sigma_next for a in args],
+        sigma_hat_next=[a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args],
+        sigma_prev=[a.sigma_prev[k] for k in range(n_prev) for a in args], n_prev=n_prev,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale if f_uncond is not None else 0.0,
+        rescale_space=SPACE_CODES[rescale_space],
+        seeds=[] if seeds is None else [s - 2**64 if s >= 2**63 else s for s in seeds],
+        step_index=0 if step_index is None else int(step_index))
+    want_carry = a0.sampler == "lms"
+    if out is not None and out.is_contiguous() and not want_denoised and not want_carry:
+        _ops.cpu_step_out(out, y, f_cond, f_uncond, list(history), noise, **plan)
+        return out, None, None, [c.sigma_out for c in cs], cs[0].complete
+    y_out, d, carry = _ops.cpu_step(y, f_cond, f_uncond, list(history), noise, want_denoised, want_carry, **plan)
+    if out is not None:
+        out.copy_(y_out)
+        y_out = out
+    return (y_out, d if want_denoised else None, carry if want_carry else None, [c.sigma_out for c in cs],
+            cs[0].complete)

@@ -162,7 +162,10 @@ def _run(
         if noise is not None:
             _validate.tensor("noise", noise, y)
     if name == "cpu":
-        y_out, d, carry, sigma_out, complete = _cpu.fused_step(
+        # under torch.compile the kernel is reached through its torch.library op (no graph break); eager calls
+        # skip that layer, which costs more than the kernel on small latents
+        run_cpu = _cpu.fused_step_traced if torch.compiler.is_compiling() else _cpu.fused_step
+        y_out, d, carry, sigma_out, complete = run_cpu(
             y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
             rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
     else:

@@ -1,0 +1,75 @@
+"""torch.compile readiness of the cpu backend (DESIGN §3): the fused step is a torch.library op with a fake
+implementation and an out= form (checked by ``torch.library.opcheck``); ``torch.compile(fullgraph=True)`` of a
+whole sampling loop traces without a graph break and equals eager; eager calls never go through the op layer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import zsnr_kernels as zk
+from zsnr_kernels import _cpu, _ext
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason="zsnr_kernels._C is not built")
+
+
+def _op_args(y, *, f_uncond=None, history=(), want_d=True, sampler=0, n_prev=0, sigma_prev=(), rescale=0.0):
+    # (y, f_cond, f_uncond, history, noise, want_d, want_carry, prediction, sigma_data, sampler, stage,
+    #  solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev,
+    #  guidance_scale, guidance_rescale, rescale_space, seeds, step_index)
+    return (y, torch.randn_like(y), f_uncond, list(history), None, want_d, False, 0, 1.0, sampler, 1, 0, 4, 1.0,
+            1.0, [5.0], [5.0], [3.0], [3.0], list(sigma_prev), n_prev, 4.0, rescale, 0, [], 0)
+
+
+@pytest.mark.parametrize("variant", ["plain", "guided_rescale", "history"])
+def test_opcheck(variant):
+    from zsnr_kernels import _ops
+
+    y = torch.randn(2, 3, 5, 7)
+    kw = {}
+    if variant == "guided_rescale":
+        kw = dict(f_uncond=torch.randn_like(y), rescale=0.7)
+    elif variant == "history":
+        kw = dict(history=[torch.randn_like(y)], sampler=6, n_prev=1, sigma_prev=[9.0])  # dpmpp_2m
+    args = _op_args(y, **kw)
+    torch.library.opcheck(_ops.cpu_step, args)
+    out = torch.empty_like(y)
+    torch.library.opcheck(_ops.cpu_step_out, (out,) + args[:5] + args[7:])
+
+
+def _model():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 4, generator=g) * 0.3
+
+    def model(y, sigma):
+        t = torch.atan(sigma).view(-1, 1, 1, 1).to(y.dtype)
+        mixed = torch.einsum("ij,bjhw->bihw", w, y)
+        return torch.tanh(mixed + 0.1 * t), torch.tanh(mixed)
+
+    return model
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
+def test_compiled_sampling_loop_has_no_graph_break_and_equals_eager(sampler):
+    model = _model()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigmas = [math.inf] + zk.schedules.karras(5, 0.05, 10.0).tolist()
+
+    def run(n):
+        return zk.sample(model, n, sigmas, sampler=sampler, guidance_scale=4.0, guidance_rescale=0.5, seed=[3, 4])
+
+    eager = run(noise)
+    compiled = torch.compile(run, fullgraph=True)(noise)  # fullgraph: any graph break is an error
+    # the model itself is compiled too (inductor fuses its ops differently), hence float32 rounding, not equality
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_calls_bypass_the_op_layer(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the torch.library op was used by an eager call")
+
+    monkeypatch.setattr(_cpu, "fused_step_traced", refuse)
+    y = torch.randn(1, 4, 8, 8)
+    zk.euler_step(y, torch.randn_like(y), 5.0, 3.0, backend="cpu")
