@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext, coefficients as co
+from . import _ext, _validate, coefficients as co
 from .parameterization import Parameterization
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -102,13 +102,11 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
 
 def _raise(error: int, pz, args, sigma_eval, bad: int, n_history: int):
     if error == _ERR_NEEDS_NOISE:
-        raise ValueError("this step adds noise: pass noise= (a unit-Gaussian tensor shaped like y) or "
-                         "seed= with step_index= (Philox noise)")
+        raise ValueError(_validate.NEEDS_NOISE)
     if error == _ERR_NEEDS_HISTORY:
         raise ValueError(f"this step needs more history tensors than the {n_history} given")
     if error == _ERR_MIXED_STAGES:
-        raise ValueError("per-sample sigmas put samples in different stages of a two-stage step; "
-                         "use one sigma_next == 0 decision for the whole batch")
+        raise ValueError(_validate.MIXED_STAGES)
     i = max(bad, 0)
     co.step_coeffs(pz, args[i])          # raises the spec's message
     pz.denoise_coeffs(sigma_eval[i])
@@ -127,15 +125,9 @@ def fused_step_traced(y, f_cond, f_uncond, history, pz: Parameterization, args: 
     cs = [co.step_coeffs(pz, a) for a in args]
     for s in sigma_eval:
         pz.denoise_coeffs(s)  # raises for eps at inf, as the eager path does
-    if len({c.complete for c in cs}) > 1:
-        raise ValueError("per-sample sigmas put samples in different stages of a two-stage step; "
-                         "use one sigma_next == 0 decision for the whole batch")
-    n_hist = max(len(c.h) for c in cs)
-    if n_hist > len(history):
-        raise ValueError(f"this step needs {n_hist} history tensor(s), got {len(history)}")
+    _validate.step_coeffs(cs, len(history))
     if any(c.e != 0.0 for c in cs) and noise is None and seeds is None:
-        raise ValueError("this step adds noise: pass noise= (a unit-Gaussian tensor shaped like y) or "
-                         "seed= with step_index= (Philox noise)")
+        raise ValueError(_validate.NEEDS_NOISE)
     a0 = args[0]
     n_prev = len(a0.sigma_prev)
     plan = dict(

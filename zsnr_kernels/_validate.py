@@ -112,3 +112,19 @@ def choice(name: str, v, options: Sequence[str]) -> str:
     if not isinstance(v, str) or v not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {v!r}")
     return v
+
+
+NEEDS_NOISE = ("this step adds noise: pass noise= (a unit-Gaussian tensor shaped like y) or seed= with "
+               "step_index= (Philox noise)")
+MIXED_STAGES = ("per-sample sigmas put samples in different stages of a two-stage step; use one "
+                "sigma_next == 0 decision for the whole batch")
+
+
+def step_coeffs(cs, n_history: int) -> int:
+    """Check the per-sample coefficients of one step against what the call supplies; the history depth used."""
+    if len({c.complete for c in cs}) > 1:
+        raise ValueError(MIXED_STAGES)
+    n_hist = max(len(c.h) for c in cs)
+    if n_hist > n_history:
+        raise ValueError(f"this step needs {n_hist} history tensor(s), got {n_history}")
+    return n_hist

@@ -185,12 +185,7 @@ def _torch_step(y, f_cond, f_uncond, history, pz, args, sig_eval, w, phi, space,
     """The reference backend: the Python spec's coefficients, then :func:`reference.fused_step`."""
     cs = [co.step_coeffs(pz, a) for a in args]
     per_sample = len(cs) > 1
-    if len({c.complete for c in cs}) > 1:
-        raise ValueError("per-sample sigmas put samples in different stages of a two-stage step; "
-                         "use one sigma_next == 0 decision for the whole batch")
-    n_hist = max(len(c.h) for c in cs)
-    if n_hist > len(history):
-        raise ValueError(f"this step needs {n_hist} history tensor(s), got {len(history)}")
+    n_hist = _validate.step_coeffs(cs, len(history))
     pq = [pz.denoise_coeffs(s) for s in sig_eval]
     uv = [rescale_space_coeffs(pz, s, space) for s in sig_eval] if phi else [(0.0, 1.0)]
     col = lambda vals: _column(list(vals), per_sample)  # noqa: E731
@@ -219,8 +214,7 @@ def _noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None) -> to
     if noise is not None:
         return _validate.tensor("noise", noise, y)
     if seed is None:
-        raise ValueError("this step adds noise: pass noise= (a unit-Gaussian tensor shaped like y) or "
-                         "seed= with step_index= (Philox noise)")
+        raise ValueError(_validate.NEEDS_NOISE)
     if step_index is None:
         raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
     # the float32 normals enter the math unrounded, as in the kernels (rounding them to a bf16 y would add error)
