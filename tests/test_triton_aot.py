@@ -28,18 +28,22 @@ PTXAS_CANDIDATES = [p for p in (os.path.join(_BUNDLED, "ptxas-blackwell"), shuti
                                 os.path.join(_BUNDLED, "ptxas")) if p and os.path.exists(p)]
 PTXAS = PTXAS_CANDIDATES[0] if PTXAS_CANDIDATES else None
 
-COMBINE_ARGS = ["y_ptr", "fc_ptr", "fu_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "z_ptr", "seed_ptr", "coef_ptr",
+COMBINE_ARGS = ["y_ptr", "fc_ptr", "fu_ptr", "h0_ptr", "h1_ptr", "h2_ptr", "z_ptr",
                 "y_out_ptr", "d_out_ptr", "carry_out_ptr"]
 STORAGE = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 
-# (storage, N_HIST, GUIDED, STORE_D, STORE_CARRY, NOISE_MODE): the headline step, a multistep one with D stored,
-# LMS with a carry, and the in-kernel Philox path
-SPECS = [("fp32", 0, True, False, False, 0), ("bf16", 0, True, False, False, 0), ("bf16", 1, False, True, False, 0),
-         ("fp32", 3, False, True, True, 0), ("bf16", 0, False, False, False, 2), ("fp16", 2, False, True, False, 2)]
+# (storage, N_HIST, GUIDED, RESCALED, STORE_D, STORE_CARRY, NOISE_MODE): the headline step (with and without
+# guidance rescale), a multistep one with D stored, LMS with a carry, and the in-kernel Philox path
+SPECS = [("fp32", 0, True, True, False, False, 0), ("bf16", 0, True, True, False, False, 0),
+         ("bf16", 0, True, False, False, False, 0), ("bf16", 1, False, False, True, False, 0),
+         ("fp32", 3, False, False, True, True, 0), ("bf16", 0, False, False, False, False, 2),
+         ("fp16", 2, False, False, True, False, 2)]
 
 
-def _compile(fn, signature, constexprs, n_aligned, arch):
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(n_aligned)}
+def _compile(fn, signature, constexprs, aligned, arch):
+    """Compile ``fn`` for sm_``arch``; the arguments named in ``aligned`` get the 16-divisibility hint (16-byte
+    aligned pointers, sizes that are multiples of 16) that a launch on ordinary PyTorch tensors gets."""
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name in aligned}
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": False})
 
@@ -64,13 +68,16 @@ def _spills(ptx: str, tmp_path) -> tuple[int, int]:
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: "-".join(map(str, s)))
 def test_combine_compiles_without_spills_and_with_vector_loads(spec, arch, tmp_path):
-    storage, n_hist, guided, store_d, store_carry, noise_mode = spec
-    sig = {name: STORAGE[storage] for name in COMBINE_ARGS}
-    sig.update(seed_ptr="*i64", coef_ptr="*fp32", n="i32", step="i32", draw="i32")
-    consts = dict(N_HIST=n_hist, GUIDED=guided, STORE_D=store_d, STORE_CARRY=store_carry, NOISE_MODE=noise_mode,
-                  BLOCK=1024)
+    storage, n_hist, guided, rescaled, store_d, store_carry, noise_mode = spec
+    st = STORAGE[storage]
+    sig = {"y_ptr": st, "fc_ptr": st, "fu_ptr": st, "h0_ptr": st, "h1_ptr": st, "h2_ptr": st, "z_ptr": st,
+           "seed_ptr": "*i64", "coef_ptr": "*fp64", "coef_stride": "i32", "pq_ptr": "*fp32", "y_out_ptr": st,
+           "d_out_ptr": st, "carry_out_ptr": st, "n": "i32", "step": "i32", "draw": "i32"}
+    consts = dict(N_HIST=n_hist, GUIDED=guided, RESCALED=rescaled, STORE_D=store_d, STORE_CARRY=store_carry,
+                  NOISE_MODE=noise_mode, BLOCK=1024)
     sig.update({k: "constexpr" for k in consts})
-    kernel = _compile(C._combine_kernel, sig, consts, n_aligned=13, arch=arch)  # pointers and n % 16 == 0
+    aligned = [*COMBINE_ARGS, "seed_ptr", "coef_ptr", "pq_ptr", "n"]
+    kernel = _compile(C._combine_kernel, sig, consts, aligned, arch=arch)
     ptx = kernel.asm["ptx"]
     assert _spills(ptx, tmp_path) == (0, 0)
     assert re.search(r"ld\.global(\.[a-z]+)*\.v[24]", ptx), "global loads are not vectorised"
@@ -79,10 +86,18 @@ def test_combine_compiles_without_spills_and_with_vector_loads(spec, arch, tmp_p
 @pytest.mark.skipif(PTXAS is None, reason="no ptxas (Triton's bundled one or the CUDA toolkit's)")
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("with_y", [False, True])
-def test_rescale_sums_compiles_without_spills(arch, with_y, tmp_path):
-    sig = {"y_ptr": "*bf16", "fc_ptr": "*bf16", "fu_ptr": "*bf16", "out_ptr": "*fp32", "n": "i32",
-           "n_blocks": "i32", "WITH_Y": "constexpr", "BLOCK": "constexpr"}
-    kernel = _compile(C._rescale_sums_kernel, sig, {"WITH_Y": with_y, "BLOCK": 1024}, n_aligned=5, arch=arch)
+def test_rescale_pass_compiles_without_spills(arch, with_y, tmp_path):
+    sig = {"y_ptr": "*bf16", "fc_ptr": "*bf16", "fu_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
+           "coef_ptr": "*fp64", "coef_stride": "i32", "pq_ptr": "*fp32", "n": "i32", "n_blocks": "i32",
+           "WITH_Y": "constexpr", "BLOCK": "constexpr", "RBLOCK": "constexpr"}
+    consts = {"WITH_Y": with_y, "BLOCK": 1024, "RBLOCK": 64}
+    aligned = ["y_ptr", "fc_ptr", "fu_ptr", "part_ptr", "count_ptr", "coef_ptr", "pq_ptr", "n"]
+    kernel = _compile(C._rescale_kernel, sig, consts, aligned, arch=arch)
     ptx = kernel.asm["ptx"]
     assert _spills(ptx, tmp_path) == (0, 0)
     assert re.search(r"ld\.global(\.[a-z]+)*\.v[24]", ptx)
+    # the last-block fold: the block's partials are written (bar.sync) before a device-scope acquire-release
+    # ticket, and the last block reads every partial from L2 (.cg), never a stale L1 line
+    assert "bar.sync" in ptx
+    assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)
+    assert re.search(r"ld\.global\.cg", ptx)

@@ -13,9 +13,11 @@ the same way::
     carry = fma(g_d, D, g_y * y)                         (LMS derivative)
 
 Storage is float32, float16 or bfloat16; the math is float32.  The per-sample coefficients are computed in
-float64 on the host (``zsnr_kernels.coefficients``), the guidance rescale factor too, from per-sample sums that
-:func:`_rescale_sums_kernel` accumulates in float32 per block and the host reduces in float64
-(:func:`rescale_factor` is combine.h's ``rescale_factor``, :func:`fold_rescale` its ``fold_rescale``).
+float64 on the host (``zsnr_kernels.coefficients``) into a float64 table (:func:`coefficient_table`) that the
+kernels read on the device.  With guidance rescale, :func:`_rescale_kernel` sums per block in float32, and
+the last block of each sample adds the partials in float64 and folds combine.h's ``rescale_factor`` into
+(p, q) on the device: a step never waits for the device, and its launches (two with guidance rescale, one
+without) can be captured in a CUDA graph.
 
 Noise (DESIGN §2.8) is read from a tensor (NOISE_MODE 1) or drawn in the kernel (NOISE_MODE 2): Philox4x32-10
 keyed by the sample's 64-bit seed, counter (g_lo, g_hi, step, draw) with g = j // 4, then Triton's
@@ -28,23 +30,23 @@ The rescale statistics read F_c, F_u (and y for the ``x0``/``v`` spaces) once mo
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fused_step_triton", "rescale_sums", "rescale_factor", "fold_rescale", "MAX_HIST", "NUM_SUMS"]
+__all__ = ["MAX_HIST", "NUM_COEFFS", "coefficient_table", "fused_step_triton", "launch", "seed_tensor", "to_device"]
 
 MAX_HIST = 3  # combine.h kMaxHist
-# combine.h RescaleSum order: sums of F_c, F_c^2, F_u, F_u^2, F_c F_u, y, y^2, y F_c, y F_u
-SUM_C, SUM_CC, SUM_U, SUM_UU, SUM_CU, SUM_Y, SUM_YY, SUM_YC, SUM_YU = range(9)
-NUM_SUMS = 9
-# columns of the [batch, NUM_COEFFS] float32 coefficient table the combine kernel reads
-C_W, C_P, C_Q, C_A, C_B, C_H0, C_H1, C_H2, C_E, C_GY, C_GD = range(11)
-NUM_COEFFS = 11
-
+# combine.h RescaleSum order: sums of F_c, F_c^2, F_u, F_u^2, F_c F_u, y, y^2, y F_c, y F_u (constexpr: the
+# kernels read them too)
+SUM_C, SUM_CC, SUM_U, SUM_UU, SUM_CU, SUM_Y, SUM_YY, SUM_YC, SUM_YU = (tl.constexpr(k) for k in range(9))
+NUM_SUMS = tl.constexpr(9)
+# Columns of the float64 coefficient table, one row per sample (or one for the batch): the element pass reads
+# w .. g_d (rounded to float32, as static_cast<float> in step_plan.h), the rescale fold p, q, u, t, w, phi.
+C_W, C_P, C_Q, C_A, C_B, C_H0, C_H1, C_H2, C_E, C_GY, C_GD, C_U, C_T, C_PHI = (tl.constexpr(k) for k in range(14))
+NUM_COEFFS = tl.constexpr(16)  # row stride (two spare columns keep rows 128-byte aligned)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_BLOCK = 1024
 
@@ -53,10 +55,16 @@ DEFAULT_BLOCK = 1024
 
 
 @triton.jit
-def _rescale_sums_kernel(y_ptr, fc_ptr, fu_ptr, out_ptr, n, n_blocks, WITH_Y: tl.constexpr, BLOCK: tl.constexpr):
-    """Partial sums of one block of one sample: out[b, blk, :] in combine.h's RescaleSum order (float32).
+def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_stride, pq_ptr, n, n_blocks,
+                    WITH_Y: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
+    """Guidance-rescale statistics and fold, on the device (no host synchronisation); grid (batch, n_blocks).
 
-    Grid (batch, n_blocks).  The y sums (last four) are written as 0 unless WITH_Y.
+    Each program writes the float32 sums of its block (RescaleSum order, NUM_SUMS of a row of 16) to
+    ``part_ptr[b, blk]``, then takes a ticket from ``count_ptr[b]``; the program that completes sample b adds the
+    partials in float64 in block order (deterministic: the result does not depend on which program came last),
+    computes combine.h's ``rescale_factor`` from the sample's (u, t, w, phi) in the float64 table row
+    ``coef_ptr + b * coef_stride``, folds it into (p, q) and writes them to ``pq_ptr[b]`` as float32, and resets
+    the counter for the next step.  The y sums (5..8) are 0 unless WITH_Y.
     """
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1).to(tl.int64)
@@ -65,24 +73,63 @@ def _rescale_sums_kernel(y_ptr, fc_ptr, fu_ptr, out_ptr, n, n_blocks, WITH_Y: tl
     base = b * n
     fc = tl.load(fc_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     fu = tl.load(fu_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    o = out_ptr + (b * n_blocks + blk) * 9
-    tl.store(o + 0, tl.sum(fc, axis=0))
-    tl.store(o + 1, tl.sum(fc * fc, axis=0))
-    tl.store(o + 2, tl.sum(fu, axis=0))
-    tl.store(o + 3, tl.sum(fu * fu, axis=0))
-    tl.store(o + 4, tl.sum(fc * fu, axis=0))
+    cols = tl.arange(0, 16)
+    row = tl.where(cols == SUM_C, tl.sum(fc, axis=0), 0.0)
+    row += tl.where(cols == SUM_CC, tl.sum(fc * fc, axis=0), 0.0)
+    row += tl.where(cols == SUM_U, tl.sum(fu, axis=0), 0.0)
+    row += tl.where(cols == SUM_UU, tl.sum(fu * fu, axis=0), 0.0)
+    row += tl.where(cols == SUM_CU, tl.sum(fc * fu, axis=0), 0.0)
     if WITH_Y:
         y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(o + 5, tl.sum(y, axis=0))
-        tl.store(o + 6, tl.sum(y * y, axis=0))
-        tl.store(o + 7, tl.sum(y * fc, axis=0))
-        tl.store(o + 8, tl.sum(y * fu, axis=0))
-    else:
-        zero = tl.sum(fc * 0.0, axis=0)
-        tl.store(o + 5, zero)
-        tl.store(o + 6, zero)
-        tl.store(o + 7, zero)
-        tl.store(o + 8, zero)
+        row += tl.where(cols == SUM_Y, tl.sum(y, axis=0), 0.0)
+        row += tl.where(cols == SUM_YY, tl.sum(y * y, axis=0), 0.0)
+        row += tl.where(cols == SUM_YC, tl.sum(y * fc, axis=0), 0.0)
+        row += tl.where(cols == SUM_YU, tl.sum(y * fu, axis=0), 0.0)
+    tl.store(part_ptr + (b * n_blocks + blk) * 16 + cols, row)
+    tl.debug_barrier()  # every thread's partial is written before the (release) ticket is taken
+    ticket = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")
+    if ticket == n_blocks - 1:
+        acc = tl.zeros([16], dtype=tl.float64)
+        rows = tl.arange(0, RBLOCK)
+        for r0 in range(0, n_blocks, RBLOCK):
+            r = r0 + rows
+            m = (r[:, None] < n_blocks) & (cols[None, :] < NUM_SUMS)
+            part = tl.load(part_ptr + (b * n_blocks + r[:, None]) * 16 + cols[None, :], mask=m, other=0.0,
+                           cache_modifier=".cg")
+            acc += tl.sum(part.to(tl.float64), axis=0)
+        cp = coef_ptr + b * coef_stride
+        w = tl.load(cp + C_W)
+        p = tl.load(cp + C_P)
+        q = tl.load(cp + C_Q)
+        u = tl.load(cp + C_U)
+        t = tl.load(cp + C_T)
+        phi = tl.load(cp + C_PHI)
+        nf = n.to(tl.float64)
+        s_c = tl.sum(tl.where(cols == SUM_C, acc, 0.0), axis=0)
+        s_cc = tl.sum(tl.where(cols == SUM_CC, acc, 0.0), axis=0)
+        s_u = tl.sum(tl.where(cols == SUM_U, acc, 0.0), axis=0)
+        s_uu = tl.sum(tl.where(cols == SUM_UU, acc, 0.0), axis=0)
+        s_cu = tl.sum(tl.where(cols == SUM_CU, acc, 0.0), axis=0)
+        s_y = tl.sum(tl.where(cols == SUM_Y, acc, 0.0), axis=0)
+        s_yy = tl.sum(tl.where(cols == SUM_YY, acc, 0.0), axis=0)
+        s_yc = tl.sum(tl.where(cols == SUM_YC, acc, 0.0), axis=0)
+        s_yu = tl.sum(tl.where(cols == SUM_YU, acc, 0.0), axis=0)
+        # combine.h rescale_factor, term by term as in rescale_factor() below
+        al = t * w
+        be = t * (1.0 - w)
+        mean_c = (u * s_y + t * s_c) / nf
+        sq_c = (u * u * s_yy + 2.0 * u * t * s_yc + t * t * s_cc) / nf
+        mean_g = (u * s_y + al * s_c + be * s_u) / nf
+        sq_g = (u * u * s_yy + al * al * s_cc + be * be * s_uu
+                + 2.0 * (u * al * s_yc + u * be * s_yu + al * be * s_cu)) / nf
+        var_c = tl.maximum(sq_c - mean_c * mean_c, 0.0)
+        var_g = sq_g - mean_g * mean_g
+        safe = tl.where(var_g > 0.0, var_g, 1.0)
+        f = tl.where(var_g > 0.0, phi * tl.sqrt(var_c / safe) + (1.0 - phi), 1.0)
+        # combine.h fold_rescale
+        tl.store(pq_ptr + 2 * b, (p + (q * u / t) * (f - 1.0)).to(tl.float32))
+        tl.store(pq_ptr + 2 * b + 1, (q * f).to(tl.float32))
+        tl.store(count_ptr + b, 0)
 
 
 @triton.jit
@@ -119,105 +166,156 @@ def _to_storage(x, ptr):
     if ptr.dtype.element_ty == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        r = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+        r = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # noqa: PLR0124 (x == x: not NaN)
         return r.to(tl.bfloat16)
     else:
         return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit
+def _coef(cp, col):
+    """Column ``col`` of a float64 table row, rounded to float32 (the element pass's precision)."""
+    return tl.load(cp + col).to(tl.float32)
+
+
+@triton.jit
 def _combine_kernel(
-    y_ptr, fc_ptr, fu_ptr, h0_ptr, h1_ptr, h2_ptr, z_ptr, seed_ptr, coef_ptr,
+    y_ptr, fc_ptr, fu_ptr, h0_ptr, h1_ptr, h2_ptr, z_ptr, seed_ptr, coef_ptr, coef_stride, pq_ptr,
     y_out_ptr, d_out_ptr, carry_out_ptr,
     n, step, draw,
-    N_HIST: tl.constexpr, GUIDED: tl.constexpr, STORE_D: tl.constexpr, STORE_CARRY: tl.constexpr,
-    NOISE_MODE: tl.constexpr, BLOCK: tl.constexpr,
+    N_HIST: tl.constexpr, GUIDED: tl.constexpr, RESCALED: tl.constexpr, STORE_D: tl.constexpr,
+    STORE_CARRY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One block of one sample of the fused step; grid (batch, cdiv(n, BLOCK)).  Every tensor is [batch][n].
 
-    ``coef_ptr`` is the [batch, 11] float32 table (w, p, q, a, b, h0, h1, h2, e, g_y, g_d).  Unused pointers
-    may be any valid tensor (their loads are compiled out by the constexpr flags).  BLOCK is a multiple of 4.
+    Sample b's coefficients are the float64 table row ``coef_ptr + b * coef_stride`` (stride 0: one row for the
+    batch); with RESCALED, (p, q) come from ``pq_ptr[b]`` instead, where :func:`_rescale_kernel` folded the
+    guidance rescale factor in.  Unused pointers may be any valid tensor (their loads are compiled out by the
+    constexpr flags).  BLOCK is a multiple of 4.
     """
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
     idx = b * n + offs
-    cp = coef_ptr + b * 11
-    p = tl.load(cp + 1)
-    q = tl.load(cp + 2)
-    a = tl.load(cp + 3)
-    cb = tl.load(cp + 4)
+    cp = coef_ptr + b * coef_stride
+    if RESCALED:
+        p = tl.load(pq_ptr + 2 * b)
+        q = tl.load(pq_ptr + 2 * b + 1)
+    else:
+        p = _coef(cp, C_P)
+        q = _coef(cp, C_Q)
+    a = _coef(cp, C_A)
+    cb = _coef(cp, C_B)
 
     y = tl.load(y_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     fc = tl.load(fc_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if GUIDED:
-        w = tl.load(cp + 0)
         fu = tl.load(fu_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        f = tl.fma(w, fc - fu, fu)               # guide()
+        f = tl.fma(_coef(cp, C_W), fc - fu, fu)   # guide()
     else:
         f = fc
     d = tl.fma(p, y, q * f)                       # denoise()
     acc = tl.fma(cb, d, a * y)                    # update(): the additions in combine.h's order
     if N_HIST > 0:
-        acc = tl.fma(tl.load(cp + 5), tl.load(h0_ptr + idx, mask=mask, other=0.0).to(tl.float32), acc)
+        acc = tl.fma(_coef(cp, C_H0), tl.load(h0_ptr + idx, mask=mask, other=0.0).to(tl.float32), acc)
     if N_HIST > 1:
-        acc = tl.fma(tl.load(cp + 6), tl.load(h1_ptr + idx, mask=mask, other=0.0).to(tl.float32), acc)
+        acc = tl.fma(_coef(cp, C_H1), tl.load(h1_ptr + idx, mask=mask, other=0.0).to(tl.float32), acc)
     if N_HIST > 2:
-        acc = tl.fma(tl.load(cp + 7), tl.load(h2_ptr + idx, mask=mask, other=0.0).to(tl.float32), acc)
+        acc = tl.fma(_coef(cp, C_H2), tl.load(h2_ptr + idx, mask=mask, other=0.0).to(tl.float32), acc)
     if NOISE_MODE == 1:
         z = tl.load(z_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        acc = tl.fma(tl.load(cp + 8), z, acc)
+        acc = tl.fma(_coef(cp, C_E), z, acc)
     if NOISE_MODE == 2:
         seed = tl.load(seed_ptr + b)  # int64 holding the uint64 seed
         z = _philox_normals(seed, step, draw, blk * (BLOCK // 4), BLOCK)
-        acc = tl.fma(tl.load(cp + 8), z, acc)
+        acc = tl.fma(_coef(cp, C_E), z, acc)
     tl.store(y_out_ptr + idx, _to_storage(acc, y_out_ptr), mask=mask)
     if STORE_D:
         tl.store(d_out_ptr + idx, _to_storage(d, d_out_ptr), mask=mask)
     if STORE_CARRY:
-        c = tl.fma(tl.load(cp + 10), d, tl.load(cp + 9) * y)   # carry()
+        c = tl.fma(_coef(cp, C_GD), d, _coef(cp, C_GY) * y)   # carry()
         tl.store(carry_out_ptr + idx, _to_storage(c, carry_out_ptr), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------ host side
 
 
-def rescale_factor(s: Sequence[float], n: float, u: float, t: float, w: float, phi: float) -> float:
-    """combine.h ``rescale_factor`` in float64: f = phi std(G_c)/std(G) + (1 - phi), 1 where std(G) = 0.
+def coefficient_table(coeffs, denoise, *, guidance_scale=1.0, guidance_rescale=0.0, rescale_uv=(0.0, 1.0)):
+    """The float64 [rows, NUM_COEFFS] host table the kernels read: one row per entry of ``coeffs``.
 
-    ``s`` holds the nine sums of one sample (RescaleSum order); G_c = u y + t F_c,
-    G = u y + t ((1 - w) F_u + w F_c).
+    ``coeffs``: a list of :class:`zsnr_kernels.coefficients.StepCoeffs`; ``denoise`` and ``rescale_uv`` lists of
+    (p, q) and (u, t) pairs of the same length.
     """
-    al, be = t * w, t * (1.0 - w)
-    mean_c = (u * s[SUM_Y] + t * s[SUM_C]) / n
-    sq_c = (u * u * s[SUM_YY] + 2.0 * u * t * s[SUM_YC] + t * t * s[SUM_CC]) / n
-    mean_g = (u * s[SUM_Y] + al * s[SUM_C] + be * s[SUM_U]) / n
-    sq_g = (u * u * s[SUM_YY] + al * al * s[SUM_CC] + be * be * s[SUM_UU]
-            + 2.0 * (u * al * s[SUM_YC] + u * be * s[SUM_YU] + al * be * s[SUM_CU])) / n
-    var_c = max(sq_c - mean_c * mean_c, 0.0)
-    var_g = sq_g - mean_g * mean_g
-    if not var_g > 0.0:
-        return 1.0
-    return phi * math.sqrt(var_c / var_g) + (1.0 - phi)
+    rows = []
+    for c, (p, q), (u, t) in zip(coeffs, denoise, rescale_uv, strict=True):
+        row = [0.0] * NUM_COEFFS.value
+        row[C_W], row[C_P], row[C_Q], row[C_A], row[C_B], row[C_E] = guidance_scale, p, q, c.a, c.b, c.e
+        for k, hk in enumerate(c.h):
+            row[C_H0 + k] = hk
+        if c.carry is not None:
+            row[C_GY], row[C_GD] = c.carry
+        row[C_U], row[C_T], row[C_PHI] = u, t, guidance_rescale
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64)
 
 
-def fold_rescale(f: float, u: float, t: float, p: float, q: float) -> tuple[float, float]:
-    """combine.h ``fold_rescale``: D = p y + (q/t)(f G - u y) = (p + (q u / t)(f - 1)) y + q f F."""
-    return p + (q * u / t) * (f - 1.0), q * f
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a host synchronisation: through pinned memory, asynchronously
+    (PyTorch's caching host allocator keeps the pinned block alive until the copy has run)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
-def rescale_sums(y: torch.Tensor, f_cond: torch.Tensor, f_uncond: torch.Tensor, with_y: bool,
-                 block: int = DEFAULT_BLOCK) -> torch.Tensor:
-    """Per-sample sums (RescaleSum order) as a [batch, 9] float64 tensor: float32 within a block of ``block``
-    elements, float64 across blocks.  The tensors must be contiguous and of one shape."""
+class Workspace:
+    """Scratch of the rescale pass for one (device, batch, n_blocks): float32 partial sums and the per-sample
+    ticket counters, which are zeroed once here and reset by the kernel after each use."""
+
+    _cache: ClassVar[dict] = {}
+
+    def __init__(self, device, batch: int, n_blocks: int):
+        self.partials = torch.empty((batch, n_blocks, 16), dtype=torch.float32, device=device)
+        self.counters = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.pq = torch.empty((batch, 2), dtype=torch.float32, device=device)
+
+    @classmethod
+    def get(cls, device, batch: int, n_blocks: int) -> Workspace:
+        """The cached workspace (one per current stream on CUDA: steps on different streams never share one)."""
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (str(device), stream, batch, n_blocks)
+        ws = cls._cache.get(key)
+        if ws is None:
+            ws = cls._cache[key] = cls(device, batch, n_blocks)
+        return ws
+
+
+def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False, noise_mode=0, noise=None,
+           seeds=None, step_index=0, draw=0, y_out, d_out=None, carry_out=None, block=DEFAULT_BLOCK):
+    """Launch the step's kernels on contiguous [batch][n] tensors: the rescale pass when ``rescale``, then the
+    element pass.  ``table`` is a float64 [1 or batch, NUM_COEFFS] tensor on y's device (a view into a larger
+    precomputed table is fine); ``seeds`` an int64 tensor of the uint64 seed bits on y's device.  Nothing here
+    reads a device value on the host, so the launches can be captured in a CUDA graph."""
     batch = y.shape[0]
     n = y.numel() // batch
-    n_blocks = triton.cdiv(n, block)
-    part = torch.empty((batch, n_blocks, NUM_SUMS), dtype=torch.float32, device=y.device)
-    _rescale_sums_kernel[(batch, n_blocks)](y, f_cond, f_uncond, part, n, n_blocks, WITH_Y=bool(with_y),
-                                            BLOCK=block)
-    return part.to(torch.float64).sum(dim=1)
+    grid = (batch, triton.cdiv(n, block))
+    stride = 0 if table.shape[0] == 1 else table.stride(0)
+    pq = table  # any valid pointer when not rescaled
+    fu = f_uncond if f_uncond is not None else f_cond
+    if rescale:
+        ws = Workspace.get(y.device, batch, grid[1])
+        _rescale_kernel[grid](y, f_cond, fu, ws.partials, ws.counters, table, stride, ws.pq, n, grid[1],
+                              WITH_Y=bool(with_y), BLOCK=block, RBLOCK=64)
+        pq = ws.pq
+    hist = list(history[:n_hist]) + [y] * (MAX_HIST - n_hist)
+    _combine_kernel[grid](
+        y, f_cond, fu, hist[0], hist[1], hist[2], noise if noise is not None else y,
+        seeds if seeds is not None else table, table, stride, pq,
+        y_out, y_out if d_out is None else d_out, y_out if carry_out is None else carry_out,
+        n, int(step_index) % 2**32, int(draw) % 2**32,
+        N_HIST=n_hist, GUIDED=f_uncond is not None, RESCALED=bool(rescale), STORE_D=d_out is not None,
+        STORE_CARRY=carry_out is not None, NOISE_MODE=noise_mode, BLOCK=block,
+        enable_fp_fusion=False)  # the tl.fma calls are the only contractions: CPU and GPU round alike
 
 
 def _per_sample(values, batch: int, name: str) -> list:
@@ -231,8 +329,9 @@ def _per_sample(values, batch: int, name: str) -> list:
     return [values] * batch
 
 
-def _seed_tensor(seeds, batch: int, device) -> torch.Tensor:
-    """The per-sample seeds as an int64 tensor holding the uint64 bits."""
+def seed_tensor(seeds, batch: int, device) -> torch.Tensor:
+    """The per-sample seeds (an int s meaning s + i for sample i, one int per sample, or an int64 tensor of the
+    uint64 bits) as an int64 tensor on ``device``."""
     if isinstance(seeds, torch.Tensor):
         s = seeds.to(device=device, dtype=torch.int64).reshape(-1)
         if s.numel() == 1 and batch > 1:
@@ -243,7 +342,7 @@ def _seed_tensor(seeds, batch: int, device) -> torch.Tensor:
     vals = [int(v) % 2**64 for v in seeds]
     if len(vals) != batch:
         raise ValueError(f"seeds must hold one seed per sample ({batch}), got {len(vals)}")
-    return torch.tensor([v - 2**64 if v >= 2**63 else v for v in vals], dtype=torch.int64, device=device)
+    return to_device(torch.tensor([v - 2**64 if v >= 2**63 else v for v in vals], dtype=torch.int64), device)
 
 
 def fused_step_triton(y, f_cond, f_uncond, history, coeffs, *, denoise, guidance_scale=1.0, guidance_rescale=0.0,
@@ -265,67 +364,34 @@ def fused_step_triton(y, f_cond, f_uncond, history, coeffs, *, denoise, guidance
     if block % 4 or block <= 0:
         raise ValueError(f"block must be a positive multiple of 4, got {block}")
     batch = y.shape[0]
-    n = y.numel() // batch
     cs = _per_sample(coeffs, batch, "coeffs")
     pq = _per_sample(denoise, batch, "denoise")
     uv = _per_sample(rescale_uv, batch, "rescale_uv")
     y_c = y.contiguous()
-    fc = f_cond.contiguous()
     guided = f_uncond is not None
-    fu = f_uncond.contiguous() if guided else fc
-
     n_hist = max(len(c.h) for c in cs)
     if n_hist > MAX_HIST:
         raise ValueError(f"at most {MAX_HIST} history tensors, the coefficients ask for {n_hist}")
     if n_hist > len(history):
         raise ValueError(f"this step needs {n_hist} history tensor(s), got {len(history)}")
-    hist = [h.contiguous() for h in history[:n_hist]] + [y_c] * (MAX_HIST - n_hist)
-
-    # guidance rescale: per-sample factor from the sums, folded into (p, q) in float64
-    p_eff, q_eff = [float(v[0]) for v in pq], [float(v[1]) for v in pq]
-    w = float(guidance_scale)
-    phi = float(guidance_rescale)
-    if guided and phi != 0.0:
-        with_y = any(float(u) != 0.0 for u, _ in uv)
-        sums = rescale_sums(y_c, fc, fu, with_y, block).tolist()
-        for i in range(batch):
-            u, t = float(uv[i][0]), float(uv[i][1])
-            f = rescale_factor(sums[i], float(n), u, t, w, phi)
-            p_eff[i], q_eff[i] = fold_rescale(f, u, t, p_eff[i], q_eff[i])
-
-    noisy = any(c.e != 0.0 for c in cs)
-    noise_mode, z_t, seed_t = 0, y_c, torch.zeros(1, dtype=torch.int64, device=y.device)
-    if noisy:
+    rescale = guided and float(guidance_rescale) != 0.0
+    noise_mode, z, seed_t = 0, None, None
+    if any(c.e != 0.0 for c in cs):
         if noise is not None:
-            noise_mode, z_t = 1, noise.contiguous()
+            noise_mode, z = 1, noise.contiguous()
         elif seeds is not None:
-            noise_mode, seed_t = 2, _seed_tensor(seeds, batch, y.device)
+            noise_mode, seed_t = 2, seed_tensor(seeds, batch, y.device)
         else:
             raise ValueError("this step adds noise: pass noise= or seeds= with step_index=")
-    store_carry = bool(want_carry) and cs[0].carry is not None
-
-    table = torch.zeros((batch, NUM_COEFFS), dtype=torch.float64)
-    for i, c in enumerate(cs):
-        row = table[i]
-        row[C_W], row[C_P], row[C_Q], row[C_A], row[C_B] = w, p_eff[i], q_eff[i], c.a, c.b
-        for k, hk in enumerate(c.h):
-            row[C_H0 + k] = hk
-        row[C_E] = c.e
-        if c.carry is not None:
-            row[C_GY], row[C_GD] = c.carry
-    table = table.to(device=y.device, dtype=torch.float32)
-
+    table = coefficient_table(cs, pq, guidance_scale=float(guidance_scale), guidance_rescale=float(guidance_rescale),
+                              rescale_uv=uv)
     y_out = torch.empty_like(y_c)
     d_out = torch.empty_like(y_c) if want_denoised else None
-    carry_out = torch.empty_like(y_c) if store_carry else None
-    grid = (batch, triton.cdiv(n, block))
-    _combine_kernel[grid](
-        y_c, fc, fu, hist[0], hist[1], hist[2], z_t, seed_t, table,
-        y_out, y_out if d_out is None else d_out, y_out if carry_out is None else carry_out,
-        n, int(step_index) % 2**32, int(draw) % 2**32,
-        N_HIST=n_hist, GUIDED=guided, STORE_D=d_out is not None, STORE_CARRY=store_carry,
-        NOISE_MODE=noise_mode, BLOCK=block,
-        enable_fp_fusion=False)  # the tl.fma calls are the only contractions: CPU and GPU round alike
+    carry_out = torch.empty_like(y_c) if want_carry and cs[0].carry is not None else None
+    launch(y_c, f_cond.contiguous(), f_uncond.contiguous() if guided else None,
+           [h.contiguous() for h in history[:n_hist]], to_device(table, y.device), n_hist=n_hist, rescale=rescale,
+           with_y=any(float(u) != 0.0 for u, _ in uv), noise_mode=noise_mode, noise=z, seeds=seed_t,
+           step_index=step_index, draw=draw, y_out=y_out, d_out=d_out, carry_out=carry_out, block=block)
     y_out = y_out.view(y.shape)
     if out is not None:
         out.copy_(y_out)

@@ -2,8 +2,9 @@
 request that cannot be met raises with the reasons.
 
 ``torch`` is the eager reference (any device, any float dtype); ``cpu`` the compiled fused kernels for CPU
-tensors in float32/float16/bfloat16.  The ``cuda`` and ``triton`` backends are listed with the reason they cannot
-serve yet, so the error a user sees is already the final one.
+tensors, ``cuda`` the compiled CUDA kernels and ``triton`` the Triton kernels for CUDA tensors, all three in
+float32/float16/bfloat16.  ``auto`` takes cpu on CPU tensors, cuda then triton on CUDA tensors, and the reference
+for whatever none of them serves (float64, other devices).
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ def not_supported_reasons(backend: str, y: torch.Tensor) -> list[str]:
         from . import _cpu
 
         return _cpu.not_supported_reasons(y)
-    if backend in ("cuda", "triton"):
-        return [f"the {backend} backend is not implemented yet"]
+    if backend == "triton":
+        from . import _triton
+
+        return _triton.not_supported_reasons(y)
+    if backend == "cuda":
+        from . import _cuda
+
+        return _cuda.not_supported_reasons(y)
     return [f"unknown backend {backend!r}; choose one of {BACKENDS}"]
 
 

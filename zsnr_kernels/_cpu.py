@@ -1,18 +1,15 @@
 """The ``cpu`` backend: validated tensors and the step plan handed to the compiled module (csrc/cpu/step.h).
 
 Everything is checked in Python before a pointer crosses the boundary (the steps module validated the values;
-this module checks device, dtype and memory layout).  The kernel sees each tensor as ``[batch][n]``: every sample
-a dense block, one element order for all tensors.  Contiguous and channels-last tensors with identical strides
-go straight through; any other layout is copied to contiguous (and the result copied back into ``out``).
-Philox noise is indexed by the logical element order (DESIGN §2.8), so when the kernel draws it the tensors
-are made contiguous too.
+this module checks device and dtype, :mod:`zsnr_kernels._layout` the memory layout: the kernel sees each tensor
+as ``[batch][n]``; other layouts are copied to contiguous and the result copied back into ``out``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _ext, _validate, coefficients as co
+from . import _ext, _layout, _validate, coefficients as co
 from .parameterization import Parameterization
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -37,25 +34,6 @@ def not_supported_reasons(y: torch.Tensor) -> list[str]:
     return reasons
 
 
-def _per_sample_dense(t: torch.Tensor) -> bool:
-    """Every sample a dense block of numel/B elements, samples one after another (contiguous, channels-last)."""
-    if t.is_contiguous():
-        return True
-    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return True
-    return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
-
-
-def _prepare(tensors: list, philox: bool) -> tuple[list, bool]:
-    """The tensors the kernel can read as [batch][n], and whether they kept the caller's layout."""
-    y = tensors[0]
-    stride = y.stride()
-    same = all(t is None or t.stride() == stride for t in tensors) and _per_sample_dense(y)
-    if same and (y.is_contiguous() or not philox):
-        return tensors, True
-    return [None if t is None else t.contiguous() for t in tensors], False
-
-
 def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -67,7 +45,7 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     the ValueError the torch path would raise (the Python spec is re-run on the failing sample for the message)."""
     a0 = args[0]
     philox = seeds is not None and noise is None
-    (y_k, fc_k, fu_k, z_k, *hist_k), kept = _prepare([y, f_cond, f_uncond, noise, *history], philox)
+    (y_k, fc_k, fu_k, z_k, *hist_k), kept = _layout.prepare([y, f_cond, f_uncond, noise, *history], philox)
     batch = y.shape[0]
     n = y.numel() // batch
     # write straight into `out` (which may be y itself: the kernel reads each element before writing it) when it

@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _backend, _cpu, _validate, coefficients as co, noise as _noise, reference
+from . import _backend, _cpu, _cuda, _triton, _validate, coefficients as co, noise as _noise, reference
 from .parameterization import PREDICTIONS, parameterization, rescale_space_coeffs
 
 INF = float("inf")
@@ -157,20 +157,23 @@ def _run(
     sig_eval = sigma_eval if isinstance(sigma_eval, list) else [sigma_eval] * len(args)
     want_d = return_denoised or _remembers_denoised(args[0])
     name = _backend.resolve(backend, y)
-    if name == "cpu" and callable(noise):  # explicit noise drawn lazily: only if the spec says a sample adds some
+    if name != "torch" and callable(noise):  # explicit noise drawn lazily: only if the spec says a sample adds some
         noise = noise() if any(co.step_coeffs(pz, a).e != 0.0 for a in args) else None
         if noise is not None:
             _validate.tensor("noise", noise, y)
-    if name == "cpu":
-        # under torch.compile the kernel is reached through its torch.library op (no graph break); eager calls
-        # skip that layer, which costs more than the kernel on small latents
-        run_cpu = _cpu.fused_step_traced if torch.compiler.is_compiling() else _cpu.fused_step
-        y_out, d, carry, sigma_out, complete = run_cpu(
-            y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
-            rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
-    else:
+    if name == "torch":
         y_out, d, carry, sigma_out, complete = _torch_step(
             y, f_cond, f_uncond, list(history), pz, args, sig_eval, w, phi, space, noise, seeds, step_index, out)
+    else:
+        # under torch.compile the cpu kernel is reached through its torch.library op (no graph break); eager
+        # calls skip that layer, which costs more than the kernel on small latents
+        if name == "cpu":
+            run = _cpu.fused_step_traced if torch.compiler.is_compiling() else _cpu.fused_step
+        else:
+            run = _cuda.fused_step if name == "cuda" else _triton.fused_step
+        y_out, d, carry, sigma_out, complete = run(
+            y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
+            rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
     per_sample = len(args) > 1
     return StepResult(y_out, _column(sigma_out, per_sample), d if want_d else None, complete, carry)
 

@@ -1,0 +1,138 @@
+"""``backend="triton"`` through the public API, run by Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``).
+
+The step functions and ``sample()`` dispatch to :mod:`zsnr_kernels._triton` exactly as they would on a GPU; here
+the kernels execute in the interpreter.  Each case runs in a child process (the environment variable must be set
+before Triton sees a kernel) on both the triton and the cpu backend; the two share their element math
+(combine.h's fma order) and their Philox noise, so they agree to float32 rounding -- the guidance rescale sums
+are added in a different order, hence the tolerance of a few ulps rather than bit equality.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from zsnr_kernels import SAMPLERS, _ext  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"zsnr_kernels._C: {_ext.why_unavailable()}")
+
+CHILD = textwrap.dedent(
+    """
+    import math, sys
+    import torch
+    import zsnr_kernels as zk
+    from zsnr_kernels import _backend
+
+    INF = math.inf
+    results = {}
+
+    def model(y, sigma):
+        f = 0.6 * y + 0.2 * torch.sin(3.0 * y)
+        return f, 0.5 * f - 0.1
+
+    def run(name, fn):
+        results[name] = {b: fn(b) for b in ("triton", "cpu")}
+
+    sigmas = [INF, 9.0, 4.0, 2.0, 1.0, 0.4, 0.1, 0.0]
+    noise = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0))
+    for sampler in zk.SAMPLERS:
+        prediction = "eps" if sampler == "lms" else "v"
+        sig = sigmas[1:] if prediction == "eps" else sigmas
+        run(f"sample_{sampler}", lambda b: zk.sample(
+            model, noise, sig, sampler=sampler, prediction=prediction, guidance_scale=3.0, guidance_rescale=0.7,
+            seed=[11, 12], backend=b))
+
+    run("sample_dpmpp_2m_bf16", lambda b: zk.sample(
+        model, noise.bfloat16(), sigmas, sampler="dpmpp_2m", guidance_scale=3.0, guidance_rescale=0.7, backend=b))
+    run("sample_euler_ancestral_fp16_x0_space", lambda b: zk.sample(
+        model, noise.half(), sigmas, sampler="euler_ancestral", guidance_scale=3.0, guidance_rescale=0.5,
+        rescale_space="x0", seed=5, backend=b))
+
+    y = torch.randn(3, 4, 7, 9, generator=torch.Generator().manual_seed(1))
+    fc, fu = model(y, None)
+    run("per_sample_sigmas", lambda b: zk.euler_step(
+        y, (fc, fu), [INF, 5.0, 2.0], [3.0, 1.0, 0.0], guidance_scale=2.0, guidance_rescale=0.5, backend=b))
+
+    def in_place_channels_last(b):
+        yc = y.clone().to(memory_format=torch.channels_last)
+        r = zk.dpmpp_2m_step(yc, (fc.contiguous(memory_format=torch.channels_last),
+                                  fu.contiguous(memory_format=torch.channels_last)), 2.0, 1.0,
+                             history=[(5.0, fc.contiguous(memory_format=torch.channels_last))],
+                             guidance_scale=2.0, out=yc, backend=b)
+        assert r.y is yc and yc.is_contiguous(memory_format=torch.channels_last)
+        return yc.contiguous()
+    run("in_place_channels_last", in_place_channels_last)
+
+    def refused(b):
+        y0 = y.clone()
+        try:
+            zk.euler_ancestral_step(y0, fc, 5.0, 2.0, backend=b)  # adds noise: needs noise= or seed=
+        except ValueError as exc:
+            assert torch.equal(y0, y), "a refused call changed y"
+            return str(exc)
+        return "no error"
+    run("refused_without_noise", refused)
+
+    results["auto_on_cpu_tensors"] = _backend.resolve("auto", y)
+    torch.save(results, sys.argv[1])
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton_backend") / "out.pt"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, ulps: float):
+    """|a - b| within ``ulps`` units of the dtype's epsilon, relative to the larger magnitude (at least 1)."""
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1.0)
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= ulps * torch.finfo(a.dtype).eps * scale, f"max error {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_sample_triton_equals_cpu(results, sampler):
+    """Whole runs from sigma = inf with guidance, guidance rescale and per-sample Philox seeds."""
+    r = results[f"sample_{sampler}"]
+    assert torch.isfinite(r["triton"]).all()
+    _close(r["triton"], r["cpu"], ulps=64)
+
+
+@pytest.mark.parametrize("case", ["sample_dpmpp_2m_bf16", "sample_euler_ancestral_fp16_x0_space"])
+def test_low_precision_triton_equals_cpu(results, case):
+    r = results[case]
+    assert r["triton"].dtype == r["cpu"].dtype
+    _close(r["triton"].float(), r["cpu"].float(), ulps=2 * 2**16)  # a couple of half/bfloat16 ulps
+
+
+def test_per_sample_sigmas(results):
+    r = results["per_sample_sigmas"]
+    _close(r["triton"].y, r["cpu"].y, ulps=8)
+    _close(r["triton"].denoised, r["cpu"].denoised, ulps=8)
+    assert torch.equal(r["triton"].sigma, r["cpu"].sigma)
+
+
+def test_in_place_on_channels_last(results):
+    r = results["in_place_channels_last"]
+    _close(r["triton"], r["cpu"], ulps=8)
+
+
+def test_refused_call_raises_the_same_error_and_touches_nothing(results):
+    r = results["refused_without_noise"]
+    assert r["triton"] == r["cpu"] and "noise" in r["triton"]
+
+
+def test_auto_keeps_the_cpu_backend_for_cpu_tensors(results):
+    assert results["auto_on_cpu_tensors"] == "cpu"
