@@ -1,17 +1,29 @@
-// pybind11 module zsnr_kernels._C: the only C++ file that knows Python.
+// The pybind11 modules: the only C++ file that knows Python.  Compiled twice by setup.py:
+//
+//   zsnr_kernels._C       the CPU kernels (csrc/cpu) and test bindings of the shared headers;
+//   zsnr_kernels._C_cuda  (with ZSNR_CUDA_MODULE defined, linked with csrc/cuda/step.cu and the static CUDA
+//                         runtime) the CUDA launchers, so that a machine without a CUDA driver still loads _C.
 //
 // Functions take raw data_ptr integers and sizes.  Python (zsnr_kernels) validates every argument
 // before a pointer crosses this boundary; the functions here trust them.  The GIL is released while
-// a loop runs.  No libtorch: one build serves every PyTorch version.
+// a CPU loop runs (a CUDA launch only enqueues work).  No libtorch: one build serves every PyTorch version.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
-#include "cpu/step.h"
 #include "zsnr/coefficients.h"
 #include "zsnr/philox.h"
+#include "zsnr/step_plan.h"
+#ifdef ZSNR_CUDA_MODULE
+#include <cuda_runtime_api.h>
+
+#include "cuda/step.cuh"
+#else
+#include "cpu/step.h"
+#endif
 
 #ifndef ZSNR_VERSION
 #define ZSNR_VERSION "unknown"
@@ -28,6 +40,88 @@ template <typename T>
 T* as_ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
+
+// The Tensors of a step from data_ptr integers (0 for none).
+zsnr::Tensors make_tensors(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t y, std::uintptr_t f_cond,
+                           std::uintptr_t f_uncond, const std::vector<std::uintptr_t>& hist, std::uintptr_t noise,
+                           std::uintptr_t y_out, std::uintptr_t d_out, std::uintptr_t carry_out) {
+  zsnr::Tensors t{};
+  t.dtype = dtype;
+  t.batch = batch;
+  t.n = n;
+  t.y = as_ptr<const void>(y);
+  t.f_cond = as_ptr<const void>(f_cond);
+  t.f_uncond = as_ptr<const void>(f_uncond);
+  t.n_hist = static_cast<int32_t>(hist.size() < zsnr::kMaxHist ? hist.size() : zsnr::kMaxHist);
+  for (int k = 0; k < t.n_hist; ++k) t.hist[k] = as_ptr<const void>(hist[k]);
+  t.noise = as_ptr<const void>(noise);
+  t.y_out = as_ptr<void>(y_out);
+  t.d_out = as_ptr<void>(d_out);
+  t.carry_out = as_ptr<void>(carry_out);
+  return t;
+}
+
+// The StepPlan of a step, less its sigma and seed arrays (host arrays on the CPU, device arrays for CUDA).
+zsnr::StepPlan make_plan(int32_t prediction, double sigma_data, int32_t sampler, int32_t stage, int32_t solver_heun,
+                         int32_t order, double eta, double s_noise, int32_t n_prev, double guidance_scale,
+                         double guidance_rescale, int32_t rescale_space, uint32_t step_index, uint32_t draw) {
+  zsnr::StepPlan plan{};
+  plan.pz = zsnr::Param{prediction, sigma_data};
+  plan.sampler = sampler;
+  plan.stage = stage;
+  plan.solver_heun = solver_heun;
+  plan.order = order;
+  plan.n_prev = n_prev;
+  plan.eta = eta;
+  plan.s_noise = s_noise;
+  plan.guidance_scale = guidance_scale;
+  plan.guidance_rescale = guidance_rescale;
+  plan.rescale_space = rescale_space;
+  plan.step_index = step_index;
+  plan.draw = draw;
+  return plan;
+}
+
+#ifdef ZSNR_CUDA_MODULE
+
+// One fused CUDA step (cuda/step.cuh), enqueued on `stream` (a cudaStream_t as an integer).  `sigmas` is a
+// device float64 array [sigma | sigma_eval | sigma_next | sigma_hat_next | sigma_prev ([n_prev][n_sigma])], each
+// block n_sigma long; `seeds` a device uint64[batch] array or 0; `workspace` device memory of
+// cuda_workspace_bytes(batch, n) bytes, zeroed once when allocated.  Returns the cudaError_t of the launches
+// (errors of the step itself stay on the device; Python validated the step before calling).
+int32_t cuda_fused_step(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t y, std::uintptr_t f_cond,
+                        std::uintptr_t f_uncond, const std::vector<std::uintptr_t>& hist, std::uintptr_t noise,
+                        std::uintptr_t y_out, std::uintptr_t d_out, std::uintptr_t carry_out, int32_t prediction,
+                        double sigma_data, int32_t sampler, int32_t stage, int32_t solver_heun, int32_t order,
+                        double eta, double s_noise, std::uintptr_t sigmas, int64_t n_sigma, int32_t n_prev,
+                        double guidance_scale, double guidance_rescale, int32_t rescale_space, std::uintptr_t seeds,
+                        uint32_t step_index, uint32_t draw, std::uintptr_t workspace, std::uintptr_t stream) {
+  const zsnr::Tensors t = make_tensors(dtype, batch, n, y, f_cond, f_uncond, hist, noise, y_out, d_out, carry_out);
+  zsnr::StepPlan plan = make_plan(prediction, sigma_data, sampler, stage, solver_heun, order, eta, s_noise, n_prev,
+                                  guidance_scale, guidance_rescale, rescale_space, step_index, draw);
+  const double* s = as_ptr<const double>(sigmas);
+  plan.n_sigma = n_sigma;
+  plan.sigma = s;
+  plan.sigma_eval = s + n_sigma;
+  plan.sigma_next = s + 2 * n_sigma;
+  plan.sigma_hat_next = s + 3 * n_sigma;
+  plan.sigma_prev = n_prev > 0 ? s + 4 * n_sigma : nullptr;
+  plan.seeds = as_ptr<const uint64_t>(seeds);
+  const zsnr::cuda::Workspace ws = zsnr::cuda::workspace_carve(as_ptr<void>(workspace), batch, n);
+  return static_cast<int32_t>(
+      zsnr::cuda::fused_step(t, plan, ws, nullptr, reinterpret_cast<cudaStream_t>(stream)));
+}
+
+// (error code, device count): cudaGetDeviceCount, which fails without a driver or a device.
+py::tuple cuda_device_count() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  return py::make_tuple(static_cast<int32_t>(err), count);
+}
+
+std::string cuda_error_string(int32_t code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+#else
 
 // out[4 i + k] = word k of Philox4x32-10(key, (c0_start + i mod 2^32, c1, c2, c3)), i < n.
 void philox4x32(std::uintptr_t out_ptr, int64_t n, uint32_t key0, uint32_t key1, uint32_t c0_start,
@@ -80,40 +174,16 @@ py::tuple fused_step(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t y, 
                      const std::vector<double>& sigma_hat_next, const std::vector<double>& sigma_prev,
                      int32_t n_prev, double guidance_scale, double guidance_rescale, int32_t rescale_space,
                      const std::vector<uint64_t>& seeds, uint32_t step_index, uint32_t draw) {
-  zsnr::Tensors t{};
-  t.dtype = dtype;
-  t.batch = batch;
-  t.n = n;
-  t.y = as_ptr<const void>(y);
-  t.f_cond = as_ptr<const void>(f_cond);
-  t.f_uncond = as_ptr<const void>(f_uncond);
-  t.n_hist = static_cast<int32_t>(hist.size() < zsnr::kMaxHist ? hist.size() : zsnr::kMaxHist);
-  for (int k = 0; k < t.n_hist; ++k) t.hist[k] = as_ptr<const void>(hist[k]);
-  t.noise = as_ptr<const void>(noise);
-  t.y_out = as_ptr<void>(y_out);
-  t.d_out = as_ptr<void>(d_out);
-  t.carry_out = as_ptr<void>(carry_out);
-  zsnr::StepPlan plan{};
-  plan.pz = zsnr::Param{prediction, sigma_data};
-  plan.sampler = sampler;
-  plan.stage = stage;
-  plan.solver_heun = solver_heun;
-  plan.order = order;
-  plan.n_prev = n_prev;
-  plan.eta = eta;
-  plan.s_noise = s_noise;
+  const zsnr::Tensors t = make_tensors(dtype, batch, n, y, f_cond, f_uncond, hist, noise, y_out, d_out, carry_out);
+  zsnr::StepPlan plan = make_plan(prediction, sigma_data, sampler, stage, solver_heun, order, eta, s_noise, n_prev,
+                                  guidance_scale, guidance_rescale, rescale_space, step_index, draw);
   plan.n_sigma = static_cast<int64_t>(sigma.size());
   plan.sigma = sigma.data();
   plan.sigma_eval = sigma_eval.data();
   plan.sigma_next = sigma_next.data();
   plan.sigma_hat_next = sigma_hat_next.data();
   plan.sigma_prev = sigma_prev.data();
-  plan.guidance_scale = guidance_scale;
-  plan.guidance_rescale = guidance_rescale;
-  plan.rescale_space = rescale_space;
   plan.seeds = seeds.empty() ? nullptr : seeds.data();
-  plan.step_index = step_index;
-  plan.draw = draw;
   std::vector<double> sigma_out(sigma.size());
   zsnr::cpu::StepOutcome r;
   {
@@ -197,12 +267,28 @@ py::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
-  info["cuda"] = false;
   info["version"] = ZSNR_VERSION;
   return info;
 }
 
+#endif  // ZSNR_CUDA_MODULE
+
 }  // namespace
+
+#ifdef ZSNR_CUDA_MODULE
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "zsnr-kernels compiled CUDA module (raw device pointers and a stream; callers validate)";
+  m.attr("__version__") = ZSNR_VERSION;
+  m.attr("cuda_runtime_version") = CUDART_VERSION;
+  m.def("fused_step", &cuda_fused_step, "Enqueue one fused sampler step on CUDA tensors (see cuda/step.cuh).");
+  m.def("workspace_bytes", &zsnr::cuda::workspace_bytes, py::arg("batch"), py::arg("n"),
+        "Bytes of the device workspace of a step over [batch][n] tensors.");
+  m.def("device_count", &cuda_device_count, "(cudaError_t, count) of cudaGetDeviceCount.");
+  m.def("error_string", &cuda_error_string, py::arg("code"), "cudaGetErrorString of a cudaError_t code.");
+}
+
+#else
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "zsnr-kernels compiled CPU module (raw pointers; callers validate)";
@@ -230,3 +316,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("churn_gamma", &zsnr::churn_gamma, py::arg("sigma"), py::arg("num_steps"), py::arg("s_churn"),
         py::arg("s_tmin"), py::arg("s_tmax"), "zsnr::churn_gamma: EDM churn gamma of one step.");
 }
+
+#endif  // ZSNR_CUDA_MODULE

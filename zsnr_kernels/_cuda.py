@@ -1,0 +1,172 @@
+"""The ``cuda`` backend: the compiled CUDA kernels of ``csrc/cuda`` (module ``zsnr_kernels._C_cuda``).
+
+The module is optional and loaded on first use: if it was not built (no nvcc at install time) or fails to load,
+the reason is recorded, logged once, and the backend reports itself unavailable; ``import zsnr_kernels`` never
+fails because of it.  It links the CUDA runtime statically, so it loads without a CUDA toolkit, and without a
+driver or a device :func:`why_unavailable` says so.
+
+A step is validated on the host first (the Python spec's coefficients, so a refused call raises before any
+launch and leaves every tensor untouched); then the sigma arrays and seeds go to the device through pinned
+memory, asynchronously, and the kernels run on PyTorch's current stream: coefficients (on the device, by the
+shared header), the rescale statistics with the fold (only with guidance rescale), the element pass.  Nothing
+waits for the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from . import __version__, _layout, _validate, coefficients as co
+from ._cpu import DTYPE_CODES, PREDICTION_CODES, SAMPLER_CODES, SPACE_CODES
+from .parameterization import Parameterization
+
+
+@functools.cache
+def _load():
+    """``(module, None)`` or ``(None, why)``; logged once."""
+    why = None
+    try:
+        from . import _C_cuda as module
+    except ModuleNotFoundError:
+        module, why = None, "zsnr_kernels._C_cuda is not built (" + _build_reason() + ")"
+    except Exception as exc:  # OSError (bad shared object), anything a broken build raises
+        module, why = None, f"zsnr_kernels._C_cuda failed to import ({type(exc).__name__}: {exc}); rebuild it"
+    else:
+        if getattr(module, "__version__", None) != __version__:
+            module, why = None, f"zsnr_kernels._C_cuda is a stale build (version {module.__version__}); rebuild it"
+    if why is not None:
+        logging.getLogger("zsnr_kernels").info("%s", why)
+    return module, why
+
+
+def _build_reason() -> str:
+    """Why setup.py skipped the CUDA module, from the build metadata next to the package."""
+    try:
+        info = json.loads((Path(__file__).parent / "_build_info.json").read_text())
+        cuda = info.get("cuda") or {}
+    except (OSError, ValueError):
+        return "no build metadata; install with nvcc on PATH or CUDA_HOME set: pip install ."
+    return f"{cuda.get('why', 'unknown reason')}; install with nvcc on PATH or CUDA_HOME set, ZSNR_BUILD_CUDA=1"
+
+
+def module():
+    """The loaded ``_C_cuda`` module, or ``None``."""
+    return _load()[0]
+
+
+@functools.cache
+def why_unavailable() -> str | None:
+    """Why the CUDA kernels cannot run on this machine (module missing, no driver, no device), or ``None``."""
+    m, why = _load()
+    if m is None:
+        return why
+    err, count = m.device_count()
+    if err:
+        return f"the CUDA runtime found no usable device ({m.error_string(err)})"
+    if count == 0:
+        return "the CUDA runtime found no device"
+    return None
+
+
+def build_info() -> dict | None:
+    """Runtime version and device count of the loaded module, or ``None``."""
+    m = module()
+    if m is None:
+        return None
+    err, count = m.device_count()
+    return {"cuda_runtime_version": m.cuda_runtime_version, "devices": count if not err else 0,
+            "device_error": m.error_string(err) if err else None}
+
+
+def not_supported_reasons(y: torch.Tensor) -> list[str]:
+    """Why the CUDA kernels cannot run a step on ``y`` (empty when they can)."""
+    reasons = []
+    why = why_unavailable()
+    if why:
+        reasons.append(why)
+    if not y.is_cuda:
+        reasons.append(f"y is on {y.device}, the cuda backend runs on CUDA tensors")
+    if y.dtype not in DTYPE_CODES:
+        reasons.append(f"the cuda kernels store float32, float16 and bfloat16, not {y.dtype}")
+    if y.numel() == 0:
+        reasons.append("y is empty")
+    return reasons
+
+
+class _Workspace:
+    """The device scratch of the step kernels for one (device, stream, batch, n): zeroed once when allocated
+    (the kernels leave their counters at zero after each step).  One per stream, so that steps enqueued on
+    different streams never share one."""
+
+    _cache: dict = {}  # noqa: RUF012 (the cache is the class's)
+
+    @classmethod
+    def get(cls, m, device, batch: int, n: int) -> torch.Tensor:
+        stream = torch.cuda.current_stream(device)
+        key = (device.index, stream.cuda_stream, batch, n)
+        ws = cls._cache.get(key)
+        if ws is None:
+            ws = cls._cache[key] = torch.zeros(m.workspace_bytes(batch, n), dtype=torch.uint8, device=device)
+        return ws
+
+
+def _device_array(values: list, dtype, device) -> torch.Tensor:
+    """A small host list on the device without waiting: pinned memory, then an asynchronous copy."""
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
+def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
+               guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
+               want_denoised: bool, out):
+    """Enqueue one step.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``; raises the
+    spec's ValueError (before any launch) for a step it refuses."""
+    m = module()
+    cs = [co.step_coeffs(pz, a) for a in args]
+    for s in sigma_eval:
+        pz.denoise_coeffs(s)  # raises for eps at inf, as every backend does
+    n_hist = _validate.step_coeffs(cs, len(history))
+    noisy = any(c.e != 0.0 for c in cs)
+    if noisy and noise is None and seeds is None:
+        raise ValueError(_validate.NEEDS_NOISE)
+    philox = noisy and noise is None
+    (y_k, fc_k, fu_k, z_k, *hist_k), kept = _layout.prepare(
+        [y, f_cond, f_uncond, noise if noisy else None, *history[:n_hist]], philox)
+    y_out = out if out is not None and kept and out.stride() == y.stride() else torch.empty_like(y_k)
+    d_out = torch.empty_like(y_k) if want_denoised else None
+    carry_out = torch.empty_like(y_k) if cs[0].carry is not None else None
+    a0 = args[0]
+    n_prev = len(a0.sigma_prev)
+    sigmas = ([a.sigma for a in args] + list(sigma_eval) + [a.sigma_next for a in args]
+              + [a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args]
+              + [a.sigma_prev[k] for k in range(n_prev) for a in args])
+    device = y.device
+    sig_t = _device_array(sigmas, torch.float64, device)
+    seed_t = None
+    if philox:
+        bits = [s - 2**64 if s >= 2**63 else s for s in seeds]  # the uint64 seeds' bits as int64
+        seed_t = _device_array(bits, torch.int64, device)
+    batch = y.shape[0]
+    n = y.numel() // batch
+    ws = _Workspace.get(m, device, batch, n)
+    err = m.fused_step(
+        DTYPE_CODES[y.dtype], batch, n, y_k.data_ptr(), fc_k.data_ptr(), _ptr(fu_k), [h.data_ptr() for h in hist_k],
+        _ptr(z_k), y_out.data_ptr(), _ptr(d_out), _ptr(carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
+        SAMPLER_CODES[a0.sampler], a0.stage, int(a0.solver_type == "heun"), a0.order, a0.eta, a0.s_noise,
+        sig_t.data_ptr(), len(args), n_prev, guidance_scale, guidance_rescale if f_uncond is not None else 0.0,
+        SPACE_CODES[rescale_space], _ptr(seed_t), 0 if step_index is None else int(step_index) % 2**32, 0,
+        ws.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
+    if err:
+        raise RuntimeError(f"the cuda backend failed to launch a step: {m.error_string(err)} (cudaError {err})")
+    if out is not None and y_out is not out:
+        out.copy_(y_out)
+        y_out = out
+    return y_out, d_out, carry_out, [c.sigma_out for c in cs], cs[0].complete
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
