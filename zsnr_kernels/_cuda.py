@@ -107,17 +107,23 @@ class _Workspace:
 
     @classmethod
     def get(cls, m, device, batch: int, n: int) -> torch.Tensor:
-        stream = torch.cuda.current_stream(device)
-        key = (device.index, stream.cuda_stream, batch, n)
+        key = (device.index, _stream(device), batch, n)
         ws = cls._cache.get(key)
         if ws is None:
             ws = cls._cache[key] = torch.zeros(m.workspace_bytes(batch, n), dtype=torch.uint8, device=device)
         return ws
 
 
+def _stream(device) -> int:
+    """PyTorch's current stream on ``device`` as a cudaStream_t integer (never the legacy default stream unless
+    that is what PyTorch is using)."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def _device_array(values: list, dtype, device) -> torch.Tensor:
     """A small host list on the device without waiting: pinned memory, then an asynchronous copy."""
-    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
@@ -159,7 +165,7 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
         SAMPLER_CODES[a0.sampler], a0.stage, int(a0.solver_type == "heun"), a0.order, a0.eta, a0.s_noise,
         sig_t.data_ptr(), len(args), n_prev, guidance_scale, guidance_rescale if f_uncond is not None else 0.0,
         SPACE_CODES[rescale_space], _ptr(seed_t), 0 if step_index is None else int(step_index) % 2**32, 0,
-        ws.data_ptr(), torch.cuda.current_stream(device).cuda_stream)
+        ws.data_ptr(), _stream(device))
     if err:
         raise RuntimeError(f"the cuda backend failed to launch a step: {m.error_string(err)} (cudaError {err})")
     if out is not None and y_out is not out:

@@ -1,0 +1,176 @@
+"""The ``cuda`` backend: its host side here, its kernels wherever a GPU exists.
+
+Without a GPU, :mod:`zsnr_kernels._cuda` is exercised up to the compiled launcher: a stand-in for the
+``_C_cuda`` module unpacks exactly what the real one would receive (the device sigma array
+[sigma | sigma_eval | sigma_next | sigma_hat_next | sigma_prev], the uint64 seed bits, flags and pointers) and
+runs the CPU kernels with it, which share the step plan (zsnr/step_plan.h) with the CUDA launcher.  The result
+must equal the cpu backend's bit for bit: a wrongly packed argument cannot pass.
+
+With a GPU (skipped here), the real backend runs against the cpu backend and the float64 reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import pytest
+import torch
+
+import zsnr_kernels as zk
+from zsnr_kernels import _cpu, _cuda, _ext, coefficients as co
+from zsnr_kernels.parameterization import parameterization
+
+INF = math.inf
+requires_C = pytest.mark.skipif(not _ext.available(), reason=f"zsnr_kernels._C: {_ext.why_unavailable()}")
+
+
+class _CpuStandIn:
+    """The ``_C_cuda`` interface, executed by the CPU kernels of ``_C`` on CPU memory."""
+
+    cuda_runtime_version = 0
+
+    def __init__(self):
+        self.calls = []
+
+    def device_count(self):
+        return 0, 1
+
+    def workspace_bytes(self, batch, n):
+        return 64
+
+    def error_string(self, code):
+        return f"error {code}"
+
+    def fused_step(self, dtype, batch, n, y, fc, fu, hist, noise, y_out, d_out, carry_out, prediction, sigma_data,
+                   sampler, stage, solver_heun, order, eta, s_noise, sigmas, n_sigma, n_prev, w, phi, space, seeds,
+                   step_index, draw, workspace, stream):
+        vals = list((ctypes.c_double * (n_sigma * (4 + n_prev))).from_address(sigmas))
+        blocks = [vals[k * n_sigma:(k + 1) * n_sigma] for k in range(4)]
+        seed_list = list((ctypes.c_uint64 * batch).from_address(seeds)) if seeds else []
+        self.calls.append(dict(n_sigma=n_sigma, sigmas=vals, seeds=seed_list, stream=stream, workspace=workspace))
+        res = _ext.C.fused_step(dtype, batch, n, y, fc, fu, hist, noise, y_out, d_out, carry_out, prediction,
+                                sigma_data, sampler, stage, solver_heun, order, eta, s_noise, *blocks,
+                                vals[4 * n_sigma:], n_prev, w, phi, space, seed_list, step_index, draw)
+        return res[0]
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    fake = _CpuStandIn()
+    monkeypatch.setattr(_cuda, "module", lambda: fake)
+    monkeypatch.setattr(_cuda, "_stream", lambda device: 1234)
+    return fake
+
+
+def _randn(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+CASES = {
+    # name: (sampler, per-sample (sigma, sigma_next), StepArgs extras, sigma_eval, guided, rescale, history, seeds)
+    "euler_rescale_per_sample": ("euler", [(INF, 5.0), (7.0, 2.0), (3.0, 0.0)], {}, None, True, 0.7, 0, None),
+    "dpmpp_3m_sde_philox": ("dpmpp_3m_sde", [(2.0, 1.0), (3.0, 1.5), (4.0, 2.0)],
+                            {"sigma_prev": (6.0, 9.0), "eta": 0.8}, None, True, 0.0, 2, [5, 2**63 + 7, 2**64 - 1]),
+    "heun_stage_2": ("heun", [(5.0, 2.0)] * 3, {"stage": 2}, 2.0, False, 0.0, 1, None),
+    "dpm_2_churn": ("dpm_2", [(5.0, 2.0)] * 3, {"sigma_hat_next": 2.5}, None, False, 0.0, 0, None),
+    "lms_carry": ("lms", [(2.0, 1.0)] * 3, {"sigma_prev": (3.0, 5.0, 8.0)}, None, False, 0.0, 3, None),
+}
+
+
+@requires_C
+@pytest.mark.parametrize("name", list(CASES))
+def test_host_side_marshals_what_the_launcher_expects(stand_in, name):
+    sampler, sig, extra, s_eval, guided, phi, n_hist, seeds = CASES[name]
+    pz = parameterization("eps" if sampler == "lms" else "v", 1.0)
+    args = [co.StepArgs(sampler, s, sn, **extra) for s, sn in sig]
+    sigma_eval = [s if s_eval is None else s_eval for s, _ in sig]
+    shape = (3, 4, 5, 7)
+    y, fc = _randn(shape, 1), _randn(shape, 2)
+    fu = _randn(shape, 3) if guided else None
+    hist = [_randn(shape, 10 + k) for k in range(n_hist)]
+    kw = dict(guidance_scale=3.0 if guided else 1.0, guidance_rescale=phi, rescale_space="output", noise=None,
+              seeds=seeds, step_index=7, want_denoised=True, out=None)
+    got = _cuda.fused_step(y, fc, fu, hist, pz, args, sigma_eval, **kw)
+    want = _cpu.fused_step(y, fc, fu, hist, pz, args, sigma_eval, **kw)
+    for g, w in zip(got[:3], want[:3], strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert torch.equal(g, w)
+    assert got[3:] == want[3:]
+    call = stand_in.calls[-1]
+    assert call["stream"] == 1234 and call["n_sigma"] == 3
+    assert call["sigmas"][3:6] == sigma_eval  # the sigma_eval block
+    if seeds is not None:
+        assert call["seeds"] == seeds
+
+
+@requires_C
+def test_refused_step_raises_before_any_launch(stand_in):
+    pz = parameterization("v", 1.0)
+    y = _randn((2, 3), 0)
+    before = y.clone()
+    with pytest.raises(ValueError, match="noise"):
+        _cuda.fused_step(y, y, None, [], pz, [co.StepArgs("euler_ancestral", 5.0, 2.0)], [5.0],
+                         guidance_scale=1.0, guidance_rescale=0.0, rescale_space="output", noise=None, seeds=None,
+                         step_index=None, want_denoised=False, out=None)
+    assert stand_in.calls == [] and torch.equal(y, before)
+
+
+def test_unavailable_backend_says_why():
+    reasons = _cuda.not_supported_reasons(torch.zeros(2))
+    assert any("CUDA tensors" in r for r in reasons)
+    if not torch.cuda.is_available():
+        assert _cuda.why_unavailable()
+        with pytest.raises(ValueError, match="backend='cuda' cannot run this step"):
+            zk.euler_step(torch.zeros(2, 3), torch.zeros(2, 3), 2.0, 1.0, backend="cuda")
+
+
+# --------------------------------------------------------------------------------------------- on a GPU
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _require(backend: str) -> None:
+    """Skip unless ``backend`` can run on this GPU (the cuda module built, Triton installed)."""
+    reasons = zk._backend.not_supported_reasons(backend, torch.zeros(1, device="cuda"))
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+def _gpu_model(y, sigma):
+    f = 0.6 * y + 0.2 * torch.sin(3.0 * y)
+    return f, 0.5 * f - 0.1
+
+
+@gpu
+@requires_C
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("sampler", list(zk.SAMPLERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_backend_equals_cpu_backend(backend, sampler, dtype):
+    _require(backend)
+    prediction = "eps" if sampler == "lms" else "v"
+    sigmas = [INF, 9.0, 4.0, 2.0, 1.0, 0.4, 0.1, 0.0][1 if prediction == "eps" else 0:]
+    noise = _randn((2, 4, 16, 12), 0).to(dtype)
+    kw = dict(sampler=sampler, prediction=prediction, guidance_scale=3.0, guidance_rescale=0.7, seed=[11, 12])
+    got = zk.sample(_gpu_model, noise.cuda(), sigmas, backend=backend, **kw).cpu()
+    want = zk.sample(_gpu_model, noise, sigmas, backend="cpu", **kw)
+    tol = 64 * torch.finfo(torch.float32).eps if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    scale = max(want.abs().max().item(), 1.0)
+    assert (got.double() - want.double()).abs().max().item() <= tol * scale
+
+
+@gpu
+@requires_C
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_philox_noise_matches_the_cpu_backend(backend):
+    """euler_ancestral from inf with y = F = 0 writes s' u z: the noise itself, scaled.  The Philox integers are
+    the same bits on every backend; the normals differ by the last ulp of log/sincos (libdevice vs the CPU's
+    polynomials)."""
+    _require(backend)
+    y = torch.zeros(3, 5, 7)
+    cpu = zk.euler_ancestral_step(y, y, INF, 2.0, seed=[7, 2**63 + 5, 99], step_index=11, backend="cpu").y
+    gpu_y = zk.euler_ancestral_step(y.cuda(), y.cuda(), INF, 2.0, seed=[7, 2**63 + 5, 99], step_index=11,
+                                    backend=backend).y.cpu()
+    torch.testing.assert_close(gpu_y, cpu, rtol=0, atol=4e-7 * cpu.abs().max().item())
