@@ -13,7 +13,7 @@ the same way::
     carry = fma(g_d, D, g_y * y)                         (LMS derivative)
 
 Storage is float32, float16 or bfloat16; the math is float32.  The per-sample coefficients are computed in
-float64 on the host (``zsnr_kernels.coefficients``) into a float64 table (:func:`coefficient_table`) that the
+float64 on the host (``zsnr_kernels.coefficients``) into a float64 table (``zsnr_kernels._table``) that the
 kernels read on the device.  With guidance rescale, :func:`_rescale_kernel` sums per block in float32, and
 the last block of each sample adds the partials in float64 and folds combine.h's ``rescale_factor`` into
 (p, q) on the device: a step never waits for the device, and its launches (two with guidance rescale, one
@@ -36,6 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _table
+from .._table import coefficient_table
+
 __all__ = ["MAX_HIST", "NUM_COEFFS", "coefficient_table", "fused_step_triton", "launch", "seed_tensor", "to_device"]
 
 MAX_HIST = 3  # combine.h kMaxHist
@@ -43,10 +46,12 @@ MAX_HIST = 3  # combine.h kMaxHist
 # kernels read them too)
 SUM_C, SUM_CC, SUM_U, SUM_UU, SUM_CU, SUM_Y, SUM_YY, SUM_YC, SUM_YU = (tl.constexpr(k) for k in range(9))
 NUM_SUMS = tl.constexpr(9)
-# Columns of the float64 coefficient table, one row per sample (or one for the batch): the element pass reads
-# w .. g_d (rounded to float32, as static_cast<float> in step_plan.h), the rescale fold p, q, u, t, w, phi.
-C_W, C_P, C_Q, C_A, C_B, C_H0, C_H1, C_H2, C_E, C_GY, C_GD, C_U, C_T, C_PHI = (tl.constexpr(k) for k in range(14))
-NUM_COEFFS = tl.constexpr(16)  # row stride (two spare columns keep rows 128-byte aligned)
+# Columns of the float64 coefficient table (zsnr_kernels/_table.py), one row per sample or one for the batch.
+C_W, C_P, C_Q, C_A, C_B, C_H0, C_H1, C_H2, C_E, C_GY, C_GD, C_U, C_T, C_PHI = (
+    tl.constexpr(k) for k in (_table.W, _table.P, _table.Q, _table.A, _table.B, _table.H0, _table.H1, _table.H2,
+                              _table.E, _table.GY, _table.GD, _table.U, _table.T, _table.PHI))
+NUM_COEFFS = _table.NUM_COEFFS
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_BLOCK = 1024
 
@@ -239,25 +244,6 @@ def _combine_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
-
-
-def coefficient_table(coeffs, denoise, *, guidance_scale=1.0, guidance_rescale=0.0, rescale_uv=(0.0, 1.0)):
-    """The float64 [rows, NUM_COEFFS] host table the kernels read: one row per entry of ``coeffs``.
-
-    ``coeffs``: a list of :class:`zsnr_kernels.coefficients.StepCoeffs`; ``denoise`` and ``rescale_uv`` lists of
-    (p, q) and (u, t) pairs of the same length.
-    """
-    rows = []
-    for c, (p, q), (u, t) in zip(coeffs, denoise, rescale_uv, strict=True):
-        row = [0.0] * NUM_COEFFS.value
-        row[C_W], row[C_P], row[C_Q], row[C_A], row[C_B], row[C_E] = guidance_scale, p, q, c.a, c.b, c.e
-        for k, hk in enumerate(c.h):
-            row[C_H0 + k] = hk
-        if c.carry is not None:
-            row[C_GY], row[C_GD] = c.carry
-        row[C_U], row[C_T], row[C_PHI] = u, t, guidance_rescale
-        rows.append(row)
-    return torch.tensor(rows, dtype=torch.float64)
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:

@@ -3,7 +3,8 @@
 The state is the model input y = c_in(sigma) * x, finite at every sigma (DESIGN §2.1); every sampler step is one
 linear combination of y, the denoised prediction and remembered tensors with host-side float64 coefficients.
 
-* :func:`sample` runs a whole schedule; the ``*_step`` functions are one model evaluation each, for your own loop.
+* :func:`sample` runs a whole schedule; the ``*_step`` functions are one model evaluation each, for your own loop;
+  :class:`SamplingPlan` plans a whole run once so that it steps without host synchronisation (CUDA graphs).
 * :mod:`zsnr_kernels.schedules` builds schedules (zero-terminal-SNR rescale, diffusers' spacings, Karras ...).
 * :mod:`zsnr_kernels.coefficients` holds the host coefficients, :mod:`zsnr_kernels.reference` the eager spec.
 """
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 from . import coefficients, noise, reference, schedules  # noqa: E402
 from .parameterization import PREDICTIONS, Parameterization, parameterization
+from .plan import SamplingPlan
 from .sampling import SAMPLERS, sample
 from .steps import (
     StepResult,
@@ -36,7 +38,7 @@ from .steps import (
 
 
 __all__ = [
-    "PREDICTIONS", "Parameterization", "SAMPLERS", "StepResult", "churn_step", "coefficients", "ddim_step", "ddpm_step",
+    "PREDICTIONS", "Parameterization", "SAMPLERS", "SamplingPlan", "StepResult", "churn_step", "coefficients", "ddim_step", "ddpm_step",
     "dpm_2_ancestral_step", "dpm_2_step", "dpmpp_2m_sde_step", "dpmpp_2m_step", "dpmpp_2s_ancestral_step",
     "dpmpp_3m_sde_step", "euler_ancestral_step", "euler_step", "final_sample", "heun_step", "initial_state",
     "lms_step", "noise", "parameterization", "reference", "sample", "schedules", "to_x", "to_y",

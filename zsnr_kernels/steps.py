@@ -35,6 +35,7 @@ dtype; the math runs in float32 (float64 for float64 inputs).  Inputs are never 
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -175,7 +176,16 @@ def _run(
             y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
             rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
     per_sample = len(args) > 1
-    return StepResult(y_out, _column(sigma_out, per_sample), d if want_d else None, complete, carry)
+    result = StepResult(y_out, _column(sigma_out, per_sample), d if want_d else None, complete, carry)
+    recorder = RECORDER.get()
+    if recorder is not None:  # zsnr_kernels.plan is recording the steps of a run in this context
+        recorder.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
+                       guided=f_uncond is not None)
+    return result
+
+
+#: set by :mod:`zsnr_kernels.plan` while it records the steps of a run (per context, so other threads are unaffected)
+RECORDER: contextvars.ContextVar = contextvars.ContextVar("zsnr_kernels_recorder", default=None)
 
 
 def _remembers_denoised(a: co.StepArgs) -> bool:

@@ -1,0 +1,300 @@
+"""Device-resident sampling (DESIGN §3): a whole run planned once, then stepped with no host synchronisation.
+
+:class:`SamplingPlan` records what :func:`zsnr_kernels.sample` does for a schedule -- every model evaluation, its
+step arguments, which remembered tensors it reads -- by running ``sample()`` itself once on tiny host tensors, so
+the plan cannot drift from the sampling loop.  It then
+
+* computes every evaluation's coefficients once (the Python spec, float64) into one table on the latent's device,
+  ``[evaluations, 1, NUM_COEFFS]`` (``zsnr_kernels._table``), and the sigmas the model is called at into
+  ``[evaluations, batch]``;
+* gives every tensor of the run (the state, the remembered D or LMS derivatives, the first stage of a two-stage
+  step) a fixed buffer, reusing a buffer once its contents are dead (exact aliasing, which every kernel allows);
+* runs evaluation k from row k of the table: the Triton kernels read it on the device (one launch, two with
+  guidance rescale, whose factor is folded on the device), Philox noise is drawn in the kernel from seeds
+  uploaded once.  No step reads a device value on the host or copies host memory to the device.
+
+So a whole loop, model included, can be captured in one CUDA graph (``torch.cuda.graph``) and replayed with new
+noise copied into the same input tensor (see the README).  On the CPU a plan runs the ``cpu`` kernels with the
+recorded arguments (a CPU step never waits for a device), and on the ``torch`` backend the reference reads the
+table's columns as device tensors.  The CUDA launcher accepts device coefficient records as well
+(``launch_combine`` in csrc/cuda/step.cuh) but that entry point is not bound yet, so on CUDA tensors a plan runs
+the Triton kernels.
+
+Not planned: EDM churn (``s_churn``), ``noise_sampler`` noise and per-sample sigma schedules; those runs use
+:func:`zsnr_kernels.sample`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _backend, _cpu, _table, _validate, coefficients as co, noise as _noise, reference, sampling, steps
+from .parameterization import parameterization, rescale_space_coeffs
+
+__all__ = ["SamplingPlan"]
+
+
+@dataclass
+class _Eval:
+    """One recorded model evaluation and the step that consumes it.  Slots name the run's tensors."""
+
+    model_slot: int                    # the state the model is called with
+    y_slot: int                        # the step's y
+    hist_slots: list[int]              # remembered tensors, newest first
+    args: co.StepArgs
+    sigma_eval: float
+    step_index: int | None
+    y_out: int
+    d_out: int = -1                    # -1: not produced
+    carry_out: int = -1
+    coeffs: co.StepCoeffs | None = None
+    uses: list[int] = field(default_factory=list)
+
+
+class _Recorder:
+    """Collects the steps of one ``sample()`` run on tiny tensors, naming every tensor by a slot number."""
+
+    def __init__(self, guided: bool):
+        self.guided = guided
+        self.slot_of: dict[int, int] = {}
+        self.keep: list[torch.Tensor] = []  # keeps recorded tensors alive, so that their ids are never reused
+        self.evals: list[_Eval] = []
+        self.model_calls: list[tuple[int, torch.Tensor]] = []
+        self.initial: int | None = None
+
+    def _new(self, t: torch.Tensor) -> int:
+        self.slot_of[id(t)] = len(self.keep)
+        self.keep.append(t)
+        return len(self.keep) - 1
+
+    def _slot(self, t: torch.Tensor) -> int:
+        slot = self.slot_of.get(id(t))
+        if slot is None:  # only the initial state enters the loop from outside
+            if self.initial is not None:
+                raise RuntimeError("zsnr_kernels.plan: the sampling loop read a tensor it did not produce")
+            slot = self.initial = self._new(t)
+        return slot
+
+    def model(self, y: torch.Tensor, sigma: torch.Tensor):
+        self.model_calls.append((self._slot(y), sigma.detach().clone()))
+        zero = torch.zeros_like(y)
+        return (zero, zero.clone()) if self.guided else zero
+
+    def step(self, y, history, args, sigma_eval, result, *, seeds, step_index, guided):
+        if len(args) != 1:
+            raise ValueError("a SamplingPlan needs one sigma schedule for the whole batch, not per-sample sigmas")
+        e = _Eval(self.model_calls[-1][0], self._slot(y), [self._slot(h) for h in history], args[0],
+                  sigma_eval[0], step_index, y_out=-1)
+        e.y_out = self._new(result.y)
+        if result.denoised is not None:
+            e.d_out = self._new(result.denoised)
+        if result.derivative is not None:
+            e.carry_out = self._new(result.derivative)
+        self.evals.append(e)
+
+
+class SamplingPlan:
+    """A whole sampling run, planned once for a latent shape, device and dtype; see the module docstring.
+
+    Takes :func:`zsnr_kernels.sample`'s arguments (less ``model``, ``noise``, ``callback``, ``progress``,
+    ``noise_sampler``, ``model_sigmas`` and churn), plus the latent's ``shape``, ``dtype`` and ``device``.
+    ``seed`` (one int per sample, or an int s: sample i gets s + i) fixes the Philox noise of stochastic
+    samplers; a plan without one draws its seeds once from torch's generator, when it is built.
+
+        plan = SamplingPlan(sigmas, noise.shape, sampler="dpmpp_2m", device="cuda", dtype=torch.bfloat16,
+                            guidance_scale=7.5, guidance_rescale=0.7)
+        x0 = plan.run(model, noise)          # the same samples as sample(model, noise, sigmas, ...)
+
+    or, step by step (what :meth:`run` does; capturable in a CUDA graph as a whole):
+
+        plan.start(noise)
+        for k in range(plan.evaluations):
+            plan.step(k, model(plan.model_input(k), plan.model_sigma(k)))
+        x0 = plan.result()
+    """
+
+    def __init__(self, sigmas, shape, *, sampler="euler", dtype=torch.float32, device="cpu", prediction="v",
+                 sigma_data=1.0, guidance_scale=1.0, guidance_rescale=0.0, rescale_space="output", eta=1.0,
+                 s_noise=1.0, solver_type="midpoint", seed=None, backend="auto"):
+        shape = tuple(int(v) for v in shape)
+        if len(shape) < 1 or min(shape) < 1:
+            raise ValueError(f"shape must be a non-empty latent shape with positive sizes, got {shape}")
+        self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
+        probe = torch.empty(0, dtype=dtype, device=self.device).new_empty(shape[:1] + (1,) * (len(shape) - 1))
+        self.backend = _backend.resolve(backend, probe)
+        if self.backend == "cuda":
+            self.backend = "triton"  # the CUDA launcher's table entry point is not bound yet (module docstring)
+            reasons = _backend.not_supported_reasons("triton", probe)
+            if reasons:
+                raise ValueError("a SamplingPlan on CUDA tensors runs the Triton kernels: " + "; ".join(reasons))
+        self.pz = parameterization(prediction, sigma_data)
+        self.guidance_scale = _validate.real("guidance_scale", guidance_scale)
+        self.guidance_rescale = _validate.real("guidance_rescale", guidance_rescale, lo=0.0, hi=1.0)
+        self.rescale_space = _validate.choice("rescale_space", rescale_space, _validate.RESCALE_SPACES)
+        self.guided = self.guidance_scale != 1.0
+        batch = shape[0]
+        self.seeds = sampling._seeds(seed, batch, needed=True)
+
+        # record sample() on (batch, 1) float64 host tensors, with the resolved seeds so that every noisy step
+        # names its seeds and step index
+        rec = _Recorder(self.guided)
+        token = steps.RECORDER.set(rec)
+        try:
+            sampling.sample(rec.model, torch.zeros(batch, 1, dtype=torch.float64), sigmas, sampler=sampler,
+                            prediction=prediction, sigma_data=sigma_data, guidance_scale=guidance_scale,
+                            guidance_rescale=guidance_rescale, rescale_space=rescale_space, eta=eta,
+                            s_noise=s_noise, solver_type=solver_type, seed=self.seeds, backend="torch")
+        finally:
+            steps.RECORDER.reset(token)
+        self._initial_scale = self.pz.noise_scale(_validate.sigmas(sigmas)[0])
+        self._evals = rec.evals
+        self._initial = rec.initial
+        self._final = rec.evals[-1].y_out
+        self._assign_buffers(len(rec.keep))
+
+        # the coefficients of every evaluation (float64, on the device) and the model's sigmas
+        rows = []
+        for e in self._evals:
+            e.coeffs = co.step_coeffs(self.pz, e.args)
+            uv = rescale_space_coeffs(self.pz, e.sigma_eval, self.rescale_space) if self.guidance_rescale else None
+            rows.append(_table.coefficient_table([e.coeffs], [self.pz.denoise_coeffs(e.sigma_eval)],
+                                                 guidance_scale=self.guidance_scale,
+                                                 guidance_rescale=self.guidance_rescale,
+                                                 rescale_uv=None if uv is None else [uv]))
+        self.table = torch.stack(rows).to(self.device)                        # [evaluations, 1, NUM_COEFFS]
+        self.sigmas = torch.stack([s for _, s in rec.model_calls]).to(self.device)  # [evaluations, batch]
+        self._seed_t = None
+        if any(e.coeffs.e != 0.0 for e in self._evals) and self.backend == "triton":
+            from .triton_kernels import combine as K
+
+            self._seed_t = K.seed_tensor(self.seeds, batch, self.device)
+        self._buffers = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self._n_buffers)]
+
+    # ------------------------------------------------------------------------------------------------ planning
+
+    def _assign_buffers(self, n_slots: int) -> None:
+        """Map the run's tensors (slots) to as few buffers as their lifetimes allow: a slot's buffer is free
+        after the last step that reads it, and may then receive an output of that very step."""
+        last = [-1] * n_slots
+        for k, e in enumerate(self._evals):
+            for s in (e.model_slot, e.y_slot, *e.hist_slots):
+                last[s] = k
+        last[self._final] = len(self._evals)  # read by result()
+        buf = [-1] * n_slots
+        free: list[int] = []
+        n_buffers = 0
+
+        def take() -> int:
+            nonlocal n_buffers
+            if free:
+                return free.pop()
+            n_buffers += 1
+            return n_buffers - 1
+
+        buf[self._initial] = take()
+        for k, e in enumerate(self._evals):
+            for s in {e.model_slot, e.y_slot, *e.hist_slots}:
+                if last[s] == k:
+                    free.append(buf[s])
+            for s in (e.y_out, e.d_out, e.carry_out):
+                if s >= 0 and last[s] > k:  # outputs nobody reads are not stored
+                    buf[s] = take()
+        self._buf = buf
+        self._n_buffers = n_buffers
+
+    # --------------------------------------------------------------------------------------------- execution
+
+    @property
+    def evaluations(self) -> int:
+        """How many times the model is called."""
+        return len(self._evals)
+
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """Copy the initial state (``noise`` scaled for sigmas[0]; the noise itself at inf) into the plan's
+        state buffer and return that buffer."""
+        _validate.tensor("noise", noise)
+        if tuple(noise.shape) != self.shape:
+            raise ValueError(f"noise must have the plan's shape {self.shape}, got {tuple(noise.shape)}")
+        y = self._buffers[self._buf[self._initial]]
+        y.copy_(noise)
+        if self._initial_scale != 1.0:
+            y.mul_(self._initial_scale)
+        return y
+
+    def model_input(self, k: int) -> torch.Tensor:
+        """The tensor to call the model with at evaluation ``k`` (a buffer of the plan: read it, do not keep it)."""
+        return self._buffers[self._buf[self._evals[k].model_slot]]
+
+    def model_sigma(self, k: int) -> torch.Tensor:
+        """The sigmas (float64, shape (batch,), on the plan's device; inf allowed) to call the model at."""
+        return self.sigmas[k]
+
+    def step(self, k: int, model_output) -> None:
+        """Consume the model's output of evaluation ``k`` (``F`` or ``(F_cond, F_uncond)``)."""
+        e = self._evals[k]
+        y = self._buffers[self._buf[e.y_slot]]
+        f_cond, f_uncond = _validate.model_output(model_output, y, self.guidance_scale)
+        hist = [self._buffers[self._buf[s]] for s in e.hist_slots[:len(e.coeffs.h)]]
+        out = {name: self._buffers[self._buf[s]] if s >= 0 and self._buf[s] >= 0 else None
+               for name, s in (("y", e.y_out), ("d", e.d_out), ("carry", e.carry_out))}
+        rescale = f_uncond is not None and self.guidance_rescale != 0.0
+        if self.backend == "triton":
+            from .triton_kernels import combine as K
+
+            K.launch(y, f_cond.contiguous(), None if f_uncond is None else f_uncond.contiguous(), hist,
+                     self.table[k], n_hist=len(hist), rescale=rescale,
+                     with_y=rescale and self._with_y(e),
+                     noise_mode=2 if e.coeffs.e != 0.0 else 0, seeds=self._seed_t,
+                     step_index=0 if e.step_index is None else e.step_index, y_out=out["y"], d_out=out["d"],
+                     carry_out=out["carry"] if e.coeffs.carry is not None else None)
+        elif self.backend == "cpu":
+            y_out, d, carry, _, _ = _cpu.fused_step(
+                y, f_cond, f_uncond, hist, self.pz, [e.args], [e.sigma_eval], guidance_scale=self.guidance_scale,
+                guidance_rescale=self.guidance_rescale, rescale_space=self.rescale_space, noise=None,
+                seeds=self.seeds, step_index=e.step_index, want_denoised=out["d"] is not None, out=out["y"])
+            self._store(out, d, carry)
+        else:
+            self._reference_step(k, e, y, f_cond, f_uncond, hist, out)
+
+    def _with_y(self, e: _Eval) -> bool:
+        """Whether the rescale statistics need y (the x0 and v spaces at this sigma)."""
+        return rescale_space_coeffs(self.pz, e.sigma_eval, self.rescale_space)[0] != 0.0
+
+    def _reference_step(self, k, e, y, f_cond, f_uncond, hist, out) -> None:
+        """The torch backend: reference.fused_step with the table's columns as device tensors."""
+        row = self.table[k, 0]
+        col = lambda j: row[j:j + 1]  # noqa: E731 -- a (1,) tensor broadcasts over the batch
+        z = None
+        if e.coeffs.e != 0.0:
+            z = _noise.normal(self.shape, self.seeds, int(e.step_index), 0,
+                              dtype=reference.compute_dtype(self.dtype), device=self.device)
+        y_out, d, carry = reference.fused_step(
+            y, f_cond, f_uncond, p=col(_table.P), q=col(_table.Q), a=col(_table.A), b=col(_table.B),
+            history=tuple(hist), h=tuple(col(_table.H0 + j) for j in range(len(hist))), noise=z,
+            e=col(_table.E) if z is not None else 0.0, guidance_scale=self.guidance_scale,
+            guidance_rescale=self.guidance_rescale, rescale_uv=(col(_table.U), col(_table.T)),
+            carry=(col(_table.GY), col(_table.GD)) if e.coeffs.carry is not None else None)
+        out["y"].copy_(y_out)
+        self._store(out, d, carry)
+
+    @staticmethod
+    def _store(out: dict, d, carry) -> None:
+        if out["d"] is not None:
+            out["d"].copy_(d)
+        if out["carry"] is not None:
+            out["carry"].copy_(carry)
+
+    def result(self) -> torch.Tensor:
+        """x0, the clean latent, from the final state (a new tensor)."""
+        return steps.final_sample(self._buffers[self._buf[self._final]], prediction=self.pz.prediction,
+                                  sigma_data=self.pz.sigma_data)
+
+    def run(self, model, noise: torch.Tensor) -> torch.Tensor:
+        """The whole run: :meth:`start`, every evaluation, :meth:`result`.  ``model(y, sigma)`` as in
+        :func:`zsnr_kernels.sample`."""
+        self.start(noise)
+        for k in range(self.evaluations):
+            self.step(k, model(self.model_input(k), self.model_sigma(k)))
+        return self.result()
