@@ -10,17 +10,17 @@ import pytest
 import torch
 
 import zsnr_kernels as zk
-from zsnr_kernels import _cpu, _ext
+from zsnr_kernels import _ext, _ops
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="zsnr_kernels._C is not built")
 
 
 def _op_args(y, *, f_uncond=None, history=(), want_d=True, sampler=0, n_prev=0, sigma_prev=(), rescale=0.0):
-    # (y, f_cond, f_uncond, history, noise, want_d, want_carry, prediction, sigma_data, sampler, stage,
+    # (y, f_cond, f_uncond, history, noise, want_d, want_carry, backend, prediction, sigma_data, sampler, stage,
     #  solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev,
     #  guidance_scale, guidance_rescale, rescale_space, seeds, step_index)
-    return (y, torch.randn_like(y), f_uncond, list(history), None, want_d, False, 0, 1.0, sampler, 1, 0, 4, 1.0,
-            1.0, [5.0], [5.0], [3.0], [3.0], list(sigma_prev), n_prev, 4.0, rescale, 0, [], 0)
+    return (y, torch.randn_like(y), f_uncond, list(history), None, want_d, False, "cpu", 0, 1.0, sampler, 1, 0, 4,
+            1.0, 1.0, [5.0], [5.0], [3.0], [3.0], list(sigma_prev), n_prev, 4.0, rescale, 0, [], 0)
 
 
 @pytest.mark.parametrize("variant", ["plain", "guided_rescale", "history"])
@@ -34,9 +34,9 @@ def test_opcheck(variant):
     elif variant == "history":
         kw = dict(history=[torch.randn_like(y)], sampler=6, n_prev=1, sigma_prev=[9.0])  # dpmpp_2m
     args = _op_args(y, **kw)
-    torch.library.opcheck(_ops.cpu_step, args)
+    torch.library.opcheck(_ops.step, args)
     out = torch.empty_like(y)
-    torch.library.opcheck(_ops.cpu_step_out, (out,) + args[:5] + args[7:])
+    torch.library.opcheck(_ops.step_out, (out,) + args[:5] + args[7:])
 
 
 def _model():
@@ -70,6 +70,6 @@ def test_eager_calls_bypass_the_op_layer(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the torch.library op was used by an eager call")
 
-    monkeypatch.setattr(_cpu, "fused_step_traced", refuse)
+    monkeypatch.setattr(_ops, "fused_step_traced", refuse)
     y = torch.randn(1, 4, 8, 8)
     zk.euler_step(y, torch.randn_like(y), 5.0, 3.0, backend="cpu")

@@ -80,6 +80,16 @@ CHILD = textwrap.dedent(
     run("refused_without_noise", refused)
 
     results["auto_on_cpu_tensors"] = _backend.resolve("auto", y)
+
+    # the torch.library ops with backend="triton": schema, fake implementation, out= form (torch.compile's view)
+    from zsnr_kernels import _ops
+    op_args = (y, fc, fu, [], None, True, False, "triton", 0, 1.0, 0, 1, 0, 4, 1.0, 1.0, [5.0], [5.0], [3.0],
+               [3.0], [], 0, 4.0, 0.7, 0, [], 0)
+    torch.library.opcheck(_ops.step, op_args)
+    torch.library.opcheck(_ops.step_out, (torch.empty_like(y), *op_args[:5], *op_args[7:]))
+    results["op_equals_eager"] = torch.equal(
+        _ops.step(*op_args)[0], zk.euler_step(y, (fc, fu), 5.0, 3.0, guidance_scale=4.0, guidance_rescale=0.7,
+                                              backend="triton").y)
     torch.save(results, sys.argv[1])
     """
 )
@@ -136,3 +146,8 @@ def test_refused_call_raises_the_same_error_and_touches_nothing(results):
 
 def test_auto_keeps_the_cpu_backend_for_cpu_tensors(results):
     assert results["auto_on_cpu_tensors"] == "cpu"
+
+
+def test_torch_library_op_on_the_triton_backend(results):
+    """opcheck passed in the child (it raises otherwise); the op computes what the eager call does."""
+    assert results["op_equals_eager"]

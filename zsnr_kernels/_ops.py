@@ -1,12 +1,14 @@
-"""The fused CPU step as a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`` traces a sampling loop
-without a graph break (DESIGN §3).  Eager calls do not come here: the custom-op layer costs tens of microseconds
-per call, more than the kernel on small latents, so :mod:`zsnr_kernels.steps` calls the compiled module directly
-unless ``torch.compiler.is_compiling()``.
+"""The fused step as ``torch.library`` custom ops, so that ``torch.compile(fullgraph=True)`` traces a sampling loop
+on any fused backend without a graph break (DESIGN §3).  Eager calls do not come here: the custom-op layer costs
+tens of microseconds per call, more than the kernel on small latents, so :mod:`zsnr_kernels.steps` calls the
+backends directly unless ``torch.compiler.is_compiling()``.
 
-``zsnr_kernels::cpu_step`` is functional (returns y_out, D and the LMS carry; unused outputs are empty tensors);
-``zsnr_kernels::cpu_step.out`` writes y_out into a given tensor (which may be y: in place).  The sigma a step
-leaves at and whether it is complete are host values the caller computes from the Python spec
-(``coefficients.step_coeffs``); the op computes the same coefficients in C++ from the same arguments.
+``zsnr_kernels::step`` is functional (returns y_out, D and the LMS carry; unused outputs are empty tensors);
+``zsnr_kernels::step_out`` writes y_out into a given tensor (which may be y: in place).  ``backend`` picks the
+kernels: ``cpu`` (CPU tensors), ``cuda`` or ``triton`` (CUDA tensors; ``triton`` also on CPU tensors under
+``TRITON_INTERPRET=1``).  The step is described by plain numbers and lists, as ``_C.fused_step`` takes it; the
+sigma a step leaves at and whether it is complete are host values the caller computes from the Python spec
+(:func:`fused_step_traced`), and every error is raised by the spec before the op is reached.
 """
 
 from __future__ import annotations
@@ -15,69 +17,130 @@ from typing import Optional
 
 import torch
 
-from . import _cpu, _ext
+from . import _cpu, _ext, _validate, coefficients as co
+from .parameterization import Parameterization, parameterization
 
 _U64 = 2**64
+_PREDICTIONS = {code: name for name, code in _cpu.PREDICTION_CODES.items()}
+_SAMPLERS = {code: name for name, code in _cpu.SAMPLER_CODES.items()}
+_SPACES = {code: name for name, code in _cpu.SPACE_CODES.items()}
 
 
-def _run(y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, prediction, sigma_data, sampler, stage,
-         solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev,
+def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, prediction, sigma_data, sampler,
+         stage, solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev,
          guidance_scale, guidance_rescale, rescale_space, seeds, step_index):
-    d_out = torch.empty_like(y) if want_d else None
-    carry_out = torch.empty_like(y) if want_carry else None
-    res = _ext.C.fused_step(
-        _cpu.DTYPE_CODES[y.dtype], y.shape[0], y.numel() // y.shape[0], y.data_ptr(), f_cond.data_ptr(),
-        0 if f_uncond is None else f_uncond.data_ptr(), [h.data_ptr() for h in history],
-        0 if noise is None else noise.data_ptr(), y_out.data_ptr(), 0 if d_out is None else d_out.data_ptr(),
-        0 if carry_out is None else carry_out.data_ptr(), prediction, sigma_data, sampler, stage, solver_heun, order,
-        eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev, guidance_scale,
-        guidance_rescale, rescale_space, [s % _U64 for s in seeds], step_index, 0)
-    if res[0]:
-        raise ValueError(f"zsnr_kernels::cpu_step failed with code {res[0]} (the eager call names the cause)")
-    return (d_out if d_out is not None else y.new_empty(0)), (carry_out if carry_out is not None else y.new_empty(0))
+    """Run the step on ``backend`` into ``y_out``; returns (D or None, carry or None)."""
+    if backend == "cpu":
+        d_out = torch.empty_like(y) if want_d else None
+        carry_out = torch.empty_like(y) if want_carry else None
+        res = _ext.C.fused_step(
+            _cpu.DTYPE_CODES[y.dtype], y.shape[0], y.numel() // y.shape[0], y.data_ptr(), f_cond.data_ptr(),
+            _cpu._ptr(f_uncond), [h.data_ptr() for h in history], _cpu._ptr(noise), y_out.data_ptr(),
+            _cpu._ptr(d_out), _cpu._ptr(carry_out), prediction, sigma_data, sampler, stage, solver_heun, order, eta,
+            s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev, guidance_scale,
+            guidance_rescale, rescale_space, [s % _U64 for s in seeds], step_index, 0)
+        if res[0]:
+            raise ValueError(f"zsnr_kernels::step failed with code {res[0]} (the eager call names the cause)")
+        return d_out, carry_out
+    if backend not in ("cuda", "triton"):
+        raise ValueError(f"zsnr_kernels::step: unknown backend {backend!r}")
+    from . import _cuda, _triton
+
+    pz = parameterization(_PREDICTIONS[prediction], sigma_data)
+    n = len(sigma)
+    args = [co.StepArgs(_SAMPLERS[sampler], sigma[i], sigma_next[i], stage=stage,
+                        sigma_hat_next=None if sigma_hat_next[i] == sigma_next[i] else sigma_hat_next[i],
+                        sigma_prev=tuple(sigma_prev[k * n + i] for k in range(n_prev)), eta=eta, s_noise=s_noise,
+                        solver_type="heun" if solver_heun else "midpoint", order=order) for i in range(n)]
+    run = _cuda.fused_step if backend == "cuda" else _triton.fused_step
+    _, d, carry, _, _ = run(y, f_cond, f_uncond, history, pz, args, sigma_eval, guidance_scale=guidance_scale,
+                            guidance_rescale=guidance_rescale, rescale_space=_SPACES[rescale_space], noise=noise,
+                            seeds=[s % _U64 for s in seeds] or None, step_index=step_index, want_denoised=want_d,
+                            out=y_out)
+    return d, carry if want_carry else None
 
 
-@torch.library.custom_op("zsnr_kernels::cpu_step", mutates_args=())
-def cpu_step(y: torch.Tensor, f_cond: torch.Tensor, f_uncond: Optional[torch.Tensor], history: list[torch.Tensor],
-             noise: Optional[torch.Tensor], want_d: bool, want_carry: bool, prediction: int, sigma_data: float,
-             sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
-             sigma: list[float], sigma_eval: list[float], sigma_next: list[float], sigma_hat_next: list[float],
-             sigma_prev: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float,
-             rescale_space: int, seeds: list[int], step_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One fused step on contiguous CPU tensors (the arguments of ``_C.fused_step``): (y_out, D, carry)."""
-    y, f_cond = y.contiguous(), f_cond.contiguous()
-    f_uncond = None if f_uncond is None else f_uncond.contiguous()
-    history = [h.contiguous() for h in history]
-    noise = None if noise is None else noise.contiguous()
+def _contiguous(y, f_cond, f_uncond, history, noise):
+    return (y.contiguous(), f_cond.contiguous(), None if f_uncond is None else f_uncond.contiguous(),
+            [h.contiguous() for h in history], None if noise is None else noise.contiguous())
+
+
+@torch.library.custom_op("zsnr_kernels::step", mutates_args=())
+def step(y: torch.Tensor, f_cond: torch.Tensor, f_uncond: Optional[torch.Tensor], history: list[torch.Tensor],
+         noise: Optional[torch.Tensor], want_d: bool, want_carry: bool, backend: str, prediction: int,
+         sigma_data: float, sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
+         sigma: list[float], sigma_eval: list[float], sigma_next: list[float], sigma_hat_next: list[float],
+         sigma_prev: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float, rescale_space: int,
+         seeds: list[int], step_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One fused step (the arguments of ``_C.fused_step``, plus the backend): (y_out, D, carry)."""
+    y, f_cond, f_uncond, history, noise = _contiguous(y, f_cond, f_uncond, history, noise)
     y_out = torch.empty_like(y)
-    d, carry = _run(y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, prediction, sigma_data, sampler,
-                    stage, solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next,
+    d, carry = _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, prediction, sigma_data,
+                    sampler, stage, solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next,
                     sigma_prev, n_prev, guidance_scale, guidance_rescale, rescale_space, seeds, step_index)
-    return y_out, d, carry
+    return y_out, (d if d is not None else y.new_empty(0)), (carry if carry is not None else y.new_empty(0))
 
 
-@cpu_step.register_fake
+@step.register_fake
 def _(y, f_cond, f_uncond, history, noise, want_d, want_carry, *args):
     like = lambda want: torch.empty_like(y, memory_format=torch.contiguous_format) if want else y.new_empty(0)  # noqa
     return like(True), like(want_d), like(want_carry)
 
 
-@torch.library.custom_op("zsnr_kernels::cpu_step_out", mutates_args=("out",))
-def cpu_step_out(out: torch.Tensor, y: torch.Tensor, f_cond: torch.Tensor, f_uncond: Optional[torch.Tensor],
-                 history: list[torch.Tensor], noise: Optional[torch.Tensor], prediction: int, sigma_data: float,
-                 sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
-                 sigma: list[float], sigma_eval: list[float], sigma_next: list[float], sigma_hat_next: list[float],
-                 sigma_prev: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float,
-                 rescale_space: int, seeds: list[int], step_index: int) -> None:
+@torch.library.custom_op("zsnr_kernels::step_out", mutates_args=("out",))
+def step_out(out: torch.Tensor, y: torch.Tensor, f_cond: torch.Tensor, f_uncond: Optional[torch.Tensor],
+             history: list[torch.Tensor], noise: Optional[torch.Tensor], backend: str, prediction: int,
+             sigma_data: float, sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
+             sigma: list[float], sigma_eval: list[float], sigma_next: list[float], sigma_hat_next: list[float],
+             sigma_prev: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float,
+             rescale_space: int, seeds: list[int], step_index: int) -> None:
     """The ``out=`` form: y_out written into ``out`` (contiguous, shaped like y; it may be y itself)."""
     if not out.is_contiguous():
-        raise ValueError("out must be contiguous for zsnr_kernels::cpu_step_out")
-    _run(y.contiguous(), f_cond.contiguous(), None if f_uncond is None else f_uncond.contiguous(),
-         [h.contiguous() for h in history], None if noise is None else noise.contiguous(), out, False, False,
-         prediction, sigma_data, sampler, stage, solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next,
-         sigma_hat_next, sigma_prev, n_prev, guidance_scale, guidance_rescale, rescale_space, seeds, step_index)
+        raise ValueError("out must be contiguous for zsnr_kernels::step_out")
+    y, f_cond, f_uncond, history, noise = _contiguous(y, f_cond, f_uncond, history, noise)
+    _run(backend, y, f_cond, f_uncond, history, noise, out, False, False, prediction, sigma_data, sampler, stage,
+         solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev,
+         guidance_scale, guidance_rescale, rescale_space, seeds, step_index)
 
 
-@cpu_step_out.register_fake
+@step_out.register_fake
 def _(out, *args):
     return None
+
+
+def fused_step_traced(backend: str, y, f_cond, f_uncond, history, pz: Parameterization, args: list,
+                      sigma_eval: list, *, guidance_scale: float, guidance_rescale: float, rescale_space: str, noise,
+                      seeds, step_index, want_denoised: bool, out):
+    """A backend's ``fused_step`` through the ops above, for ``torch.compile``: the same arguments and results.
+
+    The host values (sigma_out, complete) and every error come from the Python spec, which the kernels mirror.
+    """
+    cs = [co.step_coeffs(pz, a) for a in args]
+    for s in sigma_eval:
+        pz.denoise_coeffs(s)  # raises for eps at inf, as the eager path does
+    _validate.step_coeffs(cs, len(history))
+    if any(c.e != 0.0 for c in cs) and noise is None and seeds is None:
+        raise ValueError(_validate.NEEDS_NOISE)
+    a0 = args[0]
+    n_prev = len(a0.sigma_prev)
+    plan = dict(
+        backend=backend, prediction=_cpu.PREDICTION_CODES[pz.prediction], sigma_data=pz.sigma_data,
+        sampler=_cpu.SAMPLER_CODES[a0.sampler], stage=a0.stage, solver_heun=int(a0.solver_type == "heun"),
+        order=a0.order, eta=a0.eta, s_noise=a0.s_noise, sigma=[a.sigma for a in args], sigma_eval=list(sigma_eval),
+        sigma_next=[a.sigma_next for a in args],
+        sigma_hat_next=[a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args],
+        sigma_prev=[a.sigma_prev[k] for k in range(n_prev) for a in args], n_prev=n_prev,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale if f_uncond is not None else 0.0,
+        rescale_space=_cpu.SPACE_CODES[rescale_space],
+        seeds=[] if seeds is None else [s - _U64 if s >= 2**63 else s for s in seeds],
+        step_index=0 if step_index is None else int(step_index))
+    want_carry = a0.sampler == "lms"
+    if out is not None and out.is_contiguous() and not want_denoised and not want_carry:
+        step_out(out, y, f_cond, f_uncond, list(history), noise, **plan)
+        return out, None, None, [c.sigma_out for c in cs], cs[0].complete
+    y_out, d, carry = step(y, f_cond, f_uncond, list(history), noise, want_denoised, want_carry, **plan)
+    if out is not None:
+        out.copy_(y_out)
+        y_out = out
+    return (y_out, d if want_denoised else None, carry if want_carry else None, [c.sigma_out for c in cs],
+            cs[0].complete)

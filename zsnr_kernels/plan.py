@@ -26,6 +26,7 @@ Not planned: EDM churn (``s_churn``), ``noise_sampler`` noise and per-sample sig
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,8 @@ from . import _backend, _cpu, _table, _validate, coefficients as co, noise as _n
 from .parameterization import parameterization, rescale_space_coeffs
 
 __all__ = ["SamplingPlan"]
+
+_RECORDING = threading.Lock()  # one recording at a time (steps.recorder is a single global)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class _Recorder:
 
     def __init__(self, guided: bool):
         self.guided = guided
+        self.thread = threading.get_ident()  # only this thread's steps are recorded
         self.slot_of: dict[int, int] = {}
         self.keep: list[torch.Tensor] = []  # keeps recorded tensors alive, so that their ids are never reused
         self.evals: list[_Eval] = []
@@ -140,14 +144,15 @@ class SamplingPlan:
         # record sample() on (batch, 1) float64 host tensors, with the resolved seeds so that every noisy step
         # names its seeds and step index
         rec = _Recorder(self.guided)
-        token = steps.RECORDER.set(rec)
-        try:
-            sampling.sample(rec.model, torch.zeros(batch, 1, dtype=torch.float64), sigmas, sampler=sampler,
-                            prediction=prediction, sigma_data=sigma_data, guidance_scale=guidance_scale,
-                            guidance_rescale=guidance_rescale, rescale_space=rescale_space, eta=eta,
-                            s_noise=s_noise, solver_type=solver_type, seed=self.seeds, backend="torch")
-        finally:
-            steps.RECORDER.reset(token)
+        with _RECORDING:
+            steps.recorder = rec
+            try:
+                sampling.sample(rec.model, torch.zeros(batch, 1, dtype=torch.float64), sigmas, sampler=sampler,
+                                prediction=prediction, sigma_data=sigma_data, guidance_scale=guidance_scale,
+                                guidance_rescale=guidance_rescale, rescale_space=rescale_space, eta=eta,
+                                s_noise=s_noise, solver_type=solver_type, seed=self.seeds, backend="torch")
+            finally:
+                steps.recorder = None
         self._initial_scale = self.pz.noise_scale(_validate.sigmas(sigmas)[0])
         self._evals = rec.evals
         self._initial = rec.initial

@@ -35,7 +35,7 @@ dtype; the math runs in float32 (float64 for float64 inputs).  Inputs are never 
 
 from __future__ import annotations
 
-import contextvars
+import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -166,26 +166,30 @@ def _run(
         y_out, d, carry, sigma_out, complete = _torch_step(
             y, f_cond, f_uncond, list(history), pz, args, sig_eval, w, phi, space, noise, seeds, step_index, out)
     else:
-        # under torch.compile the cpu kernel is reached through its torch.library op (no graph break); eager
+        # under torch.compile the kernels are reached through their torch.library op (no graph break); eager
         # calls skip that layer, which costs more than the kernel on small latents
-        if name == "cpu":
-            run = _cpu.fused_step_traced if torch.compiler.is_compiling() else _cpu.fused_step
+        options = dict(guidance_scale=w, guidance_rescale=phi, rescale_space=space, noise=noise, seeds=seeds,
+                       step_index=step_index, want_denoised=want_d, out=out)
+        if torch.compiler.is_compiling():
+            from . import _ops
+
+            y_out, d, carry, sigma_out, complete = _ops.fused_step_traced(
+                name, y, f_cond, f_uncond, list(history), pz, args, sig_eval, **options)
         else:
-            run = _cuda.fused_step if name == "cuda" else _triton.fused_step
-        y_out, d, carry, sigma_out, complete = run(
-            y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
-            rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
+            run = _cpu.fused_step if name == "cpu" else _cuda.fused_step if name == "cuda" else _triton.fused_step
+            y_out, d, carry, sigma_out, complete = run(y, f_cond, f_uncond, list(history), pz, args, sig_eval,
+                                                       **options)
     per_sample = len(args) > 1
     result = StepResult(y_out, _column(sigma_out, per_sample), d if want_d else None, complete, carry)
-    recorder = RECORDER.get()
-    if recorder is not None:  # zsnr_kernels.plan is recording the steps of a run in this context
+    if recorder is not None and recorder.thread == threading.get_ident():  # zsnr_kernels.plan is recording a run
         recorder.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
                        guided=f_uncond is not None)
     return result
 
 
-#: set by :mod:`zsnr_kernels.plan` while it records the steps of a run (per context, so other threads are unaffected)
-RECORDER: contextvars.ContextVar = contextvars.ContextVar("zsnr_kernels_recorder", default=None)
+#: set by :mod:`zsnr_kernels.plan` while one thread records the steps of a run (a plain global, which
+#: torch.compile traces; steps of other threads are not recorded)
+recorder = None
 
 
 def _remembers_denoised(a: co.StepArgs) -> bool:
