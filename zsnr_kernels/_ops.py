@@ -6,9 +6,10 @@ backends directly unless ``torch.compiler.is_compiling()``.
 ``zsnr_kernels::step`` is functional (returns y_out, D and the LMS carry; unused outputs are empty tensors);
 ``zsnr_kernels::step_out`` writes y_out into a given tensor (which may be y: in place).  ``backend`` picks the
 kernels: ``cpu`` (CPU tensors), ``cuda`` or ``triton`` (CUDA tensors; ``triton`` also on CPU tensors under
-``TRITON_INTERPRET=1``).  The step is described by plain numbers and lists, as ``_C.fused_step`` takes it; the
-sigma a step leaves at and whether it is complete are host values the caller computes from the Python spec
-(:func:`fused_step_traced`), and every error is raised by the spec before the op is reached.
+``TRITON_INTERPRET=1``).  The step is described by plain numbers and lists (a schema torch.library can hold);
+the op rebuilds the step arguments and calls the backend's own ``fused_step``.  The sigma a step leaves at and
+whether it is complete are host values the caller computes from the Python spec (:func:`fused_step_traced`),
+and every error is raised by the spec before the op is reached.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import _cpu, _ext, _validate, coefficients as co
+from . import _cpu, _validate, coefficients as co
 from .parameterization import Parameterization, parameterization
 
 _U64 = 2**64
@@ -29,34 +30,23 @@ _SPACES = {code: name for name, code in _cpu.SPACE_CODES.items()}
 def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, prediction, sigma_data, sampler,
          stage, solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev,
          guidance_scale, guidance_rescale, rescale_space, seeds, step_index):
-    """Run the step on ``backend`` into ``y_out``; returns (D or None, carry or None)."""
-    if backend == "cpu":
-        d_out = torch.empty_like(y) if want_d else None
-        carry_out = torch.empty_like(y) if want_carry else None
-        res = _ext.C.fused_step(
-            _cpu.DTYPE_CODES[y.dtype], y.shape[0], y.numel() // y.shape[0], y.data_ptr(), f_cond.data_ptr(),
-            _cpu._ptr(f_uncond), [h.data_ptr() for h in history], _cpu._ptr(noise), y_out.data_ptr(),
-            _cpu._ptr(d_out), _cpu._ptr(carry_out), prediction, sigma_data, sampler, stage, solver_heun, order, eta,
-            s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev, guidance_scale,
-            guidance_rescale, rescale_space, [s % _U64 for s in seeds], step_index, 0)
-        if res[0]:
-            raise ValueError(f"zsnr_kernels::step failed with code {res[0]} (the eager call names the cause)")
-        return d_out, carry_out
-    if backend not in ("cuda", "triton"):
-        raise ValueError(f"zsnr_kernels::step: unknown backend {backend!r}")
+    """Run the step on ``backend`` into ``y_out`` through that backend's ``fused_step`` (the eager path's own
+    entry point, so the op and an eager call cannot differ); returns (D or None, carry or None)."""
     from . import _cuda, _triton
 
+    runs = {"cpu": _cpu.fused_step, "cuda": _cuda.fused_step, "triton": _triton.fused_step}
+    if backend not in runs:
+        raise ValueError(f"zsnr_kernels::step: unknown backend {backend!r}; choose one of {tuple(runs)}")
     pz = parameterization(_PREDICTIONS[prediction], sigma_data)
     n = len(sigma)
     args = [co.StepArgs(_SAMPLERS[sampler], sigma[i], sigma_next[i], stage=stage,
                         sigma_hat_next=None if sigma_hat_next[i] == sigma_next[i] else sigma_hat_next[i],
                         sigma_prev=tuple(sigma_prev[k * n + i] for k in range(n_prev)), eta=eta, s_noise=s_noise,
                         solver_type="heun" if solver_heun else "midpoint", order=order) for i in range(n)]
-    run = _cuda.fused_step if backend == "cuda" else _triton.fused_step
-    _, d, carry, _, _ = run(y, f_cond, f_uncond, history, pz, args, sigma_eval, guidance_scale=guidance_scale,
-                            guidance_rescale=guidance_rescale, rescale_space=_SPACES[rescale_space], noise=noise,
-                            seeds=[s % _U64 for s in seeds] or None, step_index=step_index, want_denoised=want_d,
-                            out=y_out)
+    _, d, carry, _, _ = runs[backend](
+        y, f_cond, f_uncond, history, pz, args, sigma_eval, guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale, rescale_space=_SPACES[rescale_space], noise=noise,
+        seeds=[s % _U64 for s in seeds] or None, step_index=step_index, want_denoised=want_d, out=y_out)
     return d, carry if want_carry else None
 
 
