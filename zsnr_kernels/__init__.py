@@ -7,6 +7,8 @@ linear combination of y, the denoised prediction and remembered tensors with hos
   :class:`SamplingPlan` plans a whole run once so that it steps without host synchronisation (CUDA graphs).
 * :mod:`zsnr_kernels.schedules` builds schedules (zero-terminal-SNR rescale, diffusers' spacings, Karras ...).
 * :mod:`zsnr_kernels.coefficients` holds the host coefficients, :mod:`zsnr_kernels.reference` the eager spec.
+* :mod:`zsnr_kernels.k_diffusion` and :mod:`zsnr_kernels.diffusers` meet users where they are: drop-ins for
+  k-diffusion's samplers and schedulers for diffusers pipelines (imported on first use).
 """
 
 __version__ = "0.1.0"
@@ -43,3 +45,12 @@ __all__ = [
     "dpmpp_3m_sde_step", "euler_ancestral_step", "euler_step", "final_sample", "heun_step", "initial_state",
     "lms_step", "noise", "parameterization", "reference", "sample", "schedules", "to_x", "to_y",
 ]
+
+
+def __getattr__(name: str):
+    """The integrations load on first use (``zsnr_kernels.diffusers`` needs the diffusers package)."""
+    if name in ("k_diffusion", "diffusers"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Command line: ``python -m zsnr_kernels {demo,info}`` (also installed as ``zsnr-kernels``)."""
+"""Command line: ``python -m zsnr_kernels {info,demo,bench}`` (also installed as ``zsnr-kernels``)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import sys
 
 
 def info() -> int:
-    """Print versions, the compiled module's build, and which backends can run steps (and why not)."""
+    """Print versions, the compiled modules' builds, and which backends can run steps on CPU and CUDA tensors (and
+    why not)."""
     import torch
 
-    from . import __version__, _backend, _ext
+    from . import __version__, _backend, _cuda, _ext, _triton
 
     print(f"zsnr-kernels {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"compiled module zsnr_kernels._C: {'loaded' if _ext.available() else 'unavailable'}")
@@ -21,28 +22,48 @@ def info() -> int:
         print(f"  cpu kernels use: {_ext.C.cpu_isa()}")
     else:
         print(f"  why: {_ext.why_unavailable()}")
-    probe = torch.zeros(1)
-    print("backends for CPU tensors:")
-    for name in _backend.BACKENDS[1:]:
-        reasons = _backend.not_supported_reasons(name, probe)
-        print(f"  {name:7s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
-    print(f"  auto -> {_backend.resolve('auto', probe)}")
+    cuda_info = _cuda.build_info()
+    print(f"compiled module zsnr_kernels._C_cuda: {'loaded' if cuda_info is not None else 'unavailable'}")
+    if cuda_info is not None:
+        print("  " + json.dumps(cuda_info, sort_keys=True))
+    why_triton = _triton.why_unavailable()
+    if why_triton is None:
+        import triton
+
+        print(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1: kernels run in the interpreter)"
+                                                 if _triton.interpreted() else ""))
+    else:
+        print(f"triton: {why_triton}")
+    cuda_ok = torch.cuda.is_available()
+    print("torch.cuda: " + (f"{torch.cuda.device_count()} device(s), {torch.cuda.get_device_name()}" if cuda_ok
+                            else "no CUDA device visible to this PyTorch build"))
+    probes = [("CPU", torch.zeros(1))] + ([("CUDA", torch.zeros(1, device="cuda"))] if cuda_ok else [])
+    for where, probe in probes:
+        print(f"backends for {where} tensors:")
+        for name in _backend.BACKENDS[1:]:
+            reasons = _backend.not_supported_reasons(name, probe)
+            print(f"  {name:7s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
+        print(f"  auto -> {_backend.resolve('auto', probe)}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import bench, demo
+
     parser = argparse.ArgumentParser(prog="zsnr-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build and backend availability")
-    demo = sub.add_parser("demo", help="sample exact denoisers from sigma = inf and print what was measured",
-                          add_help=False)
-    demo.add_argument("args", nargs=argparse.REMAINDER)
+    demo.add_arguments(sub.add_parser("demo", help="sample exact denoisers from sigma = inf and print what was "
+                                      "measured", description=demo.__doc__.splitlines()[0]))
+    bench.add_arguments(sub.add_parser("bench", help="time the fused steps against eager PyTorch and "
+                                       "torch.compile (CSV, PNG)", description=bench.__doc__.split("\n\n")[0]))
     ns = parser.parse_args(argv)
     if ns.command == "info":
         return info()
-    from . import demo as demo_module
-
-    return demo_module.main(ns.args) or 0
+    if ns.command == "demo":
+        return demo.run(ns)
+    bench.run(ns)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``python -m zsnr_kernels demo``: what starting exactly at sigma = inf changes, measured on exact models.
 
-Three small experiments on the CPU, float64, no downloads (a few seconds):
+Three small experiments on the CPU, float64, one thread, no downloads (about 4 s):
 
 1. sigma = inf in the variance-exploding view (k-diffusion): ``x = noise * sigma_max`` is infinite and the first
    model input ``c_in * x = 0 * inf`` is NaN; this library's state ``y`` is the noise itself, finite.
@@ -9,7 +9,9 @@ Three small experiments on the CPU, float64, no downloads (a few seconds):
 3. :class:`~zsnr_kernels.models.ImageSetModel` (the ideal denoiser of :func:`~zsnr_kernels.models.builtin_images`):
    spread of the generated images' mean brightness under Stable Diffusion's schedule (scaled_linear betas,
    ``leading`` spacing, steps_offset=1, finite sigma_max) versus zero terminal SNR (rescaled betas, ``trailing``,
-   sigmas[0] = inf), next to the data's (Lin et al. 2023, §3).
+   sigmas[0] = inf), next to the data's (Lin et al. 2023, §3), for a few samplers and step counts.  The same
+   noise and seeds serve both schedules.  A PNG (no matplotlib needed) shows the image grids, sorted by
+   brightness, and the brightness histograms of one of the runs.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from . import sampling, schedules
+from . import _png, sampling, schedules
 from .models import GaussianModel, ImageSetModel, builtin_images
 from .steps import initial_state
 
 _F64 = torch.float64
 BRIGHT = 0.6  # |mean brightness| above this counts as a very dark / very bright image
+SAMPLERS = ("euler", "dpmpp_2m", "euler_ancestral")
+STEP_COUNTS = (10, 25, 50)
+FIGURE_RUN = ("euler", 25)  # the run drawn in the PNG (--quick: the first sampler and step count)
+DEFAULT_PNG = "zsnr_demo.png"
 
 
 def _k_diffusion_at_inf(gen) -> list[str]:
@@ -36,10 +44,10 @@ def _k_diffusion_at_inf(gen) -> list[str]:
     y, _ = initial_state(noise, math.inf)
     return [
         "1. sigma_max = inf",
-        f"   k-diffusion   x = noise * sigma_max: {_share(~torch.isfinite(x)):.0%} non-finite; "
-        f"model input c_in * x: {_share(torch.isnan(model_in)):.0%} NaN",
-        f"   zsnr_kernels  y = initial_state(noise, inf): {_share(torch.isfinite(y)):.0%} finite, "
-        f"max |y - noise| = {(y - noise).abs().max().item():.1e}",
+        (f"   k-diffusion   x = noise * sigma_max: {_share(~torch.isfinite(x)):.0%} non-finite; "
+         f"model input c_in * x: {_share(torch.isnan(model_in)):.0%} NaN"),
+        (f"   zsnr_kernels  y = initial_state(noise, inf): {_share(torch.isfinite(y)):.0%} finite, "
+         f"max |y - noise| = {(y - noise).abs().max().item():.1e}"),
     ]
 
 
@@ -76,47 +84,221 @@ def _gaussian_table(gen, step_counts) -> list[str]:
     return lines
 
 
-def _brightness_stats(images: torch.Tensor) -> tuple[float, float, float]:
-    m = images.flatten(1).mean(1)
-    return m.std().item(), _share(m < -BRIGHT), _share(m > BRIGHT)
+def _brightness(images: torch.Tensor) -> torch.Tensor:
+    """Per-image mean brightness (images in [-1, 1])."""
+    return images.flatten(1).mean(1)
 
 
-def _image_table(gen, num_samples: int, num_steps: int) -> list[str]:
+@dataclass
+class Spread:
+    """Spread of per-image mean brightness: its std and the shares of very dark and very bright images."""
+
+    std: float
+    dark: float
+    bright: float
+
+    @classmethod
+    def of(cls, images: torch.Tensor) -> Spread:
+        m = _brightness(images)
+        return cls(m.std().item(), _share(m < -BRIGHT), _share(m > BRIGHT))
+
+    def cells(self) -> str:
+        return f"{self.std:>7.3f}{self.dark:>7.0%}{self.bright:>7.0%}"
+
+
+@dataclass
+class ImageRun:
+    """One sampler and step count under both schedules."""
+
+    sampler: str
+    steps: int
+    sd_sigma_max: float
+    sd: torch.Tensor     # samples under SD's schedule
+    zsnr: torch.Tensor   # samples from sigma = inf
+
+
+def _image_runs(gen, num_samples: int, samplers, step_counts) -> tuple[torch.Tensor, list[ImageRun]]:
+    """The built-in images and one :class:`ImageRun` per sampler and step count (same noise and seeds for all)."""
     images = builtin_images(n=64, size=16)
     model = ImageSetModel(images, prediction="v", sigma_data=1.0)
     noise = torch.randn((num_samples,) + tuple(images.shape[1:]), generator=gen, dtype=_F64)
+    seed = int(torch.randint(2**31, (1,), generator=gen))  # sample i of a stochastic sampler: Philox seed + i
     sd = schedules.DiscreteSchedule.from_betas("scaled_linear")
     zsnr = schedules.DiscreteSchedule.from_betas("scaled_linear", zero_terminal_snr=True)
-    runs = [
-        ("SD (leading, offset 1)", sd.sigmas(num_steps, "leading", steps_offset=1)),
-        ("zero SNR (trailing)", zsnr.sigmas(num_steps, "trailing")),
-    ]
-    lines = [f"3. Ideal denoiser of {images.shape[0]} built-in 16x16 images, euler, {num_steps} steps, "
-             f"{num_samples} samples, v-prediction",
-             f"   {'schedule':<24s}{'sigma_max':>10s}{'std(mean)':>11s}{'dark':>7s}{'bright':>8s}"
-             f"   (per-image mean brightness; dark/bright: |mean| > {BRIGHT})"]
-    s, d, b = _brightness_stats(images)
-    lines.append(f"   {'data':<24s}{'':>10s}{s:>11.3f}{d:>7.0%}{b:>8.0%}")
-    for label, sig in runs:
-        out = sampling.sample(model, noise, sig, sampler="euler", prediction="v", backend="torch")
-        s, d, b = _brightness_stats(out)
-        lines.append(f"   {label:<24s}{sig[0].item():>10.4g}{s:>11.3f}{d:>7.0%}{b:>8.0%}")
+    runs = []
+    for name in samplers:
+        for n in step_counts:
+            sd_sig = sd.sigmas(n, "leading", steps_offset=1)
+            out = [sampling.sample(model, noise, sig, sampler=name, prediction="v", seed=seed, backend="torch")
+                   for sig in (sd_sig, zsnr.sigmas(n, "trailing"))]
+            runs.append(ImageRun(name, n, sd_sig[0].item(), *out))
+    return images, runs
+
+
+def _image_table(images: torch.Tensor, runs: list[ImageRun]) -> list[str]:
+    data = Spread.of(images)
+    n = runs[0].sd.shape[0]
+    group = f"{'sigma_max':>10s}{'std':>7s}{'dark':>7s}{'bright':>7s}"
+    lines = [f"3. Ideal denoiser of {images.shape[0]} built-in 16x16 images, {n} samples, v-prediction",
+             "   the brightness experiment of Lin et al. 2023, sec. 3",
+             "   SD: scaled_linear betas, leading spacing, steps_offset 1",
+             "   zero SNR: the same betas rescaled to zero terminal SNR, trailing spacing, sigma_max = inf",
+             f"   std: std of the per-image mean brightness; dark / bright: share with mean < -{BRIGHT} / > {BRIGHT}",
+             f"   data: std {data.std:.3f}, dark {data.dark:.0%}, bright {data.bright:.0%}",
+             f"   {'':22s}{'SD (leading, offset 1)':>31s}   {'zero SNR (trailing)':>31s}",
+             f"   {'sampler':<16s}{'steps':>6s}{group}   {group}"]
+    closer, gap_sd, gap_zsnr = 0, 0.0, 0.0
+    for r in runs:
+        s, z = Spread.of(r.sd), Spread.of(r.zsnr)
+        lines.append(f"   {r.sampler:<16s}{r.steps:>6d}{r.sd_sigma_max:>10.2f}{s.cells()}   {'inf':>10s}{z.cells()}")
+        closer += abs(z.std - data.std) < abs(s.std - data.std)
+        gap_sd += abs(s.std - data.std) / len(runs)
+        gap_zsnr += abs(z.std - data.std) / len(runs)
+    lines.append(f"   zero SNR's std is closer to the data's in {closer} of {len(runs)} runs; mean |std - data std|: "
+                 f"SD {gap_sd:.3f}, zero SNR {gap_zsnr:.3f}")
     return lines
 
 
-def main(argv=None) -> int:
-    """Run the demo and print its tables; ``--quick`` uses fewer steps and samples (for tests)."""
-    ap = argparse.ArgumentParser(prog="python -m zsnr_kernels demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps and samples (about a second)")
+# ------------------------------------------------------------------------------------------------- the figure
+
+GRID_COLS = 8        # images per grid row
+GRID_SCALE = 2       # each image pixel becomes GRID_SCALE x GRID_SCALE figure pixels
+GRID_GAP = 2         # pixels between images
+HIST_BINS = 20       # over mean brightness [-1, 1]
+_BG, _INK, _GAP = (255, 255, 255), (0, 0, 0), (70, 110, 160)
+_BAR, _MARK = (110, 140, 190), (200, 40, 40)
+
+
+def to_gray(images: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1] (K, 1, H, W) to uint8 gray levels: ``round((v + 1) * 127.5)``, clamped to [0, 255]."""
+    return ((images[:, 0].double() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def image_grid(images: torch.Tensor, cols: int = GRID_COLS, scale: int = GRID_SCALE, gap: int = GRID_GAP) -> np.ndarray:
+    """An RGB grid (rows of ``cols`` images, left to right, top to bottom) of (K, 1, H, W) images in [-1, 1].
+
+    Image k is :func:`to_gray` of it with each pixel repeated ``scale`` x ``scale`` times, its top-left corner at
+    row ``(k // cols) * (H * scale + gap)``, column ``(k % cols) * (W * scale + gap)``; the gaps are coloured.
+    """
+    gray = to_gray(images).repeat(scale, 1).repeat(scale, 2)
+    k, h, w = gray.shape
+    rows = -(-k // cols)
+    grid = np.empty((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), np.uint8)
+    grid[:] = _GAP
+    for i in range(k):
+        r, c = divmod(i, cols)
+        grid[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = gray[i, :, :, None]
+    return grid
+
+
+def by_brightness(images: torch.Tensor) -> torch.Tensor:
+    """The images sorted from darkest to brightest mean (stable)."""
+    return images[torch.argsort(_brightness(images), stable=True)]
+
+
+def _histogram(images: torch.Tensor) -> list[float]:
+    """Share of images per brightness bin over [-1, 1] (means outside fall into the end bins)."""
+    m = _brightness(images).clamp(-1.0, 1.0)
+    idx = ((m + 1.0) / 2.0 * HIST_BINS).floor().clamp(max=HIST_BINS - 1).long()
+    return (np.bincount(idx.numpy(), minlength=HIST_BINS) / len(idx)).tolist()
+
+
+def render_figure(images: torch.Tensor, run: ImageRun, num_shown: int = 64) -> np.ndarray:
+    """The demo's figure (RGB uint8): for the data, SD's schedule and zero SNR, a grid of the first ``num_shown``
+    images sorted by mean brightness (:func:`image_grid` of :func:`by_brightness`), the spread and the histogram
+    of mean brightness over all of them; the data's histogram is marked on the two sampled ones."""
+    panels = [("data", f"{images.shape[0]} images", images),
+              ("SD: leading, offset 1", f"sigma max {run.sd_sigma_max:.2f}", run.sd),
+              ("zero SNR: trailing", "sigma max inf", run.zsnr)]
+    grids = [image_grid(by_brightness(imgs[:num_shown])) for *_, imgs in panels]
+    hists = [_histogram(imgs) for *_, imgs in panels]
+    pw, gh = grids[0].shape[1], grids[0].shape[0]
+    bar_w = max(1, pw // HIST_BINS)
+    hist_w, hist_h = bar_w * HIST_BINS, 100
+    margin, sep, line = 20, 24, 16
+    top = margin + 2 * line + 10          # title and legend
+    grid_y = top + 3 * line               # panel title, subtitle, spread
+    hist_y = grid_y + gh + 16
+    height = hist_y + hist_h + 2 * line + margin
+    width = 2 * margin + 3 * pw + 2 * sep
+    fig = np.empty((height, width, 3), np.uint8)
+    fig[:] = _BG
+    n = run.sd.shape[0]
+    _png.draw_text(fig, margin, margin, f"Lin et al. 2023 sec. 3: {run.sampler}, {run.steps} steps, {n} samples, "
+                   f"ideal denoiser of {images.shape[0]} images", _INK)
+    _png.draw_text(fig, margin, margin + line, f"grids sorted dark to bright; histograms of mean brightness: bars {n} "
+                   f"samples, ticks data, red +-{BRIGHT}", _INK)
+    y_max = max(max(h) for h in hists)
+    for i, ((title, subtitle, imgs), grid, hist) in enumerate(zip(panels, grids, hists)):
+        x = margin + i * (pw + sep)
+        sp = Spread.of(imgs)
+        _png.draw_text(fig, x, top, title, _INK)
+        _png.draw_text(fig, x, top + line, subtitle, _INK)
+        _png.draw_text(fig, x, top + 2 * line, f"std {sp.std:.3f} dark {sp.dark:.0%} bright {sp.bright:.0%}", _INK)
+        fig[grid_y:grid_y + gh, x:x + pw] = grid
+        base = hist_y + hist_h
+        for b, share in enumerate(hist):
+            bh = round(share / y_max * hist_h)
+            fig[base - bh:base, x + b * bar_w + 1:x + (b + 1) * bar_w] = _BAR
+            if i:  # the data's share in this bin
+                dh = round(hists[0][b] / y_max * hist_h)
+                fig[max(base - dh - 1, hist_y):base - dh + 1, x + b * bar_w + 1:x + (b + 1) * bar_w] = _INK
+        for t in (-BRIGHT, BRIGHT):
+            fig[hist_y:base, x + round((t + 1) / 2 * hist_w)] = _MARK
+        fig[base, x:x + hist_w] = _INK
+        for t, label in ((-1.0, "-1"), (0.0, "0"), (1.0, "1")):
+            tx = x + round((t + 1) / 2 * hist_w)
+            fig[base:base + 4, min(tx, x + hist_w - 1)] = _INK
+            _png.draw_text(fig, max(x, min(tx - _png.text_width(label) // 2, x + hist_w - _png.text_width(label))),
+                           base + 6, label, _INK)
+    return fig
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The demo's options (shared by ``python -m zsnr_kernels demo`` and :func:`main`)."""
+    ap.add_argument("--quick", action="store_true", help="fewer steps, runs and samples (about a second)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the demo's noise (default 0)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--png", default=DEFAULT_PNG, metavar="PATH",
+                    help=f"where to write the figure of part 3 (default {DEFAULT_PNG} in the current directory)")
+    ap.add_argument("--no-png", dest="png", action="store_const", const=None, help="write no figure")
+
+
+def main(argv=None) -> int:
+    """Run the demo, print its tables and write the figure; ``--quick`` uses fewer runs and samples (for tests)."""
+    ap = argparse.ArgumentParser(prog="python -m zsnr_kernels demo", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo with parsed options (see :func:`add_arguments`); runs torch on one thread (restored after)."""
+    # NOTE: the demo's tensors are small (512 x 256 float64); intra-op threads only add synchronization.  On the
+    # 2-core build machine with another process busy, 2 threads took 12-54 s, 1 thread 5 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    steps = (8, 16) if args.quick else (8, 16, 32, 64)
     lines = _k_diffusion_at_inf(gen)
-    lines += [""] + _gaussian_table(gen, steps)
-    lines += [""] + _image_table(gen, 64 if args.quick else 512, 10 if args.quick else 25)
-    lines += ["", f"({time.perf_counter() - t0:.1f} s, float64 on the CPU, torch reference backend)"]
+    lines += [""] + _gaussian_table(gen, (8, 16) if args.quick else (8, 16, 32, 64))
+    if args.quick:
+        samplers, step_counts, shown = SAMPLERS[:1] + SAMPLERS[-1:], (10,), (SAMPLERS[0], 10)
+    else:
+        samplers, step_counts, shown = SAMPLERS, STEP_COUNTS, FIGURE_RUN
+    images, runs = _image_runs(gen, 64 if args.quick else 512, samplers, step_counts)
+    lines += [""] + _image_table(images, runs)
+    if args.png:
+        fig_run = next(r for r in runs if (r.sampler, r.steps) == shown)
+        _png.write_png(args.png, render_figure(images, fig_run))
+        lines.append(f"   wrote {args.png}: image grids and brightness histograms of {fig_run.sampler}, "
+                     f"{fig_run.steps} steps")
+    lines += ["", f"({time.perf_counter() - t0:.1f} s, float64 on one CPU thread, torch reference backend)"]
     print("\n".join(lines))
     return 0
 

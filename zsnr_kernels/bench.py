@@ -1,0 +1,825 @@
+"""Benchmark of the fused sampler steps against eager PyTorch and ``torch.compile`` of it (DESIGN §5).
+
+For every op x shape x dtype this measures the median time of one step call of each fused backend (``cpu`` on CPU
+tensors; ``cuda`` and ``triton`` on CUDA tensors when a GPU is present), its GB/s on the op's byte model (the
+minimum bytes the step must move, written next to each op in :data:`OPS`), the percentage of the bandwidth of a
+STREAM-style triad ``a = b + s*c`` on float32 buffers moving the same number of bytes on the same device, measured
+in the same run, interleaved with the op, and the speed-up against the eager reference (``eager``: the same call
+with ``backend="torch"``) and against ``torch.compile(fullgraph=True)`` of :func:`zsnr_kernels.reference.fused_step`
+with the same float coefficients (``compile``; compile time excluded).  Absolute times are only comparable within
+one run; the ratios are what is reported.
+
+On CUDA tensors the times come from CUDA events around back-to-back calls (so they include the host's launch cost
+where it exceeds the kernel's); ``graph_us`` is the replay of a CUDA graph of :data:`GRAPH_CALLS` captured calls
+divided by that count, the kernel time without launch overhead, which is what matters on small latents; and
+``pct_peak`` / ``graph_pct_peak`` give GB/s as a percentage of the device's peak memory bandwidth,
+``2 * memory_clock_rate * memory_bus_width / 8`` from ``torch.cuda.get_device_properties`` (where this torch lacks
+those fields, of a device-to-device copy measured at start, and the columns are named ``pct_d2d_copy``
+/ ``graph_pct_d2d_copy`` instead).  Latents of a few MB stay in the GPU's L2 cache between calls, so their
+percentages can exceed 100.
+
+    python -m zsnr_kernels bench                       # full table (several minutes: one compile per row)
+    python -m zsnr_kernels bench --quick               # about a minute
+    python -m zsnr_kernels bench --ops euler_cfg_rescale --shapes 4x4x128x128 --dtypes float32 --csv out.csv
+    python -m zsnr_kernels bench --quick --png bench.png   # GB/s against latent size (pip install "zsnr-kernels[plot]")
+
+``python bench/bench_step.py`` takes the same options; ``python -m pytest bench/bench_step.py --benchmark-only``
+runs the pytest-benchmark regression cases.  After the table, the Python per-call overhead of
+``euler_step(..., backend="cpu")`` at (1,4,64,64) is printed with a breakdown of where the time goes
+(``--no-overhead`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import csv
+import io
+import math
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import zsnr_kernels as zk
+from zsnr_kernels import _backend, _ext, reference
+from zsnr_kernels import coefficients as co
+from zsnr_kernels.parameterization import rescale_space_coeffs
+
+SHAPES = [(1, 4, 64, 64), (4, 4, 128, 128), (1, 16, 128, 128), (1, 16, 21, 60, 104)]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TARGET_SHAPES = [(4, 4, 128, 128), (1, 16, 21, 60, 104)]   # where issue 3 sets the targets
+
+#: What ``--backends`` names: the fused backends (library backend names) and the two baselines.
+FUSED = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}   # fused backend -> device of its tensors
+BASELINES = ("eager", "compile")                           # backend="torch"; torch.compile of the reference
+BACKENDS = tuple(FUSED) + BASELINES
+GRAPH_CALLS = 20   # step calls captured in one CUDA graph (replay time / GRAPH_CALLS = per-call kernel time)
+
+# One mid-schedule step of a v-prediction model: finite sigmas, so every sampler takes its general branch.
+SIGMA, SIGMA_NEXT = 5.0, 4.0
+SIGMA_PREV = (6.5, 8.0, 10.0)           # history noise levels, newest first
+GUIDANCE, RESCALE = 7.5, 0.7            # Lin et al.'s w and phi
+SEED, STEP_INDEX = 1234, 3              # Philox noise drawn inside the kernel (no noise read)
+
+
+# ------------------------------------------------------------------------------------------------- the ops
+
+
+@dataclass(frozen=True)
+class Op:
+    """One benchmarked step call and its byte model.
+
+    ``reads`` and ``writes`` name the N-element tensors (in the storage dtype) the update pass must move;
+    ``stats_reads`` those the guidance-rescale statistics pass reads before it.  Every call uses
+    ``return_denoised=False``, so D is written only where the sampler itself needs it (multistep history).
+    """
+
+    name: str
+    step: Callable
+    sampler: str                          # coefficients.StepArgs.sampler
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    stats_reads: tuple[str, ...] = ()
+    guided: bool = False                  # model_output = (F_c, F_u), guidance_scale = 7.5
+    rescale: bool = False                 # guidance_rescale = 0.7 (statistics pass)
+    n_history: int = 0                    # history tensors passed (newest first)
+    stage2: bool = False                  # second call of a two-stage sampler (first stage run untimed)
+    noisy: bool = False                   # seed= / step_index=: Philox noise generated in the kernel
+    kwargs: dict = field(default_factory=dict)   # sampler options, passed to the step and to StepArgs
+
+    @property
+    def elements(self) -> int:
+        """N-element tensors moved: the byte model is ``elements * N * itemsize``."""
+        return len(self.reads) + len(self.writes) + len(self.stats_reads)
+
+    @property
+    def byte_model(self) -> str:
+        s = f"{self.elements}N: reads {', '.join(self.reads)}; writes {', '.join(self.writes)}"
+        return s + (f"; stats read {', '.join(self.stats_reads)}" if self.stats_reads else "")
+
+
+OPS = {op.name: op for op in [
+    # Headline.  Statistics pass reads F_c, F_u; update reads y, F_c, F_u, writes y_next: 6N.
+    Op("euler_cfg_rescale", zk.euler_step, "euler", ("y", "F_c", "F_u"), ("y_next",), ("F_c", "F_u"),
+       guided=True, rescale=True),
+    # Guidance without rescale: one pass, reads y, F_c, F_u, writes y_next: 4N.
+    Op("euler_cfg", zk.euler_step, "euler", ("y", "F_c", "F_u"), ("y_next",), guided=True),
+    # Plain Euler: reads y, F, writes y_next: 3N.
+    Op("euler", zk.euler_step, "euler", ("y", "F"), ("y_next",)),
+    # Ancestral, in-kernel Philox noise (nothing read for it): reads y, F, writes y_next: 3N.
+    Op("euler_ancestral", zk.euler_ancestral_step, "euler_ancestral", ("y", "F"), ("y_next",), noisy=True),
+    # Heun corrector (stage 2): reads y_2, F_2, D_1, writes y_next: 4N.
+    Op("heun_stage2", zk.heun_step, "heun", ("y", "F", "D_1"), ("y_next",), stage2=True),
+    # DPM-Solver-2 stage 2: reads y_2, F_2, D_1, writes y_next: 4N.
+    Op("dpm_2_stage2", zk.dpm_2_step, "dpm_2", ("y", "F", "D_1"), ("y_next",), stage2=True),
+    # DPM++ 2M: reads y, F, D_prev, writes y_next and D (the next step's history): 5N.
+    Op("dpmpp_2m", zk.dpmpp_2m_step, "dpmpp_2m", ("y", "F", "D_prev"), ("y_next", "D"), n_history=1),
+    # DPM++ 2M SDE, in-kernel noise: reads y, F, D_prev, writes y_next, D: 5N.
+    Op("dpmpp_2m_sde", zk.dpmpp_2m_sde_step, "dpmpp_2m_sde", ("y", "F", "D_prev"), ("y_next", "D"),
+       n_history=1, noisy=True),
+    # DPM++ 3M SDE, in-kernel noise: reads y, F, D_1, D_2, writes y_next, D: 6N.
+    Op("dpmpp_3m_sde", zk.dpmpp_3m_sde_step, "dpmpp_3m_sde", ("y", "F", "D_1", "D_2"), ("y_next", "D"),
+       n_history=2, noisy=True),
+    # DDIM eta = 0 (no noise): reads y, F, writes y_next: 3N.
+    Op("ddim", zk.ddim_step, "ddim", ("y", "F"), ("y_next",), kwargs={"eta": 0.0}),
+    # LMS order 4: reads y, F, d_1, d_2, d_3, writes y_next and this step's derivative d: 7N.
+    Op("lms4", zk.lms_step, "lms", ("y", "F", "d_1", "d_2", "d_3"), ("y_next", "d"), n_history=3,
+       kwargs={"order": 4}),
+]}
+HEADLINE = "euler_cfg_rescale"
+QUICK_OPS = (HEADLINE, "euler", "dpmpp_2m", "dpmpp_3m_sde")
+
+
+@dataclass
+class Case:
+    """One op at one shape, dtype and device: the step call per library backend and the reference as a function
+    of tensors."""
+
+    op: Op
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str
+    call: Callable[[str], Callable[[], object]]   # library backend -> zero-argument step call
+    ref_fn: Callable                                # reference.fused_step with float coefficients
+    ref_args: tuple[torch.Tensor, ...]
+    nbytes: int
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.ref_args[0]
+
+
+def make_case(op: Op, shape, dtype, device: str = "cpu") -> Case:
+    """Inputs (seeded, drawn on the CPU and moved to ``device``), the step call, and the reference closure with
+    the coefficients the step uses."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd():
+        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+    y = rnd()
+    f_c = rnd()
+    f_u = rnd() if op.guided else None
+    opts = dict(guidance_scale=GUIDANCE if op.guided else 1.0, guidance_rescale=RESCALE if op.rescale else 0.0,
+                return_denoised=False, **op.kwargs)
+    if op.noisy:
+        opts.update(seed=SEED, step_index=STEP_INDEX)
+    hist = [rnd() for _ in range(op.n_history)]
+    if op.n_history:
+        opts["history"] = list(zip(SIGMA_PREV, hist))
+    sigma_eval = SIGMA
+    if op.stage2:  # the first stage runs once, outside any timed region (on the reference for CUDA tensors)
+        first = op.step(y, rnd(), SIGMA, SIGMA_NEXT, return_denoised=True, backend="auto" if device == "cpu"
+                        else "torch", **op.kwargs)
+        assert not first.complete
+        opts["first"] = first
+        y, hist, sigma_eval = first.y, [first.denoised], first.sigma
+    model_output = (f_c, f_u) if op.guided else f_c
+    # NOTE: the eager reference of a noisy op reads a pre-drawn noise tensor instead of seed=: its Philox in
+    # PyTorch ops costs about 4 us per element (70 ms at 1x4x64x64), which would swamp the step it baselines.
+    # That favours the eager baseline (one more tensor read, no generation).
+    eager_opts = dict(opts)
+    if op.noisy:
+        del eager_opts["seed"], eager_opts["step_index"]
+        eager_opts["noise"] = rnd()
+
+    def call(backend: str):
+        kw = eager_opts if backend == "torch" else opts
+        return lambda: op.step(y, model_output, SIGMA, SIGMA_NEXT, backend=backend, **kw)
+
+    # The same float coefficients the step computes (as steps._torch_step does for one sample).
+    pz = zk.parameterization("v", 1.0)
+    args = co.StepArgs(op.sampler, SIGMA, SIGMA_NEXT, stage=2 if op.stage2 else 1,
+                       sigma_prev=SIGMA_PREV[:op.n_history], **op.kwargs)
+    c = co.step_coeffs(pz, args)
+    p, q = pz.denoise_coeffs(sigma_eval)
+    uv = rescale_space_coeffs(pz, sigma_eval, "output")
+    n_h = len(c.h)
+    keep_d = op.sampler in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+    guided, w, phi = op.guided, opts["guidance_scale"], opts["guidance_rescale"]
+
+    def ref_fn(*ts):
+        y_, fc_ = ts[0], ts[1]
+        fu_ = ts[2] if guided else None
+        hs = ts[3 if guided else 2:]
+        z = torch.randn_like(y_) if c.e != 0.0 else None
+        y_out, d, carry = reference.fused_step(
+            y_, fc_, fu_, p=p, q=q, a=c.a, b=c.b, history=tuple(hs[:n_h]), h=c.h, noise=z, e=c.e,
+            guidance_scale=w, guidance_rescale=phi, rescale_uv=uv, carry=c.carry)
+        return (y_out,) + ((d,) if keep_d else ()) + ((carry,) if carry is not None else ())
+
+    ref_args = (y, f_c) + ((f_u,) if guided else ()) + tuple(hist)
+    nbytes = op.elements * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return Case(op, tuple(shape), dtype, device, call, ref_fn, ref_args, nbytes)
+
+
+def check_case(case: Case, backend: str) -> None:
+    """The reference closure must reproduce the fused ``backend``'s step (noise-free ops): guards the coefficient
+    mapping, and that what is timed computes the step."""
+    if case.op.noisy:
+        return
+    got = case.call(backend)().y.float()
+    want = case.ref_fn(*case.ref_args)[0].float()
+    tol = 5e-2 if case.dtype != torch.float32 else 1e-4
+    err = (got - want).abs().max().item()
+    if not err <= tol * (1 + want.abs().max().item()):
+        raise AssertionError(f"{case.op.name} {case.shape} {case.dtype} {case.device}: reference closure differs "
+                             f"from the {backend} step by {err}")
+
+
+# ------------------------------------------------------------------------------------------------- timing
+
+
+def triad_fn(nbytes: int, device: str = "cpu") -> Callable[[], object]:
+    """STREAM triad a = b + s*c on float32 buffers whose 2 reads + 1 write total ``nbytes``."""
+    n = max(1, nbytes // 12)
+    b, c, a = (torch.rand(n, device=device) for _ in range(3))
+    return lambda: torch.add(b, c, alpha=3.0, out=a)
+
+
+def _calibrate(fn, warmup_s: float) -> float:
+    """Warm ``fn`` up (at least 2 calls, about ``warmup_s``) and return a per-call time estimate."""
+    t_end = time.perf_counter() + warmup_s
+    fn()
+    best, calls = float("inf"), 0
+    while calls < 1 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        calls += 1
+    return best
+
+
+def _sample(fn, inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def _calibrate_cuda(fn, warmup_s: float) -> float:
+    """:func:`_calibrate` of ``fn`` followed by a device synchronization (an upper bound of its time)."""
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    return _calibrate(synced, warmup_s)
+
+
+def _sample_cuda(fn, inner: int) -> float:
+    """Seconds per call of ``inner`` back-to-back calls, from CUDA events recorded on the current stream."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e-3 / inner
+
+
+def measure(fns: dict[str, Callable], budget_s: float, rounds: int, min_samples: int = 5,
+            sample_s: float = 2e-4, mins: dict | None = None, device: str = "cpu") -> dict[str, float]:
+    """Median seconds per call of each function (and the fastest sample of each into ``mins`` if given).
+
+    Each sample times ``inner`` back-to-back calls (enough to last ``sample_s``, so a timer read never dominates
+    a microsecond call); the variants are interleaved over ``rounds`` rounds so slow drift of the machine (the
+    other core busy, clock changes) hits them all alike; about ``budget_s`` is spent per variant.  On
+    ``device="cuda"`` a sample is timed by CUDA events (the functions launch work on the current stream).
+    """
+    calibrate, sample = (_calibrate, _sample) if device == "cpu" else (_calibrate_cuda, _sample_cuda)
+    est = {k: calibrate(f, min(0.05, budget_s / 4)) for k, f in fns.items()}
+    inner = {k: max(1, int(sample_s / max(t, 1e-9))) for k, t in est.items()}
+    # Functions slower than the budget (the eager reference on video latents) get 3 samples, not min_samples.
+    per_round = {k: max(1, math.ceil(max(min_samples if est[k] * inner[k] < budget_s else 3,
+                                          budget_s / (est[k] * inner[k])) / rounds)) for k in fns}
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            samples[k] += [sample(f, inner[k]) for _ in range(per_round[k])]
+    if mins is not None:
+        mins.update({k: min(v) for k, v in samples.items()})
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def cuda_graph(fn: Callable[[], object], calls: int = GRAPH_CALLS) -> Callable[[], object]:
+    """Capture ``calls`` back-to-back calls of ``fn`` in a ``torch.cuda.CUDAGraph``; returns its ``replay``.
+
+    ``fn`` is warmed up on a side stream first (as PyTorch's CUDA-graph notes ask); the captured calls reuse the
+    graph's private memory pool, so the capture costs about one call's outputs.  Raises what the capture raises
+    (a backend that synchronizes with the host or launches outside the current stream cannot be captured).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+def device_bandwidth(budget_s: float = 0.2) -> tuple[str, float]:
+    """``(name, GB/s)`` of the current CUDA device's memory: ``("peak", ...)`` from its properties
+    (``2 * memory_clock_rate [kHz] * 1e3 * memory_bus_width [bits] / 8``, DDR: two transfers per clock), or
+    ``("d2d_copy", ...)``, a measured device-to-device copy of 256 MiB (read + write), where this torch's
+    ``torch.cuda.get_device_properties`` has no memory clock or bus width."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return "peak", 2.0 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+    n = 256 << 20
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = measure({"copy": lambda: dst.copy_(src)}, budget_s, 3, device="cuda")["copy"]
+    return "d2d_copy", 2 * n / t / 1e9
+
+
+_n_compiled = 0
+
+
+def compile_reference(case: Case):
+    """``torch.compile(fullgraph=True, dynamic=False)`` of the reference closure, compiled by its first call.
+
+    Dynamo caches compiled graphs on the code object, and every case's closure shares ``ref_fn``'s code: each
+    case gets a copy of that code under its own name, so the cases neither hit the recompile limit nor walk
+    each other's guards on every call.
+    """
+    global _n_compiled
+    _n_compiled += 1
+    f = case.ref_fn
+    code = f.__code__.replace(co_name=f"ref_fn_{_n_compiled}")
+    fresh = types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__)
+    fn = torch.compile(fresh, fullgraph=True, dynamic=False)
+    fn(*case.ref_args)
+    return lambda: fn(*case.ref_args)
+
+
+# ------------------------------------------------------------------------------------------------- the table
+
+
+def machine_info(devices=("cpu",)) -> dict[str, str]:
+    """The machine and versions, written into every CSV row (with the GPU where ``"cuda"`` is in ``devices``)."""
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    info = {
+        "cpu_model": model,
+        "cores": str(os.cpu_count()),
+        "omp_threads": str(torch.get_num_threads()),
+        "isa": _ext.C.cpu_isa() if _ext.available() else "unavailable",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg_1min": f"{os.getloadavg()[0]:.2f}",   # other work on the machine skews every timing
+    }
+    if "cuda" in devices:
+        info.update(gpu=torch.cuda.get_device_name(), cuda=str(torch.version.cuda))
+    return info
+
+
+#: CSV columns, one row per device x op x shape x dtype x backend.  ``us`` is the backend's median time per call,
+#: ``gbps`` the byte model over it, ``pct_triad`` the triad's time over it (same bytes, same device); ``x_eager``
+#: and ``x_compile`` the baselines' times over it; ``graph_*`` the CUDA-graph replay (fused CUDA backends).
+COLUMNS = ["device", "op", "shape", "dtype", "backend", "byte_model", "bytes", "elements", "us", "gbps",
+           "triad_us", "triad_gbps", "pct_triad", "eager_us", "x_eager", "compile_us", "x_compile", "graph_us",
+           "graph_gbps", "target", "loadavg", "spread"]
+
+
+def bandwidth_columns(ref: str) -> list[str]:
+    """The CUDA columns against the device bandwidth ``ref`` (``"peak"`` or ``"d2d_copy"``, see
+    :func:`device_bandwidth`): its GB/s, and the percentage of it per call and per graph replay."""
+    return [f"{ref}_gbps", f"pct_{ref}", f"graph_pct_{ref}"]
+
+
+def _target(op: str, shape, row: dict) -> str:
+    """Issue 3's targets for the cpu backend: >= 70% of triad at the target shapes; the headline also >= 10x eager,
+    >= 2x compile."""
+    if row["backend"] != "cpu" or tuple(shape) not in TARGET_SHAPES:
+        return "-"
+    miss = []
+    if row["pct_triad"] < 70:
+        miss.append(f"triad {row['pct_triad']:.0f}%<70")
+    if op == HEADLINE:
+        if row["x_eager"] < 10:
+            miss.append(f"eager {row['x_eager']:.1f}x<10")
+        if row["x_compile"] == row["x_compile"] and row["x_compile"] < 2:  # NaN when compile was skipped
+            miss.append(f"compile {row['x_compile']:.2f}x<2")
+    return "ok" if not miss else "MISS " + ",".join(miss)
+
+
+def fmt_shape(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def parse_shape(s: str) -> tuple[int, ...]:
+    shape = tuple(int(v) for v in s.lower().replace(",", "x").strip("()").split("x") if v)
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"a shape is positive sizes joined by x, like 4x4x128x128, not {s!r}")
+    return shape
+
+
+_BW_LABEL = {"peak": "%peak", "d2d_copy": "%copy"}   # console headers of the pct_<bandwidth> columns
+
+
+def _header(device: str, bw: str | None) -> str:
+    gpu = f" {_BW_LABEL[bw]:>6s} {'graph us':>9s} {'g' + _BW_LABEL[bw]:>7s}" if device == "cuda" else ""
+    return (f"{'op':18s} {'shape':15s} {'dtype':8s} {'bytes':>4s} {'backend':7s} {'us':>9s} {'GB/s':>6s} "
+            f"{'triad%':>6s}{gpu} {'eager us':>10s} {'x eager':>7s} {'compile us':>10s} {'x comp':>6s}  target")
+
+
+def _line(row: dict, elements: int, bw: str | None) -> str:
+    gpu = ""
+    if row["device"] == "cuda":
+        gpu = (f" {row[f'pct_{bw}']:5.0f}% {row['graph_us']:9.1f} {row[f'graph_pct_{bw}']:6.0f}%")
+    return (f"{row['op']:18s} {row['shape']:15s} {row['dtype']:8s} {elements:>3d}N {row['backend']:7s} "
+            f"{row['us']:9.1f} {row['gbps']:6.1f} {row['pct_triad']:5.0f}%{gpu} {row['eager_us']:10.1f} "
+            f"{row['x_eager']:6.1f}x {row['compile_us']:10.1f} {row['x_compile']:5.2f}x  {row['target']}")
+
+
+@dataclass
+class Plan:
+    """What one run measures: the fused backends and baselines per device, and the device bandwidth on CUDA."""
+
+    fused: dict[str, list[str]]           # device -> fused backends to time there
+    baselines: tuple[str, ...]            # subset of BASELINES
+    compile_ops: frozenset = frozenset()  # ops given the torch.compile baseline
+    bandwidth: tuple[str, float] | None = None   # device_bandwidth() when CUDA is timed
+
+
+def _skip(reasons_seen: set, out, what: str, why: str) -> None:
+    if (what, why) not in reasons_seen:
+        reasons_seen.add((what, why))
+        print(f"skipped {what}: {why}", file=out)
+
+
+def run_table(ops, shapes, dtypes, plan: Plan, *, quick: bool, out=None, on_row=None) -> list[dict]:
+    """Measure and print every device x op x shape x dtype of ``plan``; ``on_row(row)`` is called as each row is
+    measured (the CSV is written as it goes).  A backend that refuses a case is skipped with its reason printed."""
+    out = out or sys.stdout
+    budget, rounds = (0.04, 2) if quick else (0.3, 3)
+    rows: list[dict] = []
+    seen: set = set()
+    bw = plan.bandwidth[0] if plan.bandwidth else None
+    for device, fused in plan.fused.items():
+        # Build every case (and compile its reference) first, then measure them back to back: the compiles take
+        # minutes of CPU, the measurements then run in one short stretch.
+        todo = []
+        t0 = time.perf_counter()
+        for op in ops:
+            for shape in shapes:
+                for dname in dtypes:
+                    case = make_case(op, shape, DTYPES[dname], device)
+                    fns = {"triad": triad_fn(case.nbytes, device)}
+                    for b in fused:
+                        reasons = _backend.not_supported_reasons(b, case.y)
+                        try:
+                            if not reasons:
+                                check_case(case, b)
+                        except ValueError as exc:  # the backend refuses this step
+                            reasons = [f"{op.name} {fmt_shape(shape)} {dname}: {exc}"]
+                        if reasons:
+                            _skip(seen, out, b, "; ".join(reasons))
+                            continue
+                        fns[b] = case.call(b)
+                        if device == "cuda":
+                            try:
+                                fns[f"{b} graph"] = cuda_graph(fns[b])
+                            except RuntimeError as exc:
+                                _skip(seen, out, f"the CUDA-graph timing of {b}", f"the capture failed ({exc})")
+                    if not any(b in fns for b in fused):
+                        continue
+                    if "eager" in plan.baselines:
+                        fns["eager"] = case.call("torch")
+                    if "compile" in plan.baselines and op.name in plan.compile_ops:
+                        fns["compile"] = compile_reference(case)
+                    todo.append((op, shape, dname, case, fns))
+            if "compile" in plan.baselines and op.name in plan.compile_ops:
+                print(f"  compiled the reference of {op.name} on {device} ({time.perf_counter() - t0:.0f} s so "
+                      "far)", file=out, flush=True)
+        if not todo:
+            print(f"nothing to time on {device}: no fused backend ran a case", file=out)
+            continue
+        n_comp = sum("compile" in f for *_, f in todo)
+        if n_comp:
+            print(f"built {len(todo)} cases on {device}, {n_comp} compiles, in {time.perf_counter() - t0:.0f} s",
+                  file=out)
+        head = _header(device, bw)
+        print(head, file=out)
+        print("-" * len(head), file=out)
+        for op, shape, dname, case, fns in todo:
+            rows += _measure_case(op, shape, dname, case, fns, fused, budget, rounds, bw and plan.bandwidth[1],
+                                  bw, on_row, out)
+    return rows
+
+
+def _measure_case(op, shape, dname, case, fns, fused, budget, rounds, bw_gbps, bw, on_row, out) -> list[dict]:
+    """Time one case's functions together (interleaved) and return its rows (fused backends first)."""
+    fastest: dict[str, float] = {}
+    t = measure(fns, budget, rounds, mins=fastest, device=case.device,
+                sample_s=2e-4 if case.device == "cpu" else 2e-3)
+    nan = float("nan")
+    eager, comp = t.get("eager", nan), t.get("compile", nan)
+    rows = []
+    for b in [b for b in fused if b in t] + [b for b in BASELINES if b in t]:
+        graph = t[f"{b} graph"] / GRAPH_CALLS if f"{b} graph" in t else nan
+        row = {"device": case.device, "op": op.name, "shape": fmt_shape(shape), "dtype": dname, "backend": b,
+               "byte_model": op.byte_model, "bytes": case.nbytes, "elements": math.prod(shape),
+               "us": t[b] * 1e6, "gbps": case.nbytes / t[b] / 1e9,
+               "triad_us": t["triad"] * 1e6, "triad_gbps": case.nbytes / t["triad"] / 1e9,
+               "pct_triad": 100.0 * t["triad"] / t[b], "eager_us": eager * 1e6, "x_eager": eager / t[b],
+               "compile_us": comp * 1e6, "x_compile": comp / t[b],
+               "graph_us": graph * 1e6, "graph_gbps": case.nbytes / graph / 1e9,
+               "loadavg": os.getloadavg()[0], "spread": max(t[k] / fastest[k] for k in (b, "triad"))}
+        if bw and case.device == "cuda":
+            row.update({f"{bw}_gbps": bw_gbps, f"pct_{bw}": 100.0 * row["gbps"] / bw_gbps,
+                        f"graph_pct_{bw}": 100.0 * row["graph_gbps"] / bw_gbps})
+        row["target"] = _target(op.name, shape, row)
+        if row["spread"] > 1.5:  # the median is far from the best sample: other work interfered
+            row["target"] += f" (noisy: median/min {row['spread']:.1f})"
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        if b in FUSED:
+            print(_line(row, op.elements, bw), file=out, flush=True)
+    return rows
+
+
+class CsvWriter:
+    """Rows to the open text file ``fh`` as they are measured (an interrupted run keeps its rows), each with the
+    machine."""
+
+    def __init__(self, fh, machine: dict, extra_columns=()):
+        self.machine, self.fh = machine, fh
+        self.w = csv.DictWriter(fh, fieldnames=COLUMNS + list(extra_columns) + list(machine))
+        self.w.writeheader()
+
+    def __call__(self, row: dict) -> None:
+        self.w.writerow({**{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}, **self.machine})
+        self.fh.flush()
+
+
+# ------------------------------------------------------------------------------------------------- the plot
+
+PLOT_INSTALL = 'pip install "zsnr-kernels[plot]"'
+
+
+def require_matplotlib() -> None:
+    """Raise ``SystemExit`` naming the install command if matplotlib (needed by ``--png``) is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"--png needs matplotlib ({exc}); install it with: {PLOT_INSTALL}") from None
+
+
+def _si(n: int) -> str:
+    """1234567 -> '1.2M' (tick labels)."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def plot(rows: list[dict], path: str, bandwidth: tuple[str, float] | None = None) -> None:
+    """Write a PNG of GB/s against the latent's elements (log-log): one panel per device x op x dtype, one line
+    per backend (and per CUDA-graph replay), the triad over the same bytes dashed, the device bandwidth dotted."""
+    from matplotlib.figure import Figure
+
+    panels: dict[tuple, list[dict]] = {}
+    for r in rows:
+        panels.setdefault((r["op"], r["device"], r["dtype"]), []).append(r)
+    cols = list(dict.fromkeys((d, t) for _, d, t in panels))   # devices and dtypes in the order measured
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    fig = Figure(figsize=(max(6.0, 4.2 * len(cols)), 3.0 * len(ops) + 0.8), layout="constrained")
+    axes = fig.subplots(len(ops), len(cols), squeeze=False)
+    for i, op in enumerate(ops):
+        for j, (device, dtype) in enumerate(cols):
+            ax = axes[i][j]
+            ax.set(xscale="log", yscale="log", title=f"{op}, {device} {dtype}", xlabel="latent elements N",
+                   ylabel="GB/s (byte model)")
+            pr = sorted(panels.get((op, device, dtype), []), key=lambda r: r["elements"])
+            if not pr:
+                ax.set_axis_off()
+                continue
+            by_backend: dict[str, list[dict]] = {}
+            for r in pr:
+                by_backend.setdefault(r["backend"], []).append(r)
+            for b, rs in by_backend.items():
+                ax.plot([r["elements"] for r in rs], [r["gbps"] for r in rs], marker="o", label=b)
+                graph = [r for r in rs if r["graph_gbps"] == r["graph_gbps"]]
+                if graph:
+                    ax.plot([r["elements"] for r in graph], [r["graph_gbps"] for r in graph], marker=".",
+                            linestyle="-.", label=f"{b} (CUDA graph)")
+            first = by_backend[next(iter(by_backend))]
+            ax.plot([r["elements"] for r in first], [r["triad_gbps"] for r in first], "k--", label="triad")
+            ax.minorticks_off()
+            ax.set_xticks([r["elements"] for r in first],
+                          [f"{_si(r['elements'])}\n{r['shape']}" for r in first], fontsize="x-small")
+            if device == "cuda" and bandwidth:
+                ax.axhline(bandwidth[1], color="gray", linestyle=":", label=bandwidth[0].replace("_", " "))
+            ax.legend(fontsize="small")
+    fig.suptitle("GB/s of one step call (median); triad: b + s*c over the same bytes")
+    fig.savefig(path, dpi=80)
+
+
+# ------------------------------------------------------------------------------------------------- overhead
+
+
+class _Recorder:
+    """Stands in for a function, records the arguments of the last call and forwards it."""
+
+    def __init__(self, fn):
+        self.fn, self.args, self.kwargs = fn, None, None
+
+    def __call__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+        return self.fn(*args, **kwargs)
+
+
+class _ModuleProxy:
+    """A module whose ``fused_step`` is recorded (used to capture the raw arguments of ``_C.fused_step``)."""
+
+    def __init__(self, module):
+        self._module = module
+        self.fused_step = _Recorder(module.fused_step)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def overhead(shape=(1, 4, 64, 64), dtype=torch.float32, *, quick: bool = False, out=None) -> dict:
+    """Per-call time of ``euler_step(..., backend="cpu")`` from Python, and where it goes.
+
+    Layers, each timed on its own with the arguments the layer above passed it (captured from one real call):
+    the whole call; ``_cpu.fused_step`` (layout checks, output allocation, the C call: validation and the host
+    coefficients excluded); ``_C.fused_step`` alone (pybind11 conversion + the kernel, writing into the same
+    output); ``torch.empty_like(y)``.  Then a cProfile of the whole call (its own overhead inflates Python
+    frames; read it for proportions).
+    """
+    from zsnr_kernels import _cpu
+
+    out = out or sys.stdout
+    gen = torch.Generator().manual_seed(0)
+    y, f = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+
+    def whole():
+        return zk.euler_step(y, f, SIGMA, SIGMA_NEXT, backend="cpu")
+
+    def whole_auto():
+        return zk.euler_step(y, f, SIGMA, SIGMA_NEXT)
+
+    rec_cpu, saved_cpu, saved_c = _Recorder(_cpu.fused_step), _cpu.fused_step, _ext.C
+    proxy = _ModuleProxy(_ext.C)
+    _cpu.fused_step, _ext.C = rec_cpu, proxy
+    try:
+        # The captured _C arguments are raw pointers into this result's tensors: keep it alive while they are
+        # replayed (the kernel would otherwise write into freed memory).
+        captured = whole()
+    finally:
+        _cpu.fused_step, _ext.C = saved_cpu, saved_c
+    c_fn, c_args = saved_c.fused_step, proxy.fused_step.args
+
+    fns = {
+        "euler_step(backend='cpu')": whole,
+        "euler_step(backend='auto')": whole_auto,
+        "_cpu.fused_step": lambda: saved_cpu(*rec_cpu.args, **rec_cpu.kwargs),
+        "_C.fused_step": lambda: c_fn(*c_args),
+        "torch.empty_like(y)": lambda: torch.empty_like(y),
+        "triad over 3N (y, F, y_next)": triad_fn(3 * y.numel() * y.element_size()),
+    }
+    t = measure(fns, 0.1 if quick else 0.5, 3 if quick else 5, sample_s=2e-3)
+    del fns, captured
+    print(f"\nPer-call overhead at {shape} {str(dtype)[6:]} (median, target < 20 us for the whole call):", file=out)
+    for k, v in t.items():
+        print(f"  {k:32s} {v * 1e6:8.2f} us", file=out)
+    print(f"  => validation + host coefficients + StepResult: {(t[next(iter(t))] - t['_cpu.fused_step']) * 1e6:.2f} us;"
+          f" _cpu layer (layout, allocation): {(t['_cpu.fused_step'] - t['_C.fused_step']) * 1e6:.2f} us;"
+          f" C call incl. kernel: {t['_C.fused_step'] * 1e6:.2f} us", file=out)
+    prof = cProfile.Profile()
+    n = 500 if quick else 5000
+    prof.enable()
+    for _ in range(n):
+        whole()
+    prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
+    body = s.getvalue()
+    body = body[body.find("   ncalls"):] if "   ncalls" in body else body
+    print(f"  cProfile of {n} whole calls, top 15 by own time (cumulative us/call = tottime/{n}):", file=out)
+    for line in body.rstrip().splitlines():
+        print("   " + line, file=out)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by ``python -m zsnr_kernels bench`` and ``bench/bench_step.py``)."""
+    ap.add_argument("--quick", action="store_true",
+                    help=f"short timing budget, two shapes, ops {', '.join(QUICK_OPS)} unless --ops is given, "
+                         "torch.compile of the headline only (about a minute)")
+    ap.add_argument("--ops", nargs="+", choices=list(OPS), metavar="OP", help=f"ops (default all: {list(OPS)})")
+    ap.add_argument("--shapes", nargs="+", type=parse_shape, metavar="SHAPE",
+                    help="shapes like 4x4x128x128 (default: the four latent shapes of DESIGN §5)")
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
+    ap.add_argument("--backends", nargs="+", choices=BACKENDS, metavar="BACKEND",
+                    help="fused backends cpu (CPU tensors), cuda and triton (CUDA tensors) and the baselines eager "
+                         "(backend='torch') and compile (torch.compile of the reference), timed on each device a "
+                         "fused backend runs on (default: all; cuda and triton only where torch.cuda.is_available())")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the torch.compile baseline (each compile takes seconds); same as leaving compile out "
+                         "of --backends")
+    ap.add_argument("--no-overhead", dest="overhead", action="store_false",
+                    help="skip the per-call overhead breakdown of the cpu backend")
+    ap.add_argument("--csv", metavar="PATH", help="write one row per device, op, shape, dtype and backend (and the "
+                    "machine) to this CSV file")
+    ap.add_argument("--png", metavar="PATH", help=f"plot GB/s against latent size to this PNG (needs matplotlib: "
+                    f"{PLOT_INSTALL})")
+
+
+def _plan(a: argparse.Namespace, ops, out) -> Plan:
+    cuda = torch.cuda.is_available()
+    chosen = a.backends or [b for b in BACKENDS if FUSED.get(b) != "cuda" or cuda]
+    if not a.backends and not cuda:
+        print("cuda, triton: not timed, torch.cuda.is_available() is False", file=out)
+    fused: dict[str, list[str]] = {}
+    for b in (b for b in chosen if b in FUSED):
+        if FUSED[b] == "cuda" and not cuda:
+            print(f"skipped {b}: torch.cuda.is_available() is False (torch {torch.__version__}, built for CUDA "
+                  f"{torch.version.cuda})", file=out)
+            continue
+        fused.setdefault(FUSED[b], []).append(b)
+    if not fused:
+        raise SystemExit("--backends: nothing to time; name at least one fused backend that runs here (cpu"
+                         + (", cuda, triton" if cuda else "") + "); eager and compile are baselines timed next to "
+                         "them")
+    baselines = tuple(b for b in BASELINES if b in chosen and (b != "compile" or a.compile))
+    # A compile takes seconds per row: --quick compiles the headline only.
+    compile_ops = frozenset() if "compile" not in baselines else frozenset(
+        {HEADLINE} if a.quick else {op.name for op in ops})
+    return Plan(fused, baselines, compile_ops, device_bandwidth() if "cuda" in fused else None)
+
+
+def run(a: argparse.Namespace, out=None) -> list[dict]:
+    """The benchmark with parsed options (see :func:`add_arguments`); returns the measured rows."""
+    out = out or sys.stdout
+    if a.png:
+        require_matplotlib()  # before minutes of measuring
+    ops = [OPS[k] for k in (a.ops or (QUICK_OPS if a.quick else OPS))]
+    shapes = a.shapes or (SHAPES[:2] if a.quick else SHAPES)
+    plan = _plan(a, ops, out)
+    machine = machine_info(tuple(plan.fused))
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), file=out)
+    if float(machine["loadavg_1min"]) > 0.5:
+        print(f"WARNING: load average {machine['loadavg_1min']} before the run: other processes compete for the "
+              "cores (OpenMP threads then wait on each other); timings and ratios are unreliable", file=out)
+    print("us: median time per call of the fused backend; eager: backend='torch'; compile: torch.compile("
+          "fullgraph=True, dynamic=False) of reference.fused_step; triad% = triad time / backend time over the same "
+          "bytes; x = baseline time / backend time", file=out)
+    if plan.bandwidth:
+        name, gbps = plan.bandwidth
+        print(f"cuda: CUDA-event times; graph us = replay of {GRAPH_CALLS} captured calls / {GRAPH_CALLS}; "
+              + (f"%peak: of {gbps:.0f} GB/s (2 x memory clock x bus width)" if name == "peak" else
+                 f"%copy: of {gbps:.0f} GB/s, a measured device-to-device copy (this torch reports no memory "
+                 "clock or bus width)") + "; g%: the graph time's", file=out)
+    skipped = [op.name for op in ops if op.name not in plan.compile_ops]
+    if skipped:
+        print(f"torch.compile baseline skipped for {', '.join(skipped)} (--no-compile, --backends or --quick)",
+              file=out)
+    print("byte models (N = elements of the latent, in its dtype):", file=out)
+    for op in ops:
+        print(f"  {op.name:18s} {op.byte_model}", file=out)
+    t0 = time.perf_counter()
+    extra = bandwidth_columns(plan.bandwidth[0]) if plan.bandwidth else ()
+    with open(a.csv, "w", newline="") if a.csv else contextlib.nullcontext() as fh:
+        writer = CsvWriter(fh, machine, extra) if fh else None
+        rows = run_table(ops, shapes, a.dtypes, plan, quick=a.quick, out=out, on_row=writer)
+    print(f"table took {time.perf_counter() - t0:.0f} s" + (f"; wrote {a.csv}" if a.csv else ""), file=out)
+    if a.png:
+        plot(rows, a.png, plan.bandwidth)
+        print(f"wrote {a.png}", file=out)
+    if a.overhead and "cpu" in plan.fused.get("cpu", ()) and _ext.available():
+        overhead(quick=a.quick, out=out)
+    return rows
+
+
+def main(argv=None, prog: str = "python -m zsnr_kernels bench") -> list[dict]:
+    """``python -m zsnr_kernels bench [options]`` as a function; returns the measured rows."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
