@@ -221,6 +221,10 @@ def test_one_int_seed_gives_sample_i_the_seed_plus_i():
 
 
 def test_progress_bar(capsys):
+    """tqdm as in k-diffusion's samplers: off by default and with disable=True, on with disable=False."""
     sig = zk.schedules.karras(3, 0.1, 5.0)
-    zk.sample(TinyNet(2), _rand(1, 2, 3, 3), sig, progress=True)
+    zk.sample(TinyNet(2), _rand(1, 2, 3, 3), sig, disable=False)
     assert "3/3" in capsys.readouterr().err
+    zk.sample(TinyNet(2), _rand(1, 2, 3, 3), sig)
+    zk.sample(TinyNet(2), _rand(1, 2, 3, 3), sig, disable=True)
+    assert capsys.readouterr().err == ""

@@ -102,7 +102,7 @@ class _Recorder:
 class SamplingPlan:
     """A whole sampling run, planned once for a latent shape, device and dtype; see the module docstring.
 
-    Takes :func:`zsnr_kernels.sample`'s arguments (less ``model``, ``noise``, ``callback``, ``progress``,
+    Takes :func:`zsnr_kernels.sample`'s arguments (less ``model``, ``noise``, ``callback``, ``disable``,
     ``noise_sampler``, ``model_sigmas`` and churn), plus the latent's ``shape``, ``dtype`` and ``device``.
     ``seed`` (one int per sample, or an int s: sample i gets s + i) fixes the Philox noise of stochastic
     samplers; a plan without one draws its seeds once from torch's generator, when it is built.

@@ -34,7 +34,7 @@ _HISTORY_DEPTH = {"dpmpp_2m": 1, "dpmpp_2m_sde": 1, "dpmpp_3m_sde": 2, "lms": 3}
 def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=1.0, guidance_scale=1.0,
            guidance_rescale=0.0, rescale_space="output", s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
            s_noise=1.0, eta=1.0, solver_type="midpoint", model_sigmas=None, seed=None, noise_sampler=None,
-           backend="auto", callback=None, progress=False) -> torch.Tensor:
+           backend="auto", callback=None, disable=True) -> torch.Tensor:
     """Sample from ``model`` along ``sigmas``; the schedule may start at sigma = inf (zero terminal SNR).
 
     model:     ``model(y, sigma) -> F`` (or ``(F_cond, F_uncond)`` when ``guidance_scale != 1``), called with the
@@ -52,7 +52,8 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
                it is called as ``(sigma_i, sigma_hat_i)``).  With neither, seeds come from torch's generator.
     callback:  called once per step with k-diffusion's keys ``i``, ``sigma``, ``sigma_hat``, ``denoised`` and
                ``x`` (the VE latent; None at sigma = inf), plus ``y``, the model input.
-    progress:  show a tqdm bar.
+    disable:   the tqdm progress bar, as in k-diffusion: ``True`` (the default) none, ``False`` one,
+               ``None`` one only when stderr is a terminal.
 
     Returns x0, the latent at sigma = 0, in ``noise``'s dtype.
     """
@@ -119,9 +120,9 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
                              **noise_for(0, vals[0], hats[0]))
     history: list[tuple[float, torch.Tensor]] = []
     iterator = range(n)
-    if progress:
+    if disable is not True:
         from tqdm.auto import trange
-        iterator = trange(n)
+        iterator = trange(n, disable=disable)
     for i in iterator:
         sigma, sigma_next = hats[i], vals[i + 1]
         out = call_model(y, sigma)
