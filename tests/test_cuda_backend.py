@@ -174,3 +174,24 @@ def test_gpu_philox_noise_matches_the_cpu_backend(backend):
     gpu_y = zk.euler_ancestral_step(y.cuda(), y.cuda(), INF, 2.0, seed=[7, 2**63 + 5, 99], step_index=11,
                                     backend=backend).y.cpu()
     torch.testing.assert_close(gpu_y, cpu, rtol=0, atol=4e-7 * cpu.abs().max().item())
+
+
+def test_built_cuda_module_loads_anywhere():
+    """The CUDA module links the runtime statically: where setup.py built it, it imports even without a driver
+    (then it reports no device), and its version matches the package's."""
+    import json
+    from pathlib import Path
+
+    info_path = Path(zk.__file__).parent / "_build_info.json"
+    if not info_path.exists():
+        pytest.skip("no build metadata (the package was not built here)")
+    cuda = json.loads(info_path.read_text()).get("cuda") or {}
+    if not cuda.get("built"):
+        pytest.skip(f"the CUDA module was not built: {cuda.get('why')}")
+    m = _cuda.module()
+    assert m is not None, _cuda._load()[1]
+    assert m.__version__ == zk.__version__ and m.workspace_bytes(2, 10**6) > 0
+    err, count = m.device_count()
+    if not torch.cuda.is_available():
+        assert err != 0 or count == 0
+        assert _cuda.why_unavailable()
