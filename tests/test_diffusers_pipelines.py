@@ -1,0 +1,181 @@
+"""``zsnr_kernels.diffusers`` schedulers inside real diffusers pipelines built from tiny random models (no downloads).
+
+Each test swaps the pipeline's scheduler with the one-line switch ``pipe.scheduler = X.from_config(
+pipe.scheduler.config)`` and runs the pipeline unchanged:
+
+* ``DDPMPipeline`` and ``DDIMPipeline`` (pixel space, a small UNet2DModel): images equal to the diffusers
+  scheduler's of the same name.  These pipelines never call ``scale_model_input`` nor ``init_noise_sigma``.
+* ``LDMPipeline`` (unconditional latent diffusion, VQModel + UNet2DModel), which does call both, for the Euler
+  family and DPM-Solver: the latents it decodes are compared (captured at ``vqvae.decode``, before the VQ
+  quantization, whose nearest-codebook rounding is discontinuous).
+* ``StableDiffusionPipeline`` with classifier-free guidance and guidance rescale, when ``transformers`` is
+  installed (the pipeline module imports it; the test passes ``prompt_embeds`` and needs no text encoder).
+
+Everything runs in float32, like the pipelines; diffusers' float32 tables bound the agreement (see
+tests/test_diffusers_schedulers.py): 1e-4 relative to the latents' scale.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+zd = pytest.importorskip("zsnr_kernels.diffusers")
+
+ZERO_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, add_attention=False).eval()
+
+
+@pytest.fixture(scope="module")
+def vqvae():
+    torch.manual_seed(1)
+    return diffusers.VQModel(block_out_channels=(8,), norm_num_groups=4, latent_channels=3, num_vq_embeddings=16,
+                             sample_size=8).eval()
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _images(pipe, steps=10, **kw):
+    return pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                output_type="np", **kw).images
+
+
+def _close(a, b, rel=1e-4):
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    scale = max(a.abs().max().item(), 1.0)
+    return (a - b).abs().max().item() <= rel * scale, (a - b).abs().max().item(), scale
+
+
+@pytest.mark.parametrize("config", [{}, {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}])
+def test_ddpm_pipeline(unet, config):
+    pipe = _quiet(diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**config)))
+    want = _images(pipe)
+    pipe.scheduler = zd.ZSNRDDPMScheduler.from_config(pipe.scheduler.config)
+    got = _images(pipe)
+    assert _close(want, got)[0], _close(want, got)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("config", [{}, {"clip_sample": False, **ZERO_SNR}])
+def test_ddim_pipeline(unet, eta, config):
+    """Default DDIM (clip_sample=True) and zero terminal SNR, where diffusers' DDIM is exact too."""
+    pipe = _quiet(diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(**config)))
+    want = _images(pipe, eta=eta)
+    pipe.scheduler = zd.ZSNRDDIMScheduler.from_config(pipe.scheduler.config)
+    assert isinstance(pipe.scheduler, zd.ZSNRDDIMScheduler)
+    got = _images(pipe, eta=eta)
+    assert _close(want, got)[0], _close(want, got)
+
+
+def test_euler_in_a_pipeline_without_scaling_at_zero_snr(unet):
+    """DDPMPipeline neither scales the start noise nor calls scale_model_input, which diffusers' Euler needs.
+    ZSNREulerDiscreteScheduler's state is the model input, so it works there; at zero SNR (start y = the noise)
+    Euler is DDIM with eta = 0 in this state space, and its images equal diffusers' exact zero-SNR DDIM."""
+    ddim = diffusers.DDIMScheduler(clip_sample=False, **ZERO_SNR)
+    pipe = _quiet(diffusers.DDPMPipeline(unet=unet, scheduler=ddim))
+    want = _images(pipe)
+    pipe.scheduler = zd.ZSNREulerDiscreteScheduler.from_config(ddim.config)
+    got = _images(pipe)
+    assert _close(want, got)[0], _close(want, got)
+
+
+def _ldm(unet, vqvae, scheduler):
+    return _quiet(diffusers.LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler))
+
+
+def _ldm_latents(pipe, steps=10):
+    """Run the pipeline; return the latents it hands to ``vqvae.decode``."""
+    seen = []
+    decode = pipe.vqvae.decode
+    pipe.vqvae.decode = lambda latents, *args, **kwargs: decode(seen.append(latents.clone()) or latents, *args,
+                                                                **kwargs)
+    try:
+        torch.manual_seed(2)  # LDMPipeline gives step() no generator: ancestral noise comes from the global one
+        pipe(batch_size=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np")
+    finally:
+        del pipe.vqvae.decode
+    return seen[-1]
+
+
+@pytest.mark.parametrize(("name", "config"), [
+    ("EulerDiscreteScheduler", {}),
+    ("EulerDiscreteScheduler", {"timestep_spacing": "trailing", "use_karras_sigmas": True}),
+    ("EulerAncestralDiscreteScheduler", {"prediction_type": "v_prediction"}),
+    ("HeunDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    ("DPMSolverMultistepScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "prediction_type": "v_prediction"}),
+])
+def test_ldm_pipeline(unet, vqvae, name, config):
+    """LDMPipeline reads init_noise_sigma before set_timesteps, so diffusers' Euler family starts ``leading``
+    schedules from its training sigma_max there; ``linspace``/``trailing`` start there anyway."""
+    pipe = _ldm(unet, vqvae, getattr(diffusers, name)(**config))
+    want = _ldm_latents(pipe)
+    pipe.scheduler = zd.SCHEDULERS[name].from_config(pipe.scheduler.config)
+    got = _ldm_latents(pipe)
+    assert _close(want, got)[0], _close(want, got)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                  "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_ldm_pipeline_zero_snr(unet, vqvae, name):
+    """At zero SNR the first UNet call gets the pipeline's start noise itself, at timestep 999, and the decoded
+    latents are finite."""
+    calls = []
+    hook = unet.register_forward_pre_hook(lambda module, args: calls.append((args[0].clone(), args[1])))
+    try:
+        pipe = _ldm(unet, vqvae, zd.SCHEDULERS[name](**ZERO_SNR))
+        latents = _ldm_latents(pipe)
+    finally:
+        hook.remove()
+    noise = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(calls[0][0], noise) and float(calls[0][1]) == 999
+    assert torch.isfinite(latents).all() and all(torch.isfinite(x).all() for x, _ in calls)
+
+
+def test_stable_diffusion_pipeline_with_guidance_rescale():
+    """StableDiffusionPipeline (guidance 7.5, guidance_rescale 0.7, done by the pipeline before step): Euler and
+    DPM++ 2M equal diffusers' on SD's finite schedule; the zero-SNR run is finite."""
+    pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16).eval()
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
+    g = torch.Generator().manual_seed(4)
+    cond, uncond = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+
+    def run(pipe):
+        return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=7.5, guidance_rescale=0.7,
+                    num_inference_steps=8, height=16, width=16, output_type="latent",
+                    generator=torch.Generator().manual_seed(5)).images
+
+    for name, config in (("EulerDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {})):
+        pipe = _quiet(StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                              scheduler=getattr(diffusers, name)(**sd, **config),
+                                              safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False))
+        want = run(pipe)
+        pipe.scheduler = zd.SCHEDULERS[name].from_config(pipe.scheduler.config)
+        got = run(pipe)
+        assert _close(want, got)[0], (name, _close(want, got))
+        pipe.scheduler = zd.SCHEDULERS[name].from_config(pipe.scheduler.config, **ZERO_SNR)
+        assert torch.isfinite(run(pipe)).all()
+        assert pipe.scheduler.sigmas[0] == float("inf")

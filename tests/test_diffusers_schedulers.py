@@ -1,0 +1,554 @@
+"""``zsnr_kernels.diffusers``: each scheduler against the diffusers scheduler of the same name, and exactness at zero
+terminal SNR (sigma = inf), where diffusers can only approximate (alphas_cumprod[-1] = 2**-24, sigma_max = 4096).
+
+The loop is a pipeline's (StableDiffusionPipeline without guidance): start from ``noise * init_noise_sigma``, then
+per timestep ``scale_model_input``, the model, ``step``.  Both schedulers get the same network (conftest's TinyNet
+on the timestep the pipeline passes), the same noise and, for the stochastic ones, generators with the same seed.
+What is compared: the timesteps, every model input (ours: the sample itself; diffusers: its ``scale_model_input``)
+and the final sample.
+
+Tolerances.  diffusers builds its tables in float32 (alphas_cumprod by a float32 cumprod, Euler-family sigmas cast
+to float32) and its Euler family, Euler ancestral and DPM-Solver compute ``step`` in float32 whatever the sample's
+dtype.  So:
+
+* tables built by each library (``test_parity*``): float32 rounding of diffusers' tables, relatively up to 1.3e-5
+  in its smallest sigmas (0.029 on SD's table, where abar = 0.99915 leaves 1 - abar few digits), amplified by
+  sigma (up to 15) for epsilon-prediction, where D = sqrt(1 + sigma^2) y - sigma F.  Measured on 10 steps: at most
+  8e-5 (epsilon) and 5e-5 (v, sample); bound 3e-4 and 1e-4.
+* the same tables in both (``test_*_exact``, diffusers' tables cast to float64 after building, ours replaced by
+  them, as in tests/test_diffusers_parity.py): DDIM, DDPM and Heun compute in float64 and agree to 1e-10 (measured
+  about 1e-14); DDPM's clamp of its posterior variance to 1e-20 adds 1e-10 * z at its last step, so 1e-8 there.
+  The Euler family and DPM-Solver agree to float32 rounding of the update: 1e-5, 5e-5 for epsilon-prediction,
+  whose x = D + sigma F of order 15 carries float32 rounding of 1e-6 per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+from conftest import TinyNet
+
+import zsnr_kernels as zk
+
+diffusers = pytest.importorskip("diffusers")
+zd = pytest.importorskip("zsnr_kernels.diffusers")
+
+SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+STOCHASTIC = {"EulerAncestralDiscreteScheduler", "DDPMScheduler"}
+F64 = torch.float64
+
+
+def _noise(dtype=torch.float32, seed=0, shape=(2, 4, 8, 8)):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _loop(sched, net, noise, *, seed=None, **step_kw):
+    """A pipeline's loop over ``sched.timesteps`` (set_timesteps already called): (final sample, model inputs).
+    A generator seeded with ``seed`` goes to ``step`` where it takes one, as pipelines do."""
+    if seed is not None and "generator" in inspect.signature(sched.step).parameters:
+        step_kw["generator"] = torch.Generator().manual_seed(seed)
+    sample = noise * sched.init_noise_sigma
+    inputs = []
+    for t in sched.timesteps:
+        x_in = sched.scale_model_input(sample, t)
+        inputs.append(x_in)
+        sample = sched.step(net(x_in, t), t, sample, **step_kw).prev_sample
+    return sample, inputs
+
+
+def _pair(name, steps, **config):
+    """(diffusers scheduler, ours from its config), both with ``steps`` timesteps set."""
+    ref = getattr(diffusers, name)(**config)
+    ours = zd.SCHEDULERS[name].from_config(ref.config)
+    ref.set_timesteps(steps)
+    ours.set_timesteps(steps)
+    return ref, ours
+
+
+def _compare(ref, ours, net, noise, *, seed=None, **step_kw):
+    """Run both; return (max |final difference|, max |model input difference|) after checking the timesteps."""
+    assert torch.equal(ours.timesteps, ref.timesteps), (ours.timesteps, ref.timesteps)
+    a, ins_a = _loop(ref, net, noise, seed=seed, **step_kw)
+    b, ins_b = _loop(ours, net, noise, seed=seed, **step_kw)
+    assert len(ins_a) == len(ins_b)
+    assert torch.isfinite(b).all()
+    return (a - b).abs().max().item(), max((u - v).abs().max().item() for u, v in zip(ins_a, ins_b))
+
+
+def _abar(sigmas):
+    """alphas_cumprod of noise levels, 1 / (1 + sigma^2): compared instead of sigma, whose float32 rounding near
+    abar = 1 (sigma ~ 0.03 on SD's table) is relatively 1e-5 where abar's is 1e-7."""
+    return 1.0 / (1.0 + sigmas * sigmas)
+
+
+def _share_tables(ref, ours):
+    """Make both schedulers step on the same float64 tables: diffusers' float32 ones, cast after building."""
+    if hasattr(ref, "alphas_cumprod") and not hasattr(ref, "sigmas"):  # DDIM, DDPM: tables by timestep
+        ref.alphas_cumprod = ref.alphas_cumprod.double()
+        ours.alphas_cumprod = ref.alphas_cumprod.clone()
+        if hasattr(ref, "final_alpha_cumprod"):  # DDIM's last target (set_alpha_to_one=False: abar_0)
+            ref.final_alpha_cumprod = ref.final_alpha_cumprod.double()
+    elif isinstance(ref, diffusers.HeunDiscreteScheduler):  # diffusers repeats every inner sigma once
+        ref.sigmas = ref.sigmas.double()
+        ours.sigmas = torch.cat([ref.sigmas[:1], ref.sigmas[1::2]])
+    else:
+        ref.sigmas = ref.sigmas.double()
+        ours.sigmas = ref.sigmas.clone()
+
+
+# ---------------------------------------------------------------------------------------------- tables and setup
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_training_tables_match_diffusers(beta_schedule, rescale):
+    """alphas_cumprod from zsnr_kernels.schedules equals diffusers' float32 cumprod to its rounding, and the
+    zero-SNR rescale ends at exactly 0 (diffusers' DDIM too; its Euler family then sets 2**-24)."""
+    cfg = {"beta_schedule": beta_schedule, "rescale_betas_zero_snr": rescale}
+    ref, ours = diffusers.DDIMScheduler(**cfg), zd.ZSNRDDIMScheduler(**cfg)
+    assert ours.alphas_cumprod.dtype == F64
+    torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod.double(), rtol=2e-5, atol=1e-9)
+    if rescale:
+        assert ours.alphas_cumprod[-1] == 0.0 == ref.alphas_cumprod[-1]
+
+
+@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_timesteps_and_sigmas_match_diffusers(name, spacing):
+    """Same timesteps for every step count in 1..40 (where numpy's arange does not add diffusers' spurious
+    timestep -1 to trailing), and for the sigma-walking schedulers the same sigmas to float32 rounding."""
+    for steps in range(1, 41):
+        ref, ours = _pair(name, steps, timestep_spacing=spacing, steps_offset=1, **SD)
+        assert torch.equal(ours.timesteps, ref.timesteps), (steps, ours.timesteps, ref.timesteps)
+        if hasattr(ref, "sigmas") and name != "HeunDiscreteScheduler":
+            torch.testing.assert_close(_abar(ours.sigmas), _abar(ref.sigmas.double()), rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("grid", ["use_karras_sigmas", "use_exponential_sigmas"])
+@pytest.mark.parametrize("betas", [SD, {}], ids=["sd", "linear"])
+def test_karras_and_exponential_grids_match_diffusers(name, grid, betas):
+    """Karras/exponential sigmas equal diffusers' to float32 rounding of the grid's ends: its smallest sigma is
+    relatively off by up to 3e-4 (linear betas: abar_0 = 0.9999 leaves 1 - abar four float32 digits), and the
+    geometric grid carries that through, so rtol 5e-4 on sigma.  The timesteps come from float64 log sigmas here
+    (diffusers' float32 table moves them by up to 1e-2).  DPM-Solver's are integers: rounded for Karras (equal),
+    truncated for exponential, which can put them 1 apart where t is within 1e-2 of an integer; diffusers also
+    truncates t(sigma_max) = 998.9999997 to 998 on SD's table, where the timestep of sigma_max is 999."""
+    ref, ours = _pair(name, 12, **{grid: True}, **betas)
+    sig_ref = ref.sigmas.double()
+    if name == "HeunDiscreteScheduler":
+        sig_ref = torch.cat([sig_ref[:1], sig_ref[1::2]])
+    torch.testing.assert_close(ours.sigmas, sig_ref, rtol=5e-4, atol=0)
+    if name == "DPMSolverMultistepScheduler":
+        assert ours.timesteps[0] == 999
+        atol = 1 if grid == "use_exponential_sigmas" else 0
+    else:
+        atol = 1e-2
+    torch.testing.assert_close(ours.timesteps.double(), ref.timesteps.double(), rtol=0, atol=atol)
+
+
+# ------------------------------------------------------------------------------------------- parity, own tables
+
+
+@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_parity(name, spacing, prediction):
+    """Each scheduler built from the diffusers scheduler's config gives its model inputs and result (float32)."""
+    if name == "EulerAncestralDiscreteScheduler" and prediction == "sample":
+        pytest.skip("diffusers' EulerAncestralDiscreteScheduler does not implement prediction_type='sample'")
+    cfg = dict(timestep_spacing=spacing, prediction_type=prediction, steps_offset=1, **SD)
+    if name in ("DDIMScheduler", "DDPMScheduler"):
+        cfg["clip_sample"] = False
+    ref, ours = _pair(name, 10, **cfg)
+    seed = 5 if name in STOCHASTIC else None
+    d_final, d_inputs = _compare(ref, ours, TinyNet(4, seed=3, dtype=torch.float32), _noise(), seed=seed)
+    tol = 3e-4 if prediction == "epsilon" else 1e-4
+    assert d_final <= tol and d_inputs <= tol, (d_final, d_inputs)
+
+
+@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+def test_parity_zero_snr_leading(name):
+    """rescale_betas_zero_snr=True with ``leading`` spacing never reaches the last timestep: a finite schedule on the
+    rescaled table, where diffusers' 2**-24 substitute plays no part.  diffusers' Heun has no
+    rescale_betas_zero_snr: it gets the rescaled betas as trained_betas."""
+    cfg = dict(timestep_spacing="leading", prediction_type="v_prediction", rescale_betas_zero_snr=True, **SD)
+    if name == "HeunDiscreteScheduler":
+        ours = zd.ZSNRHeunDiscreteScheduler(**cfg)
+        del cfg["rescale_betas_zero_snr"]
+        ref = diffusers.HeunDiscreteScheduler(trained_betas=ours.betas.tolist(), **cfg)
+        ref.set_timesteps(10)
+        ours.set_timesteps(10)
+    else:
+        ref, ours = _pair(name, 10, **cfg)
+    assert ours.timesteps.max() < 999
+    seed = 5 if name in STOCHASTIC else None
+    d_final, d_inputs = _compare(ref, ours, TinyNet(4, seed=4), _noise(), seed=seed)
+    assert d_final <= 1e-4 and d_inputs <= 1e-4, (d_final, d_inputs)
+
+
+# ----------------------------------------------------------------------------------------- parity, shared tables
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("steps", [10, 7])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_exact(spacing, prediction, steps, eta):
+    """DDIM in float64 on shared tables, with diffusers' step to t - T // steps (7 does not divide 1000)."""
+    ref, ours = _pair("DDIMScheduler", steps, timestep_spacing=spacing, prediction_type=prediction,
+                      clip_sample=False, **SD)
+    _share_tables(ref, ours)
+    d_final, d_inputs = _compare(ref, ours, TinyNet(4, seed=1), _noise(F64), seed=7, eta=eta)
+    assert d_final <= 1e-10 and d_inputs <= 1e-10, (d_final, d_inputs)
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+@pytest.mark.parametrize("thresholding", [False, True])
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_ddim_clip_threshold_exact(clipped, thresholding, set_alpha_to_one):
+    """clip_sample / dynamic thresholding of D, with the noise direction from the clipped or the raw prediction
+    (``use_clipped_model_output``), and the final alpha of set_alpha_to_one.  The output is scaled so that D
+    exceeds [-1, 1] and the clipping acts."""
+    ref, ours = _pair("DDIMScheduler", 10, prediction_type="epsilon", clip_sample=True, thresholding=thresholding,
+                      set_alpha_to_one=set_alpha_to_one, steps_offset=1, **SD)
+    _share_tables(ref, ours)
+    net = TinyNet(4, seed=2)
+
+    def loud(y, t):
+        return 3.0 * net(y, t)
+
+    d_final, d_inputs = _compare(ref, ours, loud, _noise(F64) * 3, seed=3, eta=0.5,
+                                 use_clipped_model_output=clipped)
+    assert d_final <= 1e-10 and d_inputs <= 1e-10, (d_final, d_inputs)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_ddpm_exact(spacing, prediction, clip_sample):
+    """DDPM (variance fixed_small) in float64 on shared tables.  diffusers clamps the posterior variance to 1e-20
+    and so adds 1e-10 * z at its last step where the exact posterior adds nothing: 1e-8."""
+    ref, ours = _pair("DDPMScheduler", 10, timestep_spacing=spacing, prediction_type=prediction,
+                      clip_sample=clip_sample, **SD)
+    _share_tables(ref, ours)
+    d_final, d_inputs = _compare(ref, ours, TinyNet(4, seed=6), _noise(F64), seed=11)
+    assert d_final <= 1e-8 and d_inputs <= 1e-10, (d_final, d_inputs)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_heun_exact(spacing, prediction, clip_sample):
+    """Heun in float64 on shared sigmas: both evaluations of every step, the Euler last step, clip_sample."""
+    ref, ours = _pair("HeunDiscreteScheduler", 8, timestep_spacing=spacing, prediction_type=prediction,
+                      clip_sample=clip_sample, **SD)
+    _share_tables(ref, ours)
+    d_final, d_inputs = _compare(ref, ours, TinyNet(4, seed=8), _noise(F64))
+    assert d_final <= 1e-10 and d_inputs <= 1e-10, (d_final, d_inputs)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_euler_family_exact(name, spacing, prediction):
+    """Euler and Euler ancestral on shared sigmas: diffusers' float32 update, so float32 agreement."""
+    ref, ours = _pair(name, 10, timestep_spacing=spacing, prediction_type=prediction, **SD)
+    _share_tables(ref, ours)
+    seed = 5 if name in STOCHASTIC else None
+    d_final, d_inputs = _compare(ref, ours, TinyNet(4, seed=9), _noise(F64), seed=seed)
+    tol = 5e-5 if prediction == "epsilon" else 1e-5
+    assert d_final <= tol and d_inputs <= tol, (d_final, d_inputs)
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "sde-dpmsolver++"])
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_dpm_solver_exact(algorithm, solver_type, order, steps):
+    """DPM-Solver++ orders 1-3 with diffusers' order schedule (fewer than 15 steps lower the last two orders) on
+    shared sigmas.  Not compared: the SDE at order 3, where diffusers' update has a sign error (module
+    docstring); see test_dpm_sde_order_3_is_k_diffusions."""
+    if algorithm == "sde-dpmsolver++" and order == 3:
+        pytest.skip("diffusers' third-order SDE-DPM-Solver++ update is wrong; ours follows k-diffusion")
+    ref, ours = _pair("DPMSolverMultistepScheduler", steps, algorithm_type=algorithm, solver_type=solver_type,
+                      solver_order=order, prediction_type="v_prediction", **SD)
+    _share_tables(ref, ours)
+    seed = 13 if algorithm.startswith("sde") else None
+    d_final, d_inputs = _compare(ref, ours, TinyNet(4, seed=10), _noise(F64), seed=seed)
+    assert d_final <= 1e-5 and d_inputs <= 1e-5, (d_final, d_inputs)
+
+
+@pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
+@pytest.mark.parametrize("euler_at_final", [False, True])
+@pytest.mark.parametrize("grid", ["use_karras_sigmas", "use_exponential_sigmas"])
+def test_dpm_solver_grids_and_final_sigma(final_sigmas_type, euler_at_final, grid):
+    """DPM++ 2M Karras/exponential with both final sigma types, on shared sigmas and timesteps."""
+    ref, ours = _pair("DPMSolverMultistepScheduler", 12, final_sigmas_type=final_sigmas_type,
+                      euler_at_final=euler_at_final, prediction_type="epsilon", **{grid: True}, **SD)
+    _share_tables(ref, ours)
+    ours.timesteps = ref.timesteps.clone()
+    d_final, d_inputs = _compare(ref, ours, TinyNet(4, seed=12), _noise(F64))
+    assert d_final <= 1e-5 and d_inputs <= 1e-5, (d_final, d_inputs)
+
+
+def test_dpm_sde_order_3_is_k_diffusions(kdiff):
+    """sde-dpmsolver++ with solver_order=3 (20 steps: no lowered orders but the last) equals k-diffusion's
+    sample_dpmpp_3m_sde on the same sigmas and noise, in float64 (solver_type="heun": k-diffusion's second step,
+    with one remembered prediction, is the heun-type update)."""
+    sampling, _ = kdiff
+    sched = zd.ZSNRDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3,
+                                               solver_type="heun", prediction_type="v_prediction", **SD)
+    sched.set_timesteps(20)
+    net, noise = TinyNet(4, seed=14), _noise(F64)
+    sigmas = sched.sigmas.clone()
+    t_of = {float(s): t for s, t in zip(sigmas, sched.timesteps)}
+    draws = torch.Generator().manual_seed(15)
+    start = noise * zk.parameterization("v").noise_scale(float(sigmas[0]))  # k-diffusion's x = sigma_0 noise
+    ours, _ = _loop(sched, net, start, seed=15)
+
+    def denoiser(x, sigma):  # k-diffusion's VE state x; the network takes y = x / sqrt(sigma^2 + 1)
+        s = float(sigma[0])
+        c = 1.0 / math.sqrt(s * s + 1.0)
+        return c * c * x - s * c * net(x * c, t_of[s])
+
+    ref = sampling.sample_dpmpp_3m_sde(
+        denoiser, noise * sigmas[0], sigmas, disable=True,
+        noise_sampler=lambda s, sn: torch.randn(noise.shape, generator=draws, dtype=torch.float32).double())
+    assert (ours - ref).abs().max().item() <= 1e-10
+
+
+# ---------------------------------------------------------------------------------------------- zero terminal SNR
+
+ZERO_SNR = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction", **SD)
+
+
+@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+def test_zero_snr_starts_at_inf(name):
+    """The first model call is at sigma = inf, timestep 999, with the noise itself as model input; all finite."""
+    sched = zd.SCHEDULERS[name](**ZERO_SNR)
+    sched.set_timesteps(10)
+    assert sched.timesteps[0] == 999
+    if hasattr(sched, "sigmas"):
+        assert sched.sigmas[0] == math.inf and sched.init_noise_sigma == 1.0
+    noise = _noise()
+    seen = []
+
+    def net(y, t):
+        seen.append(y)
+        return TinyNet(4, seed=16, dtype=torch.float32)(y, t)
+
+    out, _ = _loop(sched, net, noise, seed=17)
+    assert torch.equal(seen[0], noise)
+    assert all(torch.isfinite(y).all() for y in seen) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("grid", ["use_karras_sigmas", "use_exponential_sigmas"])
+def test_zero_snr_grids(name, grid):
+    """A Karras/exponential grid of a zero-SNR model starts at inf (timestep 999) and continues from the largest
+    finite training sigma (diffusers: from 4096); one step is the start alone, as in diffusers."""
+    sched = zd.SCHEDULERS[name](**ZERO_SNR, **{grid: True})
+    largest_finite = zk.schedules.sigmas_from_alphas_cumprod(sched.alphas_cumprod)[-2]
+    for steps in (1, 2, 6):
+        sched.set_timesteps(steps)
+        assert sched.sigmas[0] == math.inf and sched.timesteps[0] == 999
+        assert steps == 1 or torch.isclose(sched.sigmas[1], largest_finite, rtol=1e-12, atol=0)
+        out, inputs = _loop(sched, TinyNet(4, seed=30, dtype=torch.float32), _noise())
+        assert torch.isfinite(out).all() and all(torch.isfinite(y).all() for y in inputs)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                  "DPMSolverMultistepScheduler", "DDIMScheduler", "HeunDiscreteScheduler"])
+def test_zero_snr_equals_sample(name):
+    """At zero SNR each scheduler's loop is zsnr_kernels.sample on its own sigmas (inf first), in float64."""
+    sampler = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
+               "DPMSolverMultistepScheduler": "dpmpp_2m", "DDIMScheduler": "ddim",
+               "HeunDiscreteScheduler": "heun"}[name]
+    sched = zd.SCHEDULERS[name](**ZERO_SNR, **({"clip_sample": False} if name == "DDIMScheduler" else {}))
+    sched.set_timesteps(10)
+    net, noise = TinyNet(4, seed=18), _noise(F64)
+    if name == "DDIMScheduler":
+        sigmas = zk.schedules.sigmas_from_alphas_cumprod(sched.alphas_cumprod[sched.timesteps])
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+    else:
+        sigmas = sched.sigmas
+    t_of = {float(s): t for s, t in zip(sigmas, sched.timesteps.unique(sorted=True).flip(0))}
+    ours, _ = _loop(sched, net, noise, seed=19)
+    draws = torch.Generator().manual_seed(19)
+    ref = zk.sample(lambda y, s: net(y, t_of[float(s[0])]), noise, sigmas, sampler=sampler,
+                    eta=0.0 if sampler == "ddim" else 1.0,
+                    noise_sampler=lambda s, sn: torch.randn(noise.shape, generator=draws, dtype=F64))
+    assert sigmas[0] == math.inf
+    assert (ours - ref).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                  "DPMSolverMultistepScheduler"])
+def test_zero_snr_is_the_limit_of_diffusers_substitute(name):
+    """diffusers replaces alphas_cumprod[-1] = 0 by delta (2**-24, sigma_max = 4096).  As delta shrinks (sigma_max
+    256, 1024, 4096) its run approaches ours from sigma = inf: by about 4x per step for the single-step samplers
+    (error ~ 1/sigma_max), monotonically for DPM++ 2M (~ 1/log sigma_max, DESIGN §2.3).  diffusers computes in
+    float32, whose rounding of x ~ 4096 z sets the floor."""
+    ours = zd.SCHEDULERS[name](**ZERO_SNR)
+    ours.set_timesteps(10)
+    net, noise = TinyNet(4, seed=20, dtype=torch.float32), _noise()
+    exact, _ = _loop(ours, net, noise, seed=21)
+    errors = []
+    for delta in (2.0**-16, 2.0**-20, 2.0**-24):
+        ref = getattr(diffusers, name)(**ZERO_SNR)
+        ref.alphas_cumprod[-1] = delta
+        ref.set_timesteps(10)
+        approx, _ = _loop(ref, net, noise, seed=21)
+        errors.append((approx - exact).abs().max().item())
+    assert errors[0] > errors[1] > errors[2], errors
+    if name != "DPMSolverMultistepScheduler":
+        assert errors[2] < errors[0] / 8, errors
+
+
+def test_zero_snr_heun_is_euler_then_diffusers_heun():
+    """Heun from sigma = inf: an Euler step to sigma_1 (its trapezoid has no limit there), then diffusers' Heun on
+    the rest of the schedule (finite), on the same float64 sigmas."""
+    ours = zd.ZSNRHeunDiscreteScheduler(**ZERO_SNR)
+    ours.set_timesteps(8)
+    net, noise = TinyNet(4, seed=22), _noise(F64)
+    final, inputs = _loop(ours, net, noise)
+    s1 = float(ours.sigmas[1])
+    y1 = zk.euler_step(noise, net(noise, ours.timesteps[0]), math.inf, s1, backend="torch").y
+    ref = diffusers.HeunDiscreteScheduler(**{k: v for k, v in ZERO_SNR.items() if k != "rescale_betas_zero_snr"},
+                                          trained_betas=ours.betas.tolist())
+    ref.set_timesteps(timesteps=ours.timesteps[1::2].tolist())
+    rest = ours.sigmas[1:]
+    ref.sigmas = torch.cat([rest[:1], rest[1:-1].repeat_interleave(2), rest[-1:]])
+    x, ref_inputs = y1 * math.sqrt(s1 * s1 + 1.0), []
+    for t in ref.timesteps:
+        x_in = ref.scale_model_input(x, t)
+        ref_inputs.append(x_in)
+        x = ref.step(net(x_in, t), t, x).prev_sample
+    assert torch.equal(ref.timesteps, ours.timesteps[1:])
+    assert max((u - v).abs().max().item() for u, v in zip(inputs[1:], ref_inputs)) <= 1e-10
+    assert (final - x).abs().max().item() <= 1e-10
+
+
+def test_zero_snr_ddim_exact_vs_diffusers():
+    """diffusers' DDIM keeps alphas_cumprod[-1] = 0 exactly; with v-prediction it is exact there too, and equal."""
+    ref, ours = _pair("DDIMScheduler", 10, clip_sample=False, **ZERO_SNR)
+    _share_tables(ref, ours)
+    d_final, d_inputs = _compare(ref, ours, TinyNet(4, seed=23), _noise(F64), seed=24, eta=1.0)
+    assert d_final <= 1e-10 and d_inputs <= 1e-10, (d_final, d_inputs)
+
+
+@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+def test_epsilon_at_inf_is_refused(name):
+    sched = zd.SCHEDULERS[name](**{**ZERO_SNR, "prediction_type": "epsilon"})
+    sched.set_timesteps(5)
+    t = sched.timesteps[0]
+    with pytest.raises(ValueError, match="epsilon-prediction model has no denoised prediction"):
+        sched.step(torch.zeros(1, 4, 2, 2), t, torch.ones(1, 4, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------- config and API
+
+
+@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+def test_config_round_trip(name, tmp_path):
+    """save_config / from_pretrained keep every key; the config holds diffusers' keys (Heun: plus
+    rescale_betas_zero_snr) and a diffusers scheduler loads it back."""
+    sched = zd.SCHEDULERS[name](**ZERO_SNR)
+    def keys(config):
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    sched.save_config(tmp_path)
+    loaded = zd.SCHEDULERS[name].from_pretrained(tmp_path)
+    assert keys(loaded.config) == keys(sched.config)
+    extra = {"rescale_betas_zero_snr"} if name == "HeunDiscreteScheduler" else set()
+    assert set(keys(sched.config)) == set(keys(getattr(diffusers, name)().config)) | extra
+    loaded.set_timesteps(6)
+    sched.set_timesteps(6)
+    assert torch.equal(loaded.timesteps, sched.timesteps)
+    back = getattr(diffusers, name).from_config(sched.config)
+    assert back.config.timestep_spacing == "trailing" and back.config.prediction_type == "v_prediction"
+
+
+def test_switch_between_families_keeps_the_model_config():
+    """from_config of another scheduler's config takes the shared keys (betas, prediction, spacing)."""
+    ddim = diffusers.DDIMScheduler(**ZERO_SNR, clip_sample=False, steps_offset=1)
+    euler = zd.ZSNREulerDiscreteScheduler.from_config(ddim.config)
+    for key in ("beta_schedule", "beta_start", "beta_end", "prediction_type", "timestep_spacing",
+                "rescale_betas_zero_snr", "steps_offset"):
+        assert euler.config[key] == ddim.config[key]
+    assert diffusers.DDIMScheduler in euler.compatibles
+
+
+@pytest.mark.parametrize(("name", "option"), [
+    ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}),
+    ("EulerDiscreteScheduler", {"timestep_type": "continuous"}),
+    ("EulerDiscreteScheduler", {"use_beta_sigmas": True}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}),
+    ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True}),
+    ("DDPMScheduler", {"variance_type": "fixed_large"}),
+    ("DDIMScheduler", {"beta_schedule": "sigmoid"}),
+    ("DDIMScheduler", {"prediction_type": "flow_prediction"}),
+])
+def test_unsupported_options_are_named(name, option):
+    (key, value), = option.items()
+    with pytest.raises(ValueError, match=f"{key}={value!r}"):
+        zd.SCHEDULERS[name](**option)
+
+
+def test_euler_churn_is_refused_with_the_alternative():
+    sched = zd.ZSNREulerDiscreteScheduler(**SD)
+    sched.set_timesteps(4)
+    t = sched.timesteps[0]
+    with pytest.raises(ValueError, match="zsnr_kernels.sample"):
+        sched.step(torch.zeros(1, 4, 2, 2), t, torch.ones(1, 4, 2, 2), s_churn=1.0)
+
+
+def test_step_before_set_timesteps_and_past_the_end():
+    sched = zd.ZSNREulerDiscreteScheduler(**SD)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sched.step(torch.zeros(1, 4, 2, 2), 999.0, torch.ones(1, 4, 2, 2))
+    sched.set_timesteps(2)
+    y = torch.ones(1, 4, 2, 2)
+    for t in sched.timesteps:
+        y = sched.step(torch.zeros_like(y), t, y).prev_sample
+    with pytest.raises(ValueError, match="call set_timesteps again"):
+        sched.step(torch.zeros_like(y), sched.timesteps[-1], y)
+
+
+@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+def test_add_noise_gives_the_model_input(name):
+    """add_noise returns sqrt(abar) x0 + sqrt(1 - abar) noise: diffusers' for the VP schedulers, its
+    scale_model_input of diffusers' (variance-exploding) add_noise for the Euler family; the noise at zero SNR."""
+    ref, ours = _pair(name, 10, **SD)
+    x0, z = _noise(F64, seed=25), _noise(F64, seed=26)
+    t = ref.timesteps[3:4]
+    got = ours.add_noise(x0, z, t)
+    want = ref.add_noise(x0, z, t)
+    if not isinstance(ref, (diffusers.DDIMScheduler, diffusers.DDPMScheduler, diffusers.DPMSolverMultistepScheduler)):
+        want = ref.scale_model_input(want, t)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    zsnr = zd.SCHEDULERS[name](**ZERO_SNR)
+    zsnr.set_timesteps(10)
+    assert torch.equal(zsnr.add_noise(x0, z, zsnr.timesteps[:1]), z)
+
+
+def test_img2img_begin_index():
+    """A pipeline starting mid-schedule (set_begin_index, add_noise at the first timestep it runs) equals
+    diffusers' Euler there."""
+    ref, ours = _pair("EulerDiscreteScheduler", 10, prediction_type="v_prediction", **SD)
+    net, x0, z = TinyNet(4, seed=27, dtype=torch.float32), _noise(seed=28), _noise(seed=29)
+    results = []
+    for sched in (ref, ours):
+        sched.set_timesteps(10)
+        sched.set_begin_index(4)
+        ts = sched.timesteps[4:]
+        sample = sched.add_noise(x0, z, ts[:1])
+        for t in ts:
+            sample = sched.step(net(sched.scale_model_input(sample, t), t), t, sample).prev_sample
+        results.append(sample)
+    assert (results[0] - results[1]).abs().max().item() <= 2e-5
