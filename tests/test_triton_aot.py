@@ -14,6 +14,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -38,6 +39,11 @@ SPECS = [("fp32", 0, True, True, False, False, 0), ("bf16", 0, True, True, False
          ("bf16", 0, True, False, False, False, 0), ("bf16", 1, False, False, True, False, 0),
          ("fp32", 3, False, False, True, True, 0), ("bf16", 0, False, False, False, False, 2),
          ("fp16", 2, False, False, True, False, 2)]
+
+
+def _block(storage: str) -> int:
+    """The largest block launch_block() picks for this storage (32 bytes per thread and tensor)."""
+    return C.launch_block(2**30, 1, 4 if storage == "fp32" else 2, torch.device("cpu"))
 
 
 def _compile(fn, signature, constexprs, aligned, arch):
@@ -74,7 +80,7 @@ def test_combine_compiles_without_spills_and_with_vector_loads(spec, arch, tmp_p
            "seed_ptr": "*i64", "coef_ptr": "*fp64", "coef_stride": "i32", "pq_ptr": "*fp32", "y_out_ptr": st,
            "d_out_ptr": st, "carry_out_ptr": st, "n": "i32", "step": "i32", "draw": "i32"}
     consts = dict(N_HIST=n_hist, GUIDED=guided, RESCALED=rescaled, STORE_D=store_d, STORE_CARRY=store_carry,
-                  NOISE_MODE=noise_mode, BLOCK=1024)
+                  NOISE_MODE=noise_mode, BLOCK=_block(storage))
     sig.update({k: "constexpr" for k in consts})
     aligned = [*COMBINE_ARGS, "seed_ptr", "coef_ptr", "pq_ptr", "n"]
     kernel = _compile(C._combine_kernel, sig, consts, aligned, arch=arch)
@@ -90,7 +96,7 @@ def test_rescale_pass_compiles_without_spills(arch, with_y, tmp_path):
     sig = {"y_ptr": "*bf16", "fc_ptr": "*bf16", "fu_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
            "coef_ptr": "*fp64", "coef_stride": "i32", "pq_ptr": "*fp32", "n": "i32", "n_blocks": "i32",
            "WITH_Y": "constexpr", "BLOCK": "constexpr", "RBLOCK": "constexpr"}
-    consts = {"WITH_Y": with_y, "BLOCK": 1024, "RBLOCK": 64}
+    consts = {"WITH_Y": with_y, "BLOCK": _block("bf16"), "RBLOCK": 64}
     aligned = ["y_ptr", "fc_ptr", "fu_ptr", "part_ptr", "count_ptr", "coef_ptr", "pq_ptr", "n"]
     kernel = _compile(C._rescale_kernel, sig, consts, aligned, arch=arch)
     ptx = kernel.asm["ptx"]
@@ -101,3 +107,13 @@ def test_rescale_pass_compiles_without_spills(arch, with_y, tmp_path):
     assert "bar.sync" in ptx
     assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)
     assert re.search(r"ld\.global\.cg", ptx)
+
+
+def test_launch_block_heuristic(monkeypatch):
+    """32 bytes per thread and tensor on large latents; smaller blocks while the grid would underfill the GPU."""
+    cpu = torch.device("cpu")
+    assert C.launch_block(10**7, 1, 4, cpu) == 1024 and C.launch_block(10**7, 1, 2, cpu) == 2048
+    monkeypatch.setattr(C, "_sm_count", lambda device: 132)  # an H100
+    assert C.launch_block(4 * 64 * 64, 1, 4, cpu) == C.MIN_BLOCK            # (1, 4, 64, 64): 64 programs at most
+    assert C.launch_block(4 * 128 * 128, 8, 4, cpu) == 512                 # (8, 4, 128, 128): 1024 programs
+    assert C.launch_block(16 * 21 * 60 * 104, 1, 2, cpu) == C.MAX_BLOCK    # the video latent in bf16

@@ -53,7 +53,35 @@ C_W, C_P, C_Q, C_A, C_B, C_H0, C_H1, C_H2, C_E, C_GY, C_GD, C_U, C_T, C_PHI = (
 NUM_COEFFS = _table.NUM_COEFFS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEFAULT_BLOCK = 1024
+MIN_BLOCK, MAX_BLOCK = 256, 2048
+
+
+def launch_block(n: int, batch: int, element_size: int, device) -> int:
+    """The elements per program of a launch over ``batch`` samples of ``n`` elements (a documented heuristic, not
+    autotuning: autotuning reruns a kernel, which an in-place step cannot allow).
+
+    Both kernels are bandwidth-bound and run 4 warps (128 threads).  A block of 32 bytes per thread and tensor --
+    1024 float32 or 2048 16-bit elements, two 128-bit accesses per thread -- keeps enough loads in flight per
+    thread; it is halved (down to MIN_BLOCK) while the grid would give fewer than four programs per SM, so small
+    latents still occupy the whole device.  On the CPU (Triton's interpreter) the SM count is taken as 1.
+    """
+    block = MAX_BLOCK if element_size <= 2 else MAX_BLOCK // 2
+    sms = _sm_count(device)
+    while block > MIN_BLOCK and batch * triton.cdiv(n, block) < 4 * sms:
+        block //= 2
+    return block
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -277,13 +305,16 @@ class Workspace:
 
 
 def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False, noise_mode=0, noise=None,
-           seeds=None, step_index=0, draw=0, y_out, d_out=None, carry_out=None, block=DEFAULT_BLOCK):
+           seeds=None, step_index=0, draw=0, y_out, d_out=None, carry_out=None, block=None):
     """Launch the step's kernels on contiguous [batch][n] tensors: the rescale pass when ``rescale``, then the
     element pass.  ``table`` is a float64 [1 or batch, NUM_COEFFS] tensor on y's device (a view into a larger
     precomputed table is fine); ``seeds`` an int64 tensor of the uint64 seed bits on y's device.  Nothing here
-    reads a device value on the host, so the launches can be captured in a CUDA graph."""
+    reads a device value on the host, so the launches can be captured in a CUDA graph.  ``block``: elements per
+    program (a multiple of 4), default :func:`launch_block`'s choice."""
     batch = y.shape[0]
     n = y.numel() // batch
+    if block is None:
+        block = launch_block(n, batch, y.element_size(), y.device)
     grid = (batch, triton.cdiv(n, block))
     stride = 0 if table.shape[0] == 1 else table.stride(0)
     pq = table  # any valid pointer when not rescaled
@@ -333,7 +364,7 @@ def seed_tensor(seeds, batch: int, device) -> torch.Tensor:
 
 def fused_step_triton(y, f_cond, f_uncond, history, coeffs, *, denoise, guidance_scale=1.0, guidance_rescale=0.0,
                       rescale_uv=(0.0, 1.0), noise=None, seeds=None, step_index=0, draw=0, want_denoised=True,
-                      want_carry=False, out=None, block=DEFAULT_BLOCK):
+                      want_carry=False, out=None, block=None):
     """One fused step with the Triton kernels.  Returns ``(y_out, D or None, carry or None)`` in y's dtype.
 
     ``coeffs``: a :class:`zsnr_kernels.coefficients.StepCoeffs` (or a list: one, or one per sample).
@@ -347,7 +378,7 @@ def fused_step_triton(y, f_cond, f_uncond, history, coeffs, *, denoise, guidance
     """
     if y.dtype not in DTYPES:
         raise TypeError(f"y must be float32, float16 or bfloat16 for the Triton kernels, got {y.dtype}")
-    if block % 4 or block <= 0:
+    if block is not None and (block % 4 or block <= 0):
         raise ValueError(f"block must be a positive multiple of 4, got {block}")
     batch = y.shape[0]
     cs = _per_sample(coeffs, batch, "coeffs")

@@ -1,7 +1,8 @@
 """The ``cuda`` backend: the compiled CUDA kernels of ``csrc/cuda`` (module ``zsnr_kernels._C_cuda``).
 
 The module is optional and loaded on first use: if it was not built (no nvcc at install time) or fails to load,
-the reason is recorded, logged once, and the backend reports itself unavailable; ``import zsnr_kernels`` never
+the reason is recorded and logged once (a warning for a broken or stale build), and the backend reports itself
+unavailable; ``import zsnr_kernels`` never
 fails because of it.  It links the CUDA runtime statically, so it loads without a CUDA toolkit, and without a
 driver or a device :func:`why_unavailable` says so.
 
@@ -29,18 +30,20 @@ from .parameterization import Parameterization
 @functools.cache
 def _load():
     """``(module, None)`` or ``(None, why)``; logged once."""
-    why = None
+    why, broken = None, False
     try:
         from . import _C_cuda as module
-    except ModuleNotFoundError:
+    except ModuleNotFoundError:  # not built (no nvcc at install time): normal on CPU-only machines
         module, why = None, "zsnr_kernels._C_cuda is not built (" + _build_reason() + ")"
     except Exception as exc:  # OSError (bad shared object), anything a broken build raises
-        module, why = None, f"zsnr_kernels._C_cuda failed to import ({type(exc).__name__}: {exc}); rebuild it"
+        module, broken = None, True
+        why = f"zsnr_kernels._C_cuda failed to import ({type(exc).__name__}: {exc}); rebuild it"
     else:
         if getattr(module, "__version__", None) != __version__:
-            module, why = None, f"zsnr_kernels._C_cuda is a stale build (version {module.__version__}); rebuild it"
-    if why is not None:
-        logging.getLogger("zsnr_kernels").info("%s", why)
+            why = f"zsnr_kernels._C_cuda is a stale build (version {module.__version__}); rebuild it"
+            module, broken = None, True
+    if why is not None:  # a broken build is worth a warning; a missing one only a note (see `zsnr-kernels info`)
+        logging.getLogger("zsnr_kernels").log(logging.WARNING if broken else logging.INFO, "%s", why)
     return module, why
 
 
