@@ -87,7 +87,8 @@ class BuildExt(build_ext):
         import pybind11
 
         includes = ["-Icsrc/include", "-Icsrc", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
-        version = [f'-DZSNR_VERSION="{VERSION}"', '-DZSNR_CXX_FLAGS="nvcc ' + " ".join(NVCC_FLAGS) + '"']
+        version = [f'-DZSNR_VERSION="{VERSION}"', '-DZSNR_CXX_FLAGS="nvcc ' + " ".join(NVCC_FLAGS) + '"',
+                   '-DZSNR_CUDA_ARCHS="' + ";".join(map(str, archs)) + '"']
         tmp = Path(self.build_temp, "cuda")
         tmp.mkdir(parents=True, exist_ok=True)
         out = Path(self.get_ext_fullpath(ext.name))
@@ -107,6 +108,7 @@ class BuildExt(build_ext):
             if self._cuda_switch == "1":
                 raise SystemExit(f"ZSNR_BUILD_CUDA=1: building the CUDA module failed: {exc}") from exc
             self._cuda_info = {"built": False, "why": f"the CUDA build failed: {exc}"}
+            self.extensions.remove(ext)  # nothing to copy into the package (the CUDA module is listed last)
             banner = "*" * 78
             print(f"{banner}\nzsnr-kernels: the CUDA module was NOT built ({exc}).\nThe CPU module is "
                   f"unaffected; set ZSNR_BUILD_CUDA=0 to skip CUDA or =1 to make this fatal.\n{banner}",

@@ -31,6 +31,9 @@
 #ifndef ZSNR_CXX_FLAGS
 #define ZSNR_CXX_FLAGS ""
 #endif
+#ifndef ZSNR_CUDA_ARCHS
+#define ZSNR_CUDA_ARCHS ""
+#endif
 
 namespace py = pybind11;
 
@@ -281,6 +284,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "zsnr-kernels compiled CUDA module (raw device pointers and a stream; callers validate)";
   m.attr("__version__") = ZSNR_VERSION;
   m.attr("cuda_runtime_version") = CUDART_VERSION;
+  m.attr("archs") = ZSNR_CUDA_ARCHS;  // "80;90": SASS for each, PTX of the last (setup.py)
   m.def("fused_step", &cuda_fused_step, "Enqueue one fused sampler step on CUDA tensors (see cuda/step.cuh).");
   m.def("workspace_bytes", &zsnr::cuda::workspace_bytes, py::arg("batch"), py::arg("n"),
         "Bytes of the device workspace of a step over [batch][n] tensors.");

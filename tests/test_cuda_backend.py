@@ -75,6 +75,8 @@ CASES = {
     "heun_stage_2": ("heun", [(5.0, 2.0)] * 3, {"stage": 2}, 2.0, False, 0.0, 1, None),
     "dpm_2_churn": ("dpm_2", [(5.0, 2.0)] * 3, {"sigma_hat_next": 2.5}, None, False, 0.0, 0, None),
     "lms_carry": ("lms", [(2.0, 1.0)] * 3, {"sigma_prev": (3.0, 5.0, 8.0)}, None, False, 0.0, 3, None),
+    # one sigma for the whole batch (n_sigma = 1)
+    "shared_sigma_ancestral": ("euler_ancestral", [(5.0, 2.0)], {}, None, True, 0.5, 0, [1, 2, 3]),
 }
 
 
@@ -83,7 +85,7 @@ CASES = {
 def test_host_side_marshals_what_the_launcher_expects(stand_in, name):
     sampler, sig, extra, s_eval, guided, phi, n_hist, seeds = CASES[name]
     pz = parameterization("eps" if sampler == "lms" else "v", 1.0)
-    args = [co.StepArgs(sampler, s, sn, **extra) for s, sn in sig]
+    args = [co.StepArgs(sampler, s, sn, **extra) for s, sn in sig]  # one entry: shared by the batch
     sigma_eval = [s if s_eval is None else s_eval for s, _ in sig]
     shape = (3, 4, 5, 7)
     y, fc = _randn(shape, 1), _randn(shape, 2)
@@ -99,10 +101,25 @@ def test_host_side_marshals_what_the_launcher_expects(stand_in, name):
             assert torch.equal(g, w)
     assert got[3:] == want[3:]
     call = stand_in.calls[-1]
-    assert call["stream"] == 1234 and call["n_sigma"] == 3
-    assert call["sigmas"][3:6] == sigma_eval  # the sigma_eval block
+    assert call["stream"] == 1234 and call["n_sigma"] == len(args)
+    assert call["sigmas"][len(args):2 * len(args)] == sigma_eval  # the sigma_eval block
     if seeds is not None:
         assert call["seeds"] == seeds
+
+
+@requires_C
+def test_explicit_noise_and_out_in_place(stand_in):
+    """Explicit noise tensors and out=y (in place) reach the launcher as the cpu backend gets them."""
+    pz = parameterization("v", 1.0)
+    y, f, z = _randn((2, 4, 5, 7), 1), _randn((2, 4, 5, 7), 2), _randn((2, 4, 5, 7), 3)
+    args = [co.StepArgs("euler_ancestral", 5.0, 2.0)]
+    kw = dict(guidance_scale=1.0, guidance_rescale=0.0, rescale_space="output", noise=z, seeds=None,
+              step_index=None, want_denoised=False)
+    want = _cpu.fused_step(y.clone(), f, None, [], pz, args, [5.0], out=None, **kw)[0]
+    y_in = y.clone()
+    got = _cuda.fused_step(y_in, f, None, [], pz, args, [5.0], out=y_in, **kw)[0]
+    assert got is y_in and torch.equal(got, want)
+    assert stand_in.calls[-1]["seeds"] == []
 
 
 @requires_C

@@ -147,18 +147,21 @@ def test_triton_plan_equals_triton_sample(triton_runs, sampler):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "heun"])
 def test_cuda_graph_replay_equals_eager(sampler):
+    """Capture a whole run once, replay it with two fresh noises: each replay equals an eager run on that noise
+    (so the graph reads its input, and the rescale counters are reset between replays)."""
     pytest.importorskip("triton")
-    noise = _noise().cuda()
     kw = dict(sampler=sampler, guidance_scale=3.0, guidance_rescale=0.7, seed=[11, 12])
-    plan = SamplingPlan(SIGMAS, noise.shape, device="cuda", **kw)
-    eager = plan.run(model, noise)                       # also compiles the kernels before capture
-    static_noise = noise.clone()
+    plan = SamplingPlan(SIGMAS, (2, 4, 6, 5), device="cuda", **kw)
+    static_noise = _noise().cuda()
+    plan.run(model, static_noise)                         # compiles the kernels before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_x0 = plan.run(model, static_noise)
-    static_noise.copy_(noise)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_x0, eager)
-    want = zk.sample(model, noise, SIGMAS, backend="triton", **kw)
-    assert torch.equal(eager, want)
+    for scale in (0.5, 2.0):
+        noise = _noise().cuda() * scale
+        static_noise.copy_(noise)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = plan.run(model, noise)
+        assert torch.equal(static_x0, eager)
+        assert torch.equal(eager, zk.sample(model, noise, SIGMAS, backend="triton", **kw))

@@ -228,3 +228,11 @@ def test_progress_bar(capsys):
     zk.sample(TinyNet(2), _rand(1, 2, 3, 3), sig)
     zk.sample(TinyNet(2), _rand(1, 2, 3, 3), sig, disable=True)
     assert capsys.readouterr().err == ""
+
+
+def test_second_stage_needs_the_per_sample_sigmas_of_the_first():
+    y = _rand(2, 2, 3, 3)
+    first = zk.heun_step(y, torch.zeros_like(y), [5.0, 4.0], [2.0, 1.0])
+    assert not first.complete
+    with pytest.raises(ValueError, match="per-sample sigmas of the first"):
+        zk.heun_step(first.y, torch.zeros_like(y), 5.0, 2.0, first=first)

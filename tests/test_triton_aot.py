@@ -117,3 +117,14 @@ def test_launch_block_heuristic(monkeypatch):
     assert C.launch_block(4 * 64 * 64, 1, 4, cpu) == C.MIN_BLOCK            # (1, 4, 64, 64): 64 programs at most
     assert C.launch_block(4 * 128 * 128, 8, 4, cpu) == 512                 # (8, 4, 128, 128): 1024 programs
     assert C.launch_block(16 * 21 * 60 * 104, 1, 2, cpu) == C.MAX_BLOCK    # the video latent in bf16
+
+
+@pytest.mark.parametrize("kernel", ["_combine_kernel", "_rescale_kernel"])
+def test_runtime_integers_are_not_specialised(kernel):
+    """Triton's JIT turns an integer argument equal to 1 into a compile-time Python int (which has no ``.to()``)
+    and compiles a variant per such value: step 1 of a noisy run or one element per sample would fail to compile
+    on a GPU.  The interpreter never specialises, so only this declaration guards it."""
+    fn = getattr(C, kernel)
+    integers = [p.name for p in fn.params if not p.is_constexpr and not p.name.endswith("_ptr")]
+    assert integers, "no runtime integer parameters found"
+    assert sorted(p.name for p in fn.params if p.do_not_specialize) == sorted(integers)

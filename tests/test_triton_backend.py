@@ -1,7 +1,9 @@
 """``backend="triton"`` through the public API, run by Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``).
 
-The step functions and ``sample()`` dispatch to :mod:`zsnr_kernels._triton` exactly as they would on a GPU; here
-the kernels execute in the interpreter.  Each case runs in a child process (the environment variable must be set
+The step functions and ``sample()`` dispatch to :mod:`zsnr_kernels._triton` as they would on a GPU; here the
+kernels execute in the interpreter, which runs programs one after another and specialises nothing, so it checks
+the math and the host side, not memory ordering or JIT specialisation (``test_triton_aot.py`` covers what it can
+of those).  Each case runs in a child process (the environment variable must be set
 before Triton sees a kernel) on both the triton and the cpu backend; the two share their element math
 (combine.h's fma order) and their Philox noise, so they agree to float32 rounding -- the guidance rescale sums
 are added in a different order, hence the tolerance of a few ulps rather than bit equality.

@@ -30,6 +30,7 @@ The rescale statistics read F_c, F_u (and y for the ``x0``/``v`` spaces) once mo
 
 from __future__ import annotations
 
+import contextlib
 from typing import ClassVar
 
 import torch
@@ -87,10 +88,12 @@ def _sm_count(device) -> int:
 # ----------------------------------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+# Runtime integers are never specialised: Triton would turn an argument equal to 1 into a compile-time Python int
+# (no `.to()`: step 1 of a noisy run, or one element per sample, would fail to compile) and recompile per value.
+@triton.jit(do_not_specialize=["coef_stride", "n", "n_blocks"])
 def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_stride, pq_ptr, n, n_blocks,
                     WITH_Y: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
-    """Guidance-rescale statistics and fold, on the device (no host synchronisation); grid (batch, n_blocks).
+    """Guidance-rescale statistics and fold, on the device (no host synchronisation); grid (n_blocks, batch).
 
     Each program writes the float32 sums of its block (RescaleSum order, NUM_SUMS of a row of 16) to
     ``part_ptr[b, blk]``, then takes a ticket from ``count_ptr[b]``; the program that completes sample b adds the
@@ -99,8 +102,8 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
     ``coef_ptr + b * coef_stride``, folds it into (p, q) and writes them to ``pq_ptr[b]`` as float32, and resets
     the counter for the next step.  The y sums (5..8) are 0 unless WITH_Y.
     """
-    b = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1).to(tl.int64)
+    blk = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
     base = b * n
@@ -211,7 +214,7 @@ def _coef(cp, col):
     return tl.load(cp + col).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["coef_stride", "n", "step", "draw"])
 def _combine_kernel(
     y_ptr, fc_ptr, fu_ptr, h0_ptr, h1_ptr, h2_ptr, z_ptr, seed_ptr, coef_ptr, coef_stride, pq_ptr,
     y_out_ptr, d_out_ptr, carry_out_ptr,
@@ -219,15 +222,15 @@ def _combine_kernel(
     N_HIST: tl.constexpr, GUIDED: tl.constexpr, RESCALED: tl.constexpr, STORE_D: tl.constexpr,
     STORE_CARRY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One block of one sample of the fused step; grid (batch, cdiv(n, BLOCK)).  Every tensor is [batch][n].
+    """One block of one sample of the fused step; grid (cdiv(n, BLOCK), batch).  Every tensor is [batch][n].
 
     Sample b's coefficients are the float64 table row ``coef_ptr + b * coef_stride`` (stride 0: one row for the
     batch); with RESCALED, (p, q) come from ``pq_ptr[b]`` instead, where :func:`_rescale_kernel` folded the
     guidance rescale factor in.  Unused pointers may be any valid tensor (their loads are compiled out by the
     constexpr flags).  BLOCK is a multiple of 4.
     """
-    b = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1).to(tl.int64)
+    blk = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
     idx = b * n + offs
@@ -284,20 +287,24 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 class Workspace:
     """Scratch of the rescale pass for one (device, batch, n_blocks): float32 partial sums and the per-sample
-    ticket counters, which are zeroed once here and reset by the kernel after each use."""
+    ticket counters, zeroed once here and reset by the last block after each use.  Launches on one stream are
+    ordered, so one workspace serves every step on that stream; work that may run concurrently (other streams,
+    several CUDA graphs replayed at once) needs its own (:meth:`get` is per stream; a ``SamplingPlan`` owns one).
+    The folded (p, q) are not kept here but allocated per step, so two threads interleaving their launches on
+    one stream cannot read each other's."""
 
     _cache: ClassVar[dict] = {}
 
     def __init__(self, device, batch: int, n_blocks: int):
+        self.batch, self.n_blocks = batch, n_blocks
         self.partials = torch.empty((batch, n_blocks, 16), dtype=torch.float32, device=device)
         self.counters = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.pq = torch.empty((batch, 2), dtype=torch.float32, device=device)
 
     @classmethod
     def get(cls, device, batch: int, n_blocks: int) -> Workspace:
-        """The cached workspace (one per current stream on CUDA: steps on different streams never share one)."""
+        """The cached workspace of the current stream of ``device``."""
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        key = (str(device), stream, batch, n_blocks)
+        key = (device.type, device.index, stream, batch, n_blocks)
         ws = cls._cache.get(key)
         if ws is None:
             ws = cls._cache[key] = cls(device, batch, n_blocks)
@@ -305,34 +312,41 @@ class Workspace:
 
 
 def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False, noise_mode=0, noise=None,
-           seeds=None, step_index=0, draw=0, y_out, d_out=None, carry_out=None, block=None):
+           seeds=None, step_index=0, draw=0, y_out, d_out=None, carry_out=None, block=None, workspace=None):
     """Launch the step's kernels on contiguous [batch][n] tensors: the rescale pass when ``rescale``, then the
-    element pass.  ``table`` is a float64 [1 or batch, NUM_COEFFS] tensor on y's device (a view into a larger
-    precomputed table is fine); ``seeds`` an int64 tensor of the uint64 seed bits on y's device.  Nothing here
-    reads a device value on the host, so the launches can be captured in a CUDA graph.  ``block``: elements per
-    program (a multiple of 4), default :func:`launch_block`'s choice."""
+    element pass, on y's device and its current stream.  ``table`` is a float64 [1 or batch, NUM_COEFFS] tensor
+    on y's device (a view into a larger precomputed table is fine); ``seeds`` an int64 tensor of the uint64 seed
+    bits on y's device.  Nothing here reads a device value on the host, so the launches can be captured in a CUDA
+    graph.  ``block``: elements per program (a power of two >= 16), default :func:`launch_block`'s choice;
+    ``workspace``: the rescale pass's :class:`Workspace` (default: the current stream's)."""
     batch = y.shape[0]
     n = y.numel() // batch
     if block is None:
         block = launch_block(n, batch, y.element_size(), y.device)
-    grid = (batch, triton.cdiv(n, block))
+    grid = (triton.cdiv(n, block), batch)
     stride = 0 if table.shape[0] == 1 else table.stride(0)
-    pq = table  # any valid pointer when not rescaled
     fu = f_uncond if f_uncond is not None else f_cond
-    if rescale:
-        ws = Workspace.get(y.device, batch, grid[1])
-        _rescale_kernel[grid](y, f_cond, fu, ws.partials, ws.counters, table, stride, ws.pq, n, grid[1],
-                              WITH_Y=bool(with_y), BLOCK=block, RBLOCK=64)
-        pq = ws.pq
     hist = list(history[:n_hist]) + [y] * (MAX_HIST - n_hist)
-    _combine_kernel[grid](
-        y, f_cond, fu, hist[0], hist[1], hist[2], noise if noise is not None else y,
-        seeds if seeds is not None else table, table, stride, pq,
-        y_out, y_out if d_out is None else d_out, y_out if carry_out is None else carry_out,
-        n, int(step_index) % 2**32, int(draw) % 2**32,
-        N_HIST=n_hist, GUIDED=f_uncond is not None, RESCALED=bool(rescale), STORE_D=d_out is not None,
-        STORE_CARRY=carry_out is not None, NOISE_MODE=noise_mode, BLOCK=block,
-        enable_fp_fusion=False)  # the tl.fma calls are the only contractions: CPU and GPU round alike
+    # Triton launches on the current device: make it y's (a tensor on cuda:1 while cuda:0 is current would be
+    # read from the wrong GPU, and the temporaries freed to the wrong stream)
+    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
+        pq = table  # any valid pointer when not rescaled
+        if rescale:
+            ws = workspace if workspace is not None else Workspace.get(y.device, batch, grid[0])
+            if (ws.batch, ws.n_blocks) != (batch, grid[0]):
+                raise ValueError(f"workspace is for {ws.batch} x {ws.n_blocks} blocks, the launch needs "
+                                 f"{batch} x {grid[0]}")
+            pq = torch.empty((batch, 2), dtype=torch.float32, device=y.device)
+            _rescale_kernel[grid](y, f_cond, fu, ws.partials, ws.counters, table, stride, pq, n, grid[0],
+                                  WITH_Y=bool(with_y), BLOCK=block, RBLOCK=64)
+        _combine_kernel[grid](
+            y, f_cond, fu, hist[0], hist[1], hist[2], noise if noise is not None else y,
+            seeds if seeds is not None else table, table, stride, pq,
+            y_out, y_out if d_out is None else d_out, y_out if carry_out is None else carry_out,
+            n, int(step_index) % 2**32, int(draw) % 2**32,
+            N_HIST=n_hist, GUIDED=f_uncond is not None, RESCALED=bool(rescale), STORE_D=d_out is not None,
+            STORE_CARRY=carry_out is not None, NOISE_MODE=noise_mode, BLOCK=block,
+            enable_fp_fusion=False)  # the tl.fma calls are the only contractions: CPU and GPU round alike
 
 
 def _per_sample(values, batch: int, name: str) -> list:
@@ -378,8 +392,8 @@ def fused_step_triton(y, f_cond, f_uncond, history, coeffs, *, denoise, guidance
     """
     if y.dtype not in DTYPES:
         raise TypeError(f"y must be float32, float16 or bfloat16 for the Triton kernels, got {y.dtype}")
-    if block is not None and (block % 4 or block <= 0):
-        raise ValueError(f"block must be a positive multiple of 4, got {block}")
+    if block is not None and (block < 16 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two >= 16 (tl.arange needs one), got {block}")
     batch = y.shape[0]
     cs = _per_sample(coeffs, batch, "coeffs")
     pq = _per_sample(denoise, batch, "denoise")

@@ -15,6 +15,7 @@ waits for the device.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -86,6 +87,24 @@ def build_info() -> dict | None:
             "device_error": m.error_string(err) if err else None}
 
 
+def arch_supported(archs: str, major: int, minor: int) -> bool:
+    """Whether a module built for ``archs`` ("80;90": SASS for each, PTX of the last) runs on compute capability
+    major.minor: SASS of the same major version and no higher minor, or PTX of no higher capability (JIT)."""
+    built = sorted(int(a) for a in archs.split(";") if a.strip())
+    cc = 10 * major + minor
+    return any(a // 10 == major and a <= cc for a in built) or (bool(built) and built[-1] <= cc)
+
+
+@functools.cache
+def _device_reason(index: int) -> str | None:
+    m = module()
+    major, minor = torch.cuda.get_device_capability(index)
+    if not arch_supported(m.archs, major, minor):
+        return (f"zsnr_kernels._C_cuda was built for compute capabilities {m.archs}, not this device's "
+                f"{major}.{minor}; rebuild with ZSNR_CUDA_ARCHS including {major}{minor}")
+    return None
+
+
 def not_supported_reasons(y: torch.Tensor) -> list[str]:
     """Why the CUDA kernels cannot run a step on ``y`` (empty when they can)."""
     reasons = []
@@ -94,6 +113,10 @@ def not_supported_reasons(y: torch.Tensor) -> list[str]:
         reasons.append(why)
     if not y.is_cuda:
         reasons.append(f"y is on {y.device}, the cuda backend runs on CUDA tensors")
+    elif not why:
+        arch = _device_reason(y.device.index)
+        if arch:
+            reasons.append(arch)
     if y.dtype not in DTYPE_CODES:
         reasons.append(f"the cuda kernels store float32, float16 and bfloat16, not {y.dtype}")
     if y.numel() == 0:
@@ -115,6 +138,11 @@ class _Workspace:
         if ws is None:
             ws = cls._cache[key] = torch.zeros(m.workspace_bytes(batch, n), dtype=torch.uint8, device=device)
         return ws
+
+
+def _on(device):
+    """The CUDA device guard of ``device`` (a no-op for the stand-in tests on CPU tensors)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _stream(device) -> int:
@@ -162,13 +190,14 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     batch = y.shape[0]
     n = y.numel() // batch
     ws = _Workspace.get(m, device, batch, n)
-    err = m.fused_step(
-        DTYPE_CODES[y.dtype], batch, n, y_k.data_ptr(), fc_k.data_ptr(), _ptr(fu_k), [h.data_ptr() for h in hist_k],
-        _ptr(z_k), y_out.data_ptr(), _ptr(d_out), _ptr(carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
-        SAMPLER_CODES[a0.sampler], a0.stage, int(a0.solver_type == "heun"), a0.order, a0.eta, a0.s_noise,
-        sig_t.data_ptr(), len(args), n_prev, guidance_scale, guidance_rescale if f_uncond is not None else 0.0,
-        SPACE_CODES[rescale_space], _ptr(seed_t), 0 if step_index is None else int(step_index) % 2**32, 0,
-        ws.data_ptr(), _stream(device))
+    with _on(device):  # the runtime launches on its current device: make it y's
+        err = m.fused_step(
+            DTYPE_CODES[y.dtype], batch, n, y_k.data_ptr(), fc_k.data_ptr(), _ptr(fu_k), [h.data_ptr() for h in hist_k],
+            _ptr(z_k), y_out.data_ptr(), _ptr(d_out), _ptr(carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
+            SAMPLER_CODES[a0.sampler], a0.stage, int(a0.solver_type == "heun"), a0.order, a0.eta, a0.s_noise,
+            sig_t.data_ptr(), len(args), n_prev, guidance_scale, guidance_rescale if f_uncond is not None else 0.0,
+            SPACE_CODES[rescale_space], _ptr(seed_t), 0 if step_index is None else int(step_index) % 2**32, 0,
+            ws.data_ptr(), _stream(device))
     if err:
         raise RuntimeError(f"the cuda backend failed to launch a step: {m.error_string(err)} (cudaError {err})")
     if out is not None and y_out is not out:

@@ -26,6 +26,7 @@ Not planned: EDM churn (``s_churn``), ``noise_sampler`` noise and per-sample sig
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -67,6 +68,7 @@ class _Recorder:
         self.evals: list[_Eval] = []
         self.model_calls: list[tuple[int, torch.Tensor]] = []
         self.initial: int | None = None
+        self.seeds: list[int] | None = None
 
     def _new(self, t: torch.Tensor) -> int:
         self.slot_of[id(t)] = len(self.keep)
@@ -89,6 +91,8 @@ class _Recorder:
     def step(self, y, history, args, sigma_eval, result, *, seeds, step_index, guided):
         if len(args) != 1:
             raise ValueError("a SamplingPlan needs one sigma schedule for the whole batch, not per-sample sigmas")
+        if seeds is not None:
+            self.seeds = list(seeds)
         e = _Eval(self.model_calls[-1][0], self._slot(y), [self._slot(h) for h in history], args[0],
                   sigma_eval[0], step_index, y_out=-1)
         e.y_out = self._new(result.y)
@@ -105,7 +109,12 @@ class SamplingPlan:
     Takes :func:`zsnr_kernels.sample`'s arguments (less ``model``, ``noise``, ``callback``, ``disable``,
     ``noise_sampler``, ``model_sigmas`` and churn), plus the latent's ``shape``, ``dtype`` and ``device``.
     ``seed`` (one int per sample, or an int s: sample i gets s + i) fixes the Philox noise of stochastic
-    samplers; a plan without one draws its seeds once from torch's generator, when it is built.
+    samplers; a stochastic plan without one draws its seeds once from torch's generator, when it is built (as
+    ``sample()`` does per run), so every run of the plan adds the same noise.
+
+    A plan on CUDA tensors runs the Triton kernels and can be captured in a CUDA graph.  One on the ``torch``
+    backend (float64, or Triton missing) computes its Philox noise with PyTorch ops from host seeds, which copy
+    host memory: do not capture a stochastic one.
 
         plan = SamplingPlan(sigmas, noise.shape, sampler="dpmpp_2m", device="cuda", dtype=torch.bfloat16,
                             guidance_scale=7.5, guidance_rescale=0.7)
@@ -139,10 +148,8 @@ class SamplingPlan:
         self.rescale_space = _validate.choice("rescale_space", rescale_space, _validate.RESCALE_SPACES)
         self.guided = self.guidance_scale != 1.0
         batch = shape[0]
-        self.seeds = sampling._seeds(seed, batch, needed=True)
 
-        # record sample() on (batch, 1) float64 host tensors, with the resolved seeds so that every noisy step
-        # names its seeds and step index
+        # record sample() on (batch, 1) float64 host tensors; a noisy step names its seeds and step index
         rec = _Recorder(self.guided)
         with _RECORDING:
             steps.recorder = rec
@@ -150,9 +157,10 @@ class SamplingPlan:
                 sampling.sample(rec.model, torch.zeros(batch, 1, dtype=torch.float64), sigmas, sampler=sampler,
                                 prediction=prediction, sigma_data=sigma_data, guidance_scale=guidance_scale,
                                 guidance_rescale=guidance_rescale, rescale_space=rescale_space, eta=eta,
-                                s_noise=s_noise, solver_type=solver_type, seed=self.seeds, backend="torch")
+                                s_noise=s_noise, solver_type=solver_type, seed=seed, backend="torch")
             finally:
                 steps.recorder = None
+        self.seeds = rec.seeds  # None for a deterministic run (which drew none)
         self._initial_scale = self.pz.noise_scale(_validate.sigmas(sigmas)[0])
         self._evals = rec.evals
         self._initial = rec.initial
@@ -170,11 +178,16 @@ class SamplingPlan:
                                                  rescale_uv=None if uv is None else [uv]))
         self.table = torch.stack(rows).to(self.device)                        # [evaluations, 1, NUM_COEFFS]
         self.sigmas = torch.stack([s for _, s in rec.model_calls]).to(self.device)  # [evaluations, batch]
-        self._seed_t = None
-        if any(e.coeffs.e != 0.0 for e in self._evals) and self.backend == "triton":
+        self._seed_t = self._workspace = None
+        if self.backend == "triton":
             from .triton_kernels import combine as K
 
-            self._seed_t = K.seed_tensor(self.seeds, batch, self.device)
+            n = math.prod(shape[1:])
+            self._block = K.launch_block(n, batch, probe.element_size(), self.device)
+            if self.guidance_rescale:  # its own: replays of several captured plans may run concurrently
+                self._workspace = K.Workspace(self.device, batch, -(-n // self._block))
+            if self.seeds is not None:
+                self._seed_t = K.seed_tensor(self.seeds, batch, self.device)
         self._buffers = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self._n_buffers)]
 
     # ------------------------------------------------------------------------------------------------ planning
@@ -253,7 +266,8 @@ class SamplingPlan:
                      with_y=rescale and self._with_y(e),
                      noise_mode=2 if e.coeffs.e != 0.0 else 0, seeds=self._seed_t,
                      step_index=0 if e.step_index is None else e.step_index, y_out=out["y"], d_out=out["d"],
-                     carry_out=out["carry"] if e.coeffs.carry is not None else None)
+                     carry_out=out["carry"] if e.coeffs.carry is not None else None, block=self._block,
+                     workspace=self._workspace)
         elif self.backend == "cpu":
             y_out, d, carry, _, _ = _cpu.fused_step(
                 y, f_cond, f_uncond, hist, self.pz, [e.args], [e.sigma_eval], guidance_scale=self.guidance_scale,

@@ -156,6 +156,9 @@ def _run(
     if seeds is not None and step_index is None:
         raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
     sig_eval = sigma_eval if isinstance(sigma_eval, list) else [sigma_eval] * len(args)
+    if len(sig_eval) != len(args):
+        raise ValueError("first.sigma is per sample but this call's sigma and sigma_next are not: pass the second "
+                         "call the per-sample sigmas of the first")
     want_d = return_denoised or _remembers_denoised(args[0])
     name = _backend.resolve(backend, y)
     if name != "torch" and callable(noise):  # explicit noise drawn lazily: only if the spec says a sample adds some
@@ -181,8 +184,9 @@ def _run(
                                                        **options)
     per_sample = len(args) > 1
     result = StepResult(y_out, _column(sigma_out, per_sample), d if want_d else None, complete, carry)
-    if recorder is not None and recorder.thread == threading.get_ident():  # zsnr_kernels.plan is recording a run
-        recorder.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
+    rec = recorder  # read once: another thread's recording may end meanwhile
+    if rec is not None and rec.thread == threading.get_ident():  # zsnr_kernels.plan is recording a run
+        rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
                        guided=f_uncond is not None)
     return result
 

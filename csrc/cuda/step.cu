@@ -373,13 +373,15 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs a) 
       seed_hi = static_cast<uint32_t>(seed >> 32);
     }
     const int64_t base = b * n;
-    const T* __restrict__ y = static_cast<const T*>(a.y) + base;
-    const T* __restrict__ fc = static_cast<const T*>(a.fc) + base;
-    const T* __restrict__ fu = Guided ? static_cast<const T*>(a.fu) + base : nullptr;
-    const T* __restrict__ h0 = NHist > 0 ? static_cast<const T*>(a.h0) + base : nullptr;
-    const T* __restrict__ h1 = NHist > 1 ? static_cast<const T*>(a.h1) + base : nullptr;
-    const T* __restrict__ h2 = NHist > 2 ? static_cast<const T*>(a.h2) + base : nullptr;
-    const T* __restrict__ zin = NoiseMode == 1 ? static_cast<const T*>(a.noise) + base : nullptr;
+    // No __restrict__: any output may alias any input exactly (out=y, a SamplingPlan reusing a dead buffer); each
+    // element is read, then written, by one thread.
+    const T* y = static_cast<const T*>(a.y) + base;
+    const T* fc = static_cast<const T*>(a.fc) + base;
+    const T* fu = Guided ? static_cast<const T*>(a.fu) + base : nullptr;
+    const T* h0 = NHist > 0 ? static_cast<const T*>(a.h0) + base : nullptr;
+    const T* h1 = NHist > 1 ? static_cast<const T*>(a.h1) + base : nullptr;
+    const T* h2 = NHist > 2 ? static_cast<const T*>(a.h2) + base : nullptr;
+    const T* zin = NoiseMode == 1 ? static_cast<const T*>(a.noise) + base : nullptr;
     T* yo = static_cast<T*>(a.y_out) + base;
     T* dout = StoreD ? static_cast<T*>(a.d_out) + base : nullptr;
     T* cout = StoreCarry ? static_cast<T*>(a.carry_out) + base : nullptr;
