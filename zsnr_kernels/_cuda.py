@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, _layout, _validate, coefficients as co
+from . import __version__, _layout
 from ._cpu import DTYPE_CODES, PREDICTION_CODES, SAMPLER_CODES, SPACE_CODES
 from .parameterization import Parameterization
 
@@ -163,19 +163,8 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     """Enqueue one step.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``; raises the
     spec's ValueError (before any launch) for a step it refuses."""
     m = module()
-    cs = [co.step_coeffs(pz, a) for a in args]
-    for s in sigma_eval:
-        pz.denoise_coeffs(s)  # raises for eps at inf, as every backend does
-    n_hist = _validate.step_coeffs(cs, len(history))
-    noisy = any(c.e != 0.0 for c in cs)
-    if noisy and noise is None and seeds is None:
-        raise ValueError(_validate.NEEDS_NOISE)
-    philox = noisy and noise is None
-    (y_k, fc_k, fu_k, z_k, *hist_k), kept = _layout.prepare(
-        [y, f_cond, f_uncond, noise if noisy else None, *history[:n_hist]], philox)
-    y_out = out if out is not None and kept and out.stride() == y.stride() else torch.empty_like(y_k)
-    d_out = torch.empty_like(y_k) if want_denoised else None
-    carry_out = torch.empty_like(y_k) if cs[0].carry is not None else None
+    st = _layout.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
+                             want_denoised=want_denoised, out=out)
     a0 = args[0]
     n_prev = len(a0.sigma_prev)
     sigmas = ([a.sigma for a in args] + list(sigma_eval) + [a.sigma_next for a in args]
@@ -184,7 +173,7 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     device = y.device
     sig_t = _device_array(sigmas, torch.float64, device)
     seed_t = None
-    if philox:
+    if st.philox:
         bits = [s - 2**64 if s >= 2**63 else s for s in seeds]  # the uint64 seeds' bits as int64
         seed_t = _device_array(bits, torch.int64, device)
     batch = y.shape[0]
@@ -192,18 +181,16 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     ws = _Workspace.get(m, device, batch, n)
     with _on(device):  # the runtime launches on its current device: make it y's
         err = m.fused_step(
-            DTYPE_CODES[y.dtype], batch, n, y_k.data_ptr(), fc_k.data_ptr(), _ptr(fu_k), [h.data_ptr() for h in hist_k],
-            _ptr(z_k), y_out.data_ptr(), _ptr(d_out), _ptr(carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
+            DTYPE_CODES[y.dtype], batch, n, st.y.data_ptr(), st.f_cond.data_ptr(), _ptr(st.f_uncond),
+            [h.data_ptr() for h in st.history], _ptr(st.noise), st.y_out.data_ptr(), _ptr(st.d_out),
+            _ptr(st.carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
             SAMPLER_CODES[a0.sampler], a0.stage, int(a0.solver_type == "heun"), a0.order, a0.eta, a0.s_noise,
             sig_t.data_ptr(), len(args), n_prev, guidance_scale, guidance_rescale if f_uncond is not None else 0.0,
             SPACE_CODES[rescale_space], _ptr(seed_t), 0 if step_index is None else int(step_index) % 2**32, 0,
             ws.data_ptr(), _stream(device))
     if err:
         raise RuntimeError(f"the cuda backend failed to launch a step: {m.error_string(err)} (cudaError {err})")
-    if out is not None and y_out is not out:
-        out.copy_(y_out)
-        y_out = out
-    return y_out, d_out, carry_out, [c.sigma_out for c in cs], cs[0].complete
+    return st.finish(out), st.d_out, st.carry_out, [c.sigma_out for c in st.coeffs], st.coeffs[0].complete
 
 
 def _ptr(t) -> int:

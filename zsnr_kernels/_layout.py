@@ -1,5 +1,6 @@
-"""How the compiled backends see tensors: every tensor ``[batch][n]``, each sample a dense block of ``n`` elements,
-one element order shared by all tensors of a step (csrc/include/zsnr/step_plan.h ``Tensors``).
+"""How the compiled backends see a step's tensors: every tensor ``[batch][n]``, each sample a dense block of ``n``
+elements, one element order shared by all tensors of a step (csrc/include/zsnr/step_plan.h ``Tensors``); and, for
+the device backends, the host-side validation and layout of a whole step (:func:`device_step`).
 
 Contiguous and channels-last tensors with identical strides go straight through; any other layout is copied to
 contiguous.  Philox noise is indexed by the logical (row-major) element order (DESIGN §2.8), so when a kernel
@@ -7,6 +8,8 @@ draws it the tensors must be contiguous.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -29,3 +32,54 @@ def prepare(tensors: list, philox: bool) -> tuple[list, bool]:
     if same and (y.is_contiguous() or not philox):
         return tensors, True
     return [None if t is None else t.contiguous() for t in tensors], False
+
+
+@dataclass
+class DeviceStep:
+    """One step as a device backend (cuda, triton) launches it: validated by the Python spec on the host, the
+    tensors laid out as ``[batch][n]``, the outputs allocated.  Built by :func:`device_step`."""
+
+    coeffs: list                   # StepCoeffs per entry of args
+    n_hist: int                    # remembered tensors the step reads
+    noisy: bool                    # some sample adds noise
+    philox: bool                   # ... drawn in the kernel from seeds (no noise tensor)
+    y: torch.Tensor                # the kernel's views of the inputs
+    f_cond: torch.Tensor
+    f_uncond: torch.Tensor | None
+    noise: torch.Tensor | None
+    history: list
+    y_out: torch.Tensor            # `out` itself when its layout allows, else a temporary (see finish())
+    d_out: torch.Tensor | None
+    carry_out: torch.Tensor | None
+
+    def finish(self, out: torch.Tensor | None) -> torch.Tensor:
+        """y_out, copied into ``out`` when the kernel could not write there directly."""
+        if out is not None and self.y_out is not out:
+            out.copy_(self.y_out)
+            return out
+        return self.y_out
+
+
+def device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, *, noise, seeds, want_denoised,
+                out) -> DeviceStep:
+    """Validate a step with the spec (raising its ValueError before anything reaches a device) and lay it out.
+
+    A device kernel cannot report a refused step synchronously, so every error is found here, on the host."""
+    from . import _validate, coefficients as co
+
+    cs = [co.step_coeffs(pz, a) for a in args]
+    for s in sigma_eval:
+        pz.denoise_coeffs(s)  # raises for eps at inf, as every backend does
+    n_hist = _validate.step_coeffs(cs, len(history))
+    noisy = any(c.e != 0.0 for c in cs)
+    if noisy and noise is None and seeds is None:
+        raise ValueError(_validate.NEEDS_NOISE)
+    philox = noisy and noise is None
+    (y_k, fc_k, fu_k, z_k, *hist_k), kept = prepare(
+        [y, f_cond, f_uncond, noise if noisy else None, *history[:n_hist]], philox)
+    # in place into `out` (which may be y: each element is read before it is written) when it has the layout the
+    # kernel sees; otherwise into a temporary that finish() copies into `out`
+    y_out = out if out is not None and kept and out.stride() == y.stride() else torch.empty_like(y_k)
+    return DeviceStep(cs, n_hist, noisy, philox, y_k, fc_k, fu_k, z_k, hist_k, y_out,
+                      torch.empty_like(y_k) if want_denoised else None,
+                      torch.empty_like(y_k) if cs[0].carry is not None else None)

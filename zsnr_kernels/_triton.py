@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from . import _layout, _validate, coefficients as co
+from . import _layout
 from .parameterization import Parameterization, rescale_space_coeffs
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,29 +57,16 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     spec's ValueError (before any launch) for a step it refuses."""
     from .triton_kernels import combine as K
 
-    cs = [co.step_coeffs(pz, a) for a in args]
-    pq = [pz.denoise_coeffs(s) for s in sigma_eval]
-    n_hist = _validate.step_coeffs(cs, len(history))
-    noisy = any(c.e != 0.0 for c in cs)
-    if noisy and noise is None and seeds is None:
-        raise ValueError(_validate.NEEDS_NOISE)
-    rescale = f_uncond is not None and guidance_rescale != 0.0
-    uv = [rescale_space_coeffs(pz, s, rescale_space) for s in sigma_eval] if rescale else [(0.0, 1.0)] * len(cs)
-    philox = noisy and noise is None
-    (y_k, fc_k, fu_k, z_k, *hist_k), kept = _layout.prepare(
-        [y, f_cond, f_uncond, noise if noisy else None, *history[:n_hist]], philox)
-    # in place into `out` (which may be y: each element is read before it is written) when it has the layout
-    # the kernel sees; otherwise into a temporary copied into `out` at the end
-    y_out = out if out is not None and kept and out.stride() == y.stride() else torch.empty_like(y_k)
-    d_out = torch.empty_like(y_k) if want_denoised else None
-    carry_out = torch.empty_like(y_k) if cs[0].carry is not None else None
-    table = K.coefficient_table(cs, pq, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                rescale_uv=uv)
-    K.launch(y_k, fc_k, fu_k, hist_k, K.to_device(table, y.device), n_hist=n_hist, rescale=rescale,
-             with_y=any(u != 0.0 for u, _ in uv), noise_mode=(1 if noise is not None else 2) if noisy else 0,
-             noise=z_k, seeds=K.seed_tensor(seeds, y.shape[0], y.device) if philox else None,
-             step_index=0 if step_index is None else step_index, y_out=y_out, d_out=d_out, carry_out=carry_out)
-    if out is not None and y_out is not out:
-        out.copy_(y_out)
-        y_out = out
-    return y_out, d_out, carry_out, [c.sigma_out for c in cs], cs[0].complete
+    st = _layout.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
+                             want_denoised=want_denoised, out=out)
+    rescale = st.f_uncond is not None and guidance_rescale != 0.0
+    uv = [rescale_space_coeffs(pz, s, rescale_space) for s in sigma_eval] if rescale else [(0.0, 1.0)] * len(args)
+    table = K.coefficient_table(st.coeffs, [pz.denoise_coeffs(s) for s in sigma_eval],
+                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, rescale_uv=uv)
+    K.launch(st.y, st.f_cond, st.f_uncond, st.history, K.to_device(table, y.device), n_hist=st.n_hist,
+             rescale=rescale, with_y=any(u != 0.0 for u, _ in uv),
+             noise_mode=(2 if st.philox else 1) if st.noisy else 0, noise=st.noise,
+             seeds=K.seed_tensor(seeds, y.shape[0], y.device) if st.philox else None,
+             step_index=0 if step_index is None else step_index, y_out=st.y_out, d_out=st.d_out,
+             carry_out=st.carry_out)
+    return st.finish(out), st.d_out, st.carry_out, [c.sigma_out for c in st.coeffs], st.coeffs[0].complete

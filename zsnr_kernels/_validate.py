@@ -104,7 +104,8 @@ def sigmas(s) -> list[float]:
         raise ValueError("only sigmas[0] may be inf")
     if any(b >= a for a, b in zip(vals, vals[1:])):
         i = next(i for i, (a, b) in enumerate(zip(vals, vals[1:])) if b >= a)
-        raise ValueError(f"sigmas must be strictly descending, but sigmas[{i + 1}]={vals[i + 1]} >= sigmas[{i}]={vals[i]}")
+        raise ValueError(f"sigmas must be strictly descending, but sigmas[{i + 1}]={vals[i + 1]} >= "
+                         f"sigmas[{i}]={vals[i]}")
     return vals
 
 

@@ -242,7 +242,8 @@ def _ancestral_two_stage(pz, sigma, sigma_next, eta, s_noise, stage, dpmpp: bool
             _no_stage2("dpmpp_2s_ancestral" if dpmpp else "dpm_2_ancestral")
         return StepCoeffs(a=0.0, b=pz.c_in(sigma_next), e=noise if dpmpp else 0.0, sigma_out=sigma_next)
     if dpmpp:
-        sigma_d_times = (INF if eta < 1.0 else eta * sigma_next) if sigma == INF else sigma * d  # sigma*sigma_down/sigma'
+        # sigma * sigma_down / sigma'
+        sigma_d_times = (INF if eta < 1.0 else eta * sigma_next) if sigma == INF else sigma * d
         sigma_mid = math.sqrt(sigma_next * sigma_d_times)
     else:
         sigma_mid = INF if sigma == INF else midpoint_sigma(sigma, sigma_down)

@@ -48,8 +48,9 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
     model_sigmas: the discrete model's training sigmas; sigma_hat under churn is quantized to them (log
                space) before the noise is added, so noise, model call and update share one sigma.
     seed:      one int per sample, or an int s (sample i gets s + i), for the Philox noise of §2.8 (a batch of
-               8 equals 8 batches of 1 with those seeds); ``noise_sampler(sigma, sigma_next) -> Tensor`` gives explicit unit noise instead (for churn
-               it is called as ``(sigma_i, sigma_hat_i)``).  With neither, seeds come from torch's generator.
+               8 equals 8 batches of 1 with those seeds); ``noise_sampler(sigma, sigma_next) -> Tensor`` gives
+               explicit unit noise instead (for churn it is called as ``(sigma_i, sigma_hat_i)``).  With
+               neither, seeds come from torch's generator.
     callback:  called once per step with k-diffusion's keys ``i``, ``sigma``, ``sigma_hat``, ``denoised`` and
                ``x`` (the VE latent; None at sigma = inf), plus ``y``, the model input.
     disable:   the tqdm progress bar, as in k-diffusion: ``True`` (the default) none, ``False`` one,
