@@ -305,6 +305,9 @@ PYBIND11_MODULE(_C, m) {
         "Fill float32 out[batch, n_per_sample] with the DESIGN 2.8 normals; seeds: uint64[batch].");
   m.def("build_info", &build_info, "Compiler, flags and OpenMP state of this build.");
   m.def("fused_step", &fused_step, "One fused sampler step on CPU tensors (see csrc/cpu/step.h).");
+  m.def("set_num_threads", &zsnr::cpu::set_num_threads, py::arg("n"),
+        "OpenMP threads of the CPU kernels, for every calling thread (0: OpenMP's default).");
+  m.def("num_threads", &zsnr::cpu::num_threads, "OpenMP threads the CPU kernels use.");
   m.def("cpu_isa", []() { return std::string(zsnr::cpu::isa_name()); },
         "The instruction set the CPU kernels use on this machine.");
   m.def("step_coeffs", &coeffs_step, py::arg("prediction"), py::arg("sigma_data"), py::arg("sampler"),

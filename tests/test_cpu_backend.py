@@ -680,3 +680,30 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
     for n in (2, 3):
         b = _big_step(dtype, n)
         assert torch.equal(a.y, b.y) and torch.equal(a.denoised, b.denoised), n
+
+
+def test_set_num_threads_applies_to_every_python_thread():
+    """zsnr_kernels.set_num_threads is global (omp_set_num_threads is per calling thread) and changes no result."""
+    shape = (2, 4, 96, 96)
+    y, f = _randn(shape, 1).float(), _randn(shape, 2).float()
+
+    def step():
+        return zk.euler_ancestral_step(y, (f, 0.5 * f), 5.0, 2.0, seed=[1, 2], step_index=0, guidance_scale=3.0,
+                                       guidance_rescale=0.7, backend="cpu").y
+
+    default = zk.get_num_threads()
+    try:
+        zk.set_num_threads(2)
+        two = step()
+        zk.set_num_threads(1)
+        seen = []
+        th = threading.Thread(target=lambda: seen.append((zk.get_num_threads(), step())))
+        th.start()
+        th.join()
+        assert seen[0][0] == 1 and torch.equal(seen[0][1], two)
+        for bad in (0, -1, 1.5, True, "2"):
+            with pytest.raises(ValueError, match="positive int"):
+                zk.set_num_threads(bad)
+    finally:
+        zk.set_num_threads(None)
+    assert zk.get_num_threads() == default

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from . import coefficients, noise, reference, schedules  # noqa: E402
 from .parameterization import PREDICTIONS, Parameterization, parameterization
+from ._cpu import get_num_threads, set_num_threads
 from .plan import SamplingPlan
 from .sampling import SAMPLERS, sample
 from .steps import (
@@ -41,10 +42,10 @@ from .steps import (
 
 __all__ = [
     "PREDICTIONS", "Parameterization", "SAMPLERS", "SamplingPlan", "StepResult", "churn_step", "coefficients",
-    "ddim_step", "ddpm_step",
-    "dpm_2_ancestral_step", "dpm_2_step", "dpmpp_2m_sde_step", "dpmpp_2m_step", "dpmpp_2s_ancestral_step",
-    "dpmpp_3m_sde_step", "euler_ancestral_step", "euler_step", "final_sample", "heun_step", "initial_state",
-    "lms_step", "noise", "parameterization", "reference", "sample", "schedules", "to_x", "to_y",
+    "ddim_step", "ddpm_step", "dpm_2_ancestral_step", "dpm_2_step", "dpmpp_2m_sde_step", "dpmpp_2m_step",
+    "dpmpp_2s_ancestral_step", "dpmpp_3m_sde_step", "euler_ancestral_step", "euler_step", "final_sample",
+    "get_num_threads", "heun_step", "initial_state", "lms_step", "noise", "parameterization", "reference", "sample",
+    "schedules", "set_num_threads", "to_x", "to_y",
 ]
 
 

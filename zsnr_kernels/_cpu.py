@@ -89,3 +89,25 @@ def _raise(error: int, pz, args, sigma_eval, bad: int, n_history: int):
     co.step_coeffs(pz, args[i])          # raises the spec's message
     pz.denoise_coeffs(sigma_eval[i])
     raise RuntimeError(f"zsnr_kernels._C.fused_step failed with code {error} where the Python spec did not")
+
+
+def set_num_threads(n: int | None) -> None:
+    """Set how many OpenMP threads the ``cpu`` kernels use, for every Python thread; ``None`` restores OpenMP's
+    default (``OMP_NUM_THREADS``, else one per core).
+
+    Without it the kernels follow OpenMP's setting of the calling thread, which ``torch.set_num_threads`` also
+    sets (PyTorch's wheel loads the libgomp these kernels then share); this setting applies to every Python
+    thread and leaves PyTorch's alone.  On a busy machine fewer threads can be much faster (a waiting OpenMP
+    thread spins: 2 threads were 4-8x slower than 1 at the video latent beside one other busy process on 2 cores).
+    Results do not depend on the thread count.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be a positive int (or None for OpenMP's default), got {n!r}")
+    if not _ext.available():
+        raise RuntimeError(f"the cpu backend is unavailable: {_ext.why_unavailable()}")
+    _ext.C.set_num_threads(0 if n is None else n)
+
+
+def get_num_threads() -> int:
+    """How many OpenMP threads the ``cpu`` kernels use (1 when built without OpenMP or unavailable)."""
+    return _ext.C.num_threads() if _ext.available() else 1

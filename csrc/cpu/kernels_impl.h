@@ -146,8 +146,9 @@ void rescale_sums_impl(const Tensors& t, int32_t with_y, double* out) {
   using T = typename Storage<DT>::T;
   const int64_t chunks = (t.n + kChunk - 1) / kChunk;
   const int64_t tasks = t.batch * chunks;
+  [[maybe_unused]] const int threads = num_threads();  // unused without OpenMP
   std::vector<double> partial(static_cast<size_t>(tasks) * kNumSums, 0.0);
-#pragma omp parallel for schedule(static) if (tasks > 1)
+#pragma omp parallel for schedule(static) if (tasks > 1) num_threads(threads)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / chunks, lo = (task % chunks) * kChunk;
     const int64_t hi = lo + kChunk < t.n ? lo + kChunk : t.n;
@@ -257,7 +258,8 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
   using T = typename S::T;
   const int64_t chunks = (t.n + kChunk - 1) / kChunk;
   const int64_t tasks = t.batch * chunks;
-#pragma omp parallel for schedule(static) if (tasks > 1)
+  [[maybe_unused]] const int threads = num_threads();  // unused without OpenMP
+#pragma omp parallel for schedule(static) if (tasks > 1) num_threads(threads)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / chunks, chunk_lo = (task % chunks) * kChunk;
     const int64_t chunk_hi = chunk_lo + kChunk < t.n ? chunk_lo + kChunk : t.n;

@@ -2,7 +2,12 @@
 // instruction set this CPU has.  See step.h.
 #include "step.h"
 
+#include <atomic>
 #include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace zsnr {
 namespace cpu {
@@ -20,6 +25,21 @@ ZSNR_DECLARE_ISA(avx2)
 ZSNR_DECLARE_ISA(avx512)
 #endif
 #undef ZSNR_DECLARE_ISA
+
+namespace {
+std::atomic<int32_t> g_threads{0};  // 0: OpenMP's default
+}  // namespace
+
+void set_num_threads(int32_t n) { g_threads.store(n > 0 ? n : 0, std::memory_order_relaxed); }
+
+int32_t num_threads() {
+#if defined(_OPENMP)
+  const int32_t n = g_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
 Isa isa() {
 #if defined(ZSNR_X86)

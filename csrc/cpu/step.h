@@ -32,6 +32,12 @@ void rescale_sums(const Tensors& t, int32_t with_y, double* out);
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,
              int32_t n_hist_used, int32_t add_noise);
 
+// The OpenMP threads of the element and statistics passes: set_num_threads(n >= 1) for every calling thread
+// (unlike omp_set_num_threads, whose setting is per calling thread), 0 restores OpenMP's default.  Results do not
+// depend on it (fixed chunks).  Without OpenMP, always 1.
+void set_num_threads(int32_t n);
+int32_t num_threads();
+
 // The instruction set the kernels run with on this machine (the best one compiled in and supported).
 enum Isa : int32_t { kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 Isa isa();
