@@ -209,12 +209,14 @@ def test_ddim_exact(spacing, prediction, steps, eta):
 @pytest.mark.parametrize("clipped", [False, True])
 @pytest.mark.parametrize("thresholding", [False, True])
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
-def test_ddim_clip_threshold_exact(clipped, thresholding, set_alpha_to_one):
+@pytest.mark.parametrize("steps_offset", [0, 1])
+def test_ddim_clip_threshold_exact(clipped, thresholding, set_alpha_to_one, steps_offset):
     """clip_sample / dynamic thresholding of D, with the noise direction from the clipped or the raw prediction
     (``use_clipped_model_output``), and the final alpha of set_alpha_to_one.  The output is scaled so that D
-    exceeds [-1, 1] and the clipping acts."""
+    exceeds [-1, 1] and the clipping acts.  steps_offset=0 with set_alpha_to_one=False ends with a step from t = 0
+    to abar_0 itself: zero length, yet diffusers still moves the sample by the clipping correction."""
     ref, ours = _pair("DDIMScheduler", 10, prediction_type="epsilon", clip_sample=True, thresholding=thresholding,
-                      set_alpha_to_one=set_alpha_to_one, steps_offset=1, **SD)
+                      set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset, **SD)
     _share_tables(ref, ours)
     net = TinyNet(4, seed=2)
 
@@ -420,7 +422,9 @@ def test_zero_snr_heun_is_euler_then_diffusers_heun():
     y1 = zk.euler_step(noise, net(noise, ours.timesteps[0]), math.inf, s1, backend="torch").y
     ref = diffusers.HeunDiscreteScheduler(**{k: v for k, v in ZERO_SNR.items() if k != "rescale_betas_zero_snr"},
                                           trained_betas=ours.betas.tolist())
-    ref.set_timesteps(timesteps=ours.timesteps[1::2].tolist())
+    assert len(ours.timesteps) == 2 * 8 - 1  # diffusers' layout: the step from inf keeps a no-op second evaluation
+    assert torch.equal(inputs[1], y1.to(inputs[1].dtype))  # ... whose step leaves the sample as it is
+    ref.set_timesteps(timesteps=ours.timesteps[2::2].tolist())
     rest = ours.sigmas[1:]
     ref.sigmas = torch.cat([rest[:1], rest[1:-1].repeat_interleave(2), rest[-1:]])
     x, ref_inputs = y1 * math.sqrt(s1 * s1 + 1.0), []
@@ -428,9 +432,28 @@ def test_zero_snr_heun_is_euler_then_diffusers_heun():
         x_in = ref.scale_model_input(x, t)
         ref_inputs.append(x_in)
         x = ref.step(net(x_in, t), t, x).prev_sample
-    assert torch.equal(ref.timesteps, ours.timesteps[1:])
-    assert max((u - v).abs().max().item() for u, v in zip(inputs[1:], ref_inputs)) <= 1e-10
+    assert torch.equal(ref.timesteps, ours.timesteps[2:])
+    assert max((u - v).abs().max().item() for u, v in zip(inputs[2:], ref_inputs)) <= 1e-10
     assert (final - x).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.5, 0.9, 1.0])
+def test_zero_snr_heun_img2img_indexing(strength):
+    """img2img and inpainting pipelines slice ``timesteps[t_start * order:]`` and call
+    ``set_begin_index(t_start * order)``: with diffusers' layout kept at zero SNR that lands on the first
+    evaluation of step t_start, and the run is finite."""
+    sched = zd.ZSNRHeunDiscreteScheduler(**ZERO_SNR)
+    n = 10
+    sched.set_timesteps(n)
+    t_start = max(n - min(int(n * strength), n), 0)
+    timesteps = sched.timesteps[t_start * sched.order:]
+    sched.set_begin_index(t_start * sched.order)
+    net, x0, noise = TinyNet(4, seed=30), _noise(F64) * 0.5, _noise(F64)
+    y = sched.add_noise(x0, noise, timesteps[:1])
+    assert torch.equal(y, noise) if t_start == 0 else not torch.equal(y, noise)
+    for t in timesteps:
+        y = sched.step(net(sched.scale_model_input(y, t), t), t, y).prev_sample
+    assert torch.isfinite(y).all()
 
 
 def test_zero_snr_ddim_exact_vs_diffusers():
@@ -552,3 +575,15 @@ def test_img2img_begin_index():
             sample = sched.step(net(sched.scale_model_input(sample, t), t), t, sample).prev_sample
         results.append(sample)
     assert (results[0] - results[1]).abs().max().item() <= 2e-5
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
+def test_get_velocity_matches_diffusers(name):
+    """The v-prediction training target, as diffusers' training scripts call it (exact -x0 at zero SNR)."""
+    ref = getattr(diffusers, name)(rescale_betas_zero_snr=True, beta_schedule="scaled_linear")
+    ours = zd.SCHEDULERS[name](rescale_betas_zero_snr=True, beta_schedule="scaled_linear")
+    x0, noise = _noise(F64), _noise(F64) * 0.5
+    ts = torch.tensor([999, 500])
+    want = ref.get_velocity(x0[:2], noise[:2], ts)
+    torch.testing.assert_close(ours.get_velocity(x0[:2], noise[:2], ts), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours.get_velocity(x0[:1], noise[:1], torch.tensor([999])), -x0[:1])

@@ -509,3 +509,19 @@ def test_bad_schedules_are_refused(kdiff):
     for sigmas, match in cases:
         with pytest.raises(ValueError, match=match):
             K.sample_euler(model, noise, sigmas)
+
+
+def test_half_precision_x_with_a_float32_network(kdiff):
+    """A float16 x and a wrapper whose network returns float32 (k-diffusion promotes): the drop-in casts the model
+    output to the state's dtype instead of refusing, and stays finite and close to a float32 run."""
+    sampling, external = kdiff
+    net = TinyNet(4, seed=3)
+    model = external.VDenoiser(lambda y, t: net(y.float(), torch.tan(t.float() * math.pi / 2)))
+    sigmas = sampling.get_sigmas_karras(8, 0.03, 14.6, rho=7.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=g) * sigmas[0]
+    for name in ("sample_euler", "sample_dpmpp_2m"):
+        half = getattr(K, name)(model, x.half(), sigmas, disable=True)
+        full = getattr(K, name)(model, x, sigmas, disable=True)
+        assert half.dtype == torch.float16 and torch.isfinite(half).all()
+        assert (half.float() - full).abs().max().item() < 5e-2 * max(full.abs().max().item(), 1.0)

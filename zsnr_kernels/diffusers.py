@@ -58,9 +58,14 @@ same tables).  Noise for the stochastic samplers is drawn from the ``generator``
   moves the fractional timesteps by up to 1e-2.  DPM-Solver's integer ones are equal for Karras (rounded); its
   exponential ones are truncated, as in diffusers, and so may differ by 1 where t lies within 1e-2 of an integer
   (on SD's table diffusers' float32 t(sigma_max) = 998.9999997 truncates to 998; in float64 here it is 999).
-* ``init_noise_sigma`` does not depend on ``set_timesteps`` having run.  diffusers' Euler family computes it from
-  the current sigmas, so a pipeline that reads it first (``LDMPipeline``) starts a ``leading`` schedule from its
-  training sigma_max there, not from the schedule's first sigma; with ``linspace``/``trailing`` both are the same.
+* With ``leading`` spacing and no configured grid ``sigma_max``, ``init_noise_sigma`` does not depend on
+  ``set_timesteps`` having run.  diffusers' Euler family computes it from the current sigmas, so a pipeline that
+  reads it first (``LDMPipeline``) starts a ``leading`` schedule from its training sigma_max there, not from the
+  schedule's first sigma; with ``linspace``/``trailing`` both are the same.  (With a Karras or exponential grid and
+  a configured ``sigma_max`` it changes with ``set_timesteps``, as in diffusers.)
+* Pipelines that drive the scheduler's sigmas themselves instead of calling ``step`` on the latents they keep --
+  ``StableDiffusionLatentUpscalePipeline`` reads ``scheduler.sigmas`` and preconditions its own model inputs --
+  assume diffusers' variance-exploding latents and are not supported.
 * ``prev_sample`` keeps the sample's dtype (diffusers' Euler family returns the model output's dtype).
 * Not supported (a ValueError names the option): Euler's ``s_churn`` (use ``zsnr_kernels.sample(..., s_churn=)``,
   which adds the churn before the model call, as EDM does), ``interpolation_type="log_linear"``,
@@ -110,6 +115,9 @@ INF = math.inf
 
 #: diffusers' prediction_type -> this library's prediction
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+_NO_OP = 3  # the stage of Heun's placeholder evaluation after the Euler step from sigma = inf
 
 
 @dataclass
@@ -284,6 +292,17 @@ class _ZSNRScheduler(SchedulerMixin, ConfigMixin):
             return (prev_sample, denoised) if with_denoised else (prev_sample,)
         return ZSNRSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction training target at training ``timesteps`` (one, or one per sample), as diffusers'
+        ``get_velocity``: sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (``sample`` is the clean x0); at zero SNR
+        (abar = 0) it is -x0."""
+        ts = torch.as_tensor(timesteps).reshape(-1).long().cpu()
+        abar = self.alphas_cumprod.to(torch.float64)[ts]
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        a = abar.sqrt().to(device=sample.device, dtype=sample.dtype).reshape(shape)
+        b = (1.0 - abar).sqrt().to(device=sample.device, dtype=sample.dtype).reshape(shape)
+        return a * noise - b * sample
+
     def _add_noise_at(self, original_samples: torch.Tensor, noise: torch.Tensor, sigmas: list[float]):
         """y = c_in(sigma) x0 + s(sigma) noise = sqrt(abar) x0 + sqrt(1 - abar) noise (the noise at sigma = inf)."""
         c = _column([self._pz.c_in(s) for s in sigmas], original_samples)
@@ -382,8 +401,12 @@ class ZSNRDDIMScheduler(_TimestepIndexed):
         else:
             sigma_next = 0.0 if self.config.set_alpha_to_one else self._sigma_at(0)
         f, prediction, d_raw = self._model_output(model_output, sample, sigma)
-        if sigma_next == sigma:
-            return self._output(*self._unchanged(sample, f, prediction, sigma), return_dict)
+        if sigma_next == sigma:  # set_alpha_to_one=False ending at t = 0
+            prev, denoised = self._unchanged(sample, f, prediction, sigma)
+            if d_raw is not None and not use_clipped_model_output and sigma != INF:
+                # diffusers' direction from the raw prediction: y' = y + sqrt(abar) (D_clipped - D_raw)
+                prev = prev + (self._pz.c_in(sigma) * (denoised.to(d_raw.dtype) - d_raw)).to(prev.dtype)
+            return self._output(prev, denoised, return_dict)
         r = steps.ddim_step(sample, f, sigma, sigma_next, eta=eta,
                             noise=self._noise(sample, generator, model_output.dtype, variance_noise),
                             **self._options(prediction))
@@ -545,16 +568,16 @@ class _StepIndexed(_ZSNRScheduler):
 
     def _eval_sigma(self, k: int) -> float:
         i, stage = self._evals[k]
-        return float(self.sigmas[i + (stage == 2)])
+        return float(self.sigmas[i + (stage != 1)])
 
     def _set_schedule(self, timesteps: np.ndarray | torch.Tensor, sigmas: torch.Tensor, device,
                       timestep_dtype: torch.dtype, evals: list[tuple[int, int]] | None = None) -> None:
-        """Install a schedule: one (step, stage) per evaluation, stage 1 at ``timesteps[step]``, stage 2 at
-        ``timesteps[step + 1]``."""
+        """Install a schedule: one (step, stage) per evaluation, stage 1 at ``timesteps[step]``, stage 2 (and
+        Heun's no-op, ``_NO_OP``) at ``timesteps[step + 1]``."""
         ts = torch.as_tensor(np.asarray(timesteps)).to(timestep_dtype)
         evals = evals if evals is not None else [(i, 1) for i in range(ts.numel())]
         self.sigmas = sigmas.to(torch.float64)
-        self.timesteps = torch.stack([ts[i + (stage == 2)] for i, stage in evals]).to(device)
+        self.timesteps = torch.stack([ts[i + (stage != 1)] for i, stage in evals]).to(device)
         self._evals = evals
         self.num_inference_steps = ts.numel()
         self._step_index = None
@@ -748,9 +771,12 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
     ``rescale_betas_zero_snr``).
 
     As in diffusers a step takes two model evaluations, at timesteps t_i then t_{i+1} (``timesteps`` lists each
-    t_{i+1} twice), and the last step (to sigma = 0) one.  The step from sigma = inf takes one too: the trapezoid
-    over an infinite interval has no limit, so it is an Euler step (DESIGN §2.3); a zero-SNR schedule then has
-    2N - 2 evaluations instead of 2N - 1.  ``sigmas`` lists each step's sigma once (diffusers repeats them).
+    t_{i+1} twice), and the last step (to sigma = 0) one.  The step from sigma = inf is an Euler step: the trapezoid
+    over an infinite interval has no limit (DESIGN §2.3).  Its second evaluation is kept as a no-op (the model is
+    called at t_1 and ``step`` returns the sample unchanged), so that a zero-SNR schedule has diffusers' 2N - 1
+    evaluations and pipelines that index ``timesteps`` by ``step * order`` (img2img, inpainting) land where
+    diffusers' Heun would; that costs one model call per run.  ``sigmas`` lists each step's sigma once (diffusers
+    repeats them).
     """
 
     _ve_state = True
@@ -795,8 +821,8 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
         evals = []
         for i in range(num_inference_steps):
             evals.append((i, 1))
-            if sigmas[i] != INF and sigmas[i + 1] != 0:
-                evals.append((i, 2))
+            if sigmas[i + 1] != 0:
+                evals.append((i, 2 if sigmas[i] != INF else _NO_OP))
         self._set_schedule(ts, sigmas, device, torch.float32, evals)
         self._first = None
 
@@ -807,6 +833,8 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
         i, stage = self._evals[k]
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         f, prediction, _ = self._model_output(model_output, sample, sigma if stage == 1 else sigma_next)
+        if stage == _NO_OP:  # the second evaluation of the Euler step from sigma = inf (class docstring)
+            return self._output(*self._unchanged(sample, f, prediction, sigma_next), return_dict)
         if stage == 1:
             r = steps.heun_step(sample, f, sigma, sigma_next, **self._options(prediction))
             self._first = None if r.complete else r

@@ -40,7 +40,12 @@ sampler returns NaN.  Here, with ``sigmas[0] = inf``:
 **Refused where k-diffusion computes garbage or more.**  ``sigmas`` must be strictly descending, without NaN,
 with inf only first (its last value need not be 0: the result is x at that sigma, as in k-diffusion); the grid
 helpers refuse ``sigma_max = inf`` (k-diffusion returns NaN) and name :func:`get_sigmas_zero_snr`; ``sample_lms``
-takes ``order`` 1 to 4 (k-diffusion integrates any order numerically).  The callback's ``x`` is formed from the
+takes ``order`` 1 to 4 (k-diffusion integrates any order numerically).
+
+**Half precision.**  The state keeps ``x``'s dtype, and a model output of another dtype is cast to it.  k-diffusion
+instead promotes x to float32 after the first step of the samplers whose update divides by a float32 sigma
+(euler, euler_ancestral, heun, dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral, lms) and returns float32; for its
+results in those cases pass ``x`` in float32.  The callback's ``x`` is formed from the
 state for the report: editing it in place does not steer the run (editing ``denoised`` on finite schedules does,
 as in k-diffusion).
 """
@@ -470,7 +475,8 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
         callback; it is None at sigma = inf)."""
         sigma_vec = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
         xs = pz.to_x(y, sigma) if vnet is None or report else None
-        return xs, model(xs, sigma_vec, **extra_args) if vnet is None else vnet(y, sigma, sigma_vec, extra_args)
+        out = model(xs, sigma_vec, **extra_args) if vnet is None else vnet(y, sigma, sigma_vec, extra_args)
+        return xs, out.to(y.dtype)  # a half-precision x with a float32 network: the state keeps x's dtype
 
     history: list[tuple[float, torch.Tensor]] = []
     for i in trange(n, disable=disable):
