@@ -587,3 +587,17 @@ def test_get_velocity_matches_diffusers(name):
     want = ref.get_velocity(x0[:2], noise[:2], ts)
     torch.testing.assert_close(ours.get_velocity(x0[:2], noise[:2], ts), want, rtol=1e-6, atol=1e-6)
     assert torch.equal(ours.get_velocity(x0[:1], noise[:1], torch.tensor([999])), -x0[:1])
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+def test_euler_refuses_integer_indices_as_diffusers_does(name):
+    ref = getattr(diffusers, name)()
+    ours = zd.SCHEDULERS[name]()
+    for s in (ref, ours):
+        s.set_timesteps(5)
+    x = torch.zeros(1, 4, 2, 2)
+    for index in (0, torch.tensor(0)):
+        with pytest.raises(ValueError, match="integer indices"):
+            ref.step(x, index, x)
+        with pytest.raises(ValueError, match="integer indices"):
+            ours.step(x, index, x)

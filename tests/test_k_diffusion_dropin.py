@@ -259,12 +259,14 @@ def test_one_line_switch(kdiff):
 def test_grid_helpers_are_k_diffusions(kdiff):
     sampling, _ = kdiff
     for name, args in [("get_sigmas_karras", (9, 0.03, 14.6)), ("get_sigmas_karras", (9, 0.1, 80.0, 5.0)),
-                       ("get_sigmas_exponential", (9, 0.03, 14.6)), ("get_sigmas_polyexponential", (9, 0.03, 14.6, 2.0)),
+                       ("get_sigmas_exponential", (9, 0.03, 14.6)),
+                       ("get_sigmas_polyexponential", (9, 0.03, 14.6, 2.0)),
                        ("get_sigmas_vp", (9,))]:
         ours, theirs = getattr(K, name)(*args), getattr(sampling, name)(*args)
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
     sigma_min, sigma_max = torch.tensor(0.03), torch.tensor(14.6)  # a wrapper's sigma_min/max are 0-d tensors
-    assert torch.equal(K.get_sigmas_karras(5, sigma_min, sigma_max), sampling.get_sigmas_karras(5, sigma_min, sigma_max))
+    assert torch.equal(K.get_sigmas_karras(5, sigma_min, sigma_max),
+                       sampling.get_sigmas_karras(5, sigma_min, sigma_max))
     t = torch.tensor([3.0, 2.0])
     assert torch.equal(K.append_zero(t), sampling.append_zero(t))
     x, den = _noise(), _cond()

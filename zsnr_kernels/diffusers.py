@@ -550,6 +550,14 @@ class _StepIndexed(_ZSNRScheduler):
             raise ValueError(f"timestep {timestep} is not one of scheduler.timesteps; pass one of them")
         return indices[1 if len(indices) > 1 else 0].item()
 
+    def _refuse_integer_index(self, timestep) -> None:
+        """diffusers' Euler schedulers refuse integer timesteps: they are loop indices (``enumerate(timesteps)``)
+        far more often than timesteps, which are floats there."""
+        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+            raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of the "
+                             "`scheduler.timesteps` as a timestep.")
+
     def _next_eval(self, timestep) -> int:
         if self._evals is None:
             raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
@@ -709,6 +717,7 @@ class ZSNREulerDiscreteScheduler(_StepIndexed):
              s_tmin: float = 0.0, s_tmax: float = INF, s_noise: float = 1.0,
              generator: torch.Generator | None = None, return_dict: bool = True):
         """One Euler step for the model output at (``sample``, ``timestep``)."""
+        self._refuse_integer_index(timestep)
         if s_churn:
             raise _refuse(type(self).__name__, "s_churn", s_churn,
                           "diffusers adds the churn noise after the model call; use zsnr_kernels.sample(model, "
@@ -757,6 +766,7 @@ class ZSNREulerAncestralDiscreteScheduler(_StepIndexed):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True):
         """One Euler-ancestral step; the noise is ``randn_tensor(shape, generator, dtype=model_output.dtype)``."""
+        self._refuse_integer_index(timestep)
         k = self._next_eval(timestep)
         sigma, sigma_next = float(self.sigmas[k]), float(self.sigmas[k + 1])
         f, prediction, _ = self._model_output(model_output, sample, sigma)
