@@ -37,10 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _table
+from .. import _table, noise as _noise
+from .._layout import to_device
 from .._table import coefficient_table
 
-__all__ = ["MAX_HIST", "NUM_COEFFS", "coefficient_table", "fused_step_triton", "launch", "seed_tensor", "to_device"]
+__all__ = ["MAX_HIST", "NUM_COEFFS", "coefficient_table", "fused_step_triton", "launch", "seed_tensor"]
 
 MAX_HIST = 3  # combine.h kMaxHist
 # combine.h RescaleSum order: sums of F_c, F_c^2, F_u, F_u^2, F_c F_u, y, y^2, y F_c, y F_u (constexpr: the
@@ -277,14 +278,6 @@ def _combine_kernel(
 # ------------------------------------------------------------------------------------------------ host side
 
 
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A small host tensor on ``device`` without a host synchronisation: through pinned memory, asynchronously
-    (PyTorch's caching host allocator keeps the pinned block alive until the copy has run)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 class Workspace:
     """Scratch of the rescale pass for one (device, batch, n_blocks): float32 partial sums and the per-sample
     ticket counters, zeroed once here and reset by the last block after each use.  Launches on one stream are
@@ -362,18 +355,14 @@ def _per_sample(values, batch: int, name: str) -> list:
 
 def seed_tensor(seeds, batch: int, device) -> torch.Tensor:
     """The per-sample seeds (an int s meaning s + i for sample i, one int per sample, or an int64 tensor of the
-    uint64 bits) as an int64 tensor on ``device``."""
+    uint64 bits, which stays on its device) as an int64 tensor on ``device``."""
     if isinstance(seeds, torch.Tensor):
         s = seeds.to(device=device, dtype=torch.int64).reshape(-1)
         if s.numel() == 1 and batch > 1:
             s = s + torch.arange(batch, dtype=torch.int64, device=device)
         return s.contiguous()
-    if isinstance(seeds, int):
-        seeds = [(seeds + i) % 2**64 for i in range(batch)]
-    vals = [int(v) % 2**64 for v in seeds]
-    if len(vals) != batch:
-        raise ValueError(f"seeds must hold one seed per sample ({batch}), got {len(vals)}")
-    return to_device(torch.tensor([v - 2**64 if v >= 2**63 else v for v in vals], dtype=torch.int64), device)
+    bits = _noise.seed_bits(_noise.normalize_seeds(seeds, batch))
+    return to_device(torch.tensor(bits, dtype=torch.int64), device)
 
 
 def fused_step_triton(y, f_cond, f_uncond, history, coeffs, *, denoise, guidance_scale=1.0, guidance_rescale=0.0,

@@ -34,8 +34,18 @@ def not_supported_reasons(y: torch.Tensor) -> list[str]:
     return reasons
 
 
-def _ptr(t) -> int:
-    return 0 if t is None else t.data_ptr()
+def sigma_lists(args: list) -> tuple[list, list, list, list, int]:
+    """The sigma arrays of a step plan (zsnr/step_plan.h ``StepPlan``) from its StepArgs, one entry or one per
+    sample: sigma, sigma_next, sigma_hat_next (sigma_next where there is no churn), sigma_prev flattened as
+    [n_prev][n_sigma], and n_prev."""
+    a0 = args[0]
+    n_prev = len(a0.sigma_prev)
+    if len(args) == 1:  # the common case, without the comprehensions (this runs on every step)
+        hat = a0.sigma_next if a0.sigma_hat_next is None else a0.sigma_hat_next
+        return [a0.sigma], [a0.sigma_next], [hat], list(a0.sigma_prev), n_prev
+    return ([a.sigma for a in args], [a.sigma_next for a in args],
+            [a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args],
+            [a.sigma_prev[k] for k in range(n_prev) for a in args], n_prev)
 
 
 def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
@@ -45,26 +55,16 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     the ValueError the torch path would raise (the Python spec is re-run on the failing sample for the message)."""
     a0 = args[0]
     philox = seeds is not None and noise is None
-    (y_k, fc_k, fu_k, z_k, *hist_k), kept = _layout.prepare([y, f_cond, f_uncond, noise, *history], philox)
+    (y_k, fc_k, fu_k, z_k, *hist_k), y_out = _layout.prepare([y, f_cond, f_uncond, noise, *history], philox, out)
     batch = y.shape[0]
     n = y.numel() // batch
-    # write straight into `out` (which may be y itself: the kernel reads each element before writing it) when it
-    # has the layout the kernel sees; otherwise into a temporary copied into `out` at the end
-    y_out = out if out is not None and kept and out.stride() == y.stride() else torch.empty_like(y_k)
     d_out = torch.empty_like(y_k) if want_denoised else None
     carry_out = torch.empty_like(y_k) if a0.sampler == "lms" else None
-    n_prev = len(a0.sigma_prev)
-    if len(args) == 1:
-        sig, sig_next = [a0.sigma], [a0.sigma_next]
-        sig_hat = [a0.sigma_next if a0.sigma_hat_next is None else a0.sigma_hat_next]
-        sig_prev = list(a0.sigma_prev)
-    else:
-        sig, sig_next = [a.sigma for a in args], [a.sigma_next for a in args]
-        sig_hat = [a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args]
-        sig_prev = [a.sigma_prev[k] for k in range(n_prev) for a in args]
+    sig, sig_next, sig_hat, sig_prev, n_prev = sigma_lists(args)
     res = _ext.C.fused_step(
-        DTYPE_CODES[y.dtype], batch, n, y_k.data_ptr(), fc_k.data_ptr(), _ptr(fu_k), [h.data_ptr() for h in hist_k],
-        _ptr(z_k), y_out.data_ptr(), _ptr(d_out), _ptr(carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
+        DTYPE_CODES[y.dtype], batch, n, y_k.data_ptr(), fc_k.data_ptr(), _layout.ptr(fu_k),
+        [h.data_ptr() for h in hist_k], _layout.ptr(z_k), y_out.data_ptr(), _layout.ptr(d_out),
+        _layout.ptr(carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
         SAMPLER_CODES[a0.sampler], a0.stage, a0.solver_type == "heun", a0.order, a0.eta, a0.s_noise, sig,
         sigma_eval, sig_next, sig_hat, sig_prev, n_prev, guidance_scale,
         guidance_rescale if f_uncond is not None else 0.0, SPACE_CODES[rescale_space],
@@ -72,10 +72,7 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     error, complete, _noise_used, _n_hist, bad, sigma_out = res
     if error:
         _raise(error, pz, args, sigma_eval, bad, len(history))
-    if out is not None and y_out is not out:
-        out.copy_(y_out)
-        y_out = out
-    return y_out, d_out, carry_out, sigma_out, bool(complete)
+    return _layout.finish(y_out, out), d_out, carry_out, sigma_out, bool(complete)
 
 
 def _raise(error: int, pz, args, sigma_eval, bad: int, n_history: int):

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, _layout
-from ._cpu import DTYPE_CODES, PREDICTION_CODES, SAMPLER_CODES, SPACE_CODES
+from . import __version__, _layout, noise as _noise
+from ._cpu import DTYPE_CODES, PREDICTION_CODES, SAMPLER_CODES, SPACE_CODES, sigma_lists
 from .parameterization import Parameterization
 
 
@@ -151,12 +151,6 @@ def _stream(device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _device_array(values: list, dtype, device) -> torch.Tensor:
-    """A small host list on the device without waiting: pinned memory, then an asynchronous copy."""
-    host = torch.tensor(values, dtype=dtype)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-
-
 def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
                guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
                want_denoised: bool, out):
@@ -166,32 +160,25 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     st = _layout.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
                              want_denoised=want_denoised, out=out)
     a0 = args[0]
-    n_prev = len(a0.sigma_prev)
-    sigmas = ([a.sigma for a in args] + list(sigma_eval) + [a.sigma_next for a in args]
-              + [a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args]
-              + [a.sigma_prev[k] for k in range(n_prev) for a in args])
+    sig, sig_next, sig_hat, sig_prev, n_prev = sigma_lists(args)
+    sigmas = sig + list(sigma_eval) + sig_next + sig_hat + sig_prev  # the layout bindings.cpp unpacks
     device = y.device
-    sig_t = _device_array(sigmas, torch.float64, device)
+    sig_t = _layout.to_device(torch.tensor(sigmas, dtype=torch.float64), device)
     seed_t = None
     if st.philox:
-        bits = [s - 2**64 if s >= 2**63 else s for s in seeds]  # the uint64 seeds' bits as int64
-        seed_t = _device_array(bits, torch.int64, device)
+        seed_t = _layout.to_device(torch.tensor(_noise.seed_bits(seeds), dtype=torch.int64), device)
     batch = y.shape[0]
     n = y.numel() // batch
     ws = _Workspace.get(m, device, batch, n)
     with _on(device):  # the runtime launches on its current device: make it y's
         err = m.fused_step(
-            DTYPE_CODES[y.dtype], batch, n, st.y.data_ptr(), st.f_cond.data_ptr(), _ptr(st.f_uncond),
-            [h.data_ptr() for h in st.history], _ptr(st.noise), st.y_out.data_ptr(), _ptr(st.d_out),
-            _ptr(st.carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
+            DTYPE_CODES[y.dtype], batch, n, st.y.data_ptr(), st.f_cond.data_ptr(), _layout.ptr(st.f_uncond),
+            [h.data_ptr() for h in st.history], _layout.ptr(st.noise), st.y_out.data_ptr(), _layout.ptr(st.d_out),
+            _layout.ptr(st.carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
             SAMPLER_CODES[a0.sampler], a0.stage, int(a0.solver_type == "heun"), a0.order, a0.eta, a0.s_noise,
             sig_t.data_ptr(), len(args), n_prev, guidance_scale, guidance_rescale if f_uncond is not None else 0.0,
-            SPACE_CODES[rescale_space], _ptr(seed_t), 0 if step_index is None else int(step_index) % 2**32, 0,
+            SPACE_CODES[rescale_space], _layout.ptr(seed_t), 0 if step_index is None else int(step_index) % 2**32, 0,
             ws.data_ptr(), _stream(device))
     if err:
         raise RuntimeError(f"the cuda backend failed to launch a step: {m.error_string(err)} (cudaError {err})")
     return st.finish(out), st.d_out, st.carry_out, [c.sigma_out for c in st.coeffs], st.coeffs[0].complete
-
-
-def _ptr(t) -> int:
-    return 0 if t is None else t.data_ptr()

@@ -14,6 +14,14 @@ from dataclasses import dataclass
 import torch
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a host synchronisation: through pinned memory, asynchronously
+    (PyTorch's caching host allocator keeps the pinned block alive until the copy has run); unchanged on the CPU."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def per_sample_dense(t: torch.Tensor) -> bool:
     """Every sample a dense block of numel/B elements, samples one after another (contiguous, channels-last)."""
     if t.is_contiguous():
@@ -23,15 +31,31 @@ def per_sample_dense(t: torch.Tensor) -> bool:
     return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def prepare(tensors: list, philox: bool) -> tuple[list, bool]:
-    """The tensors (``None`` entries allowed; the first is y) as a kernel can read them, and whether they kept
-    the caller's layout (then an ``out`` with y's strides can be written in place)."""
+def prepare(tensors: list, philox: bool, out: torch.Tensor | None) -> tuple[list, torch.Tensor]:
+    """The tensors (``None`` entries allowed; the first is y) as a kernel can read them, and the tensor the kernel
+    writes y_out to: ``out`` itself (which may be y: each element is read before it is written) when the layout
+    was kept and ``out`` has y's strides, else a temporary that :func:`finish` copies into ``out``."""
     y = tensors[0]
     stride = y.stride()
     same = all(t is None or t.stride() == stride for t in tensors) and per_sample_dense(y)
-    if same and (y.is_contiguous() or not philox):
-        return tensors, True
-    return [None if t is None else t.contiguous() for t in tensors], False
+    if not (same and (y.is_contiguous() or not philox)):
+        tensors = [None if t is None else t.contiguous() for t in tensors]
+    elif out is not None and out.stride() == stride:
+        return tensors, out
+    return tensors, torch.empty_like(tensors[0])
+
+
+def finish(y_out: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The step's y_out as the caller asked for it: copied into ``out`` when the kernel wrote a temporary."""
+    if out is not None and y_out is not out:
+        out.copy_(y_out)
+        return out
+    return y_out
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    """A tensor's data pointer for the compiled launchers; 0 for none."""
+    return 0 if t is None else t.data_ptr()
 
 
 @dataclass
@@ -54,10 +78,7 @@ class DeviceStep:
 
     def finish(self, out: torch.Tensor | None) -> torch.Tensor:
         """y_out, copied into ``out`` when the kernel could not write there directly."""
-        if out is not None and self.y_out is not out:
-            out.copy_(self.y_out)
-            return out
-        return self.y_out
+        return finish(self.y_out, out)
 
 
 def device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, *, noise, seeds, want_denoised,
@@ -65,21 +86,12 @@ def device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, *, noise, se
     """Validate a step with the spec (raising its ValueError before anything reaches a device) and lay it out.
 
     A device kernel cannot report a refused step synchronously, so every error is found here, on the host."""
-    from . import _validate, coefficients as co
+    from . import _validate
 
-    cs = [co.step_coeffs(pz, a) for a in args]
-    for s in sigma_eval:
-        pz.denoise_coeffs(s)  # raises for eps at inf, as every backend does
-    n_hist = _validate.step_coeffs(cs, len(history))
-    noisy = any(c.e != 0.0 for c in cs)
-    if noisy and noise is None and seeds is None:
-        raise ValueError(_validate.NEEDS_NOISE)
+    cs, n_hist, noisy = _validate.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
     philox = noisy and noise is None
-    (y_k, fc_k, fu_k, z_k, *hist_k), kept = prepare(
-        [y, f_cond, f_uncond, noise if noisy else None, *history[:n_hist]], philox)
-    # in place into `out` (which may be y: each element is read before it is written) when it has the layout the
-    # kernel sees; otherwise into a temporary that finish() copies into `out`
-    y_out = out if out is not None and kept and out.stride() == y.stride() else torch.empty_like(y_k)
+    (y_k, fc_k, fu_k, z_k, *hist_k), y_out = prepare(
+        [y, f_cond, f_uncond, noise if noisy else None, *history[:n_hist]], philox, out)
     return DeviceStep(cs, n_hist, noisy, philox, y_k, fc_k, fu_k, z_k, hist_k, y_out,
                       torch.empty_like(y_k) if want_denoised else None,
                       torch.empty_like(y_k) if cs[0].carry is not None else None)

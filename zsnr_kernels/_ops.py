@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import _cpu, _validate, coefficients as co
+from . import _cpu, _validate, coefficients as co, noise as _noise
 from .parameterization import Parameterization, parameterization
 
 _U64 = 2**64
@@ -105,24 +105,17 @@ def fused_step_traced(backend: str, y, f_cond, f_uncond, history, pz: Parameteri
 
     The host values (sigma_out, complete) and every error come from the Python spec, which the kernels mirror.
     """
-    cs = [co.step_coeffs(pz, a) for a in args]
-    for s in sigma_eval:
-        pz.denoise_coeffs(s)  # raises for eps at inf, as the eager path does
-    _validate.step_coeffs(cs, len(history))
-    if any(c.e != 0.0 for c in cs) and noise is None and seeds is None:
-        raise ValueError(_validate.NEEDS_NOISE)
+    cs, _, _ = _validate.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
     a0 = args[0]
-    n_prev = len(a0.sigma_prev)
+    sig, sig_next, sig_hat, sig_prev, n_prev = _cpu.sigma_lists(args)
     plan = dict(
         backend=backend, prediction=_cpu.PREDICTION_CODES[pz.prediction], sigma_data=pz.sigma_data,
         sampler=_cpu.SAMPLER_CODES[a0.sampler], stage=a0.stage, solver_heun=int(a0.solver_type == "heun"),
-        order=a0.order, eta=a0.eta, s_noise=a0.s_noise, sigma=[a.sigma for a in args], sigma_eval=list(sigma_eval),
-        sigma_next=[a.sigma_next for a in args],
-        sigma_hat_next=[a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args],
-        sigma_prev=[a.sigma_prev[k] for k in range(n_prev) for a in args], n_prev=n_prev,
+        order=a0.order, eta=a0.eta, s_noise=a0.s_noise, sigma=sig, sigma_eval=list(sigma_eval), sigma_next=sig_next,
+        sigma_hat_next=sig_hat, sigma_prev=sig_prev, n_prev=n_prev,
         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale if f_uncond is not None else 0.0,
         rescale_space=_cpu.SPACE_CODES[rescale_space],
-        seeds=[] if seeds is None else [s - _U64 if s >= 2**63 else s for s in seeds],
+        seeds=[] if seeds is None else _noise.seed_bits(seeds),
         step_index=0 if step_index is None else int(step_index))
     want_carry = a0.sampler == "lms"
     if out is not None and out.is_contiguous() and not want_denoised and not want_carry:

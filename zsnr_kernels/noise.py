@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["philox4x32", "uint32_to_uniform", "normal", "normalize_seeds"]
+__all__ = ["philox4x32", "uint32_to_uniform", "normal", "normalize_seeds", "seed_bits"]
 
 MASK32 = 0xFFFFFFFF
 PHILOX_KEY_A = 0x9E3779B9  # key bump of k0 after each round
@@ -168,6 +168,12 @@ def normalize_seeds(seed: int | Sequence[int] | Tensor, batch: int) -> list[int]
     return seeds
 
 
+def seed_bits(seeds: Sequence[int]) -> list[int]:
+    """uint64 seeds (ints in [0, 2**64), as :func:`normalize_seeds` gives them) as the int64 values with the same
+    bits: what an int64 tensor holds and the kernels read back as uint64."""
+    return [v - 2**64 if v >= 2**63 else v for v in seeds]
+
+
 def _seed_keys(seed: int | Sequence[int] | Tensor, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Philox keys (seed_lo, seed_hi) as int64 tensors of shape [batch, 1]; a seed tensor stays on its
     device (no host synchronization)."""
@@ -177,8 +183,7 @@ def _seed_keys(seed: int | Sequence[int] | Tensor, batch: int, device: torch.dev
         if seed.dim() == 0:  # one seed s: sample i gets s + i (wraps mod 2**64)
             s = s + torch.arange(batch, device=device, dtype=torch.int64).reshape(batch, 1)
     else:
-        signed = [v - 2**64 if v >= 2**63 else v for v in normalize_seeds(seed, batch)]
-        s = torch.tensor(signed, dtype=torch.int64, device=device).reshape(batch, 1)
+        s = torch.tensor(seed_bits(normalize_seeds(seed, batch)), dtype=torch.int64, device=device).reshape(batch, 1)
     return s & MASK32, (s >> 32) & MASK32
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -54,7 +54,7 @@ class _Eval:
     d_out: int = -1                    # -1: not produced
     carry_out: int = -1
     coeffs: co.StepCoeffs | None = None
-    uses: list[int] = field(default_factory=list)
+    with_y: bool = False             # the rescale statistics read y (x0 and v spaces at this sigma)
 
 
 class _Recorder:
@@ -172,6 +172,7 @@ class SamplingPlan:
         for e in self._evals:
             e.coeffs = co.step_coeffs(self.pz, e.args)
             uv = rescale_space_coeffs(self.pz, e.sigma_eval, self.rescale_space) if self.guidance_rescale else None
+            e.with_y = uv is not None and uv[0] != 0.0
             rows.append(_table.coefficient_table([e.coeffs], [self.pz.denoise_coeffs(e.sigma_eval)],
                                                  guidance_scale=self.guidance_scale,
                                                  guidance_rescale=self.guidance_rescale,
@@ -263,7 +264,7 @@ class SamplingPlan:
 
             K.launch(y, f_cond.contiguous(), None if f_uncond is None else f_uncond.contiguous(), hist,
                      self.table[k], n_hist=len(hist), rescale=rescale,
-                     with_y=rescale and self._with_y(e),
+                     with_y=rescale and e.with_y,
                      noise_mode=2 if e.coeffs.e != 0.0 else 0, seeds=self._seed_t,
                      step_index=0 if e.step_index is None else e.step_index, y_out=out["y"], d_out=out["d"],
                      carry_out=out["carry"] if e.coeffs.carry is not None else None, block=self._block,
@@ -276,10 +277,6 @@ class SamplingPlan:
             self._store(out, d, carry)
         else:
             self._reference_step(k, e, y, f_cond, f_uncond, hist, out)
-
-    def _with_y(self, e: _Eval) -> bool:
-        """Whether the rescale statistics need y (the x0 and v spaces at this sigma)."""
-        return rescale_space_coeffs(self.pz, e.sigma_eval, self.rescale_space)[0] != 0.0
 
     def _reference_step(self, k, e, y, f_cond, f_uncond, hist, out) -> None:
         """The torch backend: reference.fused_step with the table's columns as device tensors."""
