@@ -303,6 +303,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox_normal", &philox_normal, py::arg("out_ptr"), py::arg("batch"),
         py::arg("n_per_sample"), py::arg("seeds_ptr"), py::arg("step"), py::arg("draw"),
         "Fill float32 out[batch, n_per_sample] with the DESIGN 2.8 normals; seeds: uint64[batch].");
+  m.def("cpu_philox_rows", [](std::uintptr_t out_ptr, uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0,
+                              int64_t ng) {
+          uint32_t* out = as_ptr<uint32_t>(out_ptr);
+          py::gil_scoped_release no_gil;
+          zsnr::cpu::philox_rows(seed, step, draw, g0, ng, out);
+        }, py::arg("out_ptr"), py::arg("seed"), py::arg("step"), py::arg("draw"), py::arg("g0"), py::arg("ng"),
+        "Fill uint32 out[ng, 4] with the Philox words of groups g0.. as the CPU element pass makes them (tests).");
   m.def("build_info", &build_info, "Compiler, flags and OpenMP state of this build.");
   m.def("fused_step", &fused_step, "One fused sampler step on CPU tensors (see csrc/cpu/step.h).");
   m.def("set_num_threads", &zsnr::cpu::set_num_threads, py::arg("n"),
@@ -310,6 +317,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("num_threads", &zsnr::cpu::num_threads, "OpenMP threads the CPU kernels use.");
   m.def("cpu_isa", []() { return std::string(zsnr::cpu::isa_name()); },
         "The instruction set the CPU kernels use on this machine.");
+  m.def("cpu_limit_isa", [](int32_t level) {
+          zsnr::cpu::limit_isa(level);
+          return std::string(zsnr::cpu::isa_name());
+        }, py::arg("level"),
+        "Cap the CPU kernels' instruction set at level (0 baseline, 1 avx2, 2 avx512; -1 removes the cap); "
+        "returns the one now used (tests).");
   m.def("step_coeffs", &coeffs_step, py::arg("prediction"), py::arg("sigma_data"), py::arg("sampler"),
         py::arg("stage"), py::arg("sigma"), py::arg("sigma_next"), py::arg("sigma_hat_next"),
         py::arg("sigma_prev"), py::arg("eta"), py::arg("s_noise"), py::arg("solver_heun"),

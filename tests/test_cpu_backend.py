@@ -320,6 +320,66 @@ def test_in_kernel_noise_equals_noise_normal():
     assert (r.y / e - z).abs().max().item() < 1e-5
 
 
+ISA_LEVELS = {"baseline": 0, "avx2+fma+f16c": 1, "avx512": 2}  # csrc/cpu/step.cpp's isa_name()
+
+
+@pytest.fixture(params=[0, 1, 2], ids=["baseline", "avx2", "avx512"])
+def isa_level(request):
+    """Cap the kernels at one instruction set (skipped where this CPU lacks it); the cap is lifted afterwards."""
+    try:
+        used = ISA_LEVELS[_ext.C.cpu_limit_isa(request.param)]
+        if used < request.param:
+            pytest.skip("this CPU lacks the instruction set")
+        yield used
+    finally:
+        _ext.C.cpu_limit_isa(-1)
+
+
+def test_philox_words_of_every_instruction_set_equal_the_definition(isa_level):
+    """The element pass's Philox words (vector code in csrc/cpu/philox_simd.h, scalar for the tail) equal the
+    shared scalar philox4x32_10 bit for bit, across the 2**32 carry of the group index and for a tail shorter than
+    a vector block."""
+    seed, step, draw, g0, ng = 2**63 + 2**40 + 12345, 9, 1, 2**32 - 37, 1003
+    got = torch.empty(ng, 4, dtype=torch.uint32)
+    _ext.C.cpu_philox_rows(got.data_ptr(), seed, step, draw, g0, ng)
+    want = torch.empty(ng, 4, dtype=torch.uint32)
+    low = 2**32 - g0  # groups whose index fits in 32 bits: counter (g, 0, step, draw), then (g - 2**32, 1, ...)
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    _ext.C.philox4x32(want.data_ptr(), low, k0, k1, g0, 0, step, draw)
+    _ext.C.philox4x32(want[low:].data_ptr(), ng - low, k0, k1, 0, 1, step, draw)
+    assert torch.equal(got, want)
+
+
+def _supported_isa_levels() -> list[int]:
+    try:
+        return sorted({ISA_LEVELS[_ext.C.cpu_limit_isa(level)] for level in ISA_LEVELS.values()})
+    finally:
+        _ext.C.cpu_limit_isa(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_instruction_set_gives_the_same_bits(dtype):
+    """The AVX2 and AVX-512 kernels round like the baseline ones (explicit fmaf, no contraction), so their steps
+    agree bit for bit: seeded noise (vector and scalar Philox), guidance rescale statistics, history, odd sizes."""
+    levels = _supported_isa_levels()
+    if len(levels) < 2:
+        pytest.skip("this CPU runs only the baseline kernels")
+    t = _inputs("odd", dtype, seed=5)
+    runs = (("euler_ancestral_inf", "rescale_x0"), ("dpmpp_3m_sde_h2", "cfg"), ("lms_h3", "none"))
+    results = {}
+    try:
+        for level in levels:
+            _ext.C.cpu_limit_isa(level)
+            results[level] = [_outputs(_call(CASE_BY_ID[c], t, "cpu", g,
+                                             **({"seed": [4, 2**40, 2**64 - 1], "step_index": 3} if c in NOISY else {})))
+                              for c, g in runs]
+    finally:
+        _ext.C.cpu_limit_isa(-1)
+    for level in levels[1:]:
+        for run, a, b in zip(runs, results[levels[0]], results[level]):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (run, level)
+
+
 NOISY = ["euler_ancestral_inf", "euler_churn", "ddim_eta05", "ddpm", "dpm_2_ancestral_s2", "dpmpp_2s_ancestral_s2",
          "dpmpp_2m_sde_heun", "dpmpp_3m_sde_h2"]
 

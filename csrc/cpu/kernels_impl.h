@@ -1,6 +1,7 @@
-// The CPU loops over the shared math, compiled twice (kernels_base.cpp, kernels_avx2.cpp) inside a
-// namespace chosen by the including file; step.cpp picks one at run time.  OpenMP splits the work into fixed
-// chunks (results do not depend on the thread count); `omp simd` vectorises the element loops.
+// The CPU loops over the shared math, compiled once per instruction set (kernels_base.cpp, kernels_avx2.cpp,
+// kernels_avx512.cpp) inside a namespace chosen by the including file; step.cpp picks one at run time.  OpenMP
+// splits the work into fixed chunks (results do not depend on the thread count); `omp simd` vectorises the element
+// loops.
 //
 // Byte model of the element pass (N = batch * n elements of `dtype`): reads y, F_c (, F_u), each remembered
 // tensor (, the explicit noise), writes y_out (, D, carry).  The statistics pass reads F_c, F_u (, y) once.
@@ -172,7 +173,7 @@ void rescale_sums_impl(const Tensors& t, int32_t with_y, double* out) {
 // ------------------------------------------------------------------------------------- Philox noise
 
 // The noise of DESIGN 2.8 for a tile of elements, written so the compiler vectorises it across Philox groups:
-// the integers come from the shared philox4x32_10 (bit-exact with every backend); log, sin and cos are the
+// the integers come from philox_simd.h (bit-exact with the shared philox4x32_10); log, sin and cos are the
 // branch-free float polynomials below (Cephes' minimax coefficients, within 2 ulp of libm), because glibc's
 // scalar logf/sinf/cosf would keep the loop scalar.  The normals therefore agree with the other backends to
 // float rounding, as DESIGN 2.8 promises, not bit for bit.
@@ -222,19 +223,19 @@ inline SinCos vsincosf(float th) {
   return SinCos{(k & 2) ? -s : s, ((k + 1) & 2) ? -c : c};
 }
 
-// Normals of groups [g0, g0 + ng) (four elements each, ng <= kTile / 4) of one sample into buf[4 * ng]:
-// computed a quarter at a time into four arrays (so the loop vectorises), then interleaved.
+#include "philox_simd.h"
+
+// Normals of groups [g0, g0 + ng) (four elements each, ng <= kTile / 4) of one sample into buf[4 * ng]: the
+// Philox words (philox_simd.h), then the uniforms and Box-Muller a quarter at a time into four arrays (so the
+// loop vectorises), then interleaved.
 inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf) {
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const uint32_t lo0 = static_cast<uint32_t>(g0), hi0 = static_cast<uint32_t>(static_cast<uint64_t>(g0) >> 32);
+  alignas(64) uint32_t x0[kTile / 4], x1[kTile / 4], x2[kTile / 4], x3[kTile / 4];
   alignas(64) float n0[kTile / 4], n1[kTile / 4], n2[kTile / 4], n3[kTile / 4];
+  philox_words(seed, step, draw, g0, ng, x0, x1, x2, x3);
 #pragma omp simd
   for (int32_t g = 0; g < static_cast<int32_t>(ng); ++g) {
-    const uint32_t c0 = lo0 + static_cast<uint32_t>(g);  // the 64-bit group index g0 + g in 32-bit halves
-    const uint32_t c1 = hi0 + (c0 < lo0 ? 1u : 0u);
-    const U32x4 x = philox4x32_10(k0, k1, U32x4{c0, c1, step, draw});
-    const float v0 = uint_to_uniform(x.x), u1 = uint_to_uniform(x.y);
-    const float v2 = uint_to_uniform(x.z), u3 = uint_to_uniform(x.w);
+    const float v0 = uint_to_uniform(x0[g]), u1 = uint_to_uniform(x1[g]);
+    const float v2 = uint_to_uniform(x2[g]), u3 = uint_to_uniform(x3[g]);
     const float u0 = v0 > kMinUniform ? v0 : kMinUniform, u2 = v2 > kMinUniform ? v2 : kMinUniform;  // not fmaxf:
     // its NaN rules keep GCC from vectorising, and u is never NaN
     const float r0 = sqrtf(-2.0f * vlogf(u0)), r1 = sqrtf(-2.0f * vlogf(u2));
@@ -339,6 +340,16 @@ void rescale_sums(const Tensors& t, int32_t with_y, double* out) {
     case kFloat32: rescale_sums_impl<kFloat32>(t, with_y, out); break;
     case kFloat16: rescale_sums_impl<kFloat16>(t, with_y, out); break;
     default: rescale_sums_impl<kBFloat16>(t, with_y, out); break;
+  }
+}
+
+void philox_rows(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out) {
+  alignas(64) uint32_t x[4][kTile / 4];
+  for (int64_t lo = 0; lo < ng; lo += kTile / 4) {
+    const int64_t m = ng - lo < kTile / 4 ? ng - lo : kTile / 4;
+    philox_words(seed, step, draw, static_cast<int64_t>(g0 + static_cast<uint64_t>(lo)), m, x[0], x[1], x[2], x[3]);
+    for (int64_t g = 0; g < m; ++g)
+      for (int k = 0; k < 4; ++k) out[4 * (lo + g) + k] = x[k][g];
   }
 }
 

@@ -17,6 +17,7 @@ namespace cpu {
   void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw, \
                int32_t n_hist, int32_t noise_mode);                                                     \
   void rescale_sums(const Tensors& t, int32_t with_y, double* out);                                     \
+  void philox_rows(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out); \
   }
 ZSNR_DECLARE_ISA(base)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -27,7 +28,24 @@ ZSNR_DECLARE_ISA(avx512)
 #undef ZSNR_DECLARE_ISA
 
 namespace {
-std::atomic<int32_t> g_threads{0};  // 0: OpenMP's default
+std::atomic<int32_t> g_threads{0};            // 0: OpenMP's default
+std::atomic<int32_t> g_isa_cap{kIsaAvx512};  // limit_isa
+
+Isa best_isa() {
+#if defined(ZSNR_X86)
+  static const Isa best = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return kIsaAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return kIsaAvx2;
+    return kIsaBase;
+  }();
+  return best;
+#else
+  return kIsaBase;
+#endif
+}
 }  // namespace
 
 void set_num_threads(int32_t n) { g_threads.store(n > 0 ? n : 0, std::memory_order_relaxed); }
@@ -42,19 +60,14 @@ int32_t num_threads() {
 }
 
 Isa isa() {
-#if defined(ZSNR_X86)
-  static const Isa best = [] {
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      return kIsaAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-      return kIsaAvx2;
-    return kIsaBase;
-  }();
-  return best;
-#else
-  return kIsaBase;
-#endif
+  const int32_t cap = g_isa_cap.load(std::memory_order_relaxed);
+  const Isa best = best_isa();
+  return cap < best ? static_cast<Isa>(cap) : best;
+}
+
+Isa limit_isa(int32_t level) {
+  g_isa_cap.store(level < 0 || level > kIsaAvx512 ? kIsaAvx512 : level, std::memory_order_relaxed);
+  return isa();
 }
 
 const char* isa_name() {
@@ -71,6 +84,14 @@ void rescale_sums(const Tensors& t, int32_t with_y, double* out) {
   if (isa() == kIsaAvx2) return avx2::rescale_sums(t, with_y, out);
 #endif
   base::rescale_sums(t, with_y, out);
+}
+
+void philox_rows(uint64_t seed, uint32_t step_index, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out) {
+#if defined(ZSNR_X86)
+  if (isa() == kIsaAvx512) return avx512::philox_rows(seed, step_index, draw, g0, ng, out);
+  if (isa() == kIsaAvx2) return avx2::philox_rows(seed, step_index, draw, g0, ng, out);
+#endif
+  base::philox_rows(seed, step_index, draw, g0, ng, out);
 }
 
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,

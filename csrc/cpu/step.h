@@ -32,16 +32,24 @@ void rescale_sums(const Tensors& t, int32_t with_y, double* out);
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,
              int32_t n_hist_used, int32_t add_noise);
 
+// The Philox words of groups [g0, g0 + ng) of the sample with `seed` (DESIGN.md 2.8), as the element pass makes
+// them: out[4 * i + k] = word k of group g0 + i (tests check them against the shared scalar definition).
+void philox_rows(uint64_t seed, uint32_t step_index, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out);
+
 // The OpenMP threads of the element and statistics passes: set_num_threads(n >= 1) for every calling thread
 // (unlike omp_set_num_threads, whose setting is per calling thread), 0 restores OpenMP's default.  Results do not
 // depend on it (fixed chunks).  Without OpenMP, always 1.
 void set_num_threads(int32_t n);
 int32_t num_threads();
 
-// The instruction set the kernels run with on this machine (the best one compiled in and supported).
+// The instruction set the kernels run with: the best one compiled in and supported by this CPU, unless
+// limit_isa lowered it.  limit_isa(level) caps the choice at `level` for every thread (the tests run each
+// instruction set's code on one machine; results agree bit for bit across them) and returns the set now used;
+// a negative level removes the cap.
 enum Isa : int32_t { kIsaBase = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 Isa isa();
 const char* isa_name();
+Isa limit_isa(int32_t level);
 
 }  // namespace cpu
 }  // namespace zsnr
