@@ -366,12 +366,12 @@ def test_every_instruction_set_gives_the_same_bits(dtype):
         pytest.skip("this CPU runs only the baseline kernels")
     t = _inputs("odd", dtype, seed=5)
     runs = (("euler_ancestral_inf", "rescale_x0"), ("dpmpp_3m_sde_h2", "cfg"), ("lms_h3", "none"))
+    seeded = {"seed": [4, 2**40, 2**64 - 1], "step_index": 3}
     results = {}
     try:
         for level in levels:
             _ext.C.cpu_limit_isa(level)
-            results[level] = [_outputs(_call(CASE_BY_ID[c], t, "cpu", g,
-                                             **({"seed": [4, 2**40, 2**64 - 1], "step_index": 3} if c in NOISY else {})))
+            results[level] = [_outputs(_call(CASE_BY_ID[c], t, "cpu", g, **(seeded if c in NOISY else {})))
                               for c, g in runs]
     finally:
         _ext.C.cpu_limit_isa(-1)

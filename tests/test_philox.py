@@ -329,7 +329,8 @@ TRITON_SCRIPT = textwrap.dedent(
     B = seeds.numel()
     out = [torch.zeros(B, n_groups * 4, dtype=d) for d in (torch.int64, torch.float32) * 2]
     BLOCK = 64
-    philox_kernel[(B, triton.cdiv(n_groups, BLOCK))](seeds, out[0], out[1], out[2], out[3], n_groups, step, draw, BLOCK=BLOCK)
+    philox_kernel[(B, triton.cdiv(n_groups, BLOCK))](seeds, out[0], out[1], out[2], out[3], n_groups, step, draw,
+                                                      BLOCK=BLOCK)
     torch.save(out, path)
     """
 )
@@ -343,7 +344,8 @@ def test_triton_matches_torch(tmp_path):
     args, result = tmp_path / "args.pt", tmp_path / "out.pt"
     torch.save((_signed(seeds), n_groups, step, draw, str(result)), args)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(args)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(args)], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ints, normals, ints0, normals0 = torch.load(result)
 

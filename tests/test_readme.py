@@ -16,7 +16,8 @@ def test_readme_snippets_run():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4, 4, generator=g) * 0.3
     ns = {
-        "unet": lambda y, t, cond: torch.tanh(torch.einsum("ij,bjhw->bihw", w, y) * cond + 1e-3 * torch.as_tensor(t).float().view(-1, 1, 1, 1)),
+        "unet": lambda y, t, cond: torch.tanh(torch.einsum("ij,bjhw->bihw", w, y) * cond
+                                              + 1e-3 * torch.as_tensor(t).float().view(-1, 1, 1, 1)),
         "text_cond": 1.0,
         "empty_cond": 0.5,
     }

@@ -205,7 +205,8 @@ def test_explicit_noise_is_used_as_given(triton_results):
     got = triton_results["euler_ancestral_noise_tensor"][0]
     case = CASES["euler_ancestral_noise_tensor"]
     e = case["args"][4][0].e
-    no_noise = _reference({**case, "args": case["args"][:4] + ([co.StepCoeffs(a=c.a, b=c.b) for c in case["args"][4]],)})
+    no_noise = _reference({**case,
+                           "args": case["args"][:4] + ([co.StepCoeffs(a=c.a, b=c.b) for c in case["args"][4]],)})
     torch.testing.assert_close((got.double() - no_noise[0]) / e, case["kwargs"]["noise"].double(), rtol=0, atol=1e-5)
 
 
