@@ -310,6 +310,12 @@ PYBIND11_MODULE(_C, m) {
           zsnr::cpu::philox_rows(seed, step, draw, g0, ng, out);
         }, py::arg("out_ptr"), py::arg("seed"), py::arg("step"), py::arg("draw"), py::arg("g0"), py::arg("ng"),
         "Fill uint32 out[ng, 4] with the Philox words of groups g0.. as the CPU element pass makes them (tests).");
+  m.def("cpu_philox_normals", [](std::uintptr_t out_ptr, uint64_t seed, uint32_t step, uint32_t draw, int64_t n) {
+          float* out = as_ptr<float>(out_ptr);
+          py::gil_scoped_release no_gil;
+          zsnr::cpu::philox_normals(seed, step, draw, n, out);
+        }, py::arg("out_ptr"), py::arg("seed"), py::arg("step"), py::arg("draw"), py::arg("n"),
+        "Fill float32 out[n] with the normals of one sample as the CPU element pass makes them, on this thread.");
   m.def("build_info", &build_info, "Compiler, flags and OpenMP state of this build.");
   m.def("fused_step", &fused_step, "One fused sampler step on CPU tensors (see csrc/cpu/step.h).");
   m.def("set_num_threads", &zsnr::cpu::set_num_threads, py::arg("n"),

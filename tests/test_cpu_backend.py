@@ -350,6 +350,16 @@ def test_philox_words_of_every_instruction_set_equal_the_definition(isa_level):
     assert torch.equal(got, want)
 
 
+def test_noise_of_every_instruction_set_equals_noise_normal(isa_level):
+    """The element pass's normals (vector log/sin/cos of kernels_impl.h) equal ``noise.normal`` to float rounding
+    under each instruction set, including a partial last group."""
+    seed, step, draw, n = 2**64 - 3, 11, 1, 4099
+    got = torch.empty(n)
+    _ext.C.cpu_philox_normals(got.data_ptr(), seed, step, draw, n)
+    want = zn.normal((1, n), [seed], step, draw=draw, dtype=torch.float32)[0]
+    assert (got - want).abs().max().item() < 1e-5  # NORMAL_ATOL of test_philox.py
+
+
 def _supported_isa_levels() -> list[int]:
     try:
         return sorted({ISA_LEVELS[_ext.C.cpu_limit_isa(level)] for level in ISA_LEVELS.values()})

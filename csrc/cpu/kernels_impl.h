@@ -343,6 +343,15 @@ void rescale_sums(const Tensors& t, int32_t with_y, double* out) {
   }
 }
 
+void philox_normals(uint64_t seed, uint32_t step, uint32_t draw, int64_t n, float* out) {
+  alignas(64) float buf[kTile];
+  for (int64_t lo = 0; lo < n; lo += kTile) {
+    const int64_t m = n - lo < kTile ? n - lo : kTile;
+    philox_tile(seed, step, draw, lo / 4, (m + 3) / 4, buf);
+    std::memcpy(out + lo, buf, static_cast<size_t>(m) * sizeof(float));
+  }
+}
+
 void philox_rows(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out) {
   alignas(64) uint32_t x[4][kTile / 4];
   for (int64_t lo = 0; lo < ng; lo += kTile / 4) {

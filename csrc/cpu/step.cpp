@@ -12,12 +12,13 @@
 namespace zsnr {
 namespace cpu {
 
-#define ZSNR_DECLARE_ISA(isa)                                                                           \
-  namespace isa {                                                                                       \
+#define ZSNR_DECLARE_ISA(isa)                                                                              \
+  namespace isa {                                                                                          \
   void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw, \
-               int32_t n_hist, int32_t noise_mode);                                                     \
-  void rescale_sums(const Tensors& t, int32_t with_y, double* out);                                     \
-  void philox_rows(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out); \
+               int32_t n_hist, int32_t noise_mode);                                                        \
+  void rescale_sums(const Tensors& t, int32_t with_y, double* out);                                        \
+  void philox_rows(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out);   \
+  void philox_normals(uint64_t seed, uint32_t step, uint32_t draw, int64_t n, float* out);                 \
   }
 ZSNR_DECLARE_ISA(base)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -92,6 +93,14 @@ void philox_rows(uint64_t seed, uint32_t step_index, uint32_t draw, uint64_t g0,
   if (isa() == kIsaAvx2) return avx2::philox_rows(seed, step_index, draw, g0, ng, out);
 #endif
   base::philox_rows(seed, step_index, draw, g0, ng, out);
+}
+
+void philox_normals(uint64_t seed, uint32_t step_index, uint32_t draw, int64_t n, float* out) {
+#if defined(ZSNR_X86)
+  if (isa() == kIsaAvx512) return avx512::philox_normals(seed, step_index, draw, n, out);
+  if (isa() == kIsaAvx2) return avx2::philox_normals(seed, step_index, draw, n, out);
+#endif
+  base::philox_normals(seed, step_index, draw, n, out);
 }
 
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,

@@ -36,6 +36,10 @@ void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint3
 // them: out[4 * i + k] = word k of group g0 + i (tests check them against the shared scalar definition).
 void philox_rows(uint64_t seed, uint32_t step_index, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out);
 
+// The normals of elements [0, n) of that sample, as the element pass makes them, on the calling thread (tests,
+// and the benchmark's measure of the noise cost per element).
+void philox_normals(uint64_t seed, uint32_t step_index, uint32_t draw, int64_t n, float* out);
+
 // The OpenMP threads of the element and statistics passes: set_num_threads(n >= 1) for every calling thread
 // (unlike omp_set_num_threads, whose setting is per calling thread), 0 restores OpenMP's default.  Results do not
 // depend on it (fixed chunks).  Without OpenMP, always 1.
