@@ -231,7 +231,7 @@ inline SinCos vsincosf(float th) {
 inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf) {
   alignas(64) uint32_t x0[kTile / 4], x1[kTile / 4], x2[kTile / 4], x3[kTile / 4];
   alignas(64) float n0[kTile / 4], n1[kTile / 4], n2[kTile / 4], n3[kTile / 4];
-  philox_words(seed, step, draw, g0, ng, x0, x1, x2, x3);
+  philox_words(seed, step, draw, static_cast<uint64_t>(g0), ng, x0, x1, x2, x3);
 #pragma omp simd
   for (int32_t g = 0; g < static_cast<int32_t>(ng); ++g) {
     const float v0 = uint_to_uniform(x0[g]), u1 = uint_to_uniform(x1[g]);
@@ -356,7 +356,7 @@ void philox_rows(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0, int64
   alignas(64) uint32_t x[4][kTile / 4];
   for (int64_t lo = 0; lo < ng; lo += kTile / 4) {
     const int64_t m = ng - lo < kTile / 4 ? ng - lo : kTile / 4;
-    philox_words(seed, step, draw, static_cast<int64_t>(g0 + static_cast<uint64_t>(lo)), m, x[0], x[1], x[2], x[3]);
+    philox_words(seed, step, draw, g0 + static_cast<uint64_t>(lo), m, x[0], x[1], x[2], x[3]);
     for (int64_t g = 0; g < m; ++g)
       for (int k = 0; k < 4; ++k) out[4 * (lo + g) + k] = x[k][g];
   }

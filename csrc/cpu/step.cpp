@@ -79,38 +79,34 @@ const char* isa_name() {
   }
 }
 
-void rescale_sums(const Tensors& t, int32_t with_y, double* out) {
+// The body of a function that calls its namesake in the namespace of the instruction set isa() picks.
 #if defined(ZSNR_X86)
-  if (isa() == kIsaAvx512) return avx512::rescale_sums(t, with_y, out);
-  if (isa() == kIsaAvx2) return avx2::rescale_sums(t, with_y, out);
+#define ZSNR_DISPATCH(fn, ...)                           \
+  switch (isa()) {                                       \
+    case kIsaAvx512: return avx512::fn(__VA_ARGS__);     \
+    case kIsaAvx2: return avx2::fn(__VA_ARGS__);         \
+    default: return base::fn(__VA_ARGS__);               \
+  }
+#else
+#define ZSNR_DISPATCH(fn, ...) return base::fn(__VA_ARGS__)
 #endif
-  base::rescale_sums(t, with_y, out);
-}
 
-void philox_rows(uint64_t seed, uint32_t step_index, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out) {
-#if defined(ZSNR_X86)
-  if (isa() == kIsaAvx512) return avx512::philox_rows(seed, step_index, draw, g0, ng, out);
-  if (isa() == kIsaAvx2) return avx2::philox_rows(seed, step_index, draw, g0, ng, out);
-#endif
-  base::philox_rows(seed, step_index, draw, g0, ng, out);
-}
-
-void philox_normals(uint64_t seed, uint32_t step_index, uint32_t draw, int64_t n, float* out) {
-#if defined(ZSNR_X86)
-  if (isa() == kIsaAvx512) return avx512::philox_normals(seed, step_index, draw, n, out);
-  if (isa() == kIsaAvx2) return avx2::philox_normals(seed, step_index, draw, n, out);
-#endif
-  base::philox_normals(seed, step_index, draw, n, out);
-}
+void rescale_sums(const Tensors& t, int32_t with_y, double* out) { ZSNR_DISPATCH(rescale_sums, t, with_y, out); }
 
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,
              int32_t n_hist_used, int32_t noise_mode) {
-#if defined(ZSNR_X86)
-  if (isa() == kIsaAvx512) return avx512::combine(t, c, seeds, step_index, draw, n_hist_used, noise_mode);
-  if (isa() == kIsaAvx2) return avx2::combine(t, c, seeds, step_index, draw, n_hist_used, noise_mode);
-#endif
-  base::combine(t, c, seeds, step_index, draw, n_hist_used, noise_mode);
+  ZSNR_DISPATCH(combine, t, c, seeds, step_index, draw, n_hist_used, noise_mode);
 }
+
+void philox_rows(uint64_t seed, uint32_t step_index, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out) {
+  ZSNR_DISPATCH(philox_rows, seed, step_index, draw, g0, ng, out);
+}
+
+void philox_normals(uint64_t seed, uint32_t step_index, uint32_t draw, int64_t n, float* out) {
+  ZSNR_DISPATCH(philox_normals, seed, step_index, draw, n, out);
+}
+
+#undef ZSNR_DISPATCH
 
 StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out) {
   StepOutcome r{kOk, 1, 0, 0, -1};
