@@ -35,6 +35,8 @@ def prepare(tensors: list, philox: bool, out: torch.Tensor | None) -> tuple[list
     """The tensors (``None`` entries allowed; the first is y) as a kernel can read them, and the tensor the kernel
     writes y_out to: ``out`` itself (which may be y: each element is read before it is written) when the layout
     was kept and ``out`` has y's strides, else a temporary that :func:`finish` copies into ``out``."""
+    if all(t is None or t.is_contiguous() for t in tensors):  # the common case, without comparing strides
+        return tensors, out if out is not None and out.is_contiguous() else torch.empty_like(tensors[0])
     y = tensors[0]
     stride = y.stride()
     same = all(t is None or t.stride() == stride for t in tensors) and per_sample_dense(y)
