@@ -233,12 +233,7 @@ def noise_cost_ns(elements: int = 1 << 16, budget_s: float = 0.2) -> float:
     element pass computes it), on a buffer that stays in cache: the best of repeated fills on this thread."""
     out = torch.empty(elements)
     fill = functools.partial(_ext.C.cpu_philox_normals, out.data_ptr(), 12345, 0, 0, elements)
-    best, end = math.inf, time.perf_counter() + budget_s
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        fill()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e9 / elements
+    return _calibrate(fill, budget_s) * 1e9 / elements
 
 
 def check_case(case: Case, backend: str) -> None:
@@ -472,8 +467,8 @@ def _line(row: dict, elements: int, bw: str | None) -> str:
         gpu = (f" {row[f'pct_{bw}']:5.0f}% {row['graph_us']:9.1f} {row[f'graph_pct_{bw}']:6.0f}%")
     return (f"{row['op']:18s} {row['shape']:15s} {row['dtype']:8s} {elements:>3d}N {row['backend']:7s} "
             f"{row['us']:9.1f} {row['gbps']:6.1f} {row['pct_triad']:5.0f}% {row['pct_roof']:4.0f}%{gpu} "
-            f"{row['eager_us']:10.1f} "
-            f"{row['x_eager']:6.1f}x {row['compile_us']:10.1f} {row['x_compile']:5.2f}x  {row['target']}")
+            f"{row['eager_us']:10.1f} {row['x_eager']:6.1f}x {row['compile_us']:10.1f} {row['x_compile']:5.2f}x  "
+            f"{row['target']}")
 
 
 @dataclass
