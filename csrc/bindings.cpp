@@ -11,6 +11,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -85,6 +86,18 @@ zsnr::StepPlan make_plan(int32_t prediction, double sigma_data, int32_t sampler,
   return plan;
 }
 
+// Points a plan's sigma arrays into one block [sigma | sigma_eval | sigma_next | sigma_hat_next | sigma_prev
+// ([n_prev][n_sigma])], each n_sigma long: the layout both fused_step bindings take (a host array on the CPU, a
+// device array for CUDA).
+void set_sigmas(zsnr::StepPlan& plan, const double* s, int64_t n_sigma) {
+  plan.n_sigma = n_sigma;
+  plan.sigma = s;
+  plan.sigma_eval = s + n_sigma;
+  plan.sigma_next = s + 2 * n_sigma;
+  plan.sigma_hat_next = s + 3 * n_sigma;
+  plan.sigma_prev = plan.n_prev > 0 ? s + 4 * n_sigma : nullptr;
+}
+
 #ifdef ZSNR_CUDA_MODULE
 
 // One fused CUDA step (cuda/step.cuh), enqueued on `stream` (a cudaStream_t as an integer).  `sigmas` is a
@@ -102,13 +115,7 @@ int32_t cuda_fused_step(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t 
   const zsnr::Tensors t = make_tensors(dtype, batch, n, y, f_cond, f_uncond, hist, noise, y_out, d_out, carry_out);
   zsnr::StepPlan plan = make_plan(prediction, sigma_data, sampler, stage, solver_heun, order, eta, s_noise, n_prev,
                                   guidance_scale, guidance_rescale, rescale_space, step_index, draw);
-  const double* s = as_ptr<const double>(sigmas);
-  plan.n_sigma = n_sigma;
-  plan.sigma = s;
-  plan.sigma_eval = s + n_sigma;
-  plan.sigma_next = s + 2 * n_sigma;
-  plan.sigma_hat_next = s + 3 * n_sigma;
-  plan.sigma_prev = n_prev > 0 ? s + 4 * n_sigma : nullptr;
+  set_sigmas(plan, as_ptr<const double>(sigmas), n_sigma);
   plan.seeds = as_ptr<const uint64_t>(seeds);
   const zsnr::cuda::Workspace ws = zsnr::cuda::workspace_carve(as_ptr<void>(workspace), batch, n);
   return static_cast<int32_t>(
@@ -165,29 +172,24 @@ void philox_normal(std::uintptr_t out_ptr, int64_t batch, int64_t n_per_sample,
   }
 }
 
-// One fused CPU step (cpu/step.h).  Pointers are data_ptr integers (0 for none); sigma lists hold one value
-// (shared) or one per sample; sigma_prev is [n_prev][n_sigma] flattened.  Returns (error, complete,
+// One fused CPU step (cpu/step.h).  Pointers are data_ptr integers (0 for none); `sigmas` is the block of
+// set_sigmas, n_sigma = 1 (shared by the batch) or batch (one per sample).  Returns (error, complete,
 // noise_used, n_hist_used, bad_sample, sigma_out).
 py::tuple fused_step(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t y, std::uintptr_t f_cond,
                      std::uintptr_t f_uncond, const std::vector<std::uintptr_t>& hist, std::uintptr_t noise,
                      std::uintptr_t y_out, std::uintptr_t d_out, std::uintptr_t carry_out, int32_t prediction,
                      double sigma_data, int32_t sampler, int32_t stage, int32_t solver_heun, int32_t order,
-                     double eta, double s_noise, const std::vector<double>& sigma,
-                     const std::vector<double>& sigma_eval, const std::vector<double>& sigma_next,
-                     const std::vector<double>& sigma_hat_next, const std::vector<double>& sigma_prev,
+                     double eta, double s_noise, const std::vector<double>& sigmas, int64_t n_sigma,
                      int32_t n_prev, double guidance_scale, double guidance_rescale, int32_t rescale_space,
                      const std::vector<uint64_t>& seeds, uint32_t step_index, uint32_t draw) {
   const zsnr::Tensors t = make_tensors(dtype, batch, n, y, f_cond, f_uncond, hist, noise, y_out, d_out, carry_out);
   zsnr::StepPlan plan = make_plan(prediction, sigma_data, sampler, stage, solver_heun, order, eta, s_noise, n_prev,
                                   guidance_scale, guidance_rescale, rescale_space, step_index, draw);
-  plan.n_sigma = static_cast<int64_t>(sigma.size());
-  plan.sigma = sigma.data();
-  plan.sigma_eval = sigma_eval.data();
-  plan.sigma_next = sigma_next.data();
-  plan.sigma_hat_next = sigma_hat_next.data();
-  plan.sigma_prev = sigma_prev.data();
+  if (n_sigma < 1 || n_prev < 0 || static_cast<int64_t>(sigmas.size()) != (4 + n_prev) * n_sigma)
+    throw std::invalid_argument("fused_step: sigmas must hold (4 + n_prev) * n_sigma values");
+  set_sigmas(plan, sigmas.data(), n_sigma);
   plan.seeds = seeds.empty() ? nullptr : seeds.data();
-  std::vector<double> sigma_out(sigma.size());
+  std::vector<double> sigma_out(static_cast<size_t>(n_sigma));
   zsnr::cpu::StepOutcome r;
   {
     py::gil_scoped_release no_gil;

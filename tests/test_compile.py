@@ -17,10 +17,10 @@ pytestmark = pytest.mark.skipif(not _ext.available(), reason="zsnr_kernels._C is
 
 def _op_args(y, *, f_uncond=None, history=(), want_d=True, sampler=0, n_prev=0, sigma_prev=(), rescale=0.0):
     # (y, f_cond, f_uncond, history, noise, want_d, want_carry, backend, prediction, sigma_data, sampler, stage,
-    #  solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev,
+    #  solver_heun, order, eta, s_noise, sigmas [sigma, sigma_eval, sigma_next, sigma_hat_next, *sigma_prev], n_prev,
     #  guidance_scale, guidance_rescale, rescale_space, seeds, step_index)
     return (y, torch.randn_like(y), f_uncond, list(history), None, want_d, False, "cpu", 0, 1.0, sampler, 1, 0, 4,
-            1.0, 1.0, [5.0], [5.0], [3.0], [3.0], list(sigma_prev), n_prev, 4.0, rescale, 0, [], 0)
+            1.0, 1.0, [5.0, 5.0, 3.0, 3.0, *sigma_prev], n_prev, 4.0, rescale, 0, [], 0)
 
 
 @pytest.mark.parametrize("variant", ["plain", "guided_rescale", "history"])

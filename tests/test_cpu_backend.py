@@ -692,9 +692,30 @@ def test_bad_input_raises_before_writing(dtype):
                                                    guidance_scale=3.0, backend="cpu", out=y)),
         (ValueError, "guidance_rescale", lambda: zk.euler_step(y, (fc, fu), _S, _N, guidance_scale=3.0,
                                                                guidance_rescale=1.5, backend="cpu", out=y)),
+        (TypeError, r"model_output\[0\] \(cond\) has dtype", lambda: zk.euler_step(
+            y, (fc.double(), fu), _S, _N, guidance_scale=3.0, backend="cpu", out=y)),
+        (ValueError, r"model_output\[1\] \(uncond\) has shape", lambda: zk.euler_step(
+            y, (fc, fu[:, :3]), _S, _N, guidance_scale=3.0, backend="cpu", out=y)),
     ]
     for exc, match, call in cases:
         _untouched_after(exc, match, call, all_t)
+
+
+def test_binding_refuses_a_sigma_block_of_the_wrong_length():
+    """``_C.fused_step`` takes the sigmas as one block of (4 + n_prev) * n_sigma values (bindings.cpp
+    ``set_sigmas``); a block of another length is refused before the kernel reads past its end."""
+    y = torch.randn(2, 8)
+    out = torch.empty_like(y)
+    args = [0, 2, 8, y.data_ptr(), y.data_ptr(), 0, [], 0, out.data_ptr(), 0, 0, 0, 1.0, 0, 1, False, 4, 1.0, 1.0]
+    tail = [1.0, 0.0, 0, [], 0, 0]  # guidance_scale, guidance_rescale, rescale_space, seeds, step_index, draw
+    res = _ext.C.fused_step(*args, [5.0, 5.0, 3.0, 3.0], 1, 0, *tail)
+    assert res[0] == 0 and res[5] == [3.0]
+    for sigmas, n_sigma, n_prev in [([5.0, 5.0, 3.0], 1, 0), ([5.0, 5.0, 3.0, 3.0], 1, 1), ([5.0] * 4, 0, 0),
+                                    ([5.0] * 4, 1, -1)]:
+        before = out.clone()
+        with pytest.raises(ValueError, match="sigmas must hold"):
+            _ext.C.fused_step(*args, sigmas, n_sigma, n_prev, *tail)
+        assert torch.equal(out, before)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

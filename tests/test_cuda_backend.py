@@ -46,12 +46,11 @@ class _CpuStandIn:
                    sampler, stage, solver_heun, order, eta, s_noise, sigmas, n_sigma, n_prev, w, phi, space, seeds,
                    step_index, draw, workspace, stream):
         vals = list((ctypes.c_double * (n_sigma * (4 + n_prev))).from_address(sigmas))
-        blocks = [vals[k * n_sigma:(k + 1) * n_sigma] for k in range(4)]
         seed_list = list((ctypes.c_uint64 * batch).from_address(seeds)) if seeds else []
         self.calls.append(dict(n_sigma=n_sigma, sigmas=vals, seeds=seed_list, stream=stream, workspace=workspace))
         res = _ext.C.fused_step(dtype, batch, n, y, fc, fu, hist, noise, y_out, d_out, carry_out, prediction,
-                                sigma_data, sampler, stage, solver_heun, order, eta, s_noise, *blocks,
-                                vals[4 * n_sigma:], n_prev, w, phi, space, seed_list, step_index, draw)
+                                sigma_data, sampler, stage, solver_heun, order, eta, s_noise, vals, n_sigma, n_prev,
+                                w, phi, space, seed_list, step_index, draw)
         return res[0]
 
 

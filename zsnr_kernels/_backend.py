@@ -37,14 +37,14 @@ def resolve(backend: str, y: torch.Tensor) -> str:
     """The backend that will run a step on ``y``: ``auto`` picks cpu then torch on CPU, cuda then triton on GPU."""
     if not isinstance(backend, str):
         return _resolve(backend, y)  # raises the error naming the argument
-    key = (backend, y.device.type, y.dtype, y.numel() == 0)
+    key = (backend, y.is_cpu, y.is_cuda, y.dtype, y.numel() == 0)  # the device's kind, cheaper than .type
     hit = _resolved.get(key)
     if hit is None:
         hit = _resolved[key] = _resolve(backend, y)
     return hit
 
 
-_resolved: dict = {}  # what resolve() decided per (backend, device type, dtype, empty): it runs on every step
+_resolved: dict = {}  # what resolve() decided per (backend, cpu, cuda, dtype, empty): it runs on every step
 
 
 def _resolve(backend: str, y: torch.Tensor) -> str:

@@ -34,18 +34,18 @@ def not_supported_reasons(y: torch.Tensor) -> list[str]:
     return reasons
 
 
-def sigma_lists(args: list) -> tuple[list, list, list, list, int]:
-    """The sigma arrays of a step plan (zsnr/step_plan.h ``StepPlan``) from its StepArgs, one entry or one per
-    sample: sigma, sigma_next, sigma_hat_next (sigma_next where there is no churn), sigma_prev flattened as
-    [n_prev][n_sigma], and n_prev."""
+def sigma_block(args: list, sigma_eval: list) -> tuple[list, int]:
+    """The sigmas of a step as the ``fused_step`` bindings take them (bindings.cpp ``set_sigmas``): one list
+    [sigma | sigma_eval | sigma_next | sigma_hat_next (sigma_next where there is no churn) | sigma_prev
+    ([n_prev][n_sigma])], each block one entry per entry of ``args``; and n_prev."""
     a0 = args[0]
     n_prev = len(a0.sigma_prev)
     if len(args) == 1:  # the common case, without the comprehensions (this runs on every step)
-        hat = a0.sigma_next if a0.sigma_hat_next is None else a0.sigma_hat_next
-        return [a0.sigma], [a0.sigma_next], [hat], list(a0.sigma_prev), n_prev
-    return ([a.sigma for a in args], [a.sigma_next for a in args],
-            [a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args],
-            [a.sigma_prev[k] for k in range(n_prev) for a in args], n_prev)
+        return [a0.sigma, sigma_eval[0], a0.sigma_next,
+                a0.sigma_next if a0.sigma_hat_next is None else a0.sigma_hat_next, *a0.sigma_prev], n_prev
+    return ([a.sigma for a in args] + list(sigma_eval) + [a.sigma_next for a in args]
+            + [a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args]
+            + [a.sigma_prev[k] for k in range(n_prev) for a in args]), n_prev
 
 
 def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
@@ -60,14 +60,14 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     n = y.numel() // batch
     d_out = torch.empty_like(y_k) if want_denoised else None
     carry_out = torch.empty_like(y_k) if a0.sampler == "lms" else None
-    sig, sig_next, sig_hat, sig_prev, n_prev = sigma_lists(args)
+    sigmas, n_prev = sigma_block(args, sigma_eval)
     res = _ext.C.fused_step(
         DTYPE_CODES[y.dtype], batch, n, y_k.data_ptr(), fc_k.data_ptr(), _layout.ptr(fu_k),
         [h.data_ptr() for h in hist_k], _layout.ptr(z_k), y_out.data_ptr(), _layout.ptr(d_out),
         _layout.ptr(carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
-        SAMPLER_CODES[a0.sampler], a0.stage, a0.solver_type == "heun", a0.order, a0.eta, a0.s_noise, sig,
-        sigma_eval, sig_next, sig_hat, sig_prev, n_prev, guidance_scale,
-        guidance_rescale if f_uncond is not None else 0.0, SPACE_CODES[rescale_space],
+        SAMPLER_CODES[a0.sampler], a0.stage, a0.solver_type == "heun", a0.order, a0.eta, a0.s_noise, sigmas,
+        len(args), n_prev, guidance_scale, guidance_rescale if f_uncond is not None else 0.0,
+        SPACE_CODES[rescale_space],
         [] if seeds is None else seeds, 0 if step_index is None else int(step_index), 0)
     error, complete, _noise_used, _n_hist, bad, sigma_out = res
     if error:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, _layout, noise as _noise
-from ._cpu import DTYPE_CODES, PREDICTION_CODES, SAMPLER_CODES, SPACE_CODES, sigma_lists
+from ._cpu import DTYPE_CODES, PREDICTION_CODES, SAMPLER_CODES, SPACE_CODES, sigma_block
 from .parameterization import Parameterization
 
 
@@ -160,8 +160,7 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     st = _layout.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
                              want_denoised=want_denoised, out=out)
     a0 = args[0]
-    sig, sig_next, sig_hat, sig_prev, n_prev = sigma_lists(args)
-    sigmas = sig + list(sigma_eval) + sig_next + sig_hat + sig_prev  # the layout bindings.cpp unpacks
+    sigmas, n_prev = sigma_block(args, sigma_eval)
     device = y.device
     sig_t = _layout.to_device(torch.tensor(sigmas, dtype=torch.float64), device)
     seed_t = None

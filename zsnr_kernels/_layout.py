@@ -35,7 +35,10 @@ def prepare(tensors: list, philox: bool, out: torch.Tensor | None) -> tuple[list
     """The tensors (``None`` entries allowed; the first is y) as a kernel can read them, and the tensor the kernel
     writes y_out to: ``out`` itself (which may be y: each element is read before it is written) when the layout
     was kept and ``out`` has y's strides, else a temporary that :func:`finish` copies into ``out``."""
-    if all(t is None or t.is_contiguous() for t in tensors):  # the common case, without comparing strides
+    for t in tensors:  # the common case, all contiguous, without comparing strides (this runs on every step)
+        if t is not None and not t.is_contiguous():
+            break
+    else:
         return tensors, out if out is not None and out.is_contiguous() else torch.empty_like(tensors[0])
     y = tensors[0]
     stride = y.stride()

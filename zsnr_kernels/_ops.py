@@ -28,8 +28,8 @@ _SPACES = {code: name for name, code in _cpu.SPACE_CODES.items()}
 
 
 def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, prediction, sigma_data, sampler,
-         stage, solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev,
-         guidance_scale, guidance_rescale, rescale_space, seeds, step_index):
+         stage, solver_heun, order, eta, s_noise, sigmas, n_prev, guidance_scale, guidance_rescale, rescale_space,
+         seeds, step_index):
     """Run the step on ``backend`` into ``y_out`` through that backend's ``fused_step`` (the eager path's own
     entry point, so the op and an eager call cannot differ); returns (D or None, carry or None)."""
     from . import _cuda, _triton
@@ -38,10 +38,11 @@ def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry
     if backend not in runs:
         raise ValueError(f"zsnr_kernels::step: unknown backend {backend!r}; choose one of {tuple(runs)}")
     pz = parameterization(_PREDICTIONS[prediction], sigma_data)
-    n = len(sigma)
+    n = len(sigmas) // (4 + n_prev)  # the block of _cpu.sigma_block
+    sigma, sigma_eval, sigma_next, sigma_hat_next = (sigmas[k * n:(k + 1) * n] for k in range(4))
     args = [co.StepArgs(_SAMPLERS[sampler], sigma[i], sigma_next[i], stage=stage,
                         sigma_hat_next=None if sigma_hat_next[i] == sigma_next[i] else sigma_hat_next[i],
-                        sigma_prev=tuple(sigma_prev[k * n + i] for k in range(n_prev)), eta=eta, s_noise=s_noise,
+                        sigma_prev=tuple(sigmas[(4 + k) * n + i] for k in range(n_prev)), eta=eta, s_noise=s_noise,
                         solver_type="heun" if solver_heun else "midpoint", order=order) for i in range(n)]
     _, d, carry, _, _ = runs[backend](
         y, f_cond, f_uncond, history, pz, args, sigma_eval, guidance_scale=guidance_scale,
@@ -59,15 +60,14 @@ def _contiguous(y, f_cond, f_uncond, history, noise):
 def step(y: torch.Tensor, f_cond: torch.Tensor, f_uncond: Optional[torch.Tensor], history: list[torch.Tensor],
          noise: Optional[torch.Tensor], want_d: bool, want_carry: bool, backend: str, prediction: int,
          sigma_data: float, sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
-         sigma: list[float], sigma_eval: list[float], sigma_next: list[float], sigma_hat_next: list[float],
-         sigma_prev: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float, rescale_space: int,
+         sigmas: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float, rescale_space: int,
          seeds: list[int], step_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One fused step (the arguments of ``_C.fused_step``, plus the backend): (y_out, D, carry)."""
     y, f_cond, f_uncond, history, noise = _contiguous(y, f_cond, f_uncond, history, noise)
     y_out = torch.empty_like(y)
     d, carry = _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, prediction, sigma_data,
-                    sampler, stage, solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next,
-                    sigma_prev, n_prev, guidance_scale, guidance_rescale, rescale_space, seeds, step_index)
+                    sampler, stage, solver_heun, order, eta, s_noise, sigmas, n_prev, guidance_scale, guidance_rescale,
+                    rescale_space, seeds, step_index)
     return y_out, (d if d is not None else y.new_empty(0)), (carry if carry is not None else y.new_empty(0))
 
 
@@ -81,16 +81,15 @@ def _(y, f_cond, f_uncond, history, noise, want_d, want_carry, *args):
 def step_out(out: torch.Tensor, y: torch.Tensor, f_cond: torch.Tensor, f_uncond: Optional[torch.Tensor],
              history: list[torch.Tensor], noise: Optional[torch.Tensor], backend: str, prediction: int,
              sigma_data: float, sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
-             sigma: list[float], sigma_eval: list[float], sigma_next: list[float], sigma_hat_next: list[float],
-             sigma_prev: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float,
-             rescale_space: int, seeds: list[int], step_index: int) -> None:
+             sigmas: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float, rescale_space: int,
+             seeds: list[int], step_index: int) -> None:
     """The ``out=`` form: y_out written into ``out`` (contiguous, shaped like y; it may be y itself)."""
     if not out.is_contiguous():
         raise ValueError("out must be contiguous for zsnr_kernels::step_out")
     y, f_cond, f_uncond, history, noise = _contiguous(y, f_cond, f_uncond, history, noise)
     _run(backend, y, f_cond, f_uncond, history, noise, out, False, False, prediction, sigma_data, sampler, stage,
-         solver_heun, order, eta, s_noise, sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev, n_prev,
-         guidance_scale, guidance_rescale, rescale_space, seeds, step_index)
+         solver_heun, order, eta, s_noise, sigmas, n_prev, guidance_scale, guidance_rescale, rescale_space, seeds,
+         step_index)
 
 
 @step_out.register_fake
@@ -107,12 +106,11 @@ def fused_step_traced(backend: str, y, f_cond, f_uncond, history, pz: Parameteri
     """
     cs, _, _ = _validate.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
     a0 = args[0]
-    sig, sig_next, sig_hat, sig_prev, n_prev = _cpu.sigma_lists(args)
+    sigmas, n_prev = _cpu.sigma_block(args, sigma_eval)
     plan = dict(
         backend=backend, prediction=_cpu.PREDICTION_CODES[pz.prediction], sigma_data=pz.sigma_data,
         sampler=_cpu.SAMPLER_CODES[a0.sampler], stage=a0.stage, solver_heun=int(a0.solver_type == "heun"),
-        order=a0.order, eta=a0.eta, s_noise=a0.s_noise, sigma=sig, sigma_eval=list(sigma_eval), sigma_next=sig_next,
-        sigma_hat_next=sig_hat, sigma_prev=sig_prev, n_prev=n_prev,
+        order=a0.order, eta=a0.eta, s_noise=a0.s_noise, sigmas=sigmas, n_prev=n_prev,
         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale if f_uncond is not None else 0.0,
         rescale_space=_cpu.SPACE_CODES[rescale_space],
         seeds=[] if seeds is None else _noise.seed_bits(seeds),

@@ -15,8 +15,16 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 RESCALE_SPACES = ("output", "v", "x0")
 
 
+def matches(t, like: torch.Tensor) -> bool:
+    """Whether ``t`` is a tensor with the shape, dtype and device of ``like`` (a floating tensor already
+    checked): what :func:`tensor` accepts, answered without building an argument name."""
+    return isinstance(t, torch.Tensor) and t.dtype == like.dtype and t.shape == like.shape and t.device == like.device
+
+
 def tensor(name: str, t, like: torch.Tensor | None = None) -> torch.Tensor:
-    """A floating tensor; with ``like``: the same shape, dtype and device as ``like``."""
+    """A floating tensor; with ``like`` (checked before): the same shape, dtype and device as ``like``."""
+    if like is not None and matches(t, like):
+        return t
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
@@ -38,7 +46,11 @@ def model_output(out, y: torch.Tensor, guidance_scale: float, name: str = "model
     if isinstance(out, (tuple, list)):
         if len(out) != 2:
             raise ValueError(f"{name} must be a tensor or a (cond, uncond) pair, got a sequence of {len(out)}")
-        return tensor(f"{name}[0] (cond)", out[0], y), tensor(f"{name}[1] (uncond)", out[1], y)
+        f_cond, f_uncond = out
+        if not (matches(f_cond, y) and matches(f_uncond, y)):  # raise, naming the one that does not match
+            tensor(f"{name}[0] (cond)", f_cond, y)
+            tensor(f"{name}[1] (uncond)", f_uncond, y)
+        return f_cond, f_uncond
     tensor(name, out, y)
     if guidance_scale != 1.0:
         raise ValueError(

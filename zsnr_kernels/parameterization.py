@@ -23,7 +23,6 @@ All functions here are float64 host math on Python floats, written through ratio
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -88,14 +87,13 @@ class Parameterization:
         return y / self.c_in(sigma)
 
 
-@functools.lru_cache(maxsize=64)
-def _cached(prediction: str, sigma_data: float) -> Parameterization:
-    return Parameterization(prediction, sigma_data)
-
-
 def parameterization(prediction: str = "v", sigma_data: float = 1.0) -> Parameterization:
     """Validated constructor: ``prediction`` in ``PREDICTIONS``, ``sigma_data`` finite and > 0 (cached: the step
     functions call it on every step)."""
+    if type(prediction) is str and type(sigma_data) is float:  # seen before: one dict lookup
+        pz = _known.get((prediction, sigma_data))
+        if pz is not None:
+            return pz
     if not isinstance(prediction, str) or prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)):
@@ -103,7 +101,13 @@ def parameterization(prediction: str = "v", sigma_data: float = 1.0) -> Paramete
     sigma_data = float(sigma_data)
     if not (math.isfinite(sigma_data) and sigma_data > 0.0):
         raise ValueError(f"sigma_data must be finite and > 0, got {sigma_data}")
-    return _cached(prediction, sigma_data)
+    if len(_known) >= 64:
+        _known.clear()
+    pz = _known[(prediction, sigma_data)] = Parameterization(prediction, sigma_data)
+    return pz
+
+
+_known: dict[tuple[str, float], Parameterization] = {}  # the validated ones, so one dict lookup per call
 
 
 def rescale_space_coeffs(pz: Parameterization, sigma: float, space: str) -> tuple[float, float]:

@@ -168,22 +168,20 @@ def _run(
     if name == "torch":
         y_out, d, carry, sigma_out, complete = _torch_step(
             y, f_cond, f_uncond, list(history), pz, args, sig_eval, w, phi, space, noise, seeds, step_index, out)
-    else:
+    elif torch.compiler.is_compiling():
         # under torch.compile the kernels are reached through their torch.library op (no graph break); eager
         # calls skip that layer, which costs more than the kernel on small latents
-        options = dict(guidance_scale=w, guidance_rescale=phi, rescale_space=space, noise=noise, seeds=seeds,
-                       step_index=step_index, want_denoised=want_d, out=out)
-        if torch.compiler.is_compiling():
-            from . import _ops
+        from . import _ops
 
-            y_out, d, carry, sigma_out, complete = _ops.fused_step_traced(
-                name, y, f_cond, f_uncond, list(history), pz, args, sig_eval, **options)
-        else:
-            run = _cpu.fused_step if name == "cpu" else _cuda.fused_step if name == "cuda" else _triton.fused_step
-            y_out, d, carry, sigma_out, complete = run(y, f_cond, f_uncond, list(history), pz, args, sig_eval,
-                                                       **options)
-    per_sample = len(args) > 1
-    result = StepResult(y_out, _column(sigma_out, per_sample), d if want_d else None, complete, carry)
+        y_out, d, carry, sigma_out, complete = _ops.fused_step_traced(
+            name, y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
+            rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
+    else:
+        run = _cpu.fused_step if name == "cpu" else _cuda.fused_step if name == "cuda" else _triton.fused_step
+        y_out, d, carry, sigma_out, complete = run(
+            y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
+            rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
+    result = StepResult(y_out, _column(sigma_out, len(args) > 1), d if want_d else None, complete, carry)
     rec = recorder  # read once: another thread's recording may end meanwhile
     if rec is not None and rec.thread == threading.get_ident():  # zsnr_kernels.plan is recording a run
         rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
@@ -247,17 +245,18 @@ def _sigmas(y, sigma, sigma_next, **others):
     """Validated sigma, sigma_next (and named others) as floats or per-sample lists."""
     b = y.shape[0] if isinstance(y, torch.Tensor) and y.ndim else 1
     out = [_validate.sigma_values("sigma", sigma, b), _validate.sigma_values("sigma_next", sigma_next, b)]
-    out += [None if v is None else _validate.sigma_values(k, v, b) for k, v in others.items()]
-    if any(isinstance(v, list) for v in out if v is not None):  # broadcast scalars to per-sample lists
+    for k, v in others.items():
+        out.append(None if v is None else _validate.sigma_values(k, v, b))
+    if list in map(type, out):  # broadcast scalars to per-sample lists
         out = [v if v is None or isinstance(v, list) else [v] * b for v in out]
     return out
 
 
 def _args(sampler: str, sg, sn, *, hat=None, prev=(), **fixed) -> list[co.StepArgs]:
     """One StepArgs for the batch, or one per sample when any sigma is a per-sample list."""
-    n = max([len(v) for v in (sg, sn, hat, *prev) if isinstance(v, list)], default=0)
-    if n == 0:
+    if type(sg) is not list and type(sn) is not list and type(hat) is not list and list not in map(type, prev):
         return [co.StepArgs(sampler, sg, sn, sigma_hat_next=hat, sigma_prev=tuple(prev), **fixed)]
+    n = max(len(v) for v in (sg, sn, hat, *prev) if isinstance(v, list))
     return [co.StepArgs(sampler, _at(sg, i), _at(sn, i), sigma_hat_next=None if hat is None else _at(hat, i),
                         sigma_prev=tuple(_at(p, i) for p in prev), **fixed) for i in range(n)]
 
