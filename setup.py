@@ -33,7 +33,10 @@ ROOT = Path(__file__).parent.resolve()
 VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
 # -fno-trapping-math / -fno-math-errno: no FP exception traps or errno to preserve, so the compiler may
 # if-convert and vectorise the dtype conversions; IEEE inf/NaN semantics are kept (no -ffinite-math-only).
-CXX_FLAGS = ["-O3", "-std=c++17", "-fno-trapping-math", "-fno-math-errno"]
+# -ffp-contract=off: GCC fuses a * b + c into an FMA wherever the target has one (its default outside ISO C), so
+# the AVX2 and AVX-512 kernels would round differently from the baseline ones; every multiply-add that should be
+# fused is written as fmaf, which is one rounding on every instruction set.
+CXX_FLAGS = ["-O3", "-std=c++17", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"]
 CUDA_EXT = "zsnr_kernels._C_cuda"
 # nvcc keeps its default --fmad=true: the element math writes every rounding-relevant multiply-add as fmaf
 # (see csrc/cuda/step.cu).

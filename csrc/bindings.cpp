@@ -318,6 +318,20 @@ PYBIND11_MODULE(_C, m) {
           zsnr::cpu::philox_normals(seed, step, draw, n, out);
         }, py::arg("out_ptr"), py::arg("seed"), py::arg("step"), py::arg("draw"), py::arg("n"),
         "Fill float32 out[n] with the normals of one sample as the CPU element pass makes them, on this thread.");
+  m.def("cpu_rescale_sums", [](int32_t dtype, int64_t batch, int64_t n, std::uintptr_t f_cond,
+                               std::uintptr_t f_uncond, std::uintptr_t y, int32_t with_y) {
+          if (dtype < zsnr::kFloat32 || dtype > zsnr::kBFloat16 || batch < 1 || n < 1)
+            throw std::invalid_argument("cpu_rescale_sums: dtype code, batch or n out of range");
+          const zsnr::Tensors t = make_tensors(dtype, batch, n, y, f_cond, f_uncond, {}, 0, 0, 0, 0);
+          std::vector<double> out(static_cast<size_t>(batch) * zsnr::kNumSums);
+          {
+            py::gil_scoped_release no_gil;
+            zsnr::cpu::rescale_sums(t, with_y, out.data());
+          }
+          return out;
+        }, py::arg("dtype"), py::arg("batch"), py::arg("n"), py::arg("f_cond"), py::arg("f_uncond"), py::arg("y"),
+        py::arg("with_y"),
+        "The statistics pass of the guidance rescale: per sample the sums of combine.h's RescaleSum order (tests).");
   m.def("build_info", &build_info, "Compiler, flags and OpenMP state of this build.");
   m.def("fused_step", &fused_step, "One fused sampler step on CPU tensors (see csrc/cpu/step.h).");
   m.def("set_num_threads", &zsnr::cpu::set_num_threads, py::arg("n"),

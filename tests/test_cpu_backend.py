@@ -24,7 +24,7 @@ import torch
 from conftest import TinyNet
 
 import zsnr_kernels as zk
-from zsnr_kernels import _ext, coefficients as co, noise as zn
+from zsnr_kernels import _cpu, _ext, coefficients as co, noise as zn
 from zsnr_kernels.parameterization import parameterization
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"zsnr_kernels._C not built: {_ext.why_unavailable()}")
@@ -358,6 +358,32 @@ def test_noise_of_every_instruction_set_equals_noise_normal(isa_level):
     _ext.C.cpu_philox_normals(got.data_ptr(), seed, step, draw, n)
     want = zn.normal((1, n), [seed], step, draw=draw, dtype=torch.float32)[0]
     assert (got - want).abs().max().item() < 1e-5  # NORMAL_ATOL of test_philox.py
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rescale_sums_of_every_instruction_set_are_one_definition(dtype):
+    """The statistics pass (blocked float sums of each RescaleSum, blocks added in double in a fixed order) gives
+    the same bits under every instruction set and the float64 sums to 1e-6 of their scale, for a sample size that
+    leaves partial blocks and lanes."""
+    levels = _supported_isa_levels()
+    batch, n = 2, 3 * 16384 + 300 + 7
+    g = torch.Generator().manual_seed(3)
+    fc, fu, y = (torch.randn(batch, n, generator=g).to(dtype) + 0.25 for _ in range(3))
+    results = {}
+    try:
+        for level in levels:
+            _ext.C.cpu_limit_isa(level)
+            results[level] = _ext.C.cpu_rescale_sums(_cpu.DTYPE_CODES[dtype], batch, n, fc.data_ptr(), fu.data_ptr(),
+                                                     y.data_ptr(), 1)
+    finally:
+        _ext.C.cpu_limit_isa(-1)
+    for level in levels[1:]:
+        assert results[level] == results[levels[0]], level
+    c, u, v = (t.double() for t in (fc, fu, y))
+    want = torch.stack([c.sum(1), (c * c).sum(1), u.sum(1), (u * u).sum(1), (c * u).sum(1), v.sum(1),
+                        (v * v).sum(1), (v * c).sum(1), (v * u).sum(1)], 1)  # combine.h's RescaleSum order
+    got = torch.tensor(results[levels[0]], dtype=torch.float64).view(batch, -1)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6 * n)
 
 
 def _supported_isa_levels() -> list[int]:

@@ -100,8 +100,9 @@ struct Storage<kBFloat16> {
 
 // Blocked summation: kLanes float accumulators per sum (kept in vector registers: the fixed-width inner loop is
 // what the compiler vectorises, more reliably than an `omp simd reduction`, which goes through memory), each
-// summing kSumBlock / kLanes elements (short enough that float rounding stays near 1e-7 of the block sum);
-// blocks are added in double, chunks reduced in a fixed order.
+// summing kSumBlock / kLanes elements (short enough that float rounding stays near 1e-7 of the block sum), the
+// lanes of a block added pairwise; blocks are added in double, chunks reduced in a fixed order.  The order is
+// written out and nothing is contracted into an FMA (setup.py), so every instruction set gives the same bits.
 constexpr int64_t kSumBlock = 256;
 constexpr int kLanes = 16;
 
@@ -134,10 +135,10 @@ void block_sums(const typename Storage<DT>::T* fc, const typename Storage<DT>::T
         a[kSumYC % kSums][l] += v * c, a[kSumYU % kSums][l] += v * u;
       }
     }
-    for (int k = 0; k < kSums; ++k) {
-      float t = 0.0f;
-      for (int l = 0; l < kLanes; ++l) t += a[k][l];
-      acc[k] += t;
+    for (int k = 0; k < kSums; ++k) {  // lanes added pairwise, (l, l + w) for w = 8, 4, 2, 1
+      for (int w = kLanes / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) a[k][l] += a[k][l + w];
+      acc[k] += a[k][0];
     }
   }
 }
