@@ -23,5 +23,45 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 #define ZSNR_CPU_ISA avx512
 #define ZSNR_CPU_VEC_BITS 512  // philox_simd.h
+#define ZSNR_CPU_BF16_STORE_TILE 1  // kernels_impl.h: store_bf16 below
 #include "kernels_impl.h"
+
+namespace zsnr {
+namespace cpu {
+namespace avx512 {
+namespace {
+
+// VCVTNEPS2BF16 rounds to nearest even like float_to_bf16 but treats denormal inputs as zero and need not
+// quiet a NaN the same way, so a vector holding a NaN or a denormal takes the portable conversion.
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq"))) void store_bf16_hw(const float* src,
+                                                                                              uint16_t* dst,
+                                                                                              int64_t n) {
+  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // VFPCLASSPS: quiet NaN, denormal, signalling NaN
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    if (_mm512_fpclass_ps_mask(v, kNanOrDenormal) != 0) {
+      for (int k = 0; k < 16; ++k) dst[i + k] = float_to_bf16(src[i + k]);
+      continue;
+    }
+    const __m256bh h = _mm512_cvtneps_pbh(v);
+    std::memcpy(dst + i, &h, sizeof h);
+  }
+  for (; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+
+}  // namespace
+
+void store_bf16(const float* src, uint16_t* dst, int64_t n) {
+  static const bool hw = __builtin_cpu_supports("avx512bf16");
+  if (hw) {
+    store_bf16_hw(src, dst, n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace zsnr
 #endif

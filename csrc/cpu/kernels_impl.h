@@ -96,6 +96,20 @@ struct Storage<kBFloat16> {
   static inline T store(float v) { return float_to_bf16(v); }
 };
 
+// dst[i] = float_to_bf16(src[i]), i < n, bit for bit.  An instruction set whose file defines
+// ZSNR_CPU_BF16_STORE_TILE supplies a faster one (kernels_avx512.cpp: AVX512-BF16 where the CPU has it); the
+// element pass then writes bf16 results through a float tile and this function (the portable conversion above
+// costs ~45 instructions per 32 elements, a third of a bf16 step at L2-resident sizes).
+#if defined(ZSNR_CPU_BF16_STORE_TILE)
+constexpr bool kBf16StoreTile = true;
+void store_bf16(const float* src, uint16_t* dst, int64_t n);
+#else
+constexpr bool kBf16StoreTile = false;
+inline void store_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+}
+#endif
+
 // ------------------------------------------------------------------------------------ statistics pass
 
 // Blocked summation: kLanes float accumulators per sum (kept in vector registers: the fixed-width inner loop is
@@ -278,6 +292,11 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
     T* dout = StoreD ? static_cast<T*>(t.d_out) + base : nullptr;
     T* cout = StoreCarry ? static_cast<T*>(t.carry_out) + base : nullptr;
     alignas(64) float zbuf[kTile];
+    // bf16 results through float tiles and store_bf16 (each tile's inputs are read before its outputs are
+    // written, so y_out may still alias y)
+    constexpr bool kTiled = DT == kBFloat16 && kBf16StoreTile;
+    alignas(64) float obuf[kTiled ? kTile : 1], dbuf[kTiled && StoreD ? kTile : 1],
+        cbuf[kTiled && StoreCarry ? kTile : 1];
     for (int64_t lo = chunk_lo; lo < chunk_hi; lo += kTile) {
       const int64_t hi = lo + kTile < chunk_hi ? lo + kTile : chunk_hi;
       if (NoiseMode == 2) philox_tile(seeds[b], step, draw, lo / 4, (hi - lo + 3) / 4, zbuf);
@@ -290,9 +309,20 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
         const float out = update<NHist, NoiseMode != 0>(c, yv, d, NHist > 0 ? S::load(h0[i]) : 0.0f,
                                                          NHist > 1 ? S::load(h1[i]) : 0.0f,
                                                          NHist > 2 ? S::load(h2[i]) : 0.0f, z);
-        if (StoreD) dout[i] = S::store(d);
-        if (StoreCarry) cout[i] = S::store(carry(c, yv, d));
-        yo[i] = S::store(out);
+        if (kTiled) {
+          if (StoreD) dbuf[i - lo] = d;
+          if (StoreCarry) cbuf[i - lo] = carry(c, yv, d);
+          obuf[i - lo] = out;
+        } else {
+          if (StoreD) dout[i] = S::store(d);
+          if (StoreCarry) cout[i] = S::store(carry(c, yv, d));
+          yo[i] = S::store(out);
+        }
+      }
+      if constexpr (kTiled) {
+        if (StoreD) store_bf16(dbuf, dout + lo, hi - lo);
+        if (StoreCarry) store_bf16(cbuf, cout + lo, hi - lo);
+        store_bf16(obuf, yo + lo, hi - lo);
       }
     }
   }
@@ -343,6 +373,8 @@ void rescale_sums(const Tensors& t, int32_t with_y, double* out) {
     default: rescale_sums_impl<kBFloat16>(t, with_y, out); break;
   }
 }
+
+void bf16_stores(const float* src, uint16_t* dst, int64_t n) { store_bf16(src, dst, n); }
 
 void philox_normals(uint64_t seed, uint32_t step, uint32_t draw, int64_t n, float* out) {
   alignas(64) float buf[kTile];
