@@ -27,7 +27,7 @@
 #define ZSNR_CPU_ISA avx512
 #define ZSNR_CPU_VEC_BITS 512  // philox_simd.h
 #define ZSNR_CPU_BF16_STORE_TILE 1  // kernels_impl.h: store_bf16 below
-#define ZSNR_CPU_BF16_BLOCK_SUMS 1  // kernels_impl.h: bf16_block_sums below
+#define ZSNR_CPU_HALF_BLOCK_SUMS 1  // kernels_impl.h: half_block_sums below
 #include "kernels_impl.h"
 
 namespace zsnr {
@@ -53,10 +53,12 @@ void store_bf16_hw(const float* src, uint16_t* dst, int64_t n) {
   store_bf16_portable(src + i, dst + i, n - i);
 }
 
-// 16 bf16 values as floats (a bf16 is the high half of a float).
-inline __m512 widen_bf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-      reinterpret_cast<const __m256i*>(p))), 16));
+// 16 fp16 or bf16 values as floats, exactly (a bf16 is the high half of a float; VCVTPH2PS converts every fp16).
+template <int32_t DT>
+inline __m512 widen(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (DT == kBFloat16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  else return _mm512_cvtph_ps(h);
 }
 
 // Lane 0 of the tree of block_sums: lanes (l, l + 8) added, then (l, l + 4), (l, l + 2), (l, l + 1).
@@ -70,22 +72,22 @@ inline float lane_tree(__m512 v) {
 
 }  // namespace
 
-// kernels_impl.h's block_sums loop for one whole bf16 block, lane l of each sum in lane l of a register, the
-// products rounded before they are added (no FMA), as the loop does them.
-template <bool WithY>
-void bf16_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, double* acc) {
+// kernels_impl.h's block_sums loop for one whole fp16 or bf16 block, lane l of each sum in lane l of a register,
+// the products rounded before they are added (no FMA), as the loop does them.
+template <int32_t DT, bool WithY>
+void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, double* acc) {
   constexpr int kSums = WithY ? kNumSums : kSumCU + 1;
   __m512 s[kSums];
   for (int k = 0; k < kSums; ++k) s[k] = _mm512_setzero_ps();
   for (int64_t i = 0; i < kSumBlock; i += kLanes) {
-    const __m512 c = widen_bf16(fc + i), u = widen_bf16(fu + i);
+    const __m512 c = widen<DT>(fc + i), u = widen<DT>(fu + i);
     s[kSumC] = _mm512_add_ps(s[kSumC], c);
     s[kSumCC] = _mm512_add_ps(s[kSumCC], _mm512_mul_ps(c, c));
     s[kSumU] = _mm512_add_ps(s[kSumU], u);
     s[kSumUU] = _mm512_add_ps(s[kSumUU], _mm512_mul_ps(u, u));
     s[kSumCU] = _mm512_add_ps(s[kSumCU], _mm512_mul_ps(c, u));
     if constexpr (WithY) {
-      const __m512 v = widen_bf16(y + i);
+      const __m512 v = widen<DT>(y + i);
       s[kSumY] = _mm512_add_ps(s[kSumY], v);
       s[kSumYY] = _mm512_add_ps(s[kSumYY], _mm512_mul_ps(v, v));
       s[kSumYC] = _mm512_add_ps(s[kSumYC], _mm512_mul_ps(v, c));
@@ -94,8 +96,10 @@ void bf16_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, 
   }
   for (int k = 0; k < kSums; ++k) acc[k] += lane_tree(s[k]);
 }
-template void bf16_block_sums<false>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
-template void bf16_block_sums<true>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
+template void half_block_sums<kFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
+template void half_block_sums<kFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
+template void half_block_sums<kBFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
+template void half_block_sums<kBFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
 
 void store_bf16(const float* src, uint16_t* dst, int64_t n) {
   static const bool hw = __builtin_cpu_supports("avx512bf16");
