@@ -211,3 +211,33 @@ def test_built_cuda_module_loads_anywhere():
     if not torch.cuda.is_available():
         assert err != 0 or count == 0
         assert _cuda.why_unavailable()
+
+
+class _FakeCudaTensor:
+    """What ``_backend.resolve`` reads of a tensor, for a CUDA tensor on GPU ``index`` (no GPU needed)."""
+
+    is_cpu, is_cuda, dtype = False, True, torch.float32
+
+    def __init__(self, index):
+        self.device = torch.device("cuda", index)
+
+    def get_device(self):
+        return self.device.index
+
+    def numel(self):
+        return 4
+
+
+def test_backend_choice_is_remembered_per_gpu(monkeypatch):
+    """``auto`` checks each GPU (the cuda kernels may not be built for one GPU's architecture): a choice remembered
+    for GPU 0 is not reused for GPU 1."""
+    from zsnr_kernels import _backend
+
+    def reasons(backend, y):
+        return ["no kernels for this GPU"] if backend in ("cuda", "triton") and y.device.index == 1 else []
+
+    monkeypatch.setattr(_backend, "_resolved", {})
+    monkeypatch.setattr(_backend, "not_supported_reasons", reasons)
+    assert _backend.resolve("auto", _FakeCudaTensor(0)) == "cuda"
+    assert _backend.resolve("auto", _FakeCudaTensor(1)) == "torch"
+    assert _backend.resolve("auto", _FakeCudaTensor(0)) == "cuda"

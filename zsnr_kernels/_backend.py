@@ -37,14 +37,15 @@ def resolve(backend: str, y: torch.Tensor) -> str:
     """The backend that will run a step on ``y``: ``auto`` picks cpu then torch on CPU, cuda then triton on GPU."""
     if not isinstance(backend, str):
         return _resolve(backend, y)  # raises the error naming the argument
-    key = (backend, y.is_cpu, y.is_cuda, y.dtype, y.numel() == 0)  # the device's kind, cheaper than .type
+    # the device's kind and index (cuda checks each GPU's architecture), cheaper than y.device.type
+    key = (backend, y.is_cpu, y.is_cuda, y.get_device(), y.dtype, y.numel() == 0)
     hit = _resolved.get(key)
     if hit is None:
         hit = _resolved[key] = _resolve(backend, y)
     return hit
 
 
-_resolved: dict = {}  # what resolve() decided per (backend, cpu, cuda, dtype, empty): it runs on every step
+_resolved: dict = {}  # what resolve() decided per (backend, cpu, cuda, device index, dtype, empty): every step
 
 
 def _resolve(backend: str, y: torch.Tensor) -> str:
