@@ -241,12 +241,15 @@ def _noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None) -> to
                          device=y.device)
 
 
-def _sigmas(y, sigma, sigma_next, **others):
-    """Validated sigma, sigma_next (and named others) as floats or per-sample lists."""
+def _sigmas(y, sigma, sigma_next, *hat):
+    """Validated sigma, sigma_next (and ``sigma_hat_next`` when one is passed; None: no churn) as floats or
+    per-sample lists."""
+    if (type(sigma) is float and type(sigma_next) is float and sigma >= 0.0 and sigma_next >= 0.0 and (
+            not hat or hat[0] is None or (type(hat[0]) is float and hat[0] >= 0.0))):
+        return [sigma, sigma_next, *hat]  # numbers, the common case (NaN fails the comparisons)
     b = y.shape[0] if isinstance(y, torch.Tensor) and y.ndim else 1
     out = [_validate.sigma_values("sigma", sigma, b), _validate.sigma_values("sigma_next", sigma_next, b)]
-    for k, v in others.items():
-        out.append(None if v is None else _validate.sigma_values(k, v, b))
+    out += [None if v is None else _validate.sigma_values("sigma_hat_next", v, b) for v in hat]
     if list in map(type, out):  # broadcast scalars to per-sample lists
         out = [v if v is None or isinstance(v, list) else [v] * b for v in out]
     return out
@@ -254,7 +257,8 @@ def _sigmas(y, sigma, sigma_next, **others):
 
 def _args(sampler: str, sg, sn, *, hat=None, prev=(), **fixed) -> list[co.StepArgs]:
     """One StepArgs for the batch, or one per sample when any sigma is a per-sample list."""
-    if type(sg) is not list and type(sn) is not list and type(hat) is not list and list not in map(type, prev):
+    if type(sg) is not list and type(sn) is not list and type(hat) is not list and (
+            not prev or list not in map(type, prev)):
         return [co.StepArgs(sampler, sg, sn, sigma_hat_next=hat, sigma_prev=tuple(prev), **fixed)]
     n = max(len(v) for v in (sg, sn, hat, *prev) if isinstance(v, list))
     return [co.StepArgs(sampler, _at(sg, i), _at(sn, i), sigma_hat_next=None if hat is None else _at(hat, i),
@@ -307,7 +311,7 @@ def euler_step(y, model_output, sigma, sigma_next, *, sigma_hat_next=None, s_noi
     churn of the next step is folded in (§2.5): y_hat = (c_hat/c') y' + c_hat sqrt(sigma_hat^2 - sigma'^2)
     s_noise z, and the result is the model input at sigma_hat_next (its noise is drawn with ``step_index``).
     """
-    sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next=sigma_hat_next)
+    sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next)
     args = _args("euler", sg, sn, hat=shn, s_noise=_real("s_noise", s_noise))
     return _run(y, model_output, sg, args, noise=noise, seed=seed, step_index=step_index, **options)
 
@@ -433,7 +437,7 @@ def lms_step(y, model_output, sigma, sigma_next, *, history=None, order=4, **opt
 def _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, *, noise, seed, step_index, hat=None,
                eta=1.0, s_noise=1.0) -> StepResult:
     """The two-stage samplers: stage from ``first``; the final call folds the next step's churn (heun, dpm_2)."""
-    sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next=hat)
+    sg, sn, shn = _sigmas(y, sigma, sigma_next, hat)
     stage, hist = _first_stage(first, sampler)
     args = _args(sampler, sg, sn, hat=shn, stage=stage, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise))
     return _run(y, model_output, _eval_sigma(y, sg, first), args, history=hist, noise=noise, seed=seed,
