@@ -318,11 +318,13 @@ PYBIND11_MODULE(_C, m) {
           zsnr::cpu::philox_normals(seed, step, draw, n, out);
         }, py::arg("out_ptr"), py::arg("seed"), py::arg("step"), py::arg("draw"), py::arg("n"),
         "Fill float32 out[n] with the normals of one sample as the CPU element pass makes them, on this thread.");
-  m.def("cpu_bf16_stores", [](std::uintptr_t src, std::uintptr_t dst, int64_t n) {
+  m.def("cpu_half_stores", [](int32_t dtype, std::uintptr_t src, std::uintptr_t dst, int64_t n) {
+          if (dtype != zsnr::kFloat16 && dtype != zsnr::kBFloat16)
+            throw std::invalid_argument("cpu_half_stores: dtype must be the float16 or bfloat16 code");
           py::gil_scoped_release no_gil;
-          zsnr::cpu::bf16_stores(as_ptr<const float>(src), as_ptr<uint16_t>(dst), n);
-        }, py::arg("src"), py::arg("dst"), py::arg("n"),
-        "bfloat16 dst[n] from float32 src[n], rounded as the element pass stores bf16 (tests).");
+          zsnr::cpu::half_stores(dtype, as_ptr<const float>(src), as_ptr<uint16_t>(dst), n);
+        }, py::arg("dtype"), py::arg("src"), py::arg("dst"), py::arg("n"),
+        "float16 or bfloat16 dst[n] from float32 src[n], rounded as the element pass stores them (tests).");
   m.def("cpu_rescale_sums", [](int32_t dtype, int64_t batch, int64_t n, std::uintptr_t f_cond,
                                std::uintptr_t f_uncond, std::uintptr_t y, int32_t with_y) {
           if (dtype < zsnr::kFloat32 || dtype > zsnr::kBFloat16 || batch < 1 || n < 1)

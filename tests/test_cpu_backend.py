@@ -360,32 +360,42 @@ def test_noise_of_every_instruction_set_equals_noise_normal(isa_level):
     assert (got - want).abs().max().item() < 1e-5  # NORMAL_ATOL of test_philox.py
 
 
-def test_bf16_stores_of_every_instruction_set_round_like_pytorch(isa_level):
-    """float32 -> bfloat16 as the element pass stores it (AVX512-BF16's VCVTNEPS2BF16 where the CPU has it, with
-    the portable conversion for vectors holding a NaN or a denormal, which that instruction flushes to zero):
-    round to nearest even like PyTorch for every non-NaN value, denormals, ties, overflow to inf and -0 included,
-    and a quiet NaN for a NaN."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_stores_of_every_instruction_set_round_like_pytorch(isa_level, dtype):
+    """float32 -> float16 / bfloat16 as the element pass stores them (F16C's VCVTPS2PH for fp16, AVX512-BF16's
+    VCVTNEPS2BF16 for bf16 where the CPU has them, with the portable conversion for vectors the instruction
+    rounds differently: NaNs, and for bf16 denormals, which it flushes to zero): round to nearest even like
+    PyTorch for every value, denormals, ties, overflow to inf and -0 included.  NaNs: fp16 gives the canonical
+    quiet NaN, bf16 the payload, quieted."""
     g = torch.Generator().manual_seed(7)
     top = torch.randint(0, 2**16, (4096,), generator=g, dtype=torch.int64)
+    scale = torch.randn(4096, generator=g) * 2.0 ** torch.randint(-30, 20, (4096,), generator=g)
     patterns = [
         torch.randint(0, 2**32, (20000,), generator=g, dtype=torch.int64),  # every class, some NaN/denormal vectors
-        (top << 16) | 0x8000,                                              # exact ties
+        (top << 16) | 0x8000,                                              # bf16 ties
         (top << 16) | torch.randint(0, 2**16, (4096,), generator=g, dtype=torch.int64),
         torch.randint(1, 2**23, (64,), generator=g, dtype=torch.int64),    # whole vectors of denormals
+        scale.view(torch.int32).to(torch.int64) & 0xFFFFFFFF,              # fp16's range, subnormals, overflow
+        (scale.half().float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF) | 0x1000,  # fp16 ties
         torch.tensor([0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x80000000, 0, 0x7F800000, 0xFF800000, 0x00800000,
-                      0x007FFFFF, 0x7FC00000, 0x7F800001, 0xFFFFFFFF, 0x3F808000, 0x3F818000, 0x3F80FFFF, 0x1]),
+                      0x007FFFFF, 0x7FC00000, 0x7F800001, 0xFFFFFFFF, 0x3F808000, 0x3F818000, 0x3F80FFFF, 0x1,
+                      0x477FF000, 0x477FEFFF, 0x33800000, 0x33000000, 0x33000001, 0xB3000000]),
     ]
     bits = torch.cat(patterns).to(torch.uint32)
     src = bits.view(torch.float32).clone()
     n = src.numel() - 5  # a partial last vector
-    got = torch.empty(src.numel(), dtype=torch.bfloat16)
-    _ext.C.cpu_bf16_stores(src.data_ptr(), got.data_ptr(), n)
-    got, want, src = got[:n], src[:n].to(torch.bfloat16), src[:n]
+    got = torch.empty(src.numel(), dtype=dtype)
+    _ext.C.cpu_half_stores(_cpu.DTYPE_CODES[dtype], src.data_ptr(), got.data_ptr(), n)
+    got, want, src = got[:n], src[:n].to(dtype), src[:n]
     nan = torch.isnan(src)
     assert torch.isnan(got[nan].float()).all()
     assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
-    quiet = (bits[:n].to(torch.int64) >> 16 | 0x40).to(torch.int16)  # float_to_bf16's NaN: the payload, quieted
-    assert torch.equal(got[nan].view(torch.int16), quiet[nan])
+    if dtype == torch.float16:  # float_to_fp16's canonical quiet NaN, with the sign (PyTorch's own may keep
+        canonical = ((bits[:n].to(torch.int64) >> 16 & 0x8000) | 0x7E00).to(torch.int16)  # the payload)
+        assert torch.equal(got[nan].view(torch.int16), canonical[nan])
+    else:
+        quiet = (bits[:n].to(torch.int64) >> 16 | 0x40).to(torch.int16)  # float_to_bf16's NaN
+        assert torch.equal(got[nan].view(torch.int16), quiet[nan])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,4 +1,5 @@
-// The CPU kernels for x86-64 with AVX2, FMA and F16C (Haswell and later), chosen at run time by step.cpp.
+// The CPU kernels for x86-64 with AVX2, FMA and F16C (Haswell and later), chosen at run time by step.cpp; fp16
+// results are stored with F16C's VCVTPS2PH.
 //
 // Every header with inline functions outside the ISA namespace (the standard library, the shared math) is
 // included BEFORE the target pragma: those functions then keep the baseline target in every translation unit
@@ -18,5 +19,31 @@
 #pragma GCC target("avx2,fma,f16c")
 #define ZSNR_CPU_ISA avx2
 #define ZSNR_CPU_VEC_BITS 256  // philox_simd.h
+#define ZSNR_CPU_FP16_STORE_TILE 1  // kernels_impl.h: store_fp16_tile below
 #include "kernels_impl.h"
+
+namespace zsnr {
+namespace cpu {
+namespace avx2 {
+
+// F16C's VCVTPS2PH rounds to nearest even like float_to_fp16, subnormal results included, but keeps a NaN's
+// payload where float_to_fp16 (and PyTorch) give the canonical quiet NaN: vectors holding a NaN take the
+// portable conversion.
+void store_fp16_tile(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0) {
+      store_half_portable<kFloat16>(src + i, dst + i, 8);
+      continue;
+    }
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  store_half_portable<kFloat16>(src + i, dst + i, n - i);
+}
+
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace zsnr
 #endif

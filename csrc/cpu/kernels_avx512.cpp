@@ -1,5 +1,6 @@
 // The CPU kernels for x86-64 with AVX-512 (F, BW, VL, DQ; Skylake-SP, Ice Lake, Zen 4 and later), chosen at run time by step.cpp.
-// bf16 stores use AVX512-BF16 where the CPU also has it (Cooper Lake, Sapphire Rapids, Zen 4), checked at run time.
+// fp16 results are stored with VCVTPS2PH, bf16 results with AVX512-BF16 where the CPU also has it (Cooper Lake,
+// Sapphire Rapids, Zen 4; checked at run time).
 //
 // Every header with inline functions outside the ISA namespace (the standard library, the shared math) is
 // included BEFORE the target pragma: those functions then keep the baseline target in every translation unit
@@ -26,7 +27,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 #define ZSNR_CPU_ISA avx512
 #define ZSNR_CPU_VEC_BITS 512  // philox_simd.h
-#define ZSNR_CPU_BF16_STORE_TILE 1  // kernels_impl.h: store_bf16 below
+#define ZSNR_CPU_FP16_STORE_TILE 1  // kernels_impl.h: store_fp16_tile below
+#define ZSNR_CPU_BF16_STORE_TILE 1  // kernels_impl.h: store_bf16_tile below
 #define ZSNR_CPU_HALF_BLOCK_SUMS 1  // kernels_impl.h: half_block_sums below
 #include "kernels_impl.h"
 
@@ -44,13 +46,13 @@ void store_bf16_hw(const float* src, uint16_t* dst, int64_t n) {
   for (; i + 16 <= n; i += 16) {
     const __m512 v = _mm512_loadu_ps(src + i);
     if (_mm512_fpclass_ps_mask(v, kNanOrDenormal) != 0) {
-      store_bf16_portable(src + i, dst + i, 16);
+      store_half_portable<kBFloat16>(src + i, dst + i, 16);
       continue;
     }
     const __m256bh h = _mm512_cvtneps_pbh(v);
     std::memcpy(dst + i, &h, sizeof h);
   }
-  store_bf16_portable(src + i, dst + i, n - i);
+  store_half_portable<kBFloat16>(src + i, dst + i, n - i);
 }
 
 // 16 fp16 or bf16 values as floats, exactly (a bf16 is the high half of a float; VCVTPH2PS converts every fp16).
@@ -101,10 +103,27 @@ template void half_block_sums<kFloat16, true>(const uint16_t*, const uint16_t*, 
 template void half_block_sums<kBFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
 template void half_block_sums<kBFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
 
-void store_bf16(const float* src, uint16_t* dst, int64_t n) {
+void store_bf16_tile(const float* src, uint16_t* dst, int64_t n) {
   static const bool hw = __builtin_cpu_supports("avx512bf16");
   if (hw) store_bf16_hw(src, dst, n);
-  else store_bf16_portable(src, dst, n);
+  else store_half_portable<kBFloat16>(src, dst, n);
+}
+
+// VCVTPS2PH rounds to nearest even like float_to_fp16, subnormal results included, but keeps a NaN's payload
+// where float_to_fp16 (and PyTorch) give the canonical quiet NaN: vectors holding a NaN take the portable one.
+void store_fp16_tile(const float* src, uint16_t* dst, int64_t n) {
+  constexpr int kNan = 0x01 | 0x80;  // VFPCLASSPS: quiet NaN, signalling NaN
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    if (_mm512_fpclass_ps_mask(v, kNan) != 0) {
+      store_half_portable<kFloat16>(src + i, dst + i, 16);
+      continue;
+    }
+    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
+  }
+  store_half_portable<kFloat16>(src + i, dst + i, n - i);
 }
 
 }  // namespace avx512

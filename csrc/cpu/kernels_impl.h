@@ -96,22 +96,39 @@ struct Storage<kBFloat16> {
   static inline T store(float v) { return float_to_bf16(v); }
 };
 
-inline void store_bf16_portable(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+template <int32_t DT>
+inline void store_half_portable(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Storage<DT>::store(src[i]);
 }
 
-// dst[i] = float_to_bf16(src[i]), i < n, bit for bit.  An instruction set whose file defines
-// ZSNR_CPU_BF16_STORE_TILE supplies a faster one (kernels_avx512.cpp: AVX512-BF16 where the CPU has it), and
-// the element pass then writes bf16 results through float tiles and this function: the portable conversion
-// costs ~45 instructions per 32 elements (plain Euler in bf16 at (4,4,128,128), 1 thread: 108 us with it,
-// 93 us with AVX512-BF16).
+// dst[i] = Storage<DT>::store(src[i]) for fp16 and bf16, i < n, bit for bit.  An instruction set whose file
+// defines ZSNR_CPU_FP16_STORE_TILE or ZSNR_CPU_BF16_STORE_TILE supplies a faster store_fp16_tile or
+// store_bf16_tile (F16C's VCVTPS2PH for fp16 in kernels_avx2.cpp and kernels_avx512.cpp; AVX512-BF16 for bf16
+// where the CPU has it), and the element pass then writes those results through float tiles and store_half.
+// The portable conversions cost ~45 (bf16) and more (fp16) instructions per 32 elements: plain Euler at
+// (4,4,128,128), 1 thread, took 108 us in bf16 and 190 us in fp16 with them, 93 us in bf16 with AVX512-BF16.
+#if defined(ZSNR_CPU_FP16_STORE_TILE)
+constexpr bool kFp16StoreTile = true;
+#else
+constexpr bool kFp16StoreTile = false;
+#endif
 #if defined(ZSNR_CPU_BF16_STORE_TILE)
 constexpr bool kBf16StoreTile = true;
-void store_bf16(const float* src, uint16_t* dst, int64_t n);
 #else
 constexpr bool kBf16StoreTile = false;
-inline void store_bf16(const float* src, uint16_t* dst, int64_t n) { store_bf16_portable(src, dst, n); }
 #endif
+template <int32_t DT>
+constexpr bool kStoreTile = (DT == kFloat16 && kFp16StoreTile) || (DT == kBFloat16 && kBf16StoreTile);
+void store_fp16_tile(const float* src, uint16_t* dst, int64_t n);  // defined where the macros above say
+void store_bf16_tile(const float* src, uint16_t* dst, int64_t n);
+
+template <int32_t DT>
+inline void store_half(const float* src, uint16_t* dst, int64_t n) {
+  if constexpr (DT == kFloat16 && kFp16StoreTile) store_fp16_tile(src, dst, n);
+  else if constexpr (DT == kBFloat16 && kBf16StoreTile) store_bf16_tile(src, dst, n);
+  else store_half_portable<DT>(src, dst, n);
+}
+
 
 // ------------------------------------------------------------------------------------ statistics pass
 
@@ -315,9 +332,9 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
     T* dout = StoreD ? static_cast<T*>(t.d_out) + base : nullptr;
     T* cout = StoreCarry ? static_cast<T*>(t.carry_out) + base : nullptr;
     alignas(64) float zbuf[kTile];
-    // bf16 results through float tiles and store_bf16 (each tile's inputs are read before its outputs are
-    // written, so y_out may still alias y)
-    constexpr bool kTiled = DT == kBFloat16 && kBf16StoreTile;
+    // fp16 / bf16 results through float tiles and store_half (each tile's inputs are read before its outputs
+    // are written, so y_out may still alias y)
+    constexpr bool kTiled = kStoreTile<DT>;
     alignas(64) float obuf[kTiled ? kTile : 1], dbuf[kTiled && StoreD ? kTile : 1],
         cbuf[kTiled && StoreCarry ? kTile : 1];
     for (int64_t lo = chunk_lo; lo < chunk_hi; lo += kTile) {
@@ -343,9 +360,9 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
         }
       }
       if constexpr (kTiled) {
-        if (StoreD) store_bf16(dbuf, dout + lo, hi - lo);
-        if (StoreCarry) store_bf16(cbuf, cout + lo, hi - lo);
-        store_bf16(obuf, yo + lo, hi - lo);
+        if (StoreD) store_half<DT>(dbuf, dout + lo, hi - lo);
+        if (StoreCarry) store_half<DT>(cbuf, cout + lo, hi - lo);
+        store_half<DT>(obuf, yo + lo, hi - lo);
       }
     }
   }
@@ -397,7 +414,10 @@ void rescale_sums(const Tensors& t, int32_t with_y, double* out) {
   }
 }
 
-void bf16_stores(const float* src, uint16_t* dst, int64_t n) { store_bf16(src, dst, n); }
+void half_stores(int32_t dtype, const float* src, uint16_t* dst, int64_t n) {
+  if (dtype == kFloat16) store_half<kFloat16>(src, dst, n);
+  else store_half<kBFloat16>(src, dst, n);
+}
 
 void philox_normals(uint64_t seed, uint32_t step, uint32_t draw, int64_t n, float* out) {
   alignas(64) float buf[kTile];
