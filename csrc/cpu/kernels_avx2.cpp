@@ -27,8 +27,7 @@ namespace cpu {
 namespace avx2 {
 
 // F16C's VCVTPS2PH rounds to nearest even like float_to_fp16, subnormal results included, but keeps a NaN's
-// payload where float_to_fp16 (and PyTorch) give the canonical quiet NaN: vectors holding a NaN take the
-// portable conversion.
+// payload where float_to_fp16 gives the canonical quiet NaN: vectors holding a NaN take the portable conversion.
 void store_fp16_tile(const float* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {

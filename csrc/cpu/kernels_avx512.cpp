@@ -28,7 +28,9 @@
 #define ZSNR_CPU_ISA avx512
 #define ZSNR_CPU_VEC_BITS 512  // philox_simd.h
 #define ZSNR_CPU_FP16_STORE_TILE 1  // kernels_impl.h: store_fp16_tile below
+#if defined(__clang__) || __GNUC__ >= 10    // the AVX512-BF16 intrinsics (GCC 9 lacks them)
 #define ZSNR_CPU_BF16_STORE_TILE 1  // kernels_impl.h: store_bf16_tile below
+#endif
 #define ZSNR_CPU_HALF_BLOCK_SUMS 1  // kernels_impl.h: half_block_sums below
 #include "kernels_impl.h"
 
@@ -37,6 +39,7 @@ namespace cpu {
 namespace avx512 {
 namespace {
 
+#if defined(ZSNR_CPU_BF16_STORE_TILE)
 // VCVTNEPS2BF16 rounds to nearest even like float_to_bf16 but treats denormal inputs as zero and need not
 // quiet a NaN the same way, so a vector holding a NaN or a denormal takes the portable conversion.
 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
@@ -54,6 +57,7 @@ void store_bf16_hw(const float* src, uint16_t* dst, int64_t n) {
   }
   store_half_portable<kBFloat16>(src + i, dst + i, n - i);
 }
+#endif
 
 // 16 fp16 or bf16 values as floats, exactly (a bf16 is the high half of a float; VCVTPH2PS converts every fp16).
 template <int32_t DT>
@@ -103,14 +107,16 @@ template void half_block_sums<kFloat16, true>(const uint16_t*, const uint16_t*, 
 template void half_block_sums<kBFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
 template void half_block_sums<kBFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
 
+#if defined(ZSNR_CPU_BF16_STORE_TILE)
 void store_bf16_tile(const float* src, uint16_t* dst, int64_t n) {
   static const bool hw = __builtin_cpu_supports("avx512bf16");
   if (hw) store_bf16_hw(src, dst, n);
   else store_half_portable<kBFloat16>(src, dst, n);
 }
+#endif
 
 // VCVTPS2PH rounds to nearest even like float_to_fp16, subnormal results included, but keeps a NaN's payload
-// where float_to_fp16 (and PyTorch) give the canonical quiet NaN: vectors holding a NaN take the portable one.
+// where float_to_fp16 gives the canonical quiet NaN: vectors holding a NaN take the portable conversion.
 void store_fp16_tile(const float* src, uint16_t* dst, int64_t n) {
   constexpr int kNan = 0x01 | 0x80;  // VFPCLASSPS: quiet NaN, signalling NaN
   int64_t i = 0;
