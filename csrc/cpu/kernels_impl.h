@@ -106,7 +106,7 @@ inline void store_half_portable(const float* src, uint16_t* dst, int64_t n) {
 // store_bf16_tile (F16C's VCVTPS2PH for fp16 in kernels_avx2.cpp and kernels_avx512.cpp; AVX512-BF16 for bf16
 // where the CPU has it), and the element pass then writes those results through float tiles and store_half.
 // The portable conversions cost ~45 (bf16) and more (fp16) instructions per 32 elements: plain Euler at
-// (4,4,128,128), 1 thread, took 108 us in bf16 and 190 us in fp16 with them, 93 us in bf16 with AVX512-BF16.
+// (4,4,128,128), 1 thread, took 108 us in bf16 and 190 us in fp16 with them, 93 and 116 us with the instructions.
 #if defined(ZSNR_CPU_FP16_STORE_TILE)
 constexpr bool kFp16StoreTile = true;
 #else
@@ -129,7 +129,6 @@ inline void store_half(const float* src, uint16_t* dst, int64_t n) {
   else store_half_portable<DT>(src, dst, n);
 }
 
-
 // ------------------------------------------------------------------------------------ statistics pass
 
 // Blocked summation: kLanes float accumulators per sum (kept in vector registers: the fixed-width inner loop is
@@ -146,13 +145,11 @@ constexpr int kLanes = 16;
 // bit by bit, 0.50 ns), computing exactly what the loop does.
 #if defined(ZSNR_CPU_HALF_BLOCK_SUMS)
 constexpr bool kHalfBlockSums = true;
-template <int32_t DT, bool WithY>
-void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, double* acc);
 #else
 constexpr bool kHalfBlockSums = false;
-template <int32_t DT, bool WithY>
-void half_block_sums(const uint16_t*, const uint16_t*, const uint16_t*, double*) {}
 #endif
+template <int32_t DT, bool WithY>  // defined where ZSNR_CPU_HALF_BLOCK_SUMS says
+void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, double* acc);
 
 template <int32_t DT, bool WithY>
 void block_sums(const typename Storage<DT>::T* fc, const typename Storage<DT>::T* fu,
