@@ -29,17 +29,16 @@ namespace avx2 {
 // F16C's VCVTPS2PH rounds to nearest even like float_to_fp16, subnormal results included, but keeps a NaN's
 // payload where float_to_fp16 gives the canonical quiet NaN: vectors holding a NaN take the portable conversion.
 void store_fp16_tile(const float* src, uint16_t* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(src + i);
-    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0) {
-      store_half_portable<kFloat16>(src + i, dst + i, 8);
-      continue;
-    }
-    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
-  }
-  store_half_portable<kFloat16>(src + i, dst + i, n - i);
+  store_half_vectors<kFloat16, 8>(
+      src, dst, n,
+      [](const float* s) {
+        const __m256 v = _mm256_loadu_ps(s);
+        return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0;
+      },
+      [](const float* s, uint16_t* d) {
+        const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d), h);
+      });
 }
 
 }  // namespace avx2

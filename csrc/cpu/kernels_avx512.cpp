@@ -41,7 +41,8 @@ namespace {
 
 #if defined(ZSNR_CPU_BF16_STORE_TILE)
 // VCVTNEPS2BF16 rounds to nearest even like float_to_bf16 but treats denormal inputs as zero and need not
-// quiet a NaN the same way, so a vector holding a NaN or a denormal takes the portable conversion.
+// quiet a NaN the same way, so a vector holding a NaN or a denormal takes the portable conversion.  The loop is
+// store_half_vectors' written out: GCC's lambdas do not inherit this function's target attribute.
 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
 void store_bf16_hw(const float* src, uint16_t* dst, int64_t n) {
   constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // VFPCLASSPS: quiet NaN, denormal, signalling NaN
@@ -119,17 +120,12 @@ void store_bf16_tile(const float* src, uint16_t* dst, int64_t n) {
 // where float_to_fp16 gives the canonical quiet NaN: vectors holding a NaN take the portable conversion.
 void store_fp16_tile(const float* src, uint16_t* dst, int64_t n) {
   constexpr int kNan = 0x01 | 0x80;  // VFPCLASSPS: quiet NaN, signalling NaN
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(src + i);
-    if (_mm512_fpclass_ps_mask(v, kNan) != 0) {
-      store_half_portable<kFloat16>(src + i, dst + i, 16);
-      continue;
-    }
-    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), h);
-  }
-  store_half_portable<kFloat16>(src + i, dst + i, n - i);
+  store_half_vectors<kFloat16, 16>(
+      src, dst, n, [](const float* s) { return _mm512_fpclass_ps_mask(_mm512_loadu_ps(s), kNan) != 0; },
+      [](const float* s, uint16_t* d) {
+        const __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), h);
+      });
 }
 
 }  // namespace avx512

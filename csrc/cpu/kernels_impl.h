@@ -122,6 +122,19 @@ constexpr bool kStoreTile = (DT == kFloat16 && kFp16StoreTile) || (DT == kBFloat
 void store_fp16_tile(const float* src, uint16_t* dst, int64_t n);  // defined where the macros above say
 void store_bf16_tile(const float* src, uint16_t* dst, int64_t n);
 
+// The loop of a store_*_tile: `convert(src, dst)` rounds W floats with an instruction; a vector for which
+// `portable(src)` says the instruction would round differently (a NaN, say) takes store_half_portable, as does
+// the tail.
+template <int32_t DT, int W, class Portable, class Convert>
+inline void store_half_vectors(const float* src, uint16_t* dst, int64_t n, Portable portable, Convert convert) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    if (portable(src + i)) store_half_portable<DT>(src + i, dst + i, W);
+    else convert(src + i, dst + i);
+  }
+  store_half_portable<DT>(src + i, dst + i, n - i);
+}
+
 template <int32_t DT>
 inline void store_half(const float* src, uint16_t* dst, int64_t n) {
   if constexpr (DT == kFloat16 && kFp16StoreTile) store_fp16_tile(src, dst, n);
