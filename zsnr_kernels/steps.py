@@ -185,7 +185,7 @@ def _run(
     rec = recorder  # read once: another thread's recording may end meanwhile
     if rec is not None and rec.thread == threading.get_ident():  # zsnr_kernels.plan is recording a run
         rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
-                       guided=f_uncond is not None)
+                 guided=f_uncond is not None)
     return result
 
 
