@@ -551,11 +551,13 @@ def test_sample_cpu_equals_torch(sampler, kw, guided):
 
 @pytest.mark.parametrize("case_id", ["euler_inf", "euler_churn", "dpmpp_3m_sde_h2", "heun_s2", "lms_h3"])
 @pytest.mark.parametrize("shape", ["odd", "channels_last", "sliced"])
-def test_out_aliasing_y_equals_fresh_output(case_id, shape):
-    """``out=y`` writes in place (the statistics pass of the x0-space rescale reads y before it is overwritten)
-    and gives the values of a fresh output; the result is ``out`` itself."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_aliasing_y_equals_fresh_output(case_id, shape, dtype):
+    """``out=y`` writes in place (the statistics pass of the x0-space rescale reads y before it is overwritten;
+    fp16 and bf16 results go through float tiles, each tile read before it is written) and gives the values of
+    a fresh output; the result is ``out`` itself."""
     case = CASE_BY_ID[case_id]
-    t = _inputs(shape, torch.float32, seed=2)
+    t = _inputs(shape, dtype, seed=2)
     fresh = _call(case, t, "cpu", "rescale_x0", seed=[8, 9, 10][: t["y"].shape[0]], step_index=1)
     y = t["y"]
     before = y.clone()
