@@ -325,6 +325,13 @@ PYBIND11_MODULE(_C, m) {
           zsnr::cpu::half_stores(dtype, as_ptr<const float>(src), as_ptr<uint16_t>(dst), n);
         }, py::arg("dtype"), py::arg("src"), py::arg("dst"), py::arg("n"),
         "float16 or bfloat16 dst[n] from float32 src[n], rounded as the element pass stores them (tests).");
+  m.def("cpu_half_loads", [](int32_t dtype, std::uintptr_t src, std::uintptr_t dst, int64_t n) {
+          if (dtype != zsnr::kFloat16 && dtype != zsnr::kBFloat16)
+            throw std::invalid_argument("cpu_half_loads: dtype must be the float16 or bfloat16 code");
+          py::gil_scoped_release no_gil;
+          zsnr::cpu::half_loads(dtype, as_ptr<const uint16_t>(src), as_ptr<float>(dst), n);
+        }, py::arg("dtype"), py::arg("src"), py::arg("dst"), py::arg("n"),
+        "float32 dst[n] from float16 or bfloat16 src[n], as the element pass loads them (tests).");
   m.def("cpu_rescale_sums", [](int32_t dtype, int64_t batch, int64_t n, std::uintptr_t f_cond,
                                std::uintptr_t f_uncond, std::uintptr_t y, int32_t with_y) {
           if (dtype < zsnr::kFloat32 || dtype > zsnr::kBFloat16 || batch < 1 || n < 1)

@@ -20,6 +20,7 @@
 #define ZSNR_CPU_ISA avx2
 #define ZSNR_CPU_VEC_BITS 256  // philox_simd.h
 #define ZSNR_CPU_FP16_STORE_TILE 1  // kernels_impl.h: store_fp16_tile below
+#define ZSNR_CPU_FP16_LOAD_TILE 1   // kernels_impl.h: load_fp16_tile below
 #include "kernels_impl.h"
 
 namespace zsnr {
@@ -39,6 +40,13 @@ void store_fp16_tile(const float* src, uint16_t* dst, int64_t n) {
         const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(d), h);
       });
+}
+
+void load_fp16_tile(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = fp16_to_float(src[i]);
 }
 
 }  // namespace avx2

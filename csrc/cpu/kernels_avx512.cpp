@@ -28,6 +28,7 @@
 #define ZSNR_CPU_ISA avx512
 #define ZSNR_CPU_VEC_BITS 512  // philox_simd.h
 #define ZSNR_CPU_FP16_STORE_TILE 1  // kernels_impl.h: store_fp16_tile below
+#define ZSNR_CPU_FP16_LOAD_TILE 1   // kernels_impl.h: load_fp16_tile below
 #if defined(__clang__) || __GNUC__ >= 10    // the AVX512-BF16 intrinsics (GCC 9 lacks them)
 #define ZSNR_CPU_BF16_STORE_TILE 1  // kernels_impl.h: store_bf16_tile below
 #endif
@@ -126,6 +127,13 @@ void store_fp16_tile(const float* src, uint16_t* dst, int64_t n) {
         const __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), h);
       });
+}
+
+void load_fp16_tile(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < n; ++i) dst[i] = fp16_to_float(src[i]);
 }
 
 }  // namespace avx512

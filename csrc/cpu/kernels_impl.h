@@ -142,6 +142,36 @@ inline void store_half(const float* src, uint16_t* dst, int64_t n) {
   else store_half_portable<DT>(src, dst, n);
 }
 
+// Loads the other way: an instruction set whose file defines ZSNR_CPU_FP16_LOAD_TILE supplies load_fp16_tile
+// (F16C's VCVTPH2PS, exact for every fp16 like fp16_to_float; a signalling NaN comes out quiet, which the first
+// arithmetic on it does anyway), and the element pass reads fp16 inputs through float tiles.  bf16 needs none:
+// its portable load is a shift.
+#if defined(ZSNR_CPU_FP16_LOAD_TILE)
+constexpr bool kFp16LoadTile = true;
+#else
+constexpr bool kFp16LoadTile = false;
+#endif
+template <int32_t DT>
+constexpr bool kLoadTile = DT == kFloat16 && kFp16LoadTile;
+void load_fp16_tile(const uint16_t* src, float* dst, int64_t n);  // defined where the macro above says
+
+template <int32_t DT>
+inline void load_half(const uint16_t* src, float* dst, int64_t n) {
+  if constexpr (kLoadTile<DT>) {
+    load_fp16_tile(src, dst, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = Storage<DT>::load(src[i]);
+  }
+}
+
+// Element i of an input of the element pass: from its float tile (index j = i - tile start) when the dtype is
+// loaded through tiles, else converted in place.
+template <int32_t DT>
+inline float input(const typename Storage<DT>::T* p, const float* tile, int64_t i, int64_t j) {
+  if constexpr (kLoadTile<DT>) return tile[j];
+  else return Storage<DT>::load(p[i]);
+}
+
 // ------------------------------------------------------------------------------------ statistics pass
 
 // Blocked summation: kLanes float accumulators per sum (kept in vector registers: the fixed-width inner loop is
@@ -343,26 +373,39 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
     T* cout = StoreCarry ? static_cast<T*>(t.carry_out) + base : nullptr;
     alignas(64) float zbuf[kTile];
     // fp16 / bf16 results through float tiles and store_half (each tile's inputs are read before its outputs
-    // are written, so y_out may still alias y)
+    // are written, so y_out may still alias y), fp16 inputs through float tiles and load_half
     constexpr bool kTiled = kStoreTile<DT>;
     alignas(64) float obuf[kTiled ? kTile : 1], dbuf[kTiled && StoreD ? kTile : 1],
         cbuf[kTiled && StoreCarry ? kTile : 1];
+    constexpr int64_t kIn = kLoadTile<DT> ? kTile : 1;
+    alignas(64) float ybuf[kIn], fcbuf[kIn], fubuf[Guided ? kIn : 1], h0buf[NHist > 0 ? kIn : 1],
+        h1buf[NHist > 1 ? kIn : 1], h2buf[NHist > 2 ? kIn : 1], zibuf[NoiseMode == 1 ? kIn : 1];
     for (int64_t lo = chunk_lo; lo < chunk_hi; lo += kTile) {
       const int64_t hi = lo + kTile < chunk_hi ? lo + kTile : chunk_hi;
       if (NoiseMode == 2) philox_tile(seeds[b], step, draw, lo / 4, (hi - lo + 3) / 4, zbuf);
+      if constexpr (kLoadTile<DT>) {
+        load_half<DT>(y + lo, ybuf, hi - lo);
+        load_half<DT>(fc + lo, fcbuf, hi - lo);
+        if (Guided) load_half<DT>(fu + lo, fubuf, hi - lo);
+        if (NHist > 0) load_half<DT>(h0 + lo, h0buf, hi - lo);
+        if (NHist > 1) load_half<DT>(h1 + lo, h1buf, hi - lo);
+        if (NHist > 2) load_half<DT>(h2 + lo, h2buf, hi - lo);
+        if (NoiseMode == 1) load_half<DT>(zin + lo, zibuf, hi - lo);
+      }
 #pragma omp simd
       for (int64_t i = lo; i < hi; ++i) {
-        const float yv = S::load(y[i]);
-        const float f = Guided ? guide(S::load(fc[i]), S::load(fu[i]), c.w) : S::load(fc[i]);
+        const int64_t j = i - lo;
+        const float yv = input<DT>(y, ybuf, i, j), fcv = input<DT>(fc, fcbuf, i, j);
+        const float f = Guided ? guide(fcv, input<DT>(fu, fubuf, i, j), c.w) : fcv;
         const float d = denoise(yv, f, c.p, c.q);
-        const float z = NoiseMode == 1 ? S::load(zin[i]) : NoiseMode == 2 ? zbuf[i - lo] : 0.0f;
-        const float out = update<NHist, NoiseMode != 0>(c, yv, d, NHist > 0 ? S::load(h0[i]) : 0.0f,
-                                                         NHist > 1 ? S::load(h1[i]) : 0.0f,
-                                                         NHist > 2 ? S::load(h2[i]) : 0.0f, z);
+        const float z = NoiseMode == 1 ? input<DT>(zin, zibuf, i, j) : NoiseMode == 2 ? zbuf[j] : 0.0f;
+        const float out = update<NHist, NoiseMode != 0>(c, yv, d, NHist > 0 ? input<DT>(h0, h0buf, i, j) : 0.0f,
+                                                         NHist > 1 ? input<DT>(h1, h1buf, i, j) : 0.0f,
+                                                         NHist > 2 ? input<DT>(h2, h2buf, i, j) : 0.0f, z);
         if (kTiled) {
-          if (StoreD) dbuf[i - lo] = d;
-          if (StoreCarry) cbuf[i - lo] = carry(c, yv, d);
-          obuf[i - lo] = out;
+          if (StoreD) dbuf[j] = d;
+          if (StoreCarry) cbuf[j] = carry(c, yv, d);
+          obuf[j] = out;
         } else {
           if (StoreD) dout[i] = S::store(d);
           if (StoreCarry) cout[i] = S::store(carry(c, yv, d));
@@ -427,6 +470,11 @@ void rescale_sums(const Tensors& t, int32_t with_y, double* out) {
 void half_stores(int32_t dtype, const float* src, uint16_t* dst, int64_t n) {
   if (dtype == kFloat16) store_half<kFloat16>(src, dst, n);
   else store_half<kBFloat16>(src, dst, n);
+}
+
+void half_loads(int32_t dtype, const uint16_t* src, float* dst, int64_t n) {
+  if (dtype == kFloat16) load_half<kFloat16>(src, dst, n);
+  else load_half<kBFloat16>(src, dst, n);
 }
 
 void philox_normals(uint64_t seed, uint32_t step, uint32_t draw, int64_t n, float* out) {

@@ -20,6 +20,7 @@ namespace cpu {
   void philox_rows(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out);   \
   void philox_normals(uint64_t seed, uint32_t step, uint32_t draw, int64_t n, float* out);                 \
   void half_stores(int32_t dtype, const float* src, uint16_t* dst, int64_t n);                             \
+  void half_loads(int32_t dtype, const uint16_t* src, float* dst, int64_t n);                              \
   }
 ZSNR_DECLARE_ISA(base)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -109,6 +110,10 @@ void philox_normals(uint64_t seed, uint32_t step_index, uint32_t draw, int64_t n
 
 void half_stores(int32_t dtype, const float* src, uint16_t* dst, int64_t n) {
   ZSNR_DISPATCH(half_stores, dtype, src, dst, n);
+}
+
+void half_loads(int32_t dtype, const uint16_t* src, float* dst, int64_t n) {
+  ZSNR_DISPATCH(half_loads, dtype, src, dst, n);
 }
 
 #undef ZSNR_DISPATCH

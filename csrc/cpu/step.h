@@ -43,6 +43,8 @@ void philox_normals(uint64_t seed, uint32_t step_index, uint32_t draw, int64_t n
 // dst[i] = src[i] rounded to float16 (dtype kFloat16) or bfloat16 (kBFloat16) as the element pass stores it
 // (tests: every instruction set rounds alike).
 void half_stores(int32_t dtype, const float* src, uint16_t* dst, int64_t n);
+// dst[i] = src[i] (float16 or bfloat16) as a float, as the element pass loads it.
+void half_loads(int32_t dtype, const uint16_t* src, float* dst, int64_t n);
 
 // The OpenMP threads of the element and statistics passes: set_num_threads(n >= 1) for every calling thread
 // (unlike omp_set_num_threads, whose setting is per calling thread), 0 restores OpenMP's default.  Results do not
