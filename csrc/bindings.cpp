@@ -133,6 +133,12 @@ std::string cuda_error_string(int32_t code) { return cudaGetErrorString(static_c
 
 #else
 
+// The test entry points on 16-bit storage take only the float16 and bfloat16 codes.
+void check_half_dtype(const char* fn, int32_t dtype) {
+  if (dtype != zsnr::kFloat16 && dtype != zsnr::kBFloat16)
+    throw std::invalid_argument(std::string(fn) + ": dtype must be the float16 or bfloat16 code");
+}
+
 // out[4 i + k] = word k of Philox4x32-10(key, (c0_start + i mod 2^32, c1, c2, c3)), i < n.
 void philox4x32(std::uintptr_t out_ptr, int64_t n, uint32_t key0, uint32_t key1, uint32_t c0_start,
                 uint32_t c1, uint32_t c2, uint32_t c3) {
@@ -319,15 +325,13 @@ PYBIND11_MODULE(_C, m) {
         }, py::arg("out_ptr"), py::arg("seed"), py::arg("step"), py::arg("draw"), py::arg("n"),
         "Fill float32 out[n] with the normals of one sample as the CPU element pass makes them, on this thread.");
   m.def("cpu_half_stores", [](int32_t dtype, std::uintptr_t src, std::uintptr_t dst, int64_t n) {
-          if (dtype != zsnr::kFloat16 && dtype != zsnr::kBFloat16)
-            throw std::invalid_argument("cpu_half_stores: dtype must be the float16 or bfloat16 code");
+          check_half_dtype("cpu_half_stores", dtype);
           py::gil_scoped_release no_gil;
           zsnr::cpu::half_stores(dtype, as_ptr<const float>(src), as_ptr<uint16_t>(dst), n);
         }, py::arg("dtype"), py::arg("src"), py::arg("dst"), py::arg("n"),
         "float16 or bfloat16 dst[n] from float32 src[n], rounded as the element pass stores them (tests).");
   m.def("cpu_half_loads", [](int32_t dtype, std::uintptr_t src, std::uintptr_t dst, int64_t n) {
-          if (dtype != zsnr::kFloat16 && dtype != zsnr::kBFloat16)
-            throw std::invalid_argument("cpu_half_loads: dtype must be the float16 or bfloat16 code");
+          check_half_dtype("cpu_half_loads", dtype);
           py::gil_scoped_release no_gil;
           zsnr::cpu::half_loads(dtype, as_ptr<const uint16_t>(src), as_ptr<float>(dst), n);
         }, py::arg("dtype"), py::arg("src"), py::arg("dst"), py::arg("n"),

@@ -19,8 +19,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #define ZSNR_CPU_ISA avx2
 #define ZSNR_CPU_VEC_BITS 256  // philox_simd.h
-#define ZSNR_CPU_FP16_STORE_TILE 1  // kernels_impl.h: store_fp16_tile below
-#define ZSNR_CPU_FP16_LOAD_TILE 1   // kernels_impl.h: load_fp16_tile below
+#define ZSNR_CPU_FP16_TILES 1  // kernels_impl.h: store_fp16_tile, load_fp16_tile below
 #include "kernels_impl.h"
 
 namespace zsnr {

@@ -27,8 +27,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 #define ZSNR_CPU_ISA avx512
 #define ZSNR_CPU_VEC_BITS 512  // philox_simd.h
-#define ZSNR_CPU_FP16_STORE_TILE 1  // kernels_impl.h: store_fp16_tile below
-#define ZSNR_CPU_FP16_LOAD_TILE 1   // kernels_impl.h: load_fp16_tile below
+#define ZSNR_CPU_FP16_TILES 1  // kernels_impl.h: store_fp16_tile, load_fp16_tile below
 #if defined(__clang__) || __GNUC__ >= 10    // the AVX512-BF16 intrinsics (GCC 9 lacks them)
 #define ZSNR_CPU_BF16_STORE_TILE 1  // kernels_impl.h: store_bf16_tile below
 #endif

@@ -102,15 +102,15 @@ inline void store_half_portable(const float* src, uint16_t* dst, int64_t n) {
 }
 
 // dst[i] = Storage<DT>::store(src[i]) for fp16 and bf16, i < n, bit for bit.  An instruction set whose file
-// defines ZSNR_CPU_FP16_STORE_TILE or ZSNR_CPU_BF16_STORE_TILE supplies a faster store_fp16_tile or
-// store_bf16_tile (F16C's VCVTPS2PH for fp16 in kernels_avx2.cpp and kernels_avx512.cpp; AVX512-BF16 for bf16
-// where the CPU has it), and the element pass then writes those results through float tiles and store_half.
-// The portable conversions cost ~45 (bf16) and more (fp16) instructions per 32 elements: plain Euler at
-// (4,4,128,128), 1 thread, took 108 us in bf16 and 190 us in fp16 with them, 93 and 116 us with the instructions.
-#if defined(ZSNR_CPU_FP16_STORE_TILE)
-constexpr bool kFp16StoreTile = true;
+// defines ZSNR_CPU_FP16_TILES supplies store_fp16_tile and load_fp16_tile (F16C's VCVTPS2PH and VCVTPH2PS, in
+// kernels_avx2.cpp and kernels_avx512.cpp), one that defines ZSNR_CPU_BF16_STORE_TILE store_bf16_tile
+// (AVX512-BF16 where the CPU has it); the element pass then moves those dtypes through float tiles.  The portable
+// conversions cost ~45 (bf16) and more (fp16) instructions per 32 elements: plain Euler at (4,4,128,128),
+// 1 thread, took 108 us in bf16 and 190 us in fp16 with them, 93 and 94 us with the instructions.
+#if defined(ZSNR_CPU_FP16_TILES)
+constexpr bool kFp16Tiles = true;
 #else
-constexpr bool kFp16StoreTile = false;
+constexpr bool kFp16Tiles = false;
 #endif
 #if defined(ZSNR_CPU_BF16_STORE_TILE)
 constexpr bool kBf16StoreTile = true;
@@ -118,9 +118,10 @@ constexpr bool kBf16StoreTile = true;
 constexpr bool kBf16StoreTile = false;
 #endif
 template <int32_t DT>
-constexpr bool kStoreTile = (DT == kFloat16 && kFp16StoreTile) || (DT == kBFloat16 && kBf16StoreTile);
+constexpr bool kStoreTile = (DT == kFloat16 && kFp16Tiles) || (DT == kBFloat16 && kBf16StoreTile);
 void store_fp16_tile(const float* src, uint16_t* dst, int64_t n);  // defined where the macros above say
 void store_bf16_tile(const float* src, uint16_t* dst, int64_t n);
+void load_fp16_tile(const uint16_t* src, float* dst, int64_t n);
 
 // The loop of a store_*_tile: `convert(src, dst)` rounds W floats with an instruction; a vector for which
 // `portable(src)` says the instruction would round differently (a NaN, say) takes store_half_portable, as does
@@ -137,23 +138,15 @@ inline void store_half_vectors(const float* src, uint16_t* dst, int64_t n, Porta
 
 template <int32_t DT>
 inline void store_half(const float* src, uint16_t* dst, int64_t n) {
-  if constexpr (DT == kFloat16 && kFp16StoreTile) store_fp16_tile(src, dst, n);
+  if constexpr (DT == kFloat16 && kFp16Tiles) store_fp16_tile(src, dst, n);
   else if constexpr (DT == kBFloat16 && kBf16StoreTile) store_bf16_tile(src, dst, n);
   else store_half_portable<DT>(src, dst, n);
 }
 
-// Loads the other way: an instruction set whose file defines ZSNR_CPU_FP16_LOAD_TILE supplies load_fp16_tile
-// (F16C's VCVTPH2PS, exact for every fp16 like fp16_to_float; a signalling NaN comes out quiet, which the first
-// arithmetic on it does anyway), and the element pass reads fp16 inputs through float tiles.  bf16 needs none:
-// its portable load is a shift.
-#if defined(ZSNR_CPU_FP16_LOAD_TILE)
-constexpr bool kFp16LoadTile = true;
-#else
-constexpr bool kFp16LoadTile = false;
-#endif
+// Loads the other way, for fp16 only (VCVTPH2PS is exact for every fp16 like fp16_to_float; a signalling NaN
+// comes out quiet, which the first arithmetic on it does anyway); bf16 needs none: its portable load is a shift.
 template <int32_t DT>
-constexpr bool kLoadTile = DT == kFloat16 && kFp16LoadTile;
-void load_fp16_tile(const uint16_t* src, float* dst, int64_t n);  // defined where the macro above says
+constexpr bool kLoadTile = DT == kFloat16 && kFp16Tiles;
 
 template <int32_t DT>
 inline void load_half(const uint16_t* src, float* dst, int64_t n) {
