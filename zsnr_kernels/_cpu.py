@@ -57,22 +57,22 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     philox = seeds is not None and noise is None
     (y_k, fc_k, fu_k, z_k, *hist_k), y_out = _layout.prepare([y, f_cond, f_uncond, noise, *history], philox, out)
     batch = y.shape[0]
-    n = y.numel() // batch
     d_out = torch.empty_like(y_k) if want_denoised else None
     carry_out = torch.empty_like(y_k) if a0.sampler == "lms" else None
     sigmas, n_prev = sigma_block(args, sigma_eval)
-    res = _ext.C.fused_step(
-        DTYPE_CODES[y.dtype], batch, n, y_k.data_ptr(), fc_k.data_ptr(), _layout.ptr(fu_k),
-        [h.data_ptr() for h in hist_k], _layout.ptr(z_k), y_out.data_ptr(), _layout.ptr(d_out),
-        _layout.ptr(carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
+    res = _ext.C.fused_step(  # pointers written out (0: none): this runs on every step
+        DTYPE_CODES[y.dtype], batch, y.numel() // batch, y_k.data_ptr(), fc_k.data_ptr(),
+        0 if fu_k is None else fu_k.data_ptr(), [h.data_ptr() for h in hist_k] if hist_k else [],
+        0 if z_k is None else z_k.data_ptr(), y_out.data_ptr(), 0 if d_out is None else d_out.data_ptr(),
+        0 if carry_out is None else carry_out.data_ptr(), PREDICTION_CODES[pz.prediction], pz.sigma_data,
         SAMPLER_CODES[a0.sampler], a0.stage, a0.solver_type == "heun", a0.order, a0.eta, a0.s_noise, sigmas,
         len(args), n_prev, guidance_scale, guidance_rescale if f_uncond is not None else 0.0,
-        SPACE_CODES[rescale_space],
-        [] if seeds is None else seeds, 0 if step_index is None else int(step_index), 0)
+        SPACE_CODES[rescale_space], [] if seeds is None else seeds, 0 if step_index is None else int(step_index), 0)
     error, complete, _noise_used, _n_hist, bad, sigma_out = res
     if error:
         _raise(error, pz, args, sigma_eval, bad, len(history))
-    return _layout.finish(y_out, out), d_out, carry_out, sigma_out, bool(complete)
+    return y_out if y_out is out or out is None else _layout.finish(y_out, out), d_out, carry_out, sigma_out, \
+        bool(complete)
 
 
 def _raise(error: int, pz, args, sigma_eval, bad: int, n_history: int):

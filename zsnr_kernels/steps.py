@@ -142,12 +142,11 @@ def _run(
     per sample; ``sigma_eval`` is where the model was called (a float or a per-sample list)."""
     y = _validate.tensor("y", y)
     pz = parameterization(prediction, sigma_data)
-    w = _validate.real("guidance_scale", guidance_scale)
-    phi = _validate.real("guidance_rescale", guidance_rescale, lo=0.0, hi=1.0)
-    space = _validate.choice("rescale_space", rescale_space, _validate.RESCALE_SPACES)
+    w, phi, space = _validate.guidance(guidance_scale, guidance_rescale, rescale_space)
     f_cond, f_uncond = _validate.model_output(model_output, y, w)
     for k, t in enumerate(history):
-        _validate.tensor(f"history[{k}]", t, y)
+        if not _validate.matches(t, y):
+            _validate.tensor(f"history[{k}]", t, y)
     if out is not None:
         _validate.tensor("out", out, y)
     if noise is not None and not callable(noise):
@@ -181,7 +180,8 @@ def _run(
         y_out, d, carry, sigma_out, complete = run(
             y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
             rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
-    result = StepResult(y_out, _column(sigma_out, len(args) > 1), d if want_d else None, complete, carry)
+    result = StepResult(y_out, sigma_out[0] if len(args) == 1 else _column(sigma_out, True), d if want_d else None,
+                        complete, carry)
     rec = recorder  # read once: another thread's recording may end meanwhile
     if rec is not None and rec.thread == threading.get_ident():  # zsnr_kernels.plan is recording a run
         rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
@@ -255,14 +255,16 @@ def _sigmas(y, sigma, sigma_next, *hat):
     return out
 
 
-def _args(sampler: str, sg, sn, *, hat=None, prev=(), **fixed) -> list[co.StepArgs]:
-    """One StepArgs for the batch, or one per sample when any sigma is a per-sample list."""
+def _args(sampler: str, sg, sn, *, hat=None, prev=(), stage=1, eta=1.0, s_noise=1.0, solver_type="midpoint",
+          order=4) -> list[co.StepArgs]:
+    """One StepArgs for the batch, or one per sample when any sigma is a per-sample list (built positionally:
+    keywords to a NamedTuple cost more, and this runs on every step)."""
     if type(sg) is not list and type(sn) is not list and type(hat) is not list and (
             not prev or list not in map(type, prev)):
-        return [co.StepArgs(sampler, sg, sn, sigma_hat_next=hat, sigma_prev=tuple(prev), **fixed)]
+        return [co.StepArgs(sampler, sg, sn, stage, hat, tuple(prev), eta, s_noise, solver_type, order)]
     n = max(len(v) for v in (sg, sn, hat, *prev) if isinstance(v, list))
-    return [co.StepArgs(sampler, _at(sg, i), _at(sn, i), sigma_hat_next=None if hat is None else _at(hat, i),
-                        sigma_prev=tuple(_at(p, i) for p in prev), **fixed) for i in range(n)]
+    return [co.StepArgs(sampler, _at(sg, i), _at(sn, i), stage, None if hat is None else _at(hat, i),
+                        tuple(_at(p, i) for p in prev), eta, s_noise, solver_type, order) for i in range(n)]
 
 
 def _history(history, depth: int, y, name: str = "history"):
