@@ -878,3 +878,61 @@ def test_set_num_threads_applies_to_every_python_thread():
     finally:
         zk.set_num_threads(None)
     assert zk.get_num_threads() == default
+
+
+def _available_memory() -> int:
+    """Bytes the kernel says a new allocation can take now (MemAvailable; 0 where /proc/meminfo is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def _philox_normals(seed: int, step_index: int, lo: int, hi: int) -> torch.Tensor:
+    """The DESIGN 2.8 normals of elements lo..hi-1 of one sample, from their global element index (what
+    ``noise.normal`` would give, without allocating the whole sample)."""
+    g = torch.arange(lo // 4, (hi + 3) // 4, dtype=torch.int64)
+    words = zn.philox4x32(seed & 0xFFFFFFFF, seed >> 32, g & 0xFFFFFFFF, g >> 32, step_index, 0)
+    u = [zn.uint32_to_uniform(w) for w in words]
+    n0, n1 = zn._box_muller(u[0], u[1])
+    n2, n3 = zn._box_muller(u[2], u[3])
+    normals = torch.stack((n0, n1, n2, n3), dim=-1).reshape(-1)
+    return normals[lo - 4 * (lo // 4):][:hi - lo]
+
+
+@pytest.mark.skipif(_available_memory() < 12 * 2**30, reason="needs 12 GiB free: two bfloat16 latents of 2**31 "
+                    "elements (their memory, not their math, is the point)")
+def test_a_latent_over_2_31_elements():
+    """64-bit indexing (issue 3 item 2): one sample of n > 2**31 bfloat16 elements, a guided + rescaled Euler step
+    then a seeded Euler ancestral step, both in place.  The inputs repeat a random pattern of period P (prime, so
+    an index wrapped at 2**31 or 2**32 reads a different value); windows of whole periods at the start, across
+    2**31 and at the end are compared with the torch backend on those windows alone.  Whole periods have the
+    statistics of the whole sample up to the 1/(N-1) of std, which cancels in the rescale ratio; the noise of a
+    window comes from its global element indices (Philox counter g = j // 4 split into two words)."""
+    seed, step_index = 2**40 + 7, 3
+    for lo, hi in ((0, 103), (5, 50)):  # the helper is noise.normal's definition
+        assert torch.equal(_philox_normals(seed, step_index, lo, hi), zn.normal((1, hi), seed, step_index)[0, lo:])
+    period = 1021
+    m = (2**31 + period) // period + 1
+    n = period * m                                   # 2**31 + 1988: not a multiple of 16 either
+    gen = torch.Generator().manual_seed(31)
+    y = torch.randn(period, generator=gen).bfloat16().repeat(m).view(1, n)
+    fcu = torch.randn(period, generator=gen).bfloat16().repeat(m + 1)[:n + 1]
+    f_cond, f_uncond = fcu[None, :n], fcu[None, 1:]  # the pattern and its rotation by one
+    starts = [0, (2**31 // period - 1) * period, n - 3 * period]
+    windows = [slice(s, s + 3 * period) for s in starts]
+    assert windows[1].start < 2**31 < windows[1].stop
+    before = [(y[:, w].clone(), f_cond[:, w].clone(), f_uncond[:, w].clone()) for w in windows]
+    guided = dict(guidance_scale=4.0, guidance_rescale=0.7, return_denoised=False)
+    r = zk.euler_step(y, (f_cond, f_uncond), 3.0, 2.0, out=y, backend="cpu", **guided)
+    assert r.y is y
+    zk.euler_ancestral_step(y, f_cond, 2.0, 1.0, seed=seed, step_index=step_index, out=y, return_denoised=False,
+                            backend="cpu")
+    for w, (y0, fc, fu) in zip(windows, before):
+        ref = zk.euler_step(y0, (fc, fu), 3.0, 2.0, backend="torch", **guided).y  # rounded to bf16, as in place
+        z = _philox_normals(seed, step_index, w.start, w.stop).view(1, -1)  # float32, as the kernel draws them
+        ref = zk.euler_ancestral_step(ref.float(), fc.float(), 2.0, 1.0, noise=z, backend="torch").y
+        torch.testing.assert_close(y[:, w].float(), ref, atol=TOLERANCES[torch.bfloat16][0],
+                                   rtol=TOLERANCES[torch.bfloat16][1], msg=lambda m, s=w.start: f"window {s}: {m}")
