@@ -71,8 +71,9 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     error, complete, _noise_used, _n_hist, bad, sigma_out = res
     if error:
         _raise(error, pz, args, sigma_eval, bad, len(history))
-    return y_out if y_out is out or out is None else _layout.finish(y_out, out), d_out, carry_out, sigma_out, \
-        bool(complete)
+    if out is not None and y_out is not out:  # the kernel wrote a temporary (another layout)
+        y_out = _layout.finish(y_out, out)
+    return y_out, d_out, carry_out, sigma_out, bool(complete)
 
 
 def _raise(error: int, pz, args, sigma_eval, bad: int, n_history: int):

@@ -255,8 +255,12 @@ def _sigmas(y, sigma, sigma_next, *hat):
     return out
 
 
-def _args(sampler: str, sg, sn, *, hat=None, prev=(), stage=1, eta=1.0, s_noise=1.0, solver_type="midpoint",
-          order=4) -> list[co.StepArgs]:
+_DEFAULT = co.StepArgs._field_defaults
+
+
+def _args(sampler: str, sg, sn, *, hat=None, prev=(), stage=_DEFAULT["stage"], eta=_DEFAULT["eta"],
+          s_noise=_DEFAULT["s_noise"], solver_type=_DEFAULT["solver_type"],
+          order=_DEFAULT["order"]) -> list[co.StepArgs]:
     """One StepArgs for the batch, or one per sample when any sigma is a per-sample list (built positionally:
     keywords to a NamedTuple cost more, and this runs on every step)."""
     if type(sg) is not list and type(sn) is not list and type(hat) is not list and (

@@ -266,8 +266,8 @@ void rescale_sums_impl(const Tensors& t, int32_t with_y, double* out) {
 // scalar logf/sinf/cosf would keep the loop scalar.  The normals therefore agree with the other backends to
 // float rounding, as DESIGN 2.8 promises, not bit for bit.
 //
-// The polynomials are forced inline: a call keeps philox_tile's loop scalar, and GCC's size heuristics stopped
-// inlining vlogf into one instantiation of combine_impl once the noise came in slices (bf16 DPM++(3M) SDE: 10x).
+// The polynomials are forced inline: a call keeps philox_tile's loop scalar, and GCC's size heuristics did stop
+// inlining vlogf into one instantiation of combine_impl when the code around it grew (bf16 DPM++(3M) SDE: 10x).
 #if defined(__GNUC__)
 #define ZSNR_CPU_VECTOR_INLINE inline __attribute__((always_inline))
 #else
@@ -322,12 +322,14 @@ ZSNR_CPU_VECTOR_INLINE SinCos vsincosf(float th) {
 #include "philox_simd.h"
 
 // Normals of groups [g0, g0 + ng) (four elements each, ng <= kTile / 4) of one sample into buf[4 * ng]: the
-// Philox words (philox_simd.h), then the uniforms and Box-Muller a quarter at a time into four arrays (so the
-// loop vectorises), then interleaved.
-inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf) {
+// Philox words (philox_simd.h; `after` as there), then the uniforms and Box-Muller a quarter at a time into four
+// arrays (so the loop vectorises), then interleaved.
+template <typename After>
+inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf,
+                        After&& after) {
   alignas(64) uint32_t x0[kTile / 4], x1[kTile / 4], x2[kTile / 4], x3[kTile / 4];
   alignas(64) float n0[kTile / 4], n1[kTile / 4], n2[kTile / 4], n3[kTile / 4];
-  philox_words(seed, step, draw, static_cast<uint64_t>(g0), ng, x0, x1, x2, x3);
+  philox_words(seed, step, draw, static_cast<uint64_t>(g0), ng, x0, x1, x2, x3, after);
 #pragma omp simd
   for (int32_t g = 0; g < static_cast<int32_t>(ng); ++g) {
     const float v0 = uint_to_uniform(x0[g]), u1 = uint_to_uniform(x1[g]);
@@ -349,6 +351,10 @@ inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0,
   }
 }
 
+inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf) {
+  philox_tile(seed, step, draw, g0, ng, buf, [](int64_t, int64_t) {});
+}
+
 // Asks for the cache lines of elements [lo, hi) of p (into L2; with write intent for an output).
 template <bool Write, typename T>
 inline void prefetch_lines(const T* p, int64_t lo, int64_t hi) {
@@ -357,30 +363,29 @@ inline void prefetch_lines(const T* p, int64_t lo, int64_t hi) {
   for (int64_t i = lo; i < hi; i += kPerLine) __builtin_prefetch(p + i, Write ? 1 : 0, 2);
 }
 
-// The in-kernel noise of a tile, kNoiseSlice elements at a time, each slice's normals computed after asking for the
-// memory the element loop will touch in that slice: the normals are compute-bound (Philox and Box-Muller, ~0.8 ns
-// per element and core), the element loop memory-bound, and without the requests no load is in flight while the
-// normals are computed.  NOTE: measured (2 threads, old and new builds in one process): Euler ancestral on the
-// (1,16,21,60,104) latent 0.68x the time in float32, 0.80-0.86x in bfloat16, (4,4,128,128) unchanged (its data
-// stays in L2).  Slices of 128 and 512 were slower than 256; requesting a whole tile before its normals was 1.3x
-// slower than slices (the requests queue up ahead of the arithmetic).
-constexpr int64_t kNoiseSlice = 256;  // a multiple of 4: slices start on Philox groups
-
 template <typename T>
 struct TilePointers {
   const T* in[7];   // y, F_c, F_u, the history, explicit noise (nullptr where a step has none)
   T* out[3];        // y_out, D, carry
 };
 
+// The in-kernel noise of elements [lo, hi) (lo a multiple of 4), asking for the memory the element loop will
+// touch in the same elements, a Philox block at a time while the words are computed: the normals are
+// compute-bound (Philox and Box-Muller, ~0.8 ns per element and core), the element loop memory-bound, and without
+// the requests no load would be in flight while the normals are computed.  NOTE: measured on the 2-core build
+// machine, old and new builds alternating in one process: Euler ancestral on the (1,16,21,60,104) latent with
+// its tensors out of cache (as after a model call) 0.68-0.71x the time in float32, 0.80-0.83x in bfloat16;
+// repeated on cached tensors, and at (4,4,128,128), unchanged.  Requesting a whole tile before its noise was
+// 1.3x slower than spreading the requests (they queue ahead of the arithmetic); computing the noise in slices
+// with requests in between cost bfloat16 6% on cached tensors (the Philox setup per slice).
 template <typename T>
 inline void noise_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t lo, int64_t hi, float* buf,
                        const TilePointers<T>& p) {
-  for (int64_t s = lo; s < hi; s += kNoiseSlice) {
-    const int64_t e = s + kNoiseSlice < hi ? s + kNoiseSlice : hi;
+  philox_tile(seed, step, draw, lo / 4, (hi - lo + 3) / 4, buf, [&](int64_t g_lo, int64_t g_hi) {
+    const int64_t s = lo + 4 * g_lo, e = lo + 4 * g_hi < hi ? lo + 4 * g_hi : hi;
     for (const T* q : p.in) prefetch_lines<false>(q, s, e);
     for (T* q : p.out) prefetch_lines<true>(q, s, e);
-    philox_tile(seed, step, draw, s / 4, (e - s + 3) / 4, buf + (s - lo));
-  }
+  });
 }
 
 template <int32_t DT, int NHist, bool Guided, bool StoreD, bool StoreCarry, int NoiseMode>

@@ -90,17 +90,29 @@ inline void philox_block(uint32_t k0, uint32_t k1, uint32_t step, uint32_t draw,
 #endif
 
 // The words of groups [g0, g0 + ng): whole blocks by the vector code where there is one, the rest one group
-// at a time by the shared scalar definition.
+// at a time by the shared scalar definition.  `after(lo, hi)` is called once groups [lo, hi) (counted from g0)
+// are done, after each block and once for the rest: the caller can spread other work (memory requests) over
+// the arithmetic.
+template <typename After>
 inline void philox_words(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* x0,
-                         uint32_t* x1, uint32_t* x2, uint32_t* x3) {
+                         uint32_t* x1, uint32_t* x2, uint32_t* x3, After&& after) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   int64_t g = 0;
 #if defined(ZSNR_CPU_VEC_BITS)
-  for (; g + kPhiloxBlock <= ng; g += kPhiloxBlock)
+  for (; g + kPhiloxBlock <= ng; g += kPhiloxBlock) {
     philox_block(k0, k1, step, draw, g0 + static_cast<uint64_t>(g), x0 + g, x1 + g, x2 + g, x3 + g);
+    after(g, g + kPhiloxBlock);
+  }
 #endif
+  const int64_t rest = g;
   for (; g < ng; ++g) {
     const U32x4 x = philox_group(k0, k1, step, draw, g0 + static_cast<uint64_t>(g));
     x0[g] = x.x, x1[g] = x.y, x2[g] = x.z, x3[g] = x.w;
   }
+  if (rest < ng) after(rest, ng);
+}
+
+inline void philox_words(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* x0,
+                         uint32_t* x1, uint32_t* x2, uint32_t* x3) {
+  philox_words(seed, step, draw, g0, ng, x0, x1, x2, x3, [](int64_t, int64_t) {});
 }
