@@ -373,9 +373,10 @@ struct TilePointers {
 // touch in the same elements, a Philox block at a time while the words are computed: the normals are
 // compute-bound (Philox and Box-Muller, ~0.8 ns per element and core), the element loop memory-bound, and without
 // the requests no load would be in flight while the normals are computed.  NOTE: measured on the 2-core build
-// machine, old and new builds alternating in one process: Euler ancestral on the (1,16,21,60,104) latent with
-// its tensors out of cache (as after a model call) 0.68-0.71x the time in float32, 0.80-0.83x in bfloat16;
-// repeated on cached tensors, and at (4,4,128,128), unchanged.  Requesting a whole tile before its noise was
+// machine, old and new builds alternating: Euler ancestral on the (1,16,21,60,104) latent 0.68-0.71x the time
+// in float32, 0.80-0.83x in bfloat16 with other latents' steps run in between (its tensors out of L2, in L3);
+// 0.90-0.96x with a 512 MiB buffer written in between (from DRAM, as after a model call: bench/report_cold.py);
+// unchanged when repeated on cached tensors, and at (4,4,128,128).  Requesting a whole tile before its noise was
 // 1.3x slower than spreading the requests (they queue ahead of the arithmetic); computing the noise in slices
 // with requests in between cost bfloat16 6% on cached tensors (the Philox setup per slice).
 template <typename T>
