@@ -1,6 +1,6 @@
 """Smoke tests of the benchmark (zsnr_kernels/bench.py, run through bench/bench_step.py as its users do): a tiny
---quick run writes a complete CSV; --png without matplotlib fails before measuring; CUDA backends skip cleanly
-without a GPU and are timed (events, CUDA graph, % of peak) where there is one."""
+--quick run writes a complete CSV; bench/report_cold.py runs; --png without matplotlib fails before measuring; CUDA
+backends skip cleanly without a GPU and are timed (events, CUDA graph, % of peak) where there is one."""
 
 from __future__ import annotations
 
@@ -61,6 +61,17 @@ def test_quick_run_writes_csv(tmp_path, capsys):
         assert float(row["x_eager"]) == pytest.approx(float(row["eager_us"]) / float(row["us"]), rel=1e-4)
         assert row["isa"] == _ext.C.cpu_isa()
     assert float(rows[1]["x_eager"]) == 1.0
+
+
+@needs_cpu
+def test_cold_cache_report_runs(capsys):
+    spec = importlib.util.spec_from_file_location("report_cold", BENCH.parent / "report_cold.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--shape", "1x4x8x8", "--dtypes", "bfloat16", "--ops", "euler_ancestral", "--repeats", "1"])
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[:2] == ["euler_ancestral", "bfloat16"]
+    assert all(math.isfinite(float(v)) and float(v) > 0 for v in row[2:6])  # cold, warm, triad cold, triad warm
 
 
 def test_png_without_matplotlib_fails_before_measuring(monkeypatch, capsys, tmp_path):
