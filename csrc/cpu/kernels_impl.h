@@ -365,7 +365,7 @@ inline void prefetch_lines(const T* p, int64_t lo, int64_t hi) {
 
 template <typename T>
 struct TilePointers {
-  const T* in[7];   // y, F_c, F_u, the history, explicit noise (nullptr where a step has none)
+  const T* in[6];   // y, F_c, F_u, the history (nullptr where a step has none)
   T* out[3];        // y_out, D, carry
 };
 
@@ -375,7 +375,7 @@ struct TilePointers {
 // the requests no load would be in flight while the normals are computed.  NOTE: measured on the 2-core build
 // machine, old and new builds alternating: Euler ancestral on the (1,16,21,60,104) latent 0.68-0.71x the time
 // in float32, 0.80-0.83x in bfloat16 with other latents' steps run in between (its tensors out of L2, in L3);
-// 0.90-0.96x with a 512 MiB buffer written in between (from DRAM, as after a model call: bench/report_cold.py);
+// 0.89-0.96x (DPM++(3M) SDE alike) with a 512 MiB buffer written in between (from DRAM, as after a model call: bench/report_cold.py);
 // unchanged when repeated on cached tensors, and at (4,4,128,128).  Requesting a whole tile before its noise was
 // 1.3x slower than spreading the requests (they queue ahead of the arithmetic); computing the noise in slices
 // with requests in between cost bfloat16 6% on cached tensors (the Philox setup per slice).
@@ -425,7 +425,7 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
       const int64_t hi = lo + kTile < chunk_hi ? lo + kTile : chunk_hi;
       if (NoiseMode == 2)
         noise_tile(seeds[b], step, draw, lo, hi, zbuf,
-                   TilePointers<T>{{y, fc, fu, h0, h1, h2, nullptr}, {yo, dout, cout}});
+                   TilePointers<T>{{y, fc, fu, h0, h1, h2}, {yo, dout, cout}});
       if constexpr (kLoadTile<DT>) {
         load_half<DT>(y + lo, ybuf, hi - lo);
         load_half<DT>(fc + lo, fcbuf, hi - lo);
