@@ -6,6 +6,9 @@
 // Byte model of the element pass (N = batch * n elements of `dtype`): reads y, F_c (, F_u), each remembered
 // tensor (, the explicit noise), writes y_out (, D, carry).  The statistics pass reads F_c, F_u (, y) once.
 #include <math.h>
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf: the L2 size
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -322,26 +325,35 @@ ZSNR_CPU_VECTOR_INLINE SinCos vsincosf(float th) {
 #include "philox_simd.h"
 
 // Normals of groups [g0, g0 + ng) (four elements each, ng <= kTile / 4) of one sample into buf[4 * ng]: the
-// Philox words (philox_simd.h; `after` as there), then the uniforms and Box-Muller a quarter at a time into four
-// arrays (so the loop vectorises), then interleaved.
+// Philox words (philox_simd.h), then the uniforms and Box-Muller a quarter at a time into four arrays (so the
+// loop vectorises), then interleaved.  `after(from, to, total)` is called as the arithmetic advances, from 0 to
+// total (the words of every group, then its normals), so a caller can spread other work over it.
+constexpr int64_t kNormalsChunk = 64;  // groups of normals between two calls of `after`
+
 template <typename After>
 inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf,
                         After&& after) {
   alignas(64) uint32_t x0[kTile / 4], x1[kTile / 4], x2[kTile / 4], x3[kTile / 4];
   alignas(64) float n0[kTile / 4], n1[kTile / 4], n2[kTile / 4], n3[kTile / 4];
-  philox_words(seed, step, draw, static_cast<uint64_t>(g0), ng, x0, x1, x2, x3, after);
+  const int64_t total = 2 * ng;
+  philox_words(seed, step, draw, static_cast<uint64_t>(g0), ng, x0, x1, x2, x3,
+               [&](int64_t g_lo, int64_t g_hi) { after(g_lo, g_hi, total); });
+  for (int64_t c = 0; c < ng; c += kNormalsChunk) {
+    const int32_t c_lo = static_cast<int32_t>(c), c_hi = static_cast<int32_t>(c + kNormalsChunk < ng ? c + kNormalsChunk : ng);
 #pragma omp simd
-  for (int32_t g = 0; g < static_cast<int32_t>(ng); ++g) {
-    const float v0 = uint_to_uniform(x0[g]), u1 = uint_to_uniform(x1[g]);
-    const float v2 = uint_to_uniform(x2[g]), u3 = uint_to_uniform(x3[g]);
-    const float u0 = v0 > kMinUniform ? v0 : kMinUniform, u2 = v2 > kMinUniform ? v2 : kMinUniform;  // not fmaxf:
-    // its NaN rules keep GCC from vectorising, and u is never NaN
-    const float r0 = sqrtf(-2.0f * vlogf(u0)), r1 = sqrtf(-2.0f * vlogf(u2));
-    const SinCos a = vsincosf(kTwoPi * u1), b = vsincosf(kTwoPi * u3);
-    n0[g] = r0 * a.c;
-    n1[g] = r0 * a.s;
-    n2[g] = r1 * b.c;
-    n3[g] = r1 * b.s;
+    for (int32_t g = c_lo; g < c_hi; ++g) {
+      const float v0 = uint_to_uniform(x0[g]), u1 = uint_to_uniform(x1[g]);
+      const float v2 = uint_to_uniform(x2[g]), u3 = uint_to_uniform(x3[g]);
+      const float u0 = v0 > kMinUniform ? v0 : kMinUniform, u2 = v2 > kMinUniform ? v2 : kMinUniform;  // not
+      // fmaxf: its NaN rules keep GCC from vectorising, and u is never NaN
+      const float r0 = sqrtf(-2.0f * vlogf(u0)), r1 = sqrtf(-2.0f * vlogf(u2));
+      const SinCos a = vsincosf(kTwoPi * u1), b = vsincosf(kTwoPi * u3);
+      n0[g] = r0 * a.c;
+      n1[g] = r0 * a.s;
+      n2[g] = r1 * b.c;
+      n3[g] = r1 * b.s;
+    }
+    after(ng + c_lo, ng + c_hi, total);
   }
   for (int64_t g = 0; g < ng; ++g) {
     buf[4 * g] = n0[g];
@@ -352,15 +364,22 @@ inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0,
 }
 
 inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf) {
-  philox_tile(seed, step, draw, g0, ng, buf, [](int64_t, int64_t) {});
+  philox_tile(seed, step, draw, g0, ng, buf, [](int64_t, int64_t, int64_t) {});
 }
 
-// Asks for the cache lines of elements [lo, hi) of p (into L2; with write intent for an output).
-template <bool Write, typename T>
+// Asks for the cache lines of elements [lo, hi) of p, into L2.  On x86 an asm statement: GCC 12 deleted the
+// __builtin_prefetch loop once it was inlined into philox_tile (a prefetch has no side effect it must keep).
+template <typename T>
 inline void prefetch_lines(const T* p, int64_t lo, int64_t hi) {
   if (p == nullptr) return;
   constexpr int64_t kPerLine = 64 / static_cast<int64_t>(sizeof(T));
-  for (int64_t i = lo; i < hi; i += kPerLine) __builtin_prefetch(p + i, Write ? 1 : 0, 2);
+  for (int64_t i = lo; i < hi; i += kPerLine) {
+#if defined(__x86_64__) || defined(__i386__)
+    asm volatile("prefetcht1 %0" : : "m"(*reinterpret_cast<const char*>(p + i)));
+#else
+    __builtin_prefetch(p + i, 0, 2);
+#endif
+  }
 }
 
 template <typename T>
@@ -369,24 +388,41 @@ struct TilePointers {
   T* out[3];        // y_out, D, carry
 };
 
-// The in-kernel noise of elements [lo, hi) (lo a multiple of 4), asking for the memory the element loop will
-// touch in the same elements, a Philox block at a time while the words are computed: the normals are
+// The in-kernel noise of elements [lo, hi) (lo a multiple of 4); with `ask`, the memory the element loop will touch
+// in the same elements is requested as the arithmetic advances (philox_tile's `after`): the normals are
 // compute-bound (Philox and Box-Muller, ~0.8 ns per element and core), the element loop memory-bound, and without
 // the requests no load would be in flight while the normals are computed.  NOTE: measured on the 2-core build
-// machine, old and new builds alternating: Euler ancestral on the (1,16,21,60,104) latent 0.68-0.71x the time
-// in float32, 0.80-0.83x in bfloat16 with other latents' steps run in between (its tensors out of L2, in L3);
-// 0.89-0.96x (DPM++(3M) SDE alike) with a 512 MiB buffer written in between (from DRAM, as after a model call: bench/report_cold.py);
-// unchanged when repeated on cached tensors, and at (4,4,128,128).  Requesting a whole tile before its noise was
-// 1.3x slower than spreading the requests (they queue ahead of the arithmetic); computing the noise in slices
-// with requests in between cost bfloat16 6% on cached tensors (the Philox setup per slice).
+// machine on the (1,16,21,60,104) latent, the session-start and this build alternating in ABBA order (the second
+// of two back-to-back runs finds the tensors in cache, which had faked a 0.68x gain before the prefetches were
+// even emitted): Euler ancestral 0.94x the time in float32 when repeated, 0.84x with a 512 MiB buffer written
+// between calls (as after a model call), bfloat16 1.0x and 0.91x; DPM++(3M) SDE 0.78x / 0.82x in float32, 1.0x /
+// 0.73x in bfloat16.
 template <typename T>
 inline void noise_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t lo, int64_t hi, float* buf,
-                       const TilePointers<T>& p) {
-  philox_tile(seed, step, draw, lo / 4, (hi - lo + 3) / 4, buf, [&](int64_t g_lo, int64_t g_hi) {
-    const int64_t s = lo + 4 * g_lo, e = lo + 4 * g_hi < hi ? lo + 4 * g_hi : hi;
-    for (const T* q : p.in) prefetch_lines<false>(q, s, e);
-    for (T* q : p.out) prefetch_lines<true>(q, s, e);
+                       const TilePointers<T>& p, bool ask) {
+  if (!ask) {
+    philox_tile(seed, step, draw, lo / 4, (hi - lo + 3) / 4, buf);
+    return;
+  }
+  philox_tile(seed, step, draw, lo / 4, (hi - lo + 3) / 4, buf, [&](int64_t from, int64_t to, int64_t total) {
+    const int64_t s = lo + (hi - lo) * from / total, e = lo + (hi - lo) * to / total;
+    for (const T* q : p.in) prefetch_lines(q, s, e);
+    for (const T* q : p.out) prefetch_lines(q, s, e);
   });
+}
+
+// Whether the tensors of a step outgrow the L2 caches of the threads running it: below that, the lines a noise tile
+// would ask for are in L2 already and asking costs instructions (Euler ancestral at (4,4,128,128): 6% slower).
+inline bool outgrows_l2(int64_t bytes, int threads) {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  static const int64_t l2 = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{1} << 20;
+  }();
+#else
+  constexpr int64_t l2 = int64_t{1} << 20;
+#endif
+  return bytes > l2 * (threads > 0 ? threads : 1);
 }
 
 template <int32_t DT, int NHist, bool Guided, bool StoreD, bool StoreCarry, int NoiseMode>
@@ -395,7 +431,9 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
   using T = typename S::T;
   const int64_t chunks = (t.n + kChunk - 1) / kChunk;
   const int64_t tasks = t.batch * chunks;
-  [[maybe_unused]] const int threads = num_threads();  // unused without OpenMP
+  const int threads = num_threads();
+  constexpr int64_t kStreams = 3 + Guided + NHist + StoreD + StoreCarry;  // y, F_c, ..., y_out
+  const bool ask = NoiseMode == 2 && outgrows_l2(kStreams * t.batch * t.n * int64_t{sizeof(T)}, threads);
 #pragma omp parallel for schedule(static) if (tasks > 1) num_threads(threads)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / chunks, chunk_lo = (task % chunks) * kChunk;
@@ -425,7 +463,7 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
       const int64_t hi = lo + kTile < chunk_hi ? lo + kTile : chunk_hi;
       if (NoiseMode == 2)
         noise_tile(seeds[b], step, draw, lo, hi, zbuf,
-                   TilePointers<T>{{y, fc, fu, h0, h1, h2}, {yo, dout, cout}});
+                   TilePointers<T>{{y, fc, fu, h0, h1, h2}, {yo, dout, cout}}, ask);
       if constexpr (kLoadTile<DT>) {
         load_half<DT>(y + lo, ybuf, hi - lo);
         load_half<DT>(fc + lo, fcbuf, hi - lo);
