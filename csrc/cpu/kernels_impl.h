@@ -367,17 +367,18 @@ inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0,
   philox_tile(seed, step, draw, g0, ng, buf, [](int64_t, int64_t, int64_t) {});
 }
 
-// Asks for the cache lines of elements [lo, hi) of p, into L2.  On x86 an asm statement: GCC 12 deleted the
-// __builtin_prefetch loop once it was inlined into philox_tile (a prefetch has no side effect it must keep).
+// Asks for the cache lines of elements [lo, hi) of p (PREFETCHT0: into L1; T1, into L2 only, was 5-8% slower in
+// float32).  On x86 an asm statement: GCC 12 deleted the __builtin_prefetch loop once it was inlined into
+// philox_tile (a prefetch has no side effect it must keep).
 template <typename T>
 inline void prefetch_lines(const T* p, int64_t lo, int64_t hi) {
   if (p == nullptr) return;
   constexpr int64_t kPerLine = 64 / static_cast<int64_t>(sizeof(T));
   for (int64_t i = lo; i < hi; i += kPerLine) {
 #if defined(__x86_64__) || defined(__i386__)
-    asm volatile("prefetcht1 %0" : : "m"(*reinterpret_cast<const char*>(p + i)));
+    asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char*>(p + i)));
 #else
-    __builtin_prefetch(p + i, 0, 2);
+    __builtin_prefetch(p + i, 0, 3);
 #endif
   }
 }
@@ -394,9 +395,9 @@ struct TilePointers {
 // the requests no load would be in flight while the normals are computed.  NOTE: measured on the 2-core build
 // machine on the (1,16,21,60,104) latent, the session-start and this build alternating in ABBA order (the second
 // of two back-to-back runs finds the tensors in cache, which had faked a 0.68x gain before the prefetches were
-// even emitted): Euler ancestral 0.94x the time in float32 when repeated, 0.84x with a 512 MiB buffer written
-// between calls (as after a model call), bfloat16 1.0x and 0.91x; DPM++(3M) SDE 0.78x / 0.82x in float32, 1.0x /
-// 0.73x in bfloat16.
+// even emitted): Euler ancestral 0.90x the time in float32 when repeated, 0.77x with a 512 MiB buffer written
+// between calls (as after a model call), bfloat16 1.03x and 0.88x; DPM++(3M) SDE 0.77x / 0.84x in float32,
+// 0.95x / 0.74x in bfloat16; at (4,4,128,128) DPM++(3M) SDE in float32 (6 MB) 0.85x, the rest unchanged.
 template <typename T>
 inline void noise_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t lo, int64_t hi, float* buf,
                        const TilePointers<T>& p, bool ask) {
