@@ -327,19 +327,18 @@ ZSNR_CPU_VECTOR_INLINE SinCos vsincosf(float th) {
 // Normals of groups [g0, g0 + ng) (four elements each, ng <= kTile / 4) of one sample into buf[4 * ng]: the
 // Philox words (philox_simd.h), then the uniforms and Box-Muller a quarter at a time into four arrays (so the
 // loop vectorises), then interleaved.  `after(from, to, total)` is called as the arithmetic advances, from 0 to
-// total (the words of every group, then its normals), so a caller can spread other work over it.
-constexpr int64_t kNormalsChunk = 64;  // groups of normals between two calls of `after`
-
+// total (the words of every group, then its normals, `chunk` groups at a time), so a caller can spread other work
+// over it.
 template <typename After>
 inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf,
-                        After&& after) {
+                        After&& after, int64_t chunk) {
   alignas(64) uint32_t x0[kTile / 4], x1[kTile / 4], x2[kTile / 4], x3[kTile / 4];
   alignas(64) float n0[kTile / 4], n1[kTile / 4], n2[kTile / 4], n3[kTile / 4];
   const int64_t total = 2 * ng;
   philox_words(seed, step, draw, static_cast<uint64_t>(g0), ng, x0, x1, x2, x3,
                [&](int64_t g_lo, int64_t g_hi) { after(g_lo, g_hi, total); });
-  for (int64_t c = 0; c < ng; c += kNormalsChunk) {
-    const int32_t c_lo = static_cast<int32_t>(c), c_hi = static_cast<int32_t>(c + kNormalsChunk < ng ? c + kNormalsChunk : ng);
+  for (int64_t c = 0; c < ng; c += chunk) {
+    const int32_t c_lo = static_cast<int32_t>(c), c_hi = static_cast<int32_t>(c + chunk < ng ? c + chunk : ng);
 #pragma omp simd
     for (int32_t g = c_lo; g < c_hi; ++g) {
       const float v0 = uint_to_uniform(x0[g]), u1 = uint_to_uniform(x1[g]);
@@ -363,8 +362,9 @@ inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0,
   }
 }
 
+// The normals alone, in one pass.
 inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf) {
-  philox_tile(seed, step, draw, g0, ng, buf, [](int64_t, int64_t, int64_t) {});
+  philox_tile(seed, step, draw, g0, ng, buf, [](int64_t, int64_t, int64_t) {}, ng);
 }
 
 // Asks for the cache lines of elements [lo, hi) of p (PREFETCHT0: into L1; T1, into L2 only, was 5-8% slower in
@@ -393,11 +393,11 @@ struct TilePointers {
 // in the same elements is requested as the arithmetic advances (philox_tile's `after`): the normals are
 // compute-bound (Philox and Box-Muller, ~0.8 ns per element and core), the element loop memory-bound, and without
 // the requests no load would be in flight while the normals are computed.  NOTE: measured on the 2-core build
-// machine on the (1,16,21,60,104) latent, the session-start and this build alternating in ABBA order (the second
-// of two back-to-back runs finds the tensors in cache, which had faked a 0.68x gain before the prefetches were
-// even emitted): Euler ancestral 0.90x the time in float32 when repeated, 0.77x with a 512 MiB buffer written
-// between calls (as after a model call), bfloat16 1.03x and 0.88x; DPM++(3M) SDE 0.77x / 0.84x in float32,
-// 0.95x / 0.74x in bfloat16; at (4,4,128,128) DPM++(3M) SDE in float32 (6 MB) 0.85x, the rest unchanged.
+// machine on the (1,16,21,60,104) latent, the build before and this one alternating in ABBA order (the second of
+// two back-to-back runs finds the tensors in cache): Euler ancestral 0.90x the time in float32 when repeated,
+// 0.77x with a 512 MiB buffer written between calls (as after a model call), bfloat16 1.03x and 0.88x;
+// DPM++(3M) SDE 0.77x / 0.84x in float32, 0.95x / 0.74x in bfloat16; at (4,4,128,128) DPM++(3M) SDE in float32
+// (6 MB) 0.85x, the rest unchanged.
 template <typename T>
 inline void noise_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t lo, int64_t hi, float* buf,
                        const TilePointers<T>& p, bool ask) {
@@ -405,11 +405,13 @@ inline void noise_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t lo, 
     philox_tile(seed, step, draw, lo / 4, (hi - lo + 3) / 4, buf);
     return;
   }
-  philox_tile(seed, step, draw, lo / 4, (hi - lo + 3) / 4, buf, [&](int64_t from, int64_t to, int64_t total) {
+  constexpr int64_t kNormalsChunk = 64;  // groups of normals between two rounds of requests
+  const auto ask_for = [&](int64_t from, int64_t to, int64_t total) {
     const int64_t s = lo + (hi - lo) * from / total, e = lo + (hi - lo) * to / total;
     for (const T* q : p.in) prefetch_lines(q, s, e);
     for (const T* q : p.out) prefetch_lines(q, s, e);
-  });
+  };
+  philox_tile(seed, step, draw, lo / 4, (hi - lo + 3) / 4, buf, ask_for, kNormalsChunk);
 }
 
 // Whether the tensors of a step outgrow the L2 caches of the threads running it: below that, the lines a noise tile
