@@ -1,4 +1,5 @@
-// The CPU kernels for x86-64 with AVX-512 (F, BW, VL, DQ; Skylake-SP, Ice Lake, Zen 4 and later), chosen at run time by step.cpp.
+// The CPU kernels for x86-64 with AVX-512 (F, BW, VL, DQ; Skylake-SP, Ice Lake, Zen 4 and later), chosen at run
+// time by step.cpp.
 // fp16 results are stored with VCVTPS2PH, bf16 results with AVX512-BF16 where the CPU also has it (Cooper Lake,
 // Sapphire Rapids, Zen 4; checked at run time).
 //
