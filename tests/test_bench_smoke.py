@@ -57,6 +57,8 @@ def test_quick_run_writes_csv(tmp_path, capsys):
         assert int(row["bytes"]) == 6 * 1 * 4 * 8 * 8 * 4  # the 6N byte model, float32
         assert int(row["elements"]) == 256
         assert math.isnan(float(row["compile_us"])) and math.isnan(float(row["graph_us"]))  # skipped: NaN
+        kernel = float(row["kernel_us"])  # the replayed compiled call: the cpu row only, and faster than the call
+        assert (0 < kernel < float(row["us"])) if row["backend"] == "cpu" else math.isnan(kernel)
         assert float(row["gbps"]) == pytest.approx(int(row["bytes"]) / float(row["us"]) / 1e3, rel=1e-4)
         assert float(row["x_eager"]) == pytest.approx(float(row["eager_us"]) / float(row["us"]), rel=1e-4)
         assert row["isa"] == _ext.C.cpu_isa()

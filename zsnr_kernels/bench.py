@@ -14,6 +14,11 @@ table's ``roof%`` is the larger of the triad time and the noise time (elements x
 core, measured at the start of the run on a cache-resident buffer, / the kernels' threads) over the op's time; for
 noise-free ops it equals ``triad%``.
 
+On CPU tensors ``kern%`` is the triad's time over the compiled call alone (``kernel_us``: the ``_C.fused_step``
+call the step made, replayed with the same pointers, so without the Python layers and the output allocation): on
+small latents the triad runs from cache in tens of microseconds and a call from Python carries about as much
+again, so ``triad%`` there measures the Python layers as much as the kernels.
+
 On CUDA tensors the times come from CUDA events around back-to-back calls (so they include the host's launch cost
 where it exceeds the kernel's); ``graph_us`` is the replay of a CUDA graph of :data:`GRAPH_CALLS` captured calls
 divided by that count, the kernel time without launch overhead, which is what matters on small latents; and
@@ -158,6 +163,7 @@ class Case:
     ref_fn: Callable                                # reference.fused_step with float coefficients
     ref_args: tuple[torch.Tensor, ...]
     nbytes: int
+    keep: object = None                             # owns the outputs a replayed compiled call writes
 
     @property
     def y(self) -> torch.Tensor:
@@ -410,10 +416,11 @@ def machine_info(devices=("cpu",)) -> dict[str, str]:
 #: ``gbps`` the byte model over it, ``pct_triad`` the triad's time over it (same bytes, same device); ``x_eager``
 #: and ``x_compile`` the baselines' times over it; ``graph_*`` the CUDA-graph replay (fused CUDA backends);
 #: ``noise_us`` the time the cpu kernels' threads need to compute the op's in-kernel noise (0 without),
-#: ``pct_roof`` max(triad_us, noise_us) over ``us``.
+#: ``pct_roof`` max(triad_us, noise_us) over ``us``; ``kernel_us`` the compiled call alone (cpu backend, see the
+#: module docstring) and ``pct_triad_kernel`` the triad's time over it.
 COLUMNS = ["device", "op", "shape", "dtype", "backend", "byte_model", "bytes", "elements", "us", "gbps",
            "triad_us", "triad_gbps", "pct_triad", "noise_us", "pct_roof", "eager_us", "x_eager", "compile_us",
-           "x_compile", "graph_us", "graph_gbps", "target", "loadavg", "spread"]
+           "x_compile", "graph_us", "graph_gbps", "kernel_us", "pct_triad_kernel", "target", "loadavg", "spread"]
 
 
 def bandwidth_columns(ref: str) -> list[str]:
@@ -457,16 +464,18 @@ _BW_LABEL = {"peak": "%peak", "d2d_copy": "%copy"}   # console headers of the pc
 def _header(device: str, bw: str | None) -> str:
     gpu = f" {_BW_LABEL[bw]:>6s} {'graph us':>9s} {'g' + _BW_LABEL[bw]:>7s}" if device == "cuda" else ""
     return (f"{'op':18s} {'shape':15s} {'dtype':8s} {'bytes':>4s} {'backend':7s} {'us':>9s} {'GB/s':>6s} "
-            f"{'triad%':>6s} {'roof%':>5s}{gpu} {'eager us':>10s} {'x eager':>7s} {'compile us':>10s} {'x comp':>6s}  "
-            "target")
+            f"{'triad%':>6s} {'roof%':>5s} {'kern%':>5s}{gpu} {'eager us':>10s} {'x eager':>7s} {'compile us':>10s} "
+            f"{'x comp':>6s}  target")
 
 
 def _line(row: dict, elements: int, bw: str | None) -> str:
+    k = row["pct_triad_kernel"]
+    kern = f"{k:4.0f}%" if k == k else "    -"  # NaN: no compiled call to replay (not the cpu backend)
     gpu = ""
     if row["device"] == "cuda":
         gpu = (f" {row[f'pct_{bw}']:5.0f}% {row['graph_us']:9.1f} {row[f'graph_pct_{bw}']:6.0f}%")
     return (f"{row['op']:18s} {row['shape']:15s} {row['dtype']:8s} {elements:>3d}N {row['backend']:7s} "
-            f"{row['us']:9.1f} {row['gbps']:6.1f} {row['pct_triad']:5.0f}% {row['pct_roof']:4.0f}%{gpu} "
+            f"{row['us']:9.1f} {row['gbps']:6.1f} {row['pct_triad']:5.0f}% {row['pct_roof']:4.0f}% {kern}{gpu} "
             f"{row['eager_us']:10.1f} {row['x_eager']:6.1f}x {row['compile_us']:10.1f} {row['x_compile']:5.2f}x  "
             f"{row['target']}")
 
@@ -516,6 +525,8 @@ def run_table(ops, shapes, dtypes, plan: Plan, *, quick: bool, out=None, on_row=
                             _skip(seen, out, b, "; ".join(reasons))
                             continue
                         fns[b] = case.call(b)
+                        if b == "cpu":
+                            fns["cpu kernel"], case.keep = replay_of_compiled_call(fns[b])
                         if device == "cuda":
                             try:
                                 fns[f"{b} graph"] = cuda_graph(fns[b])
@@ -564,6 +575,7 @@ def _measure_case(op, shape, dname, case, fns, fused, budget, rounds, bw_gbps, b
     rows = []
     for b in [b for b in fused if b in t] + [b for b in BASELINES if b in t]:
         graph = t[f"{b} graph"] / GRAPH_CALLS if f"{b} graph" in t else nan
+        kern = t.get(f"{b} kernel", nan)
         row = {"device": case.device, "op": op.name, "shape": fmt_shape(shape), "dtype": dname, "backend": b,
                "byte_model": op.byte_model, "bytes": case.nbytes, "elements": math.prod(shape),
                "us": t[b] * 1e6, "gbps": case.nbytes / t[b] / 1e9,
@@ -572,6 +584,7 @@ def _measure_case(op, shape, dname, case, fns, fused, budget, rounds, bw_gbps, b
                "noise_us": noise_ns * math.prod(shape) / 1e3 if op.noisy and b == "cpu" else 0.0,
                "compile_us": comp * 1e6, "x_compile": comp / t[b],
                "graph_us": graph * 1e6, "graph_gbps": case.nbytes / graph / 1e9,
+               "kernel_us": kern * 1e6, "pct_triad_kernel": 100.0 * t["triad"] / kern,
                "loadavg": os.getloadavg()[0], "spread": max(t[k] / fastest[k] for k in (b, "triad"))}
         row["pct_roof"] = 100.0 * max(row["triad_us"], row["noise_us"]) / row["us"]
         if bw and case.device == "cuda":
@@ -690,6 +703,22 @@ class _ModuleProxy:
         return getattr(self._module, name)
 
 
+def replay_of_compiled_call(step: Callable[[], object]) -> tuple[Callable[[], object], object]:
+    """Run a cpu-backend ``step`` once and return a replay of the ``_C.fused_step`` call it made (same arguments:
+    the same raw pointers, so the same outputs are written) and the step's result, which owns those outputs: keep
+    it alive while the replay runs, or the kernel writes into freed memory."""
+    proxy, saved = _ModuleProxy(_ext.C), _ext.C
+    _ext.C = proxy
+    try:
+        result = step()
+    finally:
+        _ext.C = saved
+    c_fn, c_args = saved.fused_step, proxy.fused_step.args
+    if c_args is None:
+        raise RuntimeError("the step made no _C.fused_step call")
+    return (lambda: c_fn(*c_args)), result
+
+
 def overhead(shape=(1, 4, 64, 64), dtype=torch.float32, *, quick: bool = False, out=None) -> dict:
     """Per-call time of ``euler_step(..., backend="cpu")`` from Python, and where it goes.
 
@@ -711,22 +740,18 @@ def overhead(shape=(1, 4, 64, 64), dtype=torch.float32, *, quick: bool = False, 
     def whole_auto():
         return zk.euler_step(y, f, SIGMA, SIGMA_NEXT)
 
-    rec_cpu, saved_cpu, saved_c = _Recorder(_cpu.fused_step), _cpu.fused_step, _ext.C
-    proxy = _ModuleProxy(_ext.C)
-    _cpu.fused_step, _ext.C = rec_cpu, proxy
+    rec_cpu, saved_cpu = _Recorder(_cpu.fused_step), _cpu.fused_step
+    _cpu.fused_step = rec_cpu
     try:
-        # The captured _C arguments are raw pointers into this result's tensors: keep it alive while they are
-        # replayed (the kernel would otherwise write into freed memory).
-        captured = whole()
+        replay, captured = replay_of_compiled_call(whole)  # `captured` owns the outputs the replay writes
     finally:
-        _cpu.fused_step, _ext.C = saved_cpu, saved_c
-    c_fn, c_args = saved_c.fused_step, proxy.fused_step.args
+        _cpu.fused_step = saved_cpu
 
     fns = {
         "euler_step(backend='cpu')": whole,
         "euler_step(backend='auto')": whole_auto,
         "_cpu.fused_step": lambda: saved_cpu(*rec_cpu.args, **rec_cpu.kwargs),
-        "_C.fused_step": lambda: c_fn(*c_args),
+        "_C.fused_step": replay,
         "torch.empty_like(y)": lambda: torch.empty_like(y),
         "triad over 3N (y, F, y_next)": triad_fn(3 * y.numel() * y.element_size()),
     }
