@@ -44,9 +44,10 @@ namespace {
 // VCVTNEPS2BF16 rounds to nearest even like float_to_bf16 but treats denormal inputs as zero and need not
 // quiet a NaN the same way, so a vector holding a NaN or a denormal takes the portable conversion.  The loop is
 // store_half_vectors' written out (GCC's lambdas do not inherit this function's target attribute), 32 values at a
-// time where it can: VCVTNE2PS2BF16 rounds two vectors into one 64-byte store.  NOTE: measured against one vector
-// at a time (ABBA, whole bf16 Euler and Euler + rescale steps, (4,4,128,128) and the video latent, 1 and 2
-// threads): 0.91-0.99x the time in 14 of 16 comparisons (this store pass was a third of the kernel's samples).
+// time: VCVTNE2PS2BF16 rounds two vectors into one 64-byte store; the tail (under 32 values, at the end of a
+// sample only: tiles hold 1024) goes portable.  NOTE: measured against one vector at a time (ABBA, whole bf16
+// Euler and Euler + rescale steps, (4,4,128,128) and the video latent, 1 and 2 threads): 0.91-0.99x the time in
+// 14 of 16 comparisons (this store pass was a third of the kernel's samples).
 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
 void store_bf16_hw(const float* src, uint16_t* dst, int64_t n) {
   constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // VFPCLASSPS: quiet NaN, denormal, signalling NaN
@@ -58,15 +59,6 @@ void store_bf16_hw(const float* src, uint16_t* dst, int64_t n) {
       continue;
     }
     const __m512bh h = _mm512_cvtne2ps_pbh(hi, lo);  // lo's values in the low half
-    std::memcpy(dst + i, &h, sizeof h);
-  }
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(src + i);
-    if (_mm512_fpclass_ps_mask(v, kNanOrDenormal) != 0) {
-      store_half_portable<kBFloat16>(src + i, dst + i, 16);
-      continue;
-    }
-    const __m256bh h = _mm512_cvtneps_pbh(v);
     std::memcpy(dst + i, &h, sizeof h);
   }
   store_half_portable<kBFloat16>(src + i, dst + i, n - i);

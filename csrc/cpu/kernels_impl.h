@@ -383,11 +383,10 @@ inline void prefetch_lines(const T* p, int64_t lo, int64_t hi) {
   }
 }
 
+// The tensors an element pass touches in a tile: y, F_c, F_u, the history, y_out, D, carry (nullptr where a step
+// has none).
 template <typename T>
-struct TilePointers {
-  const T* in[6];   // y, F_c, F_u, the history (nullptr where a step has none)
-  T* out[3];        // y_out, D, carry
-};
+using TileTensors = const T* [9];
 
 // The in-kernel noise of elements [lo, hi) (lo a multiple of 4); with `ask`, the memory the element loop will touch
 // in the same elements is requested as the arithmetic advances (philox_tile's `after`): the normals are
@@ -400,7 +399,7 @@ struct TilePointers {
 // (6 MB) 0.85x, the rest unchanged.
 template <typename T>
 inline void noise_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t lo, int64_t hi, float* buf,
-                       const TilePointers<T>& p, bool ask) {
+                       const TileTensors<T>& tensors, bool ask) {
   if (!ask) {
     philox_tile(seed, step, draw, lo / 4, (hi - lo + 3) / 4, buf);
     return;
@@ -408,8 +407,7 @@ inline void noise_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t lo, 
   constexpr int64_t kNormalsChunk = 64;  // groups of normals between two rounds of requests
   const auto ask_for = [&](int64_t from, int64_t to, int64_t total) {
     const int64_t s = lo + (hi - lo) * from / total, e = lo + (hi - lo) * to / total;
-    for (const T* q : p.in) prefetch_lines(q, s, e);
-    for (const T* q : p.out) prefetch_lines(q, s, e);
+    for (const T* p : tensors) prefetch_lines(p, s, e);
   };
   philox_tile(seed, step, draw, lo / 4, (hi - lo + 3) / 4, buf, ask_for, kNormalsChunk);
 }
@@ -465,8 +463,7 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
     for (int64_t lo = chunk_lo; lo < chunk_hi; lo += kTile) {
       const int64_t hi = lo + kTile < chunk_hi ? lo + kTile : chunk_hi;
       if (NoiseMode == 2)
-        noise_tile(seeds[b], step, draw, lo, hi, zbuf,
-                   TilePointers<T>{{y, fc, fu, h0, h1, h2}, {yo, dout, cout}}, ask);
+        noise_tile(seeds[b], step, draw, lo, hi, zbuf, {y, fc, fu, h0, h1, h2, yo, dout, cout}, ask);
       if constexpr (kLoadTile<DT>) {
         load_half<DT>(y + lo, ybuf, hi - lo);
         load_half<DT>(fc + lo, fcbuf, hi - lo);
