@@ -798,6 +798,17 @@ def test_binding_refuses_a_sigma_block_of_the_wrong_length():
         assert torch.equal(out, before)
 
 
+def test_sigma_block_round_trip():
+    """_cpu.split_sigma_block (what the torch.library op decodes) inverts _cpu.sigma_block, per sample."""
+    args = [co.StepArgs("dpmpp_3m_sde", 5.0 + i, 3.0 + i, sigma_hat_next=None if i else 3.5,
+                        sigma_prev=(7.0 + i, 9.0 + i)) for i in range(3)]
+    sigmas, n_prev = _cpu.sigma_block(args, [5.5, 6.5, 7.5])
+    assert n_prev == 2 and len(sigmas) == (4 + n_prev) * 3
+    sg, ev, nx, hat, prev = _cpu.split_sigma_block(sigmas, n_prev)
+    assert sg == [5.0, 6.0, 7.0] and ev == [5.5, 6.5, 7.5] and nx == [3.0, 4.0, 5.0]
+    assert hat == [3.5, 4.0, 5.0] and prev == [(7.0, 9.0), (8.0, 10.0), (9.0, 11.0)]
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("step", ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms"])
 def test_history_sigmas_must_lie_above_sigma(step, backend):
@@ -894,11 +905,7 @@ def _philox_normals(seed: int, step_index: int, lo: int, hi: int) -> torch.Tenso
     """The DESIGN 2.8 normals of elements lo..hi-1 of one sample, from their global element index (what
     ``noise.normal`` would give, without allocating the whole sample)."""
     g = torch.arange(lo // 4, (hi + 3) // 4, dtype=torch.int64)
-    words = zn.philox4x32(seed & 0xFFFFFFFF, seed >> 32, g & 0xFFFFFFFF, g >> 32, step_index, 0)
-    u = [zn.uint32_to_uniform(w) for w in words]
-    n0, n1 = zn._box_muller(u[0], u[1])
-    n2, n3 = zn._box_muller(u[2], u[3])
-    normals = torch.stack((n0, n1, n2, n3), dim=-1).reshape(-1)
+    normals = zn.group_normals(seed & 0xFFFFFFFF, seed >> 32, g, step_index, 0)
     return normals[lo - 4 * (lo // 4):][:hi - lo]
 
 

@@ -48,6 +48,15 @@ def sigma_block(args: list, sigma_eval: list) -> tuple[list, int]:
             + [a.sigma_prev[k] for k in range(n_prev) for a in args]), n_prev
 
 
+def split_sigma_block(sigmas: list, n_prev: int) -> tuple[list, list, list, list, list]:
+    """The inverse of :func:`sigma_block`: (sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev), each one
+    entry per entry of the block, sigma_prev's entries tuples of n_prev sigmas."""
+    n = len(sigmas) // (4 + n_prev)
+    sigma, sigma_eval, sigma_next, sigma_hat_next = (sigmas[k * n:(k + 1) * n] for k in range(4))
+    prev = [tuple(sigmas[(4 + k) * n + i] for k in range(n_prev)) for i in range(n)]
+    return sigma, sigma_eval, sigma_next, sigma_hat_next, prev
+
+
 def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
                guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
                want_denoised: bool, out):

@@ -38,12 +38,11 @@ def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry
     if backend not in runs:
         raise ValueError(f"zsnr_kernels::step: unknown backend {backend!r}; choose one of {tuple(runs)}")
     pz = parameterization(_PREDICTIONS[prediction], sigma_data)
-    n = len(sigmas) // (4 + n_prev)  # the block of _cpu.sigma_block
-    sigma, sigma_eval, sigma_next, sigma_hat_next = (sigmas[k * n:(k + 1) * n] for k in range(4))
+    sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev = _cpu.split_sigma_block(sigmas, n_prev)
     args = [co.StepArgs(_SAMPLERS[sampler], sigma[i], sigma_next[i], stage=stage,
                         sigma_hat_next=None if sigma_hat_next[i] == sigma_next[i] else sigma_hat_next[i],
-                        sigma_prev=tuple(sigmas[(4 + k) * n + i] for k in range(n_prev)), eta=eta, s_noise=s_noise,
-                        solver_type="heun" if solver_heun else "midpoint", order=order) for i in range(n)]
+                        sigma_prev=sigma_prev[i], eta=eta, s_noise=s_noise,
+                        solver_type="heun" if solver_heun else "midpoint", order=order) for i in range(len(sigma))]
     _, d, carry, _, _ = runs[backend](
         y, f_cond, f_uncond, history, pz, args, sigma_eval, guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale, rescale_space=_SPACES[rescale_space], noise=noise,

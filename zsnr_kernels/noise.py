@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["philox4x32", "uint32_to_uniform", "normal", "normalize_seeds", "seed_bits"]
+__all__ = ["philox4x32", "uint32_to_uniform", "normal", "group_normals", "normalize_seeds", "seed_bits"]
 
 MASK32 = 0xFFFFFFFF
 PHILOX_KEY_A = 0x9E3779B9  # key bump of k0 after each round
@@ -219,9 +219,17 @@ def normal(
     batch, n = shape[0], math.prod(shape[1:])
     key0, key1 = _seed_keys(seed, batch, device)
     g = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
-    x = philox4x32(key0, key1, g & MASK32, g >> 32, step, draw)  # 4 x [B, groups]
+    out = group_normals(key0, key1, g, step, draw)[:, :n]
+    return out.reshape(shape).to(dtype)
+
+
+def group_normals(key0: Tensor | int, key1: Tensor | int, g: Tensor, step: int, draw: int) -> Tensor:
+    """The four float32 normals of each Philox group ``g`` (int64, counter (g_lo, g_hi, step, draw)) under the key
+    (key0, key1), interleaved: ``[..., 4 * len(g)]``, element j of a sample being number j % 4 of group j // 4.
+    :func:`normal` is this over groups 0..; a caller can take any range of a sample's elements (the groups of
+    elements lo..hi-1 are lo // 4 .. (hi - 1) // 4)."""
+    x = philox4x32(key0, key1, g & MASK32, g >> 32, step, draw)  # 4 x [..., groups]
     u0, u1, u2, u3 = (uint32_to_uniform(v) for v in x)
     n0, n1 = _box_muller(u0, u1)
     n2, n3 = _box_muller(u2, u3)
-    out = torch.stack((n0, n1, n2, n3), dim=-1).reshape(batch, 4 * g.numel())[:, :n]
-    return out.reshape(shape).to(dtype)
+    return torch.stack((n0, n1, n2, n3), dim=-1).flatten(-2)

@@ -35,6 +35,7 @@ dtype; the math runs in float32 (float64 for float64 inputs).  Inputs are never 
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -167,16 +168,15 @@ def _run(
     if name == "torch":
         y_out, d, carry, sigma_out, complete = _torch_step(
             y, f_cond, f_uncond, list(history), pz, args, sig_eval, w, phi, space, noise, seeds, step_index, out)
-    elif torch.compiler.is_compiling():
-        # under torch.compile the kernels are reached through their torch.library op (no graph break); eager
-        # calls skip that layer, which costs more than the kernel on small latents
-        from . import _ops
-
-        y_out, d, carry, sigma_out, complete = _ops.fused_step_traced(
-            name, y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
-            rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
     else:
-        run = _cpu.fused_step if name == "cpu" else _cuda.fused_step if name == "cuda" else _triton.fused_step
+        if torch.compiler.is_compiling():
+            # under torch.compile the kernels are reached through their torch.library op (no graph break); eager
+            # calls skip that layer, which costs more than the kernel on small latents
+            from . import _ops
+
+            run = functools.partial(_ops.fused_step_traced, name)
+        else:
+            run = _cpu.fused_step if name == "cpu" else _cuda.fused_step if name == "cuda" else _triton.fused_step
         y_out, d, carry, sigma_out, complete = run(
             y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
             rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
