@@ -33,8 +33,16 @@ def not_supported_reasons(backend: str, y: torch.Tensor) -> list[str]:
     return [f"unknown backend {backend!r}; choose one of {BACKENDS}"]
 
 
-def resolve(backend: str, y: torch.Tensor) -> str:
-    """The backend that will run a step on ``y``: ``auto`` picks cpu then torch on CPU, cuda then triton on GPU."""
+def resolve(backend: str, y: torch.Tensor, needs_grad: bool = False) -> str:
+    """The backend that will run a step on ``y``: ``auto`` picks cpu then torch on CPU, cuda then triton on GPU.
+    With ``needs_grad`` (autograd records the step) only the torch reference can: the kernels have no backward."""
+    if needs_grad and backend != "torch":
+        if backend == "auto":
+            return "torch"
+        _resolve(backend, y)  # an unknown or unavailable backend is named first
+        raise ValueError(f"backend={backend!r} cannot run this step: an input requires grad and the fused kernels "
+                         "have no backward; use backend='torch' (differentiable), or call the step under "
+                         "torch.no_grad()")
     if not isinstance(backend, str):
         return _resolve(backend, y)  # raises the error naming the argument
     # the device's kind and index (cuda checks each GPU's architecture), cheaper than y.device.type

@@ -7,9 +7,14 @@ the argument and say what to do instead.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+from . import _layout
 
 FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))  # a set: one hash per check
 RESCALE_SPACES = ("output", "v", "x0")
@@ -21,8 +26,9 @@ def matches(t, like: torch.Tensor) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype == like.dtype and t.shape == like.shape and t.device == like.device
 
 
-def tensor(name: str, t, like: torch.Tensor | None = None) -> torch.Tensor:
-    """A floating tensor; with ``like`` (checked before): the same shape, dtype and device as ``like``."""
+def tensor(name: str, t, like: torch.Tensor | None = None, like_name: str = "y") -> torch.Tensor:
+    """A floating tensor; with ``like`` (checked before, called ``like_name`` in messages): the same shape, dtype
+    and device as ``like``."""
     if like is not None and matches(t, like):
         return t
     if not isinstance(t, torch.Tensor):
@@ -30,29 +36,31 @@ def tensor(name: str, t, like: torch.Tensor | None = None) -> torch.Tensor:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if like is not None:
+        ln = like_name
         if t.shape != like.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but y has shape {tuple(like.shape)}; they must match")
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {ln} has shape {tuple(like.shape)}; they must "
+                             "match")
         if t.dtype != like.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but y has dtype {like.dtype}; cast one of them")
+            raise TypeError(f"{name} has dtype {t.dtype} but {ln} has dtype {like.dtype}; cast one of them")
         if t.device != like.device:
-            raise ValueError(f"{name} is on {t.device} but y is on {like.device}; move them to one device")
+            raise ValueError(f"{name} is on {t.device} but {ln} is on {like.device}; move them to one device")
     elif t.ndim < 1:
         raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor")
     return t
 
 
-def model_output(out, y: torch.Tensor, guidance_scale: float, name: str = "model_output"):
+def model_output(out, y: torch.Tensor, guidance_scale: float, name: str = "model_output", like_name: str = "y"):
     """(F_cond, F_uncond or None) from a tensor or a (cond, uncond) pair; a pair is required when guiding."""
     if isinstance(out, (tuple, list)):
         if len(out) != 2:
             raise ValueError(f"{name} must be a tensor or a (cond, uncond) pair, got a sequence of {len(out)}")
         f_cond, f_uncond = out
         if not (matches(f_cond, y) and matches(f_uncond, y)):  # raise, naming the one that does not match
-            tensor(f"{name}[0] (cond)", f_cond, y)
-            tensor(f"{name}[1] (uncond)", f_uncond, y)
+            tensor(f"{name}[0] (cond)", f_cond, y, like_name)
+            tensor(f"{name}[1] (uncond)", f_uncond, y, like_name)
         return f_cond, f_uncond
     if not matches(out, y):
-        tensor(name, out, y)
+        tensor(name, out, y, like_name)
     if guidance_scale != 1.0:
         raise ValueError(
             f"guidance_scale={guidance_scale} needs the pair (F_cond, F_uncond) as {name}; the model returned "
@@ -66,8 +74,8 @@ def real(name: str, v, *, lo: float | None = None, hi: float | None = None, allo
             hi is None or v <= hi):
         return v  # the common case, checked without the general path below (this runs on every step)
     if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        v = _real_tensor(name, v).item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
     if math.isnan(v) or (not allow_inf and math.isinf(v)):
@@ -77,6 +85,15 @@ def real(name: str, v, *, lo: float | None = None, hi: float | None = None, allo
     if hi is not None and v > hi:
         raise ValueError(f"{name} must be <= {hi}, got {v}")
     return v
+
+
+def _real_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor of real numbers (an integer or floating dtype, not bool, not complex) whose values can be read."""
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"{name} must hold real numbers, got a {t.dtype} tensor")
+    if t.is_meta:
+        raise ValueError(f"{name} is a meta tensor, which holds no values; pass numbers or a CPU/CUDA tensor")
+    return t
 
 
 def guidance(scale, rescale, space) -> tuple[float, float, str]:
@@ -95,7 +112,7 @@ def sigma_values(name: str, s, batch: int) -> list[float] | float:
     per_sample = (isinstance(s, torch.Tensor) and s.ndim == 1 and s.numel() > 1) or (
         isinstance(s, Sequence) and not isinstance(s, str))
     if per_sample:
-        vals = s.detach().double().cpu().tolist() if isinstance(s, torch.Tensor) else list(s)
+        vals = _real_tensor(name, s).detach().double().cpu().tolist() if isinstance(s, torch.Tensor) else list(s)
         if len(vals) != batch:
             raise ValueError(f"{name} has {len(vals)} values but the batch has {batch} samples")
         return [real(f"{name}[{i}]", v, lo=0.0, allow_inf=True) for i, v in enumerate(vals)]
@@ -109,7 +126,7 @@ def sigmas(s) -> list[float]:
     if isinstance(s, torch.Tensor):
         if s.ndim != 1:
             raise ValueError(f"sigmas must be 1-D, got shape {tuple(s.shape)}")
-        vals = s.detach().double().cpu().tolist()
+        vals = _real_tensor("sigmas", s).detach().double().cpu().tolist()
     elif isinstance(s, Sequence):
         vals = [real(f"sigmas[{i}]", v, allow_inf=True) for i, v in enumerate(s)]
     else:
@@ -129,6 +146,64 @@ def sigmas(s) -> list[float]:
         raise ValueError(f"sigmas must be strictly descending, but sigmas[{i + 1}]={vals[i + 1]} >= "
                          f"sigmas[{i}]={vals[i]}")
     return vals
+
+
+def step_index(v) -> int | None:
+    """None, or the index of the step in the schedule (the Philox counter word of its noise): an int in
+    [0, 2**32)."""
+    if v is None or (type(v) is int and 0 <= v < 2**32):
+        return v  # the common case (this runs on every step)
+    if isinstance(v, (bool, np.bool_)) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+        raise TypeError(f"step_index must be an int (the index of the step in the schedule), got {v!r}")
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"step_index must be an int (the index of the step in the schedule), got "
+                        f"{type(v).__name__}") from None
+    if not 0 <= i < 2**32:
+        raise ValueError(f"step_index must be in [0, 2**32), got {i}")
+    return i
+
+
+def out(o, y: torch.Tensor, inputs, names) -> torch.Tensor:
+    """``out=`` of a step: a tensor like y that can be written, apart from the step's ``inputs`` (the tensors it
+    reads, None entries allowed; ``names(k)`` names inputs[k] in a message) or one of them exactly (:func:`apart`)."""
+    tensor("out", o, y)
+    dense = _layout.per_sample_dense(o)
+    if not dense and any(s == 0 and n > 1 for n, s in zip(o.shape, o.stride())):
+        raise ValueError("out has elements that share memory (a stride-0 view, e.g. from expand()); pass a tensor "
+                         "with memory of its own, e.g. torch.empty_like(y)")
+    if o.requires_grad and o.is_leaf and torch.is_grad_enabled():
+        raise ValueError("out is a leaf tensor that requires grad, which cannot be written in place; pass a "
+                         "tensor without requires_grad, or out=None")
+    if o.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError("out was made under torch.inference_mode and this call runs outside it, where an "
+                         "inference tensor cannot be written; call the step under torch.inference_mode(), or pass "
+                         "a tensor made outside it")
+    if dense:
+        apart("out", o, inputs, names)
+    return o
+
+
+def apart(name: str, o: torch.Tensor, inputs, names) -> None:
+    """Refuse an output ``o`` (dense, every sample one block: as a kernel writes it) that shares memory with one of
+    ``inputs`` (tensors of its shape and dtype, None entries allowed; ``names(k)`` names inputs[k]) without being
+    that input.
+
+    A kernel reads each element's inputs just before it writes the element, so an output may be an input itself
+    (the same data pointer and strides: ``out=y`` steps in place), but one overlapping an input any other way would
+    be written before it is read.  Two dense tensors of one size share memory exactly when their starts are less
+    than that size apart.  An input of another layout reaches a kernel as a copy, so it cannot be overwritten
+    early, and interleaved views sharing no element are not refused (PyTorch's own ``out=`` check draws the same
+    line)."""
+    lo, size = o.data_ptr(), o.nbytes
+    for k, t in enumerate(inputs):
+        if t is None or t is o:
+            continue
+        d = t.data_ptr() - lo
+        if -size < d < size and not (d == 0 and t.stride() == o.stride()) and _layout.per_sample_dense(t):
+            raise ValueError(f"{name} overlaps {names(k)} without being the same view of it (some elements would "
+                             f"be written before they are read); pass a separate tensor, or {names(k)} itself")
 
 
 def choice(name: str, v, options: Sequence[str]) -> str:

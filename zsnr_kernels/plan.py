@@ -258,6 +258,9 @@ class SamplingPlan:
         hist = [self._buffers[self._buf[s]] for s in e.hist_slots[:len(e.coeffs.h)]]
         out = {name: self._buffers[self._buf[s]] if s >= 0 and self._buf[s] >= 0 else None
                for name, s in (("y", e.y_out), ("d", e.d_out), ("carry", e.carry_out))}
+        for name, o in out.items():  # the plan's buffers are apart; a model could return a view of one
+            if o is not None:
+                _validate.apart(f"the plan's {name} buffer", o, (f_cond, f_uncond), lambda k: "model_output")
         rescale = f_uncond is not None and self.guidance_rescale != 0.0
         if self.backend == "triton":
             from .triton_kernels import combine as K

@@ -108,12 +108,16 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
 
     def noise_for(step_index, sigma_from, sigma_to):
         if noise_sampler is not None:
-            return {"noise": lambda: noise_sampler(sigma_from, sigma_to)}
+            return {"noise": lambda: _validate.tensor("noise_sampler(sigma, sigma_next)'s tensor",
+                                                      noise_sampler(sigma_from, sigma_to), noise, "noise")}
         return {"seed": seeds, "step_index": step_index}
 
     def call_model(y, sigma):
         sig = sigma if isinstance(sigma, torch.Tensor) else torch.full((batch,), sigma, dtype=torch.float64)
-        return model(y, sig.to(device=y.device, dtype=torch.float64))
+        out = model(y, sig.to(device=y.device, dtype=torch.float64))
+        if not _validate.matches(out, y):  # named as the user knows them (the step would say model_output, y)
+            _validate.model_output(out, y, guidance_scale, "model(y, sigma)'s output", "noise")
+        return out
 
     y, _ = steps.initial_state(noise, vals[0], prediction=prediction, sigma_data=sigma_data)
     if hats[0] != vals[0]:

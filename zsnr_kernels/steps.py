@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -148,10 +149,12 @@ def _run(
     for k, t in enumerate(history):
         if not _validate.matches(t, y):
             _validate.tensor(f"history[{k}]", t, y)
-    if out is not None:
-        _validate.tensor("out", out, y)
     if noise is not None and not callable(noise):
         _validate.tensor("noise", noise, y)
+    if out is not None:
+        _validate.out(out, y, (y, f_cond, f_uncond, None if callable(noise) else noise, *history),
+                      lambda k: _input_name(k, f_uncond is not None))
+    step_index = _validate.step_index(step_index)
     seeds = None if seed is None else _noise.normalize_seeds(seed, y.shape[0])
     if seeds is not None and step_index is None:
         raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
@@ -159,12 +162,22 @@ def _run(
     if len(sig_eval) != len(args):
         raise ValueError("first.sigma is per sample but this call's sigma and sigma_next are not: pass the second "
                          "call the per-sample sigmas of the first")
+    if args[0].stage == 2:
+        _check_first_sigma(pz, args, sig_eval)
     want_d = return_denoised or _remembers_denoised(args[0])
-    name = _backend.resolve(backend, y)
+    # autograd records the step (the kernels have no backward: only the reference can run it), written out: this
+    # runs on every step
+    grad = torch.is_grad_enabled() and (
+        y.requires_grad or f_cond.requires_grad or (f_uncond is not None and f_uncond.requires_grad)
+        or (out is not None and out.requires_grad) or (isinstance(noise, torch.Tensor) and noise.requires_grad)
+        or any(t.requires_grad for t in history))
+    name = _backend.resolve(backend, y, grad)
     if name != "torch" and callable(noise):  # explicit noise drawn lazily: only if the spec says a sample adds some
         noise = noise() if any(co.step_coeffs(pz, a).e != 0.0 for a in args) else None
         if noise is not None:
             _validate.tensor("noise", noise, y)
+            if out is not None:
+                _validate.apart("out", out, (noise,), lambda k: "noise")
     if name == "torch":
         y_out, d, carry, sigma_out, complete = _torch_step(
             y, f_cond, f_uncond, list(history), pz, args, sig_eval, w, phi, space, noise, seeds, step_index, out)
@@ -192,6 +205,25 @@ def _run(
 #: set by :mod:`zsnr_kernels.plan` while one thread records the steps of a run (a plain global, which
 #: torch.compile traces; steps of other threads are not recorded)
 recorder = None
+
+
+def _input_name(k: int, guided: bool) -> str:
+    """The name of input k of a step, in the order (y, F_c, F_u, noise, *history) that ``out`` is checked in."""
+    if k >= 4:
+        return f"history[{k - 4}]"
+    return ("y", "model_output[0] (cond)" if guided else "model_output", "model_output[1] (uncond)", "noise")[k]
+
+
+def _check_first_sigma(pz, args: list[co.StepArgs], sig_eval: list) -> None:
+    """A second call's ``first.sigma`` must be where this step's first stage put the model: else ``first`` came
+    from another sampler or another (sigma, sigma_next), and the second stage would silently compute garbage."""
+    for i, (a, s) in enumerate(zip(args, sig_eval)):
+        want = co.step_coeffs(pz, a._replace(stage=1)).sigma_out
+        if not math.isclose(s, want, rel_tol=1e-12):
+            at = f" (sample {i})" if len(args) > 1 else ""
+            raise ValueError(f"first.sigma={s}{at} is not where the first {a.sampler} stage from sigma={a.sigma} to "
+                             f"sigma_next={a.sigma_next} calls the model ({want}): pass the result of that first "
+                             "call, with the same sigma and sigma_next")
 
 
 def _remembers_denoised(a: co.StepArgs) -> bool:
