@@ -193,6 +193,8 @@ py::tuple fused_step(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t y, 
                                   guidance_scale, guidance_rescale, rescale_space, step_index, draw);
   if (n_sigma < 1 || n_prev < 0 || static_cast<int64_t>(sigmas.size()) != (4 + n_prev) * n_sigma)
     throw std::invalid_argument("fused_step: sigmas must hold (4 + n_prev) * n_sigma values");
+  if (!seeds.empty() && static_cast<int64_t>(seeds.size()) != batch)
+    throw std::invalid_argument("fused_step: seeds must hold one seed per sample (or none)");
   set_sigmas(plan, sigmas.data(), n_sigma);
   plan.seeds = seeds.empty() ? nullptr : seeds.data();
   std::vector<double> sigma_out(static_cast<size_t>(n_sigma));

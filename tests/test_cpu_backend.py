@@ -398,14 +398,22 @@ def test_half_stores_of_every_instruction_set_round_like_pytorch(isa_level, dtyp
         assert torch.equal(got[nan].view(torch.int16), quiet[nan])
 
 
+@pytest.mark.parametrize("daz", [False, True], ids=["", "flush_denormal"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_loads_of_every_instruction_set_are_exact(isa_level, dtype):
+def test_half_loads_of_every_instruction_set_are_exact(isa_level, dtype, daz):
     """Every float16 / bfloat16 bit pattern (subnormals, infinities, NaNs) loads as PyTorch converts it (F16C's
-    VCVTPH2PS for fp16 where the CPU has it, else the portable bit formula); NaNs stay NaNs with their sign."""
+    VCVTPH2PS for fp16 where the CPU has it, else the portable bit formula); NaNs stay NaNs with their sign.  Also
+    with ``torch.set_flush_denormal(True)`` (denormals-are-zero on the calling thread, where the loads run): fp16
+    subnormals are normal floats and must not load as 0 on one instruction set or in a tile's tail only."""
     src = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     n = src.numel() - 3  # a partial last vector
     got = torch.empty(src.numel(), dtype=torch.float32)
-    _ext.C.cpu_half_loads(_cpu.DTYPE_CODES[dtype], src.data_ptr(), got.data_ptr(), n)
+    if daz and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no denormals-are-zero mode")
+    try:
+        _ext.C.cpu_half_loads(_cpu.DTYPE_CODES[dtype], src.data_ptr(), got.data_ptr(), n)
+    finally:
+        torch.set_flush_denormal(False)
     got, want = got[:n], src[:n].float()
     nan = torch.isnan(want)
     assert torch.equal(torch.isnan(got), nan) and torch.equal(torch.signbit(got), torch.signbit(want))

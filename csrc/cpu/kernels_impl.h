@@ -53,14 +53,18 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
-// IEEE half -> float: shift the exponent and mantissa into place and rescale by 2^112 (exact, subnormals
-// included); inf and NaN get the float exponent.
+// IEEE half -> float, exact: a normal half's exponent and mantissa shifted into place and the exponent rebased
+// (integer arithmetic), a subnormal's mantissa converted to float and scaled by 2^-24 (a normal float times a power
+// of two: exact, and unaffected by the denormals-are-zero mode that torch.set_flush_denormal(True) sets, as
+// VCVTPH2PS is; rescaling the float denormal em << 13 by 2^112 read it as 0 there); inf and NaN get the float
+// exponent.
 inline float fp16_to_float(uint16_t v) {
   const uint32_t h = v;
   const uint32_t sign = (h & 0x8000u) << 16;
   const uint32_t em = h & 0x7fffu;
-  const float scaled = bits_float(em << 13) * 0x1p112f;
-  const uint32_t body = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : float_bits(scaled);
+  const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
+  const uint32_t subnormal = float_bits(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
+  const uint32_t body = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : em >= 0x0400u ? normal : subnormal;
   return bits_float(sign | body);
 }
 
