@@ -22,7 +22,10 @@ Keyword arguments every step function takes:
 * ``guidance_scale`` w: with a pair ``model_output=(F_cond, F_uncond)``, F = F_u + w (F_c - F_u).
 * ``guidance_rescale`` phi and ``rescale_space`` (``"output"``, ``"v"``, ``"x0"``): Lin et al.'s rescale (§2.7).
 * ``backend``: ``"auto"`` (the fused ``cpu`` kernels for CPU tensors, else the reference), ``"cpu"``, ``"torch"``.
-* ``out``: a tensor shaped like y to write the next state into (it may be ``y`` itself: in place).
+  The kernels have no backward: where autograd records the step (grad enabled and an input requiring grad),
+  ``"auto"`` runs the reference and the kernel backends refuse.
+* ``out``: a tensor shaped like y to write the next state into: apart from every input, or one of them exactly
+  (``y`` itself: in place); one overlapping an input any other way is refused, as PyTorch refuses it.
 * ``return_denoised``: False skips writing D where the sampler does not need it.
 
 Noise (samplers that add it): ``noise=`` a unit-Gaussian tensor of y's shape (or a function returning one, called
@@ -36,8 +39,8 @@ dtype; the math runs in float32 (float64 for float64 inputs).  Inputs are never 
 from __future__ import annotations
 
 import functools
-import threading
 import math
+import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
