@@ -1,6 +1,6 @@
 """Arguments a user can get wrong in ways the shape/dtype checks do not see: ``out=`` sharing memory with an input,
-autograd, ``step_index``, a ``first`` from another step, sigma types, and what ``sample()`` says about its
-callables.  Every refusal names the argument, says what to do, and leaves every tensor untouched; the
+autograd, ``step_index``, a ``first`` from another step, sigma types, misspelt options, and what ``sample()``
+says about its callables.  Every refusal names the argument, says what to do, and leaves every tensor untouched; the
 torch and cpu backends refuse alike."""
 
 from __future__ import annotations
@@ -130,6 +130,14 @@ def test_sigmas_must_be_real_numbers():
         torch.testing.assert_close(zk.euler_step(y, f, sigma, 3.0).y, want, rtol=0, atol=0)
 
 
+def test_an_unknown_keyword_names_the_step():
+    y, f = _rand(*SHAPE), _rand(*SHAPE, seed=1)
+    with pytest.raises(TypeError, match=r"euler_step\(\) got an unexpected keyword argument 'guidance'"):
+        zk.euler_step(y, f, 5.0, 3.0, guidance=7.5)
+    with pytest.raises(TypeError, match=r"dpmpp_2m_step\(\) got an unexpected keyword argument 'first'"):
+        zk.dpmpp_2m_step(y, f, 5.0, 3.0, first=None)
+
+
 def test_sample_names_the_callable_that_returned_a_wrong_tensor():
     noise = _rand(*SHAPE)
     sig = torch.tensor([5.0, 3.0, 0.0], dtype=torch.float64)
@@ -138,3 +146,16 @@ def test_sample_names_the_callable_that_returned_a_wrong_tensor():
     _refused(ValueError, r"noise_sampler\(sigma, sigma_next\)'s tensor has shape \(1, 4, 8, 8\) but noise has",
              lambda: zk.sample(lambda y, s: y, noise, sig, sampler="euler_ancestral",
                                noise_sampler=lambda a, b: torch.zeros(1, 4, 8, 8)), noise)
+
+
+def test_small_mistakes_get_named():
+    y, f = _rand(*SHAPE), _rand(*SHAPE, seed=1)
+    _refused(ValueError, "noise=.*or seed=.*not both", lambda: zk.euler_ancestral_step(
+        y, f, 5.0, 3.0, noise=torch.zeros_like(y), seed=1, step_index=0), y)
+    _refused(ValueError, "seed is a meta tensor", lambda: zk.euler_ancestral_step(
+        y, f, 5.0, 3.0, seed=torch.zeros(2, dtype=torch.int64, device="meta"), step_index=0), y)
+    first = zk.heun_step(y, f, 5.0, 3.0)
+    _refused(TypeError, "first.denoised must be the tensor", lambda: zk.heun_step(
+        first.y, f, 5.0, 3.0, first=first._replace(denoised=None)), first.y)
+    _refused(TypeError, "model_sigmas must be a 1-D table", lambda: zk.sample(
+        lambda y, s: y, y, [5.0, 0.0], model_sigmas="abc"), y)

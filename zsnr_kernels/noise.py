@@ -142,6 +142,8 @@ def _seed_int(value: object, name: str) -> int:
 def _check_seed_tensor(seed: Tensor, batch: int) -> None:
     if seed.dtype == torch.bool or seed.dtype.is_floating_point or seed.dtype.is_complex:
         raise TypeError(f"seed tensor must have an integer dtype, got {seed.dtype}")
+    if seed.is_meta:
+        raise ValueError("seed is a meta tensor, which holds no values; pass ints or a CPU/CUDA tensor")
     if seed.dim() > 1 or (seed.dim() == 1 and seed.shape[0] != batch):
         raise ValueError(f"seed tensor must be 0-d or have shape ({batch},) (one per sample), got {tuple(seed.shape)}")
 

@@ -158,7 +158,13 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
 def _model_table(model_sigmas):
     if model_sigmas is None:
         return None
-    t = torch.as_tensor(model_sigmas, dtype=torch.float64).flatten()
+    if isinstance(model_sigmas, torch.Tensor):
+        model_sigmas = _validate._real_tensor("model_sigmas", model_sigmas)
+    try:
+        t = torch.as_tensor(model_sigmas, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"model_sigmas must be a 1-D table of the model's sigmas (a tensor or a sequence of "
+                        f"floats), got {type(model_sigmas).__name__}") from exc
     if t.numel() == 0 or torch.isnan(t).any() or (t < 0).any():
         raise ValueError("model_sigmas must be a non-empty table of sigmas >= 0 without NaN")
     return t

@@ -142,9 +142,15 @@ def _run(
     guidance_rescale: float = 0.0,
     rescale_space: str = "output",
     backend: str = "auto",
+    **unknown,
 ) -> StepResult:
     """Validate, then run the fused step on the chosen backend.  ``args`` holds one StepArgs for the batch or one
-    per sample; ``sigma_eval`` is where the model was called (a float or a per-sample list)."""
+    per sample; ``sigma_eval`` is where the model was called (a float or a per-sample list); ``unknown`` catches a
+    misspelt option, to name the step function the user called instead of this one."""
+    if unknown:
+        raise TypeError(f"{args[0].sampler}_step() got an unexpected keyword argument {next(iter(unknown))!r}; "
+                        f"see help(zsnr_kernels.{args[0].sampler}_step) and the options every step takes in "
+                        "help(zsnr_kernels.steps)")
     y = _validate.tensor("y", y)
     pz = parameterization(prediction, sigma_data)
     w, phi, space = _validate.guidance(guidance_scale, guidance_rescale, rescale_space)
@@ -154,6 +160,9 @@ def _run(
             _validate.tensor(f"history[{k}]", t, y)
     if noise is not None and not callable(noise):
         _validate.tensor("noise", noise, y)
+    if noise is not None and seed is not None:
+        raise ValueError("pass noise= (a tensor or a function returning one) or seed= with step_index= (Philox "
+                         "noise), not both")
     if out is not None:
         _validate.out(out, y, (y, f_cond, f_uncond, None if callable(noise) else noise, *history),
                       lambda k: _input_name(k, f_uncond is not None))
@@ -333,6 +342,9 @@ def _first_stage(first, stage_name: str):
         raise TypeError(f"first must be the StepResult of the first {stage_name} call")
     if first.complete:
         raise ValueError(f"first.complete is True: that {stage_name} step already finished; start the next step")
+    if not isinstance(first.denoised, torch.Tensor):
+        raise TypeError(f"first.denoised must be the tensor the first {stage_name} call returned, got "
+                        f"{type(first.denoised).__name__}: pass that StepResult unchanged")
     return 2, (first.denoised,)
 
 
