@@ -181,8 +181,9 @@ def _run(
     # runs on every step
     grad = torch.is_grad_enabled() and (
         y.requires_grad or f_cond.requires_grad or (f_uncond is not None and f_uncond.requires_grad)
-        or (out is not None and out.requires_grad) or (isinstance(noise, torch.Tensor) and noise.requires_grad)
-        or any(t.requires_grad for t in history))
+        or (out is not None and out.requires_grad)
+        or (noise is not None and isinstance(noise, torch.Tensor) and noise.requires_grad)
+        or (len(history) > 0 and any(t.requires_grad for t in history)))
     name = _backend.resolve(backend, y, grad)
     if name != "torch" and callable(noise):  # explicit noise drawn lazily: only if the spec says a sample adds some
         noise = noise() if any(co.step_coeffs(pz, a).e != 0.0 for a in args) else None
