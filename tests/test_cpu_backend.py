@@ -537,6 +537,7 @@ SAMPLE_RUNS = [
     ("euler_ancestral", {}),
     ("heun", {"s_churn": 1.5}),
     ("dpm_2", {}),
+    ("dpm_2", {"s_churn": 1.5, "s_noise": 0.0}),  # the churn raises sigma without noise (the kernel's e = 0)
     ("dpm_2_ancestral", {"eta": 0.7}),
     ("dpmpp_2s_ancestral", {}),
     ("dpmpp_2m", {}),

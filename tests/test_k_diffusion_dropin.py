@@ -183,6 +183,30 @@ def test_default_noise_matches_k_diffusion(kdiff, sampler, kw):
     assert torch.equal(our_next, their_next), "the global generator ends in a different state"
 
 
+@pytest.mark.parametrize("sampler", ALL)
+def test_a_callback_editing_denoised_steers_where_k_diffusions_does(kdiff, sampler):
+    """k-diffusion's euler, heun, dpm_2 and lms form d before calling back, so editing ``denoised`` in place
+    changes nothing there; the other samplers' updates read the edited tensor."""
+    sampling, _ = kdiff
+    sigmas = sampling.get_sigmas_karras(6, 0.03, 14.6).double()
+    x = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * sigmas[0]
+
+    def model(x, sigma, **kw):
+        return x * 0.5 / (sigma[:, None, None, None] ** 2 + 1)
+
+    def halve(d):
+        d["denoised"].mul_(0.5)
+
+    results = []
+    for fn in (getattr(sampling, f"sample_{sampler}"), getattr(K, f"sample_{sampler}")):
+        torch.manual_seed(0)
+        results.append(fn(model, x, sigmas, disable=True, callback=halve))
+    torch.manual_seed(0)
+    unedited = getattr(K, f"sample_{sampler}")(model, x, sigmas, disable=True)
+    assert (results[1] - results[0]).abs().max().item() <= 1e-10
+    assert ((results[1] - unedited).abs().max().item() > 1e-3) == (sampler not in ("euler", "heun", "dpm_2", "lms"))
+
+
 @pytest.mark.parametrize("window", [(0.5, 5.0), (0.0, INF)])
 @pytest.mark.parametrize("sampler", CHURN)
 def test_churn_matches_k_diffusion(kdiff, sampler, window):

@@ -85,6 +85,19 @@ def test_churn_matches_k_diffusion(kdiff, sampler):
     assert (got - expected).abs().max().item() <= 1e-10
 
 
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm_2"])
+@pytest.mark.parametrize("s_tmax", [float("inf"), 10.0], ids=["churn_from_step_0", "churn_folded_in_later"])
+def test_churn_without_noise_matches_k_diffusion(kdiff, sampler, s_tmax):
+    """s_noise = 0 (A1111's "sigma noise" 0): the churn draws no noise but still raises the noise level to
+    sigma_hat, where the model is called on the unchanged x (the state y is rescaled)."""
+    sampling, kd_model, model, sigmas = _setup(kdiff, "karras", torch.float64)
+    noise = torch.randn(2, 4, 9, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = getattr(sampling, f"sample_{sampler}")(kd_model, noise * sigmas[0], sigmas, disable=True, s_churn=2.0,
+                                                     s_noise=0.0, s_tmax=s_tmax)
+    got = zk.sample(model, noise, sigmas, sampler=sampler, s_churn=2.0, s_noise=0.0, s_tmax=s_tmax)
+    assert (got - expected).abs().max().item() <= 1e-10
+
+
 def test_callback_keys_match_k_diffusion(kdiff):
     sampling, kd_model, model, sigmas = _setup(kdiff, "karras", torch.float64, steps=5)
     noise = torch.randn(1, 4, 5, 5, dtype=torch.float64)

@@ -151,10 +151,13 @@ def churn(pz: Parameterization, sigma: float, sigma_hat: float, s_noise: float =
 
 
 def with_churn(coeffs: StepCoeffs, pz: Parameterization, sigma_hat_next: float, s_noise: float = 1.0) -> StepCoeffs:
-    """Fold the churn of the next step into this update: the result is the model input at sigma_hat_next."""
-    k, e = churn(pz, coeffs.sigma_out, sigma_hat_next, s_noise)
-    if e == 0.0:
+    """Fold the churn of the next step into this update: the result is the model input at sigma_hat_next.
+
+    With s_noise = 0 the churn adds no noise (e = 0) but still moves the state to sigma_hat_next (k != 1): the
+    model is then called at sigma_hat_next on the unchanged x, as in k-diffusion."""
+    if sigma_hat_next == coeffs.sigma_out:
         return coeffs
+    k, e = churn(pz, coeffs.sigma_out, sigma_hat_next, s_noise)
     if coeffs.e != 0.0 or not coeffs.complete:
         raise ValueError("churn can only follow a complete, noise-free update (euler, heun, dpm_2)")
     return replace(coeffs, a=k * coeffs.a, b=k * coeffs.b, h=tuple(k * w for w in coeffs.h), e=e,

@@ -16,8 +16,11 @@ noise in the same order, and returns the final x.  Noise: a given ``noise_sample
 with the arguments k-diffusion calls it with; without one, ``torch.randn_like(x)`` (ancestral samplers, and EDM
 churn, which k-diffusion draws on every step whether it is used or not) and the :class:`BrownianTreeNoiseSampler`
 of the SDE samplers take the same numbers from torch's global generator.  So a seeded script gives k-diffusion's
-image to float rounding (about 1e-14 in float64) and leaves the generator in the same state.  Each update is one
-fused step of :mod:`zsnr_kernels.steps` (``backend="auto"``) on the state y = c_in(sigma) x, x0-prediction.
+image to float rounding (about 1e-14 in float64) and leaves the generator in the same state.  The step coefficients
+are computed in float64 from the sigmas' values: with float32 sigmas (``get_sigmas_*``'s default dtype) k-diffusion
+computes them in float32, and where that cancels (dpm_2_ancestral's sigma_down near the end of a VP schedule, up
+to ~1e-3 in x) the two differ by k-diffusion's error.  Each update is one fused step of :mod:`zsnr_kernels.steps`
+(``backend="auto"``) on the state y = c_in(sigma) x, x0-prediction.
 
 **Zero terminal SNR.**  Where ``sigmas[0]`` is inf, k-diffusion's ``x = noise * sigmas[0]`` is infinite and every
 sampler returns NaN.  Here, with ``sigmas[0] = inf``:
@@ -46,8 +49,9 @@ takes ``order`` 1 to 4 (k-diffusion integrates any order numerically).
 instead promotes x to float32 after the first step of the samplers whose update divides by a float32 sigma
 (euler, euler_ancestral, heun, dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral, lms) and returns float32; for its
 results in those cases pass ``x`` in float32.  The callback's ``x`` is formed from the
-state for the report: editing it in place does not steer the run (editing ``denoised`` on finite schedules does,
-as in k-diffusion).
+state for the report: editing it in place does not steer the run.  Editing ``denoised`` in place on finite
+schedules steers it exactly where it steers k-diffusion's: not in euler, heun, dpm_2 and lms (whose ``d`` is
+formed before the callback; here the callback comes after the fused update), in the other samplers.
 """
 
 from __future__ import annotations
@@ -78,6 +82,9 @@ _STEPS = {
     "lms": steps.lms_step,
 }
 _CHURN = ("euler", "heun", "dpm_2")
+# k-diffusion forms d = to_d(x, sigma, denoised) before it calls back in these samplers, so a callback editing
+# denoised in place does not steer them (it does steer the others, whose updates read denoised afterwards)
+_D_BEFORE_CALLBACK = ("euler", "heun", "dpm_2", "lms")
 _ANCESTRAL = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")
 _SDE = ("dpmpp_2m_sde", "dpmpp_3m_sde")
 _HISTORY_DEPTH = {"dpmpp_2m": 1, "dpmpp_2m_sde": 1, "dpmpp_3m_sde": 2}  # lms: order - 1
@@ -482,7 +489,8 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
     for i in trange(n, disable=disable):
         sigma, sigma_next = hats[i], vals[i + 1]
         xs, out = evaluate(y, sigma, callback is not None)
-        if callback is not None and vnet is None:  # before the update, as k-diffusion calls it
+        early = callback is not None and vnet is None and sampler not in _D_BEFORE_CALLBACK
+        if early:  # before the update, as k-diffusion calls it: a callback editing denoised steers the update
             callback({"x": xs, "i": i, "sigma": sig_t[i], "sigma_hat": hat_t[i], "denoised": out})
         kw = dict(options)
         draw = None
@@ -496,8 +504,10 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
         if depth:
             kw["history"] = history
         r = step(y, out, sigma, sigma_next, **kw)
-        if callback is not None and vnet is not None:  # D of a v model comes out of the fused step
-            callback({"x": xs, "i": i, "sigma": sig_t[i], "sigma_hat": hat_t[i], "denoised": r.denoised})
+        if callback is not None and not early:  # after the update, which has read the model output (D of a v
+            # model comes out of the fused step)
+            callback({"x": xs, "i": i, "sigma": sig_t[i], "sigma_hat": hat_t[i],
+                      "denoised": out if vnet is None else r.denoised})
         two_stages = not r.complete
         if two_stages:
             _, out2 = evaluate(r.y, r.sigma, False)

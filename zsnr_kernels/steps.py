@@ -102,14 +102,16 @@ def churn_step(y, sigma, sigma_hat, *, s_noise=1.0, noise=None, seed=None, step_
     """EDM churn of a state with no model output at hand (the first step of a loop; the step functions fold
     later churn in through ``sigma_hat_next``): raise the noise level of y from sigma to sigma_hat (§2.5),
     y_hat = (c_in(sigma_hat)/c_in(sigma)) y + c_in(sigma_hat) sqrt(sigma_hat^2 - sigma^2) s_noise z.
-    Returns y itself when sigma_hat == sigma (no noise is drawn)."""
+    Returns y itself when sigma_hat == sigma, and draws no noise when s_noise == 0 (y is only rescaled)."""
     y = _validate.tensor("y", y)
     pz = parameterization(prediction, sigma_data)
     sg = _validate.real("sigma", sigma, lo=0.0)
     sh = _validate.real("sigma_hat", sigma_hat, lo=0.0)
     k, e = co.churn(pz, sg, sh, _validate.real("s_noise", s_noise, lo=0.0))
-    if e == 0.0:
+    if sh == sg:
         return y
+    if e == 0.0:
+        return y * k
     return reference.add_noise(y, k, e, _noise_tensor(y, noise, seed, step_index))
 
 

@@ -565,12 +565,13 @@ ZSNR_HD int32_t churn(Param pz, double sigma, double sigma_hat, double s_noise, 
 }
 
 // coefficients.with_churn: fold the next step's churn into a complete, noise-free update; the result is
-// the model input at sigma_hat_next (a, b, h scaled by k, e = churn noise).  Unchanged when e == 0.
+// the model input at sigma_hat_next (a, b, h scaled by k, e = churn noise, 0 when s_noise = 0).  Unchanged when
+// sigma_hat_next == sigma_out.
 ZSNR_HD StepCoeffs with_churn(StepCoeffs c, Param pz, double sigma_hat_next, double s_noise) {
+  if (sigma_hat_next == c.sigma_out) return c;
   double k = 1.0, e = 0.0;
   const int32_t err = churn(pz, c.sigma_out, sigma_hat_next, s_noise, &k, &e);
   if (err != kOk) return error_coeffs(err);
-  if (e == 0.0) return c;
   if (c.e != 0.0 || !c.complete) return error_coeffs(kErrChurn);
   c.a = k * c.a;
   c.b = k * c.b;
