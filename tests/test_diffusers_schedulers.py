@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import TinyNet
@@ -601,3 +602,61 @@ def test_euler_refuses_integer_indices_as_diffusers_does(name):
             ref.step(x, index, x)
         with pytest.raises(ValueError, match="integer indices"):
             ours.step(x, index, x)
+
+
+# ------------------------------------------------------------------------------------- the rest of the contract
+
+
+@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+def test_prediction_type_set_on_a_live_scheduler_takes_effect(name):
+    """diffusers' steps read ``config.prediction_type`` when they run (training scripts set it in place)."""
+    extra = {"clip_sample": False} if name in ("DDIMScheduler", "DDPMScheduler") else {}
+    net = TinyNet(4, seed=1)
+    mutated = zd.SCHEDULERS[name](**SD, **extra)
+    mutated.register_to_config(prediction_type="v_prediction")
+    fresh = zd.SCHEDULERS[name](**SD, **extra, prediction_type="v_prediction")
+    outs = []
+    for s in (mutated, fresh):
+        s.set_timesteps(10)
+        outs.append(_loop(s, net, _noise(seed=3), seed=0)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+def test_numpy_and_tensor_step_counts_are_taken(name):
+    sched = zd.SCHEDULERS[name](**SD)
+    sched.set_timesteps(12)
+    want = sched.timesteps.clone()
+    for n in (np.int64(12), torch.tensor(12)):
+        sched.set_timesteps(n)
+        assert torch.equal(sched.timesteps, want)
+    for bad in (12.0, True, "12", 0):
+        with pytest.raises(ValueError, match="num_inference_steps must be an int"):
+            sched.set_timesteps(bad)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                  "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_add_noise_before_set_timesteps_uses_the_training_schedule(name):
+    """As diffusers (training: a noise scheduler used only for add_noise), in this module's state space: diffusers'
+    Euler family returns x0 + sigma noise, ours the model input (x0 + sigma noise) c_in(sigma)."""
+    ref, ours = getattr(diffusers, name)(**SD), zd.SCHEDULERS[name](**SD)
+    x0, noise = _noise(F64, seed=1), _noise(F64, seed=2)
+    t = torch.tensor([999, 3])
+    got = ours.add_noise(x0, noise, t)
+    abar = ours.alphas_cumprod[t].double()[:, None, None, None]  # float64 tables (diffusers' are float32)
+    torch.testing.assert_close(got, abar.sqrt() * x0 + (1 - abar).sqrt() * noise, rtol=1e-12, atol=1e-12)
+    sigma = ((1 - abar) / abar).sqrt()
+    if name != "DPMSolverMultistepScheduler":  # its add_noise needs sigmas diffusers builds only in set_timesteps
+        x_ve = ref.add_noise(x0, noise, t).double()
+        torch.testing.assert_close(got, x_ve / (sigma**2 + 1).sqrt(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_that_leaves_the_sample_returns_a_new_tensor():
+    """DDIM with set_alpha_to_one=False ends at t = 0 on its own noise level: the sample is unchanged, but
+    prev_sample is a new tensor, as in diffusers (editing it must not edit the caller's latents)."""
+    sched = zd.ZSNRDDIMScheduler(**SD, set_alpha_to_one=False, clip_sample=False)
+    sched.set_timesteps(5)
+    x = _noise()
+    out = sched.step(torch.zeros_like(x), sched.timesteps[-1], x).prev_sample
+    assert out is not x and out.data_ptr() != x.data_ptr()

@@ -82,6 +82,7 @@ same tables).  Noise for the stochastic samplers is drawn from the ``generator``
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -166,6 +167,18 @@ def _sigma_of(alpha_cumprod: float) -> float:
     return INF if alpha_cumprod == 0.0 else math.sqrt((1.0 - alpha_cumprod) / alpha_cumprod)
 
 
+def _steps_count(n, T: int) -> int:
+    """``num_inference_steps`` as an int in [1, T]: a Python or numpy integer, or a 0-d integer tensor, as
+    diffusers takes them (not a bool or a float)."""
+    try:
+        k = operator.index(n) if not isinstance(n, (bool, np.bool_)) else None
+    except TypeError:
+        k = None
+    if k is None or not 1 <= k <= T:
+        raise ValueError(f"num_inference_steps must be an int in [1, num_train_timesteps={T}], got {n!r}")
+    return k
+
+
 def _interp_sigmas(train_sigmas: torch.Tensor, t: np.ndarray) -> torch.Tensor:
     """``np.interp(t, arange(T), train_sigmas)`` in float64, without NaN next to an infinite last entry: an
     integral t is the table entry; a fractional t interpolates linearly in sigma (inf towards an inf neighbour)."""
@@ -220,8 +233,19 @@ class _ZSNRScheduler(SchedulerMixin, ConfigMixin):
                                   rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
-        self._pz = parameterization(_PREDICTIONS[prediction_type])
+        self._pz_of = (prediction_type, parameterization(_PREDICTIONS[prediction_type]))
         self.num_inference_steps = None
+
+    @property
+    def _pz(self):
+        """The parameterization of ``config.prediction_type``, read when used: diffusers' steps read the config,
+        so ``register_to_config(prediction_type=...)`` on a live scheduler takes effect (training scripts do it)."""
+        kind = self.config.prediction_type
+        if kind != self._pz_of[0]:
+            if kind not in _PREDICTIONS:
+                raise _refuse(type(self).__name__, "prediction_type", kind, f"use one of {tuple(_PREDICTIONS)}")
+            self._pz_of = (kind, parameterization(_PREDICTIONS[kind]))
+        return self._pz_of[1]
 
     @property
     def _train_sigmas(self) -> torch.Tensor:
@@ -284,7 +308,7 @@ class _ZSNRScheduler(SchedulerMixin, ConfigMixin):
         to the identity too).  Schedules whose final sigma repeats the last one have it: DDIM with
         ``set_alpha_to_one=False`` ending at t = 0, ``final_sigmas_type="sigma_min"`` after a grid ending there."""
         p, q = parameterization(prediction).denoise_coeffs(sigma)
-        return sample, (f * q + sample * p if p else f * q)
+        return sample.clone(), (f * q + sample * p if p else f * q)  # a new tensor, as diffusers returns
 
     @staticmethod
     def _output(prev_sample, denoised, return_dict: bool, *, with_denoised: bool = True):
@@ -326,9 +350,7 @@ class _TimestepIndexed(_ZSNRScheduler):
 
     def _spaced_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         T = self.config.num_train_timesteps
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be an int in [1, num_train_timesteps={T}], "
-                             f"got {num_inference_steps!r}")
+        num_inference_steps = _steps_count(num_inference_steps, T)
         ts = schedules.timesteps(num_inference_steps, T, self.config.timestep_spacing, self.config.steps_offset)
         if ts.max().item() >= T:
             raise ValueError(f"steps_offset={self.config.steps_offset} pushes timestep {ts.max().item()} past the "
@@ -595,9 +617,7 @@ class _StepIndexed(_ZSNRScheduler):
         """Float32 timesteps and float64 sigmas (no final value) of diffusers' Euler-family spacings: ``linspace``
         is fractional (sigmas interpolated linearly, as ``np.interp``), ``leading``/``trailing`` integral."""
         T = self.config.num_train_timesteps
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be an int in [1, num_train_timesteps={T}], "
-                             f"got {num_inference_steps!r}")
+        num_inference_steps = _steps_count(num_inference_steps, T)
         if self.config.timestep_spacing == "linspace":
             ts = np.linspace(0, T - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
         else:
@@ -640,11 +660,14 @@ class _StepIndexed(_ZSNRScheduler):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """The model input of ``original_samples`` noised to the sigma of the evaluation at ``timesteps``
-        (found like diffusers: ``begin_index``/``step_index`` when set, else by timestep):
-        c_in(sigma) x0 + s(sigma) noise = sqrt(abar) x0 + sqrt(1 - abar) noise."""
+        (found like diffusers: ``begin_index``/``step_index`` when set, else by timestep; before set_timesteps,
+        the training timesteps' sigmas): c_in(sigma) x0 + s(sigma) noise = sqrt(abar) x0 + sqrt(1 - abar) noise.
+        That is the state these schedulers keep, diffusers' x0 + sigma noise times c_in(sigma): code that scales
+        diffusers' result itself (EDM-style training dividing by sqrt(sigma^2 + 1)) must not scale this one."""
         ts = torch.as_tensor(timesteps).reshape(-1)
-        if self._evals is None:
-            raise ValueError(f"{type(self).__name__}: call set_timesteps before add_noise")
+        if self._evals is None:  # no inference schedule yet (training): diffusers' is then the training one
+            sigmas = _interp_sigmas(self._train_sigmas, ts.double().cpu().numpy())
+            return self._add_noise_at(original_samples, noise, sigmas.tolist())
         if self._begin_index is None:
             schedule = self.timesteps.to(ts.device)
             idx = [self.index_for_timestep(t, schedule) for t in ts]
@@ -942,9 +965,7 @@ class ZSNRDPMSolverMultistepScheduler(_StepIndexed):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """diffusers' DPM-Solver timesteps and sigmas (Karras/exponential on request), then the final sigma."""
         T = self.config.num_train_timesteps
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be an int in [1, num_train_timesteps={T}], "
-                             f"got {num_inference_steps!r}")
+        num_inference_steps = _steps_count(num_inference_steps, T)
         ts = self._timesteps(num_inference_steps)
         sig = _interp_sigmas(self._train_sigmas, ts)
         if self.config.use_karras_sigmas or self.config.use_exponential_sigmas:
