@@ -135,6 +135,10 @@ def test_signatures_are_k_diffusions(kdiff):
     for name in names:
         assert params(getattr(K, name)) == params(getattr(sampling, name)), name
     assert K.sampling is K and K.sampling.sample_euler is K.sample_euler
+    # what this module does not rewrite is k-diffusion's own, so front ends listing samplers keep them
+    for name in ("sample_dpmpp_sde", "sample_dpm_fast", "sample_dpm_adaptive", "DPMSolver"):
+        assert getattr(K.sampling, name) is getattr(sampling, name)
+    assert not hasattr(K, "sample_no_such_sampler") and not hasattr(K, "__no_such_dunder__")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -6,8 +6,9 @@ Switch a k-diffusion script with one line::
     sigmas = K.sampling.get_sigmas_karras(25, 0.03, 14.6)
     x0 = K.sampling.sample_dpmpp_2m(model, noise * sigmas[0], sigmas, extra_args={"cond": c})
 
-``K.sampling`` is this module, so ``K.sample_euler`` works too; ``K.external`` is k-diffusion's own
-``k_diffusion.external`` (the model wrappers), imported on first use.
+``K.sampling`` is this module, so ``K.sample_euler`` works too; ``K.external`` and ``K.utils`` are k-diffusion's
+own modules (the model wrappers, the helpers), imported on first use, and the samplers this module does not
+rewrite (``sample_dpmpp_sde``, ``sample_dpm_fast``, ``sample_dpm_adaptive``) are k-diffusion's own functions.
 
 **Same results.**  Each ``sample_*`` takes k-diffusion 0.1.1's arguments and defaults, calls
 ``model(x, sigma, **extra_args)`` (a k-diffusion denoiser, returning x0) at the same x and sigma, calls
@@ -598,14 +599,24 @@ sampling = sys.modules[__name__]
 
 
 def __getattr__(name):
-    """``external``: k-diffusion's own ``k_diffusion.external`` (its model wrappers), imported on first use."""
-    if name == "external":
-        try:
-            return importlib.import_module("k_diffusion.external")
-        except ImportError as exc:
-            raise AttributeError(f"external is k-diffusion's k_diffusion.external, which failed to import ({exc}); "
-                                 "install k-diffusion for its model wrappers") from exc
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    """What k-diffusion has and this module does not define, from k-diffusion itself, imported on first use:
+    ``external`` and ``utils`` (its model wrappers and helpers), and the rest of ``k_diffusion.sampling``
+    (``sample_dpmpp_sde``, ``sample_dpm_fast``, ``sample_dpm_adaptive``, ``DPMSolver`` ...), unchanged: those run
+    k-diffusion's own code (finite schedules, no fused kernels).  So a front end that lists the samplers it finds
+    (``hasattr(K.sampling, "sample_dpmpp_sde")``) keeps them."""
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    source = f"k_diffusion.{name}" if name in ("external", "utils") else "k_diffusion.sampling"
+    try:
+        module = importlib.import_module(source)
+    except ImportError as exc:
+        raise AttributeError(f"{name} would come from k-diffusion's {source}, which failed to import ({exc}); "
+                             "install k-diffusion") from exc
+    if source == "k_diffusion.sampling":
+        if not hasattr(module, name):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r} (nor has k_diffusion.sampling)")
+        return getattr(module, name)
+    return module
 
 
 __all__ = [
