@@ -211,6 +211,26 @@ def test_a_callback_editing_denoised_steers_where_k_diffusions_does(kdiff, sampl
     assert ((results[1] - unedited).abs().max().item() > 1e-3) == (sampler not in ("euler", "heun", "dpm_2", "lms"))
 
 
+def test_a_noise_sampler_of_another_dtype_or_a_broadcast_shape_is_taken(kdiff):
+    """k-diffusion adds the sampler's tensor to x (promoting, broadcasting); the state keeps x's dtype."""
+    sampling, _ = kdiff
+    sigmas = sampling.get_sigmas_karras(6, 0.03, 14.6).double()
+    x = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(1)) * 14.6
+    g = torch.Generator()
+
+    def model(x, sigma, **kw):
+        return x * 0.5 / (sigma[:, None, None, None] ** 2 + 1)
+
+    for ns in (lambda a, b: torch.randn(2, 4, 5, 6, dtype=torch.float64, generator=g),
+               lambda a, b: torch.randn(1, 4, 5, 6, generator=g)):
+        runs = []
+        for fn in (sampling.sample_euler_ancestral, K.sample_euler_ancestral):
+            g.manual_seed(0)
+            runs.append(fn(model, x, sigmas, disable=True, noise_sampler=ns))
+        assert runs[1].dtype == x.dtype
+        torch.testing.assert_close(runs[1].double(), runs[0].double(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("window", [(0.5, 5.0), (0.0, INF)])
 @pytest.mark.parametrize("sampler", CHURN)
 def test_churn_matches_k_diffusion(kdiff, sampler, window):

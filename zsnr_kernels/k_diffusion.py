@@ -46,7 +46,8 @@ with inf only first (its last value need not be 0: the result is x at that sigma
 helpers refuse ``sigma_max = inf`` (k-diffusion returns NaN) and name :func:`get_sigmas_zero_snr`; ``sample_lms``
 takes ``order`` 1 to 4 (k-diffusion integrates any order numerically).
 
-**Half precision.**  The state keeps ``x``'s dtype, and a model output of another dtype is cast to it.  k-diffusion
+**Half precision.**  The state keeps ``x``'s dtype, and a model output or a noise sampler's tensor of another dtype
+is cast to it (a noise tensor that broadcasts to x's shape is broadcast, as k-diffusion's addition does).  k-diffusion
 instead promotes x to float32 after the first step of the samplers whose update divides by a float32 sigma
 (euler, euler_ancestral, heun, dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral, lms) and returns float32; for its
 results in those cases pass ``x`` in float32.  The callback's ``x`` is formed from the
@@ -406,6 +407,14 @@ class _Draw:
             self.make()
 
 
+def _as_state_noise(z, x: torch.Tensor):
+    """A noise sampler's tensor as the state takes it: x's dtype and device, and x's shape where it broadcasts
+    there (k-diffusion adds it to x, promoting and broadcasting; the state keeps x's dtype as with model outputs)."""
+    if isinstance(z, torch.Tensor) and z.shape != x.shape and torch.broadcast_shapes(z.shape, x.shape) == x.shape:
+        z = z.expand_as(x)
+    return z.to(device=x.device, dtype=x.dtype) if isinstance(z, torch.Tensor) else z
+
+
 def _k_diffusion_draws(sampler: str, sigma_next: float, eta: float, two_stages: bool) -> bool:
     """Whether k-diffusion makes this step's noise draw (after the step's model calls) even when it adds none."""
     if sampler in _CHURN:
@@ -500,7 +509,7 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
             if hats[i + 1] != sigma_next:  # fold that churn into this update (DESIGN §2.5)
                 kw.update(sigma_hat_next=hats[i + 1], s_noise=s_noise, noise=draw)
         elif noise_sampler is not None:
-            draw = _Draw(lambda i=i: noise_sampler(sig_t[i], sig_t[i + 1]))
+            draw = _Draw(lambda i=i: _as_state_noise(noise_sampler(sig_t[i], sig_t[i + 1]), x))
             kw["noise"] = draw
         if depth:
             kw["history"] = history
