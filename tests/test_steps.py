@@ -10,6 +10,7 @@ import torch
 from conftest import TinyNet
 
 import zsnr_kernels as zk
+from zsnr_kernels import _ext
 
 INF = math.inf
 
@@ -93,6 +94,25 @@ def test_rescale_guard_when_guided_output_is_constant():
     r = zk.euler_step(y, (fc, fc.clone()), 3.0, 1.0, guidance_scale=7.5, guidance_rescale=0.7)
     assert torch.isfinite(r.y).all()
     torch.testing.assert_close(r.denoised, zk.euler_step(y, fc, 3.0, 1.0).denoised)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("space", ["output", "x0"])
+@pytest.mark.parametrize("offset,std", [(0.0, 1.0), (100.0, 0.1), (100.0, 0.01), (0.3, 0.0)])
+def test_rescale_statistics_keep_their_precision_for_offset_and_constant_outputs(backend, space, offset, std):
+    """Outputs whose mean dwarfs their spread (and y offset too, for the x0 space), and a constant output
+    (std 0: the factor is 1): float32 steps agree with the float64 reference to float32 rounding.  The statistics
+    sum each tensor less its first element (combine.h RescaleSum); summed as they are, offset 100 and std 0.01
+    left y off by 0.59, and the float32 reference's std of a constant (~1e-8, not 0) off by 0.45."""
+    if backend == "cpu" and not _ext.available():
+        pytest.skip(f"the cpu backend is not built: {_ext.why_unavailable()}")
+    y = (_rand(2, 4, 16, 16, seed=1) + (50.0 if space == "x0" else 0.0)).float()
+    fc, fu = ((offset + std * _rand(2, 4, 16, 16, seed=s)).float() for s in (2, 3))
+    kw = dict(guidance_scale=7.5, guidance_rescale=0.7, rescale_space=space, prediction="eps")
+    want = zk.euler_step(y.double(), (fc.double(), fu.double()), 5.0, 3.0, backend="torch", **kw).y
+    got = zk.euler_step(y, (fc, fu), 5.0, 3.0, backend=backend, **kw).y
+    scale = want.abs().max().item()
+    assert (got.double() - want).abs().max().item() <= 32 * torch.finfo(torch.float32).eps * max(scale, 1.0)
 
 
 def test_churn_sigma_hat_is_quantized_to_the_model_table():

@@ -61,6 +61,15 @@ CHILD = textwrap.dedent(
     run("per_sample_sigmas", lambda b: zk.euler_step(
         y, (fc, fu), [INF, 5.0, 2.0], [3.0, 1.0, 0.0], guidance_scale=2.0, guidance_rescale=0.5, backend=b))
 
+    # outputs of mean 100 and std 0.01 (the statistics sum each tensor less its first element), in the x0 space
+    # with y offset too; and a constant guided output (rescale factor 1)
+    run("rescale_offset", lambda b: zk.euler_step(
+        y + 50.0, (100.0 + 0.01 * fc, 100.0 + 0.01 * fu), 5.0, 3.0, guidance_scale=3.0, guidance_rescale=0.7,
+        rescale_space="x0", prediction="eps", backend=b).y)
+    run("rescale_constant", lambda b: zk.euler_step(
+        y, (torch.full_like(y, 0.3), torch.full_like(y, -0.2)), 5.0, 3.0, guidance_scale=7.5, guidance_rescale=0.7,
+        backend=b).y)
+
     def in_place_channels_last(b):
         yc = y.clone().to(memory_format=torch.channels_last)
         r = zk.dpmpp_2m_step(yc, (fc.contiguous(memory_format=torch.channels_last),
@@ -134,6 +143,14 @@ def test_per_sample_sigmas(results):
     _close(r["triton"].y, r["cpu"].y, ulps=8)
     _close(r["triton"].denoised, r["cpu"].denoised, ulps=8)
     assert torch.equal(r["triton"].sigma, r["cpu"].sigma)
+
+
+@pytest.mark.parametrize("case", ["rescale_offset", "rescale_constant"])
+def test_rescale_statistics_of_offset_and_constant_outputs(results, case):
+    """Both backends sum each tensor less its first element: an output of mean 100 and std 0.01 keeps its
+    variance, and a constant one has variance 0 (factor 1), as in the float64 reference."""
+    r = results[case]
+    _close(r["triton"], r["cpu"], ulps=64)
 
 
 def test_in_place_on_channels_last(results):

@@ -44,8 +44,8 @@ from .._table import coefficient_table
 __all__ = ["MAX_HIST", "NUM_COEFFS", "coefficient_table", "fused_step_triton", "launch", "seed_tensor"]
 
 MAX_HIST = 3  # combine.h kMaxHist
-# combine.h RescaleSum order: sums of F_c, F_c^2, F_u, F_u^2, F_c F_u, y, y^2, y F_c, y F_u (constexpr: the
-# kernels read them too)
+# combine.h RescaleSum order: sums of F_c, F_c^2, F_u, F_u^2, F_c F_u, y, y^2, y F_c, y F_u, each tensor less its
+# sample's first element (constexpr: the kernels read them too)
 SUM_C, SUM_CC, SUM_U, SUM_UU, SUM_CU, SUM_Y, SUM_YY, SUM_YC, SUM_YU = (tl.constexpr(k) for k in range(9))
 NUM_SUMS = tl.constexpr(9)
 # Columns of the float64 coefficient table (zsnr_kernels/_table.py), one row per sample or one for the batch.
@@ -108,8 +108,11 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
     offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
     base = b * n
-    fc = tl.load(fc_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    fu = tl.load(fu_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    # combine.h RescaleSum: every element less its sample's first (the pivot); masked lanes add nothing
+    fc = tl.where(mask, tl.load(fc_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+                  - tl.load(fc_ptr + base).to(tl.float32), 0.0)
+    fu = tl.where(mask, tl.load(fu_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+                  - tl.load(fu_ptr + base).to(tl.float32), 0.0)
     cols = tl.arange(0, 16)
     row = tl.where(cols == SUM_C, tl.sum(fc, axis=0), 0.0)
     row += tl.where(cols == SUM_CC, tl.sum(fc * fc, axis=0), 0.0)
@@ -117,7 +120,8 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
     row += tl.where(cols == SUM_UU, tl.sum(fu * fu, axis=0), 0.0)
     row += tl.where(cols == SUM_CU, tl.sum(fc * fu, axis=0), 0.0)
     if WITH_Y:
-        y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.where(mask, tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+                     - tl.load(y_ptr + base).to(tl.float32), 0.0)
         row += tl.where(cols == SUM_Y, tl.sum(y, axis=0), 0.0)
         row += tl.where(cols == SUM_YY, tl.sum(y * y, axis=0), 0.0)
         row += tl.where(cols == SUM_YC, tl.sum(y * fc, axis=0), 0.0)

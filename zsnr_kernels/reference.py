@@ -51,8 +51,12 @@ def rescale_factor(g_cond: torch.Tensor, g_guided: torch.Tensor, phi: float) -> 
     population std is used: the ratio is the same as with Bessel's correction.  Shape (B,).
     """
     dims = tuple(range(1, g_cond.ndim))
-    std_c = g_cond.std(dim=dims, correction=0)
-    std_g = g_guided.std(dim=dims, correction=0)
+    # the std of G less its first element, as the kernels sum it (combine.h RescaleSum): the same std, but a
+    # constant G gives exactly 0 (the float32 mean of a constant is not exactly its value: its std came out ~1e-8,
+    # and the factor from two such stds was arbitrary, y off by up to 0.45)
+    first = (slice(None),) + (slice(0, 1),) * (g_cond.ndim - 1)
+    std_c = (g_cond - g_cond[first]).std(dim=dims, correction=0)
+    std_g = (g_guided - g_guided[first]).std(dim=dims, correction=0)
     ok = std_g > 0
     ratio = torch.where(ok, std_c / torch.where(ok, std_g, torch.ones_like(std_g)), torch.ones_like(std_g))
     return torch.where(ok, phi * ratio + (1.0 - phi), torch.ones_like(std_g))

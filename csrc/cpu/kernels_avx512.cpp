@@ -87,19 +87,20 @@ inline float lane_tree(__m512 v) {
 // kernels_impl.h's block_sums loop for one whole fp16 or bf16 block, lane l of each sum in lane l of a register,
 // the products rounded before they are added (no FMA), as the loop does them.
 template <int32_t DT, bool WithY>
-void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, double* acc) {
+void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, const Pivots& p, double* acc) {
   constexpr int kSums = WithY ? kNumSums : kSumCU + 1;
+  const __m512 pc = _mm512_set1_ps(p.c), pu = _mm512_set1_ps(p.u), py = _mm512_set1_ps(p.y);
   __m512 s[kSums];
   for (int k = 0; k < kSums; ++k) s[k] = _mm512_setzero_ps();
   for (int64_t i = 0; i < kSumBlock; i += kLanes) {
-    const __m512 c = widen<DT>(fc + i), u = widen<DT>(fu + i);
+    const __m512 c = _mm512_sub_ps(widen<DT>(fc + i), pc), u = _mm512_sub_ps(widen<DT>(fu + i), pu);
     s[kSumC] = _mm512_add_ps(s[kSumC], c);
     s[kSumCC] = _mm512_add_ps(s[kSumCC], _mm512_mul_ps(c, c));
     s[kSumU] = _mm512_add_ps(s[kSumU], u);
     s[kSumUU] = _mm512_add_ps(s[kSumUU], _mm512_mul_ps(u, u));
     s[kSumCU] = _mm512_add_ps(s[kSumCU], _mm512_mul_ps(c, u));
     if constexpr (WithY) {
-      const __m512 v = widen<DT>(y + i);
+      const __m512 v = _mm512_sub_ps(widen<DT>(y + i), py);
       s[kSumY] = _mm512_add_ps(s[kSumY], v);
       s[kSumYY] = _mm512_add_ps(s[kSumYY], _mm512_mul_ps(v, v));
       s[kSumYC] = _mm512_add_ps(s[kSumYC], _mm512_mul_ps(v, c));
@@ -108,10 +109,14 @@ void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, 
   }
   for (int k = 0; k < kSums; ++k) acc[k] += lane_tree(s[k]);
 }
-template void half_block_sums<kFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
-template void half_block_sums<kFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
-template void half_block_sums<kBFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
-template void half_block_sums<kBFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*, double*);
+template void half_block_sums<kFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*, const Pivots&,
+                                               double*);
+template void half_block_sums<kFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*, const Pivots&,
+                                              double*);
+template void half_block_sums<kBFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*, const Pivots&,
+                                                double*);
+template void half_block_sums<kBFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*, const Pivots&,
+                                               double*);
 
 #if defined(ZSNR_CPU_BF16_STORE_TILE)
 void store_bf16_tile(const float* src, uint16_t* dst, int64_t n) {

@@ -191,19 +191,25 @@ constexpr bool kHalfBlockSums = true;
 #else
 constexpr bool kHalfBlockSums = false;
 #endif
+// The pivots of one sample (combine.h RescaleSum): the first element of F_c, F_u and y, subtracted from every
+// element before it is summed.
+struct Pivots {
+  float c, u, y;
+};
+
 template <int32_t DT, bool WithY>  // defined where ZSNR_CPU_HALF_BLOCK_SUMS says
-void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, double* acc);
+void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, const Pivots& p, double* acc);
 
 template <int32_t DT, bool WithY>
 void block_sums(const typename Storage<DT>::T* fc, const typename Storage<DT>::T* fu,
-                const typename Storage<DT>::T* y, int64_t lo, int64_t hi, double* acc) {
+                const typename Storage<DT>::T* y, int64_t lo, int64_t hi, const Pivots& p, double* acc) {
   using S = Storage<DT>;
   constexpr int kSums = WithY ? kNumSums : kSumCU + 1;
   for (int64_t b0 = lo; b0 < hi; b0 += kSumBlock) {
     const int64_t b1 = b0 + kSumBlock < hi ? b0 + kSumBlock : hi;
     if constexpr (DT != kFloat32 && kHalfBlockSums) {
       if (b1 - b0 == kSumBlock) {
-        half_block_sums<DT, WithY>(fc + b0, fu + b0, y + b0, acc);
+        half_block_sums<DT, WithY>(fc + b0, fu + b0, y + b0, p, acc);
         continue;
       }
     }
@@ -211,20 +217,20 @@ void block_sums(const typename Storage<DT>::T* fc, const typename Storage<DT>::T
     int64_t i = b0;
     for (; i + kLanes <= b1; i += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
-        const float c = S::load(fc[i + l]), u = S::load(fu[i + l]);
+        const float c = S::load(fc[i + l]) - p.c, u = S::load(fu[i + l]) - p.u;
         a[kSumC][l] += c, a[kSumCC][l] += c * c, a[kSumU][l] += u, a[kSumUU][l] += u * u, a[kSumCU][l] += c * u;
         if (WithY) {
-          const float v = S::load(y[i + l]);
+          const float v = S::load(y[i + l]) - p.y;
           a[kSumY % kSums][l] += v, a[kSumYY % kSums][l] += v * v;
           a[kSumYC % kSums][l] += v * c, a[kSumYU % kSums][l] += v * u;
         }
       }
     }
     for (int l = 0; i < b1; ++i, ++l) {  // the tail, fewer than kLanes elements
-      const float c = S::load(fc[i]), u = S::load(fu[i]);
+      const float c = S::load(fc[i]) - p.c, u = S::load(fu[i]) - p.u;
       a[kSumC][l] += c, a[kSumCC][l] += c * c, a[kSumU][l] += u, a[kSumUU][l] += u * u, a[kSumCU][l] += c * u;
       if (WithY) {
-        const float v = S::load(y[i]);
+        const float v = S::load(y[i]) - p.y;
         a[kSumY % kSums][l] += v, a[kSumYY % kSums][l] += v * v;
         a[kSumYC % kSums][l] += v * c, a[kSumYU % kSums][l] += v * u;
       }
@@ -252,8 +258,9 @@ void rescale_sums_impl(const Tensors& t, int32_t with_y, double* out) {
     const T* fu = static_cast<const T*>(t.f_uncond) + b * t.n;
     const T* y = static_cast<const T*>(t.y) + b * t.n;
     double* acc = partial.data() + task * kNumSums;
-    if (with_y) block_sums<DT, true>(fc, fu, y, lo, hi, acc);
-    else block_sums<DT, false>(fc, fu, y, lo, hi, acc);
+    const Pivots p{Storage<DT>::load(fc[0]), Storage<DT>::load(fu[0]), with_y ? Storage<DT>::load(y[0]) : 0.0f};
+    if (with_y) block_sums<DT, true>(fc, fu, y, lo, hi, p, acc);
+    else block_sums<DT, false>(fc, fu, y, lo, hi, p, acc);
   }
   for (int64_t b = 0; b < t.batch; ++b) {  // fixed order: the result does not depend on the thread count
     double* o = out + b * kNumSums;

@@ -258,6 +258,8 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(const RescaleKernelAr
     const T* __restrict__ fc = static_cast<const T*>(a.fc) + b * n;
     const T* __restrict__ fu = static_cast<const T*>(a.fu) + b * n;
     const T* __restrict__ y = WithY ? static_cast<const T*>(a.y) + b * n : nullptr;
+    // combine.h RescaleSum: every element less its sample's first (the pivot)
+    const float pc = Io<T>::load(fc), pu = Io<T>::load(fu), py = WithY ? Io<T>::load(y) : 0.0f;
     for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
       const int64_t lo = chunk * kStatsChunk;
       const int64_t hi = lo + kStatsChunk < n ? lo + kStatsChunk : n;
@@ -272,17 +274,19 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(const RescaleKernelAr
         load_group(fu, j, vec, cnt, u);
         if (WithY) load_group(y, j, vec, cnt, v);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {  // elements past cnt are zeros and add nothing
-          acc[kSumC] += c[k];
-          acc[kSumCC] += c[k] * c[k];
-          acc[kSumU] += u[k];
-          acc[kSumUU] += u[k] * u[k];
-          acc[kSumCU] += c[k] * u[k];
+        for (int k = 0; k < 4; ++k) {  // elements past cnt add nothing
+          const float ck = k < cnt ? c[k] - pc : 0.0f, uk = k < cnt ? u[k] - pu : 0.0f;
+          acc[kSumC] += ck;
+          acc[kSumCC] += ck * ck;
+          acc[kSumU] += uk;
+          acc[kSumUU] += uk * uk;
+          acc[kSumCU] += ck * uk;
           if (WithY) {
-            acc[kSumY % kSums] += v[k];
-            acc[kSumYY % kSums] += v[k] * v[k];
-            acc[kSumYC % kSums] += v[k] * c[k];
-            acc[kSumYU % kSums] += v[k] * u[k];
+            const float vk = k < cnt ? v[k] - py : 0.0f;
+            acc[kSumY % kSums] += vk;
+            acc[kSumYY % kSums] += vk * vk;
+            acc[kSumYC % kSums] += vk * ck;
+            acc[kSumYU % kSums] += vk * uk;
           }
         }
       }

@@ -52,6 +52,11 @@ ZSNR_HD float carry(const ElemCoeffs& c, float y, float d) { return fmaf(c.g_d, 
 
 // Per-sample sums the rescale needs (DESIGN 2.7), accumulated in double.  The rescale acts on
 // G = u y + t F; for the `output` space (u = 0) only the five sums over F_c and F_u are read.
+// Every backend sums each tensor less its sample's first element (its pivot: c - c_0, u - u_0, y - y_0).  The
+// variances rescale_factor takes from the sums do not change under those shifts, but without them the sums of
+// squares carry the tensors' mean: the variance came out as a difference of two nearly equal sums, lost to the
+// float partial sums (an output of mean 100 and std 0.1: y off by 2e-2), and a constant output's variance was
+// rounding noise instead of 0 (the factor is 1 there).  With them a constant output sums to exactly 0.
 enum RescaleSum : int { kSumC = 0, kSumCC, kSumU, kSumUU, kSumCU, kSumY, kSumYY, kSumYC, kSumYU, kNumSums };
 
 // The rescale factor f = phi std(G_c)/std(G) + (1 - phi) from the sums over n elements, with
