@@ -71,9 +71,9 @@ def step(y: torch.Tensor, f_cond: torch.Tensor, f_uncond: Optional[torch.Tensor]
 
 
 @step.register_fake
-def _(y, f_cond, f_uncond, history, noise, want_d, want_carry, *args):
+def _(y, f_cond, f_uncond, history, noise, want_d, want_carry, backend, prediction, sigma_data, sampler, *args):
     like = lambda want: torch.empty_like(y, memory_format=torch.contiguous_format) if want else y.new_empty(0)  # noqa
-    return like(True), like(want_d), like(want_carry)
+    return like(True), like(want_d), like(want_carry and _SAMPLERS[sampler] == "lms")  # only LMS has a carry
 
 
 @torch.library.custom_op("zsnr_kernels::step_out", mutates_args=("out",))

@@ -176,6 +176,8 @@ def out(o, y: torch.Tensor, inputs, names) -> torch.Tensor:
     if o.requires_grad and o.is_leaf and torch.is_grad_enabled():
         raise ValueError("out is a leaf tensor that requires grad, which cannot be written in place; pass a "
                          "tensor without requires_grad, or out=None")
+    if torch.compiler.is_compiling():  # traced: fake tensors have no inference flag and no data pointer; the
+        return o                       # eager call of the same step checks them
     if o.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError("out was made under torch.inference_mode and this call runs outside it, where an "
                          "inference tensor cannot be written; call the step under torch.inference_mode(), or pass "
