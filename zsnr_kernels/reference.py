@@ -95,7 +95,10 @@ def fused_step(
         u, t = (_per_sample(c, yc) for c in rescale_uv)
         f = rescale_factor(u * yc + t * fc, u * yc + t * F, guidance_rescale)
         f = f.reshape((-1,) + (1,) * (yc.ndim - 1))
-        pp, qq = pp + (qq * u / t) * (f - 1.0), qq * f
+        # q u / t in the coefficients' own precision (Python floats, or float64 table columns), rounded once: the
+        # same number whichever way the coefficients came
+        qut = _per_sample(q * rescale_uv[0] / rescale_uv[1], yc)
+        pp, qq = pp + qut * (f - 1.0), qq * f
     D = pp * yc + qq * F
     out = _per_sample(a, yc) * yc + _per_sample(b, yc) * D
     for hk, wk in zip(history, h):
