@@ -7,7 +7,9 @@ pixel for pixel with the built-in images.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import math
 import os
 import struct
@@ -103,6 +105,22 @@ def test_help(tmp_path):
     out = _cli("bench", "--help", cwd=tmp_path)
     for option in ("--quick", "--ops", "--shapes", "--dtypes", "--backends", "--csv", "--png"):
         assert option in out, option
+
+
+@pytest.mark.parametrize("args,message", [
+    (("demo", "--quick", "--png", "/no/such/dir/x.png"), "argument --png: the directory of '/no/such/dir/x.png'"),
+    (("demo", "--seed", str(2**64)), "argument --seed: 18446744073709551616 is outside"),
+    (("bench", "--csv", "."), "argument --csv: '.' is a directory"),
+    (("bench", "--png", "/no/such/dir/b.png"), "argument --png: the directory"),
+])
+def test_bad_options_are_refused_before_the_run(tmp_path, args, message):
+    """An unwritable output or an out-of-range seed is an argparse error (exit status 2) up front, not a traceback
+    after the whole run."""
+    from zsnr_kernels.__main__ import main
+
+    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(io.StringIO()) as err:
+        main(list(args))
+    assert exc.value.code == 2 and message in err.getvalue()
 
 
 def test_console_script_is_the_module_main():

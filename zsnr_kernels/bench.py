@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 import torch
 
 import zsnr_kernels as zk
-from zsnr_kernels import _backend, _ext, reference
+from zsnr_kernels import _backend, _cli, _ext, reference
 from zsnr_kernels import coefficients as co
 from zsnr_kernels.parameterization import rescale_space_coeffs
 
@@ -800,10 +800,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "of --backends")
     ap.add_argument("--no-overhead", dest="overhead", action="store_false",
                     help="skip the per-call overhead breakdown of the cpu backend")
-    ap.add_argument("--csv", metavar="PATH", help="write one row per device, op, shape, dtype and backend (and the "
-                    "machine) to this CSV file")
-    ap.add_argument("--png", metavar="PATH", help=f"plot GB/s against latent size to this PNG (needs matplotlib: "
-                    f"{PLOT_INSTALL})")
+    ap.add_argument("--csv", type=_cli.output_path, metavar="PATH", help="write one row per device, op, shape, "
+                    "dtype and backend (and the machine) to this CSV file")
+    ap.add_argument("--png", type=_cli.output_path, metavar="PATH", help=f"plot GB/s against latent size to this "
+                    f"PNG (needs matplotlib: {PLOT_INSTALL})")
 
 
 def _plan(a: argparse.Namespace, ops, out) -> Plan:

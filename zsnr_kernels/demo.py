@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _png, sampling, schedules
+from . import _cli, _png, sampling, schedules
 from .models import GaussianModel, ImageSetModel, builtin_images
 from .steps import initial_state
 
@@ -257,8 +257,8 @@ def render_figure(images: torch.Tensor, run: ImageRun, num_shown: int = 64) -> n
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The demo's options (shared by ``python -m zsnr_kernels demo`` and :func:`main`)."""
     ap.add_argument("--quick", action="store_true", help="fewer steps, runs and samples (about a second)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the demo's noise (default 0)")
-    ap.add_argument("--png", default=DEFAULT_PNG, metavar="PATH",
+    ap.add_argument("--seed", type=_cli.seed64, default=0, help="seed of the demo's noise (default 0)")
+    ap.add_argument("--png", type=_cli.output_path, default=DEFAULT_PNG, metavar="PATH",
                     help=f"where to write the figure of part 3 (default {DEFAULT_PNG} in the current directory)")
     ap.add_argument("--no-png", dest="png", action="store_const", const=None, help="write no figure")
 
