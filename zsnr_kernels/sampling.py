@@ -43,8 +43,9 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
     noise:     unit Gaussian; the start state is y = sigma_0 c_in(sigma_0) noise (``noise`` itself at inf).
     sigmas:    1-D, strictly descending, ends with 0; the first may be inf.
     sampler:   one of :data:`SAMPLERS`.  ``s_churn``/``s_tmin``/``s_tmax``/``s_noise`` drive EDM churn for
-               euler/heun/dpm_2; ``eta``/``s_noise`` the ancestral and SDE samplers and ``ddim`` (pass
-               ``eta=0.0`` for deterministic DDIM; ``ddpm`` is DDIM at eta = 1); ``solver_type`` dpmpp_2m_sde.
+               euler/heun/dpm_2; ``eta``/``s_noise`` the ancestral and SDE samplers; ``eta`` alone ``ddim`` (its
+               noise has no s_noise, as in diffusers; pass ``eta=0.0`` for deterministic DDIM; ``ddpm`` is DDIM
+               at eta = 1); ``solver_type`` dpmpp_2m_sde.
     model_sigmas: the discrete model's training sigmas; sigma_hat under churn is quantized to them (log
                space) before the noise is added, so noise, model call and update share one sigma.
     seed:      one int per sample, or an int s (sample i gets s + i), for the Philox noise of §2.8 (a batch of
