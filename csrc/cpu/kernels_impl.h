@@ -27,6 +27,11 @@ namespace ZSNR_CPU_ISA {
 constexpr int64_t kChunk = 16384;
 constexpr int64_t kTile = 1024;  // elements converted / noised at a time into stack buffers
 
+// Whether a pass over `tasks` chunks of batch * n elements in all runs on several threads: only with more than one
+// chunk's worth of elements.  NOTE: a batch of tiny samples (2 x 30 elements) made two one-task threads, and
+// beside another busy process on the 2-core build machine the waiting OpenMP thread turned a 15 us step into 6 ms.
+inline bool parallel(int64_t tasks, int64_t batch, int64_t n) { return tasks > 1 && batch * n > kChunk; }
+
 // ------------------------------------------------------------------------------ storage conversions
 
 // Bit-level conversions, written branch-free so the element loops vectorise on every instruction set (GCC does
@@ -250,7 +255,7 @@ void rescale_sums_impl(const Tensors& t, int32_t with_y, double* out) {
   const int64_t tasks = t.batch * chunks;
   [[maybe_unused]] const int threads = num_threads();  // unused without OpenMP
   std::vector<double> partial(static_cast<size_t>(tasks) * kNumSums, 0.0);
-#pragma omp parallel for schedule(static) if (tasks > 1) num_threads(threads)
+#pragma omp parallel for schedule(static) if (parallel(tasks, t.batch, t.n)) num_threads(threads)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / chunks, lo = (task % chunks) * kChunk;
     const int64_t hi = lo + kChunk < t.n ? lo + kChunk : t.n;
@@ -446,7 +451,7 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
   const int threads = num_threads();
   constexpr int64_t kStreams = 3 + Guided + NHist + StoreD + StoreCarry;  // y, F_c, ..., y_out
   const bool ask = NoiseMode == 2 && outgrows_l2(kStreams * t.batch * t.n * int64_t{sizeof(T)}, threads);
-#pragma omp parallel for schedule(static) if (tasks > 1) num_threads(threads)
+#pragma omp parallel for schedule(static) if (parallel(tasks, t.batch, t.n)) num_threads(threads)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / chunks, chunk_lo = (task % chunks) * kChunk;
     const int64_t chunk_hi = chunk_lo + kChunk < t.n ? chunk_lo + kChunk : t.n;
