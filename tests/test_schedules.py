@@ -76,6 +76,13 @@ def test_betas_linear_defaults_match_ddpm_defaults():
     torch.testing.assert_close(ours, theirs.double(), rtol=4 * F32_EPS, atol=0)
 
 
+def test_rescale_zero_terminal_snr_refuses_a_beta_of_one_before_the_last():
+    """alphas_cumprod would reach 0 early and the rescale divide by it (diffusers returns NaN)."""
+    with pytest.raises(ValueError, match=r"betas\[1\] = 1 .*only the last beta may be 1"):
+        S.rescale_zero_terminal_snr([0.1, 1.0, 0.5, 0.5])
+    assert S.rescale_zero_terminal_snr([0.1, 0.2, 0.5, 1.0])[-1].item() == 1.0
+
+
 @pytest.mark.parametrize("kind", S.BETA_SCHEDULES)
 def test_rescale_zero_terminal_snr(kind):
     b = S.betas(kind)
