@@ -69,6 +69,21 @@ def test_compiled_sampling_loop_has_no_graph_break_and_equals_eager(sampler):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+def test_a_compiled_loop_compiles_once():
+    """The host caches (parameterization, backend choice) stay out of the graph: a cache entry the first call
+    added while it was traced would fail a guard on the second call and recompile the whole loop."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    run = torch.compile(lambda n: zk.sample(lambda y, s: torch.tanh(0.5 * y), n, [math.inf, 8.0, 3.0, 1.0, 0.0],
+                                            sampler="dpmpp_2m", sigma_data=0.75), fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        run(noise)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_a_loop_stepping_in_place_traces_without_a_graph_break():
     """``out=y`` (the README's in-place loop) reaches the ``step_out`` op: its eager-only checks (inference flag,
     memory overlap) are skipped while tracing."""

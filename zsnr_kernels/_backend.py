@@ -43,8 +43,8 @@ def resolve(backend: str, y: torch.Tensor, needs_grad: bool = False) -> str:
         raise ValueError(f"backend={backend!r} cannot run this step: an input requires grad and the fused kernels "
                          "have no backward; use backend='torch' (differentiable), or call the step under "
                          "torch.no_grad()")
-    if not isinstance(backend, str):
-        return _resolve(backend, y)  # raises the error naming the argument
+    if not isinstance(backend, str) or torch.compiler.is_compiling():  # traced: no cache (see parameterization)
+        return _resolve(backend, y)  # raises the error naming the argument where there is one
     # the device's kind and index (cuda checks each GPU's architecture), cheaper than y.device.type
     key = (backend, y.is_cpu, y.is_cuda, y.get_device(), y.dtype, y.numel() == 0)
     hit = _resolved.get(key)

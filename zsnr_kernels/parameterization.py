@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 PREDICTIONS = ("v", "eps", "x0", "flow")
 
 _INF = math.inf
@@ -90,7 +92,9 @@ class Parameterization:
 def parameterization(prediction: str = "v", sigma_data: float = 1.0) -> Parameterization:
     """Validated constructor: ``prediction`` in ``PREDICTIONS``, ``sigma_data`` finite and > 0 (cached: the step
     functions call it on every step)."""
-    if type(prediction) is str and type(sigma_data) is float:  # seen before: one dict lookup
+    compiling = torch.compiler.is_compiling()  # traced, the cache stays out of the graph: a lookup that missed
+    # while the first call was traced would be a guard that the second call fails, recompiling the whole loop
+    if type(prediction) is str and type(sigma_data) is float and not compiling:  # seen before: one dict lookup
         pz = _known.get((prediction, sigma_data))
         if pz is not None:
             return pz
@@ -101,6 +105,8 @@ def parameterization(prediction: str = "v", sigma_data: float = 1.0) -> Paramete
     sigma_data = float(sigma_data)
     if not (math.isfinite(sigma_data) and sigma_data > 0.0):
         raise ValueError(f"sigma_data must be finite and > 0, got {sigma_data}")
+    if compiling:
+        return Parameterization(prediction, sigma_data)
     if len(_known) >= 64:
         _known.clear()
     pz = _known[(prediction, sigma_data)] = Parameterization(prediction, sigma_data)
