@@ -21,7 +21,7 @@ def _op_args(y, *, f_uncond=None, history=(), want_d=True, sampler=0, n_prev=0, 
     #  solver_heun, order, eta, s_noise, sigmas [sigma, sigma_eval, sigma_next, sigma_hat_next, *sigma_prev], n_prev,
     #  guidance_scale, guidance_rescale, rescale_space, seeds, step_index)
     return (y, torch.randn_like(y), f_uncond, list(history), None, want_d, want_carry, "cpu", 0, 1.0, sampler, 1, 0, 4,
-            1.0, 1.0, [5.0, 5.0, 3.0, 3.0, *sigma_prev], n_prev, 4.0, rescale, 0, [], 0)
+            1.0, 1.0, [5.0, 5.0, 3.0, 3.0, *sigma_prev], n_prev, 4.0, rescale, 0, None, 0)
 
 
 @pytest.mark.parametrize("variant", ["plain", "guided_rescale", "history", "carry_asked_of_euler"])
@@ -82,6 +82,27 @@ def test_a_compiled_loop_compiles_once():
     for _ in range(3):
         run(noise)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_seed_tensor_is_a_graph_input():
+    """A new image is a new seed, not a new graph: a seed passed as a tensor reaches the op as a tensor (Python
+    int seeds are constants of the graph, as any int argument); and seed=None traces (seeds drawn as a tensor)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+    sigmas = [math.inf, 8.0, 3.0, 1.0, 0.0]
+
+    def run(n, seed):
+        return zk.sample(lambda y, s: torch.tanh(0.5 * y), n, sigmas, sampler="euler_ancestral", seed=seed)
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    for seed in (7, 8, 2**63 + 5):
+        got = compiled(noise, torch.tensor(seed - 2**64 if seed >= 2**63 else seed))
+        assert torch.equal(got, run(noise, seed))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.isfinite(torch.compile(lambda n: run(n, None), fullgraph=True, backend="aot_eager")(noise)).all()
 
 
 def test_a_loop_stepping_in_place_traces_without_a_graph_break():

@@ -95,7 +95,7 @@ CHILD = textwrap.dedent(
     # the torch.library ops with backend="triton": schema, fake implementation, out= form (torch.compile's view)
     from zsnr_kernels import _ops
     op_args = (y, fc, fu, [], None, True, False, "triton", 0, 1.0, 0, 1, 0, 4, 1.0, 1.0, [5.0, 5.0, 3.0, 3.0], 0,
-               4.0, 0.7, 0, [], 0)
+               4.0, 0.7, 0, None, 0)
     torch.library.opcheck(_ops.step, op_args)
     torch.library.opcheck(_ops.step_out, (torch.empty_like(y), *op_args[:5], *op_args[7:]))
     results["op_equals_eager"] = torch.equal(

@@ -46,7 +46,8 @@ def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry
     _, d, carry, _, _ = runs[backend](
         y, f_cond, f_uncond, history, pz, args, sigma_eval, guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale, rescale_space=_SPACES[rescale_space], noise=noise,
-        seeds=[s % _U64 for s in seeds] or None, step_index=step_index, want_denoised=want_d, out=y_out)
+        seeds=None if seeds is None else [s % _U64 for s in seeds.tolist()], step_index=step_index,
+        want_denoised=want_d, out=y_out)
     return d, carry if want_carry else None
 
 
@@ -60,7 +61,7 @@ def step(y: torch.Tensor, f_cond: torch.Tensor, f_uncond: Optional[torch.Tensor]
          noise: Optional[torch.Tensor], want_d: bool, want_carry: bool, backend: str, prediction: int,
          sigma_data: float, sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
          sigmas: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float, rescale_space: int,
-         seeds: list[int], step_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         seeds: Optional[torch.Tensor], step_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One fused step (the arguments of ``_C.fused_step``, plus the backend): (y_out, D, carry)."""
     y, f_cond, f_uncond, history, noise = _contiguous(y, f_cond, f_uncond, history, noise)
     y_out = torch.empty_like(y)
@@ -81,7 +82,7 @@ def step_out(out: torch.Tensor, y: torch.Tensor, f_cond: torch.Tensor, f_uncond:
              history: list[torch.Tensor], noise: Optional[torch.Tensor], backend: str, prediction: int,
              sigma_data: float, sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
              sigmas: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float, rescale_space: int,
-             seeds: list[int], step_index: int) -> None:
+             seeds: Optional[torch.Tensor], step_index: int) -> None:
     """The ``out=`` form: y_out written into ``out`` (contiguous, shaped like y; it may be y itself)."""
     if not out.is_contiguous():
         raise ValueError("out must be contiguous for zsnr_kernels::step_out")
@@ -112,7 +113,8 @@ def fused_step_traced(backend: str, y, f_cond, f_uncond, history, pz: Parameteri
         order=a0.order, eta=a0.eta, s_noise=a0.s_noise, sigmas=sigmas, n_prev=n_prev,
         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale if f_uncond is not None else 0.0,
         rescale_space=_cpu.SPACE_CODES[rescale_space],
-        seeds=[] if seeds is None else _noise.seed_bits(seeds),
+        seeds=seeds if seeds is None or isinstance(seeds, torch.Tensor) else torch.tensor(
+            _noise.seed_bits(seeds), dtype=torch.int64),  # a tensor (int64 bits): from a seed tensor, a graph input
         step_index=0 if step_index is None else int(step_index))
     want_carry = a0.sampler == "lms"
     if out is not None and out.is_contiguous() and not want_denoised and not want_carry:

@@ -176,14 +176,22 @@ def seed_bits(seeds: Sequence[int]) -> list[int]:
     return [v - 2**64 if v >= 2**63 else v for v in seeds]
 
 
+def seed_tensor(seed: Tensor, batch: int) -> Tensor:
+    """:func:`normalize_seeds` of a seed tensor without leaving it: the (batch,) int64 tensor holding the bits of
+    the per-sample seeds, on the seed's device (no host synchronisation, and torch.compile traces it as a graph
+    input instead of specialising on its values)."""
+    _check_seed_tensor(seed, batch)
+    s = seed.to(torch.int64).reshape(-1)
+    if seed.dim() == 0:  # one seed s: sample i gets s + i (wraps mod 2**64)
+        s = s + torch.arange(batch, device=seed.device, dtype=torch.int64)
+    return s
+
+
 def _seed_keys(seed: int | Sequence[int] | Tensor, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Philox keys (seed_lo, seed_hi) as int64 tensors of shape [batch, 1]; a seed tensor stays on its
     device (no host synchronization)."""
     if isinstance(seed, Tensor):
-        _check_seed_tensor(seed, batch)
-        s = seed.to(device=device, dtype=torch.int64).reshape(-1, 1)
-        if seed.dim() == 0:  # one seed s: sample i gets s + i (wraps mod 2**64)
-            s = s + torch.arange(batch, device=device, dtype=torch.int64).reshape(batch, 1)
+        s = seed_tensor(seed, batch).to(device).reshape(batch, 1)
     else:
         s = torch.tensor(seed_bits(normalize_seeds(seed, batch)), dtype=torch.int64, device=device).reshape(batch, 1)
     return s & MASK32, (s >> 32) & MASK32

@@ -173,9 +173,14 @@ def _model_table(model_sigmas):
 
 def _seeds(seed, batch: int, needed: bool):
     """Per-sample 64-bit seeds: given, or drawn from torch's default generator when noise is needed."""
+    from .noise import normalize_seeds, seed_tensor
+
+    compiling = torch.compiler.is_compiling()  # traced, seeds stay tensors (graph inputs, no host ints)
     if seed is None:
         if not needed:
             return None
-        return torch.randint(0, 2**62, (batch,), dtype=torch.int64).tolist()
-    from .noise import normalize_seeds
+        drawn = torch.randint(0, 2**62, (batch,), dtype=torch.int64)
+        return drawn if compiling else drawn.tolist()
+    if compiling and isinstance(seed, torch.Tensor):
+        return seed_tensor(seed, batch)
     return normalize_seeds(seed, batch)
