@@ -92,6 +92,30 @@ def test_buffers_are_reused(sampler, buffers):
     assert plan._n_buffers == buffers
 
 
+def test_plan_refuses_evaluations_out_of_order():
+    """The plan reuses its buffers, so an evaluation stepped twice, skipped or swapped computes garbage: refused,
+    as are a result before the last evaluation and noise of another dtype."""
+    plan = SamplingPlan(SIGMAS, (2, 4, 6, 5), sampler="dpmpp_2m")
+    noise = _noise()
+    with pytest.raises(ValueError, match=r"call start\(noise\) before step"):
+        plan.step(0, model(plan.model_input(0), plan.model_sigma(0)))
+    plan.start(noise)
+    with pytest.raises(ValueError, match=r"step\(1\) out of order: the plan expects evaluation 0"):
+        plan.step(1, model(plan.model_input(1), plan.model_sigma(1)))
+    plan.step(0, model(plan.model_input(0), plan.model_sigma(0)))
+    with pytest.raises(ValueError, match="expects evaluation 1"):
+        plan.step(0, model(plan.model_input(0), plan.model_sigma(0)))
+    with pytest.raises(ValueError, match=r"result\(\) after 1 of"):
+        plan.result()
+    with pytest.raises(ValueError, match=r"k must be an evaluation index in \[0, "):
+        plan.model_input(-1)
+    with pytest.raises(TypeError, match="noise has dtype torch.float64 but the plan runs in torch.float32"):
+        plan.start(noise.double())
+    for k in range(1, plan.evaluations):
+        plan.step(k, model(plan.model_input(k), plan.model_sigma(k)))
+    assert torch.equal(plan.result(), zk.sample(model, noise, SIGMAS, sampler="dpmpp_2m"))
+
+
 def test_plan_checks_its_inputs():
     plan = SamplingPlan(SIGMAS, (2, 4, 6, 5), backend="torch")
     with pytest.raises(ValueError, match="shape"):

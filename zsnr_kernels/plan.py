@@ -163,6 +163,7 @@ class SamplingPlan:
         self.seeds = rec.seeds  # None for a deterministic run (which drew none)
         self._initial_scale = self.pz.noise_scale(_validate.sigmas(sigmas)[0])
         self._evals = rec.evals
+        self._next = None  # the evaluation step() takes next; None before start()
         self._initial = rec.initial
         self._final = rec.evals[-1].y_out
         self._assign_buffers(len(rec.keep))
@@ -237,21 +238,36 @@ class SamplingPlan:
         if tuple(noise.shape) != self.shape:
             raise ValueError(f"noise must have the plan's shape {self.shape}, got {tuple(noise.shape)}")
         y = self._buffers[self._buf[self._initial]]
+        if noise.dtype != y.dtype:
+            raise TypeError(f"noise has dtype {noise.dtype} but the plan runs in {y.dtype}; cast the noise, or build "
+                            "the plan with its dtype")
         y.copy_(noise)
         if self._initial_scale != 1.0:
             y.mul_(self._initial_scale)
+        self._next = 0
         return y
+
+    def _evaluation(self, k) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(self._evals):
+            raise ValueError(f"k must be an evaluation index in [0, {len(self._evals)}), got {k!r}")
+        return k
 
     def model_input(self, k: int) -> torch.Tensor:
         """The tensor to call the model with at evaluation ``k`` (a buffer of the plan: read it, do not keep it)."""
-        return self._buffers[self._buf[self._evals[k].model_slot]]
+        return self._buffers[self._buf[self._evals[self._evaluation(k)].model_slot]]
 
     def model_sigma(self, k: int) -> torch.Tensor:
         """The sigmas (float64, shape (batch,), on the plan's device; inf allowed) to call the model at."""
-        return self.sigmas[k]
+        return self.sigmas[self._evaluation(k)]
 
     def step(self, k: int, model_output) -> None:
-        """Consume the model's output of evaluation ``k`` (``F`` or ``(F_cond, F_uncond)``)."""
+        """Consume the model's output of evaluation ``k`` (``F`` or ``(F_cond, F_uncond)``): the evaluations in
+        order, 0, 1, ..., after :meth:`start` (the plan's buffers are reused, so another order computes garbage)."""
+        if self._next is None:
+            raise ValueError("call start(noise) before step()")
+        if self._evaluation(k) != self._next:
+            raise ValueError(f"step({k}) out of order: the plan expects evaluation {self._next} next (each once, in "
+                             "order; start() begins a run again)")
         e = self._evals[k]
         y = self._buffers[self._buf[e.y_slot]]
         f_cond, f_uncond = _validate.model_output(model_output, y, self.guidance_scale)
@@ -280,6 +296,7 @@ class SamplingPlan:
             self._store(out, d, carry)
         else:
             self._reference_step(k, e, y, f_cond, f_uncond, hist, out)
+        self._next = k + 1
 
     def _reference_step(self, k, e, y, f_cond, f_uncond, hist, out) -> None:
         """The torch backend: reference.fused_step with the table's columns as device tensors."""
@@ -306,7 +323,9 @@ class SamplingPlan:
             out["carry"].copy_(carry)
 
     def result(self) -> torch.Tensor:
-        """x0, the clean latent, from the final state (a new tensor)."""
+        """x0, the clean latent, from the final state (a new tensor), once every evaluation has been stepped."""
+        if self._next != len(self._evals):
+            raise ValueError(f"result() after {self._next} of {len(self._evals)} evaluations: step them all first")
         return steps.final_sample(self._buffers[self._buf[self._final]], prediction=self.pz.prediction,
                                   sigma_data=self.pz.sigma_data)
 
