@@ -211,6 +211,35 @@ def test_a_callback_editing_denoised_steers_where_k_diffusions_does(kdiff, sampl
     assert ((results[1] - unedited).abs().max().item() > 1e-3) == (sampler not in ("euler", "heun", "dpm_2", "lms"))
 
 
+def test_a_callback_drawing_random_numbers_keeps_k_diffusions_stream(kdiff):
+    """k-diffusion calls back before the next step's churn draw: a callback that uses torch's generator (a preview
+    with noise, say) shifts both runs' streams alike."""
+    sampling, _ = kdiff
+    sigmas = sampling.get_sigmas_karras(6, 0.03, 14.6).double()
+    x = torch.randn(2, 4, 5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * sigmas[0]
+
+    def model(x, sigma, **kw):
+        return x * 0.5 / (sigma[:, None, None, None] ** 2 + 1)
+
+    for sampler in CHURN:
+        runs = []
+        for fn in (getattr(sampling, f"sample_{sampler}"), getattr(K, f"sample_{sampler}")):
+            torch.manual_seed(0)
+            runs.append(fn(model, x, sigmas, disable=True, s_churn=1.0, callback=lambda d: torch.randn(4)))
+        assert (runs[1] - runs[0]).abs().max().item() <= 1e-10, sampler
+
+
+def test_forwarding_to_a_broken_k_diffusion_answers_no(monkeypatch):
+    """hasattr() on the drop-in must not raise when k-diffusion is installed but fails to import."""
+    import importlib
+
+    def broken(name, *args):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    assert not hasattr(K.sampling, "sample_dpmpp_sde")
+
+
 def test_a_noise_sampler_of_another_dtype_or_a_broadcast_shape_is_taken(kdiff):
     """k-diffusion adds the sampler's tensor to x (promoting, broadcasting); the state keeps x's dtype."""
     sampling, _ = kdiff

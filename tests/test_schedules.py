@@ -78,8 +78,10 @@ def test_betas_linear_defaults_match_ddpm_defaults():
 
 def test_rescale_zero_terminal_snr_refuses_a_beta_of_one_before_the_last():
     """alphas_cumprod would reach 0 early and the rescale divide by it (diffusers returns NaN)."""
-    with pytest.raises(ValueError, match=r"betas\[1\] = 1 .*only the last beta may be 1"):
+    with pytest.raises(ValueError, match=r"alphas_cumprod is 0 at timestep 1, before the last"):
         S.rescale_zero_terminal_snr([0.1, 1.0, 0.5, 0.5])
+    with pytest.raises(ValueError, match="underflows"):  # no beta of 1: the product underflows
+        S.rescale_zero_terminal_snr([0.9999] * 1000)
     assert S.rescale_zero_terminal_snr([0.1, 0.2, 0.5, 1.0])[-1].item() == 1.0
 
 

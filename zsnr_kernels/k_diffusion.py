@@ -53,7 +53,7 @@ instead promotes x to float32 after the first step of the samplers whose update 
 results in those cases pass ``x`` in float32.  The callback's ``x`` is formed from the
 state for the report: editing it in place does not steer the run.  Editing ``denoised`` in place on finite
 schedules steers it exactly where it steers k-diffusion's: not in euler, heun, dpm_2 and lms (whose ``d`` is
-formed before the callback; here the callback comes after the fused update), in the other samplers.
+formed before the callback; here their callback gets a copy), in the other samplers.
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ _STEPS = {
 }
 _CHURN = ("euler", "heun", "dpm_2")
 # k-diffusion forms d = to_d(x, sigma, denoised) before it calls back in these samplers, so a callback editing
-# denoised in place does not steer them (it does steer the others, whose updates read denoised afterwards)
+# denoised in place does not steer them (it does steer the others, whose updates read denoised afterwards): their
+# callbacks get a copy
 _D_BEFORE_CALLBACK = ("euler", "heun", "dpm_2", "lms")
 _ANCESTRAL = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")
 _SDE = ("dpmpp_2m_sde", "dpmpp_3m_sde")
@@ -499,9 +500,10 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
     for i in trange(n, disable=disable):
         sigma, sigma_next = hats[i], vals[i + 1]
         xs, out = evaluate(y, sigma, callback is not None)
-        early = callback is not None and vnet is None and sampler not in _D_BEFORE_CALLBACK
-        if early:  # before the update, as k-diffusion calls it: a callback editing denoised steers the update
-            callback({"x": xs, "i": i, "sigma": sig_t[i], "sigma_hat": hat_t[i], "denoised": out})
+        if callback is not None and vnet is None:  # before the update (and its noise draws), as k-diffusion calls
+            # it; editing denoised steers the update where it steers k-diffusion's, so those samplers get a copy
+            callback({"x": xs, "i": i, "sigma": sig_t[i], "sigma_hat": hat_t[i],
+                      "denoised": out.clone() if sampler in _D_BEFORE_CALLBACK else out})
         kw = dict(options)
         draw = None
         if sampler in _CHURN and i + 1 < n:
@@ -514,10 +516,8 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
         if depth:
             kw["history"] = history
         r = step(y, out, sigma, sigma_next, **kw)
-        if callback is not None and not early:  # after the update, which has read the model output (D of a v
-            # model comes out of the fused step)
-            callback({"x": xs, "i": i, "sigma": sig_t[i], "sigma_hat": hat_t[i],
-                      "denoised": out if vnet is None else r.denoised})
+        if callback is not None and vnet is not None:  # D of a v model comes out of the fused step
+            callback({"x": xs, "i": i, "sigma": sig_t[i], "sigma_hat": hat_t[i], "denoised": r.denoised})
         two_stages = not r.complete
         if two_stages:
             _, out2 = evaluate(r.y, r.sigma, False)
@@ -608,8 +608,8 @@ sampling = sys.modules[__name__]
 
 
 def __getattr__(name):
-    """What k-diffusion has and this module does not define, from k-diffusion itself, imported on first use:
-    ``external`` and ``utils`` (its model wrappers and helpers), and the rest of ``k_diffusion.sampling``
+    """From k-diffusion itself, imported on first use: ``external`` and ``utils`` (its model wrappers and helpers),
+    and the names of ``k_diffusion.sampling`` this module does not define
     (``sample_dpmpp_sde``, ``sample_dpm_fast``, ``sample_dpm_adaptive``, ``DPMSolver`` ...), unchanged: those run
     k-diffusion's own code (finite schedules, no fused kernels).  So a front end that lists the samplers it finds
     (``hasattr(K.sampling, "sample_dpmpp_sde")``) keeps them."""
@@ -618,7 +618,7 @@ def __getattr__(name):
     source = f"k_diffusion.{name}" if name in ("external", "utils") else "k_diffusion.sampling"
     try:
         module = importlib.import_module(source)
-    except ImportError as exc:
+    except Exception as exc:  # not installed, or installed and broken (a torchvision mismatch raises RuntimeError)
         raise AttributeError(f"{name} would come from k-diffusion's {source}, which failed to import ({exc}); "
                              "install k-diffusion") from exc
     if source == "k_diffusion.sampling":

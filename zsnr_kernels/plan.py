@@ -27,6 +27,7 @@ Not planned: EDM churn (``s_churn``), ``noise_sampler`` noise and per-sample sig
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from dataclasses import dataclass
 
@@ -248,9 +249,14 @@ class SamplingPlan:
         return y
 
     def _evaluation(self, k) -> int:
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(self._evals):
+        """``k`` as an evaluation index (an int, numpy int or 0-d integer tensor) in range."""
+        try:
+            i = None if isinstance(k, bool) else operator.index(k)
+        except TypeError:
+            i = None
+        if i is None or not 0 <= i < len(self._evals):
             raise ValueError(f"k must be an evaluation index in [0, {len(self._evals)}), got {k!r}")
-        return k
+        return i
 
     def model_input(self, k: int) -> torch.Tensor:
         """The tensor to call the model with at evaluation ``k`` (a buffer of the plan: read it, do not keep it)."""
@@ -265,7 +271,8 @@ class SamplingPlan:
         order, 0, 1, ..., after :meth:`start` (the plan's buffers are reused, so another order computes garbage)."""
         if self._next is None:
             raise ValueError("call start(noise) before step()")
-        if self._evaluation(k) != self._next:
+        k = self._evaluation(k)
+        if k != self._next:
             raise ValueError(f"step({k}) out of order: the plan expects evaluation {self._next} next (each once, in "
                              "order; start() begins a run again)")
         e = self._evals[k]
@@ -323,9 +330,8 @@ class SamplingPlan:
             out["carry"].copy_(carry)
 
     def result(self) -> torch.Tensor:
-        """x0, the clean latent, from the final state (a new tensor), once every evaluation has been stepped."""
-        if self._next != len(self._evals):
-            raise ValueError(f"result() after {self._next} of {len(self._evals)} evaluations: step them all first")
+        """x0, the clean latent, from the final state (a new tensor), once every evaluation has been stepped (not
+        checked: a captured CUDA graph replays the steps without this object seeing them)."""
         return steps.final_sample(self._buffers[self._buf[self._final]], prediction=self.pz.prediction,
                                   sigma_data=self.pz.sigma_data)
 

@@ -164,9 +164,9 @@ def rescale_zero_terminal_snr(betas: TensorLike) -> torch.Tensor:
         raise ValueError("betas must have at least 2 entries")
     a = torch.cumprod(1.0 - b, dim=0).sqrt()
     if (a[:-1] == 0).any():
-        k = int(torch.nonzero(b[:-1] >= 1.0)[0])
-        raise ValueError(f"betas[{k}] = 1 zeroes alphas_cumprod before the last timestep; only the last beta may "
-                         "be 1 (the rescale makes it so)")
+        k = int(torch.nonzero(a[:-1] == 0)[0])
+        raise ValueError(f"alphas_cumprod is 0 at timestep {k}, before the last (a beta of 1 there, or betas whose "
+                         "product underflows); only the last may reach 0 (the rescale makes it so)")
     a0, aT = a[0].item(), a[-1].item()
     if not a0 > aT:
         raise ValueError("betas must give alphas_cumprod[0] > alphas_cumprod[-1] (some beta after the first > 0)")
