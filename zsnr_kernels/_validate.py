@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from . import _layout
@@ -153,16 +151,9 @@ def step_index(v) -> int | None:
     [0, 2**32)."""
     if v is None or (type(v) is int and 0 <= v < 2**32):
         return v  # the common case (this runs on every step)
-    if isinstance(v, (bool, np.bool_)) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
-        raise TypeError(f"step_index must be an int (the index of the step in the schedule), got {v!r}")
-    try:
-        i = operator.index(v)
-    except TypeError:
-        raise TypeError(f"step_index must be an int (the index of the step in the schedule), got "
-                        f"{type(v).__name__}") from None
-    if not 0 <= i < 2**32:
-        raise ValueError(f"step_index must be in [0, 2**32), got {i}")
-    return i
+    from .noise import _check_index
+
+    return _check_index(v, "step_index", 2**32)
 
 
 def out(o, y: torch.Tensor, inputs, names) -> torch.Tensor:

@@ -116,8 +116,8 @@ def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
 
 def _as_int(value: object, name: str) -> int:
     """``value`` as a Python int (any integer type, not bool); TypeError naming ``name`` otherwise."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
     try:
         return operator.index(value)
     except TypeError:
@@ -185,6 +185,14 @@ def seed_tensor(seed: Tensor, batch: int) -> Tensor:
     if seed.dim() == 0:  # one seed s: sample i gets s + i (wraps mod 2**64)
         s = s + torch.arange(batch, device=seed.device, dtype=torch.int64)
     return s
+
+
+def step_seeds(seed: int | Sequence[int] | Tensor, batch: int) -> list[int] | Tensor:
+    """The seeds a step takes: :func:`normalize_seeds`, except that a seed tensor stays one (:func:`seed_tensor`)
+    while torch.compile traces, a graph input rather than constants of the graph."""
+    if isinstance(seed, Tensor) and torch.compiler.is_compiling():
+        return seed_tensor(seed, batch)
+    return normalize_seeds(seed, batch)
 
 
 def _seed_keys(seed: int | Sequence[int] | Tensor, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:

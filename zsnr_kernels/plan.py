@@ -27,7 +27,6 @@ Not planned: EDM churn (``s_churn``), ``noise_sampler`` noise and per-sample sig
 from __future__ import annotations
 
 import math
-import operator
 import threading
 from dataclasses import dataclass
 
@@ -250,13 +249,7 @@ class SamplingPlan:
 
     def _evaluation(self, k) -> int:
         """``k`` as an evaluation index (an int, numpy int or 0-d integer tensor) in range."""
-        try:
-            i = None if isinstance(k, bool) else operator.index(k)
-        except TypeError:
-            i = None
-        if i is None or not 0 <= i < len(self._evals):
-            raise ValueError(f"k must be an evaluation index in [0, {len(self._evals)}), got {k!r}")
-        return i
+        return _noise._check_index(k, "k", len(self._evals))
 
     def model_input(self, k: int) -> torch.Tensor:
         """The tensor to call the model with at evaluation ``k`` (a buffer of the plan: read it, do not keep it)."""

@@ -173,14 +173,10 @@ def _model_table(model_sigmas):
 
 def _seeds(seed, batch: int, needed: bool):
     """Per-sample 64-bit seeds: given, or drawn from torch's default generator when noise is needed."""
-    from .noise import normalize_seeds, seed_tensor
+    from .noise import step_seeds
 
-    compiling = torch.compiler.is_compiling()  # traced, seeds stay tensors (graph inputs, no host ints)
     if seed is None:
         if not needed:
             return None
-        drawn = torch.randint(0, 2**62, (batch,), dtype=torch.int64)
-        return drawn if compiling else drawn.tolist()
-    if compiling and isinstance(seed, torch.Tensor):
-        return seed_tensor(seed, batch)
-    return normalize_seeds(seed, batch)
+        seed = torch.randint(0, 2**62, (batch,), dtype=torch.int64)  # traced, it stays a tensor (step_seeds)
+    return step_seeds(seed, batch)

@@ -169,10 +169,7 @@ def _run(
         _validate.out(out, y, (y, f_cond, f_uncond, None if callable(noise) else noise, *history),
                       lambda k: _input_name(k, f_uncond is not None))
     step_index = _validate.step_index(step_index)
-    if isinstance(seed, torch.Tensor) and torch.compiler.is_compiling():
-        seeds = _noise.seed_tensor(seed, y.shape[0])  # a graph input: one graph for every seed
-    else:
-        seeds = None if seed is None else _noise.normalize_seeds(seed, y.shape[0])
+    seeds = None if seed is None else _noise.step_seeds(seed, y.shape[0])
     if seeds is not None and step_index is None:
         raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
     sig_eval = sigma_eval if isinstance(sigma_eval, list) else [sigma_eval] * len(args)
