@@ -1,7 +1,7 @@
 """Build of the compiled modules; the package metadata lives in pyproject.toml.
 
 Always builds the CPU module ``zsnr_kernels._C`` from ``csrc/bindings.cpp``: pure pybind11, no libtorch,
-so one build serves every PyTorch version and takes seconds.  When nvcc is found it also builds the CUDA module
+so one build serves every PyTorch version.  When nvcc is found it also builds the CUDA module
 ``zsnr_kernels._C_cuda`` (the same binding file with ZSNR_CUDA_MODULE defined, csrc/cuda/step.cu, the static CUDA
 runtime: it loads on machines without a CUDA toolkit, and without a driver it loads and reports no device).
 Environment switches:
@@ -12,11 +12,25 @@ Environment switches:
                                the build must succeed)
     ZSNR_CUDA_ARCHS="80;90"    compute capabilities to compile for (SASS for each, plus PTX of the newest)
     CUDA_HOME / CUDA_PATH      where nvcc is looked for first (then PATH)
+    ZSNR_BUILD_JOBS=N          parallel compiles (default 0: all cores; 1: one at a time, modules one after the other)
 
 Build metadata (compiler, flags, OpenMP, CUDA) is written to ``zsnr_kernels/_build_info.json`` next to
 the module.
+
+Object files are kept in ``build/zsnr-cache/`` under the source tree, one folder per extension and configuration
+(compiler and its version, flags, macros, Python ABI, pybind11 version, nvcc and archs), each object stamped with
+the hash of its configuration, its source and every header under ``csrc/``: a later build (``pip install -e .``
+then ``pip install -e ".[test]"``, or ``pip wheel .``) recompiles only what changed and links the rest, and an
+object whose stamp differs is never reused.  ``rm -rf build`` forces a clean build.  The C++ sources compile in
+parallel (pybind11's ParallelCompile), and the CUDA module's two compiles run alongside them.
+
+A build ships only what it produced: ``_C*`` modules left in the build directory (or, for an editable install, in
+the package directory) by a build of other settings, such as a ``_C_cuda`` module when this one builds no CUDA,
+are deleted.
 """
 
+import hashlib
+import importlib.machinery
 import json
 import os
 import re
@@ -24,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext, has_flag
@@ -59,6 +74,57 @@ def _find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+CACHE = ROOT / "build" / "zsnr-cache"   # object files, kept between builds (see the module docstring)
+_STAMP = ".zsnr-key"                     # next to each object: the hash it was compiled for
+_object_keys: dict[str, str] = {}        # object path -> the hash it must carry to be reused (filled per extension)
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _headers_digest() -> str:
+    """Hash of every header under csrc/ (any source may include any of them)."""
+    files = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".hpp", ".cuh", ".inl"))
+    return _digest(*[(str(p.relative_to(ROOT)), p.read_bytes().hex()) for p in files])
+
+
+def _tool_version(cmd: str) -> str:
+    try:
+        return subprocess.run([cmd, "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _python_abi() -> list:
+    import pybind11
+
+    return [sys.implementation.cache_tag, sysconfig.get_config_var("SOABI"), sys.version, pybind11.__version__]
+
+
+def _object_key(config: str, src) -> str:
+    return _digest(config, _headers_digest(), Path(ROOT, src).read_bytes())
+
+
+def _is_current(obj, key: str) -> bool:
+    stamp = Path(str(obj) + _STAMP)
+    return Path(obj).exists() and stamp.exists() and stamp.read_text() == key
+
+
+def _needs_recompile(obj: str, src: str) -> bool:
+    """ParallelCompile's hook (called only when ``obj`` exists): reuse it only if its stamp matches.  The stamp is
+    removed before a recompile and written after the extension built, so a failed compile is never reused."""
+    key = _object_keys.get(os.path.abspath(obj))
+    if key is not None and _is_current(obj, key):
+        return False
+    Path(obj + _STAMP).unlink(missing_ok=True)
+    return True
+
+
 def _cuda_archs() -> list[int]:
     raw = os.environ.get("ZSNR_CUDA_ARCHS", "80;90")
     try:
@@ -74,10 +140,35 @@ class BuildExt(build_ext):
     """Adds -fopenmp where the compiler takes it, builds the CUDA module with nvcc, writes the build metadata."""
 
     def build_extension(self, ext):
+        t0 = time.perf_counter()
         if ext.name == CUDA_EXT:
             self._build_cuda(ext)
         else:
+            self._build_cached(ext)
+        print(f"zsnr-kernels: {ext.name} took {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def _build_cached(self, ext):
+        """The C++ extension with its objects in a folder of ``CACHE`` keyed by the configuration; only sources
+        whose stamp differs are compiled (see :func:`_needs_recompile`), then the module is linked."""
+        config = _digest(ext.name, self.compiler.compiler_so, _tool_version(self.compiler.compiler_so[0]),
+                         ext.extra_compile_args, ext.extra_link_args, ext.define_macros, ext.undef_macros,
+                         _python_abi())
+        obj_dir = CACHE / f"{ext.name.rsplit('.', 1)[-1]}-{config[:16]}"
+        objects = self.compiler.object_filenames(ext.sources, output_dir=str(obj_dir))
+        keys = {os.path.abspath(o): _object_key(config, src) for o, src in zip(objects, ext.sources)}
+        _object_keys.update(keys)
+        stale = [o for o, k in keys.items() if not _is_current(o, k)]
+        print(f"zsnr-kernels: {ext.name}: compiling {len(stale)} of {len(keys)} sources"
+              + (f" ({len(keys) - len(stale)} reused)" if len(stale) < len(keys) else "")
+              + f", objects in {obj_dir.relative_to(ROOT)}", flush=True)
+        saved = self.build_temp
+        self.build_temp = str(obj_dir)
+        try:
             super().build_extension(ext)
+        finally:
+            self.build_temp = saved
+        for obj, key in keys.items():  # compiled (or reused) and linked: the objects are good for this key
+            Path(obj + _STAMP).write_text(key)
 
     def _build_cuda(self, ext):
         """nvcc compiles step.cu and the binding file (host code, ZSNR_CUDA_MODULE) and links the module against
@@ -92,21 +183,38 @@ class BuildExt(build_ext):
         includes = ["-Icsrc/include", "-Icsrc", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
         version = [f'-DZSNR_VERSION="{VERSION}"', '-DZSNR_CXX_FLAGS="nvcc ' + " ".join(NVCC_FLAGS) + '"',
                    '-DZSNR_CUDA_ARCHS="' + ";".join(map(str, archs)) + '"']
-        tmp = Path(self.build_temp, "cuda")
+        config = _digest(ext.name, self._nvcc, _tool_version(self._nvcc), NVCC_FLAGS, gencode, version, _python_abi())
+        tmp = CACHE / f"_C_cuda-{config[:16]}"
         tmp.mkdir(parents=True, exist_ok=True)
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
-        steps = [
-            [self._nvcc, "-c", *NVCC_FLAGS, *gencode, *includes, "csrc/cuda/step.cu", "-o", str(tmp / "step.o")],
-            [self._nvcc, "-c", *NVCC_FLAGS, *includes, *version, "-DZSNR_CUDA_MODULE", "-x", "c++",
-             "csrc/bindings.cpp", "-o", str(tmp / "bindings.o")],
-            [self._nvcc, "-shared", "--cudart", "static", *gencode, str(tmp / "step.o"), str(tmp / "bindings.o"),
-             "-o", str(out)],
+        # (source, object, command): each object is compiled unless its stamp matches; the link always runs.
+        compiles = [
+            ("csrc/cuda/step.cu", tmp / "step.o",
+             [self._nvcc, "-c", *NVCC_FLAGS, *gencode, *includes, "csrc/cuda/step.cu", "-o", str(tmp / "step.o")]),
+            ("csrc/bindings.cpp", tmp / "bindings.o",
+             [self._nvcc, "-c", *NVCC_FLAGS, *includes, *version, "-DZSNR_CUDA_MODULE", "-x", "c++",
+              "csrc/bindings.cpp", "-o", str(tmp / "bindings.o")]),
         ]
+        link = [self._nvcc, "-shared", "--cudart", "static", *gencode, str(tmp / "step.o"), str(tmp / "bindings.o"),
+                "-o", str(out)]
+        todo = [(obj, _object_key(config, src), cmd) for src, obj, cmd in compiles]
+        stale = [t for t in todo if not _is_current(t[0], t[1])]
+        print(f"zsnr-kernels: {ext.name}: compiling {len(stale)} of {len(todo)} sources with nvcc for sm_"
+              + ", sm_".join(map(str, archs)) + (f" ({len(todo) - len(stale)} reused)" if len(stale) < len(todo)
+                                                 else "") + f", objects in {tmp.relative_to(ROOT)}", flush=True)
         try:
-            for cmd in steps:
+            for obj, _, cmd in stale:  # the two compiles run side by side (step.cu is the long one)
+                Path(str(obj) + _STAMP).unlink(missing_ok=True)
                 print(" ".join(cmd), flush=True)
-                subprocess.run(cmd, check=True, cwd=ROOT)
+            procs = [subprocess.Popen(cmd, cwd=ROOT) for *_, cmd in stale]
+            codes = [proc.wait() for proc in procs]
+            for (obj, key, cmd), code in zip(stale, codes):
+                if code:
+                    raise subprocess.CalledProcessError(code, cmd)
+                Path(str(obj) + _STAMP).write_text(key)
+            print(" ".join(link), flush=True)
+            subprocess.run(link, check=True, cwd=ROOT)
         except (OSError, subprocess.CalledProcessError) as exc:
             if self._cuda_switch == "1":
                 raise SystemExit(f"ZSNR_BUILD_CUDA=1: building the CUDA module failed: {exc}") from exc
@@ -120,6 +228,9 @@ class BuildExt(build_ext):
         self._cuda_info = {"built": True, "nvcc": self._nvcc, "archs": archs, "flags": NVCC_FLAGS}
 
     def build_extensions(self):
+        # Always compile (through the stamped object cache) and link: distutils' own check skips a module that is
+        # newer than its sources, which reused a module built with other flags or headers.
+        self.force = self.compiler.force = True
         self._cuda_switch = _switch("ZSNR_BUILD_CUDA")
         self._nvcc = _find_nvcc() if self._cuda_switch != "0" else None
         if self._cuda_switch == "1" and self._nvcc is None:
@@ -143,7 +254,10 @@ class BuildExt(build_ext):
                 ("ZSNR_VERSION", f'"{VERSION}"'),
                 ("ZSNR_CXX_FLAGS", '"' + " ".join(flags) + '"'),
             ]
+        if len(self.extensions) > 1 and os.environ.get("ZSNR_BUILD_JOBS", "0").strip() != "1":
+            self.parallel = len(self.extensions)  # the CUDA module compiles while the C++ one does
         super().build_extensions()
+        self._remove_stale(Path(self.get_ext_fullpath("zsnr_kernels._C")).parent, every_python=True)
         self._info = {
             "version": VERSION,
             "compiler": getattr(self.compiler, "compiler_so", [None])[0],
@@ -156,26 +270,50 @@ class BuildExt(build_ext):
     def run(self):
         super().run()
         if self.inplace and hasattr(self, "_info"):
+            self._remove_stale(Path(self.get_ext_fullpath("zsnr_kernels._C")).parent, every_python=False)
             self._write_info()  # next to the module copied into the source tree (pip install -e)
+
+    def _remove_stale(self, package_dir: Path, every_python: bool):
+        """Delete the ``_C*`` modules in ``package_dir`` that this build did not produce (a ``_C_cuda`` of an
+        earlier build with CUDA, a ``_C.so`` or ``.abi3.so`` of other settings), so that what ships or loads is
+        what these settings built.  ``every_python=False`` (the source tree of an editable install) keeps modules
+        that this interpreter would not import (another Python's editable build)."""
+        produced = {Path(self.get_ext_fullpath(e.name)).name for e in self.extensions}
+        for path in package_dir.glob("_C*"):
+            if path.name in produced or not path.is_file():
+                continue
+            module = path.name.split(".", 1)[0]
+            if not every_python and not any(path.name == module + sfx
+                                            for sfx in importlib.machinery.EXTENSION_SUFFIXES):
+                continue
+            print(f"zsnr-kernels: removing {path} (not produced by this build's settings)", flush=True)
+            path.unlink()
 
     def _write_info(self):
         out = Path(self.get_ext_fullpath("zsnr_kernels._C")).parent / "_build_info.json"
         out.write_text(json.dumps(self._info, indent=2) + "\n")
 
 
-# Compile the C++ sources in parallel (ZSNR_BUILD_JOBS, default: all cores).
-ParallelCompile("ZSNR_BUILD_JOBS", default=0).install()
+def parallel_compile() -> ParallelCompile:
+    """The C++ sources compile in parallel (ZSNR_BUILD_JOBS, default: all cores), reusing stamped objects."""
+    return ParallelCompile("ZSNR_BUILD_JOBS", default=0, needs_recompile=_needs_recompile)
 
-ext_modules = [
-    Pybind11Extension(
-        "zsnr_kernels._C",
-        ["csrc/bindings.cpp", "csrc/cpu/step.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp",
-         "csrc/cpu/kernels_avx512.cpp"],
-        include_dirs=["csrc/include", "csrc"],
-        cxx_std=17,
-    ),
-    # built by BuildExt._build_cuda with nvcc (the sources are listed there); dropped when CUDA is not built
-    Pybind11Extension(CUDA_EXT, []),
-]
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
+def ext_modules() -> list:
+    return [
+        Pybind11Extension(
+            "zsnr_kernels._C",
+            ["csrc/bindings.cpp", "csrc/cpu/step.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp",
+             "csrc/cpu/kernels_avx512.cpp"],
+            include_dirs=["csrc/include", "csrc"],
+            cxx_std=17,
+        ),
+        # built by BuildExt._build_cuda with nvcc (the sources are listed there); dropped when CUDA is not built
+        Pybind11Extension(CUDA_EXT, []),
+    ]
+
+
+# setuptools' build backend (pip) and `python setup.py` run this file as __main__; tests/test_build.py imports it.
+if __name__ == "__main__":
+    parallel_compile().install()
+    setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildExt})

@@ -118,3 +118,71 @@ def test_cuda_rows(tmp_path, capsys):
         assert math.isfinite(r["graph_us"]) or "CUDA-graph timing" in out
     if fused:
         assert f"pct_{bw}" in _read(path)[0]
+
+
+def _row(**kw):
+    nan = float("nan")
+    row = {"backend": "cpu", "us": 100.0, "triad_us": 90.0, "noise_us": 0.0, "pct_roof": 90.0, "kernel_us": nan,
+           "eager_us": nan, "compile_us": nan}
+    row.update(kw)
+    return row
+
+
+@pytest.mark.parametrize("op,shape,row,where,want", [
+    ("euler", (1, 16, 21, 60, 104), _row(), "DRAM", "ok: roof 90%>=85"),
+    ("euler", (1, 16, 21, 60, 104), _row(pct_roof=80.0), "DRAM", "MISS: roof 80%<85"),
+    ("euler", (4, 4, 128, 128), _row(pct_roof=40.0), "LLC", "-"),           # noise-free in cache: no target
+    ("euler", (1, 4, 64, 64), _row(pct_roof=20.0, kernel_us=50.0), "L2", "-"),
+    ("euler_ancestral", (4, 4, 128, 128), _row(pct_roof=42.0, noise_us=42.0, triad_us=20.0), "LLC",
+     "MISS: roof 42%<70"),
+    # in L2 a noisy step is judged by the compiled call alone: roof = max(triad, noise) / kernel
+    ("euler_ancestral", (1, 4, 64, 64), _row(pct_roof=24.0, noise_us=20.0, triad_us=5.0, kernel_us=25.0), "L2",
+     "ok: kern roof 80%>=70"),
+    ("euler", (1, 16, 21, 60, 104), _row(backend="eager"), "DRAM", "-"),
+    # the headline's ratios: 2x compile only where compile is under half the roof
+    (bench_core.HEADLINE, (4, 4, 128, 128), _row(pct_roof=90.0, eager_us=2000.0, compile_us=150.0), "LLC",
+     "ok: x eager 20.0x>=10"),
+    (bench_core.HEADLINE, (4, 4, 128, 128), _row(pct_roof=90.0, eager_us=2000.0, compile_us=400.0), "LLC",
+     "ok: x eager 20.0x>=10, x compile 4.0x>=2"),
+    (bench_core.HEADLINE, (1, 16, 21, 60, 104), _row(pct_roof=75.0, eager_us=500.0, compile_us=300.0), "DRAM",
+     "MISS: roof 75%<85, x compile 3.0x>=2"),                         # eager at 18% of roof: 10x cannot exist
+])
+def test_targets_apply_where_the_method_says(op, shape, row, where, want):
+    assert bench_core._target(bench_core.OPS[op], shape, row, where) == want
+
+
+def test_regime_from_cache_sizes():
+    caches = (1 << 20, 32 << 20)
+    assert [bench_core.regime(n, caches) for n in (1 << 20, (1 << 20) + 1, 32 << 20, (32 << 20) + 1)] == [
+        "L2", "LLC", "LLC", "DRAM"]
+    assert bench_core.regime(1, None) == "?"
+
+
+def test_console_line_prints_a_dash_for_what_was_not_measured():
+    nan = float("nan")
+    row = {"device": "cpu", "op": "euler", "shape": "1x4x8x8", "dtype": "float32", "backend": "cpu", "us": 10.0,
+           "gbps": 1.0, "pct_triad": 50.0, "pct_roof": 50.0, "pct_triad_kernel": nan, "eager_us": 20.0,
+           "x_eager": 2.0, "compile_us": nan, "x_compile": nan, "where": "L2", "target": "-"}
+    line = bench_core._line(row, 3, None)
+    assert "nan" not in line
+    header = bench_core._header("cpu", None)
+    assert line.index("2.0x") + len("2.0x") == header.index("x eager") + len("x eager")   # columns line up
+    assert line.split()[-4:] == ["-", "-", "L2", "-"]                       # compile us, x comp, in, target
+    assert line[header.index("kern%"):header.index("kern%") + 5].strip() == "-"
+
+
+def test_warm_up_waits_out_a_slow_stretch():
+    """Calls equally slow for a while look steady; the warm-up goes on until a quiet stretch after the last
+    speed-up."""
+    import time
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.01 if len(calls) <= 10 else 0.0001)
+
+    n, settled = bench_core.warm_up(fn, quiet_s=0.1, settle=5, max_s=5.0)
+    assert settled and n > 15 and len(calls) == n
+    n, settled = bench_core.warm_up(lambda: time.sleep(0.01), quiet_s=10.0, max_s=0.2)
+    assert not settled and n >= 5

@@ -99,6 +99,40 @@ def test_info(tmp_path):
     assert "zsnr-kernels" in out and "backends for CPU tensors" in out and "auto ->" in out
 
 
+@pytest.mark.parametrize("err,driver,want", [
+    (35, False, "no CUDA device (no NVIDIA driver is installed"),   # the static runtime's answer without a driver
+    (100, True, "no CUDA device (the driver found none"),
+    (35, True, "the NVIDIA driver is older than this module's CUDA runtime (insufficient driver)"),
+    (999, True, "no usable CUDA device (unknown error; cudaError 999)"),
+])
+def test_cuda_device_errors_in_words(monkeypatch, err, driver, want):
+    """cudaGetDeviceCount's error without a driver reads "CUDA driver version is insufficient ..."; info says what it
+    means on the machine instead."""
+    from types import SimpleNamespace
+
+    from zsnr_kernels import _cuda
+
+    monkeypatch.setattr(_cuda, "_driver_present", lambda: driver)
+    m = SimpleNamespace(error_string={35: "insufficient driver", 100: "no device", 999: "unknown error"}.get)
+    assert want in _cuda.device_error(m, err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_info_without_a_gpu_says_no_cuda_device(tmp_path):
+    out = _cli("info", cwd=tmp_path)
+    assert "insufficient" not in out
+    from zsnr_kernels import _cuda
+
+    if _cuda.module() is not None:  # the CUDA module is built here: it loads and reports the missing device
+        assert "no CUDA device" in out
+
+
+def test_version(tmp_path):
+    from zsnr_kernels import __version__
+
+    assert _cli("--version", cwd=tmp_path).strip() == f"zsnr-kernels {__version__}"
+
+
 def test_help(tmp_path):
     out = _cli("demo", "--help", cwd=tmp_path)
     assert "--png" in out and "--no-png" in out and "--quick" in out

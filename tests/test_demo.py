@@ -118,3 +118,28 @@ def test_draw_text_inks_glyph_cells():
     assert (img[1:11, 1:3] == 255).all() and (img[9:11, 1:7] == 255).all() and (img[1:9, 3:7] == 0).all()
     inked = np.flatnonzero(img[:, 9:].any(0))
     assert (inked[0], inked[-1]) == (0, 5)  # "1" inks pixel columns 9 .. 14
+
+
+def test_histogram_zones_are_the_tables_dark_and_bright_shares():
+    """The histogram's end bins beyond +-BRIGHT hold exactly the images the table counts as very dark / bright."""
+    images = builtin_images(n=64, size=16)
+    counts = demo.histogram(images)
+    assert counts.sum() == 64
+    edge = round((1 - demo.BRIGHT) / 2 * demo.HIST_BINS)
+    assert -1 + 2 * edge / demo.HIST_BINS == pytest.approx(-demo.BRIGHT)  # the zones are whole bins
+    spread = demo.Spread.of(images)
+    assert counts[:edge].sum() == round(spread.dark * 64) and counts[-edge:].sum() == round(spread.bright * 64)
+
+
+def test_figure_shows_both_schedules_and_every_run(capsys, tmp_path):
+    """The figure draws each schedule's histogram in its colour and one marker pair per run of the table."""
+    png = tmp_path / "demo.png"
+    assert demo.main(["--quick", "--png", str(png)]) == 0
+    fig = _decode_pil(png.read_bytes())
+    runs = len([ln for ln in capsys.readouterr().out.splitlines() if PART3_ROW.match(ln)])
+    for colour in (demo._SD, demo._ZSNR, demo._DARK_ZONE, demo._BRIGHT_ZONE):
+        assert (fig == colour).all(axis=2).any(), colour
+    # the spread chart: one 9x9 marker per run and schedule, in rows below the histograms
+    sd_rows = np.flatnonzero((fig == demo._SD).all(axis=2).sum(axis=1) == 9)
+    zsnr_rows = np.flatnonzero((fig == demo._ZSNR).all(axis=2).sum(axis=1) == 9)
+    assert len(sd_rows) == len(zsnr_rows) == 9 * runs

@@ -48,9 +48,10 @@ def info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import bench, demo
+    from . import __version__, bench, demo
 
     parser = argparse.ArgumentParser(prog="zsnr-kernels", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"zsnr-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build and backend availability")
     demo.add_arguments(sub.add_parser("demo", help="sample exact denoisers from sigma = inf and print what was "

@@ -71,10 +71,37 @@ def why_unavailable() -> str | None:
         return why
     err, count = m.device_count()
     if err:
-        return f"the CUDA runtime found no usable device ({m.error_string(err)})"
+        return device_error(m, err)
     if count == 0:
-        return "the CUDA runtime found no device"
+        return "no CUDA device (the CUDA runtime found none)"
     return None
+
+
+# cudaGetDeviceCount's codes that mean "no GPU here": without an NVIDIA driver the static runtime answers
+# cudaErrorInsufficientDriver (35), whose text "CUDA driver version is insufficient for CUDA runtime version" reads
+# like an upgrade is due; cudaErrorNoDevice (100).
+_NO_DRIVER, _NO_DEVICE = 35, 100
+
+
+def _driver_present() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def device_error(m, err: int) -> str:
+    """What cudaGetDeviceCount's error ``err`` means here, in words."""
+    if err == _NO_DEVICE or (err == _NO_DRIVER and not _driver_present()):
+        return ("no CUDA device (" + ("no NVIDIA driver is installed: libcuda.so.1 not found" if err == _NO_DRIVER
+                                      else "the driver found none") + f"; cudaError {err})")
+    if err == _NO_DRIVER:
+        return ("no usable CUDA device: the NVIDIA driver is older than this module's CUDA runtime "
+                f"({m.error_string(err)})")
+    return f"no usable CUDA device ({m.error_string(err)}; cudaError {err})"
 
 
 def build_info() -> dict | None:
@@ -84,7 +111,7 @@ def build_info() -> dict | None:
         return None
     err, count = m.device_count()
     return {"cuda_runtime_version": m.cuda_runtime_version, "devices": count if not err else 0,
-            "device_error": m.error_string(err) if err else None}
+            "device_error": device_error(m, err) if err else None}
 
 
 def arch_supported(archs: str, major: int, minor: int) -> bool:

@@ -165,8 +165,9 @@ GRID_COLS = 8        # images per grid row
 GRID_SCALE = 2       # each image pixel becomes GRID_SCALE x GRID_SCALE figure pixels
 GRID_GAP = 2         # pixels between images
 HIST_BINS = 20       # over mean brightness [-1, 1]
-_BG, _INK, _GAP = (255, 255, 255), (0, 0, 0), (70, 110, 160)
-_BAR, _MARK = (110, 140, 190), (200, 40, 40)
+_BG, _INK, _GAP, _GRAY = (255, 255, 255), (0, 0, 0), (70, 110, 160), (120, 120, 120)
+_SD, _ZSNR, _DATA = (215, 110, 30), (40, 95, 190), (60, 60, 60)       # the two schedules' colours, the data's
+_DARK_ZONE, _BRIGHT_ZONE = (215, 215, 228), (250, 238, 190)          # backgrounds of |mean| > BRIGHT
 
 
 def to_gray(images: torch.Tensor) -> np.ndarray:
@@ -196,61 +197,158 @@ def by_brightness(images: torch.Tensor) -> torch.Tensor:
     return images[torch.argsort(_brightness(images), stable=True)]
 
 
-def _histogram(images: torch.Tensor) -> list[float]:
-    """Share of images per brightness bin over [-1, 1] (means outside fall into the end bins)."""
+def histogram(images: torch.Tensor) -> np.ndarray:
+    """Images per brightness bin over [-1, 1] (:data:`HIST_BINS` bins; means outside fall into the end bins)."""
     m = _brightness(images).clamp(-1.0, 1.0)
     idx = ((m + 1.0) / 2.0 * HIST_BINS).floor().clamp(max=HIST_BINS - 1).long()
-    return (np.bincount(idx.numpy(), minlength=HIST_BINS) / len(idx)).tolist()
+    return np.bincount(idx.numpy(), minlength=HIST_BINS)
 
 
-def render_figure(images: torch.Tensor, run: ImageRun, num_shown: int = 64) -> np.ndarray:
-    """The demo's figure (RGB uint8): for the data, SD's schedule and zero SNR, a grid of the first ``num_shown``
-    images sorted by mean brightness (:func:`image_grid` of :func:`by_brightness`), the spread and the histogram
-    of mean brightness over all of them; the data's histogram is marked on the two sampled ones."""
-    panels = [("data", f"{images.shape[0]} images", images),
-              ("SD: leading, offset 1", f"sigma max {run.sd_sigma_max:.2f}", run.sd),
-              ("zero SNR: trailing", "sigma max inf", run.zsnr)]
-    grids = [image_grid(by_brightness(imgs[:num_shown])) for *_, imgs in panels]
-    hists = [_histogram(imgs) for *_, imgs in panels]
+def _nice_step(top: float, ticks: int = 5) -> int:
+    """A round tick step (1, 2, 5 x 10^k) giving about ``ticks`` ticks up to ``top``."""
+    raw = max(top / ticks, 1e-9)
+    mag = 10 ** math.floor(math.log10(raw))
+    return max(1, int(next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)))
+
+
+def _text(fig, x, y, text, color=_INK, align="left"):
+    """draw_text, left-, centre- or right-aligned at x, kept inside the figure."""
+    w = _png.text_width(text)
+    x = {"left": x, "center": x - w // 2, "right": x - w}[align]
+    _png.draw_text(fig, max(0, min(x, fig.shape[1] - w)), max(0, y), text, color)
+
+
+def _draw_histogram(fig, x, y, w, h, counts, n, share_max, color, data_share=None, label=""):
+    """One histogram of per-image mean brightness at (x, y), plot area w x h: count axis (its scale set by
+    ``share_max``, the largest share of any panel, so that heights compare across panels), the dark and bright
+    zones shaded with their counts and shares, and the data's share per bin as black ticks (``data_share``)."""
+    base = y + h
+    bar_w = w // HIST_BINS
+
+    def px(t):  # brightness -> x pixel
+        return x + round((t + 1.0) / 2.0 * bar_w * HIST_BINS)
+
+    fig[y:base, x:px(-BRIGHT)] = _DARK_ZONE
+    fig[y:base, px(BRIGHT):px(1.0)] = _BRIGHT_ZONE
+    top = share_max * n
+    for b, c in enumerate(counts):
+        bh = round(c / top * h)
+        if bh:
+            fig[base - bh:base, x + b * bar_w + 1:x + (b + 1) * bar_w] = color
+        if data_share is not None and data_share[b] > 0:
+            dy = base - round(data_share[b] * n / top * h)
+            fig[max(dy - 1, y):dy + 1, x + b * bar_w:x + (b + 1) * bar_w + 1] = _INK
+    # axes: counts on the left, brightness below
+    fig[y:base + 1, x - 1] = _INK
+    fig[base, x - 1:px(1.0) + 1] = _INK
+    step = _nice_step(top)
+    for v in range(0, int(top) + 1, step):
+        ty = base - round(v / top * h)
+        fig[ty, x - 5:x - 1] = _INK
+        _text(fig, x - 7, ty - 4, str(v), align="right")
+    for t in (-1.0, -BRIGHT, 0.0, BRIGHT, 1.0):
+        tx = px(t)
+        fig[base:base + 5, tx] = _INK
+        _text(fig, tx, base + 8, f"{t:g}", align="center")
+    _text(fig, px(0.0), base + 22, "MEAN BRIGHTNESS", align="center")
+    _text(fig, x, y - 14, label)
+    # dark / bright shares, in their zones
+    m = counts  # counts per bin: the zones are whole bins (BRIGHT = 0.6 is a bin edge)
+    dark = int(m[:round((1 - BRIGHT) / 2 * HIST_BINS)].sum())
+    bright = int(m[round((1 + BRIGHT) / 2 * HIST_BINS):].sum())
+    _text(fig, x + 3, y + 3, f"DARK {dark}")
+    _text(fig, x + 3, y + 15, f"{dark / n:.0%}")
+    _text(fig, px(1.0) - 3, y + 3, f"BRIGHT {bright}", align="right")
+    _text(fig, px(1.0) - 3, y + 15, f"{bright / n:.0%}", align="right")
+
+
+def _draw_spread(fig, x, y, w, runs: list[ImageRun], data_std: float) -> int:
+    """The std of mean brightness of every run under both schedules on one axis, the data's as a vertical line:
+    the table of part 3 at a glance.  Returns the y below it."""
+    row_h, label_w = 16, 170
+    stds = [(Spread.of(r.sd).std, Spread.of(r.zsnr).std) for r in runs]
+    lo = math.floor((min(min(p) for p in stds + [(data_std,)]) - 0.02) * 20) / 20
+    hi = math.ceil((max(max(p) for p in stds + [(data_std,)]) + 0.02) * 20) / 20
+    ax0, ax1 = x + label_w, x + w
+
+    def px(v):
+        return ax0 + round((v - lo) / (hi - lo) * (ax1 - ax0))
+
+    top, bottom = y, y + row_h * len(runs)
+    fig[top - 4:bottom + 4, px(data_std) - 1:px(data_std) + 1] = _DATA
+    for i, (r, (s_sd, s_z)) in enumerate(zip(runs, stds)):
+        cy = top + i * row_h + row_h // 2
+        _text(fig, x, cy - 5, f"{r.sampler} {r.steps}")
+        a, b = sorted((px(s_sd), px(s_z)))
+        fig[cy, a:b + 1] = _GRAY
+        fig[cy - 4:cy + 5, px(s_sd) - 4:px(s_sd) + 5] = _SD
+        fig[cy - 4:cy + 5, px(s_z) - 4:px(s_z) + 5] = _ZSNR
+    fig[bottom + 4, ax0:ax1 + 1] = _INK
+    v = lo
+    while v <= hi + 1e-9:
+        fig[bottom + 4:bottom + 9, px(v)] = _INK
+        _text(fig, px(v), bottom + 12, f"{v:.2f}", align="center")
+        v = round(v + 0.05, 10)
+    _text(fig, px(data_std), top - 18, f"DATA {data_std:.3f}", align="center")
+    _text(fig, (ax0 + ax1) // 2, bottom + 26, "STD OF MEAN BRIGHTNESS", align="center")
+    return bottom + 40
+
+
+def render_figure(images: torch.Tensor, run: ImageRun, num_shown: int = 64,
+                  runs: list[ImageRun] | None = None) -> np.ndarray:
+    """The demo's figure (RGB uint8).
+
+    Top: for the data, SD's schedule and zero SNR, a grid of the first ``num_shown`` images sorted by mean
+    brightness (:func:`image_grid` of :func:`by_brightness`) and its spread.  Middle: the histograms of mean
+    brightness over all images of ``run`` (counts on a common scale of shares), the very dark and very bright
+    zones (|mean| > :data:`BRIGHT`) shaded with their counts, the data's shares as ticks.  Bottom: the std of mean
+    brightness of every run in ``runs`` (default: ``run``) under both schedules against the data's.
+    """
+    runs = runs or [run]
+    n = run.sd.shape[0]
+    panels = [("data", f"{images.shape[0]} built-in images", images, _DATA),
+              ("SD: leading spacing, offset 1", f"sigma max {run.sd_sigma_max:.2f}", run.sd, _SD),
+              ("zero SNR: trailing spacing", "sigma max inf", run.zsnr, _ZSNR)]
+    grids = [image_grid(by_brightness(imgs[:num_shown])) for *_, imgs, _ in panels]
+    counts = [histogram(imgs) for *_, imgs, _ in panels]
+    shares = [c / c.sum() for c in counts]
+    share_max = max(float(sh.max()) for sh in shares)
     pw, gh = grids[0].shape[1], grids[0].shape[0]
-    bar_w = max(1, pw // HIST_BINS)
-    hist_w, hist_h = bar_w * HIST_BINS, 100
-    margin, sep, line = 20, 24, 16
-    top = margin + 2 * line + 10          # title and legend
-    grid_y = top + 3 * line               # panel title, subtitle, spread
-    hist_y = grid_y + gh + 16
-    height = hist_y + hist_h + 2 * line + margin
-    width = 2 * margin + 3 * pw + 2 * sep
+    margin, sep, line = 20, 70, 14
+    left = margin + 40                     # room for the first histogram's count labels
+    top = margin + 3 * line + 8            # title lines
+    grid_y = top + 3 * line + 4            # panel title, subtitle, spread
+    hist_y = grid_y + gh + 36
+    hist_h = 150
+    spread_y = hist_y + hist_h + 84
+    spread_h = 16 * len(runs) + 40
+    height = spread_y + spread_h + margin + 10
+    width = left + 3 * pw + 2 * sep + margin
     fig = np.empty((height, width, 3), np.uint8)
     fig[:] = _BG
-    n = run.sd.shape[0]
-    _png.draw_text(fig, margin, margin, f"Lin et al. 2023 sec. 3: {run.sampler}, {run.steps} steps, {n} samples, "
-                   f"ideal denoiser of {images.shape[0]} images", _INK)
-    _png.draw_text(fig, margin, margin + line, f"grids sorted dark to bright; histograms of mean brightness: bars {n} "
-                   f"samples, ticks data, red +-{BRIGHT}", _INK)
-    y_max = max(max(h) for h in hists)
-    for i, ((title, subtitle, imgs), grid, hist) in enumerate(zip(panels, grids, hists)):
-        x = margin + i * (pw + sep)
+    _text(fig, margin, margin, f"Lin et al. 2023 sec. 3, ideal denoiser of {images.shape[0]} images: "
+          f"{run.sampler}, {run.steps} steps, {n} samples per schedule, same noise")
+    _text(fig, margin, margin + line, "SD's schedule (finite sigma max) narrows the spread of brightness: fewer "
+          "very dark and very bright images")
+    _text(fig, margin, margin + 2 * line, f"(mean < -{BRIGHT} or > {BRIGHT}, shaded) than the data has; starting at "
+          "sigma = inf (zero SNR) comes closer. Grids: dark to bright")
+    for i, ((title, subtitle, imgs, color), grid, cnt) in enumerate(zip(panels, grids, counts)):
+        x = left + i * (pw + sep)
         sp = Spread.of(imgs)
-        _png.draw_text(fig, x, top, title, _INK)
-        _png.draw_text(fig, x, top + line, subtitle, _INK)
-        _png.draw_text(fig, x, top + 2 * line, f"std {sp.std:.3f} dark {sp.dark:.0%} bright {sp.bright:.0%}", _INK)
+        fig[top:top + 10, x:x + 10] = color
+        _text(fig, x + 14, top, title)
+        _text(fig, x, top + line, subtitle + (f", first {num_shown} of {imgs.shape[0]}"
+                                             if imgs.shape[0] > num_shown else ""))
+        _text(fig, x, top + 2 * line, f"std {sp.std:.3f}  dark {sp.dark:.0%}  bright {sp.bright:.0%}")
         fig[grid_y:grid_y + gh, x:x + pw] = grid
-        base = hist_y + hist_h
-        for b, share in enumerate(hist):
-            bh = round(share / y_max * hist_h)
-            fig[base - bh:base, x + b * bar_w + 1:x + (b + 1) * bar_w] = _BAR
-            if i:  # the data's share in this bin
-                dh = round(hists[0][b] / y_max * hist_h)
-                fig[max(base - dh - 1, hist_y):base - dh + 1, x + b * bar_w + 1:x + (b + 1) * bar_w] = _INK
-        for t in (-BRIGHT, BRIGHT):
-            fig[hist_y:base, x + round((t + 1) / 2 * hist_w)] = _MARK
-        fig[base, x:x + hist_w] = _INK
-        for t, label in ((-1.0, "-1"), (0.0, "0"), (1.0, "1")):
-            tx = x + round((t + 1) / 2 * hist_w)
-            fig[base:base + 4, min(tx, x + hist_w - 1)] = _INK
-            _png.draw_text(fig, max(x, min(tx - _png.text_width(label) // 2, x + hist_w - _png.text_width(label))),
-                           base + 6, label, _INK)
+        _draw_histogram(fig, x, hist_y, pw, hist_h, cnt, imgs.shape[0], share_max, color,
+                        data_share=shares[0] if i else None,
+                        label=f"per bin, of {imgs.shape[0]}" + ("; black: data" if i else ""))
+    data_std = Spread.of(images).std
+    closer = sum(abs(Spread.of(r.zsnr).std - data_std) < abs(Spread.of(r.sd).std - data_std) for r in runs)
+    _text(fig, margin, spread_y - 44, f"Spread of every run: std of mean brightness, orange SD, blue zero SNR, line "
+          f"data. Zero SNR is closer to the data in {closer} of {len(runs)}")
+    _draw_spread(fig, margin, spread_y, width - 2 * margin, runs, data_std)
     return fig
 
 
@@ -295,9 +393,9 @@ def _run(args: argparse.Namespace) -> int:
     lines += [""] + _image_table(images, runs)
     if args.png:
         fig_run = next(r for r in runs if (r.sampler, r.steps) == shown)
-        _png.write_png(args.png, render_figure(images, fig_run))
+        _png.write_png(args.png, render_figure(images, fig_run, runs=runs))
         lines.append(f"   wrote {args.png}: image grids and brightness histograms of {fig_run.sampler}, "
-                     f"{fig_run.steps} steps")
+                     f"{fig_run.steps} steps, and the spread of every run")
     lines += ["", f"({time.perf_counter() - t0:.1f} s, float64 on one CPU thread, torch reference backend)"]
     print("\n".join(lines))
     return 0
