@@ -33,6 +33,15 @@ class TinyNet:
         return torch.tanh(mixed + bias + 0.3 * y * torch.cos(feat).to(y.dtype)) + 0.1 * torch.sin(3 * feat).to(y.dtype)
 
 
+def pytest_report_header(config):
+    """The instruction sets this run uses: the CPU kernels' (capped by ZSNR_CPU_ISA) and PyTorch's own (capped by
+    ATEN_CPU_CAPABILITY), since oracles computed by PyTorch round differently under each."""
+    from zsnr_kernels import _ext
+
+    kernels = _ext.C.cpu_isa() if _ext.available() else f"unavailable ({_ext.why_unavailable()})"
+    return f"cpu kernels: {kernels}; torch cpu capability: {torch.backends.cpu.get_cpu_capability()}"
+
+
 @pytest.fixture(scope="session")
 def kdiff():
     """(k_diffusion.sampling, k_diffusion.external), from the unmodified package (see tests/_kdiffusion.py)."""

@@ -70,9 +70,19 @@ def test_ddpm_pipeline(unet, config):
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("config", [{}, {"clip_sample": False, **ZERO_SNR}])
 def test_ddim_pipeline(unet, eta, config):
-    """Default DDIM (clip_sample=True) and zero terminal SNR, where diffusers' DDIM is exact too."""
+    """Default DDIM (clip_sample=True) and zero terminal SNR, where diffusers' DDIM is exact too.
+
+    diffusers' tables are cast to float64 here: at zero SNR with eta = 1 its first step weighs the predicted noise
+    by sqrt(1 - a_prev - std^2), exactly 0, formed as the difference of two equal numbers, so it takes the square
+    root of a rounding error: with float32 tables up to sqrt(4 * 2**-24) ~ 4.9e-4 times the noise, or NaN when the
+    rounding is negative (every value NaN on the CPUs seen).  In float64 that is at most 2.1e-8 (well inside the
+    tolerance); a NaN there is still diffusers' rounding, not a result to compare with, and skips the case."""
     pipe = _quiet(diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(**config)))
+    pipe.scheduler.alphas_cumprod = pipe.scheduler.alphas_cumprod.double()  # the pipeline's own copy
+    pipe.scheduler.final_alpha_cumprod = pipe.scheduler.final_alpha_cumprod.double()
     want = _images(pipe, eta=eta)
+    if not torch.isfinite(torch.as_tensor(want)).all():
+        pytest.skip("diffusers' DDIM took the square root of a negative rounding error (see the docstring)")
     pipe.scheduler = zd.ZSNRDDIMScheduler.from_config(pipe.scheduler.config)
     assert isinstance(pipe.scheduler, zd.ZSNRDDIMScheduler)
     got = _images(pipe, eta=eta)
