@@ -230,14 +230,20 @@ def test_a_callback_drawing_random_numbers_keeps_k_diffusions_stream(kdiff):
 
 
 def test_forwarding_to_a_broken_k_diffusion_answers_no(monkeypatch):
-    """hasattr() on the drop-in must not raise when k-diffusion is installed but fails to import."""
+    """hasattr() on the drop-in must not raise when k-diffusion is installed but fails to import: the whole package
+    (a torchvision built for another torch raises RuntimeError) and its sampling module alone (a missing torchsde)."""
     import importlib
+    import sys
 
     def broken(name, *args):
         raise RuntimeError("operator torchvision::nms does not exist")
 
+    for name in ("k_diffusion", "k_diffusion.utils", "k_diffusion.sampling", "k_diffusion.external"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "torchsde", None)
     monkeypatch.setattr(importlib, "import_module", broken)
     assert not hasattr(K.sampling, "sample_dpmpp_sde")
+    assert "k_diffusion.sampling" not in sys.modules
 
 
 def test_a_noise_sampler_of_another_dtype_or_a_broadcast_shape_is_taken(kdiff):

@@ -59,6 +59,8 @@ formed before the callback; here their callback gets a copy), in the other sampl
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import math
 import sys
 from collections.abc import Sequence
@@ -68,6 +70,7 @@ from tqdm.auto import trange
 
 from . import _validate, schedules, steps
 from .parameterization import parameterization
+from .sampling import ascending_schedule
 
 INF = math.inf
 
@@ -375,6 +378,7 @@ def _schedule(sigmas) -> tuple[torch.Tensor, list[float]]:
     else:
         raise TypeError(f"sigmas must be a 1-D tensor, got {type(sigmas).__name__}")
     vals = sigmas.detach().double().cpu().tolist()
+    ascending_schedule(sigmas)  # before the checks a reversed schedule fails first for its end
     if any(math.isnan(v) for v in vals):
         raise ValueError("sigmas contains NaN (k-diffusion's get_sigmas gives NaN at a zero-terminal-SNR model's "
                          "sigma = inf: build the schedule with get_sigmas_zero_snr)")
@@ -384,8 +388,9 @@ def _schedule(sigmas) -> tuple[torch.Tensor, list[float]]:
         raise ValueError("only sigmas[0] may be inf")
     for i in range(len(vals) - 1):
         if not vals[i + 1] < vals[i]:
+            fix = "; drop repeated values (a zero-length step)" if vals[i + 1] == vals[i] else ""
             raise ValueError(f"sigmas must be strictly descending, but sigmas[{i + 1}]={vals[i + 1]} >= "
-                             f"sigmas[{i}]={vals[i]}; drop repeated values (a zero-length step)")
+                             f"sigmas[{i}]={vals[i]}{fix}")
     return sigmas, vals
 
 
@@ -607,21 +612,101 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 sampling = sys.modules[__name__]
 
 
+#: how to get the k-diffusion modules the drop-in forwards to, with the torch already installed kept as it is: what
+#: the extra ``zsnr-kernels[k-diffusion]`` lists (pyproject.toml; a test keeps the two equal), then k-diffusion
+#: without its own dependency list (torchvision, and with it a CUDA build of torch)
+K_DIFFUSION_INSTALL = "pip install scipy torchsde torchdiffeq tqdm && pip install --no-deps k-diffusion==0.1.1.post1"
+
+
+def _append_dims(x, target_dims):
+    """``k_diffusion.utils.append_dims``: ``x`` with trailing singleton dims up to ``target_dims``."""
+    dims_to_append = target_dims - x.ndim
+    if dims_to_append < 0:
+        raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
+    return x[(...,) + (None,) * dims_to_append]
+
+
+def _bare_utils_getattr(name):
+    raise AttributeError(
+        f"k_diffusion.utils.{name} is not available: k-diffusion's utils module needs its training dependencies "
+        "(torchvision ...), which did not import, so only append_dims (what k_diffusion.sampling and "
+        "k_diffusion.external use) is provided. Install k-diffusion with all its dependencies for the rest")
+
+
+def k_diffusion_module(name: str):
+    """k-diffusion's own module ``k_diffusion.<name>`` (``sampling``, ``external`` or ``utils``), unchanged.
+
+    A plain ``import k_diffusion`` imports its whole training stack (torchvision, scikit-image, CLIP, wandb ...),
+    and PyPI's torchvision pulls its own torch.  The samplers and the model wrappers need none of it: where the
+    full package fails to import, ``sampling.py`` and ``external.py`` are executed unmodified inside a bare
+    ``k_diffusion`` package whose ``utils`` holds the one helper they use (``append_dims``), and registered under
+    their own names (so ``import k_diffusion.external`` then finds them too).  What they need is the extra
+    ``zsnr-kernels[k-diffusion]`` plus k-diffusion itself without its dependencies (:data:`K_DIFFUSION_INSTALL`).
+    Raises ``ImportError`` naming the missing module and that command."""
+    if name not in ("sampling", "external", "utils"):
+        raise ValueError(f"name must be 'sampling', 'external' or 'utils', got {name!r}")
+    full = f"k_diffusion.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    try:
+        return importlib.import_module(full)
+    except Exception as exc:  # a missing training dependency, or a torchvision built for another torch
+        first = exc
+    spec = importlib.util.find_spec("k_diffusion") if "k_diffusion" not in sys.modules else None
+    root = (list(spec.submodule_search_locations)[0] if spec is not None and spec.submodule_search_locations
+            else None)
+    if root is None:
+        raise ImportError(f"k-diffusion is not installed ({first}); to use k_diffusion.{name} with the torch you "
+                          f"have: {K_DIFFUSION_INSTALL}") from first
+    import types
+
+    pkg = types.ModuleType("k_diffusion")
+    pkg.__path__ = [root]
+    pkg.__spec__ = importlib.machinery.ModuleSpec("k_diffusion", None, is_package=True)
+    pkg.__spec__.submodule_search_locations = [root]
+    pkg.__doc__ = "k-diffusion's sampling and external modules alone (loaded by zsnr_kernels.k_diffusion)"
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = _append_dims
+    utils.__getattr__ = _bare_utils_getattr
+    pkg.utils = utils
+    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils", "k_diffusion.sampling",
+                                              "k_diffusion.external")}
+    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = pkg, utils
+    try:
+        for part in ("sampling", "external"):
+            part_spec = importlib.util.spec_from_file_location(f"k_diffusion.{part}", f"{root}/{part}.py")
+            module = importlib.util.module_from_spec(part_spec)
+            sys.modules[f"k_diffusion.{part}"] = module
+            part_spec.loader.exec_module(module)
+            setattr(pkg, part, module)
+    except Exception as exc:
+        for key, value in saved.items():  # leave no half-loaded package behind
+            if value is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = value
+        missing = exc.name if isinstance(exc, ImportError) and exc.name else None
+        raise ImportError(f"k-diffusion's sampling and external modules failed to import ({exc}"
+                          + (f"; k-diffusion's whole package failed with: {first}" if missing is None else "")
+                          + f"); {('install ' + repr(missing) + ' with: ') if missing else 'fix with: '}"
+                          f"{K_DIFFUSION_INSTALL}") from exc
+    return sys.modules[full]
+
+
 def __getattr__(name):
-    """From k-diffusion itself, imported on first use: ``external`` and ``utils`` (its model wrappers and helpers),
-    and the names of ``k_diffusion.sampling`` this module does not define
+    """From k-diffusion itself, imported on first use (:func:`k_diffusion_module`): ``external`` and ``utils`` (its
+    model wrappers and helpers), and the names of ``k_diffusion.sampling`` this module does not define
     (``sample_dpmpp_sde``, ``sample_dpm_fast``, ``sample_dpm_adaptive``, ``DPMSolver`` ...), unchanged: those run
     k-diffusion's own code (finite schedules, no fused kernels).  So a front end that lists the samplers it finds
     (``hasattr(K.sampling, "sample_dpmpp_sde")``) keeps them."""
     if name.startswith("__"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    source = f"k_diffusion.{name}" if name in ("external", "utils") else "k_diffusion.sampling"
+    source = name if name in ("external", "utils") else "sampling"
     try:
-        module = importlib.import_module(source)
-    except Exception as exc:  # not installed, or installed and broken (a torchvision mismatch raises RuntimeError)
-        raise AttributeError(f"{name} would come from k-diffusion's {source}, which failed to import ({exc}); "
-                             "install k-diffusion") from exc
-    if source == "k_diffusion.sampling":
+        module = k_diffusion_module(source)
+    except ImportError as exc:
+        raise AttributeError(f"{name} would come from k_diffusion.{source}: {exc}") from exc
+    if source == "sampling":
         if not hasattr(module, name):
             raise AttributeError(f"module {__name__!r} has no attribute {name!r} (nor has k_diffusion.sampling)")
         return getattr(module, name)
