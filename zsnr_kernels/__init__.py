@@ -9,6 +9,9 @@ linear combination of y, the denoised prediction and remembered tensors with hos
 * :mod:`zsnr_kernels.coefficients` holds the host coefficients, :mod:`zsnr_kernels.reference` the eager spec.
 * :mod:`zsnr_kernels.k_diffusion` and :mod:`zsnr_kernels.diffusers` meet users where they are: drop-ins for
   k-diffusion's samplers and schedulers for diffusers pipelines (imported on first use).
+* :func:`set_num_threads` sets how many OpenMP threads the ``cpu`` kernels use.  A child process forked
+  (``os.fork``, multiprocessing's ``fork`` start method) runs them on one thread, since OpenMP hangs in a child
+  forked after its parent ran a parallel region; see :func:`set_num_threads` for the fix of PyTorch's own ops there.
 """
 
 __version__ = "0.1.0"

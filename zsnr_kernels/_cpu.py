@@ -7,6 +7,8 @@ as ``[batch][n]``; other layouts are copied to contiguous and the result copied 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _ext, _layout, _validate, coefficients as co
@@ -107,12 +109,31 @@ def set_num_threads(n: int | None) -> None:
     thread and leaves PyTorch's alone.  On a busy machine fewer threads can be much faster (a waiting OpenMP
     thread spins: 2 threads were 4-8x slower than 1 at the video latent beside one other busy process on 2 cores).
     Results do not depend on the thread count.
+
+    Fork: OpenMP cannot run a parallel region in a child process forked after the parent ran one (its thread pool
+    is not copied, and the child hangs waiting for it, as a plain torch op on a large tensor hangs there).  So a
+    child forked with ``os.fork`` (``multiprocessing``'s default ``fork`` start method on Linux) runs these
+    kernels on one thread: importing zsnr_kernels registers an ``os.register_at_fork`` handler that calls
+    ``set_num_threads(1)`` in the child.  Call ``set_num_threads(n)`` there only if the parent never ran a
+    parallel region (neither these kernels nor torch ops); for PyTorch's own ops in the child call
+    ``torch.set_num_threads(1)``.  Or start workers with the ``spawn`` or ``forkserver`` method
+    (``multiprocessing.get_context("spawn")``): a fresh process, free to use every thread.
     """
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive int (or None for OpenMP's default), got {n!r}")
     if not _ext.available():
         raise RuntimeError(f"the cpu backend is unavailable: {_ext.why_unavailable()}")
     _ext.C.set_num_threads(0 if n is None else n)
+
+
+def _single_thread_after_fork() -> None:
+    """In a forked child: the kernels on the calling thread (see :func:`set_num_threads`)."""
+    if _ext.available():
+        _ext.C.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_single_thread_after_fork)
 
 
 def get_num_threads() -> int:

@@ -17,6 +17,28 @@ from . import _layout
 FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))  # a set: one hash per check
 RESCALE_SPACES = ("output", "v", "x0")
 
+#: The noise levels a step takes besides 0 and inf.  Below SIGMA_MIN, 1/sigma (the LMS derivative, the noise scale
+#: sigma*c_in) overflows float32, and subnormal sigmas overflow float64 in sigma_data/sigma; above SIGMA_MAX the
+#: products of two sigmas overflow float64 (dpmpp_2s_ancestral's midpoint).  Nothing is lost: a positive sigma
+#: below 1e-30 is 0 to float32 rounding, and inf is every sampler's exact limit of a sigma above 1e30.
+SIGMA_MIN, SIGMA_MAX = 1e-30, 1e30
+#: The largest sigma/sigma_next of one step of the samplers whose second-order correction has no limit as the
+#: ratio grows: its weight grows like sigma/sigma_next (dpm_2: like its square root), and so does the float32
+#: rounding of D it carries into the result (about weight * 6e-8 * |D|: at these limits some % of D, and the
+#: backends, which round differently, disagree by that much; beyond 1e30 the weight overflows float32 and the
+#: result is NaN).
+STEP_RATIO_MAX = {"heun": 1e6, "dpm_2": 1e12, "dpm_2_ancestral": 1e6}
+#: lms with remembered derivatives: the largest sigma / max(sigma_next, data scale) of a step.  Its update cancels
+#: terms of size sigma (the derivatives carry the noise, which the weights integrate over the step) down to a
+#: result of size max(sigma_next, sigma_data) in x, so float32 rounding moves the result by about
+#: 6e-8 * sigma / max(sigma_next, sigma_data) of it (k-diffusion's x-space sample_lms alike).
+LMS_SPAN_MAX = 1e6
+_SPAN_CHECKED = frozenset((*STEP_RATIO_MAX, "lms"))
+#: The largest |guidance_scale|: F = F_u + w (F_c - F_u) and the squares the guidance rescale sums stay far from
+#: float32's range for any model output below 1e12.
+GUIDANCE_SCALE_MAX = 1e4
+_INF = math.inf
+
 
 def matches(t, like: torch.Tensor) -> bool:
     """Whether ``t`` is a tensor with the shape, dtype and device of ``like`` (a floating tensor already
@@ -67,11 +89,15 @@ def model_output(out, y: torch.Tensor, guidance_scale: float, name: str = "model
 
 
 def real(name: str, v, *, lo: float | None = None, hi: float | None = None, allow_inf: bool = False) -> float:
-    """A real number (not bool), not NaN, within [lo, hi]; finite unless ``allow_inf``."""
+    """A real number (not bool: a Python or numpy scalar, or a one-element tensor), not NaN, within [lo, hi]; finite
+    unless ``allow_inf``."""
     if type(v) is float and v == v and (allow_inf or v - v == 0.0) and (lo is None or v >= lo) and (
             hi is None or v <= hi):
         return v  # the common case, checked without the general path below (this runs on every step)
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise TypeError(f"{name} must be a real number or a one-element tensor, got a tensor of shape "
+                            f"{tuple(v.shape)}")
         v = _real_tensor(name, v).item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
@@ -96,11 +122,92 @@ def _real_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
 
 def guidance(scale, rescale, space) -> tuple[float, float, str]:
     """``guidance_scale`` (a real number), ``guidance_rescale`` (in [0, 1]) and ``rescale_space``, validated."""
-    if type(scale) is float and type(rescale) is float and scale - scale == 0.0 and 0.0 <= rescale <= 1.0 and (
-            space in RESCALE_SPACES):
-        return scale, rescale, space  # the common case in one call (this runs on every step)
-    return (real("guidance_scale", scale), real("guidance_rescale", rescale, lo=0.0, hi=1.0),
+    if type(scale) is float and type(rescale) is float and -GUIDANCE_SCALE_MAX <= scale <= GUIDANCE_SCALE_MAX and (
+            0.0 <= rescale <= 1.0 and space in RESCALE_SPACES):
+        return scale, rescale, space  # the common case in one call (this runs on every step; NaN fails it)
+    return (guidance_scale(scale), real("guidance_rescale", rescale, lo=0.0, hi=1.0),
             choice("rescale_space", space, RESCALE_SPACES))
+
+
+def guidance_scale(v) -> float:
+    """A real ``guidance_scale`` with ``|w| <= GUIDANCE_SCALE_MAX``."""
+    w = real("guidance_scale", v)
+    if abs(w) > GUIDANCE_SCALE_MAX:
+        raise ValueError(
+            f"guidance_scale={w!r} is outside [-{GUIDANCE_SCALE_MAX:g}, {GUIDANCE_SCALE_MAX:g}]; the largest accepted "
+            f"scale is {GUIDANCE_SCALE_MAX:g} (a larger one overflows float32 in F = F_u + w (F_c - F_u) and in the "
+            "guidance-rescale statistics, giving inf or NaN). Scales in use are about 1 to 30")
+    return w
+
+
+def _sigma_range_error(name: str, v: float) -> ValueError:
+    if v < SIGMA_MIN:
+        return ValueError(
+            f"{name}={v!r} is below {SIGMA_MIN:g}, the smallest positive noise level a step takes (below it 1/sigma "
+            "and the noise scale overflow float32, or float64 for a subnormal sigma, and the step would be NaN). "
+            f"Pass 0.0 for the clean sample (the end of the schedule), or a sigma >= {SIGMA_MIN:g}")
+    return ValueError(
+        f"{name}={v!r} is above {SIGMA_MAX:g}, the largest finite noise level a step takes (beyond it products of "
+        "sigmas overflow float64). Pass inf to start from pure noise (every sampler's exact limit of a large "
+        f"sigma), or a sigma <= {SIGMA_MAX:g}")
+
+
+def _sigma_ok(v) -> bool:
+    """0, inf, or within [SIGMA_MIN, SIGMA_MAX] (NaN and negative values are refused elsewhere)."""
+    return not (0.0 < v < SIGMA_MIN or SIGMA_MAX < v < _INF)
+
+
+def step_sigmas(args, pz) -> None:
+    """The noise levels of a step (``coefficients.StepArgs``, one for the batch or one per sample; ``pz`` the
+    model's Parameterization), before any backend runs: every positive finite sigma in [SIGMA_MIN, SIGMA_MAX];
+    for the samplers whose second-order step has no limit as sigma/sigma_next grows (heun, dpm_2,
+    dpm_2_ancestral), sigma/sigma_next within STEP_RATIO_MAX; for lms with remembered derivatives,
+    sigma/max(sigma_next, data scale) within LMS_SPAN_MAX.  The same rule for every backend: the compiled ones run
+    only what passes it."""
+    if len(args) == 1:  # the common case, without building names (this runs on every step)
+        a = args[0]
+        sg, sn = a.sigma, a.sigma_next
+        if (SIGMA_MIN <= sg <= SIGMA_MAX or sg == _INF) and (SIGMA_MIN <= sn <= SIGMA_MAX or sn == 0.0) and (
+                a.sigma_hat_next is None and not a.sigma_prev and a.sampler not in _SPAN_CHECKED):
+            return
+    per_sample = len(args) > 1
+    for i, a in enumerate(args):
+        at = f"[{i}]" if per_sample else ""
+        sg, sn, hat = a.sigma, a.sigma_next, a.sigma_hat_next
+        if not (_sigma_ok(sg) and _sigma_ok(sn) and (hat is None or _sigma_ok(hat))):
+            for name, v in (("sigma", sg), ("sigma_next", sn), ("sigma_hat_next", hat)):
+                if v is not None and not _sigma_ok(v):
+                    raise _sigma_range_error(name + at, v)
+        for k, p in enumerate(a.sigma_prev):
+            if not _sigma_ok(p):
+                raise _sigma_range_error(f"history[{k}] sigma{at}", p)
+        if a.sampler == "lms" and sg != _INF:
+            _lms_span(a, pz, at)
+        most = STEP_RATIO_MAX.get(a.sampler)
+        if most is not None and sn > 0.0 and sg != _INF and sg > most * sn:
+            if a.sampler == "dpm_2_ancestral":
+                r = sn / sg
+                if a.eta * math.sqrt((1.0 - r) * (1.0 + r)) > 1.0:
+                    continue  # k-diffusion's min() clamp: an Euler step to 0, no second stage
+            fallback = "euler_ancestral" if a.sampler == "dpm_2_ancestral" else "euler"
+            raise ValueError(
+                f"{a.sampler}: sigma{at}={sg!r} to sigma_next{at}={sn!r} spans a factor {sg / sn:.3g}, above the "
+                f"{most:g} one {a.sampler} step may span: its second-order correction grows with sigma/sigma_next and "
+                "has no limit, and beyond that float32 rounding alone moves the result by some % of the denoised "
+                f"prediction (beyond 1e30, NaN). Add intermediate sigmas to the schedule, or take this step with "
+                f"{fallback} (what {a.sampler} does from sigma = inf)")
+
+
+def _lms_span(a, pz, at: str) -> None:
+    scale = max(a.sigma_next, 1.0 if pz.prediction == "flow" else pz.sigma_data)  # x = x0 + sigma z for flow too
+    if a.sigma <= LMS_SPAN_MAX * scale or not any(p != _INF for p in a.sigma_prev[: a.order - 1]):
+        return  # no finite remembered point: the step is Euler's, exact at any span
+    raise ValueError(
+        f"lms: sigma{at}={a.sigma!r} to sigma_next{at}={a.sigma_next!r} with remembered derivatives spans a factor "
+        f"{a.sigma / scale:.3g} (sigma / max(sigma_next, {'1' if pz.prediction == 'flow' else 'sigma_data'})), "
+        f"above {LMS_SPAN_MAX:g}: the update cancels terms of size sigma down to the result, and float32 rounding "
+        "alone would move it by some % or more. Add intermediate sigmas to the schedule (its last positive sigma "
+        f"at most {LMS_SPAN_MAX:g} times that data scale), or use dpmpp_2m")
 
 
 def sigma_values(name: str, s, batch: int) -> list[float] | float:
@@ -120,7 +227,8 @@ def sigma_values(name: str, s, batch: int) -> list[float] | float:
 
 
 def sigmas(s) -> list[float]:
-    """A sampling schedule: 1-D, strictly descending, ends with 0, no NaN; the first value may be inf."""
+    """A sampling schedule: 1-D, strictly descending, ends with 0, no NaN; the first value may be inf; every other
+    positive value within [SIGMA_MIN, SIGMA_MAX]."""
     if isinstance(s, torch.Tensor):
         if s.ndim != 1:
             raise ValueError(f"sigmas must be 1-D, got shape {tuple(s.shape)}")
@@ -139,6 +247,9 @@ def sigmas(s) -> list[float]:
         raise ValueError(f"sigmas must end with 0 (the clean sample), got {vals[-1]}; append a 0")
     if any(math.isinf(v) for v in vals[1:]):
         raise ValueError("only sigmas[0] may be inf")
+    for i, v in enumerate(vals):
+        if not _sigma_ok(v):
+            raise _sigma_range_error(f"sigmas[{i}]", v)
     if any(b >= a for a, b in zip(vals, vals[1:])):
         i = next(i for i, (a, b) in enumerate(zip(vals, vals[1:])) if b >= a)
         raise ValueError(f"sigmas must be strictly descending, but sigmas[{i + 1}]={vals[i + 1]} >= "

@@ -21,6 +21,12 @@ Two rules fix what the samplers do at the ends of a schedule (§2.3):
   at sigma = inf carries weight 0 in later steps;
 * a step *to* sigma = 0 follows k-diffusion: Heun and DPM2 take an Euler step, DPM++ 2M is first order, the SDE
   samplers return D and ancestral samplers add no noise.
+
+These functions take any float64 sigmas (the C++ mirror, csrc/include/zsnr/coefficients.h, agrees with them
+field by field, extremes included).  The step functions and ``sample()`` accept only the steps every backend
+computes finitely and to float32 precision (``zsnr_kernels._validate.step_sigmas``): positive sigmas within
+[1e-30, 1e30], and bounded spans for heun, dpm_2, dpm_2_ancestral and lms, whose updates amplify rounding by
+sigma/sigma_next.
 """
 
 from __future__ import annotations

@@ -875,9 +875,27 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
             if self._first is None:
                 raise ValueError("this evaluation finishes a Heun step but its first evaluation was not run; "
                                  "call step() once per entry of scheduler.timesteps, in order")
-            r = steps.heun_step(sample, f, sigma, sigma_next, first=self._first, **self._options(prediction))
+            first, replaced = self._first, sample is not self._first.y
+            if replaced:  # see _heun_on_replaced_latents
+                first = first._replace(y=sample)
+            r = steps.heun_step(sample, f, sigma, sigma_next, first=first, **self._options(prediction))
+            if replaced:
+                r = r._replace(y=_heun_on_replaced_latents(r.y, self._first.y, sample, sigma, sigma_next))
             self._first = None
         return self._output(r.y, r.denoised, return_dict)
+
+
+def _heun_on_replaced_latents(y_new, y_pred, sample, sigma, sigma_next):
+    """The Heun result diffusers gives when a pipeline hands the second evaluation other latents than the predictor
+    state it returned (inpainting blends the known region in after every ``step``; ``callback_on_step_end`` may
+    replace the latents).  diffusers finishes from the sample it stored at the first evaluation,
+    x' = x + dt/2 (d_1 + d_2), with d_2 = (x_2' - D_2)/sigma' taken at the latents given, x_2'.  The step function
+    (given x_2' as its state) forms x_2' + dt/(2 sigma') (D_1 - D_2), which is that when x_2' is the predictor
+    state x_2 = x + dt d_1; the two differ by the linear term (1 - dt/(2 sigma')) (x_2 - x_2'), with
+    dt = sigma' - sigma, added here in the state space (y = c_in(sigma') x at both ends).  Churn's sigma_hat is
+    the sigma of the first evaluation, and the step's sigma here."""
+    k = 1.0 - (sigma_next - sigma) / (2.0 * sigma_next)
+    return y_new + k * (y_pred - sample)
 
 
 for _cls in (ZSNREulerDiscreteScheduler, ZSNREulerAncestralDiscreteScheduler, ZSNRHeunDiscreteScheduler):

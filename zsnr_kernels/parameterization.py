@@ -28,7 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _validate
+
 PREDICTIONS = ("v", "eps", "x0", "flow")
+#: The sigma_data accepted: with every positive sigma in [1e-30, 1e30] (the steps' range), sigma_data/sigma,
+#: 1/sigma_data and the LMS derivative's scale stay finite in float32.
+SIGMA_DATA_MIN, SIGMA_DATA_MAX = 1e-8, 1e8
 
 _INF = math.inf
 
@@ -90,8 +95,9 @@ class Parameterization:
 
 
 def parameterization(prediction: str = "v", sigma_data: float = 1.0) -> Parameterization:
-    """Validated constructor: ``prediction`` in ``PREDICTIONS``, ``sigma_data`` finite and > 0 (cached: the step
-    functions call it on every step)."""
+    """Validated constructor: ``prediction`` in ``PREDICTIONS``, ``sigma_data`` a real number (a Python or numpy
+    scalar, or a one-element tensor) in [SIGMA_DATA_MIN, SIGMA_DATA_MAX] (cached: the step functions call it on every
+    step)."""
     compiling = torch.compiler.is_compiling()  # traced, the cache stays out of the graph: a lookup that missed
     # while the first call was traced would be a guard that the second call fails, recompiling the whole loop
     if type(prediction) is str and type(sigma_data) is float and not compiling:  # seen before: one dict lookup
@@ -100,11 +106,14 @@ def parameterization(prediction: str = "v", sigma_data: float = 1.0) -> Paramete
             return pz
     if not isinstance(prediction, str) or prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)):
-        raise TypeError(f"sigma_data must be a float, got {type(sigma_data).__name__}")
-    sigma_data = float(sigma_data)
-    if not (math.isfinite(sigma_data) and sigma_data > 0.0):
-        raise ValueError(f"sigma_data must be finite and > 0, got {sigma_data}")
+    sigma_data = _validate.real("sigma_data", sigma_data)  # the real-option check every option shares
+    if not sigma_data > 0.0:
+        raise ValueError(f"sigma_data must be > 0 (the standard deviation of the data: 1.0 for SD-family models, "
+                         f"0.5 for EDM), got {sigma_data}")
+    if not SIGMA_DATA_MIN <= sigma_data <= SIGMA_DATA_MAX:
+        raise ValueError(f"sigma_data={sigma_data!r} is outside [{SIGMA_DATA_MIN:g}, {SIGMA_DATA_MAX:g}] (beyond it "
+                         "sigma_data/sigma and 1/sigma_data overflow float32 or float64 at accepted sigmas); it is "
+                         "the standard deviation of the data: 1.0 for SD-family models, 0.5 for EDM")
     if compiling:
         return Parameterization(prediction, sigma_data)
     if len(_known) >= 64:

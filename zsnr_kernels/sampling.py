@@ -40,18 +40,25 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
     model:     ``model(y, sigma) -> F`` (or ``(F_cond, F_uncond)`` when ``guidance_scale != 1``), called with the
                model input y (shape of ``noise``) and sigma as a float64 tensor of shape (B,) on y's device
                (inf allowed).  F is the model's raw output for ``prediction`` (``v``, ``eps``, ``x0``, ``flow``).
+               A pair with ``guidance_scale=1`` is F_cond alone (F_uncond is ignored): a UserWarning says so,
+               once per call site.  F is not checked for NaN/inf (that would wait for the device on every
+               step): a NaN or inf in F reaches the result, on every backend; check ``torch.isfinite(x0)``.
     noise:     unit Gaussian; the start state is y = sigma_0 c_in(sigma_0) noise (``noise`` itself at inf).
-    sigmas:    1-D, strictly descending, ends with 0; the first may be inf.
+    sigmas:    1-D, strictly descending, ends with 0; the first may be inf.  An ascending schedule is refused
+               with the fix (``sigmas.flip(0)``).
     sampler:   one of :data:`SAMPLERS`.  ``s_churn``/``s_tmin``/``s_tmax``/``s_noise`` drive EDM churn for
                euler/heun/dpm_2; ``eta``/``s_noise`` the ancestral and SDE samplers; ``eta`` alone ``ddim`` (its
                noise has no s_noise, as in diffusers; pass ``eta=0.0`` for deterministic DDIM; ``ddpm`` is DDIM
                at eta = 1); ``solver_type`` dpmpp_2m_sde.
     model_sigmas: the discrete model's training sigmas; sigma_hat under churn is quantized to them (log
                space) before the noise is added, so noise, model call and update share one sigma.
-    seed:      one int per sample, or an int s (sample i gets s + i), for the Philox noise of §2.8 (a batch of
-               8 equals 8 batches of 1 with those seeds); ``noise_sampler(sigma, sigma_next) -> Tensor`` gives
-               explicit unit noise instead (for churn it is called as ``(sigma_i, sigma_hat_i)``).  With
-               neither, seeds come from torch's generator.
+    seed:      one int per sample (a sequence or a (B,) integer tensor), or one int s that gives sample i the
+               seed s + i, for the Philox noise of §2.8.  Each sample's noise depends only on its own seed, so a
+               batch of 8 with seed s gives the same samples as 8 batches of 1 with seeds s, s + 1, ..., s + 7
+               (not 8 batches of 1 with seed s).  Seeds are taken mod 2**64: any int in [-2**63, 2**64) (an int64
+               or a uint64; -1 is 2**64 - 1), others are refused.  ``noise_sampler(sigma, sigma_next) ->
+               Tensor`` gives explicit unit noise instead (for churn it is called as ``(sigma_i,
+               sigma_hat_i)``).  With neither, seeds come from torch's generator.
     callback:  called once per step with k-diffusion's keys ``i``, ``sigma``, ``sigma_hat``, ``denoised`` and
                ``x`` (the VE latent; None at sigma = inf), plus ``y``, the model input.
     disable:   the tqdm progress bar, as in k-diffusion: ``True`` (the default) none, ``False`` one,
@@ -66,7 +73,11 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
     if not callable(model):
         raise TypeError(f"model must be callable as model(y, sigma), got {type(model).__name__}")
     _validate.tensor("noise", noise)
-    vals = _validate.sigmas(sigmas)
+    try:
+        vals = _validate.sigmas(sigmas)
+    except ValueError:
+        ascending_schedule(sigmas)  # a flipped schedule fails the checks first for its end: say what it is
+        raise
     pz = parameterization(prediction, sigma_data)
     if vals[0] == INF and pz.prediction == "eps":
         raise ValueError("sigmas[0] is inf but prediction='eps': an eps-prediction model has no denoised "
@@ -154,6 +165,28 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
             history = [(sigma, item)] + history[: _HISTORY_DEPTH[sampler] - 1]
         y = r.y
     return steps.final_sample(y, prediction=prediction, sigma_data=sigma_data).to(noise.dtype)
+
+
+def ascending_schedule(sigmas) -> None:
+    """Raise a ValueError naming the fix when ``sigmas`` ascends (a schedule passed in reverse, e.g. from 0 up to
+    inf); return without a word for anything else, which the full schedule check judges.  Called on a schedule
+    that check refused, so the message names what is wrong rather than the first symptom (``must end with 0``,
+    ``only sigmas[0] may be inf``, ``drop repeated values``)."""
+    try:
+        if isinstance(sigmas, torch.Tensor):
+            if sigmas.ndim != 1 or sigmas.dtype == torch.bool or sigmas.dtype.is_complex or sigmas.is_meta:
+                return
+            vals = sigmas.detach().double().cpu().tolist()
+        elif isinstance(sigmas, (list, tuple)):
+            vals = [float(v) for v in sigmas]
+        else:
+            return
+    except (TypeError, ValueError, RuntimeError):
+        return
+    if len(vals) >= 2 and vals[0] < vals[-1] and all(a <= b for a, b in zip(vals, vals[1:])):
+        flip = "sigmas.flip(0)" if isinstance(sigmas, torch.Tensor) else "sigmas[::-1]"
+        raise ValueError(f"sigmas ascend ({vals[0]:g} ... {vals[-1]:g}), but a schedule runs from the largest noise "
+                         f"level down to the smallest: pass them in descending order, {flip}")
 
 
 def _model_table(model_sigmas):

@@ -12,14 +12,18 @@ level to call the model at next, so a loop is::
     x0 = zsnr_kernels.final_sample(y)
 
 Two-stage samplers (``heun``, ``dpm_2``, ``dpm_2_ancestral``, ``dpmpp_2s_ancestral``) return
-``complete=False`` after the first call; evaluate the model at ``(r.y, r.sigma)`` and call again with
-``first=r`` and the same ``sigma``/``sigma_next``.  Multistep samplers take ``history``: earlier
+``complete=False`` after the first call; evaluate the model at ``(r.y, r.sigma)`` and call again from that state,
+with the same ``sigma``/``sigma_next``: ``heun_step(r.y, model(r.y, r.sigma), sigma, sigma_next, first=r)``.  The
+second call refuses (ValueError) a ``y`` that is not ``r.y`` itself (the same tensor, or the same view of its
+memory; values are not compared), and a ``first`` from another sampler or from other ``sigma``/``sigma_next`` (with
+EDM churn, pass ``sigma_hat`` to both calls).  Multistep samplers take ``history``: earlier
 ``(sigma, denoised)`` pairs, newest first (``(sigma, derivative)`` for :func:`lms_step`).
 
 Keyword arguments every step function takes:
 
 * ``prediction`` (``"v"``, ``"eps"``, ``"x0"``, ``"flow"``) and ``sigma_data``: the model's parameterization (§2.2).
-* ``guidance_scale`` w: with a pair ``model_output=(F_cond, F_uncond)``, F = F_u + w (F_c - F_u).
+* ``guidance_scale`` w: with a pair ``model_output=(F_cond, F_uncond)``, F = F_u + w (F_c - F_u).  A pair with
+  w = 1 is F_c alone: a UserWarning says so (once per call site).
 * ``guidance_rescale`` phi and ``rescale_space`` (``"output"``, ``"v"``, ``"x0"``): Lin et al.'s rescale (§2.7).
 * ``backend``: ``"auto"`` (the fused ``cpu`` kernels for CPU tensors, else the reference), ``"cpu"``, ``"torch"``.
   The kernels have no backward: where autograd records the step (grad enabled and an input requiring grad),
@@ -29,18 +33,26 @@ Keyword arguments every step function takes:
 * ``return_denoised``: False skips writing D where the sampler does not need it.
 
 Noise (samplers that add it): ``noise=`` a unit-Gaussian tensor of y's shape (or a function returning one, called
-only when the step adds noise), or ``seed=`` (an int or one per
-sample) with ``step_index=`` (the index of the step in the schedule) for the Philox noise of §2.8.
+only when the step adds noise), or ``seed=`` with ``step_index=`` (the index of the step in the schedule) for the
+Philox noise of §2.8.  ``seed`` is one int per sample (a sequence or a (B,) integer tensor), or one int s that
+gives sample i the seed s + i.  Each sample's noise depends only on its own seed, so a batch of 8 with seed s
+gives the same samples as 8 batches of 1 with seeds s, s + 1, ..., s + 7 (not 8 batches of 1 with seed s).
+Seeds are taken mod 2**64: any int in [-2**63, 2**64) (an int64 or a uint64; -1 is 2**64 - 1), others are
+refused.
 
 ``sigma`` and the other noise levels may be numbers or (B,) tensors (one per sample, §2.9).  ``y`` is any float
-dtype; the math runs in float32 (float64 for float64 inputs).  Inputs are never modified.
+dtype; the math runs in float32 (float64 for float64 inputs).  Inputs are never modified.  Model outputs are not
+checked for NaN/inf (that would wait for the device): a NaN in F reaches the result, on every backend.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -62,6 +74,8 @@ class StepResult(NamedTuple):
                 when ``return_denoised=False`` and the sampler does not need it (saves writing a tensor)
     complete:   False after the first stage of a two-stage sampler
     derivative: d = (x - D)/sigma of this evaluation, only for :func:`lms_step`
+    origin:     ``(sampler, sigma, sigma_next)`` of the call that returned it (floats, or per-sample lists); the
+                second call of a two-stage step checks its own against the first's (None: not checked)
     """
 
     y: torch.Tensor
@@ -69,6 +83,7 @@ class StepResult(NamedTuple):
     denoised: torch.Tensor
     complete: bool = True
     derivative: torch.Tensor | None = None
+    origin: tuple | None = None
 
 
 def initial_state(noise: torch.Tensor, sigma_max, *, prediction: str = "v", sigma_data: float = 1.0):
@@ -144,6 +159,7 @@ def _run(
     guidance_rescale: float = 0.0,
     rescale_space: str = "output",
     backend: str = "auto",
+    first_origin=None,
     **unknown,
 ) -> StepResult:
     """Validate, then run the fused step on the chosen backend.  ``args`` holds one StepArgs for the batch or one
@@ -156,7 +172,10 @@ def _run(
     y = _validate.tensor("y", y)
     pz = parameterization(prediction, sigma_data)
     w, phi, space = _validate.guidance(guidance_scale, guidance_rescale, rescale_space)
+    _validate.step_sigmas(args, pz)  # noise levels every backend can step (subnormal, huge, too wide a step)
     f_cond, f_uncond = _validate.model_output(model_output, y, w)
+    if f_uncond is not None and w == 1.0 and not torch.compiler.is_compiling():
+        _warn(UNGUIDED_PAIR)
     for k, t in enumerate(history):
         if not _validate.matches(t, y):
             _validate.tensor(f"history[{k}]", t, y)
@@ -178,6 +197,7 @@ def _run(
                          "call the per-sample sigmas of the first")
     if args[0].stage == 2:
         _check_first_sigma(pz, args, sig_eval)
+        _check_origin(args, first_origin)
     want_d = return_denoised or _remembers_denoised(args[0])
     # autograd records the step (the kernels have no backward: only the reference can run it), written out: this
     # runs on every step
@@ -208,13 +228,31 @@ def _run(
         y_out, d, carry, sigma_out, complete = run(
             y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
             rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
+    a0 = args[0]
     result = StepResult(y_out, sigma_out[0] if len(args) == 1 else _column(sigma_out, True), d if want_d else None,
-                        complete, carry)
+                        complete, carry, (a0.sampler, a0.sigma, a0.sigma_next) if len(args) == 1 else
+                        (a0.sampler, [a.sigma for a in args], [a.sigma_next for a in args]))
     rec = recorder  # read once: another thread's recording may end meanwhile
     if rec is not None and rec.thread == threading.get_ident():  # zsnr_kernels.plan is recording a run
         rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
                  guided=f_uncond is not None)
     return result
+
+
+UNGUIDED_PAIR = (
+    "guidance_scale=1.0 with a (cond, uncond) pair: F = F_uncond + 1.0 (F_cond - F_uncond) is F_cond alone, so the "
+    "unconditional output is computed and ignored. Pass guidance_scale > 1 (e.g. 7.5) for classifier-free guidance, "
+    "or the conditional output alone")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package (the user's call site, so the default
+    filter shows it once per call site)."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 #: set by :mod:`zsnr_kernels.plan` while one thread records the steps of a run (a plain global, which
@@ -351,6 +389,47 @@ def _first_stage(first, stage_name: str):
     return 2, (first.denoised,)
 
 
+def _check_first_y(sampler: str, y, first: StepResult) -> None:
+    """A second call continues the step its ``first`` call began from first.y itself (checked by identity or as
+    the same view of the same memory: no device value is read); another y computes a plausible-looking wrong
+    sample."""
+    fy = first.y
+    if not torch.compiler.is_compiling() and y is not fy and isinstance(y, torch.Tensor) and not (
+            isinstance(fy, torch.Tensor) and y.device == fy.device and y.dtype == fy.dtype and y.shape == fy.shape
+            and y.stride() == fy.stride() and y.data_ptr() == fy.data_ptr()):
+        raise ValueError(
+            f"y is not first.y: the second {sampler} call continues from the state the first call returned, with "
+            f"the model evaluated there. Call {sampler}_step(first.y, model(first.y, first.sigma), sigma, "
+            "sigma_next, first=first)")
+
+
+def _check_origin(args: list[co.StepArgs], origin) -> None:
+    """A second call takes the sampler, sigma and sigma_next of its first call (``first.origin``; a StepResult
+    built by hand without one is not checked).  Run after :func:`_check_first_sigma`, this catches what that
+    cannot see: a Heun first stage of another step to the same sigma_next (with churn: the first call at
+    sigma_hat, the second at sigma), or a first stage of another sampler that calls the model at the same sigma."""
+    if origin is None:
+        return
+    if not (isinstance(origin, tuple) and len(origin) == 3):
+        raise TypeError("first.origin must be the (sampler, sigma, sigma_next) of the first call: pass its "
+                        "StepResult unchanged")
+    f_sampler, f_sg, f_sn = origin
+    sampler = args[0].sampler
+    if f_sampler != sampler:
+        raise ValueError(f"first was returned by {f_sampler}_step, not {sampler}_step: pass the result of this "
+                         f"step's first {sampler}_step call")
+    n = len(args)
+    for i in range(n):
+        a, b, c, d = _at(f_sg, i), _at(f_sn, i), args[i].sigma, args[i].sigma_next
+        if not (math.isclose(a, c, rel_tol=1e-12) and math.isclose(b, d, rel_tol=1e-12)):
+            at = f" (sample {i})" if n > 1 else ""
+            raise ValueError(
+                f"first was returned by the first {sampler} call from sigma={a} to sigma_next={b}, but this call "
+                f"has sigma={c}, sigma_next={d}{at}: the second call of a step takes the sigma and sigma_next of its "
+                "first call (with churn, sigma_hat both times, where the first call's model ran). Pass this step's "
+                "first result, or the sigmas it was called with")
+
+
 def _real(name, v):
     return _validate.real(name, v, lo=0.0)
 
@@ -415,6 +494,8 @@ def heun_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next=
     sigma' = 0 or sigma = inf.  Second call (``first`` = that result, model at (first.y, sigma')):
     x' = x_2 + (sigma' - sigma)/(2 sigma') (D_1 - D_2), i.e. y' = y_2 + w (D_1 - D_2), w = c'(1 - sigma/sigma')/2.
     ``sigma_hat_next`` folds the next step's churn into the final call (see :func:`euler_step`).
+    The second call is ``heun_step(first.y, model(first.y, first.sigma), sigma, sigma_next, first=first)``: a y
+    other than first.y itself, or sigmas other than the first call's, are refused (ValueError).
     """
     return _two_stage("heun", y, model_output, sigma, sigma_next, first, options, noise=noise, seed=seed,
                       step_index=step_index, hat=sigma_hat_next, s_noise=s_noise)
@@ -425,7 +506,9 @@ def dpm_2_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next
     """k-diffusion's DPM-Solver-2, in two calls: Euler predictor to sigma_mid = sqrt(sigma sigma'), then
     x' = x + (sigma' - sigma)(x_2 - D_2)/sigma_mid, i.e.
     y' = (s'/s_mid) y_2 + c'[(1 - sigma/sigma_mid) D_1 + ((sigma - sigma')/sigma_mid) D_2].
-    Euler (complete after the first call) when sigma' = 0 or sigma = inf."""
+    Euler (complete after the first call) when sigma' = 0 or sigma = inf.
+    The second call is ``dpm_2_step(first.y, model(first.y, first.sigma), sigma, sigma_next, first=first)``: a y
+    other than first.y itself, or sigmas other than the first call's, are refused (ValueError)."""
     return _two_stage("dpm_2", y, model_output, sigma, sigma_next, first, options, noise=noise, seed=seed,
                       step_index=step_index, hat=sigma_hat_next, s_noise=s_noise)
 
@@ -434,7 +517,10 @@ def dpm_2_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, eta=
                          seed=None, step_index=None, **options) -> StepResult:
     """k-diffusion's dpm_2_ancestral, in two calls: DPM-Solver-2 from sigma to sigma_down, then sigma_up noise
     (see :func:`euler_ancestral_step` for sigma_down/up).  Complete after one call when sigma_down = 0 or
-    sigma = inf: DPM-Solver-2 has no limit there (like Heun), so that step is :func:`euler_ancestral_step`."""
+    sigma = inf: DPM-Solver-2 has no limit there (like Heun), so that step is :func:`euler_ancestral_step`.
+    The second call is ``dpm_2_ancestral_step(first.y, model(first.y, first.sigma), sigma, sigma_next,
+    first=first)``: a y other than first.y itself, or sigmas other than the first call's, are refused
+    (ValueError)."""
     return _two_stage("dpm_2_ancestral", y, model_output, sigma, sigma_next, first, options, noise=noise,
                       seed=seed, step_index=step_index, eta=eta, s_noise=s_noise)
 
@@ -444,7 +530,10 @@ def dpmpp_2s_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, e
     """DPM-Solver++(2S) ancestral (k-diffusion), in two calls: predictor to sigma_mid = sqrt(sigma sigma_down),
     then x_down = (sigma_down/sigma) x + (1 - sigma_down/sigma) D_2, plus sigma_up noise.  From sigma = inf this
     is its exact limit: for eta < 1 the midpoint is at inf too and the step is :func:`euler_ancestral_step`; for
-    eta = 1, sigma_mid = sigma' at every sigma, so the limit keeps both evaluations."""
+    eta = 1, sigma_mid = sigma' at every sigma, so the limit keeps both evaluations.
+    The second call is ``dpmpp_2s_ancestral_step(first.y, model(first.y, first.sigma), sigma, sigma_next,
+    first=first)``: a y other than first.y itself, or sigmas other than the first call's, are refused
+    (ValueError)."""
     return _two_stage("dpmpp_2s_ancestral", y, model_output, sigma, sigma_next, first, options, noise=noise,
                       seed=seed, step_index=step_index, eta=eta, s_noise=s_noise)
 
@@ -495,9 +584,11 @@ def _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, *, n
     """The two-stage samplers: stage from ``first``; the final call folds the next step's churn (heun, dpm_2)."""
     sg, sn, shn = _sigmas(y, sigma, sigma_next, hat)
     stage, hist = _first_stage(first, sampler)
+    if first is not None:
+        _check_first_y(sampler, y, first)
     args = _args(sampler, sg, sn, hat=shn, stage=stage, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise))
     return _run(y, model_output, _eval_sigma(y, sg, first), args, history=hist, noise=noise, seed=seed,
-                step_index=step_index, **options)
+                step_index=step_index, first_origin=None if first is None else first.origin, **options)
 
 
 __all__ = [
