@@ -44,10 +44,10 @@ from .._table import coefficient_table
 __all__ = ["MAX_HIST", "NUM_COEFFS", "coefficient_table", "fused_step_triton", "launch", "seed_tensor"]
 
 MAX_HIST = 3  # combine.h kMaxHist
-# combine.h RescaleSum order: sums of F_c, F_c^2, F_u, F_u^2, F_c F_u, y, y^2, y F_c, y F_u, each tensor less its
-# sample's first element (constexpr: the kernels read them too)
-SUM_C, SUM_CC, SUM_U, SUM_UU, SUM_CU, SUM_Y, SUM_YY, SUM_YC, SUM_YU = (tl.constexpr(k) for k in range(9))
-NUM_SUMS = tl.constexpr(9)
+# combine.h RescaleSum order: sums of G_c/t, (G_c/t)^2, G/t, (G/t)^2 (G = u y + t F, G_c = u y + t F_c), formed
+# from each tensor less its sample's first element (constexpr: the kernels read them too)
+SUM_C, SUM_CC, SUM_G, SUM_GG = (tl.constexpr(k) for k in range(4))
+NUM_SUMS = tl.constexpr(4)
 # Columns of the float64 coefficient table (zsnr_kernels/_table.py), one row per sample or one for the batch.
 C_W, C_P, C_Q, C_A, C_B, C_H0, C_H1, C_H2, C_E, C_GY, C_GD, C_U, C_T, C_PHI = (
     tl.constexpr(k) for k in (_table.W, _table.P, _table.Q, _table.A, _table.B, _table.H0, _table.H1, _table.H2,
@@ -99,33 +99,42 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
     Each program writes the float32 sums of its block (RescaleSum order, NUM_SUMS of a row of 16) to
     ``part_ptr[b, blk]``, then takes a ticket from ``count_ptr[b]``; the program that completes sample b adds the
     partials in float64 in block order (deterministic: the result does not depend on which program came last),
-    computes combine.h's ``rescale_factor`` from the sample's (u, t, w, phi) in the float64 table row
-    ``coef_ptr + b * coef_stride``, folds it into (p, q) and writes them to ``pq_ptr[b]`` as float32, and resets
-    the counter for the next step.  The y sums (5..8) are 0 unless WITH_Y.
+    computes combine.h's ``rescale_factor`` with phi from the sample's float64 table row
+    ``coef_ptr + b * coef_stride``, folds it into (p, q) with the row's (u, t) and writes them to ``pq_ptr[b]`` as
+    float32, and resets the counter for the next step.  The row's w and r = u/t (read only WITH_Y), rounded to
+    float32, form the element terms (combine.h ``rescale_terms``).
     """
     blk = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
     base = b * n
-    # combine.h RescaleSum: every element less its sample's first (the pivot); masked lanes add nothing
-    fc = tl.where(mask, tl.load(fc_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-                  - tl.load(fc_ptr + base).to(tl.float32), 0.0)
-    fu = tl.where(mask, tl.load(fu_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-                  - tl.load(fu_ptr + base).to(tl.float32), 0.0)
-    cols = tl.arange(0, 16)
-    row = tl.where(cols == SUM_C, tl.sum(fc, axis=0), 0.0)
-    row += tl.where(cols == SUM_CC, tl.sum(fc * fc, axis=0), 0.0)
-    row += tl.where(cols == SUM_U, tl.sum(fu, axis=0), 0.0)
-    row += tl.where(cols == SUM_UU, tl.sum(fu * fu, axis=0), 0.0)
-    row += tl.where(cols == SUM_CU, tl.sum(fc * fu, axis=0), 0.0)
+    cp = coef_ptr + b * coef_stride
+    # combine.h rescale_terms, less the sample's first element's (the pivots c0, u0, d0 = c0 - u0, y0):
+    # G_c/t = (F_c - c0) + r (y - y0), G/t = (F_u - u0) + w ((F_c - F_u) - d0) + r (y - y0); masked lanes add nothing
+    fc = tl.load(fc_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    fu = tl.load(fu_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    c0 = tl.load(fc_ptr + base).to(tl.float32)
+    u0 = tl.load(fu_ptr + base).to(tl.float32)
+    gc = fc - c0
+    g = (fu - u0) + tl.load(cp + C_W).to(tl.float32) * ((fc - fu) - (c0 - u0))
     if WITH_Y:
-        y = tl.where(mask, tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-                     - tl.load(y_ptr + base).to(tl.float32), 0.0)
-        row += tl.where(cols == SUM_Y, tl.sum(y, axis=0), 0.0)
-        row += tl.where(cols == SUM_YY, tl.sum(y * y, axis=0), 0.0)
-        row += tl.where(cols == SUM_YC, tl.sum(y * fc, axis=0), 0.0)
-        row += tl.where(cols == SUM_YU, tl.sum(y * fu, axis=0), 0.0)
+        y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(y_ptr + base).to(tl.float32)
+        ry = (tl.load(cp + C_U) / tl.load(cp + C_T)).to(tl.float32) * y  # combine.h rescale_r
+        gc = gc + ry
+        g = g + ry
+    gc = tl.where(mask, gc, 0.0)
+    g = tl.where(mask, g, 0.0)
+    # The block's sums in float32 (tl.sum), unlike the cpu, which adds its 16 lanes in float64: a sample of a few
+    # elements whose pivot lies far from their mean is up to ~3x the float32 torch reference's error here (16
+    # elements; 0.8-1.4x from 4096).  Lanes in float64 (a [BLOCK // 16, 16] reshape summed over axis 0, then in
+    # float64) matched the cpu but took twice the instructions per element of the bf16 pass (PTX, sm_90: 55
+    # against 28 per element and thread; an H100 issues ~35 per element at full bandwidth).
+    cols = tl.arange(0, 16)
+    row = tl.where(cols == SUM_C, tl.sum(gc, axis=0), 0.0)
+    row += tl.where(cols == SUM_CC, tl.sum(gc * gc, axis=0), 0.0)
+    row += tl.where(cols == SUM_G, tl.sum(g, axis=0), 0.0)
+    row += tl.where(cols == SUM_GG, tl.sum(g * g, axis=0), 0.0)
     tl.store(part_ptr + (b * n_blocks + blk) * 16 + cols, row)
     tl.debug_barrier()  # every thread's partial is written before the (release) ticket is taken
     ticket = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")
@@ -138,8 +147,6 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
             part = tl.load(part_ptr + (b * n_blocks + r[:, None]) * 16 + cols[None, :], mask=m, other=0.0,
                            cache_modifier=".cg")
             acc += tl.sum(part.to(tl.float64), axis=0)
-        cp = coef_ptr + b * coef_stride
-        w = tl.load(cp + C_W)
         p = tl.load(cp + C_P)
         q = tl.load(cp + C_Q)
         u = tl.load(cp + C_U)
@@ -148,23 +155,13 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
         nf = n.to(tl.float64)
         s_c = tl.sum(tl.where(cols == SUM_C, acc, 0.0), axis=0)
         s_cc = tl.sum(tl.where(cols == SUM_CC, acc, 0.0), axis=0)
-        s_u = tl.sum(tl.where(cols == SUM_U, acc, 0.0), axis=0)
-        s_uu = tl.sum(tl.where(cols == SUM_UU, acc, 0.0), axis=0)
-        s_cu = tl.sum(tl.where(cols == SUM_CU, acc, 0.0), axis=0)
-        s_y = tl.sum(tl.where(cols == SUM_Y, acc, 0.0), axis=0)
-        s_yy = tl.sum(tl.where(cols == SUM_YY, acc, 0.0), axis=0)
-        s_yc = tl.sum(tl.where(cols == SUM_YC, acc, 0.0), axis=0)
-        s_yu = tl.sum(tl.where(cols == SUM_YU, acc, 0.0), axis=0)
-        # combine.h rescale_factor, term by term as in rescale_factor() below
-        al = t * w
-        be = t * (1.0 - w)
-        mean_c = (u * s_y + t * s_c) / nf
-        sq_c = (u * u * s_yy + 2.0 * u * t * s_yc + t * t * s_cc) / nf
-        mean_g = (u * s_y + al * s_c + be * s_u) / nf
-        sq_g = (u * u * s_yy + al * al * s_cc + be * be * s_uu
-                + 2.0 * (u * al * s_yc + u * be * s_yu + al * be * s_cu)) / nf
-        var_c = tl.maximum(sq_c - mean_c * mean_c, 0.0)
-        var_g = sq_g - mean_g * mean_g
+        s_g = tl.sum(tl.where(cols == SUM_G, acc, 0.0), axis=0)
+        s_gg = tl.sum(tl.where(cols == SUM_GG, acc, 0.0), axis=0)
+        # combine.h rescale_factor
+        mean_c = s_c / nf
+        mean_g = s_g / nf
+        var_c = tl.maximum(s_cc / nf - mean_c * mean_c, 0.0)
+        var_g = s_gg / nf - mean_g * mean_g
         safe = tl.where(var_g > 0.0, var_g, 1.0)
         f = tl.where(var_g > 0.0, phi * tl.sqrt(var_c / safe) + (1.0 - phi), 1.0)
         # combine.h fold_rescale

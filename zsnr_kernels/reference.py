@@ -51,9 +51,10 @@ def rescale_factor(g_cond: torch.Tensor, g_guided: torch.Tensor, phi: float) -> 
     population std is used: the ratio is the same as with Bessel's correction.  Shape (B,).
     """
     dims = tuple(range(1, g_cond.ndim))
-    # the std of G less its first element, as the kernels sum it (combine.h RescaleSum): the same std, but a
-    # constant G gives exactly 0 (the float32 mean of a constant is not exactly its value: its std came out ~1e-8,
-    # and the factor from two such stds was arbitrary, y off by up to 0.45)
+    # the std of G less its first element, as the kernels sum it (combine.h RescaleSum: the moments of G itself, up
+    # to the per-sample scale 1/t, less the first element's value): the same std, but a constant G gives exactly 0
+    # (the float32 mean of a constant is not exactly its value: its std came out ~1e-8, and the factor from two
+    # such stds was arbitrary, y off by up to 0.45)
     first = (slice(None),) + (slice(0, 1),) * (g_cond.ndim - 1)
     std_c = (g_cond - g_cond[first]).std(dim=dims, correction=0)
     std_g = (g_guided - g_guided[first]).std(dim=dims, correction=0)

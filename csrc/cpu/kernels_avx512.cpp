@@ -73,50 +73,50 @@ inline __m512 widen(const uint16_t* p) {
   else return _mm512_cvtph_ps(h);
 }
 
-// Lane 0 of the tree of block_sums: lanes (l, l + 8) added, then (l, l + 4), (l, l + 2), (l, l + 1).
-inline float lane_tree(__m512 v) {
-  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));  // 256-bit halves swapped
-  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));  // 128-bit quarters swapped pairwise
-  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));        // pairs of floats swapped
-  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));        // neighbouring floats swapped
-  return _mm512_cvtss_f32(v);
+// lanes[0..15] += the 16 floats of v, in double (block_sums's lane accumulators).
+inline void add_lanes(__m512 v, double* lanes) {
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  _mm512_storeu_pd(lanes, _mm512_add_pd(_mm512_loadu_pd(lanes), lo));
+  _mm512_storeu_pd(lanes + 8, _mm512_add_pd(_mm512_loadu_pd(lanes + 8), hi));
 }
 
 }  // namespace
 
 // kernels_impl.h's block_sums loop for one whole fp16 or bf16 block, lane l of each sum in lane l of a register,
-// the products rounded before they are added (no FMA), as the loop does them.
+// combine.h's rescale_terms with each product rounded before it is added (no FMA), as the loop does them; the
+// block's lane sums are added to the double lane accumulators as the loop adds them.
 template <int32_t DT, bool WithY>
-void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, const Pivots& p, double* acc) {
-  constexpr int kSums = WithY ? kNumSums : kSumCU + 1;
-  const __m512 pc = _mm512_set1_ps(p.c), pu = _mm512_set1_ps(p.u), py = _mm512_set1_ps(p.y);
-  __m512 s[kSums];
-  for (int k = 0; k < kSums; ++k) s[k] = _mm512_setzero_ps();
+void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, const RescaleSample& p,
+                     double* lanes) {
+  const __m512 pc = _mm512_set1_ps(p.c), pu = _mm512_set1_ps(p.u), pd = _mm512_set1_ps(p.d);
+  const __m512 py = _mm512_set1_ps(p.y), w = _mm512_set1_ps(p.w), r = _mm512_set1_ps(p.r);
+  __m512 s[kNumSums];
+  for (int k = 0; k < kNumSums; ++k) s[k] = _mm512_setzero_ps();
   for (int64_t i = 0; i < kSumBlock; i += kLanes) {
-    const __m512 c = _mm512_sub_ps(widen<DT>(fc + i), pc), u = _mm512_sub_ps(widen<DT>(fu + i), pu);
+    const __m512 vc = widen<DT>(fc + i), vu = widen<DT>(fu + i);
+    __m512 c = _mm512_sub_ps(vc, pc);
+    __m512 g = _mm512_add_ps(_mm512_sub_ps(vu, pu), _mm512_mul_ps(w, _mm512_sub_ps(_mm512_sub_ps(vc, vu), pd)));
+    if constexpr (WithY) {
+      const __m512 ry = _mm512_mul_ps(r, _mm512_sub_ps(widen<DT>(y + i), py));
+      c = _mm512_add_ps(c, ry);
+      g = _mm512_add_ps(g, ry);
+    }
     s[kSumC] = _mm512_add_ps(s[kSumC], c);
     s[kSumCC] = _mm512_add_ps(s[kSumCC], _mm512_mul_ps(c, c));
-    s[kSumU] = _mm512_add_ps(s[kSumU], u);
-    s[kSumUU] = _mm512_add_ps(s[kSumUU], _mm512_mul_ps(u, u));
-    s[kSumCU] = _mm512_add_ps(s[kSumCU], _mm512_mul_ps(c, u));
-    if constexpr (WithY) {
-      const __m512 v = _mm512_sub_ps(widen<DT>(y + i), py);
-      s[kSumY] = _mm512_add_ps(s[kSumY], v);
-      s[kSumYY] = _mm512_add_ps(s[kSumYY], _mm512_mul_ps(v, v));
-      s[kSumYC] = _mm512_add_ps(s[kSumYC], _mm512_mul_ps(v, c));
-      s[kSumYU] = _mm512_add_ps(s[kSumYU], _mm512_mul_ps(v, u));
-    }
+    s[kSumG] = _mm512_add_ps(s[kSumG], g);
+    s[kSumGG] = _mm512_add_ps(s[kSumGG], _mm512_mul_ps(g, g));
   }
-  for (int k = 0; k < kSums; ++k) acc[k] += lane_tree(s[k]);
+  for (int k = 0; k < kNumSums; ++k) add_lanes(s[k], lanes + k * kLanes);
 }
-template void half_block_sums<kFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*, const Pivots&,
-                                               double*);
-template void half_block_sums<kFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*, const Pivots&,
-                                              double*);
-template void half_block_sums<kBFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*, const Pivots&,
-                                                double*);
-template void half_block_sums<kBFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*, const Pivots&,
-                                               double*);
+template void half_block_sums<kFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*,
+                                               const RescaleSample&, double*);
+template void half_block_sums<kFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*,
+                                              const RescaleSample&, double*);
+template void half_block_sums<kBFloat16, false>(const uint16_t*, const uint16_t*, const uint16_t*,
+                                                const RescaleSample&, double*);
+template void half_block_sums<kBFloat16, true>(const uint16_t*, const uint16_t*, const uint16_t*,
+                                               const RescaleSample&, double*);
 
 #if defined(ZSNR_CPU_BF16_STORE_TILE)
 void store_bf16_tile(const float* src, uint16_t* dst, int64_t n) {

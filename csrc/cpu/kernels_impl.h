@@ -181,75 +181,67 @@ inline float input(const typename Storage<DT>::T* p, const float* tile, int64_t 
 
 // Blocked summation: kLanes float accumulators per sum (kept in vector registers: the fixed-width inner loop is
 // what the compiler vectorises, more reliably than an `omp simd reduction`, which goes through memory), each
-// summing kSumBlock / kLanes elements (short enough that float rounding stays near 1e-7 of the block sum), the
-// lanes of a block added pairwise; blocks are added in double, chunks reduced in a fixed order.  The order is
-// written out and nothing is contracted into an FMA (setup.py), so every instruction set gives the same bits.
+// summing kSumBlock / kLanes elements of a block (short enough that float rounding stays near 1e-7 of the block
+// sum); each lane's block sums are added in double to the lane's double accumulator, and at the end of the
+// chunk the lanes are added pairwise in double; chunks are reduced in a fixed order.  (A sample of up to kLanes
+// elements is summed exactly, its terms aside: a float tree's four roundings of a sum far from 0 -- a pivot far
+// from the mean -- were amplified by the cancellation of mean and mean square.)  The order is written out and
+// nothing is contracted into an FMA (setup.py), so every instruction set gives the same bits.
 constexpr int64_t kSumBlock = 256;
 constexpr int kLanes = 16;
 
-// The sums of one whole fp16 or bf16 block, added to acc: an instruction set whose file defines
-// ZSNR_CPU_HALF_BLOCK_SUMS supplies it (kernels_avx512.cpp, in registers: GCC vectorises the loop below for bf16
-// with 256-bit vectors and loads each input twice, 0.28 ns per element on one core against 0.15; fp16 converts
-// bit by bit, 0.50 ns), computing exactly what the loop does.
+// The sums of one whole fp16 or bf16 block, added to the double lane accumulators lanes[kNumSums][kLanes]: an
+// instruction set whose file defines ZSNR_CPU_HALF_BLOCK_SUMS supplies it (kernels_avx512.cpp, in registers: GCC
+// vectorises the loop below for bf16 with 256-bit vectors and loads each input twice, 0.28 ns per element on
+// one core against 0.15; fp16 converts bit by bit, 0.50 ns), computing exactly what the loop does.
 #if defined(ZSNR_CPU_HALF_BLOCK_SUMS)
 constexpr bool kHalfBlockSums = true;
 #else
 constexpr bool kHalfBlockSums = false;
 #endif
-// The pivots of one sample (combine.h RescaleSum): the first element of F_c, F_u and y, subtracted from every
-// element before it is summed.
-struct Pivots {
-  float c, u, y;
-};
-
 template <int32_t DT, bool WithY>  // defined where ZSNR_CPU_HALF_BLOCK_SUMS says
-void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, const Pivots& p, double* acc);
+void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, const RescaleSample& p,
+                     double* lanes);
 
 template <int32_t DT, bool WithY>
 void block_sums(const typename Storage<DT>::T* fc, const typename Storage<DT>::T* fu,
-                const typename Storage<DT>::T* y, int64_t lo, int64_t hi, const Pivots& p, double* acc) {
+                const typename Storage<DT>::T* y, int64_t lo, int64_t hi, const RescaleSample& p, double* acc) {
   using S = Storage<DT>;
-  constexpr int kSums = WithY ? kNumSums : kSumCU + 1;
+  double lanes[kNumSums][kLanes] = {};
   for (int64_t b0 = lo; b0 < hi; b0 += kSumBlock) {
     const int64_t b1 = b0 + kSumBlock < hi ? b0 + kSumBlock : hi;
     if constexpr (DT != kFloat32 && kHalfBlockSums) {
       if (b1 - b0 == kSumBlock) {
-        half_block_sums<DT, WithY>(fc + b0, fu + b0, y + b0, p, acc);
+        half_block_sums<DT, WithY>(fc + b0, fu + b0, y + b0, p, &lanes[0][0]);
         continue;
       }
     }
-    float a[kSums][kLanes] = {};
+    float a[kNumSums][kLanes] = {};
     int64_t i = b0;
     for (; i + kLanes <= b1; i += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
-        const float c = S::load(fc[i + l]) - p.c, u = S::load(fu[i + l]) - p.u;
-        a[kSumC][l] += c, a[kSumCC][l] += c * c, a[kSumU][l] += u, a[kSumUU][l] += u * u, a[kSumCU][l] += c * u;
-        if (WithY) {
-          const float v = S::load(y[i + l]) - p.y;
-          a[kSumY % kSums][l] += v, a[kSumYY % kSums][l] += v * v;
-          a[kSumYC % kSums][l] += v * c, a[kSumYU % kSums][l] += v * u;
-        }
+        float gc, g;
+        rescale_terms<WithY>(S::load(fc[i + l]), S::load(fu[i + l]), WithY ? S::load(y[i + l]) : 0.0f, p, &gc, &g);
+        a[kSumC][l] += gc, a[kSumCC][l] += gc * gc, a[kSumG][l] += g, a[kSumGG][l] += g * g;
       }
     }
     for (int l = 0; i < b1; ++i, ++l) {  // the tail, fewer than kLanes elements
-      const float c = S::load(fc[i]) - p.c, u = S::load(fu[i]) - p.u;
-      a[kSumC][l] += c, a[kSumCC][l] += c * c, a[kSumU][l] += u, a[kSumUU][l] += u * u, a[kSumCU][l] += c * u;
-      if (WithY) {
-        const float v = S::load(y[i]) - p.y;
-        a[kSumY % kSums][l] += v, a[kSumYY % kSums][l] += v * v;
-        a[kSumYC % kSums][l] += v * c, a[kSumYU % kSums][l] += v * u;
-      }
+      float gc, g;
+      rescale_terms<WithY>(S::load(fc[i]), S::load(fu[i]), WithY ? S::load(y[i]) : 0.0f, p, &gc, &g);
+      a[kSumC][l] += gc, a[kSumCC][l] += gc * gc, a[kSumG][l] += g, a[kSumGG][l] += g * g;
     }
-    for (int k = 0; k < kSums; ++k) {  // lanes added pairwise, (l, l + w) for w = 8, 4, 2, 1
-      for (int w = kLanes / 2; w > 0; w /= 2)
-        for (int l = 0; l < w; ++l) a[k][l] += a[k][l + w];
-      acc[k] += a[k][0];
-    }
+    for (int k = 0; k < kNumSums; ++k)
+      for (int l = 0; l < kLanes; ++l) lanes[k][l] += a[k][l];
+  }
+  for (int k = 0; k < kNumSums; ++k) {  // lanes added pairwise, (l, l + w) for w = 8, 4, 2, 1
+    for (int w = kLanes / 2; w > 0; w /= 2)
+      for (int l = 0; l < w; ++l) lanes[k][l] += lanes[k][l + w];
+    acc[k] += lanes[k][0];
   }
 }
 
 template <int32_t DT>
-void rescale_sums_impl(const Tensors& t, int32_t with_y, double* out) {
+void rescale_sums_impl(const Tensors& t, float w, const float* r, int32_t with_y, double* out) {
   using T = typename Storage<DT>::T;
   const int64_t chunks = (t.n + kChunk - 1) / kChunk;
   const int64_t tasks = t.batch * chunks;
@@ -263,7 +255,8 @@ void rescale_sums_impl(const Tensors& t, int32_t with_y, double* out) {
     const T* fu = static_cast<const T*>(t.f_uncond) + b * t.n;
     const T* y = static_cast<const T*>(t.y) + b * t.n;
     double* acc = partial.data() + task * kNumSums;
-    const Pivots p{Storage<DT>::load(fc[0]), Storage<DT>::load(fu[0]), with_y ? Storage<DT>::load(y[0]) : 0.0f};
+    const RescaleSample p = rescale_sample(Storage<DT>::load(fc[0]), Storage<DT>::load(fu[0]),
+                                           with_y ? Storage<DT>::load(y[0]) : 0.0f, w, with_y ? r[b] : 0.0f);
     if (with_y) block_sums<DT, true>(fc, fu, y, lo, hi, p, acc);
     else block_sums<DT, false>(fc, fu, y, lo, hi, p, acc);
   }
@@ -556,11 +549,11 @@ void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint3
   }
 }
 
-void rescale_sums(const Tensors& t, int32_t with_y, double* out) {
+void rescale_sums(const Tensors& t, float w, const float* r, int32_t with_y, double* out) {
   switch (t.dtype) {
-    case kFloat32: rescale_sums_impl<kFloat32>(t, with_y, out); break;
-    case kFloat16: rescale_sums_impl<kFloat16>(t, with_y, out); break;
-    default: rescale_sums_impl<kBFloat16>(t, with_y, out); break;
+    case kFloat32: rescale_sums_impl<kFloat32>(t, w, r, with_y, out); break;
+    case kFloat16: rescale_sums_impl<kFloat16>(t, w, r, with_y, out); break;
+    default: rescale_sums_impl<kBFloat16>(t, w, r, with_y, out); break;
   }
 }
 

@@ -245,7 +245,6 @@ __device__ __forceinline__ double warp_sum(double v) {
 
 template <typename T, bool WithY>
 __global__ void __launch_bounds__(kThreads) rescale_kernel(const RescaleKernelArgs a) {
-  constexpr int kSums = WithY ? kNumSums : kSumCU + 1;
   constexpr int kWarps = kThreads / 32;
   __shared__ double s_part[kWarps][kNumSums];
   __shared__ double s_total[kNumSums];
@@ -253,20 +252,26 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(const RescaleKernelAr
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t n = a.n;
   const bool vec = a.vec != 0;
+  const float w = static_cast<float>(a.w);
 
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
     const T* __restrict__ fc = static_cast<const T*>(a.fc) + b * n;
     const T* __restrict__ fu = static_cast<const T*>(a.fu) + b * n;
     const T* __restrict__ y = WithY ? static_cast<const T*>(a.y) + b * n : nullptr;
-    // combine.h RescaleSum: every element less its sample's first (the pivot)
-    const float pc = Io<T>::load(fc), pu = Io<T>::load(fu), py = WithY ? Io<T>::load(y) : 0.0f;
+    // combine.h RescaleSum: the terms of rescale_terms, less the sample's first element's (the pivots)
+    float ry = 0.0f;  // u/t of the sample
+    if (WithY) {
+      const SampleCoeffs& rc = a.coeffs[a.n_coeffs == 1 ? 0 : b];
+      ry = rescale_r(rc.u, rc.t);
+    }
+    const RescaleSample smp = rescale_sample(Io<T>::load(fc), Io<T>::load(fu), WithY ? Io<T>::load(y) : 0.0f, w, ry);
     for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
       const int64_t lo = chunk * kStatsChunk;
       const int64_t hi = lo + kStatsChunk < n ? lo + kStatsChunk : n;
       // Each thread sums at most kStatsChunk / kThreads = 64 elements in float.
-      float acc[kSums];
+      float acc[kNumSums];
 #pragma unroll
-      for (int k = 0; k < kSums; ++k) acc[k] = 0.0f;
+      for (int k = 0; k < kNumSums; ++k) acc[k] = 0.0f;
       for (int64_t j = lo + 4 * static_cast<int64_t>(threadIdx.x); j < hi; j += 4 * kThreads) {
         const int cnt = hi - j < 4 ? static_cast<int>(hi - j) : 4;
         float c[4], u[4], v[4];
@@ -274,32 +279,26 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(const RescaleKernelAr
         load_group(fu, j, vec, cnt, u);
         if (WithY) load_group(y, j, vec, cnt, v);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {  // elements past cnt add nothing
-          const float ck = k < cnt ? c[k] - pc : 0.0f, uk = k < cnt ? u[k] - pu : 0.0f;
-          acc[kSumC] += ck;
-          acc[kSumCC] += ck * ck;
-          acc[kSumU] += uk;
-          acc[kSumUU] += uk * uk;
-          acc[kSumCU] += ck * uk;
-          if (WithY) {
-            const float vk = k < cnt ? v[k] - py : 0.0f;
-            acc[kSumY % kSums] += vk;
-            acc[kSumYY % kSums] += vk * vk;
-            acc[kSumYC % kSums] += vk * ck;
-            acc[kSumYU % kSums] += vk * uk;
+        for (int k = 0; k < 4; ++k) {
+          if (k < cnt) {  // elements past cnt add nothing
+            float gc, g;
+            rescale_terms<WithY>(c[k], u[k], WithY ? v[k] : 0.0f, smp, &gc, &g);
+            acc[kSumC] += gc;
+            acc[kSumCC] += gc * gc;
+            acc[kSumG] += g;
+            acc[kSumGG] += g * g;
           }
         }
       }
 #pragma unroll
-      for (int k = 0; k < kSums; ++k) {
+      for (int k = 0; k < kNumSums; ++k) {
         const double s = warp_sum(static_cast<double>(acc[k]));
         if (lane == 0) s_part[warp][k] = s;
       }
       __syncthreads();
-      if (threadIdx.x < kNumSums) {  // fixed order over warps; unused sums (no y) are 0
+      if (threadIdx.x < kNumSums) {  // fixed order over warps
         double s = 0.0;
-        if (threadIdx.x < kSums)
-          for (int w = 0; w < kWarps; ++w) s += s_part[w][threadIdx.x];
+        for (int i = 0; i < kWarps; ++i) s += s_part[i][threadIdx.x];
         a.partials[(b * a.chunks + chunk) * kNumSums + threadIdx.x] = s;
       }
       // Last-block pattern: publish the partial, take a ticket; the block that completes the sample folds.
@@ -322,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(const RescaleKernelAr
         if (threadIdx.x == 0) {
           const SampleCoeffs& r = a.coeffs[a.n_coeffs == 1 ? 0 : b];
           double p = r.p, q = r.q;
-          const double f = rescale_factor(s_total, static_cast<double>(n), r.u, r.t, a.w, a.phi);
+          const double f = rescale_factor(s_total, static_cast<double>(n), a.phi);
           fold_rescale(f, r.u, r.t, &p, &q);
           a.pq[b] = FoldedPQ{static_cast<float>(p), static_cast<float>(q)};
           a.counters[b] = 0u;  // ready for the next step

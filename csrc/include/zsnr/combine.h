@@ -50,26 +50,67 @@ ZSNR_HD float carry(const ElemCoeffs& c, float y, float d) { return fmaf(c.g_d, 
 
 // --------------------------------------------------------------------------------- guidance rescale
 
-// Per-sample sums the rescale needs (DESIGN 2.7), accumulated in double.  The rescale acts on
-// G = u y + t F; for the `output` space (u = 0) only the five sums over F_c and F_u are read.
-// Every backend sums each tensor less its sample's first element (its pivot: c - c_0, u - u_0, y - y_0).  The
-// variances rescale_factor takes from the sums do not change under those shifts, but without them the sums of
-// squares carry the tensors' mean: the variance came out as a difference of two nearly equal sums, lost to the
-// float partial sums (an output of mean 100 and std 0.1: y off by 2e-2), and a constant output's variance was
-// rounding noise instead of 0 (the factor is 1 there).  With them a constant output sums to exactly 0.
-enum RescaleSum : int { kSumC = 0, kSumCC, kSumU, kSumUU, kSumCU, kSumY, kSumYY, kSumYC, kSumYU, kNumSums };
+// Per-sample sums the rescale needs (DESIGN 2.7), accumulated in double.  The rescale acts on G = u y + t F and
+// G_c = u y + t F_c; the factor is a ratio of their stds, so it does not change when both are divided by t, and
+// the sums are of G/t = F + r y and G_c/t = F_c + r y with r = u/t (r = 0 and y unread in the `output` space):
+// the guided output's own moments.  (The variance of G assembled from sums of F_c, F_u and their product,
+// w^2 S_cc + (1-w)^2 S_uu + 2w(1-w) S_cu, cancels: with F_c close to F_u and w = 12 the float32 step was
+// 19-460x further from float64 than the float32 torch reference at 16-4096 elements; now it is as close.)
+// Every backend sums each element's terms less the sample's first element's (its pivot): the variances
+// rescale_factor takes from the sums do not change under that shift, but without it the sums of squares carry
+// the tensors' mean: the variance came out as a difference of two nearly equal sums, lost to the float partial
+// sums (an output of mean 100 and std 0.1: y off by 2e-2), and a constant output's variance was rounding noise
+// instead of 0 (the factor is 1 there).  With it a constant output sums to exactly 0.  The terms are formed from
+// differences of nearby numbers, exact in float where the numbers are within a factor 2 of each other (see
+// rescale_terms).
+enum RescaleSum : int {
+  kSumC = 0,  // sum of G_c/t less its pivot
+  kSumCC,     // ... of its square
+  kSumG,      // sum of G/t less its pivot
+  kSumGG,     // ... of its square
+  kNumSums
+};
 
-// The rescale factor f = phi std(G_c)/std(G) + (1 - phi) from the sums over n elements, with
-// G_c = u y + t F_c and G = u y + t ((1 - w) F_u + w F_c); f = 1 where std(G) = 0 (DESIGN 2.7).
-ZSNR_HD double rescale_factor(const double* s, double n, double u, double t, double w, double phi) {
-  const double al = t * w, be = t * (1.0 - w);  // G = u y + al F_c + be F_u
-  const double mean_c = (u * s[kSumY] + t * s[kSumC]) / n;
-  const double sq_c = (u * u * s[kSumYY] + 2.0 * u * t * s[kSumYC] + t * t * s[kSumCC]) / n;
-  const double mean_g = (u * s[kSumY] + al * s[kSumC] + be * s[kSumU]) / n;
-  const double sq_g = (u * u * s[kSumYY] + al * al * s[kSumCC] + be * be * s[kSumUU] +
-                       2.0 * (u * al * s[kSumYC] + u * be * s[kSumYU] + al * be * s[kSumCU])) / n;
-  const double var_c = fmax(sq_c - mean_c * mean_c, 0.0);
-  const double var_g = sq_g - mean_g * mean_g;
+// What the statistics pass needs of one sample, in float32: the pivots (the first element's F_c, F_u, F_c - F_u
+// and y), the guidance scale w and r = u/t (rescale_r).
+struct RescaleSample {
+  float c, u, d, y;
+  float w, r;
+};
+
+ZSNR_HD RescaleSample rescale_sample(float fc0, float fu0, float y0, float w, float r) {
+  return RescaleSample{fc0, fu0, fc0 - fu0, y0, w, r};
+}
+
+// The terms one element (F_c, F_u, y) adds to the rescale sums, in float32: *gc = G_c/t and *g = G/t less their
+// pivots,
+//   c = F_c - c0,   g = (F_u - u0) + w ((F_c - F_u) - d0),   then with y: c += r (y - y0), g += r (y - y0).
+// F_c - F_u is taken from the elements themselves, not from F_c - c0 and F_u - u0: with F_c close to F_u it is
+// exact, where the difference of the two rounded shifts lost the digits that w multiplies.  Each product is
+// rounded before it is added (the CPU builds contract nothing, so every instruction set gives the same bits;
+// nvcc and Triton may fuse them into FMAs).  y is read only WithY.
+template <bool WithY>
+ZSNR_HD void rescale_terms(float fc, float fu, float y, const RescaleSample& s, float* gc, float* g) {
+  float c = fc - s.c;
+  float f = (fu - s.u) + s.w * ((fc - fu) - s.d);
+  if (WithY) {
+    const float ry = s.r * (y - s.y);
+    c = c + ry;
+    f = f + ry;
+  }
+  *gc = c;
+  *g = f;
+}
+
+// r = u/t of a sample, the weight of y in the terms above, rounded once to float.
+ZSNR_HD float rescale_r(double u, double t) { return static_cast<float>(u / t); }
+
+// The rescale factor f = phi std(G_c)/std(G) + (1 - phi) from the sums over n elements; f = 1 where std(G) = 0
+// (DESIGN 2.7).
+ZSNR_HD double rescale_factor(const double* s, double n, double phi) {
+  const double mean_c = s[kSumC] / n, mean_g = s[kSumG] / n;
+  const double var_c = fmax(s[kSumCC] / n - mean_c * mean_c, 0.0);
+  const double var_g = s[kSumGG] / n - mean_g * mean_g;
   if (!(var_g > 0.0)) return 1.0;
   return phi * sqrt(var_c / var_g) + (1.0 - phi);
 }
