@@ -242,6 +242,10 @@ def test_a_guidance_pair_at_scale_1_warns_once_per_call_site():
     y = noise.float()
     with pytest.warns(UserWarning, match="guidance_scale"):
         zk.euler_step(y, (y, y), 5.0, 1.0)
+    plan = zk.SamplingPlan(sig, noise.shape, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="guidance_scale") as rec:
+        torch.testing.assert_close(plan.run(pair, noise), zk.sample(net, noise, sig), atol=1e-14, rtol=0)
+    assert all(w.filename == __file__ for w in rec)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         zk.sample(pair, noise, sig, guidance_scale=3.0)

@@ -271,6 +271,8 @@ class SamplingPlan:
         e = self._evals[k]
         y = self._buffers[self._buf[e.y_slot]]
         f_cond, f_uncond = _validate.model_output(model_output, y, self.guidance_scale)
+        if f_uncond is not None and self.guidance_scale == 1.0 and not torch.compiler.is_compiling():
+            steps._warn(steps.UNGUIDED_PAIR)
         hist = [self._buffers[self._buf[s]] for s in e.hist_slots[:len(e.coeffs.h)]]
         out = {name: self._buffers[self._buf[s]] if s >= 0 and self._buf[s] >= 0 else None
                for name, s in (("y", e.y_out), ("d", e.d_out), ("carry", e.carry_out))}
