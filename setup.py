@@ -136,6 +136,11 @@ def _cuda_archs() -> list[int]:
     return archs
 
 
+def _env(*names: str) -> list[str]:
+    """The values of environment variables a compiler reads by itself (part of a cache key)."""
+    return [f"{n}={os.environ.get(n, '')}" for n in names]
+
+
 class BuildExt(build_ext):
     """Adds -fopenmp where the compiler takes it, builds the CUDA module with nvcc, writes the build metadata."""
 
@@ -150,8 +155,12 @@ class BuildExt(build_ext):
     def _build_cached(self, ext):
         """The C++ extension with its objects in a folder of ``CACHE`` keyed by the configuration; only sources
         whose stamp differs are compiled (see :func:`_needs_recompile`), then the module is linked."""
-        config = _digest(ext.name, self.compiler.compiler_so, _tool_version(self.compiler.compiler_so[0]),
-                         ext.extra_compile_args, ext.extra_link_args, ext.define_macros, ext.undef_macros,
+        # The C++ sources compile with compiler_so_cxx (setuptools >= 72: CXX, CXXFLAGS) where it exists, else
+        # with compiler_so; both go into the key, with the compilers' versions and the include-path variables.
+        cxx = getattr(self.compiler, "compiler_so_cxx", None) or self.compiler.compiler_so
+        config = _digest(ext.name, self.compiler.compiler_so, cxx, _tool_version(self.compiler.compiler_so[0]),
+                         _tool_version(cxx[0]), ext.extra_compile_args, ext.extra_link_args, ext.define_macros,
+                         ext.undef_macros, ext.include_dirs, _env("CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH"),
                          _python_abi())
         obj_dir = CACHE / f"{ext.name.rsplit('.', 1)[-1]}-{config[:16]}"
         objects = self.compiler.object_filenames(ext.sources, output_dir=str(obj_dir))
@@ -183,7 +192,10 @@ class BuildExt(build_ext):
         includes = ["-Icsrc/include", "-Icsrc", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
         version = [f'-DZSNR_VERSION="{VERSION}"', '-DZSNR_CXX_FLAGS="nvcc ' + " ".join(NVCC_FLAGS) + '"',
                    '-DZSNR_CUDA_ARCHS="' + ";".join(map(str, archs)) + '"']
-        config = _digest(ext.name, self._nvcc, _tool_version(self._nvcc), NVCC_FLAGS, gencode, version, _python_abi())
+        host = os.environ.get("NVCC_CCBIN") or os.environ.get("CXX") or "c++"
+        config = _digest(ext.name, self._nvcc, _tool_version(self._nvcc), _tool_version(host), NVCC_FLAGS, gencode,
+                         version, _python_abi(), _env("NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN", "CXX",
+                                                      "CPATH", "CPLUS_INCLUDE_PATH"))
         tmp = CACHE / f"_C_cuda-{config[:16]}"
         tmp.mkdir(parents=True, exist_ok=True)
         out = Path(self.get_ext_fullpath(ext.name))
@@ -260,7 +272,7 @@ class BuildExt(build_ext):
         self._remove_stale(Path(self.get_ext_fullpath("zsnr_kernels._C")).parent, every_python=True)
         self._info = {
             "version": VERSION,
-            "compiler": getattr(self.compiler, "compiler_so", [None])[0],
+            "compiler": (getattr(self.compiler, "compiler_so_cxx", None) or self.compiler.compiler_so)[0],
             "flags": flags,
             "openmp": use_openmp,
             "cuda": self._cuda_info,

@@ -12,6 +12,13 @@ from __future__ import annotations
 
 def load():
     """Return ``(sampling, external)``, the k-diffusion modules, loaded once per process."""
+    import importlib.util
+    import os
+
     from zsnr_kernels.k_diffusion import k_diffusion_module
 
-    return k_diffusion_module("sampling"), k_diffusion_module("external")
+    mods = k_diffusion_module("sampling"), k_diffusion_module("external")
+    root = os.path.dirname(importlib.util.find_spec("k_diffusion.sampling").origin)
+    for m in mods:  # k-diffusion's own files, not a stand-in of this library's
+        assert os.path.dirname(os.path.abspath(m.__file__)) == os.path.abspath(root), m.__file__
+    return mods

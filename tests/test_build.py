@@ -122,6 +122,12 @@ def test_objects_are_reused_only_while_their_stamp_matches(tiny, monkeypatch):
     assert compiled.search(_build(tiny, lib))[1] == "0"
     assert (lib / "zsnr_kernels" / f"_C{SUFFIX}").is_file()
 
+    for var, value in (("CXXFLAGS", "-O1"), ("CPLUS_INCLUDE_PATH", str(tiny.ROOT))):  # what the compiler reads
+        monkeypatch.setenv(var, value)                                    # from the environment (the C++ one:
+        assert compiled.search(_build(tiny, lib))[1] == "1", var          # compiler_so_cxx) is in the key too
+        monkeypatch.delenv(var)
+        assert compiled.search(_build(tiny, lib))[1] == "0", var
+
 
 def test_a_failed_compile_leaves_no_stamp(tiny):
     lib = tiny.ROOT / "build" / "lib"

@@ -680,3 +680,17 @@ def test_heun_takes_latents_a_pipeline_replaced_between_its_two_evaluations():
             sample = sched.step(net(sched.scale_model_input(sample, t), t), t, sample).prev_sample
         finals.append(sample)
     assert (finals[0] - finals[1]).abs().max().item() <= 1e-10
+
+
+def test_heun_refuses_latents_edited_in_place_between_its_two_evaluations():
+    """Edited in place, the predictor state the Heun step finishes from is gone: refused with the fix (out of
+    place, the test above), where the result would otherwise differ from diffusers' by the edit."""
+    ours = zd.ZSNRHeunDiscreteScheduler(prediction_type="v_prediction", **SD)
+    ours.set_timesteps(4)
+    net, sample = TinyNet(4, seed=8), _noise(F64)
+    t0, t1 = ours.timesteps[0], ours.timesteps[1]
+    sample = ours.step(net(sample, t0), t0, sample).prev_sample
+    assert not ours.state_in_first_order
+    sample.mul_(1.01)
+    with pytest.raises(ValueError, match="edited in place between the two evaluations of a Heun step"):
+        ours.step(net(sample, t1), t1, sample)

@@ -4,9 +4,11 @@ Two things round differently from one instruction set to the next: this library'
 AVX-512 loops, which must give the same bits) and PyTorch itself, whose vectorised kernels compute the oracles
 (diffusers, k-diffusion) and the reference.  The main run uses the best of each; a CPU with AVX2 only would take
 other paths and, before this test existed, failed where this one passed.  So each lower level runs again here in a
-subprocess, with both capped: ``ZSNR_CPU_ISA`` (read by ``zsnr_kernels._ext``) and ``ATEN_CPU_CAPABILITY``
-(PyTorch's).  Levels above what the CPU has cannot run here; their bits are pinned by
-``tests/test_cpu_backend.py``'s every-instruction-set tests, which compare every level the CPU has bit for bit.
+subprocess, with both capped: ``ZSNR_CPU_ISA`` (read by ``zsnr_kernels._ext``) and PyTorch's
+``ATEN_CPU_CAPABILITY``, with oneDNN's and MKL's own caps for its convolutions and matrix products.  Levels above
+what the CPU has cannot run here: ``tests/test_isa_pinned_bits.py`` checks the kernels of every level against bits
+recorded with AVX-512.  What stays untested on a smaller CPU is PyTorch's own code above the CPU's level (the
+oracles' rounding there), which is PyTorch's and the oracles' business.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ FILES = ["test_cpu_backend.py", "test_steps.py", "test_limits.py", "test_converg
          "test_k_diffusion_dropin.py", "test_diffusers_parity.py", "test_diffusers_schedulers.py",
          "test_diffusers_pipelines.py"]
 ATEN = {"baseline": "default", "avx2": "avx2", "avx512": "avx512"}  # ATEN_CPU_CAPABILITY's names
+# PyTorch's convolutions (oneDNN) and matrix products (MKL) pick their own instruction sets: capped alike, so the
+# diffusers pipelines' UNets run the paths an AVX2-only CPU runs (each variable is ignored by a library not present)
+ONEDNN = {"baseline": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE"}  # ONEDNN_MAX_CPU_ISA
+MKL = {"baseline": "SSE4_2", "avx2": "AVX2", "avx512": "AVX512"}          # MKL_ENABLE_INSTRUCTIONS
 TORCH_REPORTS = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}  # get_cpu_capability()'s
 
 
@@ -45,7 +51,8 @@ def _levels_below_the_best() -> list[str]:
 @pytest.mark.parametrize("level", _levels_below_the_best() or [pytest.param(None, marks=pytest.mark.skip(
     reason="this CPU has one instruction set level (or no compiled module): the main run is the only one"))])
 def test_isa_dependent_tests_pass_under_every_lower_instruction_set(level):
-    env = dict(os.environ, ZSNR_CPU_ISA=level, ATEN_CPU_CAPABILITY=ATEN[level])
+    env = dict(os.environ, ZSNR_CPU_ISA=level, ATEN_CPU_CAPABILITY=ATEN[level], ONEDNN_MAX_CPU_ISA=ONEDNN[level],
+               MKL_ENABLE_INSTRUCTIONS=MKL[level])
     probe = ("import torch, zsnr_kernels._ext as e; "
              "print(e.C.cpu_isa(), torch.backends.cpu.get_cpu_capability())")
     got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)

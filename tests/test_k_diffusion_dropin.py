@@ -240,6 +240,7 @@ def test_forwarding_to_a_broken_k_diffusion_answers_no(monkeypatch):
 
     for name in ("k_diffusion", "k_diffusion.utils", "k_diffusion.sampling", "k_diffusion.external"):
         monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(K, "_k_diffusion_loaded", {})  # as in a fresh process
     monkeypatch.setitem(sys.modules, "torchsde", None)
     monkeypatch.setattr(importlib, "import_module", broken)
     assert not hasattr(K.sampling, "sample_dpmpp_sde")

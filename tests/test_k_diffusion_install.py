@@ -87,7 +87,8 @@ def test_the_extra_lists_what_sampling_and_external_import():
     (torch aside, which the package itself requires)."""
     import pathlib
     import re
-    import tomllib
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11's")
 
     root = pathlib.Path(__file__).resolve().parent.parent
     extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["k-diffusion"]
@@ -106,3 +107,23 @@ def test_the_extra_lists_what_sampling_and_external_import():
             imported |= {m.split(".")[0] for m in re.findall(r"^(?:from|import) ([\w.]+)", text, re.M)}
         third_party = imported - {"math", "torch", "__future__", "functools", "warnings"} - {""}
         assert third_party <= names, third_party - names
+
+
+@needs_k_diffusion
+def test_threads_loading_at_once_get_the_complete_modules():
+    """The modules enter sys.modules before their code has run: without the loader's lock a second thread got a
+    half-loaded ``sampling`` (no ``sample_dpmpp_sde`` yet) or an ``external`` other than the registered one."""
+    run = _run("""
+        import sys, threading
+        from zsnr_kernels import k_diffusion as K
+        seen, start = [], threading.Barrier(8)
+        def load():
+            start.wait()
+            sampling = K.k_diffusion_module("sampling")
+            seen.append((hasattr(sampling, "sample_dpmpp_sde"), K.k_diffusion_module("external")))
+        threads = [threading.Thread(target=load) for _ in range(8)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        assert all(ok for ok, _ in seen) and all(e is sys.modules["k_diffusion.external"] for _, e in seen), seen
+    """)
+    assert run.returncode == 0, run.stderr

@@ -93,6 +93,7 @@ def test_buffers_are_reused(sampler, buffers):
     assert plan._n_buffers == buffers
 
 
+@pytest.mark.filterwarnings("ignore:guidance_scale=1.0 with a:UserWarning")  # this file's model returns a pair
 def test_plan_refuses_evaluations_out_of_order():
     """The plan reuses its buffers, so an evaluation stepped twice, skipped or swapped computes garbage: refused,
     as are indices out of range and noise of another dtype."""

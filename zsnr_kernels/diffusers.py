@@ -838,7 +838,7 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
                           beta_schedule=beta_schedule, trained_betas=trained_betas,
                           rescale_betas_zero_snr=rescale_betas_zero_snr, prediction_type=prediction_type)
         self._init_indexed()
-        self._first = None
+        self._first, self._first_version = None, None
 
     @property
     def state_in_first_order(self) -> bool:
@@ -857,7 +857,7 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
             if sigmas[i + 1] != 0:
                 evals.append((i, 2 if sigmas[i] != INF else _NO_OP))
         self._set_schedule(ts, sigmas, device, torch.float32, evals)
-        self._first = None
+        self._first, self._first_version = None, None
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """First evaluation of a step: the Euler predictor to sigma_{i+1} (the whole step from sigma = inf and to
@@ -871,10 +871,17 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
         if stage == 1:
             r = steps.heun_step(sample, f, sigma, sigma_next, **self._options(prediction))
             self._first = None if r.complete else r
+            self._first_version = None if r.complete else _version(r.y)
         else:
             if self._first is None:
                 raise ValueError("this evaluation finishes a Heun step but its first evaluation was not run; "
                                  "call step() once per entry of scheduler.timesteps, in order")
+            if sample is self._first.y and _version(sample) != self._first_version:
+                raise ValueError(
+                    "the latents were edited in place between the two evaluations of a Heun step, which loses the "
+                    "predictor state that diffusers' Heun finishes from: assign new latents instead (latents = "
+                    "latents * m + known * (1 - m), not latents.mul_(...)); a new tensor is taken as diffusers "
+                    "takes it")
             first, replaced = self._first, sample is not self._first.y
             if replaced:  # see _heun_on_replaced_latents
                 first = first._replace(y=sample)
@@ -883,6 +890,14 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
                 r = r._replace(y=_heun_on_replaced_latents(r.y, self._first.y, sample, sigma, sigma_next))
             self._first = None
         return self._output(r.y, r.denoised, return_dict)
+
+
+def _version(t: torch.Tensor):
+    """The in-place version counter of ``t`` (None for inference-mode tensors, which keep none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _heun_on_replaced_latents(y_new, y_pred, sample, sigma, sigma_next):

@@ -63,6 +63,7 @@ import importlib.machinery
 import importlib.util
 import math
 import sys
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -645,9 +646,21 @@ def k_diffusion_module(name: str):
     Raises ``ImportError`` naming the missing module and that command."""
     if name not in ("sampling", "external", "utils"):
         raise ValueError(f"name must be 'sampling', 'external' or 'utils', got {name!r}")
+    module = _k_diffusion_loaded.get(name)
+    if module is not None:
+        return module
+    with _k_diffusion_lock:  # one loader at a time: a module is in sys.modules before its code has run
+        if name not in _k_diffusion_loaded:
+            _k_diffusion_loaded[name] = _load_k_diffusion_module(name)
+        return _k_diffusion_loaded[name]
+
+
+_k_diffusion_lock = threading.Lock()
+_k_diffusion_loaded: dict = {}  # name -> module, once loaded completely
+
+
+def _load_k_diffusion_module(name: str):
     full = f"k_diffusion.{name}"
-    if full in sys.modules:
-        return sys.modules[full]
     try:
         return importlib.import_module(full)
     except Exception as exc:  # a missing training dependency, or a torchvision built for another torch
@@ -664,7 +677,8 @@ def k_diffusion_module(name: str):
     pkg.__path__ = [root]
     pkg.__spec__ = importlib.machinery.ModuleSpec("k_diffusion", None, is_package=True)
     pkg.__spec__.submodule_search_locations = [root]
-    pkg.__doc__ = "k-diffusion's sampling and external modules alone (loaded by zsnr_kernels.k_diffusion)"
+    pkg.__doc__ = ("k-diffusion's sampling and external modules alone, loaded by zsnr_kernels.k_diffusion because "
+                   f"the whole package failed to import ({type(first).__name__}: {first})")
     utils = types.ModuleType("k_diffusion.utils")
     utils.append_dims = _append_dims
     utils.__getattr__ = _bare_utils_getattr

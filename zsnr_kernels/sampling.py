@@ -93,7 +93,7 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
     table = _model_table(model_sigmas)
     batch = noise.shape[0]
     n = len(vals) - 1
-    common = dict(prediction=prediction, sigma_data=sigma_data, guidance_scale=guidance_scale,
+    common = dict(prediction=prediction, sigma_data=pz.sigma_data, guidance_scale=guidance_scale,
                   guidance_rescale=guidance_rescale, rescale_space=rescale_space, backend=backend,
                   return_denoised=callback is not None)
     kwargs = {}
@@ -131,9 +131,9 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
             _validate.model_output(out, y, guidance_scale, "model(y, sigma)'s output", "noise")
         return out
 
-    y, _ = steps.initial_state(noise, vals[0], prediction=prediction, sigma_data=sigma_data)
+    y, _ = steps.initial_state(noise, vals[0], prediction=prediction, sigma_data=pz.sigma_data)
     if hats[0] != vals[0]:
-        y = steps.churn_step(y, vals[0], hats[0], s_noise=s_noise, prediction=prediction, sigma_data=sigma_data,
+        y = steps.churn_step(y, vals[0], hats[0], s_noise=s_noise, prediction=prediction, sigma_data=pz.sigma_data,
                              **noise_for(0, vals[0], hats[0]))
     history: list[tuple[float, torch.Tensor]] = []
     iterator = range(n)
@@ -164,7 +164,7 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
             item = r.derivative if sampler == "lms" else r.denoised
             history = [(sigma, item)] + history[: _HISTORY_DEPTH[sampler] - 1]
         y = r.y
-    return steps.final_sample(y, prediction=prediction, sigma_data=sigma_data).to(noise.dtype)
+    return steps.final_sample(y, prediction=prediction, sigma_data=pz.sigma_data).to(noise.dtype)
 
 
 def ascending_schedule(sigmas) -> None:

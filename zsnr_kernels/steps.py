@@ -64,8 +64,16 @@ from .parameterization import PREDICTIONS, parameterization, rescale_space_coeff
 INF = float("inf")
 
 
-class StepResult(NamedTuple):
-    """What a step returns.
+class _StepFields(NamedTuple):
+    y: torch.Tensor
+    sigma: float | torch.Tensor
+    denoised: torch.Tensor
+    complete: bool = True
+    derivative: torch.Tensor | None = None
+
+
+class StepResult(_StepFields):
+    """What a step returns: a named tuple of five fields (unpack it as ``y, sigma, denoised, complete, derivative``).
 
     y:          the next model input (the state), at noise level ``sigma``
     sigma:      where to call the model next (a float, or a (B,) float64 tensor for per-sample sigmas);
@@ -74,16 +82,19 @@ class StepResult(NamedTuple):
                 when ``return_denoised=False`` and the sampler does not need it (saves writing a tensor)
     complete:   False after the first stage of a two-stage sampler
     derivative: d = (x - D)/sigma of this evaluation, only for :func:`lms_step`
-    origin:     ``(sampler, sigma, sigma_next)`` of the call that returned it (floats, or per-sample lists); the
-                second call of a two-stage step checks its own against the first's (None: not checked)
+
+    and an attribute outside the tuple, ``origin``: the ``(sampler, sigma, sigma_next)`` of the step function call
+    that returned it (floats, or per-sample lists), which the second call of a two-stage step checks its own
+    against; None (not checked) on a result built by hand or by ``_replace``.
     """
 
-    y: torch.Tensor
-    sigma: float | torch.Tensor
-    denoised: torch.Tensor
-    complete: bool = True
-    derivative: torch.Tensor | None = None
-    origin: tuple | None = None
+    origin = None
+
+    def __new__(cls, y, sigma, denoised, complete=True, derivative=None, origin=None):
+        self = super().__new__(cls, y, sigma, denoised, complete, derivative)
+        if origin is not None:
+            self.origin = origin
+        return self
 
 
 def initial_state(noise: torch.Tensor, sigma_max, *, prediction: str = "v", sigma_data: float = 1.0):
