@@ -1,6 +1,6 @@
 """The shared C++ coefficient functions (csrc/include/zsnr/coefficients.h) against the Python spec.
 
-The kernels compute per-sample step coefficients in float64 from per-sample sigmas (DESIGN §2.9) with the
+The kernels compute per-sample step coefficients in float64 from per-sample sigmas (docs/design.md §2.9) with the
 header's ``ZSNR_HD`` functions; these must be the Python functions of :mod:`zsnr_kernels.coefficients`,
 :mod:`zsnr_kernels.parameterization` and :func:`zsnr_kernels.schedules.quantize`, special cases at sigma = inf
 and sigma_next = 0 included.  The Python side is built the way :mod:`zsnr_kernels.steps` builds it (churn folded

@@ -1,4 +1,4 @@
-"""torch.compile readiness of the cpu backend (DESIGN §3): the fused step is a torch.library op with a fake
+"""torch.compile readiness of the cpu backend (docs/design.md §3): the fused step is a torch.library op with a fake
 implementation and an out= form (checked by ``torch.library.opcheck``); ``torch.compile(fullgraph=True)`` of a
 whole sampling loop traces without a graph break and equals eager; eager calls never go through the op layer."""
 

@@ -1,4 +1,4 @@
-"""Convergence at the sampler's order against the exact probability-flow ODE solution (DESIGN §4).
+"""Convergence at the sampler's order against the exact probability-flow ODE solution (docs/design.md §4).
 
 Gaussian data x0 ~ N(mean, diag(std^2)) has a closed-form denoiser and ODE solution (zsnr_kernels.models).  On a
 Karras rho=7 schedule (80 -> 0.002, then 0) the max-abs error falls like N^-order for N = 8..64.  Measured slopes

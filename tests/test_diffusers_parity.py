@@ -1,4 +1,4 @@
-"""Parity with diffusers' schedulers and its guidance rescale (DESIGN §2.4, §2.7, §4).
+"""Parity with diffusers' schedulers and its guidance rescale (docs/design.md §2.4, §2.7, §4).
 
 diffusers keeps ``alphas_cumprod`` (DDIM, DDPM) and ``sigmas`` (DPM-Solver) in float32 and forms its step
 coefficients from them.  To compare at float64 precision, each test casts those tables of the diffusers

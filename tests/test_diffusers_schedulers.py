@@ -394,7 +394,7 @@ def test_zero_snr_equals_sample(name):
 def test_zero_snr_is_the_limit_of_diffusers_substitute(name):
     """diffusers replaces alphas_cumprod[-1] = 0 by delta (2**-24, sigma_max = 4096).  As delta shrinks (sigma_max
     256, 1024, 4096) its run approaches ours from sigma = inf: by about 4x per step for the single-step samplers
-    (error ~ 1/sigma_max), monotonically for DPM++ 2M (~ 1/log sigma_max, DESIGN §2.3).  diffusers computes in
+    (error ~ 1/sigma_max), monotonically for DPM++ 2M (~ 1/log sigma_max, docs/design.md §2.3).  diffusers computes in
     float32, whose rounding of x ~ 4096 z sets the floor."""
     ours = zd.SCHEDULERS[name](**ZERO_SNR)
     ours.set_timesteps(10)

@@ -1,4 +1,4 @@
-"""Parity with k-diffusion's samplers on finite schedules: same model, same sigmas, same noise (DESIGN §4).
+"""Parity with k-diffusion's samplers on finite schedules: same model, same sigmas, same noise (docs/design.md §4).
 
 The k-diffusion model is its own ``DiscreteVDDPMDenoiser`` / ``VDenoiser`` wrapper around a network F(y, t); our
 model is the same network called with the model input y and sigma (converted to the wrapper's t).  Tolerances

@@ -1,4 +1,4 @@
-"""Exactness at sigma = inf (DESIGN §2.3): a run from inf is the limit of runs from sigma_max = 1e4, 1e8, 1e16.
+"""Exactness at sigma = inf (docs/design.md §2.3): a run from inf is the limit of runs from sigma_max = 1e4, 1e8, 1e16.
 
 Same unit noise and the same noise stream (per-sample Philox seeds, indexed by step) for every sigma_max.
 Single-step updates converge like 1/sigma_max; multistep ones like 1/log(sigma_max), because their correction

@@ -1,4 +1,4 @@
-"""Noise (DESIGN.md 2.8): the torch reference, the C++ module and Triton's generator give the same stream.
+"""Noise (docs/design.md §2.8): the torch reference, the C++ module and Triton's generator give the same stream.
 
 Integers are compared bit for bit; normals to float rounding (NORMAL_ATOL below); the distribution by
 statistics with tolerances derived from the sample size.

@@ -1,5 +1,5 @@
 """The step-level API and sample(): per-sample sigmas and seeds, dtypes, guidance rescale spaces, churn
-quantization, and bad input (DESIGN §2.5, §2.7, §2.9, §4)."""
+quantization, and bad input (docs/design.md §2.5, §2.7, §2.9, §4)."""
 
 from __future__ import annotations
 

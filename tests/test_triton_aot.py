@@ -1,4 +1,4 @@
-"""The Triton kernels compiled for real GPUs without a GPU (DESIGN §4): ``triton.compile(ASTSource(...),
+"""The Triton kernels compiled for real GPUs without a GPU (docs/design.md §4): ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))`` for sm_80 and sm_90, then ``ptxas -v`` on the PTX.
 
 Asserted per specialisation: the compile succeeds, ptxas reports no spill loads or stores, and with 16-byte

@@ -1,7 +1,7 @@
 """zsnr-kernels: fused diffusion-sampler steps that start exactly at zero terminal SNR (sigma = inf).
 
-The state is the model input y = c_in(sigma) * x, finite at every sigma (DESIGN §2.1); every sampler step is one
-linear combination of y, the denoised prediction and remembered tensors with host-side float64 coefficients.
+The state is the model input y = c_in(sigma) * x, finite at every sigma (docs/design.md §2.1); every sampler step is
+one linear combination of y, the denoised prediction and remembered tensors with host-side float64 coefficients.
 
 * :func:`sample` runs a whole schedule; the ``*_step`` functions are one model evaluation each, for your own loop;
   :class:`SamplingPlan` plans a whole run once so that it steps without host synchronisation (CUDA graphs).

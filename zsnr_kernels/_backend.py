@@ -1,4 +1,4 @@
-"""Backend choice (DESIGN §3): each backend says why it cannot serve a call; ``auto`` falls back, an explicit
+"""Backend choice (docs/design.md §3): each backend says why it cannot serve a call; ``auto`` falls back, an explicit
 request that cannot be met raises with the reasons.
 
 ``torch`` is the eager reference (any device, any float dtype); ``cpu`` the compiled fused kernels for CPU

@@ -3,7 +3,7 @@ elements, one element order shared by all tensors of a step (csrc/include/zsnr/s
 the device backends, the host-side validation and layout of a whole step (:func:`device_step`).
 
 Contiguous and channels-last tensors with identical strides go straight through; any other layout is copied to
-contiguous.  Philox noise is indexed by the logical (row-major) element order (DESIGN §2.8), so when a kernel
+contiguous.  Philox noise is indexed by the logical (row-major) element order (docs/design.md §2.8), so when a kernel
 draws it the tensors must be contiguous.
 """
 

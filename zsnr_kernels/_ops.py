@@ -1,6 +1,6 @@
 """The fused step as ``torch.library`` custom ops, so that ``torch.compile(fullgraph=True)`` traces a sampling loop
-on any fused backend without a graph break (DESIGN §3).  Eager calls do not come here: the custom-op layer costs
-tens of microseconds per call, more than the kernel on small latents, so :mod:`zsnr_kernels.steps` calls the
+on any fused backend without a graph break (docs/design.md §3).  Eager calls do not come here: the custom-op layer
+costs tens of microseconds per call, more than the kernel on small latents, so :mod:`zsnr_kernels.steps` calls the
 backends directly unless ``torch.compiler.is_compiling()``.
 
 ``zsnr_kernels::step`` is functional (returns y_out, D and the LMS carry; unused outputs are empty tensors);

@@ -1,4 +1,4 @@
-"""Benchmark of the fused sampler steps against eager PyTorch and ``torch.compile`` of it (DESIGN §5).
+"""Benchmark of the fused sampler steps against eager PyTorch and ``torch.compile`` of it (docs/design.md §5).
 
 For every op x shape x dtype this measures the median time of one step call of each fused backend (``cpu`` on CPU
 tensors; ``cuda`` and ``triton`` on CUDA tensors when a GPU is present), its GB/s on the op's byte model (the
@@ -920,7 +920,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "torch.compile of the headline only (about a minute)")
     ap.add_argument("--ops", nargs="+", choices=list(OPS), metavar="OP", help=f"ops (default all: {list(OPS)})")
     ap.add_argument("--shapes", nargs="+", type=parse_shape, metavar="SHAPE",
-                    help="shapes like 4x4x128x128 (default: the four latent shapes of DESIGN §5)")
+                    help="shapes like 4x4x128x128 (default: the four latent shapes of docs/design.md §5)")
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
     ap.add_argument("--backends", nargs="+", choices=BACKENDS, metavar="BACKEND",
                     help="fused backends cpu (CPU tensors), cuda and triton (CUDA tensors) and the baselines eager "

@@ -1,6 +1,6 @@
 """Host coefficients of every sampler step, as exact finite limits at sigma = inf and sigma_next = 0.
 
-DESIGN §2.3-2.5.  Every update of every sampler is one linear combination in the state space of model inputs::
+docs/design.md §2.3-2.5.  Every update of every sampler is one linear combination in the state space of model inputs::
 
     y_out = a * y + b * D + sum_k h[k] * H_k + e * z          (D = p*y + q*F, z unit noise)
 

@@ -20,10 +20,10 @@ diffusers scheduler it is named after, so a pipeline takes it unchanged and swit
 :data:`SCHEDULERS` maps each diffusers class name to the class here.
 
 **What the pipeline holds.**  The ``sample`` a pipeline keeps between steps is this library's state, the model
-input y = c_in(sigma) x (DESIGN §2.1), finite at every sigma including sigma = inf.  For the variance-preserving
-schedulers (DDIM, DDPM, DPM-Solver) that is exactly diffusers' sample.  diffusers' Euler-family schedulers keep the
-variance-exploding x = x0 + sigma eps instead, which is infinite at zero terminal SNR; diffusers therefore replaces
-the last ``alphas_cumprod`` (0) by 2**-24, a sigma_max of 4096.  Here:
+input y = c_in(sigma) x (docs/design.md §2.1), finite at every sigma including sigma = inf.  For the
+variance-preserving schedulers (DDIM, DDPM, DPM-Solver) that is exactly diffusers' sample.  diffusers'
+Euler-family schedulers keep the variance-exploding x = x0 + sigma eps instead, which is infinite at zero terminal
+SNR; diffusers therefore replaces the last ``alphas_cumprod`` (0) by 2**-24, a sigma_max of 4096.  Here:
 
 * ``sigmas[0]`` is exactly inf with ``rescale_betas_zero_snr=True`` and a spacing that reaches the last training
   timestep (``trailing``, ``linspace``); the model is called there at that timestep (T - 1), with y = the noise.
@@ -36,8 +36,8 @@ the last ``alphas_cumprod`` (0) by 2**-24, a sigma_max of 4096.  Here:
 * ``add_noise`` returns the y of the noisy sample, sqrt(abar) x0 + sqrt(1 - abar) noise (the noise itself at zero
   SNR).
 
-The step from sigma = inf is first order for every sampler (DESIGN §2.3); an ``epsilon``-prediction model cannot be
-evaluated there and ``step`` says so.  ``HeunDiscreteScheduler`` has no ``rescale_betas_zero_snr``;
+The step from sigma = inf is first order for every sampler (docs/design.md §2.3); an ``epsilon``-prediction model
+cannot be evaluated there and ``step`` says so.  ``HeunDiscreteScheduler`` has no ``rescale_betas_zero_snr``;
 :class:`ZSNRHeunDiscreteScheduler` adds it.
 
 **Parity with diffusers** on finite schedules (``tests/test_diffusers_schedulers.py``): same timesteps, model
@@ -805,8 +805,8 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
 
     As in diffusers a step takes two model evaluations, at timesteps t_i then t_{i+1} (``timesteps`` lists each
     t_{i+1} twice), and the last step (to sigma = 0) one.  The step from sigma = inf is an Euler step: the trapezoid
-    over an infinite interval has no limit (DESIGN §2.3).  Its second evaluation is kept as a no-op (the model is
-    called at t_1 and ``step`` returns the sample unchanged), so that a zero-SNR schedule has diffusers' 2N - 1
+    over an infinite interval has no limit (docs/design.md §2.3).  Its second evaluation is kept as a no-op (the model
+    is called at t_1 and ``step`` returns the sample unchanged), so that a zero-SNR schedule has diffusers' 2N - 1
     evaluations and pipelines that index ``timesteps`` by ``step * order`` (img2img, inpainting) land where
     diffusers' Heun would; that costs one model call per run.  ``sigmas`` lists each step's sigma once (diffusers
     repeats them).
@@ -924,7 +924,7 @@ class ZSNRDPMSolverMultistepScheduler(_StepIndexed):
     ``solver_order`` 1-3 and ``solver_type`` ``midpoint``/``heun`` select the library's ``dpmpp_2m``,
     ``dpmpp_2m_sde`` (eta = 1 for the SDE, 0 for the ODE with ``heun``) and ``dpmpp_3m_sde`` steps, with diffusers'
     order schedule (``lower_order_final``, ``euler_at_final``, first order at a final sigma of 0).  The step from
-    sigma = inf is first order and the remembered prediction from it carries weight 0 (DESIGN §2.3).
+    sigma = inf is first order and the remembered prediction from it carries weight 0 (docs/design.md §2.3).
     ``thresholding`` clips D; ``variance_type`` models keep the first half of their output channels.
     """
 

@@ -33,7 +33,7 @@ sampler returns NaN.  Here, with ``sigmas[0] = inf``:
   sigma = inf is its limit: the last training timestep T - 1 for the discrete wrappers (k-diffusion's log-space
   lookup gives NaN there), 1 for ``VDenoiser``.  Any other model raises ``ValueError``: a denoiser D(x, sigma)
   has no finite input at sigma = inf.
-* The step from inf is each sampler's exact limit there (DESIGN §2.3): first order for the DPM++ multistep
+* The step from inf is each sampler's exact limit there (docs/design.md §2.3): first order for the DPM++ multistep
   samplers, and Euler (one model call) for heun, dpm_2 and lms, Euler ancestral for dpm_2_ancestral, whose
   second-order updates have no limit there.
 * ``callback`` gets ``x=None`` at sigma = inf (x is infinite there), and on this path it is called after the
@@ -44,7 +44,10 @@ sampler returns NaN.  Here, with ``sigmas[0] = inf``:
 **Refused where k-diffusion computes garbage or more.**  ``sigmas`` must be strictly descending, without NaN,
 with inf only first (its last value need not be 0: the result is x at that sigma, as in k-diffusion); the grid
 helpers refuse ``sigma_max = inf`` (k-diffusion returns NaN) and name :func:`get_sigmas_zero_snr`; ``sample_lms``
-takes ``order`` 1 to 4 (k-diffusion integrates any order numerically).
+takes ``order`` 1 to 4 (k-diffusion integrates any order numerically).  The step functions' limits apply too:
+positive sigmas in [1e-30, 1e30], and a second-order step (heun, dpm_2_ancestral) spanning at most a factor 1e6
+(dpm_2: 1e12), where k-diffusion returns numbers its float rounding times that factor has made meaningless (a
+two-step Karras grid from 4500 to 0.002 is refused; add steps or use euler / euler_ancestral).
 
 **Half precision.**  The state keeps ``x``'s dtype, and a model output or a noise sampler's tensor of another dtype
 is cast to it (a noise tensor that broadcasts to x's shape is broadcast, as k-diffusion's addition does).  k-diffusion
@@ -514,7 +517,7 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
         draw = None
         if sampler in _CHURN and i + 1 < n:
             draw = _Draw(lambda: torch.randn_like(x))  # k-diffusion's churn noise of step i + 1
-            if hats[i + 1] != sigma_next:  # fold that churn into this update (DESIGN §2.5)
+            if hats[i + 1] != sigma_next:  # fold that churn into this update (docs/design.md §2.5)
                 kw.update(sigma_hat_next=hats[i + 1], s_noise=s_noise, noise=draw)
         elif noise_sampler is not None:
             draw = _Draw(lambda i=i: _as_state_noise(noise_sampler(sig_t[i], sig_t[i + 1]), x))

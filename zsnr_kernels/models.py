@@ -1,4 +1,4 @@
-"""Analytic models whose exact denoiser is known in closed form, for convergence tests and demos (DESIGN §4).
+"""Analytic models whose exact denoiser is known in closed form, for convergence tests and demos (docs/design.md §4).
 
 Both models are called like a network, ``model(y, sigma) -> F``: ``y = c_in(sigma) * x`` is the model input and
 ``sigma`` a float64 (B,) tensor (inf allowed); F is the raw output for the model's ``prediction``, i.e. the F with

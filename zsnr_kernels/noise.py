@@ -1,4 +1,4 @@
-"""Noise: one definition on every backend (DESIGN.md 2.8).  This module is the pure-PyTorch reference.
+"""Noise: one definition on every backend (docs/design.md §2.8).  This module is the pure-PyTorch reference.
 
 A noise value is a pure function of (seed of the sample, step, draw, element index j within the sample)::
 
@@ -214,7 +214,7 @@ def normal(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Standard normal noise of ``shape`` by the DESIGN 2.8 definition (see the module docstring).
+    """Standard normal noise of ``shape`` by the docs/design.md §2.8 definition (see the module docstring).
 
     ``shape[0]`` is the batch B; element j counts over the flattened remaining dims of each sample.
     ``seed``: one int s (sample i gets s + i), or a sequence / integer tensor of B ints (``normalize_seeds``).

@@ -1,9 +1,9 @@
 """Model parameterizations: the input scale c_in and the affine map from model output F to denoised D.
 
-DESIGN §2.1-2.2.  The state this library stores is the model input ``y = c_in(sigma) * x`` (``x = x0 + sigma*eps``
-in the variance-exploding view), finite at every sigma in [0, inf].  Writing ``s(sigma) = sigma * c_in(sigma)``
-for the noise scale of y (1 at sigma = inf), a noisy state is ``y = c_in * x0 + s * eps`` and the denoised
-prediction is affine in the model output::
+docs/design.md §2.1-2.2.  The state this library stores is the model input ``y = c_in(sigma) * x``
+(``x = x0 + sigma*eps`` in the variance-exploding view), finite at every sigma in [0, inf].  Writing
+``s(sigma) = sigma * c_in(sigma)`` for the noise scale of y (1 at sigma = inf), a noisy state is
+``y = c_in * x0 + s * eps`` and the denoised prediction is affine in the model output::
 
     D = p(sigma) * y + q(sigma) * F
 

@@ -1,4 +1,4 @@
-"""Device-resident sampling (DESIGN §3): a whole run planned once, then stepped with no host synchronisation.
+"""Device-resident sampling (docs/design.md §3): a whole run planned once, then stepped with no host synchronisation.
 
 :class:`SamplingPlan` records what :func:`zsnr_kernels.sample` does for a schedule -- every model evaluation, its
 step arguments, which remembered tensors it reads -- by running ``sample()`` itself once on tiny host tensors, so

@@ -1,6 +1,6 @@
 """Noise schedules: betas, zero terminal SNR, timestep spacings, sigma grids and sigma quantization.
 
-All math here is host math in float64 (DESIGN.md 2.6).  Functions take Python numbers, sequences or torch tensors
+All math here is host math in float64 (docs/design.md §2.6).  Functions take Python numbers, sequences or torch tensors
 and return float64 CPU tensors unless a docstring says otherwise.  Noise levels live in [0, inf]: sigma = inf is
 the exact zero-terminal-SNR start (Lin et al. 2023), sigma = 0 is clean data, and nothing here returns NaN.
 

@@ -2,8 +2,8 @@
 
 Each call takes the model input ``y`` the model was just called with, at noise level ``sigma``, and the model
 output there, and does guidance, guidance rescale, the conversion to the denoised ``D`` and the sampler update in
-one pass (DESIGN §2.3).  It returns a :class:`StepResult`: ``y`` is the **next model input** and ``sigma`` the noise
-level to call the model at next, so a loop is::
+one pass (docs/design.md §2.3).  It returns a :class:`StepResult`: ``y`` is the **next model input** and ``sigma``
+the noise level to call the model at next, so a loop is::
 
     y, sigma = zsnr_kernels.initial_state(noise, sigmas[0])
     for i in range(len(sigmas) - 1):
