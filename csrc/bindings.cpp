@@ -340,23 +340,25 @@ PYBIND11_MODULE(_C, m) {
         "float32 dst[n] from float16 or bfloat16 src[n], as the element pass loads them (tests).");
   m.def("cpu_rescale_sums", [](int32_t dtype, int64_t batch, int64_t n, std::uintptr_t f_cond,
                                std::uintptr_t f_uncond, std::uintptr_t y, int32_t with_y, double w,
-                               const std::vector<double>& r) {
+                               const std::vector<double>& u, const std::vector<double>& t_) {
           if (dtype < zsnr::kFloat32 || dtype > zsnr::kBFloat16 || batch < 1 || n < 1)
             throw std::invalid_argument("cpu_rescale_sums: dtype code, batch or n out of range");
-          if (static_cast<int64_t>(r.size()) != batch)
-            throw std::invalid_argument("cpu_rescale_sums: r must hold one u/t per sample");
+          if (static_cast<int64_t>(u.size()) != batch || static_cast<int64_t>(t_.size()) != batch)
+            throw std::invalid_argument("cpu_rescale_sums: u and t must hold one value per sample");
           const zsnr::Tensors t = make_tensors(dtype, batch, n, y, f_cond, f_uncond, {}, 0, 0, 0, 0);
-          std::vector<float> rf(r.begin(), r.end());  // each rounded to float, as rescale_r rounds
+          std::vector<zsnr::RescaleWeights> ab(static_cast<size_t>(batch));
+          for (int64_t b = 0; b < batch; ++b) ab[b] = zsnr::rescale_weights(u[b], t_[b]);
           std::vector<double> out(static_cast<size_t>(batch) * zsnr::kNumSums);
           {
             py::gil_scoped_release no_gil;
-            zsnr::cpu::rescale_sums(t, static_cast<float>(w), rf.data(), with_y, out.data());
+            zsnr::cpu::rescale_sums(t, static_cast<float>(w), ab.data(), with_y, out.data());
           }
           return out;
         }, py::arg("dtype"), py::arg("batch"), py::arg("n"), py::arg("f_cond"), py::arg("f_uncond"), py::arg("y"),
-        py::arg("with_y"), py::arg("w"), py::arg("r"),
+        py::arg("with_y"), py::arg("w"), py::arg("u"), py::arg("t"),
         "The statistics pass of the guidance rescale: per sample the sums of combine.h's RescaleSum order, with "
-        "guidance scale w and r[batch] = u/t (read when with_y), both rounded to float (tests).");
+        "guidance scale w (rounded to float) and G = u[b] y + t[b] F (combine.h rescale_weights; read when "
+        "with_y) (tests).");
   m.def("build_info", &build_info, "Compiler, flags and OpenMP state of this build.");
   m.def("fused_step", &fused_step, "One fused sampler step on CPU tensors (see csrc/cpu/step.h).");
   m.def("set_num_threads", &zsnr::cpu::set_num_threads, py::arg("n"),

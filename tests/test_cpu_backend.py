@@ -424,11 +424,12 @@ def test_half_loads_of_every_instruction_set_are_exact(isa_level, dtype, daz):
 def test_rescale_sums_of_every_instruction_set_are_one_definition(dtype):
     """The statistics pass (blocked float sums of each RescaleSum, blocks added in double in a fixed order) gives
     the same bits under every instruction set and the float64 sums to 1e-6 of their scale, for a sample size that
-    leaves partial blocks and lanes.  The sums are of G_c/t = F_c + r y and G/t = F_u + w (F_c - F_u) + r y, each
-    less its value at the sample's first element (combine.h rescale_terms), with w and r rounded to float."""
+    leaves partial blocks and lanes.  The sums are of G_c/s = b F_c + a y and G/s = b (F_u + w (F_c - F_u)) + a y,
+    each less its value at the sample's first element (combine.h rescale_terms), with s = u or t, whichever is
+    larger in magnitude (combine.h rescale_weights: one sample of each kind here), w, a and b rounded to float."""
     levels = _supported_isa_levels()
     batch, n = 2, 3 * 16384 + 300 + 7
-    w, r = 4.5, [-0.3, 0.7]
+    w, us, ts = 4.5, [-0.3, 3.0], [1.0, -0.7]  # sample 0: a = -0.3, b = 1; sample 1: a = 1, b = -0.7/3
     g = torch.Generator().manual_seed(3)
     fc, fu, y = (torch.randn(batch, n, generator=g).to(dtype) + 0.25 for _ in range(3))
     results = {}
@@ -437,17 +438,19 @@ def test_rescale_sums_of_every_instruction_set_are_one_definition(dtype):
             _ext.C.cpu_limit_isa(level)
             results[level] = {
                 with_y: _ext.C.cpu_rescale_sums(_cpu.DTYPE_CODES[dtype], batch, n, fc.data_ptr(), fu.data_ptr(),
-                                                y.data_ptr(), with_y, w, r)
+                                                y.data_ptr(), with_y, w, us, ts)
                 for with_y in (0, 1)}
     finally:
-        _ext.C.cpu_limit_isa(-1)
+        _ext.restore_isa()
     for level in levels[1:]:
         assert results[level] == results[levels[0]], level
     c, u, v = (t.double() - t.double()[:, :1] for t in (fc, fu, y))  # less each sample's first element
-    rf = torch.tensor(r, dtype=torch.float32).double()[:, None]
+    wa = torch.tensor([-0.3, 1.0], dtype=torch.float32).double()[:, None]
+    wb = torch.tensor([1.0, -0.7 / 3.0], dtype=torch.float32).double()[:, None]
     for with_y in (0, 1):
-        ry = rf * v if with_y else torch.zeros_like(v)
-        gc, gg = c + ry, u + w * (c - u) + ry
+        e = wa * v if with_y else torch.zeros_like(v)
+        b = wb if with_y else 1.0
+        gc, gg = b * c + e, b * (u + w * (c - u)) + e
         terms = [gc, gc * gc, gg, gg * gg]  # combine.h's RescaleSum order
         want = torch.stack([t.sum(1) for t in terms], 1)
         scale = torch.stack([t.abs().sum(1) for t in terms], 1)

@@ -68,8 +68,16 @@ double use_headers() {
   acc += zsnr::update<0, false>(c, 1.0f, 2.0f, 0.0f, 0.0f, 0.0f, 0.0f);
   acc += zsnr::carry(c, 1.0f, zsnr::denoise(1.0f, zsnr::guide(1.0f, 2.0f, 3.0f), 0.5f, 0.5f));
   double sums[zsnr::kNumSums] = {};
+  const zsnr::RescaleSample rs = zsnr::rescale_sample(0.5f, 0.25f, 1.0f, 7.5f, zsnr::rescale_weights(3.0, -0.5));
+  for (int i = 0; i < 4; ++i) {
+    float gc = 0.0f, g = 0.0f;
+    zsnr::rescale_terms<true>(0.5f + i, 0.25f - i, 1.0f + 0.5f * i, rs, &gc, &g);
+    sums[zsnr::kSumC] += gc, sums[zsnr::kSumCC] += gc * gc, sums[zsnr::kSumG] += g, sums[zsnr::kSumGG] += g * g;
+  }
+  float gc0 = 0.0f, g0 = 0.0f;
+  zsnr::rescale_terms<false>(0.5f, 0.25f, 0.0f, rs, &gc0, &g0);
   double p = 1.0, q = 1.0;
-  zsnr::fold_rescale(zsnr::rescale_factor(sums, 4.0, 0.0, 1.0, 7.5, 0.7), 0.0, 1.0, &p, &q);
+  zsnr::fold_rescale(zsnr::rescale_factor(sums, 4.0, 0.7), 3.0, -0.5, &p, &q);
   zsnr::Param pz{zsnr::kPredV, 1.0};
   zsnr::StepArgs s{};
   s.sampler = zsnr::kLms;
@@ -83,7 +91,7 @@ double use_headers() {
   zsnr::rescale_space_coeffs(pz, 2.0, zsnr::kSpaceV, &u, &t);
   zsnr::denoise_coeffs(pz, 2.0, &p, &q);
   const double table[2] = {1.0, 2.0};
-  return acc + p + q + u + t + sc.a + zsnr::quantize_sigma(1.5, table, 2, 1) +
+  return acc + gc0 + g0 + p + q + u + t + sc.a + zsnr::quantize_sigma(1.5, table, 2, 1) +
          zsnr::churn_gamma(1.0, 10, 1.0, 0.0, 10.0);
 }
 """)

@@ -32,6 +32,7 @@ CHILD = textwrap.dedent(
     from zsnr_kernels import _backend
 
     INF = math.inf
+    RESCALE_SIGMAS = [(1e-20, 0.0), (1e-29, 0.0), (1e29, 1e28), ([1e-29, 1e29], [0.0, 1e28])]
     results = {}
 
     def model(y, sigma):
@@ -110,6 +111,18 @@ CHILD = textwrap.dedent(
                         err[b] = max(err[b], (got.double() - want).abs().max().item())
             results[f"near_equal_{space}_{n}"] = err
 
+    # guidance rescale at the ends of the sigma range, every space and prediction (test_edge_inputs.py has the
+    # history: in the x0 space of eps, flow and v models, sums of (u/t) y overflowed float32 below sigma ~1e-19)
+    ge = torch.Generator().manual_seed(4)
+    ye, fce, fue = (torch.randn(2, 4, 4, 4, generator=ge) for _ in range(3))
+    for space in ("output", "v", "x0"):
+        for prediction in ("eps", "flow", "v", "x0"):
+            for i, (s0, s1) in enumerate(RESCALE_SIGMAS):
+                kw = dict(prediction=prediction, guidance_scale=7.5, guidance_rescale=0.7, rescale_space=space)
+                r = {b: zk.euler_step(ye, (fce, fue), s0, s1, backend=b, **kw).y for b in ("triton", "cpu")}
+                r["want"] = zk.euler_step(ye.double(), (fce.double(), fue.double()), s0, s1, backend="torch", **kw).y
+                results[f"range_end_{space}_{prediction}_{i}"] = r
+
     # the torch.library ops with backend="triton": schema, fake implementation, out= form (torch.compile's view)
     from zsnr_kernels import _ops
     op_args = (y, fc, fu, [], None, True, False, "triton", 0, 1.0, 0, 1, 0, 4, 1.0, 1.0, [5.0, 5.0, 3.0, 3.0], 0,
@@ -183,6 +196,23 @@ def test_rescale_of_nearly_equal_outputs_at_a_large_scale_is_as_accurate_as_torc
     err = results[f"near_equal_{space}_{n}"]
     assert err["triton"] <= 3.0 * err["torch"], err
     assert err["cpu"] <= 3.0 * err["torch"], err
+
+
+@pytest.mark.parametrize("sigmas", range(4), ids=["1e-20", "1e-29", "1e29", "per_sample"])
+@pytest.mark.parametrize("prediction", ["eps", "flow", "v", "x0"])
+@pytest.mark.parametrize("space", ["output", "v", "x0"])
+def test_guidance_rescale_at_the_ends_of_the_range_is_finite_and_agrees(results, space, prediction, sigmas):
+    """sigma 1e-20 and 1e-29 (to 0), 1e29 to 1e28 and both per sample: the statistics are sums of G/s, s = u or
+    t, whichever is larger in magnitude (combine.h rescale_weights), so the triton and cpu steps are finite and
+    close to the float64 reference; summed as G/t, (u/t) y overflowed float32 in the x0 space of eps, flow and v
+    models below sigma ~1e-19 (NaN)."""
+    r = results[f"range_end_{space}_{prediction}_{sigmas}"]
+    want = r["want"]
+    assert torch.isfinite(want).all()
+    for b in ("triton", "cpu"):
+        assert torch.isfinite(r[b]).all(), b
+        torch.testing.assert_close(r[b].double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    _close(r["triton"], r["cpu"], ulps=64)
 
 
 def test_in_place_on_channels_last(results):

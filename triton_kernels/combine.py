@@ -44,8 +44,9 @@ from .._table import coefficient_table
 __all__ = ["MAX_HIST", "NUM_COEFFS", "coefficient_table", "fused_step_triton", "launch", "seed_tensor"]
 
 MAX_HIST = 3  # combine.h kMaxHist
-# combine.h RescaleSum order: sums of G_c/t, (G_c/t)^2, G/t, (G/t)^2 (G = u y + t F, G_c = u y + t F_c), formed
-# from each tensor less its sample's first element (constexpr: the kernels read them too)
+# combine.h RescaleSum order: sums of G_c/s, (G_c/s)^2, G/s, (G/s)^2 (G = u y + t F, G_c = u y + t F_c, s = u or t,
+# whichever is larger in magnitude), formed from each tensor less its sample's first element (constexpr: the
+# kernels read them too)
 SUM_C, SUM_CC, SUM_G, SUM_GG = (tl.constexpr(k) for k in range(4))
 NUM_SUMS = tl.constexpr(4)
 # Columns of the float64 coefficient table (zsnr_kernels/_table.py), one row per sample or one for the batch.
@@ -101,8 +102,9 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
     partials in float64 in block order (deterministic: the result does not depend on which program came last),
     computes combine.h's ``rescale_factor`` with phi from the sample's float64 table row
     ``coef_ptr + b * coef_stride``, folds it into (p, q) with the row's (u, t) and writes them to ``pq_ptr[b]`` as
-    float32, and resets the counter for the next step.  The row's w and r = u/t (read only WITH_Y), rounded to
-    float32, form the element terms (combine.h ``rescale_terms``).
+    float32, and resets the counter for the next step.  The row's w and the weights a, b of G/s = b F + a y (combine.h
+    ``rescale_weights``, from the row's u, t; read only WITH_Y), rounded to float32, form the element terms
+    (combine.h ``rescale_terms``).
     """
     blk = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
@@ -111,7 +113,8 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
     base = b * n
     cp = coef_ptr + b * coef_stride
     # combine.h rescale_terms, less the sample's first element's (the pivots c0, u0, d0 = c0 - u0, y0):
-    # G_c/t = (F_c - c0) + r (y - y0), G/t = (F_u - u0) + w ((F_c - F_u) - d0) + r (y - y0); masked lanes add nothing
+    # G_c/s = b (F_c - c0) + a (y - y0), G/s = b ((F_u - u0) + w ((F_c - F_u) - d0)) + a (y - y0); masked lanes add
+    # nothing
     fc = tl.load(fc_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     fu = tl.load(fu_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     c0 = tl.load(fc_ptr + base).to(tl.float32)
@@ -120,9 +123,15 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
     g = (fu - u0) + tl.load(cp + C_W).to(tl.float32) * ((fc - fu) - (c0 - u0))
     if WITH_Y:
         y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(y_ptr + base).to(tl.float32)
-        ry = (tl.load(cp + C_U) / tl.load(cp + C_T)).to(tl.float32) * y  # combine.h rescale_r
-        gc = gc + ry
-        g = g + ry
+        # combine.h rescale_weights: s = u where |u| > |t| (a = 1, b = t/u), else t (a = u/t, b = 1; a = 0 if t = 0)
+        u_s = tl.load(cp + C_U)
+        t_s = tl.load(cp + C_T)
+        big_u = tl.abs(u_s) > tl.abs(t_s)
+        wa = tl.where(big_u, 1.0, tl.where(t_s != 0.0, u_s / tl.where(t_s != 0.0, t_s, 1.0), 0.0)).to(tl.float32)
+        wb = tl.where(big_u, t_s / tl.where(big_u, u_s, 1.0), 1.0).to(tl.float32)
+        e = wa * y
+        gc = wb * gc + e
+        g = wb * g + e
     gc = tl.where(mask, gc, 0.0)
     g = tl.where(mask, g, 0.0)
     # The block's sums in float32 (tl.sum), unlike the cpu, which adds its 16 lanes in float64: a sample of a few

@@ -90,7 +90,8 @@ template <int32_t DT, bool WithY>
 void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, const RescaleSample& p,
                      double* lanes) {
   const __m512 pc = _mm512_set1_ps(p.c), pu = _mm512_set1_ps(p.u), pd = _mm512_set1_ps(p.d);
-  const __m512 py = _mm512_set1_ps(p.y), w = _mm512_set1_ps(p.w), r = _mm512_set1_ps(p.r);
+  const __m512 py = _mm512_set1_ps(p.y), w = _mm512_set1_ps(p.w);
+  const __m512 wa = _mm512_set1_ps(p.a), wb = _mm512_set1_ps(p.b);
   __m512 s[kNumSums];
   for (int k = 0; k < kNumSums; ++k) s[k] = _mm512_setzero_ps();
   for (int64_t i = 0; i < kSumBlock; i += kLanes) {
@@ -98,9 +99,9 @@ void half_block_sums(const uint16_t* fc, const uint16_t* fu, const uint16_t* y, 
     __m512 c = _mm512_sub_ps(vc, pc);
     __m512 g = _mm512_add_ps(_mm512_sub_ps(vu, pu), _mm512_mul_ps(w, _mm512_sub_ps(_mm512_sub_ps(vc, vu), pd)));
     if constexpr (WithY) {
-      const __m512 ry = _mm512_mul_ps(r, _mm512_sub_ps(widen<DT>(y + i), py));
-      c = _mm512_add_ps(c, ry);
-      g = _mm512_add_ps(g, ry);
+      const __m512 e = _mm512_mul_ps(wa, _mm512_sub_ps(widen<DT>(y + i), py));
+      c = _mm512_add_ps(_mm512_mul_ps(wb, c), e);
+      g = _mm512_add_ps(_mm512_mul_ps(wb, g), e);
     }
     s[kSumC] = _mm512_add_ps(s[kSumC], c);
     s[kSumCC] = _mm512_add_ps(s[kSumCC], _mm512_mul_ps(c, c));

@@ -241,7 +241,7 @@ void block_sums(const typename Storage<DT>::T* fc, const typename Storage<DT>::T
 }
 
 template <int32_t DT>
-void rescale_sums_impl(const Tensors& t, float w, const float* r, int32_t with_y, double* out) {
+void rescale_sums_impl(const Tensors& t, float w, const RescaleWeights* ab, int32_t with_y, double* out) {
   using T = typename Storage<DT>::T;
   const int64_t chunks = (t.n + kChunk - 1) / kChunk;
   const int64_t tasks = t.batch * chunks;
@@ -256,7 +256,8 @@ void rescale_sums_impl(const Tensors& t, float w, const float* r, int32_t with_y
     const T* y = static_cast<const T*>(t.y) + b * t.n;
     double* acc = partial.data() + task * kNumSums;
     const RescaleSample p = rescale_sample(Storage<DT>::load(fc[0]), Storage<DT>::load(fu[0]),
-                                           with_y ? Storage<DT>::load(y[0]) : 0.0f, w, with_y ? r[b] : 0.0f);
+                                           with_y ? Storage<DT>::load(y[0]) : 0.0f, w,
+                                           with_y ? ab[b] : RescaleWeights{0.0f, 1.0f});
     if (with_y) block_sums<DT, true>(fc, fu, y, lo, hi, p, acc);
     else block_sums<DT, false>(fc, fu, y, lo, hi, p, acc);
   }
@@ -549,11 +550,11 @@ void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint3
   }
 }
 
-void rescale_sums(const Tensors& t, float w, const float* r, int32_t with_y, double* out) {
+void rescale_sums(const Tensors& t, float w, const RescaleWeights* ab, int32_t with_y, double* out) {
   switch (t.dtype) {
-    case kFloat32: rescale_sums_impl<kFloat32>(t, w, r, with_y, out); break;
-    case kFloat16: rescale_sums_impl<kFloat16>(t, w, r, with_y, out); break;
-    default: rescale_sums_impl<kBFloat16>(t, w, r, with_y, out); break;
+    case kFloat32: rescale_sums_impl<kFloat32>(t, w, ab, with_y, out); break;
+    case kFloat16: rescale_sums_impl<kFloat16>(t, w, ab, with_y, out); break;
+    default: rescale_sums_impl<kBFloat16>(t, w, ab, with_y, out); break;
   }
 }
 

@@ -16,7 +16,7 @@ namespace cpu {
   namespace isa {                                                                                          \
   void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw, \
                int32_t n_hist, int32_t noise_mode);                                                        \
-  void rescale_sums(const Tensors& t, float w, const float* r, int32_t with_y, double* out);               \
+  void rescale_sums(const Tensors& t, float w, const RescaleWeights* ab, int32_t with_y, double* out);    \
   void philox_rows(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out);   \
   void philox_normals(uint64_t seed, uint32_t step, uint32_t draw, int64_t n, float* out);                 \
   void half_stores(int32_t dtype, const float* src, uint16_t* dst, int64_t n);                             \
@@ -93,8 +93,8 @@ const char* isa_name() {
 #define ZSNR_DISPATCH(fn, ...) return base::fn(__VA_ARGS__)
 #endif
 
-void rescale_sums(const Tensors& t, float w, const float* r, int32_t with_y, double* out) {
-  ZSNR_DISPATCH(rescale_sums, t, w, r, with_y, out);
+void rescale_sums(const Tensors& t, float w, const RescaleWeights* ab, int32_t with_y, double* out) {
+  ZSNR_DISPATCH(rescale_sums, t, w, ab, with_y, out);
 }
 
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,
@@ -157,13 +157,13 @@ StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out
   std::vector<double> sums;
   if (rescale) {
     const int32_t with_y = plan.rescale_space != kSpaceOutput;
-    std::vector<float> r(with_y ? t.batch : 0);
-    for (int64_t b = 0; b < static_cast<int64_t>(r.size()); ++b) {
+    std::vector<RescaleWeights> ab(with_y ? t.batch : 0);
+    for (int64_t b = 0; b < static_cast<int64_t>(ab.size()); ++b) {
       const SampleCoeffs& c = cs[ns == 1 ? 0 : b];
-      r[b] = rescale_r(c.u, c.t);
+      ab[b] = rescale_weights(c.u, c.t);
     }
     sums.resize(static_cast<size_t>(t.batch) * kNumSums);
-    rescale_sums(t, cs[0].ec.w, r.data(), with_y, sums.data());
+    rescale_sums(t, cs[0].ec.w, ab.data(), with_y, sums.data());
   }
   std::vector<ElemCoeffs> ec(t.batch);
   for (int64_t b = 0; b < t.batch; ++b) {

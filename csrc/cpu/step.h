@@ -25,10 +25,10 @@ struct StepOutcome {
 // entry point: it allocates only per-sample arrays, never a temporary the size of the latent.
 StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out);
 
-// Per-sample rescale sums (combine.h's RescaleSum order) of G_c/t and G/t: out[b * kNumSums + k].  w is the
-// guidance scale; r[batch] holds each sample's u/t (combine.h rescale_r), read only when with_y (the `x0` and `v`
-// spaces; without y, r may be nullptr).
-void rescale_sums(const Tensors& t, float w, const float* r, int32_t with_y, double* out);
+// Per-sample rescale sums (combine.h's RescaleSum order) of G_c/s and G/s: out[b * kNumSums + k].  w is the
+// guidance scale; ab[batch] holds each sample's weights of y and F (combine.h rescale_weights), read only when
+// with_y (the `x0` and `v` spaces; without y, ab may be nullptr).
+void rescale_sums(const Tensors& t, float w, const RescaleWeights* ab, int32_t with_y, double* out);
 
 // The element pass with ready per-sample coefficients c[batch].
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,

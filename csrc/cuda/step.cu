@@ -259,12 +259,12 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(const RescaleKernelAr
     const T* __restrict__ fu = static_cast<const T*>(a.fu) + b * n;
     const T* __restrict__ y = WithY ? static_cast<const T*>(a.y) + b * n : nullptr;
     // combine.h RescaleSum: the terms of rescale_terms, less the sample's first element's (the pivots)
-    float ry = 0.0f;  // u/t of the sample
+    RescaleWeights ab{0.0f, 1.0f};  // G/s = b F + a y of the sample
     if (WithY) {
       const SampleCoeffs& rc = a.coeffs[a.n_coeffs == 1 ? 0 : b];
-      ry = rescale_r(rc.u, rc.t);
+      ab = rescale_weights(rc.u, rc.t);
     }
-    const RescaleSample smp = rescale_sample(Io<T>::load(fc), Io<T>::load(fu), WithY ? Io<T>::load(y) : 0.0f, w, ry);
+    const RescaleSample smp = rescale_sample(Io<T>::load(fc), Io<T>::load(fu), WithY ? Io<T>::load(y) : 0.0f, w, ab);
     for (int64_t chunk = blockIdx.x; chunk < a.chunks; chunk += gridDim.x) {
       const int64_t lo = chunk * kStatsChunk;
       const int64_t hi = lo + kStatsChunk < n ? lo + kStatsChunk : n;

@@ -72,9 +72,9 @@ cudaError_t workspace_init(void* base, int64_t batch, int64_t n, cudaStream_t st
 cudaError_t launch_coeffs(const Tensors& t, const StepPlan& plan, const Workspace& ws, double* sigma_out,
                           cudaStream_t stream);
 
-// Guidance rescale: per-sample sums of combine.h's RescaleSum (G_c/t and G/t, formed from F_c, F_u and, when the
-// space is not `output`, y with coeffs' u/t), then, in the last block of each sample, the factor folded into
-// ws.pq[b] from coeffs[n_coeffs == 1 ? 0 : b].
+// Guidance rescale: per-sample sums of combine.h's RescaleSum (G_c/s and G/s, formed from F_c, F_u and, when the
+// space is not `output`, y, with the weights rescale_weights takes from coeffs' u, t), then, in the last block of
+// each sample, the factor folded into ws.pq[b] from coeffs[n_coeffs == 1 ? 0 : b].
 struct RescaleParams {
   double guidance_scale, guidance_rescale;
   int32_t rescale_space;

@@ -51,9 +51,13 @@ ZSNR_HD float carry(const ElemCoeffs& c, float y, float d) { return fmaf(c.g_d, 
 // --------------------------------------------------------------------------------- guidance rescale
 
 // Per-sample sums the rescale needs (DESIGN 2.7), accumulated in double.  The rescale acts on G = u y + t F and
-// G_c = u y + t F_c; the factor is a ratio of their stds, so it does not change when both are divided by t, and
-// the sums are of G/t = F + r y and G_c/t = F_c + r y with r = u/t (r = 0 and y unread in the `output` space):
-// the guided output's own moments.  (The variance of G assembled from sums of F_c, F_u and their product,
+// G_c = u y + t F_c; the factor is a ratio of their stds, so it does not change when both are divided by one
+// number s, and the sums are of G/s = b F + a y and G_c/s = b F_c + a y with a = u/s, b = t/s (rescale_weights):
+// the guided output's own moments.  s is whichever of u and t is larger in magnitude, so one of a, b is exactly 1
+// and the other at most 1 in magnitude: the terms stay as large as the tensors (times 1 + 2|w|) for every (u, t).
+// (Dividing by t alone, r = u/t grows like sd/sigma in the `x0` space of eps, flow and v models: below sigma
+// ~1e-19 the square of r y overflowed float and the step came out NaN.  In the `output` space u = 0, t = 1:
+// a = 0, b = 1 and y is not read.)  (The variance of G assembled from sums of F_c, F_u and their product,
 // w^2 S_cc + (1-w)^2 S_uu + 2w(1-w) S_cu, cancels: with F_c close to F_u and w = 12 the float32 step was
 // 19-460x further from float64 than the float32 torch reference at 16-4096 elements; now it is as close.)
 // Every backend sums each element's terms less the sample's first element's (its pivot): the variances
@@ -64,46 +68,56 @@ ZSNR_HD float carry(const ElemCoeffs& c, float y, float d) { return fmaf(c.g_d, 
 // differences of nearby numbers, exact in float where the numbers are within a factor 2 of each other (see
 // rescale_terms).
 enum RescaleSum : int {
-  kSumC = 0,  // sum of G_c/t less its pivot
+  kSumC = 0,  // sum of G_c/s less its pivot
   kSumCC,     // ... of its square
-  kSumG,      // sum of G/t less its pivot
+  kSumG,      // sum of G/s less its pivot
   kSumGG,     // ... of its square
   kNumSums
 };
 
-// What the statistics pass needs of one sample, in float32: the pivots (the first element's F_c, F_u, F_c - F_u
-// and y), the guidance scale w and r = u/t (rescale_r).
-struct RescaleSample {
-  float c, u, d, y;
-  float w, r;
+// The weights of y and F in G/s = b F + a y of one sample, each rounded once to float: s = u where |u| > |t|
+// (a = 1, b = t/u), else s = t (a = u/t, b = 1).  u = t = 0 (G = 0; no sampler asks for it) gives a = 0, b = 1.
+struct RescaleWeights {
+  float a, b;
 };
 
-ZSNR_HD RescaleSample rescale_sample(float fc0, float fu0, float y0, float w, float r) {
-  return RescaleSample{fc0, fu0, fc0 - fu0, y0, w, r};
+ZSNR_HD RescaleWeights rescale_weights(double u, double t) {
+  if (fabs(u) > fabs(t)) return RescaleWeights{1.0f, static_cast<float>(t / u)};
+  return RescaleWeights{t != 0.0 ? static_cast<float>(u / t) : 0.0f, 1.0f};
 }
 
-// The terms one element (F_c, F_u, y) adds to the rescale sums, in float32: *gc = G_c/t and *g = G/t less their
+// What the statistics pass needs of one sample, in float32: the pivots (the first element's F_c, F_u, F_c - F_u
+// and y), the guidance scale w and the weights a, b (rescale_weights).
+struct RescaleSample {
+  float c, u, d, y;
+  float w, a, b;
+};
+
+ZSNR_HD RescaleSample rescale_sample(float fc0, float fu0, float y0, float w, RescaleWeights ab) {
+  return RescaleSample{fc0, fu0, fc0 - fu0, y0, w, ab.a, ab.b};
+}
+
+// The terms one element (F_c, F_u, y) adds to the rescale sums, in float32: *gc = G_c/s and *g = G/s less their
 // pivots,
-//   c = F_c - c0,   g = (F_u - u0) + w ((F_c - F_u) - d0),   then with y: c += r (y - y0), g += r (y - y0).
+//   c = F_c - c0,   g = (F_u - u0) + w ((F_c - F_u) - d0),
+//   then with y:    e = a (y - y0),   c = b c + e,   g = b g + e.
 // F_c - F_u is taken from the elements themselves, not from F_c - c0 and F_u - u0: with F_c close to F_u it is
 // exact, where the difference of the two rounded shifts lost the digits that w multiplies.  Each product is
 // rounded before it is added (the CPU builds contract nothing, so every instruction set gives the same bits;
-// nvcc and Triton may fuse them into FMAs).  y is read only WithY.
+// nvcc and Triton may fuse them into FMAs).  y and (a, b) are read only WithY (without y, b = 1: the `output`
+// space).
 template <bool WithY>
 ZSNR_HD void rescale_terms(float fc, float fu, float y, const RescaleSample& s, float* gc, float* g) {
   float c = fc - s.c;
   float f = (fu - s.u) + s.w * ((fc - fu) - s.d);
   if (WithY) {
-    const float ry = s.r * (y - s.y);
-    c = c + ry;
-    f = f + ry;
+    const float e = s.a * (y - s.y);
+    c = s.b * c + e;
+    f = s.b * f + e;
   }
   *gc = c;
   *g = f;
 }
-
-// r = u/t of a sample, the weight of y in the terms above, rounded once to float.
-ZSNR_HD float rescale_r(double u, double t) { return static_cast<float>(u / t); }
 
 // The rescale factor f = phi std(G_c)/std(G) + (1 - phi) from the sums over n elements; f = 1 where std(G) = 0
 // (DESIGN 2.7).
