@@ -157,7 +157,7 @@ void philox4x32(std::uintptr_t out_ptr, int64_t n, uint32_t key0, uint32_t key1,
 }
 
 // out[b, j] (float32, row-major [batch, n_per_sample]) = noise of element j of sample b, whose
-// seed is seeds[b] (uint64), at (step, draw): DESIGN.md 2.8.
+// seed is seeds[b] (uint64), at (step, draw): docs/design.md §2.8.
 void philox_normal(std::uintptr_t out_ptr, int64_t batch, int64_t n_per_sample,
                    std::uintptr_t seeds_ptr, uint32_t step, uint32_t draw) {
   float* out = as_ptr<float>(out_ptr);
@@ -312,7 +312,7 @@ PYBIND11_MODULE(_C, m) {
         "Fill uint32 out[n, 4] with Philox4x32-10(key, (c0_start + i mod 2**32, c1, c2, c3)).");
   m.def("philox_normal", &philox_normal, py::arg("out_ptr"), py::arg("batch"),
         py::arg("n_per_sample"), py::arg("seeds_ptr"), py::arg("step"), py::arg("draw"),
-        "Fill float32 out[batch, n_per_sample] with the DESIGN 2.8 normals; seeds: uint64[batch].");
+        "Fill float32 out[batch, n_per_sample] with the docs/design.md §2.8 normals; seeds: uint64[batch].");
   m.def("cpu_philox_rows", [](std::uintptr_t out_ptr, uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0,
                               int64_t ng) {
           uint32_t* out = as_ptr<uint32_t>(out_ptr);

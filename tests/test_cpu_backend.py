@@ -1,5 +1,5 @@
-"""The fused ``cpu`` backend (csrc/cpu/) against the float64 reference and against itself (DESIGN §2.3, §2.7-2.9,
-§4; issue 3 item 5).
+"""The fused ``cpu`` backend (csrc/cpu/) against the float64 reference and against itself (docs/design.md §2.3,
+§2.7-2.9, §4; issue 3 item 5).
 
 Oracle: the same step function with ``backend="torch"`` on float64 copies of the inputs (the eager reference runs
 in float64 when given float64).  float32 results must lie within ``TOLERANCES[float32]`` of it.  float16 and
@@ -953,7 +953,7 @@ def _available_memory() -> int:
 
 
 def _philox_normals(seed: int, step_index: int, lo: int, hi: int) -> torch.Tensor:
-    """The DESIGN 2.8 normals of elements lo..hi-1 of one sample, from their global element index (what
+    """The docs/design.md §2.8 normals of elements lo..hi-1 of one sample, from their global element index (what
     ``noise.normal`` would give, without allocating the whole sample)."""
     g = torch.arange(lo // 4, (hi + 3) // 4, dtype=torch.int64)
     normals = zn.group_normals(seed & 0xFFFFFFFF, seed >> 32, g, step_index, 0)

@@ -1,7 +1,7 @@
 """Triton mirror of ``csrc/include/zsnr/combine.h``: the per-element combine of one fused sampler step.
 
 Installed as ``zsnr_kernels.triton_kernels.combine``.  The math is ``zsnr_kernels/reference.py::fused_step``
-(DESIGN §2.3, §2.7) with combine.h's float32 rounding order, so that this kernel and the CPU kernel round
+(docs/design.md §2.3, §2.7) with combine.h's float32 rounding order, so that this kernel and the CPU kernel round
 the same way::
 
     F     = fma(w, F_c - F_u, F_u)                       (F = F_c without an unconditional output)
@@ -19,7 +19,7 @@ the last block of each sample adds the partials in float64 and folds combine.h's
 (p, q) on the device: a step never waits for the device, and its launches (two with guidance rescale, one
 without) can be captured in a CUDA graph.
 
-Noise (DESIGN §2.8) is read from a tensor (NOISE_MODE 1) or drawn in the kernel (NOISE_MODE 2): Philox4x32-10
+Noise (docs/design.md §2.8) is read from a tensor (NOISE_MODE 1) or drawn in the kernel (NOISE_MODE 2): Philox4x32-10
 keyed by the sample's 64-bit seed, counter (g_lo, g_hi, step, draw) with g = j // 4, then Triton's
 ``uint_to_uniform_float`` and ``pair_uniform_to_normal`` (as ``tl.randn4x``); element j takes normal j % 4 of
 group g -- the definition of ``zsnr_kernels.noise.normal``.
@@ -181,7 +181,7 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
 
 @triton.jit
 def _philox_normals(seed, step, draw, g0, BLOCK: tl.constexpr):
-    """The BLOCK unit normals of elements 4*g0 .. 4*g0 + BLOCK - 1 of a sample (DESIGN §2.8).
+    """The BLOCK unit normals of elements 4*g0 .. 4*g0 + BLOCK - 1 of a sample (docs/design.md §2.8).
 
     One Philox call per group of four elements: counter (g_lo, g_hi, step, draw), key = the 64-bit seed.
     The four normals of a group are interleaved so that element j gets normal j % 4 of group j // 4.

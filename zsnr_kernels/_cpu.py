@@ -111,13 +111,17 @@ def set_num_threads(n: int | None) -> None:
     Results do not depend on the thread count.
 
     Fork: OpenMP cannot run a parallel region in a child process forked after the parent ran one (its thread pool
-    is not copied, and the child hangs waiting for it, as a plain torch op on a large tensor hangs there).  So a
-    child forked with ``os.fork`` (``multiprocessing``'s default ``fork`` start method on Linux) runs these
-    kernels on one thread: importing zsnr_kernels registers an ``os.register_at_fork`` handler that calls
-    ``set_num_threads(1)`` in the child.  Call ``set_num_threads(n)`` there only if the parent never ran a
-    parallel region (neither these kernels nor torch ops); for PyTorch's own ops in the child call
-    ``torch.set_num_threads(1)``.  Or start workers with the ``spawn`` or ``forkserver`` method
-    (``multiprocessing.get_context("spawn")``): a fresh process, free to use every thread.
+    is not copied, and the child hangs waiting for it, as a plain torch op on a large tensor hangs there).  The
+    pool is PyTorch's libgomp, which these kernels share, so a parallel PyTorch op in the parent starts it as
+    surely as these kernels do, and nothing here can tell whether one has run.  So every child forked from a
+    process that imported zsnr_kernels runs these kernels on one thread: importing it registers an
+    ``os.register_at_fork`` handler that calls ``set_num_threads(1)`` in the child (``os.fork``,
+    ``multiprocessing``'s ``fork`` start method, the default on Linux before Python 3.14, and the children of a
+    ``forkserver`` that preloads zsnr_kernels).  Call ``set_num_threads(n)`` in the child to use more threads only
+    where the parent ran no parallel region, neither these kernels nor PyTorch ops; for PyTorch's own ops in the
+    child call ``torch.set_num_threads(1)``.  Or start workers with the ``spawn`` method
+    (``multiprocessing.get_context("spawn")``), or ``forkserver`` without preloading zsnr_kernels: a fresh
+    process, free to use every thread.
     """
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive int (or None for OpenMP's default), got {n!r}")

@@ -1,6 +1,6 @@
 """The eager PyTorch reference of one fused step: the executable spec every backend is checked against.
 
-DESIGN §2.3 and §2.7.  One call of :func:`fused_step` does, per element and per sample::
+docs/design.md §2.3 and §2.7.  One call of :func:`fused_step` does, per element and per sample::
 
     F     = F_u + w (F_c - F_u)                              guidance (F = F_c when there is no pair)
     f     = phi std(G_c)/std(G) + (1 - phi)                  guidance rescale, per sample (1 if std(G) = 0)

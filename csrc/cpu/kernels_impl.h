@@ -273,11 +273,11 @@ void rescale_sums_impl(const Tensors& t, float w, const RescaleWeights* ab, int3
 
 // ------------------------------------------------------------------------------------- Philox noise
 
-// The noise of DESIGN 2.8 for a tile of elements, written so the compiler vectorises it across Philox groups:
+// The noise of docs/design.md §2.8 for a tile of elements, written so the compiler vectorises it across Philox groups:
 // the integers come from philox_simd.h (bit-exact with the shared philox4x32_10); log, sin and cos are the
 // branch-free float polynomials below (Cephes' minimax coefficients, within 2 ulp of libm), because glibc's
 // scalar logf/sinf/cosf would keep the loop scalar.  The normals therefore agree with the other backends to
-// float rounding, as DESIGN 2.8 promises, not bit for bit.
+// float rounding, as docs/design.md §2.8 promises, not bit for bit.
 //
 // The polynomials are forced inline: a call keeps philox_tile's loop scalar, and GCC's size heuristics did stop
 // inlining vlogf into one instantiation of combine_impl when the code around it grew (bf16 DPM++(3M) SDE: 10x).

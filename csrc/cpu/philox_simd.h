@@ -1,4 +1,4 @@
-// The Philox4x32-10 words of many consecutive groups at once, for the CPU noise tile (DESIGN.md section 2.8).
+// The Philox4x32-10 words of many consecutive groups at once, for the CPU noise tile (docs/design.md §2.8).
 // Included by kernels_impl.h inside an instruction-set namespace; the including file sets ZSNR_CPU_VEC_BITS
 // (512, 256, or undefined for the scalar loop) and includes <immintrin.h> before its target pragma.
 //

@@ -34,7 +34,7 @@ void rescale_sums(const Tensors& t, float w, const RescaleWeights* ab, int32_t w
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,
              int32_t n_hist_used, int32_t add_noise);
 
-// The Philox words of groups [g0, g0 + ng) of the sample with `seed` (DESIGN.md 2.8), as the element pass makes
+// The Philox words of groups [g0, g0 + ng) of the sample with `seed` (docs/design.md §2.8), as the element pass makes
 // them: out[4 * i + k] = word k of group g0 + i (tests check them against the shared scalar definition).
 void philox_rows(uint64_t seed, uint32_t step_index, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out);
 

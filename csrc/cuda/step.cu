@@ -8,7 +8,7 @@
 //                    one partial per chunk; the last block of a sample (atomic ticket) adds the partials in
 //                    chunk order (deterministic) and folds the guidance rescale factor into (p, q).
 //   combine_kernel   grid (group, sample), grid-stride with 64-bit indices over groups of four elements (one
-//                    Philox group, DESIGN 2.8): vector loads/stores (float4, or 4 x 16-bit in 8 bytes) when
+//                    Philox group, docs/design.md §2.8): vector loads/stores (float4, or 4 x 16-bit in 8 bytes) when
 //                    every pointer is aligned and n % 4 == 0, scalar otherwise.  The element math is combine.h.
 //
 // Byte model of the element pass (N = batch * n elements): reads y, F_c (, F_u), each remembered tensor

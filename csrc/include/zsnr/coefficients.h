@@ -1,4 +1,4 @@
-// Per-sample step coefficients in float64, shared by host and device code (DESIGN.md 2.2-2.5, 2.9).
+// Per-sample step coefficients in float64, shared by host and device code (docs/design.md §2.2-2.5, 2.9).
 //
 // This header mirrors the Python spec function by function, formula by formula and, where it matters
 // for rounding, operation by operation:

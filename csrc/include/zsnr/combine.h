@@ -1,4 +1,4 @@
-// The per-element combine of one fused sampler step (DESIGN.md 2.3, 2.7), shared by every backend.
+// The per-element combine of one fused sampler step (docs/design.md §2.3, 2.7), shared by every backend.
 // No PyTorch, no Python.  Mirrors zsnr_kernels/reference.py::fused_step, which is the spec:
 //
 //   F     = F_u + w (F_c - F_u)                  guidance (F = F_c without an unconditional output)
@@ -50,8 +50,8 @@ ZSNR_HD float carry(const ElemCoeffs& c, float y, float d) { return fmaf(c.g_d, 
 
 // --------------------------------------------------------------------------------- guidance rescale
 
-// Per-sample sums the rescale needs (DESIGN 2.7), accumulated in double.  The rescale acts on G = u y + t F and
-// G_c = u y + t F_c; the factor is a ratio of their stds, so it does not change when both are divided by one
+// Per-sample sums the rescale needs (docs/design.md §2.7), accumulated in double.  The rescale acts on G = u y + t F
+// and G_c = u y + t F_c; the factor is a ratio of their stds, so it does not change when both are divided by one
 // number s, and the sums are of G/s = b F + a y and G_c/s = b F_c + a y with a = u/s, b = t/s (rescale_weights):
 // the guided output's own moments.  s is whichever of u and t is larger in magnitude, so one of a, b is exactly 1
 // and the other at most 1 in magnitude: the terms stay as large as the tensors (times 1 + 2|w|) for every (u, t).
@@ -120,7 +120,7 @@ ZSNR_HD void rescale_terms(float fc, float fu, float y, const RescaleSample& s, 
 }
 
 // The rescale factor f = phi std(G_c)/std(G) + (1 - phi) from the sums over n elements; f = 1 where std(G) = 0
-// (DESIGN 2.7).
+// (docs/design.md §2.7).
 ZSNR_HD double rescale_factor(const double* s, double n, double phi) {
   const double mean_c = s[kSumC] / n, mean_g = s[kSumG] / n;
   const double var_c = fmax(s[kSumCC] / n - mean_c * mean_c, 0.0);

@@ -1,4 +1,4 @@
-// Philox4x32-10 and the zsnr noise definition (DESIGN.md section 2.8).  No PyTorch, no Python.
+// Philox4x32-10 and the zsnr noise definition (docs/design.md §2.8).  No PyTorch, no Python.
 //
 // A noise value is a pure function of (64-bit seed of the sample, step, draw, element index j):
 //   key     = (seed_lo, seed_hi)                 the seed split in 32-bit halves
@@ -94,7 +94,7 @@ ZSNR_HD void philox_normal4(uint32_t seed_lo, uint32_t seed_hi, uint32_t step, u
   box_muller(uint_to_uniform(x.z), uint_to_uniform(x.w), &out[2], &out[3]);
 }
 
-// The normal of element j of a sample (DESIGN.md 2.8).  Loops that fill consecutive elements
+// The normal of element j of a sample (docs/design.md §2.8).  Loops that fill consecutive elements
 // should call philox_normal4 once per group of four instead.
 ZSNR_HD float philox_normal(uint32_t seed_lo, uint32_t seed_hi, uint32_t step, uint32_t draw,
                             uint64_t j) {

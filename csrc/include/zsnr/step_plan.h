@@ -27,7 +27,7 @@ enum StepError : int32_t {
 
 // Every tensor is [batch][n]: sample b is the dense block of n elements starting at b * n, in one element
 // order shared by all tensors; the Python layer guarantees that order is the logical (row-major) one whenever
-// Philox noise is drawn (DESIGN 2.8).
+// Philox noise is drawn (docs/design.md §2.8).
 struct Tensors {
   int32_t dtype;
   int64_t batch, n;
@@ -42,7 +42,7 @@ struct Tensors {
   void* carry_out;             // nullptr: no LMS derivative stored
 };
 
-// What every sample's step is.  Sigma arrays hold n_sigma float64 values: 1 (shared) or batch (DESIGN 2.9).
+// What every sample's step is.  Sigma arrays hold n_sigma float64 values: 1 (shared) or batch (docs/design.md §2.9).
 struct StepPlan {
   Param pz;
   int32_t sampler, stage, solver_heun, order, n_prev;
