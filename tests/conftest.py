@@ -33,6 +33,20 @@ class TinyNet:
         return torch.tanh(mixed + bias + 0.3 * y * torch.cos(feat).to(y.dtype)) + 0.1 * torch.sin(3 * feat).to(y.dtype)
 
 
+def rand(*shape, seed=0):
+    """Standard normal float32 values of ``shape`` from a generator seeded with ``seed``."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def refused(exc, match, fn, *tensors):
+    """``fn()`` raises ``exc`` matching ``match`` and writes none of ``tensors``."""
+    before = [t.clone() for t in tensors]
+    with pytest.raises(exc, match=match):
+        fn()
+    for t, b in zip(tensors, before):
+        assert torch.equal(t, b)
+
+
 def pytest_report_header(config):
     """The instruction sets this run uses: the CPU kernels' (capped by ZSNR_CPU_ISA) and PyTorch's own (capped by
     ATEN_CPU_CAPABILITY), since oracles computed by PyTorch round differently under each."""

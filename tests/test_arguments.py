@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import rand as _rand, refused as _refused
 
 import zsnr_kernels as zk
 from zsnr_kernels import _ext
@@ -15,19 +16,6 @@ from zsnr_kernels import _ext
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available(), reason="_C not built"))]
 SHAPE = (2, 4, 8, 8)
 N = 2 * 4 * 8 * 8
-
-
-def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _refused(exc, match, fn, *tensors):
-    """``fn()`` raises ``exc`` matching ``match`` and writes none of ``tensors``."""
-    before = [t.clone() for t in tensors]
-    with pytest.raises(exc, match=match):
-        fn()
-    for t, b in zip(tensors, before):
-        assert torch.equal(t, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

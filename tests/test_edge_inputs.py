@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TinyNet
+from conftest import TinyNet, rand as _rand, refused as _refused
 
 import zsnr_kernels as zk
 from zsnr_kernels import _ext, _validate
@@ -25,19 +25,6 @@ BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not _ext.avail
 SHAPE = (2, 4, 4, 4)
 NOISY = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm")
 NO_LIMIT = ("heun", "dpm_2", "dpm_2_ancestral")
-
-
-def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _refused(exc, match, fn, *tensors):
-    """``fn()`` raises ``exc`` matching ``match`` and writes none of ``tensors``."""
-    before = [t.clone() for t in tensors]
-    with pytest.raises(exc, match=match):
-        fn()
-    for t, b in zip(tensors, before):
-        assert torch.equal(t, b)
 
 
 def _step(sampler, y, f, sigma, sigma_next, backend, history=(), **kw):
