@@ -25,9 +25,11 @@ from zsnr_kernels import _ext
 
 TESTS = pathlib.Path(__file__).resolve().parent
 # the files whose tolerances meet an instruction set: the kernels against the reference, and the peers as oracles
+# (and torch.compile's, whose generated code has the capability's vector width: the main run's later files then also
+# check that the compile cache of one capability does not leak into another's, see conftest.py)
 FILES = ["test_cpu_backend.py", "test_steps.py", "test_limits.py", "test_convergence.py", "test_kdiffusion_parity.py",
          "test_k_diffusion_dropin.py", "test_diffusers_parity.py", "test_diffusers_schedulers.py",
-         "test_diffusers_pipelines.py"]
+         "test_diffusers_pipelines.py", "test_isa_pinned_bits.py", "test_compile.py", "test_misuse.py"]
 ATEN = {"baseline": "default", "avx2": "avx2", "avx512": "avx512"}  # ATEN_CPU_CAPABILITY's names
 # PyTorch's convolutions (oneDNN) and matrix products (MKL) pick their own instruction sets: capped alike, so the
 # diffusers pipelines' UNets run the paths an AVX2-only CPU runs (each variable is ignored by a library not present)
