@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from conftest import inductor_cache_dir
 
 from zsnr_kernels import _ext
 
@@ -54,7 +55,8 @@ def _levels_below_the_best() -> list[str]:
     reason="this CPU has one instruction set level (or no compiled module): the main run is the only one"))])
 def test_isa_dependent_tests_pass_under_every_lower_instruction_set(level):
     env = dict(os.environ, ZSNR_CPU_ISA=level, ATEN_CPU_CAPABILITY=ATEN[level], ONEDNN_MAX_CPU_ISA=ONEDNN[level],
-               MKL_ENABLE_INSTRUCTIONS=MKL[level])
+               MKL_ENABLE_INSTRUCTIONS=MKL[level],
+               TORCHINDUCTOR_CACHE_DIR=inductor_cache_dir(TORCH_REPORTS[ATEN[level]]))  # not this run's (conftest)
     probe = ("import torch, zsnr_kernels._ext as e; "
              "print(e.C.cpu_isa(), torch.backends.cpu.get_cpu_capability())")
     got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
