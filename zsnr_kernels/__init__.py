@@ -14,7 +14,7 @@ one linear combination of y, the denoised prediction and remembered tensors with
   forked after its parent ran a parallel region; see :func:`set_num_threads` for the fix of PyTorch's own ops there.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from . import coefficients, noise, reference, schedules  # noqa: E402
 from .parameterization import PREDICTIONS, Parameterization, parameterization

@@ -13,7 +13,8 @@ def info() -> int:
     why not)."""
     import torch
 
-    from . import __version__, _backend, _cuda, _ext, _triton
+    from . import _backend, _cuda, _ext, _triton
+    from ._version import __version__
 
     print(f"zsnr-kernels {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"compiled module zsnr_kernels._C: {'loaded' if _ext.available() else 'unavailable'}")
@@ -48,7 +49,8 @@ def info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import __version__, bench, demo
+    from . import bench, demo
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="zsnr-kernels", description=__doc__)
     parser.add_argument("--version", action="version", version=f"zsnr-kernels {__version__}")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, _layout, noise as _noise
+from . import _device, _layout, noise as _noise
+from ._version import __version__
 from ._cpu import DTYPE_CODES, PREDICTION_CODES, SAMPLER_CODES, SPACE_CODES, sigma_block
 from .parameterization import Parameterization
 
@@ -184,7 +185,7 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     """Enqueue one step.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``; raises the
     spec's ValueError (before any launch) for a step it refuses."""
     m = module()
-    st = _layout.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
+    st = _device.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
                              want_denoised=want_denoised, out=out)
     a0 = args[0]
     sigmas, n_prev = sigma_block(args, sigma_eval)

@@ -20,7 +20,7 @@ import logging
 import os
 from types import ModuleType
 
-from . import __version__
+from ._version import __version__
 
 C: ModuleType | None = None
 _why: str | None = None

@@ -1,6 +1,6 @@
 """How the compiled backends see a step's tensors: every tensor ``[batch][n]``, each sample a dense block of ``n``
-elements, one element order shared by all tensors of a step (csrc/include/zsnr/step_plan.h ``Tensors``); and, for
-the device backends, the host-side validation and layout of a whole step (:func:`device_step`).
+elements, one element order shared by all tensors of a step (csrc/include/zsnr/step_plan.h ``Tensors``).  The device
+backends' whole step, validated and laid out, is :func:`zsnr_kernels._device.device_step`.
 
 Contiguous and channels-last tensors with identical strides go straight through; any other layout is copied to
 contiguous.  Philox noise is indexed by the logical (row-major) element order (docs/design.md §2.8), so when a kernel
@@ -8,8 +8,6 @@ draws it the tensors must be contiguous.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -61,42 +59,3 @@ def finish(y_out: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 def ptr(t: torch.Tensor | None) -> int:
     """A tensor's data pointer for the compiled launchers; 0 for none."""
     return 0 if t is None else t.data_ptr()
-
-
-@dataclass
-class DeviceStep:
-    """One step as a device backend (cuda, triton) launches it: validated by the Python spec on the host, the
-    tensors laid out as ``[batch][n]``, the outputs allocated.  Built by :func:`device_step`."""
-
-    coeffs: list                   # StepCoeffs per entry of args
-    n_hist: int                    # remembered tensors the step reads
-    noisy: bool                    # some sample adds noise
-    philox: bool                   # ... drawn in the kernel from seeds (no noise tensor)
-    y: torch.Tensor                # the kernel's views of the inputs
-    f_cond: torch.Tensor
-    f_uncond: torch.Tensor | None
-    noise: torch.Tensor | None
-    history: list
-    y_out: torch.Tensor            # `out` itself when its layout allows, else a temporary (see finish())
-    d_out: torch.Tensor | None
-    carry_out: torch.Tensor | None
-
-    def finish(self, out: torch.Tensor | None) -> torch.Tensor:
-        """y_out, copied into ``out`` when the kernel could not write there directly."""
-        return finish(self.y_out, out)
-
-
-def device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, *, noise, seeds, want_denoised,
-                out) -> DeviceStep:
-    """Validate a step with the spec (raising its ValueError before anything reaches a device) and lay it out.
-
-    A device kernel cannot report a refused step synchronously, so every error is found here, on the host."""
-    from . import _validate
-
-    cs, n_hist, noisy = _validate.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
-    philox = noisy and noise is None
-    (y_k, fc_k, fu_k, z_k, *hist_k), y_out = prepare(
-        [y, f_cond, f_uncond, noise if noisy else None, *history[:n_hist]], philox, out)
-    return DeviceStep(cs, n_hist, noisy, philox, y_k, fc_k, fu_k, z_k, hist_k, y_out,
-                      torch.empty_like(y_k) if want_denoised else None,
-                      torch.empty_like(y_k) if cs[0].carry is not None else None)

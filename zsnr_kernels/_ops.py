@@ -104,7 +104,7 @@ def fused_step_traced(backend: str, y, f_cond, f_uncond, history, pz: Parameteri
 
     The host values (sigma_out, complete) and every error come from the Python spec, which the kernels mirror.
     """
-    cs, _, _ = _validate.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
+    cs, _, _ = co.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
     a0 = args[0]
     sigmas, n_prev = _cpu.sigma_block(args, sigma_eval)
     plan = dict(

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from . import _layout
+from . import _device, _layout
 from .parameterization import Parameterization, rescale_space_coeffs
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,7 +57,7 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     spec's ValueError (before any launch) for a step it refuses."""
     from .triton_kernels import combine as K
 
-    st = _layout.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
+    st = _device.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
                              want_denoised=want_denoised, out=out)
     rescale = st.f_uncond is not None and guidance_rescale != 0.0
     uv = [rescale_space_coeffs(pz, s, rescale_space) for s in sigma_eval] if rescale else [(0.0, 1.0)] * len(args)

@@ -330,19 +330,3 @@ def step_coeffs(cs, n_history: int) -> int:
     if n_hist > n_history:
         raise ValueError(f"this step needs {n_hist} history tensor(s), got {n_history}")
     return n_hist
-
-
-def spec_step(pz, args, sigma_eval, n_history: int, has_noise: bool):
-    """A whole step checked by the Python spec, as the device backends and the traced path need it before any
-    launch (a kernel cannot raise): ``(coefficients per entry of args, history depth used, whether it adds
-    noise)``; raises the spec's ValueError for a step it refuses."""
-    from . import coefficients as co
-
-    cs = [co.step_coeffs(pz, a) for a in args]
-    for s in sigma_eval:
-        pz.denoise_coeffs(s)  # raises for eps at inf
-    n_hist = step_coeffs(cs, n_history)
-    noisy = any(c.e != 0.0 for c in cs)
-    if noisy and not has_noise:
-        raise ValueError(NEEDS_NOISE)
-    return cs, n_hist, noisy

@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _validate
 from .parameterization import Parameterization
 
 INF = math.inf
@@ -466,3 +467,17 @@ def step_coeffs(pz: Parameterization, s: StepArgs) -> StepCoeffs:
     if kind in _CHURN_SAMPLERS and c.complete and target is not None and target != c.sigma_out:
         c = with_churn(c, pz, target, s.s_noise)
     return c
+
+
+def spec_step(pz, args, sigma_eval, n_history: int, has_noise: bool):
+    """A whole step checked by the Python spec, as the device backends and the traced path need it before any
+    launch (a kernel cannot raise): ``(coefficients per entry of args, history depth used, whether it adds
+    noise)``; raises the spec's ValueError for a step it refuses."""
+    cs = [step_coeffs(pz, a) for a in args]
+    for s in sigma_eval:
+        pz.denoise_coeffs(s)  # raises for eps at inf
+    n_hist = _validate.step_coeffs(cs, n_history)
+    noisy = any(c.e != 0.0 for c in cs)
+    if noisy and not has_noise:
+        raise ValueError(_validate.NEEDS_NOISE)
+    return cs, n_hist, noisy
