@@ -25,7 +25,9 @@ Keyword arguments every step function takes:
 * ``guidance_scale`` w: with a pair ``model_output=(F_cond, F_uncond)``, F = F_u + w (F_c - F_u).  A pair with
   w = 1 is F_c alone: a UserWarning says so (once per call site).
 * ``guidance_rescale`` phi and ``rescale_space`` (``"output"``, ``"v"``, ``"x0"``): Lin et al.'s rescale (§2.7).
-* ``backend``: ``"auto"`` (the fused ``cpu`` kernels for CPU tensors, else the reference), ``"cpu"``, ``"torch"``.
+* ``backend``: ``"auto"`` (for CPU tensors the fused ``cpu`` kernels, for CUDA tensors ``"cuda"`` then
+  ``"triton"``, in fp32/fp16/bf16; otherwise the reference), ``"cpu"``, ``"cuda"``, ``"triton"``, ``"torch"`` (the
+  reference).  An explicit backend that cannot serve the call raises an error listing why.
   The kernels have no backward: where autograd records the step (grad enabled and an input requiring grad),
   ``"auto"`` runs the reference and the kernel backends refuse.
 * ``out``: a tensor shaped like y to write the next state into: apart from every input, or one of them exactly
