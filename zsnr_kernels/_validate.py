@@ -226,6 +226,15 @@ def sigma_values(name: str, s, batch: int) -> list[float] | float:
     return real(name, s, lo=0.0, allow_inf=True)
 
 
+def not_ascending(vals: list[float], tensor: bool) -> None:
+    """Refuse a schedule passed in reverse (from the smallest noise level up), naming the fix: it fails the other
+    checks first for its end (``must end with 0``, ``only sigmas[0] may be inf``), which names a symptom."""
+    if len(vals) >= 2 and vals[0] < vals[-1] and all(a <= b for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"sigmas ascend ({vals[0]:g} ... {vals[-1]:g}), but a schedule runs from the largest noise "
+                         "level down to the smallest: pass them in descending order, "
+                         + ("sigmas.flip(0)" if tensor else "sigmas[::-1]"))
+
+
 def sigmas(s) -> list[float]:
     """A sampling schedule: 1-D, strictly descending, ends with 0, no NaN; the first value may be inf; every other
     positive value within [SIGMA_MIN, SIGMA_MAX]."""
@@ -243,6 +252,7 @@ def sigmas(s) -> list[float]:
         raise ValueError("sigmas contains NaN")
     if any(v < 0 for v in vals):
         raise ValueError(f"sigmas must be >= 0, got {min(vals)}")
+    not_ascending(vals, isinstance(s, torch.Tensor))
     if vals[-1] != 0.0:
         raise ValueError(f"sigmas must end with 0 (the clean sample), got {vals[-1]}; append a 0")
     if any(math.isinf(v) for v in vals[1:]):

@@ -74,7 +74,6 @@ from tqdm.auto import trange
 
 from . import _validate, schedules, steps
 from .parameterization import parameterization
-from .sampling import ascending_schedule
 
 INF = math.inf
 
@@ -382,12 +381,12 @@ def _schedule(sigmas) -> tuple[torch.Tensor, list[float]]:
     else:
         raise TypeError(f"sigmas must be a 1-D tensor, got {type(sigmas).__name__}")
     vals = sigmas.detach().double().cpu().tolist()
-    ascending_schedule(sigmas)  # before the checks a reversed schedule fails first for its end
     if any(math.isnan(v) for v in vals):
         raise ValueError("sigmas contains NaN (k-diffusion's get_sigmas gives NaN at a zero-terminal-SNR model's "
                          "sigma = inf: build the schedule with get_sigmas_zero_snr)")
     if any(v < 0 for v in vals):
         raise ValueError(f"sigmas must be >= 0, got {min(vals)}")
+    _validate.not_ascending(vals, isinstance(sigmas, torch.Tensor))
     if any(math.isinf(v) for v in vals[1:]):
         raise ValueError("only sigmas[0] may be inf")
     for i in range(len(vals) - 1):

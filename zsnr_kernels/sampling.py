@@ -73,11 +73,7 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
     if not callable(model):
         raise TypeError(f"model must be callable as model(y, sigma), got {type(model).__name__}")
     _validate.tensor("noise", noise)
-    try:
-        vals = _validate.sigmas(sigmas)
-    except ValueError:
-        ascending_schedule(sigmas)  # a flipped schedule fails the checks first for its end: say what it is
-        raise
+    vals = _validate.sigmas(sigmas)
     pz = parameterization(prediction, sigma_data)
     if vals[0] == INF and pz.prediction == "eps":
         raise ValueError("sigmas[0] is inf but prediction='eps': an eps-prediction model has no denoised "
@@ -165,28 +161,6 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
             history = [(sigma, item)] + history[: _HISTORY_DEPTH[sampler] - 1]
         y = r.y
     return steps.final_sample(y, prediction=prediction, sigma_data=pz.sigma_data).to(noise.dtype)
-
-
-def ascending_schedule(sigmas) -> None:
-    """Raise a ValueError naming the fix when ``sigmas`` ascends (a schedule passed in reverse, e.g. from 0 up to
-    inf); return without a word for anything else, which the full schedule check judges.  Called on a schedule
-    that check refused, so the message names what is wrong rather than the first symptom (``must end with 0``,
-    ``only sigmas[0] may be inf``, ``drop repeated values``)."""
-    try:
-        if isinstance(sigmas, torch.Tensor):
-            if sigmas.ndim != 1 or sigmas.dtype == torch.bool or sigmas.dtype.is_complex or sigmas.is_meta:
-                return
-            vals = sigmas.detach().double().cpu().tolist()
-        elif isinstance(sigmas, (list, tuple)):
-            vals = [float(v) for v in sigmas]
-        else:
-            return
-    except (TypeError, ValueError, RuntimeError):
-        return
-    if len(vals) >= 2 and vals[0] < vals[-1] and all(a <= b for a, b in zip(vals, vals[1:])):
-        flip = "sigmas.flip(0)" if isinstance(sigmas, torch.Tensor) else "sigmas[::-1]"
-        raise ValueError(f"sigmas ascend ({vals[0]:g} ... {vals[-1]:g}), but a schedule runs from the largest noise "
-                         f"level down to the smallest: pass them in descending order, {flip}")
 
 
 def _model_table(model_sigmas):

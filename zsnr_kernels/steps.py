@@ -85,9 +85,9 @@ class StepResult(_StepFields):
     complete:   False after the first stage of a two-stage sampler
     derivative: d = (x - D)/sigma of this evaluation, only for :func:`lms_step`
 
-    and an attribute outside the tuple, ``origin``: the ``(sampler, sigma, sigma_next)`` of the step function call
-    that returned it (floats, or per-sample lists), which the second call of a two-stage step checks its own
-    against; None (not checked) on a result built by hand or by ``_replace``.
+    and an attribute outside the tuple, ``origin``: on a first stage (``complete=False``), the ``(sampler, sigma,
+    sigma_next)`` of the call that returned it (floats, or per-sample lists), which the second call checks its own
+    against; None otherwise, and on a result built by hand or by ``_replace`` (not checked).
     """
 
     origin = None
@@ -241,10 +241,8 @@ def _run(
         y_out, d, carry, sigma_out, complete = run(
             y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
             rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
-    a0 = args[0]
     result = StepResult(y_out, sigma_out[0] if len(args) == 1 else _column(sigma_out, True), d if want_d else None,
-                        complete, carry, (a0.sampler, a0.sigma, a0.sigma_next) if len(args) == 1 else
-                        (a0.sampler, [a.sigma for a in args], [a.sigma_next for a in args]))
+                        complete, carry, None if complete else _origin(args))
     rec = recorder  # read once: another thread's recording may end meanwhile
     if rec is not None and rec.thread == threading.get_ident():  # zsnr_kernels.plan is recording a run
         rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
@@ -414,6 +412,14 @@ def _check_first_y(sampler: str, y, first: StepResult) -> None:
             f"y is not first.y: the second {sampler} call continues from the state the first call returned, with "
             f"the model evaluated there. Call {sampler}_step(first.y, model(first.y, first.sigma), sigma, "
             "sigma_next, first=first)")
+
+
+def _origin(args: list[co.StepArgs]) -> tuple:
+    """``StepResult.origin`` of a first stage (only a first stage is passed on as ``first``)."""
+    a0 = args[0]
+    if len(args) == 1:
+        return a0.sampler, a0.sigma, a0.sigma_next
+    return a0.sampler, [a.sigma for a in args], [a.sigma_next for a in args]
 
 
 def _check_origin(args: list[co.StepArgs], origin) -> None:
