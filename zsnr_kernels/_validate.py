@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -69,6 +72,22 @@ def tensor(name: str, t, like: torch.Tensor | None = None, like_name: str = "y")
     return t
 
 
+UNGUIDED_PAIR = (
+    "guidance_scale=1.0 with a (cond, uncond) pair: F = F_uncond + 1.0 (F_cond - F_uncond) is F_cond alone, so the "
+    "unconditional output is computed and ignored. Pass guidance_scale > 1 (e.g. 7.5) for classifier-free guidance, "
+    "or the conditional output alone")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package (the user's call site, so the default
+    filter shows it once per call site)."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
 def model_output(out, y: torch.Tensor, guidance_scale: float, name: str = "model_output", like_name: str = "y"):
     """(F_cond, F_uncond or None) from a tensor or a (cond, uncond) pair; a pair is required when guiding."""
     if isinstance(out, (tuple, list)):
@@ -78,6 +97,8 @@ def model_output(out, y: torch.Tensor, guidance_scale: float, name: str = "model
         if not (matches(f_cond, y) and matches(f_uncond, y)):  # raise, naming the one that does not match
             tensor(f"{name}[0] (cond)", f_cond, y, like_name)
             tensor(f"{name}[1] (uncond)", f_uncond, y, like_name)
+        if guidance_scale == 1.0 and not torch.compiler.is_compiling():
+            warn(UNGUIDED_PAIR)
         return f_cond, f_uncond
     if not matches(out, y):
         tensor(name, out, y, like_name)

@@ -143,9 +143,8 @@ class SamplingPlan:
             if reasons:
                 raise ValueError("a SamplingPlan on CUDA tensors runs the Triton kernels: " + "; ".join(reasons))
         self.pz = parameterization(prediction, sigma_data)
-        self.guidance_scale = _validate.real("guidance_scale", guidance_scale)
-        self.guidance_rescale = _validate.real("guidance_rescale", guidance_rescale, lo=0.0, hi=1.0)
-        self.rescale_space = _validate.choice("rescale_space", rescale_space, _validate.RESCALE_SPACES)
+        self.guidance_scale, self.guidance_rescale, self.rescale_space = _validate.guidance(
+            guidance_scale, guidance_rescale, rescale_space)
         self.guided = self.guidance_scale != 1.0
         batch = shape[0]
 
@@ -271,8 +270,6 @@ class SamplingPlan:
         e = self._evals[k]
         y = self._buffers[self._buf[e.y_slot]]
         f_cond, f_uncond = _validate.model_output(model_output, y, self.guidance_scale)
-        if f_uncond is not None and self.guidance_scale == 1.0 and not torch.compiler.is_compiling():
-            steps._warn(steps.UNGUIDED_PAIR)
         hist = [self._buffers[self._buf[s]] for s in e.hist_slots[:len(e.coeffs.h)]]
         out = {name: self._buffers[self._buf[s]] if s >= 0 and self._buf[s] >= 0 else None
                for name, s in (("y", e.y_out), ("d", e.d_out), ("carry", e.carry_out))}

@@ -51,10 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import sys
 import threading
-import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -187,8 +184,6 @@ def _run(
     w, phi, space = _validate.guidance(guidance_scale, guidance_rescale, rescale_space)
     _validate.step_sigmas(args, pz)  # noise levels every backend can step (subnormal, huge, too wide a step)
     f_cond, f_uncond = _validate.model_output(model_output, y, w)
-    if f_uncond is not None and w == 1.0 and not torch.compiler.is_compiling():
-        _warn(UNGUIDED_PAIR)
     for k, t in enumerate(history):
         if not _validate.matches(t, y):
             _validate.tensor(f"history[{k}]", t, y)
@@ -208,8 +203,8 @@ def _run(
     if len(sig_eval) != len(args):
         raise ValueError("first.sigma is per sample but this call's sigma and sigma_next are not: pass the second "
                          "call the per-sample sigmas of the first")
-    if args[0].stage == 2:
-        _check_first_sigma(pz, args, sig_eval)
+    if args[0].stage == 2 and not _own_origin(args, first_origin):  # an unmodified first stage of this call
+        _check_first_sigma(pz, args, sig_eval)  # (the common case) passes both; else they say what differs
         _check_origin(args, first_origin)
     want_d = return_denoised or _remembers_denoised(args[0])
     # autograd records the step (the kernels have no backward: only the reference can run it), written out: this
@@ -248,22 +243,6 @@ def _run(
         rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
                  guided=f_uncond is not None)
     return result
-
-
-UNGUIDED_PAIR = (
-    "guidance_scale=1.0 with a (cond, uncond) pair: F = F_uncond + 1.0 (F_cond - F_uncond) is F_cond alone, so the "
-    "unconditional output is computed and ignored. Pass guidance_scale > 1 (e.g. 7.5) for classifier-free guidance, "
-    "or the conditional output alone")
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _warn(message: str) -> None:
-    """``warnings.warn`` attributed to the first caller outside this package (the user's call site, so the default
-    filter shows it once per call site)."""
-    level, frame = 2, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 #: set by :mod:`zsnr_kernels.plan` while one thread records the steps of a run (a plain global, which
@@ -422,6 +401,19 @@ def _origin(args: list[co.StepArgs]) -> tuple:
     return a0.sampler, [a.sigma for a in args], [a.sigma_next for a in args]
 
 
+def _same_sigmas(origin: tuple, i: int, a: co.StepArgs) -> bool:
+    return (math.isclose(_at(origin[1], i), a.sigma, rel_tol=1e-12)
+            and math.isclose(_at(origin[2], i), a.sigma_next, rel_tol=1e-12))
+
+
+def _own_origin(args: list[co.StepArgs], origin) -> bool:
+    """Whether ``first.origin`` is this second call's own sampler and sigmas: ``first`` is then this step's first
+    stage, unmodified (``_replace`` drops the origin), and :func:`_check_first_sigma`, which recomputes the first
+    stage's coefficients, has nothing to find."""
+    return (isinstance(origin, tuple) and len(origin) == 3 and origin[0] == args[0].sampler
+            and all(_same_sigmas(origin, i, a) for i, a in enumerate(args)))
+
+
 def _check_origin(args: list[co.StepArgs], origin) -> None:
     """A second call takes the sampler, sigma and sigma_next of its first call (``first.origin``; a StepResult
     built by hand without one is not checked).  Run after :func:`_check_first_sigma`, this catches what that
@@ -439,8 +431,8 @@ def _check_origin(args: list[co.StepArgs], origin) -> None:
                          f"step's first {sampler}_step call")
     n = len(args)
     for i in range(n):
-        a, b, c, d = _at(f_sg, i), _at(f_sn, i), args[i].sigma, args[i].sigma_next
-        if not (math.isclose(a, c, rel_tol=1e-12) and math.isclose(b, d, rel_tol=1e-12)):
+        if not _same_sigmas(origin, i, args[i]):
+            a, b, c, d = _at(f_sg, i), _at(f_sn, i), args[i].sigma, args[i].sigma_next
             at = f" (sample {i})" if n > 1 else ""
             raise ValueError(
                 f"first was returned by the first {sampler} call from sigma={a} to sigma_next={b}, but this call "
