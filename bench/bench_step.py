@@ -1,5 +1,5 @@
 """Benchmark of the fused sampler steps: ``python -m zsnr_kernels bench`` from a checkout, plus the
-pytest-benchmark regression cases.  The benchmark itself lives in :mod:`zsnr_kernels.bench` (so the installed
+pytest-benchmark regression cases.  The benchmark itself lives in :mod:`zsnr_kernels.tools.bench` (so the installed
 command line has it); read its docstring for what is measured and how.
 
     python bench/bench_step.py                        # full table (several minutes: one compile per row)
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import zsnr_kernels as zk
-from zsnr_kernels import _backend, _ext
-from zsnr_kernels.bench import (  # noqa: F401  (COLUMNS: the script's interface, read by tests/test_bench_smoke.py)
+from zsnr_kernels.backends import ext as _ext, registry as _backend
+from zsnr_kernels.tools.bench import (  # noqa: F401  (COLUMNS: the script's interface, read by tests/test_bench_smoke.py)
     COLUMNS,
     DTYPES,
     HEADLINE,

@@ -16,7 +16,7 @@ import time
 import torch
 
 import zsnr_kernels as zk
-from zsnr_kernels import bench
+from zsnr_kernels.tools import bench
 
 NOISY_AND_HEADLINE = ("euler_cfg_rescale", "euler", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
 

@@ -68,7 +68,7 @@ def refused(exc, match, fn, *tensors):
 def pytest_report_header(config):
     """The instruction sets this run uses: the CPU kernels' (capped by ZSNR_CPU_ISA) and PyTorch's own (capped by
     ATEN_CPU_CAPABILITY), since oracles computed by PyTorch round differently under each."""
-    from zsnr_kernels import _ext
+    from zsnr_kernels.backends import ext as _ext
 
     kernels = _ext.C.cpu_isa() if _ext.available() else f"unavailable ({_ext.why_unavailable()})"
     return f"cpu kernels: {kernels}; torch cpu capability: {torch.backends.cpu.get_cpu_capability()}"

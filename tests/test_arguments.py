@@ -11,7 +11,7 @@ import torch
 from conftest import rand as _rand, refused as _refused
 
 import zsnr_kernels as zk
-from zsnr_kernels import _ext
+from zsnr_kernels.backends import ext as _ext
 
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available(), reason="_C not built"))]
 SHAPE = (2, 4, 8, 8)

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zsnr_kernels import _ext
-from zsnr_kernels import bench as bench_core
+from zsnr_kernels.backends import ext as _ext
+from zsnr_kernels.tools import bench as bench_core
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_step.py"
 MEASURED = ["bytes", "us", "gbps", "triad_us", "triad_gbps", "pct_triad", "eager_us", "x_eager"]

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from zsnr_kernels import _ext
-from zsnr_kernels.models import builtin_images
+from zsnr_kernels.backends import ext as _ext
+from zsnr_kernels.tools.models import builtin_images
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # PNG colour type -> samples per pixel (8-bit depths)
@@ -110,7 +110,7 @@ def test_cuda_device_errors_in_words(monkeypatch, err, driver, want):
     means on the machine instead."""
     from types import SimpleNamespace
 
-    from zsnr_kernels import _cuda
+    from zsnr_kernels.backends import cuda as _cuda
 
     monkeypatch.setattr(_cuda, "_driver_present", lambda: driver)
     m = SimpleNamespace(error_string={35: "insufficient driver", 100: "no device", 999: "unknown error"}.get)
@@ -121,7 +121,7 @@ def test_cuda_device_errors_in_words(monkeypatch, err, driver, want):
 def test_info_without_a_gpu_says_no_cuda_device(tmp_path):
     out = _cli("info", cwd=tmp_path)
     assert "insufficient" not in out
-    from zsnr_kernels import _cuda
+    from zsnr_kernels.backends import cuda as _cuda
 
     if _cuda.module() is not None:  # the CUDA module is built here: it loads and reports the missing device
         assert "no CUDA device" in out
@@ -170,7 +170,7 @@ def test_console_script_is_the_module_main():
 
 def test_demo_writes_its_figure(tmp_path):
     """Default path in the current directory; the data panel holds the built-in images sorted by brightness."""
-    from zsnr_kernels import demo
+    from zsnr_kernels.tools import demo
 
     out = _cli("demo", "--quick", cwd=tmp_path)
     assert "zero SNR (trailing)" in out and f"wrote {demo.DEFAULT_PNG}" in out
@@ -205,7 +205,7 @@ def test_bench_csv_and_png(tmp_path):
     assert "wrote b.csv" in out and "wrote b.png" in out
     with open(tmp_path / "b.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    from zsnr_kernels.bench import COLUMNS
+    from zsnr_kernels.tools.bench import COLUMNS
 
     assert list(rows[0])[:len(COLUMNS)] == COLUMNS
     assert [(r["shape"], r["backend"]) for r in rows] == [("1x4x8x8", "cpu"), ("1x4x8x8", "eager"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import zsnr_kernels as zk
-from zsnr_kernels import _ext, _ops
+from zsnr_kernels.backends import ext as _ext, ops as _ops
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="zsnr_kernels._C is not built")
 
@@ -26,7 +26,7 @@ def _op_args(y, *, f_uncond=None, history=(), want_d=True, sampler=0, n_prev=0, 
 
 @pytest.mark.parametrize("variant", ["plain", "guided_rescale", "history", "carry_asked_of_euler"])
 def test_opcheck(variant):
-    from zsnr_kernels import _ops
+    from zsnr_kernels.backends import ops as _ops
 
     y = torch.randn(2, 3, 5, 7)
     kw = {}

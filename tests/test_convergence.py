@@ -1,6 +1,6 @@
 """Convergence at the sampler's order against the exact probability-flow ODE solution (docs/design.md §4).
 
-Gaussian data x0 ~ N(mean, diag(std^2)) has a closed-form denoiser and ODE solution (zsnr_kernels.models).  On a
+Gaussian data x0 ~ N(mean, diag(std^2)) has a closed-form denoiser and ODE solution (zsnr_kernels.tools.models).  On a
 Karras rho=7 schedule (80 -> 0.002, then 0) the max-abs error falls like N^-order for N = 8..64.  Measured slopes
 (least squares over N = 8, 16, 32, 64, float64, this seed):
 
@@ -27,7 +27,7 @@ import torch
 
 import zsnr_kernels as zk
 from zsnr_kernels import schedules
-from zsnr_kernels.models import GaussianModel, GuidedPair
+from zsnr_kernels.tools.models import GaussianModel, GuidedPair
 
 NS = (8, 16, 32, 64)
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002

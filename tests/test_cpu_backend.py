@@ -24,7 +24,8 @@ import torch
 from conftest import TinyNet
 
 import zsnr_kernels as zk
-from zsnr_kernels import _cpu, _ext, coefficients as co, noise as zn
+from zsnr_kernels import coefficients as co, noise as zn
+from zsnr_kernels.backends import cpu as _cpu, ext as _ext
 from zsnr_kernels.parameterization import parameterization
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"zsnr_kernels._C not built: {_ext.why_unavailable()}")

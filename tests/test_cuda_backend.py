@@ -1,6 +1,6 @@
 """The ``cuda`` backend: its host side here, its kernels wherever a GPU exists.
 
-Without a GPU, :mod:`zsnr_kernels._cuda` is exercised up to the compiled launcher: a stand-in for the
+Without a GPU, :mod:`zsnr_kernels.backends.cuda` is exercised up to the compiled launcher: a stand-in for the
 ``_C_cuda`` module unpacks exactly what the real one would receive (the device sigma array
 [sigma | sigma_eval | sigma_next | sigma_hat_next | sigma_prev], the uint64 seed bits, flags and pointers) and
 runs the CPU kernels with it, which share the step plan (zsnr/step_plan.h) with the CUDA launcher.  The result
@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import zsnr_kernels as zk
-from zsnr_kernels import _cpu, _cuda, _ext, coefficients as co
+from zsnr_kernels import coefficients as co
+from zsnr_kernels.backends import cpu as _cpu, cuda as _cuda, ext as _ext
 from zsnr_kernels.parameterization import parameterization
 
 INF = math.inf
@@ -231,7 +232,7 @@ class _FakeCudaTensor:
 def test_backend_choice_is_remembered_per_gpu(monkeypatch):
     """``auto`` checks each GPU (the cuda kernels may not be built for one GPU's architecture): a choice remembered
     for GPU 0 is not reused for GPU 1."""
-    from zsnr_kernels import _backend
+    from zsnr_kernels.backends import registry as _backend
 
     def reasons(backend, y):
         return ["no kernels for this GPU"] if backend in ("cuda", "triton") and y.device.index == 1 else []

@@ -14,8 +14,8 @@ import zlib
 import numpy as np
 import pytest
 
-from zsnr_kernels import _png, demo
-from zsnr_kernels.models import builtin_images
+from zsnr_kernels.tools import demo, png as _png
+from zsnr_kernels.tools.models import builtin_images
 
 PART3_ROW = re.compile(r"^   (euler|dpmpp_2m|euler_ancestral)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)%\s+(\d+)%\s+inf"
                        r"\s+([\d.]+)\s+(\d+)%\s+(\d+)%$")

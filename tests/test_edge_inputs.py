@@ -17,7 +17,8 @@ import torch
 from conftest import TinyNet, rand as _rand, refused as _refused
 
 import zsnr_kernels as zk
-from zsnr_kernels import _ext, _validate
+from zsnr_kernels import _validate
+from zsnr_kernels.backends import ext as _ext
 from zsnr_kernels.sampling import SAMPLERS
 
 INF = math.inf

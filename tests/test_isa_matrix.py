@@ -4,7 +4,7 @@ Two things round differently from one instruction set to the next: this library'
 AVX-512 loops, which must give the same bits) and PyTorch itself, whose vectorised kernels compute the oracles
 (diffusers, k-diffusion) and the reference.  The main run uses the best of each; a CPU with AVX2 only would take
 other paths and, before this test existed, failed where this one passed.  So each lower level runs again here in a
-subprocess, with both capped: ``ZSNR_CPU_ISA`` (read by ``zsnr_kernels._ext``) and PyTorch's
+subprocess, with both capped: ``ZSNR_CPU_ISA`` (read by ``zsnr_kernels.backends.ext``) and PyTorch's
 ``ATEN_CPU_CAPABILITY``, with oneDNN's and MKL's own caps for its convolutions and matrix products.  Levels above
 what the CPU has cannot run here: ``tests/test_isa_pinned_bits.py`` checks the kernels of every level against bits
 recorded with AVX-512.  What stays untested on a smaller CPU is PyTorch's own code above the CPU's level (the
@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import inductor_cache_dir
 
-from zsnr_kernels import _ext
+from zsnr_kernels.backends import ext as _ext
 
 TESTS = pathlib.Path(__file__).resolve().parent
 # the files whose tolerances meet an instruction set: the kernels against the reference, and the peers as oracles
@@ -57,7 +57,7 @@ def test_isa_dependent_tests_pass_under_every_lower_instruction_set(level):
     env = dict(os.environ, ZSNR_CPU_ISA=level, ATEN_CPU_CAPABILITY=ATEN[level], ONEDNN_MAX_CPU_ISA=ONEDNN[level],
                MKL_ENABLE_INSTRUCTIONS=MKL[level],
                TORCHINDUCTOR_CACHE_DIR=inductor_cache_dir(TORCH_REPORTS[ATEN[level]]))  # not this run's (conftest)
-    probe = ("import torch, zsnr_kernels._ext as e; "
+    probe = ("import torch, zsnr_kernels.backends.ext as e; "
              "print(e.C.cpu_isa(), torch.backends.cpu.get_cpu_capability())")
     got = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     kernels, aten = got.stdout.split()

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import zsnr_kernels as zk
-from zsnr_kernels import _ext
+from zsnr_kernels.backends import ext as _ext
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="the compiled CPU module is unavailable")
 

@@ -1,10 +1,15 @@
 """The package's import graph, read from the source with ``ast`` (every import, those inside functions too):
-no cycles, and the modules below the public API never import the package root.
+no cycles, and no module imports one from a layer above its own.
 
 A cycle makes the import order decide what works (a name used before its module finished loading); a low module
-importing the root (``from . import __version__``) imports everything above it first.  The layers the design names
-(math < backends < steps/sampling/plan < integrations/tools) are checked here once the package is laid out by
-layer; today it is flat, and these are the rules that hold for it.
+importing a high one (``from . import __version__`` from the root) imports everything above it first, and the
+layers stop meaning anything.  The layers, lowest first (README "Layout"):
+
+    base          _version, _validate (the argument checks every layer shares)
+    math          parameterization, coefficients, schedules, noise, reference, samplers
+    backends      zsnr_kernels.backends.*: registry, layout, the cpu/cuda/triton/torch backends, the torch.library op
+    api           steps, sampling, plan
+    integrations  k_diffusion, diffusers, tools.* (bench, demo, models ...), __main__, and the package root
 """
 
 from __future__ import annotations
@@ -72,16 +77,46 @@ def test_the_import_graph_has_no_cycle():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-def test_private_modules_do_not_import_the_package_root():
-    """``_ext``, ``_cuda`` and the other private modules sit below the API the root assembles."""
+#: module (or package prefix) -> layer; a module takes the layer of its longest listed prefix
+LAYERS = {
+    "_version": 0, "_validate": 0,
+    "parameterization": 1, "coefficients": 1, "schedules": 1, "noise": 1, "reference": 1, "samplers": 1,
+    "backends": 2,
+    "steps": 3, "sampling": 3, "plan": 3,
+    "k_diffusion": 4, "diffusers": 4, "tools": 4, "__main__": 4, "": 4,
+}
+LAYER_NAMES = ("base", "math", "backends", "api", "integrations")
+
+
+def layer(module: str) -> int:
+    """The layer of a package module: every module must be listed (a new one is placed on purpose)."""
+    rel = module[len(ROOT_NAME) + 1:] if module != ROOT_NAME else ""
+    parts = rel.split(".") if rel else []
+    for k in range(len(parts), -1, -1):
+        key = ".".join(parts[:k])
+        if key in LAYERS:
+            return LAYERS[key]
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layering.py")
+
+
+def test_every_import_goes_down_or_across():
     graph = _graph()
-    offenders = sorted(m for m, deps in graph.items() if m.rsplit(".", 1)[-1].startswith("_")
-                       and m != ROOT_NAME and ROOT_NAME in deps and not m.endswith("__main__"))
-    assert not offenders, offenders
+    upward = sorted(f"{m} ({LAYER_NAMES[layer(m)]}) imports {d} ({LAYER_NAMES[layer(d)]})"
+                    for m, deps in graph.items() for d in deps if layer(d) > layer(m))
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
 
 
 def test_the_reader_sees_every_module():
     """The graph is read from the files (a module the reader missed would pass everything above vacuously)."""
     graph = _graph()
-    assert {f"{ROOT_NAME}.steps", f"{ROOT_NAME}._ext", f"{ROOT_NAME}._validate"} <= set(graph)
-    assert f"{ROOT_NAME}._layout" in graph[f"{ROOT_NAME}._validate"]
+    assert {f"{ROOT_NAME}.steps", f"{ROOT_NAME}.backends.ext", f"{ROOT_NAME}._validate",
+            f"{ROOT_NAME}.backends.triton_kernels.combine", f"{ROOT_NAME}.tools.bench"} <= set(graph)
+    assert f"{ROOT_NAME}.backends.layout" in graph[f"{ROOT_NAME}.backends.cpu"]
+    assert f"{ROOT_NAME}.backends.cpu" in graph[f"{ROOT_NAME}.steps"]
+
+
+def test_the_rule_catches_an_upward_import():
+    """The rule itself: a math module importing steps, or a backend importing the root, is named."""
+    assert layer(f"{ROOT_NAME}.coefficients") < layer(f"{ROOT_NAME}.backends.cpu") < layer(f"{ROOT_NAME}.steps")
+    assert layer(f"{ROOT_NAME}.backends.triton_kernels.combine") == LAYERS["backends"]
+    assert layer(ROOT_NAME) == LAYERS["tools"]

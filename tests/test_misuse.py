@@ -15,7 +15,7 @@ import torch
 from conftest import TinyNet
 
 import zsnr_kernels as zk
-from zsnr_kernels import _ext
+from zsnr_kernels.backends import ext as _ext
 from zsnr_kernels import k_diffusion as K
 
 INF = math.inf

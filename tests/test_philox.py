@@ -12,7 +12,8 @@ import textwrap
 import pytest
 import torch
 
-from zsnr_kernels import _ext, noise
+from zsnr_kernels import noise
+from zsnr_kernels.backends import ext as _ext
 
 MASK32 = 0xFFFFFFFF
 
@@ -270,7 +271,7 @@ def test_ext_failure_is_recorded_not_raised():
                     raise ImportError("simulated broken build")
         sys.meta_path.insert(0, Block())
         import zsnr_kernels
-        from zsnr_kernels import _ext
+        from zsnr_kernels.backends import ext as _ext
         assert not _ext.available() and _ext.build_info() is None
         assert "simulated broken build" in _ext.why_unavailable(), _ext.why_unavailable()
         """

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import zsnr_kernels as zk
-from zsnr_kernels import _ext
+from zsnr_kernels.backends import ext as _ext
 from zsnr_kernels.plan import SamplingPlan
 
 INF = math.inf

@@ -451,8 +451,6 @@ def test_t_to_sigma_never_nan(t):
         (lambda: S.sigmas_from_alphas_cumprod([1.5]), "alphas_cumprod"),
         (lambda: S.timesteps(0), "num_steps"),
         (lambda: S.timesteps(1001), "num_steps"),
-        (lambda: S.timesteps(2.5), "num_steps"),
-        (lambda: S.timesteps(True), "num_steps"),
         (lambda: S.timesteps(10, spacing="uniform"), "spacing"),
         (lambda: S.timesteps(10, steps_offset=-1), "steps_offset"),
         (lambda: S.karras(0, 0.1, 10.0), "n"),
@@ -481,4 +479,24 @@ def test_t_to_sigma_never_nan(t):
 )
 def test_bad_input_raises_value_error(call, name):
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        call()
+
+
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (lambda: S.timesteps(2.5), "num_steps"),
+        (lambda: S.timesteps(True), "num_steps"),
+        (lambda: S.betas("linear", "1000"), "num_train_timesteps"),
+        (lambda: S.karras(10, "0.1", 10.0), "sigma_min"),
+        (lambda: S.karras(10, 0.1, 10.0, rho=True), "rho"),
+        (lambda: S.quantize(1.0, [1.0], space=3), "space"),
+        (lambda: S.quantize(1.0, [[1.0], ["a"]]), "table"),
+        (lambda: S.DiscreteSchedule.from_betas("scaled_linear").t_to_sigma("3"), "t"),
+    ],
+)
+def test_bad_type_raises_type_error(call, name):
+    """The schedules speak the steps' dialect: a wrong type is a TypeError, a wrong value a ValueError, each naming
+    the argument."""
+    with pytest.raises(TypeError, match=rf"\b{name}\b"):
         call()

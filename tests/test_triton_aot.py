@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from zsnr_kernels.triton_kernels import combine as C  # noqa: E402
+from zsnr_kernels.backends.triton_kernels import combine as C  # noqa: E402
 
 # Triton may emit a newer PTX ISA version than a given ptxas reads ("Unsupported .version"): try the assemblers
 # Triton bundles and the CUDA toolkit's, newest first, and use the first that reads the PTX.

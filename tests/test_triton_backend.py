@@ -1,6 +1,6 @@
 """``backend="triton"`` through the public API, run by Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``).
 
-The step functions and ``sample()`` dispatch to :mod:`zsnr_kernels._triton` as they would on a GPU; here the
+The step functions and ``sample()`` dispatch to :mod:`zsnr_kernels.backends.triton` as they would on a GPU; here the
 kernels execute in the interpreter, which runs programs one after another and specialises nothing, so it checks
 the math and the host side, not memory ordering or JIT specialisation (``test_triton_aot.py`` covers what it can
 of those).  Each case runs in a child process (the environment variable must be set
@@ -20,7 +20,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from zsnr_kernels import SAMPLERS, _ext  # noqa: E402
+from zsnr_kernels import SAMPLERS  # noqa: E402
+from zsnr_kernels.backends import ext as _ext  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"zsnr_kernels._C: {_ext.why_unavailable()}")
 
@@ -29,7 +30,7 @@ CHILD = textwrap.dedent(
     import math, sys
     import torch
     import zsnr_kernels as zk
-    from zsnr_kernels import _backend
+    from zsnr_kernels.backends import registry as _backend
 
     INF = math.inf
     RESCALE_SIGMAS = [(1e-20, 0.0), (1e-29, 0.0), (1e29, 1e28), ([1e-29, 1e29], [0.0, 1e28])]
@@ -124,7 +125,7 @@ CHILD = textwrap.dedent(
                 results[f"range_end_{space}_{prediction}_{i}"] = r
 
     # the torch.library ops with backend="triton": schema, fake implementation, out= form (torch.compile's view)
-    from zsnr_kernels import _ops
+    from zsnr_kernels.backends import ops as _ops
     op_args = (y, fc, fu, [], None, True, False, "triton", 0, 1.0, 0, 1, 0, 4, 1.0, 1.0, [5.0, 5.0, 3.0, 3.0], 0,
                4.0, 0.7, 0, None, 0)
     torch.library.opcheck(_ops.step, op_args)

@@ -25,7 +25,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from zsnr_kernels import _ext, coefficients as co, euler_ancestral_step, noise as nz, reference  # noqa: E402
+from zsnr_kernels import coefficients as co, euler_ancestral_step, noise as nz, reference  # noqa: E402
+from zsnr_kernels.backends import ext as _ext  # noqa: E402
 from zsnr_kernels import dpmpp_2m_step, lms_step  # noqa: E402
 from zsnr_kernels.parameterization import parameterization, rescale_space_coeffs  # noqa: E402
 
@@ -43,7 +44,7 @@ CHILD = textwrap.dedent(
     import os, sys
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
-    from zsnr_kernels.triton_kernels.combine import fused_step_triton
+    from zsnr_kernels.backends.triton_kernels.combine import fused_step_triton
     cases = torch.load(sys.argv[1], weights_only=False)
     torch.save({k: fused_step_triton(*c["args"], **c["kwargs"]) for k, c in cases.items()}, sys.argv[2])
     """

@@ -18,7 +18,7 @@ from ._version import __version__  # noqa: E402
 
 from . import coefficients, noise, reference, schedules  # noqa: E402
 from .parameterization import PREDICTIONS, Parameterization, parameterization
-from ._cpu import get_num_threads, set_num_threads
+from .backends.cpu import get_num_threads, set_num_threads
 from .plan import SamplingPlan
 from .sampling import SAMPLERS, sample
 from .steps import (

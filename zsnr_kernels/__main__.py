@@ -13,7 +13,7 @@ def info() -> int:
     why not)."""
     import torch
 
-    from . import _backend, _cuda, _ext, _triton
+    from .backends import cuda as _cuda, ext as _ext, registry as _backend, triton as _triton
     from ._version import __version__
 
     print(f"zsnr-kernels {__version__}  python {platform.python_version()}  torch {torch.__version__}")
@@ -49,7 +49,7 @@ def info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import bench, demo
+    from .tools import bench, demo
     from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="zsnr-kernels", description=__doc__)

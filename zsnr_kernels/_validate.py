@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
 import sys
 import warnings
@@ -15,7 +16,6 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _layout
 
 FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))  # a set: one hash per check
 RESCALE_SPACES = ("output", "v", "x0")
@@ -41,6 +41,15 @@ _SPAN_CHECKED = frozenset((*STEP_RATIO_MAX, "lms"))
 #: float32's range for any model output below 1e12.
 GUIDANCE_SCALE_MAX = 1e4
 _INF = math.inf
+
+
+def per_sample_dense(t: torch.Tensor) -> bool:
+    """Every sample a dense block of numel/B elements, samples one after another (contiguous, channels-last)."""
+    if t.is_contiguous():
+        return True
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def matches(t, like: torch.Tensor) -> bool:
@@ -129,6 +138,39 @@ def real(name: str, v, *, lo: float | None = None, hi: float | None = None, allo
         raise ValueError(f"{name} must be >= {lo}, got {v}")
     if hi is not None and v > hi:
         raise ValueError(f"{name} must be <= {hi}, got {v}")
+    return v
+
+
+def integer(name: str, v, *, lo: int | None = None, hi: int | None = None) -> int:
+    """An int (any integer type or one-element integer tensor, not bool) within [lo, hi]: TypeError for another
+    type, ValueError out of range, each naming ``name``."""
+    if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+    try:
+        v = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bound = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {bound}, got {v}")
+    return v
+
+
+def index(name: str, v, bound: int) -> int:
+    """An int in [0, bound) (a counter word, a batch size, a position): :func:`integer` with that range."""
+    if type(v) is int and 0 <= v < bound:
+        return v
+    v = integer(name, v)
+    if not 0 <= v < bound:
+        raise ValueError(f"{name} must be in [0, {bound}), got {v}")
+    return v
+
+
+def positive(name: str, v, *, allow_inf: bool = False) -> float:
+    """A real number > 0 (+inf too with ``allow_inf``): :func:`real`, then the sign."""
+    v = real(name, v, lo=0.0, allow_inf=allow_inf)
+    if not v > 0.0:
+        raise ValueError(f"{name} must be > 0, got {v}")
     return v
 
 
@@ -293,16 +335,14 @@ def step_index(v) -> int | None:
     [0, 2**32)."""
     if v is None or (type(v) is int and 0 <= v < 2**32):
         return v  # the common case (this runs on every step)
-    from .noise import _check_index
-
-    return _check_index(v, "step_index", 2**32)
+    return index("step_index", v, 2**32)
 
 
 def out(o, y: torch.Tensor, inputs, names) -> torch.Tensor:
     """``out=`` of a step: a tensor like y that can be written, apart from the step's ``inputs`` (the tensors it
     reads, None entries allowed; ``names(k)`` names inputs[k] in a message) or one of them exactly (:func:`apart`)."""
     tensor("out", o, y)
-    dense = _layout.per_sample_dense(o)
+    dense = per_sample_dense(o)
     if not dense and any(s == 0 and n > 1 for n, s in zip(o.shape, o.stride())):
         raise ValueError("out has elements that share memory (a stride-0 view, e.g. from expand()); pass a tensor "
                          "with memory of its own, e.g. torch.empty_like(y)")
@@ -336,15 +376,16 @@ def apart(name: str, o: torch.Tensor, inputs, names) -> None:
         if t is None or t is o:
             continue
         d = t.data_ptr() - lo
-        if -size < d < size and not (d == 0 and t.stride() == o.stride()) and _layout.per_sample_dense(t):
+        if -size < d < size and not (d == 0 and t.stride() == o.stride()) and per_sample_dense(t):
             raise ValueError(f"{name} overlaps {names(k)} without being the same view of it (some elements would "
                              f"be written before they are read); pass a separate tensor, or {names(k)} itself")
 
 
 def choice(name: str, v, options: Sequence[str]) -> str:
-    if not isinstance(v, str) or v not in options:
-        raise ValueError(f"{name} must be one of {tuple(options)}, got {v!r}")
-    return v
+    """One of ``options`` (strings): TypeError for a non-string, ValueError for another string."""
+    if isinstance(v, str) and v in options:
+        return v
+    raise (ValueError if isinstance(v, str) else TypeError)(f"{name} must be one of {tuple(options)}, got {v!r}")
 
 
 NEEDS_NOISE = ("this step adds noise: pass noise= (a unit-Gaussian tensor shaped like y) or seed= with "

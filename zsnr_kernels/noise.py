@@ -22,11 +22,12 @@ halves so that no int64 product overflows.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from . import _validate
 
 __all__ = ["philox4x32", "uint32_to_uniform", "normal", "group_normals", "normalize_seeds", "seed_bits"]
 
@@ -114,26 +115,8 @@ def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
     return r * torch.cos(th), r * torch.sin(th)
 
 
-def _as_int(value: object, name: str) -> int:
-    """``value`` as a Python int (any integer type, not bool); TypeError naming ``name`` otherwise."""
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-
-
-def _check_index(value: object, name: str, bound: int) -> int:
-    """``value`` as an int in [0, bound); TypeError/ValueError naming ``name`` otherwise."""
-    v = _as_int(value, name)
-    if not 0 <= v < bound:
-        raise ValueError(f"{name} must be in [0, {bound}), got {v}")
-    return v
-
-
 def _seed_int(value: object, name: str) -> int:
-    v = _as_int(value, name)
+    v = _validate.integer(name, value)
     if not -(2**63) <= v < 2**64:
         raise ValueError(f"{name} must be in [-2**63, 2**64), got {v}")
     return v % 2**64
@@ -156,7 +139,7 @@ def normalize_seeds(seed: int | Sequence[int] | Tensor, batch: int) -> list[int]
     batch equals a batch of one seeded s + i (the convention of A1111 and ComfyUI batches).  Ints must lie in
     [-2**63, 2**64) (an int64 or a uint64); everything is taken mod 2**64.
     """
-    batch = _check_index(batch, "batch", 2**63)
+    batch = _validate.index("batch", batch, 2**63)
     if isinstance(seed, Tensor):
         _check_seed_tensor(seed, batch)
         values = seed.tolist()
@@ -224,11 +207,11 @@ def normal(
     """
     if isinstance(shape, (int, Tensor)) or not isinstance(shape, Sequence):
         raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}")
-    shape = tuple(_check_index(d, f"shape[{i}]", 2**63) for i, d in enumerate(shape))
+    shape = tuple(_validate.index(f"shape[{i}]", d, 2**63) for i, d in enumerate(shape))
     if not shape:
         raise ValueError("shape must have at least one dim (the batch)")
-    step = _check_index(step, "step", 2**32)
-    draw = _check_index(draw, "draw", 2**32)
+    step = _validate.index("step", step, 2**32)
+    draw = _validate.index("draw", draw, 2**32)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if device is None:  # torch.get_default_device exists from PyTorch 2.3 on

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _backend, _cpu, _table, _validate, coefficients as co, noise as _noise, reference, sampling, steps
+from . import _validate, coefficients as co, noise as _noise, reference, sampling, steps
+from .backends import cpu as _cpu, registry as _backend, table as _table
 from .parameterization import parameterization, rescale_space_coeffs
 
 __all__ = ["SamplingPlan"]
@@ -181,7 +182,7 @@ class SamplingPlan:
         self.sigmas = torch.stack([s for _, s in rec.model_calls]).to(self.device)  # [evaluations, batch]
         self._seed_t = self._workspace = None
         if self.backend == "triton":
-            from .triton_kernels import combine as K
+            from .backends.triton_kernels import combine as K
 
             n = math.prod(shape[1:])
             self._block = K.launch_block(n, batch, probe.element_size(), self.device)
@@ -248,7 +249,7 @@ class SamplingPlan:
 
     def _evaluation(self, k) -> int:
         """``k`` as an evaluation index (an int, numpy int or 0-d integer tensor) in range."""
-        return _noise._check_index(k, "k", len(self._evals))
+        return _validate.index("k", k, len(self._evals))
 
     def model_input(self, k: int) -> torch.Tensor:
         """The tensor to call the model with at evaluation ``k`` (a buffer of the plan: read it, do not keep it)."""
@@ -278,7 +279,7 @@ class SamplingPlan:
                 _validate.apart(f"the plan's {name} buffer", o, (f_cond, f_uncond), lambda k: "model_output")
         rescale = f_uncond is not None and self.guidance_rescale != 0.0
         if self.backend == "triton":
-            from .triton_kernels import combine as K
+            from .backends.triton_kernels import combine as K
 
             K.launch(y, f_cond.contiguous(), None if f_uncond is None else f_uncond.contiguous(), hist,
                      self.table[k], n_hist=len(hist), rescale=rescale,

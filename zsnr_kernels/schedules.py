@@ -14,11 +14,13 @@ Conventions (those of diffusers and k-diffusion):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Sequence, Union
 
 import torch
+
+from . import _validate
 
 __all__ = [
     "BETA_SCHEDULES",
@@ -50,37 +52,6 @@ TensorLike = Union[torch.Tensor, Sequence[float]]
 # validation helpers
 
 
-def _check_int(name: str, value, *, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
-
-
-def _check_real(name: str, value, *, positive: bool = False, allow_inf: bool = False) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not (allow_inf and value > 0)):
-        raise ValueError(f"{name} must be finite{' or +inf' if allow_inf else ''}, got {value}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
-
-
-def _check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
-    return value
-
-
 def _as_f64_vector(name: str, values: TensorLike) -> torch.Tensor:
     """A 1-D float64 CPU copy of ``values`` (never aliases the caller's tensor)."""
     try:
@@ -89,7 +60,7 @@ def _as_f64_vector(name: str, values: TensorLike) -> torch.Tensor:
         else:  # not via the default dtype: a list of Python floats must not pass through float32
             t = torch.tensor(values, dtype=_F64)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{name} must be a 1-D sequence of real numbers: {exc}") from None
+        raise TypeError(f"{name} must be a 1-D sequence of real numbers: {exc}") from None
     if t.ndim != 1 or t.numel() == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {tuple(t.shape)}")
     if torch.isnan(t).any():
@@ -123,13 +94,13 @@ def betas(
     these by float32 rounding, a few ulp of float32) and ``squaredcos_cap_v2`` in Python floats before casting to
     float32 (so its values are exactly these rounded to float32).
     """
-    _check_choice("kind", kind, BETA_SCHEDULES)
-    T = _check_int("num_train_timesteps", num_train_timesteps, low=2)
+    _validate.choice("kind", kind, BETA_SCHEDULES)
+    T = _validate.integer("num_train_timesteps", num_train_timesteps, lo=2)
     if kind == "squaredcos_cap_v2":
         vals = [min(1 - _alpha_bar_cosine((i + 1) / T) / _alpha_bar_cosine(i / T), 0.999) for i in range(T)]
         return torch.tensor(vals, dtype=_F64)
-    b0 = _check_real("beta_start", beta_start, positive=True)
-    b1 = _check_real("beta_end", beta_end, positive=True)
+    b0 = _validate.positive("beta_start", beta_start)
+    b1 = _validate.positive("beta_end", beta_end)
     for name, b in (("beta_start", b0), ("beta_end", b1)):
         if b >= 1:
             raise ValueError(f"{name} must be < 1, got {b}")
@@ -208,10 +179,10 @@ def timesteps(
 
     ``steps_offset`` applies to ``leading`` only, as in diffusers (it is ignored otherwise).  Returns int64.
     """
-    T = _check_int("num_train_timesteps", num_train_timesteps, low=1)
-    S = _check_int("num_steps", num_steps, low=1, high=T)
-    _check_choice("spacing", spacing, SPACINGS)
-    offset = _check_int("steps_offset", steps_offset, low=0)
+    T = _validate.integer("num_train_timesteps", num_train_timesteps, lo=1)
+    S = _validate.integer("num_steps", num_steps, lo=1, hi=T)
+    _validate.choice("spacing", spacing, SPACINGS)
+    offset = _validate.integer("steps_offset", steps_offset, lo=0)
     if spacing == "leading":
         ratio = T // S
         ts = [i * ratio + offset for i in range(S)][::-1]
@@ -241,16 +212,16 @@ def _append_zero(x: torch.Tensor) -> torch.Tensor:
 
 def _grid_bounds(n, sigma_min, sigma_max, sigma_max_finite):
     """Validate and return (n_finite, sigma_min, top, starts_with_inf)."""
-    n = _check_int("n", n, low=1)
-    smin = _check_real("sigma_min", sigma_min, positive=True)
-    smax = _check_real("sigma_max", sigma_max, positive=True, allow_inf=True)
+    n = _validate.integer("n", n, lo=1)
+    smin = _validate.positive("sigma_min", sigma_min)
+    smax = _validate.positive("sigma_max", sigma_max, allow_inf=True)
     if math.isinf(smax):
         if sigma_max_finite is None:
             raise ValueError(
                 "sigma_max is inf (a zero-SNR model): pass sigma_max_finite=, the model's largest finite sigma, "
                 "which the grid continues from after its first point inf"
             )
-        top = _check_real("sigma_max_finite", sigma_max_finite, positive=True)
+        top = _validate.positive("sigma_max_finite", sigma_max_finite)
         if top < smin:
             raise ValueError(f"sigma_max_finite ({top}) must be >= sigma_min ({smin})")
         return n - 1, smin, top, True
@@ -278,7 +249,7 @@ def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, *, sigm
     """Karras et al. (2022): ``(max^(1/rho) + ramp * (min^(1/rho) - max^(1/rho))) ** rho``, ramp = linspace(0, 1, n).
     """
     n, smin, smax, inf0 = _grid_bounds(n, sigma_min, sigma_max, sigma_max_finite)
-    rho = _check_real("rho", rho, positive=True)
+    rho = _validate.positive("rho", rho)
     ramp = torch.linspace(0, 1, n, dtype=_F64)
     lo, hi = smin ** (1 / rho), smax ** (1 / rho)
     return _finish((hi + ramp * (lo - hi)) ** rho, inf0)
@@ -295,7 +266,7 @@ def polyexponential(
 ) -> torch.Tensor:
     """Polynomial in log sigma: ``exp(ramp * (log max - log min) + log min)``, ramp = ``linspace(1, 0, n) ** rho``."""
     n, smin, smax, inf0 = _grid_bounds(n, sigma_min, sigma_max, sigma_max_finite)
-    rho = _check_real("rho", rho, positive=True)
+    rho = _validate.positive("rho", rho)
     ramp = torch.linspace(1, 0, n, dtype=_F64) ** rho
     return _finish(torch.exp(ramp * (math.log(smax) - math.log(smin)) + math.log(smin)), inf0)
 
@@ -307,12 +278,12 @@ for _f in (karras, exponential, polyexponential):
 def vp(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> torch.Tensor:
     """Continuous VP (Song et al.): ``sqrt(exp(beta_d * t**2 / 2 + beta_min * t) - 1)``, t = linspace(1, eps_s, n),
     then a final 0.  Its largest sigma is finite by construction (no inf variant)."""
-    n = _check_int("n", n, low=1)
-    beta_d = _check_real("beta_d", beta_d, positive=True)
-    beta_min = _check_real("beta_min", beta_min)
+    n = _validate.integer("n", n, lo=1)
+    beta_d = _validate.positive("beta_d", beta_d)
+    beta_min = _validate.real("beta_min", beta_min)
     if beta_min < 0:
         raise ValueError(f"beta_min must be >= 0, got {beta_min}")
-    eps_s = _check_real("eps_s", eps_s, positive=True)
+    eps_s = _validate.positive("eps_s", eps_s)
     if eps_s > 1:
         raise ValueError(f"eps_s must be <= 1, got {eps_s}")
     t = torch.linspace(1, eps_s, n, dtype=_F64)
@@ -364,7 +335,7 @@ def quantize(sigmas, table: TensorLike, space: str = "log"):
     for Python floats and CPU tensors; on accelerator tensors they are not checked (that would sync the device)
     and pass through unchanged.
     """
-    _check_choice("space", space, QUANTIZE_SPACES)
+    _validate.choice("space", space, QUANTIZE_SPACES)
     tab = _check_table(table)
     if isinstance(sigmas, torch.Tensor):
         if not sigmas.is_floating_point():
@@ -376,7 +347,7 @@ def quantize(sigmas, table: TensorLike, space: str = "log"):
         idx = _nearest(s.reshape(-1), tab, space).reshape(s.shape)
         out = torch.where(torch.isfinite(s) & (s > 0), tab[idx], s)
         return out.to(sigmas.dtype)
-    s = _check_real("sigmas", sigmas, allow_inf=True)
+    s = _validate.real("sigmas", sigmas, lo=0.0, allow_inf=True)
     if s < 0:
         raise ValueError(f"sigmas must be >= 0, got {s}")
     if s == 0 or math.isinf(s):
@@ -504,7 +475,7 @@ class DiscreteSchedule:
         ``sigma_min``, ``sigma_max`` and ``sigma_max_finite`` default to the model's; for a zero-SNR model the grid
         starts with inf.  Other keywords (``rho``) are passed on.  ``kind="vp"`` ignores the model.
         """
-        _check_choice("kind", kind, GRIDS)
+        _validate.choice("kind", kind, GRIDS)
         if kind == "vp":
             return vp(n, **kw)
         kw.setdefault("sigma_min", self.sigma_min)
@@ -532,10 +503,10 @@ class DiscreteSchedule:
 
         ``sigma``: a Python float (returns int / float) or a tensor (returns a tensor of its shape on its device).
         """
-        _check_choice("mode", mode, ("nearest", "interp"))
+        _validate.choice("mode", mode, ("nearest", "interp"))
         scalar = not isinstance(sigma, torch.Tensor)
         if scalar:
-            s = torch.tensor(_check_real("sigma", sigma, allow_inf=True), dtype=_F64)
+            s = torch.tensor(_validate.real("sigma", sigma, lo=0.0, allow_inf=True), dtype=_F64)
         else:
             if not sigma.is_floating_point():
                 raise ValueError(f"sigma must be a floating-point tensor, got {sigma.dtype}")
@@ -575,9 +546,9 @@ class DiscreteSchedule:
         """
         scalar = not isinstance(t, torch.Tensor)
         if scalar:
-            if isinstance(t, bool) or not isinstance(t, Real):
-                raise ValueError(f"t must be a real number or a tensor, got {t!r}")
-            tt = torch.tensor(t, dtype=torch.int64 if isinstance(t, Integral) else _F64)
+            if isinstance(t, bool) or not isinstance(t, numbers.Real):
+                raise TypeError(f"t must be a real number or a tensor, got {t!r}")
+            tt = torch.tensor(t, dtype=torch.int64 if isinstance(t, numbers.Integral) else _F64)
         else:
             tt = t.detach()
         T = self.num_train_timesteps

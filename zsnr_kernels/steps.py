@@ -57,7 +57,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import _backend, _cpu, _cuda, _triton, _validate, coefficients as co, noise as _noise, reference
+from . import _validate, coefficients as co, noise as _noise, reference
+from .backends import cpu as _cpu, cuda as _cuda, registry as _backend, triton as _triton
 from .parameterization import PREDICTIONS, parameterization, rescale_space_coeffs
 
 INF = float("inf")
@@ -228,7 +229,7 @@ def _run(
         if torch.compiler.is_compiling():
             # under torch.compile the kernels are reached through their torch.library op (no graph break); eager
             # calls skip that layer, which costs more than the kernel on small latents
-            from . import _ops
+            from .backends import ops as _ops
 
             run = functools.partial(_ops.fused_step_traced, name)
         else:

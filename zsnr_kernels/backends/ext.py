@@ -20,7 +20,7 @@ import logging
 import os
 from types import ModuleType
 
-from ._version import __version__
+from .._version import __version__
 
 C: ModuleType | None = None
 _why: str | None = None
@@ -32,7 +32,7 @@ _isa_cap = -1  # the level ZSNR_CPU_ISA asks for (-1: none)
 def _load() -> None:
     global C, _why
     try:
-        from . import _C as module
+        from .. import _C as module
     except Exception as exc:  # ImportError, OSError (bad shared object), anything a broken build raises
         _why = f"zsnr_kernels._C failed to import ({type(exc).__name__}: {exc}); build it with `pip install .`"
     else:

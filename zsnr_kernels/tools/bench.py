@@ -70,7 +70,9 @@ from dataclasses import dataclass, field
 import torch
 
 import zsnr_kernels as zk
-from zsnr_kernels import _backend, _cli, _ext, reference
+from zsnr_kernels import reference
+from zsnr_kernels.backends import ext as _ext, registry as _backend
+from zsnr_kernels.tools import cli as _cli
 from zsnr_kernels import coefficients as co
 from zsnr_kernels.parameterization import rescale_space_coeffs
 
@@ -859,7 +861,7 @@ def overhead(shape=(1, 4, 64, 64), dtype=torch.float32, *, quick: bool = False, 
     output); ``torch.empty_like(y)``.  Then a cProfile of the whole call (its own overhead inflates Python
     frames; read it for proportions).
     """
-    from zsnr_kernels import _cpu
+    from zsnr_kernels.backends import cpu as _cpu
 
     out = out or sys.stdout
     gen = torch.Generator().manual_seed(0)

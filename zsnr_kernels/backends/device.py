@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _layout, coefficients as co
+from .. import coefficients as co
+from . import layout
 
 
 @dataclass
@@ -30,7 +31,7 @@ class DeviceStep:
 
     def finish(self, out: torch.Tensor | None) -> torch.Tensor:
         """y_out, copied into ``out`` when the kernel could not write there directly."""
-        return _layout.finish(self.y_out, out)
+        return layout.finish(self.y_out, out)
 
 
 def device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, *, noise, seeds, want_denoised,
@@ -40,7 +41,7 @@ def device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, *, noise, se
     A device kernel cannot report a refused step synchronously, so every error is found here, on the host."""
     cs, n_hist, noisy = co.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
     philox = noisy and noise is None
-    (y_k, fc_k, fu_k, z_k, *hist_k), y_out = _layout.prepare(
+    (y_k, fc_k, fu_k, z_k, *hist_k), y_out = layout.prepare(
         [y, f_cond, f_uncond, noise if noisy else None, *history[:n_hist]], philox, out)
     return DeviceStep(cs, n_hist, noisy, philox, y_k, fc_k, fu_k, z_k, hist_k, y_out,
                       torch.empty_like(y_k) if want_denoised else None,

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from . import _device, _layout, noise as _noise
-from ._version import __version__
-from ._cpu import DTYPE_CODES, PREDICTION_CODES, SAMPLER_CODES, SPACE_CODES, sigma_block
-from .parameterization import Parameterization
+from .. import noise as _noise
+from .._version import __version__
+from ..parameterization import Parameterization
+from . import device as _device, layout
+from .cpu import DTYPE_CODES, PREDICTION_CODES, SAMPLER_CODES, SPACE_CODES, sigma_block
 
 
 @functools.cache
@@ -34,7 +35,7 @@ def _load():
     """``(module, None)`` or ``(None, why)``; logged once."""
     why, broken = None, False
     try:
-        from . import _C_cuda as module
+        from .. import _C_cuda as module
     except ModuleNotFoundError:  # not built (no nvcc at install time): normal on CPU-only machines
         module, why = None, "zsnr_kernels._C_cuda is not built (" + _build_reason() + ")"
     except Exception as exc:  # OSError (bad shared object), anything a broken build raises
@@ -52,7 +53,7 @@ def _load():
 def _build_reason() -> str:
     """Why setup.py skipped the CUDA module, from the build metadata next to the package."""
     try:
-        info = json.loads((Path(__file__).parent / "_build_info.json").read_text())
+        info = json.loads((Path(__file__).parents[1] / "_build_info.json").read_text())
         cuda = info.get("cuda") or {}
     except (OSError, ValueError):
         return "no build metadata; install with nvcc on PATH or CUDA_HOME set: pip install ."
@@ -190,21 +191,21 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     a0 = args[0]
     sigmas, n_prev = sigma_block(args, sigma_eval)
     device = y.device
-    sig_t = _layout.to_device(torch.tensor(sigmas, dtype=torch.float64), device)
+    sig_t = layout.to_device(torch.tensor(sigmas, dtype=torch.float64), device)
     seed_t = None
     if st.philox:
-        seed_t = _layout.to_device(torch.tensor(_noise.seed_bits(seeds), dtype=torch.int64), device)
+        seed_t = layout.to_device(torch.tensor(_noise.seed_bits(seeds), dtype=torch.int64), device)
     batch = y.shape[0]
     n = y.numel() // batch
     ws = _Workspace.get(m, device, batch, n)
     with _on(device):  # the runtime launches on its current device: make it y's
         err = m.fused_step(
-            DTYPE_CODES[y.dtype], batch, n, st.y.data_ptr(), st.f_cond.data_ptr(), _layout.ptr(st.f_uncond),
-            [h.data_ptr() for h in st.history], _layout.ptr(st.noise), st.y_out.data_ptr(), _layout.ptr(st.d_out),
-            _layout.ptr(st.carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
+            DTYPE_CODES[y.dtype], batch, n, st.y.data_ptr(), st.f_cond.data_ptr(), layout.ptr(st.f_uncond),
+            [h.data_ptr() for h in st.history], layout.ptr(st.noise), st.y_out.data_ptr(), layout.ptr(st.d_out),
+            layout.ptr(st.carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
             SAMPLER_CODES[a0.sampler], a0.stage, int(a0.solver_type == "heun"), a0.order, a0.eta, a0.s_noise,
             sig_t.data_ptr(), len(args), n_prev, guidance_scale, guidance_rescale if f_uncond is not None else 0.0,
-            SPACE_CODES[rescale_space], _layout.ptr(seed_t), 0 if step_index is None else int(step_index) % 2**32, 0,
+            SPACE_CODES[rescale_space], layout.ptr(seed_t), 0 if step_index is None else int(step_index) % 2**32, 0,
             ws.data_ptr(), _stream(device))
     if err:
         raise RuntimeError(f"the cuda backend failed to launch a step: {m.error_string(err)} (cudaError {err})")

@@ -11,8 +11,9 @@ import os
 
 import torch
 
-from . import _ext, _layout, _validate, coefficients as co
-from .parameterization import Parameterization
+from .. import _validate, coefficients as co
+from ..parameterization import Parameterization
+from . import ext, layout
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 SAMPLER_CODES = {name: i for i, name in enumerate(co.SAMPLER_KINDS)}  # zsnr::SamplerKind order
@@ -24,8 +25,8 @@ _ERR_NEEDS_NOISE, _ERR_NEEDS_HISTORY, _ERR_MIXED_STAGES = 100, 101, 102
 def not_supported_reasons(y: torch.Tensor) -> list[str]:
     """Why the compiled CPU kernels cannot run a step on ``y`` (empty when they can)."""
     reasons = []
-    if not _ext.available():
-        reasons.append(_ext.why_unavailable() or "zsnr_kernels._C is not built")
+    if not ext.available():
+        reasons.append(ext.why_unavailable() or "zsnr_kernels._C is not built")
     if y.device.type != "cpu":
         reasons.append(f"y is on {y.device}, the cpu backend runs on CPU tensors")
     if y.dtype not in DTYPE_CODES:
@@ -66,12 +67,12 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     the ValueError the torch path would raise (the Python spec is re-run on the failing sample for the message)."""
     a0 = args[0]
     philox = seeds is not None and noise is None
-    (y_k, fc_k, fu_k, z_k, *hist_k), y_out = _layout.prepare([y, f_cond, f_uncond, noise, *history], philox, out)
+    (y_k, fc_k, fu_k, z_k, *hist_k), y_out = layout.prepare([y, f_cond, f_uncond, noise, *history], philox, out)
     batch = y.shape[0]
     d_out = torch.empty_like(y_k) if want_denoised else None
     carry_out = torch.empty_like(y_k) if a0.sampler == "lms" else None
     sigmas, n_prev = sigma_block(args, sigma_eval)
-    res = _ext.C.fused_step(  # pointers written out (0: none): this runs on every step
+    res = ext.C.fused_step(  # pointers written out (0: none): this runs on every step
         DTYPE_CODES[y.dtype], batch, y.numel() // batch, y_k.data_ptr(), fc_k.data_ptr(),
         0 if fu_k is None else fu_k.data_ptr(), [h.data_ptr() for h in hist_k] if hist_k else [],
         0 if z_k is None else z_k.data_ptr(), y_out.data_ptr(), 0 if d_out is None else d_out.data_ptr(),
@@ -83,7 +84,7 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     if error:
         _raise(error, pz, args, sigma_eval, bad, len(history))
     if out is not None and y_out is not out:  # the kernel wrote a temporary (another layout)
-        y_out = _layout.finish(y_out, out)
+        y_out = layout.finish(y_out, out)
     return y_out, d_out, carry_out, sigma_out, bool(complete)
 
 
@@ -125,15 +126,15 @@ def set_num_threads(n: int | None) -> None:
     """
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive int (or None for OpenMP's default), got {n!r}")
-    if not _ext.available():
-        raise RuntimeError(f"the cpu backend is unavailable: {_ext.why_unavailable()}")
-    _ext.C.set_num_threads(0 if n is None else n)
+    if not ext.available():
+        raise RuntimeError(f"the cpu backend is unavailable: {ext.why_unavailable()}")
+    ext.C.set_num_threads(0 if n is None else n)
 
 
 def _single_thread_after_fork() -> None:
     """In a forked child: the kernels on the calling thread (see :func:`set_num_threads`)."""
-    if _ext.available():
-        _ext.C.set_num_threads(1)
+    if ext.available():
+        ext.C.set_num_threads(1)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
@@ -142,4 +143,4 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 def get_num_threads() -> int:
     """How many OpenMP threads the ``cpu`` kernels use (1 when built without OpenMP or unavailable)."""
-    return _ext.C.num_threads() if _ext.available() else 1
+    return ext.C.num_threads() if ext.available() else 1

@@ -1,6 +1,6 @@
 """How the compiled backends see a step's tensors: every tensor ``[batch][n]``, each sample a dense block of ``n``
 elements, one element order shared by all tensors of a step (csrc/include/zsnr/step_plan.h ``Tensors``).  The device
-backends' whole step, validated and laid out, is :func:`zsnr_kernels._device.device_step`.
+backends' whole step, validated and laid out, is :func:`zsnr_kernels.backends.device.device_step`.
 
 Contiguous and channels-last tensors with identical strides go straight through; any other layout is copied to
 contiguous.  Philox noise is indexed by the logical (row-major) element order (docs/design.md §2.8), so when a kernel
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import per_sample_dense
+
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """A small host tensor on ``device`` without a host synchronisation: through pinned memory, asynchronously
@@ -18,15 +20,6 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def per_sample_dense(t: torch.Tensor) -> bool:
-    """Every sample a dense block of numel/B elements, samples one after another (contiguous, channels-last)."""
-    if t.is_contiguous():
-        return True
-    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return True
-    return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def prepare(tensors: list, philox: bool, out: torch.Tensor | None) -> tuple[list, torch.Tensor]:

@@ -13,8 +13,8 @@ import os
 
 import torch
 
-from . import _device, _layout
-from .parameterization import Parameterization, rescale_space_coeffs
+from ..parameterization import Parameterization, rescale_space_coeffs
+from . import device as _device, layout
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,7 +63,7 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     uv = [rescale_space_coeffs(pz, s, rescale_space) for s in sigma_eval] if rescale else [(0.0, 1.0)] * len(args)
     table = K.coefficient_table(st.coeffs, [pz.denoise_coeffs(s) for s in sigma_eval],
                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, rescale_uv=uv)
-    K.launch(st.y, st.f_cond, st.f_uncond, st.history, _layout.to_device(table, y.device), n_hist=st.n_hist,
+    K.launch(st.y, st.f_cond, st.f_uncond, st.history, layout.to_device(table, y.device), n_hist=st.n_hist,
              rescale=rescale, with_y=any(u != 0.0 for u, _ in uv),
              noise_mode=(2 if st.philox else 1) if st.noisy else 0, noise=st.noise,
              seeds=K.seed_tensor(seeds, y.shape[0], y.device) if st.philox else None,

@@ -13,7 +13,7 @@ the same way::
     carry = fma(g_d, D, g_y * y)                         (LMS derivative)
 
 Storage is float32, float16 or bfloat16; the math is float32.  The per-sample coefficients are computed in
-float64 on the host (``zsnr_kernels.coefficients``) into a float64 table (``zsnr_kernels._table``) that the
+float64 on the host (``zsnr_kernels.coefficients``) into a float64 table (``zsnr_kernels.backends.table``) that the
 kernels read on the device.  With guidance rescale, :func:`_rescale_kernel` sums per block in float32, and
 the last block of each sample adds the partials in float64 and folds combine.h's ``rescale_factor`` into
 (p, q) on the device: a step never waits for the device, and its launches (two with guidance rescale, one
@@ -37,9 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _table, noise as _noise
-from .._layout import to_device
-from .._table import coefficient_table
+from ... import noise as _noise
+from .. import table as _table
+from ..layout import to_device
+from ..table import coefficient_table
 
 __all__ = ["MAX_HIST", "NUM_COEFFS", "coefficient_table", "fused_step_triton", "launch", "seed_tensor"]
 
@@ -49,7 +50,7 @@ MAX_HIST = 3  # combine.h kMaxHist
 # kernels read them too)
 SUM_C, SUM_CC, SUM_G, SUM_GG = (tl.constexpr(k) for k in range(4))
 NUM_SUMS = tl.constexpr(4)
-# Columns of the float64 coefficient table (zsnr_kernels/_table.py), one row per sample or one for the batch.
+# Columns of the float64 coefficient table (zsnr_kernels/backends/table.py), one row per sample or one for the batch.
 C_W, C_P, C_Q, C_A, C_B, C_H0, C_H1, C_H2, C_E, C_GY, C_GD, C_U, C_T, C_PHI = (
     tl.constexpr(k) for k in (_table.W, _table.P, _table.Q, _table.A, _table.B, _table.H0, _table.H1, _table.H2,
                               _table.E, _table.GY, _table.GD, _table.U, _table.T, _table.PHI))

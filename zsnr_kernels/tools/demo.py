@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _cli, _png, sampling, schedules
+from .. import sampling, schedules
+from ..steps import initial_state
+from . import cli as _cli, png as _png
 from .models import GaussianModel, ImageSetModel, builtin_images
-from .steps import initial_state
 
 _F64 = torch.float64
 BRIGHT = 0.6  # |mean brightness| above this counts as a very dark / very bright image

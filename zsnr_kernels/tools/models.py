@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .parameterization import parameterization
+from ..parameterization import parameterization
 
 __all__ = ["GaussianModel", "ImageSetModel", "GuidedPair", "builtin_images"]
 

@@ -19,17 +19,17 @@ def not_supported_reasons(backend: str, y: torch.Tensor) -> list[str]:
     if backend == "torch":
         return []
     if backend == "cpu":
-        from . import _cpu
+        from . import cpu
 
-        return _cpu.not_supported_reasons(y)
+        return cpu.not_supported_reasons(y)
     if backend == "triton":
-        from . import _triton
+        from . import triton
 
-        return _triton.not_supported_reasons(y)
+        return triton.not_supported_reasons(y)
     if backend == "cuda":
-        from . import _cuda
+        from . import cuda
 
-        return _cuda.not_supported_reasons(y)
+        return cuda.not_supported_reasons(y)
     return [f"unknown backend {backend!r}; choose one of {BACKENDS}"]
 
 

@@ -18,8 +18,9 @@ from typing import Optional
 
 import torch
 
-from . import _cpu, _validate, coefficients as co, noise as _noise
-from .parameterization import Parameterization, parameterization
+from .. import coefficients as co, noise as _noise
+from ..parameterization import Parameterization, parameterization
+from . import cpu as _cpu
 
 _U64 = 2**64
 _PREDICTIONS = {code: name for name, code in _cpu.PREDICTION_CODES.items()}
@@ -32,7 +33,7 @@ def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry
          seeds, step_index):
     """Run the step on ``backend`` into ``y_out`` through that backend's ``fused_step`` (the eager path's own
     entry point, so the op and an eager call cannot differ); returns (D or None, carry or None)."""
-    from . import _cuda, _triton
+    from . import cuda as _cuda, triton as _triton
 
     runs = {"cpu": _cpu.fused_step, "cuda": _cuda.fused_step, "triton": _triton.fused_step}
     if backend not in runs:
