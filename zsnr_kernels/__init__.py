@@ -9,6 +9,8 @@ one linear combination of y, the denoised prediction and remembered tensors with
 * :mod:`zsnr_kernels.coefficients` holds the host coefficients, :mod:`zsnr_kernels.reference` the eager spec.
 * :mod:`zsnr_kernels.k_diffusion` and :mod:`zsnr_kernels.diffusers` meet users where they are: drop-ins for
   k-diffusion's samplers and schedulers for diffusers pipelines (imported on first use).
+* :func:`use_backend` picks the backend of every step in a block (``backend="auto"`` otherwise picks it per
+  tensor: :data:`BACKENDS`).
 * :func:`set_num_threads` sets how many OpenMP threads the ``cpu`` kernels use.  A child process forked
   (``os.fork``, multiprocessing's ``fork`` start method) runs them on one thread, since OpenMP hangs in a child
   forked after its parent ran a parallel region; see :func:`set_num_threads` for the fix of PyTorch's own ops there.
@@ -19,6 +21,7 @@ from ._version import __version__  # noqa: E402
 from . import coefficients, noise, reference, schedules  # noqa: E402
 from .parameterization import PREDICTIONS, Parameterization, parameterization
 from .backends.cpu import get_num_threads, set_num_threads
+from .backends.registry import BACKENDS, use_backend
 from .plan import SamplingPlan
 from .sampling import SAMPLERS, sample
 from .steps import (
@@ -44,11 +47,11 @@ from .steps import (
 
 
 __all__ = [
-    "PREDICTIONS", "Parameterization", "SAMPLERS", "SamplingPlan", "StepResult", "churn_step", "coefficients",
+    "BACKENDS", "PREDICTIONS", "Parameterization", "SAMPLERS", "SamplingPlan", "StepResult", "churn_step", "coefficients",
     "ddim_step", "ddpm_step", "dpm_2_ancestral_step", "dpm_2_step", "dpmpp_2m_sde_step", "dpmpp_2m_step",
     "dpmpp_2s_ancestral_step", "dpmpp_3m_sde_step", "euler_ancestral_step", "euler_step", "final_sample",
     "get_num_threads", "heun_step", "initial_state", "lms_step", "noise", "parameterization", "reference", "sample",
-    "schedules", "set_num_threads", "to_x", "to_y",
+    "schedules", "set_num_threads", "to_x", "to_y", "use_backend",
 ]
 
 

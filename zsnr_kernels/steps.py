@@ -49,7 +49,6 @@ checked for NaN/inf (that would wait for the device): a NaN in F reaches the res
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 from collections.abc import Sequence
@@ -58,8 +57,8 @@ from typing import NamedTuple
 import torch
 
 from . import _validate, coefficients as co, noise as _noise, reference
-from .backends import cpu as _cpu, cuda as _cuda, registry as _backend, triton as _triton
-from .parameterization import PREDICTIONS, parameterization, rescale_space_coeffs
+from .backends import eager, registry as _backend
+from .parameterization import PREDICTIONS, parameterization
 
 INF = float("inf")
 
@@ -138,7 +137,7 @@ def churn_step(y, sigma, sigma_hat, *, s_noise=1.0, noise=None, seed=None, step_
         return y
     if e == 0.0:
         return y * k
-    return reference.add_noise(y, k, e, _noise_tensor(y, noise, seed, step_index))
+    return reference.add_noise(y, k, e, eager.noise_tensor(y, noise, seed, step_index))
 
 
 # ------------------------------------------------------------------------------------------------- machinery
@@ -146,10 +145,6 @@ def churn_step(y, sigma, sigma_hat, *, s_noise=1.0, noise=None, seed=None, step_
 
 def _at(v, i: int):
     return v[i] if isinstance(v, list) else v
-
-
-def _column(vals: list[float], per_sample: bool):
-    return torch.tensor(vals, dtype=torch.float64) if per_sample else vals[0]
 
 
 def _run(
@@ -222,22 +217,10 @@ def _run(
             _validate.tensor("noise", noise, y)
             if out is not None:
                 _validate.apart("out", out, (noise,), lambda k: "noise")
-    if name == "torch":
-        y_out, d, carry, sigma_out, complete = _torch_step(
-            y, f_cond, f_uncond, list(history), pz, args, sig_eval, w, phi, space, noise, seeds, step_index, out)
-    else:
-        if torch.compiler.is_compiling():
-            # under torch.compile the kernels are reached through their torch.library op (no graph break); eager
-            # calls skip that layer, which costs more than the kernel on small latents
-            from .backends import ops as _ops
-
-            run = functools.partial(_ops.fused_step_traced, name)
-        else:
-            run = _cpu.fused_step if name == "cpu" else _cuda.fused_step if name == "cuda" else _triton.fused_step
-        y_out, d, carry, sigma_out, complete = run(
-            y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
-            rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
-    result = StepResult(y_out, sigma_out[0] if len(args) == 1 else _column(sigma_out, True), d if want_d else None,
+    y_out, d, carry, sigma_out, complete = _backend.fused_step(name)(
+        y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
+        rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
+    result = StepResult(y_out, sigma_out[0] if len(args) == 1 else torch.tensor(sigma_out, dtype=torch.float64), d if want_d else None,
                         complete, carry, None if complete else _origin(args))
     rec = recorder  # read once: another thread's recording may end meanwhile
     if rec is not None and rec.thread == threading.get_ident():  # zsnr_kernels.plan is recording a run
@@ -274,47 +257,6 @@ def _remembers_denoised(a: co.StepArgs) -> bool:
     """Whether the sampler needs this evaluation's D later (multistep history, or the first of two stages)."""
     return a.sampler in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde") or (
         a.sampler in ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral") and a.stage == 1)
-
-
-def _torch_step(y, f_cond, f_uncond, history, pz, args, sig_eval, w, phi, space, noise, seeds, step_index, out):
-    """The reference backend: the Python spec's coefficients, then :func:`reference.fused_step`."""
-    cs = [co.step_coeffs(pz, a) for a in args]
-    per_sample = len(cs) > 1
-    n_hist = _validate.step_coeffs(cs, len(history))
-    pq = [pz.denoise_coeffs(s) for s in sig_eval]
-    uv = [rescale_space_coeffs(pz, s, space) for s in sig_eval] if phi else [(0.0, 1.0)]
-    col = lambda vals: _column(list(vals), per_sample)  # noqa: E731
-    h = tuple(col(c.h[k] if k < len(c.h) else 0.0 for c in cs) for k in range(n_hist))
-    e, z = 0.0, None
-    if any(c.e != 0.0 for c in cs):
-        e = col(c.e for c in cs)
-        z = _noise_tensor(y, noise, seeds, step_index)
-    carry = None
-    if cs[0].carry is not None:
-        carry = (col(c.carry[0] for c in cs), col(c.carry[1] for c in cs))
-    y_out, d, carry_out = reference.fused_step(
-        y, f_cond, f_uncond,
-        p=col(v[0] for v in pq), q=col(v[1] for v in pq), a=col(c.a for c in cs), b=col(c.b for c in cs),
-        history=tuple(history[:n_hist]), h=h, noise=z, e=e, guidance_scale=w, guidance_rescale=phi,
-        rescale_uv=(col(v[0] for v in uv), col(v[1] for v in uv)) if per_sample and phi else uv[0],
-        carry=carry)
-    if out is not None:
-        y_out = out.copy_(y_out)
-    return y_out, d, carry_out, [c.sigma_out for c in cs], cs[0].complete
-
-
-def _noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None) -> torch.Tensor:
-    if callable(noise):
-        noise = noise()
-    if noise is not None:
-        return _validate.tensor("noise", noise, y)
-    if seed is None:
-        raise ValueError(_validate.NEEDS_NOISE)
-    if step_index is None:
-        raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
-    # the float32 normals enter the math unrounded, as in the kernels (rounding them to a bf16 y would add error)
-    return _noise.normal(tuple(y.shape), seed, int(step_index), 0, dtype=reference.compute_dtype(y.dtype),
-                         device=y.device)
 
 
 def _sigmas(y, sigma, sigma_next, *hat):

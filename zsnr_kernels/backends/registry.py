@@ -1,41 +1,112 @@
-"""Backend choice (docs/design.md §3): each backend says why it cannot serve a call; ``auto`` falls back, an explicit
-request that cannot be met raises with the reasons.
+"""The backends, in one table (docs/design.md §3): what each is, where ``auto`` tries it, and why it cannot serve a
+call.  Everything that picks a backend asks here: the step functions, ``sample()``, :class:`SamplingPlan`, the
+``torch.library`` op, the benchmark and ``zsnr-kernels info``.
 
-``torch`` is the eager reference (any device, any float dtype); ``cpu`` the compiled fused kernels for CPU
-tensors, ``cuda`` the compiled CUDA kernels and ``triton`` the Triton kernels for CUDA tensors, all three in
-float32/float16/bfloat16.  ``auto`` takes cpu on CPU tensors, cuda then triton on CUDA tensors, and the reference
-for whatever none of them serves (float64, other devices).
+Each backend is one module of :mod:`zsnr_kernels.backends` with the same three functions:
+
+* ``not_supported_reasons(y) -> list[str]``: why it cannot run a step on ``y`` (empty when it can);
+* ``fused_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, *, guidance_scale, guidance_rescale,
+  rescale_space, noise, seeds, step_index, want_denoised, out)``: one step from the spec's arguments, returning
+  ``(y_out, denoised or None, carry or None, sigma_out list, complete)``;
+* ``table_step(...)``: one step of a :class:`zsnr_kernels.SamplingPlan` from a row of its float64 coefficient
+  table (:mod:`zsnr_kernels.backends.table`).
+
+Adding a backend is that module plus one line in :data:`REGISTRY`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
 import torch
 
-BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: its name (the ``backend=`` value), the module that runs it, what it is, and its place in
+    ``auto``'s order on CPU and on CUDA tensors (lower first; None: ``auto`` never picks it there)."""
+
+    name: str
+    module: str
+    summary: str
+    auto_cpu: int | None
+    auto_cuda: int | None
+    compiled: bool  # runs compiled kernels: traced through the torch.library op under torch.compile, no backward
+
+    def load(self) -> ModuleType:
+        """The backend's module (imported on first use: ``triton`` is not imported until a step needs it)."""
+        return importlib.import_module(f"{__package__}.{self.module}")
+
+
+REGISTRY: tuple[Backend, ...] = (
+    Backend("torch", "eager", "the eager PyTorch reference: any device, any float dtype, differentiable", 1, 2,
+            compiled=False),
+    Backend("cpu", "cpu", "the OpenMP/SIMD kernels of csrc/cpu: CPU tensors, fp32/fp16/bf16", 0, None,
+            compiled=True),
+    Backend("cuda", "cuda", "the CUDA kernels of csrc/cuda: CUDA tensors, fp32/fp16/bf16", None, 0, compiled=True),
+    Backend("triton", "triton", "the Triton kernels: CUDA tensors (CPU tensors under TRITON_INTERPRET=1), "
+            "fp32/fp16/bf16", None, 1, compiled=True),
+)
+_BY_NAME = {b.name: b for b in REGISTRY}
+#: every value ``backend=`` takes
+BACKENDS = ("auto", *_BY_NAME)
+_AUTO = {dev: tuple(b.name for b in sorted((b for b in REGISTRY if getattr(b, f"auto_{dev}") is not None),
+                                           key=lambda b: getattr(b, f"auto_{dev}"))) for dev in ("cpu", "cuda")}
+
+_preferred: contextvars.ContextVar[str] = contextvars.ContextVar("zsnr_kernels_backend", default="auto")
+
+
+def get(name: str) -> Backend:
+    """The registry entry of backend ``name`` (ValueError naming the choices for another name)."""
+    entry = _BY_NAME.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return entry
+
+
+def module(name: str) -> ModuleType:
+    """The module that runs backend ``name``."""
+    return get(name).load()
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run every step that asks for ``backend="auto"`` (the default) inside the block on backend ``name``: the
+    step functions, ``sample()``, the k-diffusion drop-ins, the diffusers schedulers and plans built inside it.
+    An explicit ``backend=`` still wins.  Per thread and per asyncio task (a context variable); nests.
+
+        with zsnr_kernels.use_backend("torch"):   # the float64-capable, differentiable reference
+            x0 = zsnr_kernels.sample(model, noise, sigmas)
+    """
+    if name != "auto":
+        get(name)  # an unknown name is refused at the `with`, not at the first step
+    token = _preferred.set(name)
+    try:
+        yield name
+    finally:
+        _preferred.reset(token)
 
 
 def not_supported_reasons(backend: str, y: torch.Tensor) -> list[str]:
     """Why ``backend`` cannot run a step on ``y`` (empty when it can)."""
-    if backend == "torch":
-        return []
-    if backend == "cpu":
-        from . import cpu
-
-        return cpu.not_supported_reasons(y)
-    if backend == "triton":
-        from . import triton
-
-        return triton.not_supported_reasons(y)
-    if backend == "cuda":
-        from . import cuda
-
-        return cuda.not_supported_reasons(y)
-    return [f"unknown backend {backend!r}; choose one of {BACKENDS}"]
+    entry = _BY_NAME.get(backend) if isinstance(backend, str) else None
+    if entry is None:
+        return [f"unknown backend {backend!r}; choose one of {BACKENDS}"]
+    return entry.load().not_supported_reasons(y)
 
 
 def resolve(backend: str, y: torch.Tensor, needs_grad: bool = False) -> str:
-    """The backend that will run a step on ``y``: ``auto`` picks cpu then torch on CPU, cuda then triton on GPU.
+    """The backend that will run a step on ``y``: an explicit one if it can (else ValueError with its reasons);
+    for ``auto``, the one :func:`use_backend` set, else the first of ``auto``'s order for y's device that can.
     With ``needs_grad`` (autograd records the step) only the torch reference can: the kernels have no backward."""
+    if backend == "auto":
+        backend = _preferred.get()
+        if needs_grad and backend != "auto" and get(backend).compiled:
+            backend = "auto"  # use_backend picks among the backends that can run this step
     if needs_grad and backend != "torch":
         if backend == "auto":
             return "torch"
@@ -64,5 +135,17 @@ def _resolve(backend: str, y: torch.Tensor) -> str:
         if reasons:
             raise ValueError(f"backend={backend!r} cannot run this step: " + "; ".join(reasons))
         return backend
-    order = ("cuda", "triton", "torch") if y.is_cuda else ("cpu", "torch")
+    order = _AUTO["cuda"] if y.is_cuda else _AUTO["cpu"]
     return next(b for b in order if not not_supported_reasons(b, y))
+
+
+def fused_step(name: str):
+    """Backend ``name``'s ``fused_step``; under ``torch.compile`` a compiled backend's is reached through its
+    ``torch.library`` op (:mod:`zsnr_kernels.backends.ops`), so that the trace has no graph break.  Eager calls
+    skip that layer, which costs more than the kernel on small latents."""
+    entry = _BY_NAME[name]
+    if entry.compiled and torch.compiler.is_compiling():
+        from . import ops
+
+        return lambda *args, **kwargs: ops.fused_step_traced(name, *args, **kwargs)
+    return entry.load().fused_step

@@ -1,0 +1,67 @@
+"""The ``torch`` backend: the Python spec's float64 coefficients, then :func:`zsnr_kernels.reference.fused_step`,
+the eager PyTorch step every other backend is checked against.  Any device, any float dtype, differentiable."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validate, coefficients as co, noise as _noise, reference
+from ..parameterization import Parameterization, rescale_space_coeffs
+
+
+def not_supported_reasons(y: torch.Tensor) -> list[str]:
+    """The reference runs every step (empty)."""
+    return []
+
+
+def _column(vals: list[float], per_sample: bool):
+    """One value for the batch (a float), or a (B,) float64 tensor of per-sample values."""
+    return torch.tensor(vals, dtype=torch.float64) if per_sample else vals[0]
+
+
+def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
+               guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
+               want_denoised: bool, out):
+    """Run one step.  Returns ``(y_out, denoised, carry or None, sigma_out list, complete)``; raises the spec's
+    ValueError for a step it refuses.  ``noise`` may be a function returning the noise tensor: it is called only
+    when a sample adds noise."""
+    cs = [co.step_coeffs(pz, a) for a in args]
+    per_sample = len(cs) > 1
+    n_hist = _validate.step_coeffs(cs, len(history))
+    pq = [pz.denoise_coeffs(s) for s in sigma_eval]
+    phi = guidance_rescale
+    uv = [rescale_space_coeffs(pz, s, rescale_space) for s in sigma_eval] if phi else [(0.0, 1.0)]
+    col = lambda vals: _column(list(vals), per_sample)  # noqa: E731
+    h = tuple(col(c.h[k] if k < len(c.h) else 0.0 for c in cs) for k in range(n_hist))
+    e, z = 0.0, None
+    if any(c.e != 0.0 for c in cs):
+        e = col(c.e for c in cs)
+        z = noise_tensor(y, noise, seeds, step_index)
+    carry = None
+    if cs[0].carry is not None:
+        carry = (col(c.carry[0] for c in cs), col(c.carry[1] for c in cs))
+    y_out, d, carry_out = reference.fused_step(
+        y, f_cond, f_uncond,
+        p=col(v[0] for v in pq), q=col(v[1] for v in pq), a=col(c.a for c in cs), b=col(c.b for c in cs),
+        history=tuple(history[:n_hist]), h=h, noise=z, e=e, guidance_scale=guidance_scale, guidance_rescale=phi,
+        rescale_uv=(col(v[0] for v in uv), col(v[1] for v in uv)) if per_sample and phi else uv[0],
+        carry=carry)
+    if out is not None:
+        y_out = out.copy_(y_out)
+    return y_out, d, carry_out, [c.sigma_out for c in cs], cs[0].complete
+
+
+def noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None) -> torch.Tensor:
+    """The unit noise of a step: ``noise`` (a tensor shaped like y, or a function returning one), else the Philox
+    noise of ``seed`` at ``step_index`` (docs/design.md §2.8) in y's compute dtype."""
+    if callable(noise):
+        noise = noise()
+    if noise is not None:
+        return _validate.tensor("noise", noise, y)
+    if seed is None:
+        raise ValueError(_validate.NEEDS_NOISE)
+    if step_index is None:
+        raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
+    # the float32 normals enter the math unrounded, as in the kernels (rounding them to a bf16 y would add error)
+    return _noise.normal(tuple(y.shape), seed, int(step_index), 0, dtype=reference.compute_dtype(y.dtype),
+                         device=y.device)
