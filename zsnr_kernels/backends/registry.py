@@ -38,8 +38,9 @@ class Backend:
     compiled: bool  # runs compiled kernels: traced through the torch.library op under torch.compile, no backward
 
     def load(self) -> ModuleType:
-        """The backend's module (imported on first use: ``triton`` is not imported until a step needs it)."""
-        return importlib.import_module(f"{__package__}.{self.module}")
+        """The backend's module (all are imported with the registry: they are small, and each imports what it
+        runs on, such as Triton or the CUDA module, only when a step needs it)."""
+        return _MODULES[self.name]
 
 
 REGISTRY: tuple[Backend, ...] = (
@@ -52,12 +53,19 @@ REGISTRY: tuple[Backend, ...] = (
             "fp32/fp16/bf16", None, 1, compiled=True),
 )
 _BY_NAME = {b.name: b for b in REGISTRY}
+# imported here, not when first used: torch.compile traces the steps, and Dynamo cannot trace importlib
+_MODULES = {b.name: importlib.import_module(f"{__package__}.{b.module}") for b in REGISTRY}
 #: every value ``backend=`` takes
 BACKENDS = ("auto", *_BY_NAME)
 _AUTO = {dev: tuple(b.name for b in sorted((b for b in REGISTRY if getattr(b, f"auto_{dev}") is not None),
                                            key=lambda b: getattr(b, f"auto_{dev}"))) for dev in ("cpu", "cuda")}
 
 _preferred: contextvars.ContextVar[str] = contextvars.ContextVar("zsnr_kernels_backend", default="auto")
+
+
+@torch.compiler.assume_constant_result  # Dynamo cannot trace ContextVar.get: read once, when the step is traced
+def _preferred_name() -> str:
+    return _preferred.get()
 
 
 def get(name: str) -> Backend:
@@ -77,7 +85,8 @@ def module(name: str) -> ModuleType:
 def use_backend(name: str):
     """Run every step that asks for ``backend="auto"`` (the default) inside the block on backend ``name``: the
     step functions, ``sample()``, the k-diffusion drop-ins, the diffusers schedulers and plans built inside it.
-    An explicit ``backend=`` still wins.  Per thread and per asyncio task (a context variable); nests.
+    An explicit ``backend=`` still wins.  Per thread and per asyncio task (a context variable); nests.  Under
+    ``torch.compile`` the choice is read when a step is traced: a compiled function keeps the backend of its trace.
 
         with zsnr_kernels.use_backend("torch"):   # the float64-capable, differentiable reference
             x0 = zsnr_kernels.sample(model, noise, sigmas)
@@ -104,7 +113,7 @@ def resolve(backend: str, y: torch.Tensor, needs_grad: bool = False) -> str:
     for ``auto``, the one :func:`use_backend` set, else the first of ``auto``'s order for y's device that can.
     With ``needs_grad`` (autograd records the step) only the torch reference can: the kernels have no backward."""
     if backend == "auto":
-        backend = _preferred.get()
+        backend = _preferred_name()
         if needs_grad and backend != "auto" and get(backend).compiled:
             backend = "auto"  # use_backend picks among the backends that can run this step
     if needs_grad and backend != "torch":
