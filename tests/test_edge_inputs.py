@@ -19,18 +19,19 @@ from conftest import TinyNet, rand as _rand, refused as _refused
 import zsnr_kernels as zk
 from zsnr_kernels import _validate
 from zsnr_kernels.backends import ext as _ext
-from zsnr_kernels.sampling import SAMPLERS
+from zsnr_kernels.coefficients import SAMPLERS
+from zsnr_kernels.steps import step_function
 
 INF = math.inf
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available(), reason="_C not built"))]
 SHAPE = (2, 4, 4, 4)
-NOISY = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm")
+NOISY = tuple(name for name, spec in SAMPLERS.items() if spec.eta or spec.adds_noise)
 NO_LIMIT = ("heun", "dpm_2", "dpm_2_ancestral")
 
 
 def _step(sampler, y, f, sigma, sigma_next, backend, history=(), **kw):
     """One whole step of ``sampler`` (both calls of a two-stage one) from explicit tensors; the final state."""
-    fn, kind = SAMPLERS[sampler]
+    fn, kind = step_function(sampler), SAMPLERS[sampler].kind
     if sampler in NOISY:
         kw["noise"] = _rand(*y.shape, seed=7)
     if kind == "multistep":
@@ -83,7 +84,7 @@ def test_a_huge_finite_sigma_is_refused_with_inf_as_the_fix(sampler, backend):
     y, f = _rand(*SHAPE), _rand(*SHAPE, seed=2)
     _refused(ValueError, r"sigma=1e\+35 is above 1e\+30.*Pass inf to start from pure noise", lambda: _step(
         sampler, y, f, 1e35, 1.0, backend), y, f)
-    if SAMPLERS[sampler][1] == "multistep":
+    if SAMPLERS[sampler].kind == "multistep":
         h = _rand(*SHAPE, seed=3)
         _refused(ValueError, r"history\[0\] sigma=1e\+35 is above 1e\+30", lambda: _step(
             sampler, y, f, 2.0, 1.0, backend, history=[(1e35, h)]), y, f, h)

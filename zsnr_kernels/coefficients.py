@@ -32,6 +32,7 @@ sigma/sigma_next.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -408,11 +409,7 @@ def lms(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple
     return StepCoeffs(a=a, b=-c_next * w[0] / sigma, h=hist, sigma_out=sigma_next, carry=carry)
 
 
-# ------------------------------------------------------------------------------------------------- dispatch
-
-SAMPLER_KINDS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m",
-                 "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "lms")
-_CHURN_SAMPLERS = ("euler", "heun", "dpm_2")
+# ------------------------------------------------------------------------------------------- the sampler table
 
 
 class StepArgs(NamedTuple):
@@ -435,36 +432,152 @@ class StepArgs(NamedTuple):
     order: int = 4
 
 
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Everything the library knows about one sampler: the one row that ``sample()``, the step functions,
+    :class:`zsnr_kernels.SamplingPlan`, the k-diffusion drop-ins, the diffusers schedulers, the backends and the
+    benchmark read.  A new sampler is one row (:func:`register_sampler`) plus its coefficient function; with
+    ``kernel=False`` the compiled backends run it from the coefficients this function computes (the float64 table
+    of :mod:`zsnr_kernels.backends.table`), with ``kernel=True`` it also has a C++ mirror (``zsnr::SamplerKind``,
+    in this table's order).
+
+    name:       ``sample(sampler=...)``; the step function is ``zsnr_kernels.<name>_step`` when ``step`` is set
+    kind:       ``"single"`` (one model call per step), ``"two_stage"`` (two calls: the first returns
+                ``complete=False``) or ``"multistep"`` (one call, earlier evaluations remembered)
+    coeffs:     ``coeffs(pz, args: StepArgs) -> StepCoeffs``, exact at sigma = inf and sigma_next = 0
+    churn:      takes EDM churn (``s_churn``...; the next step's churn is folded into the update, §2.5)
+    eta:        takes ``eta`` (ancestral/SDE noise amount; at eta = 0 the step adds no noise)
+    s_noise:    takes ``s_noise`` (for its eta noise; churn samplers take it for the churn noise)
+    adds_noise: adds noise whatever eta is (ddpm)
+    history:    how many earlier evaluations it reads (0: none)
+    keeps:      what a multistep sampler remembers: ``"denoised"`` (D) or ``"derivative"`` (LMS's d)
+    options:    the other :class:`StepArgs` fields it reads, with their defaults (``solver_type``, ``order``)
+    at_inf:     what its step from sigma = inf is (the limit the coefficients take there)
+    step:       whether ``zsnr_kernels.steps`` has a named ``<name>_step`` (else ``steps.sampler_step`` runs it)
+    kernel:     whether the compiled kernels compute its coefficients themselves (a C++ mirror)
+    """
+
+    name: str
+    kind: str
+    coeffs: Callable[[Parameterization, StepArgs], StepCoeffs]
+    at_inf: str
+    churn: bool = False
+    eta: bool = False
+    s_noise: bool = False
+    adds_noise: bool = False
+    history: int = 0
+    keeps: str | None = None
+    options: tuple[tuple[str, object], ...] = ()
+    step: bool = False
+    kernel: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ("single", "two_stage", "multistep"):
+            raise ValueError(f"SamplerSpec.kind must be 'single', 'two_stage' or 'multistep', got {self.kind!r}")
+        if (self.kind == "multistep") != (self.keeps is not None and self.history > 0):
+            raise ValueError("a multistep SamplerSpec keeps 'denoised' or 'derivative' with history >= 1; other "
+                             "kinds keep nothing")
+        if self.keeps not in (None, "denoised", "derivative"):
+            raise ValueError(f"SamplerSpec.keeps must be None, 'denoised' or 'derivative', got {self.keeps!r}")
+
+    def stochastic(self, eta: float) -> bool:
+        """Whether a run with this ``eta`` adds noise other than churn."""
+        return self.adds_noise or (self.eta and eta > 0)
+
+    def keeps_denoised(self, stage: int) -> bool:
+        """Whether the sampler reads this evaluation's D later (its history, or the first of two stages)."""
+        return self.keeps == "denoised" or (self.kind == "two_stage" and stage == 1)
+
+
+def _prev1(s: StepArgs) -> float | None:
+    return s.sigma_prev[0] if s.sigma_prev else None
+
+
+SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
+    SamplerSpec("euler", "single", lambda pz, s: euler(pz, s.sigma, s.sigma_next), churn=True, s_noise=True,
+                at_inf="y' = s' y + c_in(sigma') D: D itself, scaled to sigma'", step=True, kernel=True),
+    SamplerSpec("euler_ancestral", "single",
+                lambda pz, s: ancestral(pz, s.sigma, s.sigma_next, s.eta, s.s_noise, clamp=True), eta=True,
+                s_noise=True, at_inf="Euler to sigma_down, then noise to sigma'", step=True, kernel=True),
+    SamplerSpec("heun", "two_stage", lambda pz, s: heun(pz, s.sigma, s.sigma_next, s.stage), churn=True,
+                s_noise=True, at_inf="Euler (the trapezoid over an infinite interval has no limit)", step=True,
+                kernel=True),
+    SamplerSpec("dpm_2", "two_stage", lambda pz, s: dpm_2(pz, s.sigma, s.sigma_next, s.stage), churn=True,
+                s_noise=True, at_inf="midpoint at sigma_mid = sqrt(sigma sigma') -> inf: Euler", step=True,
+                kernel=True),
+    SamplerSpec("dpm_2_ancestral", "two_stage",
+                lambda pz, s: dpm_2_ancestral(pz, s.sigma, s.sigma_next, s.eta, s.s_noise, stage=s.stage),
+                eta=True, s_noise=True, at_inf="Euler to sigma_down, then noise", step=True, kernel=True),
+    SamplerSpec("dpmpp_2s_ancestral", "two_stage",
+                lambda pz, s: dpmpp_2s_ancestral(pz, s.sigma, s.sigma_next, s.eta, s.s_noise, stage=s.stage),
+                eta=True, s_noise=True, at_inf="first order (DPM-Solver++ 1S) to sigma_down, then noise",
+                step=True, kernel=True),
+    SamplerSpec("dpmpp_2m", "multistep", lambda pz, s: dpmpp_2m(pz, s.sigma, s.sigma_next, _prev1(s)), history=1,
+                keeps="denoised", at_inf="first order; a history entry at inf has weight 0 later", step=True,
+                kernel=True),
+    SamplerSpec("dpmpp_2m_sde", "multistep",
+                lambda pz, s: dpmpp_2m_sde(pz, s.sigma, s.sigma_next, _prev1(s), s.eta, s.s_noise,
+                                           s.solver_type), eta=True, s_noise=True, history=1, keeps="denoised",
+                options=(("solver_type", "midpoint"),), at_inf="first order with its noise", step=True, kernel=True),
+    SamplerSpec("dpmpp_3m_sde", "multistep",
+                lambda pz, s: dpmpp_3m_sde(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev[:2]), s.eta, s.s_noise),
+                eta=True, s_noise=True, history=2, keeps="denoised", at_inf="first order with its noise", step=True,
+                kernel=True),
+    SamplerSpec("ddim", "single",
+                lambda pz, s: ancestral(pz, s.sigma, s.sigma_next, s.eta, 1.0, clamp=False), eta=True,
+                at_inf="y' = s' y + c_in(sigma') sqrt(1 - eta^2 ...) D: the ancestral limit", step=True,
+                kernel=True),
+    SamplerSpec("ddpm", "single", lambda pz, s: ancestral(pz, s.sigma, s.sigma_next, 1.0, 1.0, clamp=False),
+                adds_noise=True, at_inf="DDIM at eta = 1", step=True, kernel=True),
+    SamplerSpec("lms", "multistep", lambda pz, s: lms(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev), s.order),
+                history=3, keeps="derivative", options=(("order", 4),),
+                at_inf="Euler; a history entry at inf has weight 0 later", step=True, kernel=True),
+)}
+
+
+def register_sampler(spec: SamplerSpec) -> SamplerSpec:
+    """Add ``spec`` to :data:`SAMPLERS` (a new name; ``kernel=False``: the compiled kernels have no mirror of a
+    sampler defined here).  ``sample(sampler=spec.name)``, ``steps.sampler_step(spec.name, ...)`` and
+    :class:`zsnr_kernels.SamplingPlan` run it on every backend from then on."""
+    if not isinstance(spec, SamplerSpec):
+        raise TypeError(f"spec must be a SamplerSpec, got {type(spec).__name__}")
+    if spec.name in SAMPLERS:
+        raise ValueError(f"a sampler named {spec.name!r} is registered already")
+    if spec.kernel:
+        raise ValueError("kernel=True names a sampler the compiled kernels implement; a registered one has no C++ "
+                         "mirror: use kernel=False")
+    SAMPLERS[spec.name] = spec
+    return spec
+
+
+def unregister_sampler(name: str) -> None:
+    """Remove a sampler added by :func:`register_sampler` (the built-in ones stay)."""
+    spec = SAMPLERS.get(name)
+    if spec is None or spec.kernel:
+        raise ValueError(f"{name!r} is not a registered sampler")
+    del SAMPLERS[name]
+
+
+#: the samplers the compiled kernels implement, in the order of zsnr::SamplerKind
+SAMPLER_KINDS = tuple(name for name, spec in SAMPLERS.items() if spec.kernel)
+
+
+def sampler_spec(name) -> SamplerSpec:
+    """The row of sampler ``name`` (ValueError naming the choices for another name)."""
+    spec = SAMPLERS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
+    return spec
+
+
 def step_coeffs(pz: Parameterization, s: StepArgs) -> StepCoeffs:
     """The coefficients of one sampler call: the dispatch the step functions and the kernels share."""
-    kind = s.sampler
-    if kind == "euler":
-        c = euler(pz, s.sigma, s.sigma_next)
-    elif kind in ("euler_ancestral", "ddim", "ddpm"):
-        eta = 1.0 if kind == "ddpm" else s.eta
-        c = ancestral(pz, s.sigma, s.sigma_next, eta, s.s_noise if kind == "euler_ancestral" else 1.0,
-                      clamp=kind == "euler_ancestral")
-    elif kind == "heun":
-        c = heun(pz, s.sigma, s.sigma_next, s.stage)
-    elif kind == "dpm_2":
-        c = dpm_2(pz, s.sigma, s.sigma_next, s.stage)
-    elif kind == "dpm_2_ancestral":
-        c = dpm_2_ancestral(pz, s.sigma, s.sigma_next, s.eta, s.s_noise, stage=s.stage)
-    elif kind == "dpmpp_2s_ancestral":
-        c = dpmpp_2s_ancestral(pz, s.sigma, s.sigma_next, s.eta, s.s_noise, stage=s.stage)
-    elif kind == "dpmpp_2m":
-        c = dpmpp_2m(pz, s.sigma, s.sigma_next, s.sigma_prev[0] if s.sigma_prev else None)
-    elif kind == "dpmpp_2m_sde":
-        c = dpmpp_2m_sde(pz, s.sigma, s.sigma_next, s.sigma_prev[0] if s.sigma_prev else None, s.eta, s.s_noise,
-                         s.solver_type)
-    elif kind == "dpmpp_3m_sde":
-        c = dpmpp_3m_sde(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev[:2]), s.eta, s.s_noise)
-    elif kind == "lms":
-        c = lms(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev), s.order)
-    else:
-        raise ValueError(f"sampler must be one of {SAMPLER_KINDS}, got {kind!r}")
+    spec = SAMPLERS.get(s.sampler)
+    if spec is None:
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {s.sampler!r}")
+    c = spec.coeffs(pz, s)
     target = s.sigma_hat_next
-    if kind in _CHURN_SAMPLERS and c.complete and target is not None and target != c.sigma_out:
+    if spec.churn and c.complete and target is not None and target != c.sigma_out:
         c = with_churn(c, pz, target, s.s_noise)
     return c
 

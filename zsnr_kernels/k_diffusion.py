@@ -72,31 +72,19 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import trange
 
-from . import _validate, schedules, steps
+from . import _validate, coefficients as co, schedules, steps
 from .parameterization import parameterization
 
 INF = math.inf
 
-_STEPS = {
-    "euler": steps.euler_step,
-    "euler_ancestral": steps.euler_ancestral_step,
-    "heun": steps.heun_step,
-    "dpm_2": steps.dpm_2_step,
-    "dpm_2_ancestral": steps.dpm_2_ancestral_step,
-    "dpmpp_2s_ancestral": steps.dpmpp_2s_ancestral_step,
-    "dpmpp_2m": steps.dpmpp_2m_step,
-    "dpmpp_2m_sde": steps.dpmpp_2m_sde_step,
-    "dpmpp_3m_sde": steps.dpmpp_3m_sde_step,
-    "lms": steps.lms_step,
-}
-_CHURN = ("euler", "heun", "dpm_2")
 # k-diffusion forms d = to_d(x, sigma, denoised) before it calls back in these samplers, so a callback editing
 # denoised in place does not steer them (it does steer the others, whose updates read denoised afterwards): their
 # callbacks get a copy
 _D_BEFORE_CALLBACK = ("euler", "heun", "dpm_2", "lms")
+# k-diffusion's noise source per sampler (facts of its code, not of the samplers): a default noise sampler for the
+# ancestral ones, a Brownian tree for the SDE ones
 _ANCESTRAL = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")
 _SDE = ("dpmpp_2m_sde", "dpmpp_3m_sde")
-_HISTORY_DEPTH = {"dpmpp_2m": 1, "dpmpp_2m_sde": 1, "dpmpp_3m_sde": 2}  # lms: order - 1
 
 #: spacings of :func:`get_sigmas_zero_snr`
 ZERO_SNR_SPACINGS = ("trailing", "linspace", "k-diffusion", "karras", "exponential", "polyexponential")
@@ -426,7 +414,7 @@ def _as_state_noise(z, x: torch.Tensor):
 
 def _k_diffusion_draws(sampler: str, sigma_next: float, eta: float, two_stages: bool) -> bool:
     """Whether k-diffusion makes this step's noise draw (after the step's model calls) even when it adds none."""
-    if sampler in _CHURN:
+    if co.SAMPLERS[sampler].churn:
         return True  # the next step's churn noise: k-diffusion draws it at that step's start, used or not
     if sampler == "dpm_2_ancestral":
         return two_stages  # drawn only in its DPM-Solver-2 branch (sigma_down > 0)
@@ -464,14 +452,15 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
         y = pz.to_y(x, vals[0])
     options = {"prediction": pz.prediction, "sigma_data": pz.sigma_data,
                "return_denoised": vnet is not None and callback is not None}
-    step = _STEPS[sampler]
-    if sampler in _ANCESTRAL or sampler in _SDE:
+    spec = co.SAMPLERS[sampler]
+    step = steps.step_function(sampler)
+    if spec.eta:
         options.update(eta=eta, s_noise=s_noise)
-    if sampler == "dpmpp_2m_sde":
+    if "solver_type" in dict(spec.options):
         options["solver_type"] = solver_type
-    if sampler == "lms":
+    if "order" in dict(spec.options):
         options["order"] = order
-    depth = order - 1 if sampler == "lms" else _HISTORY_DEPTH.get(sampler, 0)
+    depth = order - 1 if spec.keeps == "derivative" else spec.history  # LMS remembers order - 1 derivatives
 
     # noise: k-diffusion's sources, called at k-diffusion's points
     if sampler in _SDE and noise_sampler is None:
@@ -482,7 +471,7 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
         noise_sampler = default_noise_sampler(x)
     hat_t = [sig_t[i] for i in range(n)]  # sigma_hat: the callback's tensors; floats for the steps
     hats = vals[:-1]
-    if sampler in _CHURN:
+    if spec.churn:
         s_churn = _validate.real("s_churn", s_churn, lo=0.0)
         s_tmin = _validate.real("s_tmin", s_tmin, allow_inf=True)
         s_tmax = _validate.real("s_tmax", s_tmax, allow_inf=True)
@@ -514,7 +503,7 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
                       "denoised": out.clone() if sampler in _D_BEFORE_CALLBACK else out})
         kw = dict(options)
         draw = None
-        if sampler in _CHURN and i + 1 < n:
+        if spec.churn and i + 1 < n:
             draw = _Draw(lambda: torch.randn_like(x))  # k-diffusion's churn noise of step i + 1
             if hats[i + 1] != sigma_next:  # fold that churn into this update (docs/design.md §2.5)
                 kw.update(sigma_hat_next=hats[i + 1], s_noise=s_noise, noise=draw)
@@ -533,7 +522,7 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
         if draw is not None and _k_diffusion_draws(sampler, sigma_next, eta, two_stages):
             draw.settle()
         if depth:
-            history = ([(sigma, r.derivative if sampler == "lms" else r.denoised)] + history)[:depth]
+            history = ([(sigma, r.derivative if spec.keeps == "derivative" else r.denoised)] + history)[:depth]
         y = r.y
     return pz.to_x(y, vals[-1])
 

@@ -27,7 +27,6 @@ Not planned: EDM churn (``s_churn``), ``noise_sampler`` noise and per-sample sig
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +36,6 @@ from .backends import cpu as _cpu, registry as _backend, table as _table
 from .parameterization import parameterization, rescale_space_coeffs
 
 __all__ = ["SamplingPlan"]
-
-_RECORDING = threading.Lock()  # one recording at a time (steps.recorder is a single global)
-
 
 @dataclass
 class _Eval:
@@ -63,7 +59,6 @@ class _Recorder:
 
     def __init__(self, guided: bool):
         self.guided = guided
-        self.thread = threading.get_ident()  # only this thread's steps are recorded
         self.slot_of: dict[int, int] = {}
         self.keep: list[torch.Tensor] = []  # keeps recorded tensors alive, so that their ids are never reused
         self.evals: list[_Eval] = []
@@ -151,15 +146,11 @@ class SamplingPlan:
 
         # record sample() on (batch, 1) float64 host tensors; a noisy step names its seeds and step index
         rec = _Recorder(self.guided)
-        with _RECORDING:
-            steps.recorder = rec
-            try:
-                sampling.sample(rec.model, torch.zeros(batch, 1, dtype=torch.float64), sigmas, sampler=sampler,
-                                prediction=prediction, sigma_data=sigma_data, guidance_scale=guidance_scale,
-                                guidance_rescale=guidance_rescale, rescale_space=rescale_space, eta=eta,
-                                s_noise=s_noise, solver_type=solver_type, seed=seed, backend="torch")
-            finally:
-                steps.recorder = None
+        with steps.recording(rec):
+            sampling.sample(rec.model, torch.zeros(batch, 1, dtype=torch.float64), sigmas, sampler=sampler,
+                            prediction=prediction, sigma_data=sigma_data, guidance_scale=guidance_scale,
+                            guidance_rescale=guidance_rescale, rescale_space=rescale_space, eta=eta,
+                            s_noise=s_noise, solver_type=solver_type, seed=seed, backend="torch")
         self.seeds = rec.seeds  # None for a deterministic run (which drew none)
         self._initial_scale = self.pz.noise_scale(_validate.sigmas(sigmas)[0])
         self._evals = rec.evals

@@ -11,24 +11,8 @@ from .parameterization import parameterization
 
 INF = math.inf
 
-#: sampler name -> (step function, kind).  kind: "single", "two_stage" or "multistep".
-SAMPLERS = {
-    "euler": (steps.euler_step, "single"),
-    "euler_ancestral": (steps.euler_ancestral_step, "single"),
-    "heun": (steps.heun_step, "two_stage"),
-    "dpm_2": (steps.dpm_2_step, "two_stage"),
-    "dpm_2_ancestral": (steps.dpm_2_ancestral_step, "two_stage"),
-    "dpmpp_2s_ancestral": (steps.dpmpp_2s_ancestral_step, "two_stage"),
-    "dpmpp_2m": (steps.dpmpp_2m_step, "multistep"),
-    "dpmpp_2m_sde": (steps.dpmpp_2m_sde_step, "multistep"),
-    "dpmpp_3m_sde": (steps.dpmpp_3m_sde_step, "multistep"),
-    "ddim": (steps.ddim_step, "single"),
-    "ddpm": (steps.ddpm_step, "single"),
-    "lms": (steps.lms_step, "multistep"),
-}
-_CHURN = ("euler", "heun", "dpm_2")
-_ETA = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim")
-_HISTORY_DEPTH = {"dpmpp_2m": 1, "dpmpp_2m_sde": 1, "dpmpp_3m_sde": 2, "lms": 3}
+#: the sampler table (:data:`zsnr_kernels.coefficients.SAMPLERS`): name -> :class:`~zsnr_kernels.coefficients.SamplerSpec`
+SAMPLERS = co.SAMPLERS
 
 
 def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=1.0, guidance_scale=1.0,
@@ -46,8 +30,8 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
     noise:     unit Gaussian; the start state is y = sigma_0 c_in(sigma_0) noise (``noise`` itself at inf).
     sigmas:    1-D, strictly descending, ends with 0; the first may be inf.  An ascending schedule is refused
                with the fix (``sigmas.flip(0)``).
-    sampler:   one of :data:`SAMPLERS`.  ``s_churn``/``s_tmin``/``s_tmax``/``s_noise`` drive EDM churn for
-               euler/heun/dpm_2; ``eta``/``s_noise`` the ancestral and SDE samplers; ``eta`` alone ``ddim`` (its
+    sampler:   one of :data:`SAMPLERS` (its row says which options it takes).  ``s_churn``/``s_tmin``/``s_tmax``/
+               ``s_noise`` drive EDM churn for euler/heun/dpm_2; ``eta``/``s_noise`` the ancestral and SDE samplers; ``eta`` alone ``ddim`` (its
                noise has no s_noise, as in diffusers; pass ``eta=0.0`` for deterministic DDIM; ``ddpm`` is DDIM
                at eta = 1); ``solver_type`` dpmpp_2m_sde.
     model_sigmas: the discrete model's training sigmas; sigma_hat under churn is quantized to them (log
@@ -66,10 +50,8 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
 
     Returns x0, the latent at sigma = 0, in ``noise``'s dtype.
     """
-    entry = SAMPLERS.get(sampler) if isinstance(sampler, str) else None
-    if entry is None:
-        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
-    step_fn, kind = entry
+    spec = co.sampler_spec(sampler)
+    step_fn = steps.step_function(spec.name)
     if not callable(model):
         raise TypeError(f"model must be callable as model(y, sigma), got {type(model).__name__}")
     _validate.tensor("noise", noise)
@@ -93,16 +75,16 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
                   guidance_rescale=guidance_rescale, rescale_space=rescale_space, backend=backend,
                   return_denoised=callback is not None)
     kwargs = {}
-    if sampler in _ETA:
+    if spec.eta:
         kwargs["eta"] = eta
-    if sampler in _ETA and sampler != "ddim" or sampler in _CHURN:
+    if spec.s_noise:
         kwargs["s_noise"] = s_noise
-    if sampler == "dpmpp_2m_sde":
+    if "solver_type" in dict(spec.options):
         kwargs["solver_type"] = solver_type
 
     # sigma_hat of every step: churn (euler/heun/dpm_2 only), quantized to the model's table, never below sigma
     hats = list(vals[:-1])
-    if sampler in _CHURN and s_churn > 0:
+    if spec.churn and s_churn > 0:
         for i in range(n):
             gamma = co.churn_gamma(vals[i], n, s_churn, s_tmin, s_tmax)
             if gamma > 0:
@@ -110,8 +92,7 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
                 if table is not None:
                     hat = schedules.quantize(hat, table)
                 hats[i] = max(hat, vals[i])
-    stochastic = (sampler in ("ddpm",) or (sampler in _ETA and eta > 0)
-                  or any(hv != v for hv, v in zip(hats, vals)))
+    stochastic = spec.stochastic(eta) or any(hv != v for hv, v in zip(hats, vals))
     seeds = _seeds(seed, batch, stochastic and noise_sampler is None)
 
     def noise_for(step_index, sigma_from, sigma_to):
@@ -140,14 +121,14 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
         sigma, sigma_next = hats[i], vals[i + 1]
         out = call_model(y, sigma)
         extra = dict(kwargs)
-        if sampler in _CHURN:
+        if spec.churn:
             nxt = hats[i + 1] if i + 1 < n else None
             extra["sigma_hat_next"] = nxt
             if nxt is not None and nxt != sigma_next:
                 extra.update(noise_for(i + 1, sigma_next, nxt))
-        elif sampler in _ETA or sampler == "ddpm":
+        elif spec.eta or spec.adds_noise:
             extra.update(noise_for(i, vals[i], sigma_next))
-        if kind == "multistep":
+        if spec.kind == "multistep":
             extra["history"] = history
         r = step_fn(y, out, sigma, sigma_next, **extra, **common)
         if callback is not None:
@@ -156,9 +137,9 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
         if not r.complete:
             out2 = call_model(r.y, r.sigma)
             r = step_fn(r.y, out2, sigma, sigma_next, first=r, **extra, **common)
-        if kind == "multistep":
-            item = r.derivative if sampler == "lms" else r.denoised
-            history = [(sigma, item)] + history[: _HISTORY_DEPTH[sampler] - 1]
+        if spec.kind == "multistep":
+            item = r.derivative if spec.keeps == "derivative" else r.denoised
+            history = [(sigma, item)] + history[: spec.history - 1]
         y = r.y
     return steps.final_sample(y, prediction=prediction, sigma_data=pz.sigma_data).to(noise.dtype)
 

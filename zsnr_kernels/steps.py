@@ -49,8 +49,10 @@ checked for NaN/inf (that would wait for the device): a NaN in F reaches the res
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
-import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -202,7 +204,7 @@ def _run(
     if args[0].stage == 2 and not _own_origin(args, first_origin):  # an unmodified first stage of this call
         _check_first_sigma(pz, args, sig_eval)  # (the common case) passes both; else they say what differs
         _check_origin(args, first_origin)
-    want_d = return_denoised or _remembers_denoised(args[0])
+    want_d = return_denoised or co.SAMPLERS[args[0].sampler].keeps_denoised(args[0].stage)
     # autograd records the step (the kernels have no backward: only the reference can run it), written out: this
     # runs on every step
     grad = torch.is_grad_enabled() and (
@@ -222,16 +224,31 @@ def _run(
         rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
     result = StepResult(y_out, sigma_out[0] if len(args) == 1 else torch.tensor(sigma_out, dtype=torch.float64), d if want_d else None,
                         complete, carry, None if complete else _origin(args))
-    rec = recorder  # read once: another thread's recording may end meanwhile
-    if rec is not None and rec.thread == threading.get_ident():  # zsnr_kernels.plan is recording a run
+    rec = _recording()
+    if rec is not None:  # zsnr_kernels.plan is recording a run in this context
         rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
                  guided=f_uncond is not None)
     return result
 
 
-#: set by :mod:`zsnr_kernels.plan` while one thread records the steps of a run (a plain global, which
-#: torch.compile traces; steps of other threads are not recorded)
-recorder = None
+_recorder: contextvars.ContextVar = contextvars.ContextVar("zsnr_kernels_recorder", default=None)
+
+
+@torch.compiler.assume_constant_result  # Dynamo cannot trace ContextVar.get; a traced step is never recorded
+def _recording():
+    return _recorder.get()
+
+
+@contextlib.contextmanager
+def recording(recorder):
+    """Inside the block, every step this thread (or asyncio task) runs calls ``recorder.step(y, history, args,
+    sigma_eval, result, seeds=, step_index=, guided=)`` after it ran: how :class:`zsnr_kernels.SamplingPlan`
+    learns what ``sample()`` does.  Steps of other threads are not recorded."""
+    token = _recorder.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _recorder.reset(token)
 
 
 def _input_name(k: int, guided: bool) -> str:
@@ -251,12 +268,6 @@ def _check_first_sigma(pz, args: list[co.StepArgs], sig_eval: list) -> None:
             raise ValueError(f"first.sigma={s}{at} is not where the first {a.sampler} stage from sigma={a.sigma} to "
                              f"sigma_next={a.sigma_next} calls the model ({want}): pass the result of that first "
                              "call, with the same sigma and sigma_next")
-
-
-def _remembers_denoised(a: co.StepArgs) -> bool:
-    """Whether the sampler needs this evaluation's D later (multistep history, or the first of two stages)."""
-    return a.sampler in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde") or (
-        a.sampler in ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral") and a.stage == 1)
 
 
 def _sigmas(y, sigma, sigma_next, *hat):
@@ -533,20 +544,62 @@ def lms_step(y, model_output, sigma, sigma_next, *, history=None, order=4, **opt
     return _run(y, model_output, sg, _args("lms", sg, sn, prev=hs, order=order), history=ht, **options)
 
 
+def sampler_step(sampler: str, y, model_output, sigma, sigma_next, *, first=None, history=None,
+                 sigma_hat_next=None, eta=1.0, s_noise=1.0, noise=None, seed=None, step_index=None,
+                 **options) -> StepResult:
+    """One step of any sampler of :data:`zsnr_kernels.coefficients.SAMPLERS` by name, with the options its row
+    declares: ``first`` (two-stage samplers), ``history`` (multistep: up to ``history`` earlier (sigma, tensor)
+    pairs, newest first), ``sigma_hat_next`` (churn samplers), ``eta`` and ``s_noise`` (where the row takes them),
+    the row's own ``options`` (e.g. ``solver_type``), and every option the step functions share.  The named step
+    functions (:func:`euler_step` ...) are this call with their own signature and docstring."""
+    spec = co.sampler_spec(sampler)
+    own = {name: options.pop(name, default) for name, default in spec.options}
+    for name, given, takes in (("first", first is not None, spec.kind == "two_stage"),
+                               ("history", history is not None, spec.kind == "multistep"),
+                               ("sigma_hat_next", sigma_hat_next is not None, spec.churn)):
+        if given and not takes:
+            raise TypeError(f"sampler {sampler!r} takes no {name}= (a {spec.kind} sampler"
+                            f"{' without churn' if name == 'sigma_hat_next' else ''})")
+    extra = dict(own)
+    if spec.eta:
+        extra["eta"] = _real("eta", eta)
+    if spec.s_noise:
+        extra["s_noise"] = _real("s_noise", s_noise)
+    if spec.kind == "two_stage":
+        return _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, noise=noise, seed=seed,
+                          step_index=step_index, hat=sigma_hat_next, **extra)
+    sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next)
+    hs, ht = _history(history, spec.history, y)
+    args = _args(sampler, sg, sn, hat=shn, prev=hs, **extra)
+    return _run(y, model_output, sg, args, history=ht, noise=noise, seed=seed, step_index=step_index, **options)
+
+
+def step_function(sampler: str):
+    """The step function of ``sampler``: its named ``<sampler>_step`` where the library has one, else
+    :func:`sampler_step` bound to the name (a sampler added with ``coefficients.register_sampler``)."""
+    spec = co.sampler_spec(sampler)
+    return _NAMED_STEPS[spec.name] if spec.step else functools.partial(sampler_step, spec.name)
+
+
 def _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, *, noise, seed, step_index, hat=None,
-               eta=1.0, s_noise=1.0) -> StepResult:
+               eta=1.0, s_noise=1.0, **own) -> StepResult:
     """The two-stage samplers: stage from ``first``; the final call folds the next step's churn (heun, dpm_2)."""
     sg, sn, shn = _sigmas(y, sigma, sigma_next, hat)
     stage, hist = _first_stage(first, sampler)
     if first is not None:
         _check_first_y(sampler, y, first)
-    args = _args(sampler, sg, sn, hat=shn, stage=stage, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise))
+    args = _args(sampler, sg, sn, hat=shn, stage=stage, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise),
+                 **own)
     return _run(y, model_output, _eval_sigma(y, sg, first), args, history=hist, noise=noise, seed=seed,
                 step_index=step_index, first_origin=None if first is None else first.origin, **options)
 
 
+#: the named step functions of the samplers whose row says ``step=True`` (a plain dict: torch.compile traces it)
+_NAMED_STEPS = {spec.name: globals()[f"{spec.name}_step"] for spec in co.SAMPLERS.values() if spec.step}
+
 __all__ = [
     "StepResult", "churn_step", "initial_state", "final_sample", "to_x", "to_y", "euler_step", "euler_ancestral_step",
     "ddim_step", "ddpm_step", "heun_step", "dpm_2_step", "dpm_2_ancestral_step", "dpmpp_2s_ancestral_step",
-    "dpmpp_2m_step", "dpmpp_2m_sde_step", "dpmpp_3m_sde_step", "lms_step", "PREDICTIONS",
+    "dpmpp_2m_step", "dpmpp_2m_sde_step", "dpmpp_3m_sde_step", "lms_step", "PREDICTIONS", "recording",
+    "sampler_step", "step_function",
 ]
