@@ -41,9 +41,9 @@ def info() -> int:
     probes = [("CPU", torch.zeros(1))] + ([("CUDA", torch.zeros(1, device="cuda"))] if cuda_ok else [])
     for where, probe in probes:
         print(f"backends for {where} tensors:")
-        for name in _backend.BACKENDS[1:]:
-            reasons = _backend.not_supported_reasons(name, probe)
-            print(f"  {name:7s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
+        for b in _backend.REGISTRY:
+            reasons = _backend.not_supported_reasons(b.name, probe)
+            print(f"  {b.name:7s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
         print(f"  auto -> {_backend.resolve('auto', probe)}")
     return 0
 

@@ -128,7 +128,7 @@ def real(name: str, v, *, lo: float | None = None, hi: float | None = None, allo
         if v.numel() != 1:
             raise TypeError(f"{name} must be a real number or a one-element tensor, got a tensor of shape "
                             f"{tuple(v.shape)}")
-        v = _real_tensor(name, v).item()
+        v = real_tensor(name, v).item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
@@ -174,7 +174,7 @@ def positive(name: str, v, *, allow_inf: bool = False) -> float:
     return v
 
 
-def _real_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+def real_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
     """A tensor of real numbers (an integer or floating dtype, not bool, not complex) whose values can be read."""
     if t.dtype == torch.bool or t.dtype.is_complex:
         raise TypeError(f"{name} must hold real numbers, got a {t.dtype} tensor")
@@ -280,7 +280,7 @@ def sigma_values(name: str, s, batch: int) -> list[float] | float:
     per_sample = (isinstance(s, torch.Tensor) and s.ndim == 1 and s.numel() > 1) or (
         isinstance(s, Sequence) and not isinstance(s, str))
     if per_sample:
-        vals = _real_tensor(name, s).detach().double().cpu().tolist() if isinstance(s, torch.Tensor) else list(s)
+        vals = real_tensor(name, s).detach().double().cpu().tolist() if isinstance(s, torch.Tensor) else list(s)
         if len(vals) != batch:
             raise ValueError(f"{name} has {len(vals)} values but the batch has {batch} samples")
         return [real(f"{name}[{i}]", v, lo=0.0, allow_inf=True) for i, v in enumerate(vals)]
@@ -304,7 +304,7 @@ def sigmas(s) -> list[float]:
     if isinstance(s, torch.Tensor):
         if s.ndim != 1:
             raise ValueError(f"sigmas must be 1-D, got shape {tuple(s.shape)}")
-        vals = _real_tensor("sigmas", s).detach().double().cpu().tolist()
+        vals = real_tensor("sigmas", s).detach().double().cpu().tolist()
     elif isinstance(s, Sequence):
         vals = [real(f"sigmas[{i}]", v, allow_inf=True) for i, v in enumerate(s)]
     else:

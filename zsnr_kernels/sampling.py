@@ -148,7 +148,7 @@ def _model_table(model_sigmas):
     if model_sigmas is None:
         return None
     if isinstance(model_sigmas, torch.Tensor):
-        model_sigmas = _validate._real_tensor("model_sigmas", model_sigmas)
+        model_sigmas = _validate.real_tensor("model_sigmas", model_sigmas)
     try:
         t = torch.as_tensor(model_sigmas, dtype=torch.float64).flatten()
     except (TypeError, ValueError, RuntimeError) as exc:
