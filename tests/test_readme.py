@@ -121,9 +121,17 @@ def test_readme_diffusers_snippet_runs(tmp_path):
     assert np.isfinite(np.asarray(ns["image"])).all()
 
 
+def test_readme_use_backend_snippet_runs():
+    """The use_backend snippet as written: the block's steps run on the float64 reference."""
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "use_backend" in b)
+    ns: dict = {}
+    exec(block, ns)
+    assert ns["x0"].dtype == torch.float64 and torch.isfinite(ns["x0"]).all()
+
+
 def test_every_python_block_of_the_readme_is_run_by_a_test():
     """A new snippet needs a test here: each python block is named by one of the tests above."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     covered = [b for b in blocks if b is blocks[0] or b is blocks[1] or "SamplingPlan" in b or "K.external" in b
-               or "from_config" in b]
+               or "from_config" in b or "use_backend" in b]
     assert len(covered) == len(blocks), [b.splitlines()[0] for b in blocks if b not in covered]
