@@ -1,0 +1,119 @@
+"""diffusers schedulers that start exactly at zero terminal SNR, on the fused steps of :mod:`zsnr_kernels.steps`.
+
+Each class here is a real diffusers scheduler (``SchedulerMixin`` + ``ConfigMixin``) with the config keys of the
+diffusers scheduler it is named after, so a pipeline takes it unchanged and switching is one line::
+
+    pipe.scheduler = ZSNREulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = ZSNRDPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")   # zero terminal SNR
+
+* :class:`ZSNRDDIMScheduler` (``DDIMScheduler``): :func:`~zsnr_kernels.ddim_step`
+* :class:`ZSNRDDPMScheduler` (``DDPMScheduler``): :func:`~zsnr_kernels.ddpm_step`
+* :class:`ZSNREulerDiscreteScheduler` (``EulerDiscreteScheduler``): :func:`~zsnr_kernels.euler_step`
+* :class:`ZSNREulerAncestralDiscreteScheduler` (``EulerAncestralDiscreteScheduler``):
+  :func:`~zsnr_kernels.euler_ancestral_step`
+* :class:`ZSNRHeunDiscreteScheduler` (``HeunDiscreteScheduler``): :func:`~zsnr_kernels.heun_step`
+* :class:`ZSNRDPMSolverMultistepScheduler` (``DPMSolverMultistepScheduler``, ``dpmsolver++`` and
+  ``sde-dpmsolver++``): :func:`~zsnr_kernels.dpmpp_2m_step`, :func:`~zsnr_kernels.dpmpp_2m_sde_step`,
+  :func:`~zsnr_kernels.dpmpp_3m_sde_step`
+
+:data:`SCHEDULERS` maps each diffusers class name to the class here.
+
+The package is laid out as diffusers' ``schedulers``: one module per scheduler (``scheduling_ddim``,
+``scheduling_ddpm``, ``scheduling_euler_discrete``, ``scheduling_euler_ancestral_discrete``,
+``scheduling_heun_discrete``, ``scheduling_dpmsolver_multistep``) and ``_base`` for what they share (the output
+class, the base scheduler, the timestep- and step-indexed walks, the config and table helpers).  Import the classes
+from ``zsnr_kernels.diffusers``.
+
+**What the pipeline holds.**  The ``sample`` a pipeline keeps between steps is this library's state, the model
+input y = c_in(sigma) x (docs/design.md §2.1), finite at every sigma including sigma = inf.  For the
+variance-preserving schedulers (DDIM, DDPM, DPM-Solver) that is exactly diffusers' sample.  diffusers'
+Euler-family schedulers keep the variance-exploding x = x0 + sigma eps instead, which is infinite at zero terminal
+SNR; diffusers therefore replaces the last ``alphas_cumprod`` (0) by 2**-24, a sigma_max of 4096.  Here:
+
+* ``sigmas[0]`` is exactly inf with ``rescale_betas_zero_snr=True`` and a spacing that reaches the last training
+  timestep (``trailing``, ``linspace``); the model is called there at that timestep (T - 1), with y = the noise.
+* ``init_noise_sigma`` is the noise scale of the first model input, the factor diffusers' first
+  ``scale_model_input(noise * init_noise_sigma)`` applies: s(sigma_0) = sigma_0 / sqrt(sigma_0^2 + 1) (1 at
+  sigma_0 = inf) for the Euler family with ``linspace``/``trailing`` spacing, 1 otherwise.
+* ``scale_model_input`` returns the sample unchanged: it already is the model input.
+* ``step`` maps (y, model output) to the next y with the library's fused step (``backend``, default ``"auto"``);
+  after the last step y at sigma = 0 is x0, what the pipeline decodes.
+* ``add_noise`` returns the y of the noisy sample, sqrt(abar) x0 + sqrt(1 - abar) noise (the noise itself at zero
+  SNR).
+
+The step from sigma = inf is first order for every sampler (docs/design.md §2.3); an ``epsilon``-prediction model
+cannot be evaluated there and ``step`` says so.  ``HeunDiscreteScheduler`` has no ``rescale_betas_zero_snr``;
+:class:`ZSNRHeunDiscreteScheduler` adds it.
+
+**Parity with diffusers** on finite schedules (``tests/test_diffusers_schedulers.py``): same timesteps, model
+inputs and results to float32 rounding (float64 where diffusers computes in the sample's dtype, once both use the
+same tables).  Noise for the stochastic samplers is drawn from the ``generator`` argument with diffusers' own
+``randn_tensor`` calls (shape, dtype), so a generator seed gives diffusers' images.  Deviations:
+
+* No noise is drawn for a step that adds none (diffusers draws, and multiplies by 0 or adds 1e-10 z, at the last
+  step of Euler ancestral, DDPM, DDIM with eta > 0 and SDE-DPM-Solver++): the images are the same, the generator is
+  left one draw earlier after the run.  DDPM's posterior variance is not clamped to 1e-20 (diffusers adds 1e-10 z
+  at its last step).
+* ``sde-dpmsolver++`` with ``solver_order=3`` follows k-diffusion's ``sample_dpmpp_3m_sde``: diffusers' third-order
+  SDE update has the wrong sign on the 1/2 of its second-difference weight (it integrates to
+  (1 - e^{-2h})/(4h^2) - 1/(2h) + 1/2; diffusers writes - 1/2).  The deterministic orders 1-3 match diffusers.
+* ``trailing`` step counts for which numpy's ``arange`` yields one value too many (T = 1000: 61, 103, 121, ...)
+  give the requested number of steps, not diffusers' extra timestep -1 (see :func:`zsnr_kernels.schedules.timesteps`).
+* Karras/exponential timesteps come from float64 log sigmas (diffusers interpolates in its float32 table), which
+  moves the fractional timesteps by up to 1e-2.  DPM-Solver's integer ones are equal for Karras (rounded); its
+  exponential ones are truncated, as in diffusers, and so may differ by 1 where t lies within 1e-2 of an integer
+  (on SD's table diffusers' float32 t(sigma_max) = 998.9999997 truncates to 998; in float64 here it is 999).
+* With ``leading`` spacing and no configured grid ``sigma_max``, ``init_noise_sigma`` does not depend on
+  ``set_timesteps`` having run.  diffusers' Euler family computes it from the current sigmas, so a pipeline that
+  reads it first (``LDMPipeline``) starts a ``leading`` schedule from its training sigma_max there, not from the
+  schedule's first sigma; with ``linspace``/``trailing`` both are the same.  (With a Karras or exponential grid and
+  a configured ``sigma_max`` it changes with ``set_timesteps``, as in diffusers.)
+* Pipelines that drive the scheduler's sigmas themselves instead of calling ``step`` on the latents they keep --
+  ``StableDiffusionLatentUpscalePipeline`` reads ``scheduler.sigmas`` and preconditions its own model inputs --
+  assume diffusers' variance-exploding latents and are not supported.
+* ``prev_sample`` keeps the sample's dtype (diffusers' Euler family returns the model output's dtype).
+* Not supported (a ValueError names the option): Euler's ``s_churn`` (use ``zsnr_kernels.sample(..., s_churn=)``,
+  which adds the churn before the model call, as EDM does), ``interpolation_type="log_linear"``,
+  ``timestep_type="continuous"``, ``use_beta_sigmas``, DPM-Solver's ``use_lu_lambdas``, ``use_flow_sigmas``,
+  ``use_dynamic_shifting`` and the noise-prediction ``dpmsolver``/``sde-dpmsolver`` algorithms, DDPM variance types
+  other than ``fixed_small(_log)``, beta schedules other than ``linear``, ``scaled_linear``,
+  ``squaredcos_cap_v2`` (or ``trained_betas``), and custom ``timesteps=``/``sigmas=`` in ``set_timesteps`` (DDPM's
+  custom ``timesteps`` excepted).
+* A saved config names these classes (``_class_name``), which ``DiffusionPipeline.from_pretrained`` cannot look up
+  in diffusers: load the pipeline, then set ``pipe.scheduler = ZSNR...Scheduler.from_pretrained(path,
+  subfolder="scheduler")``.
+"""
+
+from __future__ import annotations
+
+# _base first: it makes every diffusers import of the package, behind the "needs the diffusers package" error
+from ._base import ZSNRSchedulerOutput
+from .scheduling_ddim import ZSNRDDIMScheduler
+from .scheduling_ddpm import ZSNRDDPMScheduler
+from .scheduling_dpmsolver_multistep import ZSNRDPMSolverMultistepScheduler
+from .scheduling_euler_ancestral_discrete import ZSNREulerAncestralDiscreteScheduler
+from .scheduling_euler_discrete import ZSNREulerDiscreteScheduler
+from .scheduling_heun_discrete import ZSNRHeunDiscreteScheduler
+
+__all__ = [
+    "SCHEDULERS",
+    "ZSNRDDIMScheduler",
+    "ZSNRDDPMScheduler",
+    "ZSNRDPMSolverMultistepScheduler",
+    "ZSNREulerAncestralDiscreteScheduler",
+    "ZSNREulerDiscreteScheduler",
+    "ZSNRHeunDiscreteScheduler",
+    "ZSNRSchedulerOutput",
+]
+
+
+#: diffusers scheduler class name -> the class here that takes its config
+SCHEDULERS = {
+    "DDIMScheduler": ZSNRDDIMScheduler,
+    "DDPMScheduler": ZSNRDDPMScheduler,
+    "EulerDiscreteScheduler": ZSNREulerDiscreteScheduler,
+    "EulerAncestralDiscreteScheduler": ZSNREulerAncestralDiscreteScheduler,
+    "HeunDiscreteScheduler": ZSNRHeunDiscreteScheduler,
+    "DPMSolverMultistepScheduler": ZSNRDPMSolverMultistepScheduler,
+}

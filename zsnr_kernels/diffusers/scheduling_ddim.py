@@ -1,0 +1,96 @@
+"""``ZSNRDDIMScheduler``: diffusers' ``DDIMScheduler`` on :func:`zsnr_kernels.ddim_step`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import schedules, steps
+from ._base import INF, _require, _TimestepIndexed, register_to_config
+
+__all__ = ["ZSNRDDIMScheduler"]
+
+
+def _ddim_std(pz, sigma: float, sigma_next: float) -> float:
+    """DDIM's noise std at eta = 1: sqrt((1-abar')/(1-abar) (1 - abar/abar')) = s' sqrt(1 - (sigma'/sigma)^2)."""
+    return pz.noise_scale(sigma_next) * math.sqrt(1.0 - (sigma_next / sigma) ** 2)
+
+
+class ZSNRDDIMScheduler(_TimestepIndexed):
+    """``DDIMScheduler`` on :func:`zsnr_kernels.ddim_step` (same config keys).
+
+    diffusers' DDIM already keeps alphas_cumprod[-1] = 0 with ``rescale_betas_zero_snr``; this class adds the
+    library's exact first step there (an x0/v model gets y' = sqrt(abar') D + ... with no 0/0) and the fused
+    kernels.  As in diffusers a step goes from timestep t to t - T // num_inference_steps (to
+    ``final_alpha_cumprod`` past 0), which for ``trailing``/``linspace`` spacings that do not divide T is not the
+    next timestep of the list; ``clip_sample``/``thresholding`` clip D, and the noise direction comes from the
+    unclipped prediction unless ``use_clipped_model_output=True``.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+    ):
+        _require(type(self).__name__, "timestep_spacing", timestep_spacing, schedules.SPACINGS)
+        self._init_tables(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                          beta_schedule=beta_schedule, trained_betas=trained_betas,
+                          rescale_betas_zero_snr=rescale_betas_zero_snr, prediction_type=prediction_type)
+        self.init_noise_sigma = 1.0
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Integer timesteps with ``timestep_spacing`` (and ``steps_offset`` for ``leading``), as diffusers."""
+        ts = self._spaced_timesteps(num_inference_steps)
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = ts.to(device)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True):
+        """One DDIM step from ``timestep`` for the model output at (``sample``, ``timestep``); ``eta`` in [0, 1]
+        scales the noise (1: the DDPM posterior), drawn from ``generator`` or given as ``variance_noise``."""
+        self._check_set()
+        if variance_noise is not None and generator is not None and eta > 0:
+            raise ValueError("pass either generator or variance_noise, not both")
+        t = int(timestep)
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        sigma = self._sigma_at(t)
+        if prev_t >= 0:
+            sigma_next = self._sigma_at(prev_t)
+        else:
+            sigma_next = 0.0 if self.config.set_alpha_to_one else self._sigma_at(0)
+        f, prediction, d_raw = self._model_output(model_output, sample, sigma)
+        if sigma_next == sigma:  # set_alpha_to_one=False ending at t = 0
+            prev, denoised = self._unchanged(sample, f, prediction, sigma)
+            if d_raw is not None and not use_clipped_model_output and sigma != INF:
+                # diffusers' direction from the raw prediction: y' = y + sqrt(abar) (D_clipped - D_raw)
+                prev = prev + (self._pz.c_in(sigma) * (denoised.to(d_raw.dtype) - d_raw)).to(prev.dtype)
+            return self._output(prev, denoised, return_dict)
+        r = steps.ddim_step(sample, f, sigma, sigma_next, eta=eta,
+                            noise=self._noise(sample, generator, model_output.dtype, variance_noise),
+                            **self._options(prediction))
+        prev = r.y
+        if d_raw is not None and not use_clipped_model_output and sigma != INF:
+            # diffusers takes the direction to x_t from the unclipped prediction: y' gains
+            # sqrt(1 - abar' - std^2) * (eps_raw - eps_clipped) = k / sigma * (D_clipped - D_raw)
+            k = math.sqrt(max(self._pz.noise_scale(sigma_next) ** 2 - (eta * _ddim_std(self._pz, sigma, sigma_next))
+                              ** 2, 0.0))
+            prev = prev + (k / sigma) * (r.denoised.to(d_raw.dtype) - d_raw).to(prev.dtype)
+        return self._output(prev, r.denoised, return_dict)
