@@ -46,7 +46,11 @@ def test_use_backend_sets_what_auto_means_inside_the_block_and_nests():
         assert registry.resolve("cpu", y) == "cpu"  # an explicit backend still wins
         with zk.use_backend("cpu"):
             assert registry.resolve("auto", y) == "cpu"
-            assert registry.resolve("auto", y, needs_grad=True) == "torch"  # the kernels have no backward
+            # held to an explicit backend's rule, and the error names the block
+            with pytest.raises(ValueError, match=r"requires grad.*use_backend\('cpu'\)"):
+                registry.resolve("auto", y, needs_grad=True)
+            with pytest.raises(ValueError, match=r"float64.*use_backend\('cpu'\)"):
+                registry.resolve("auto", y.double())
         assert registry.resolve("auto", y) == "torch"
     assert registry.resolve("auto", y) == "cpu"
 
@@ -72,6 +76,9 @@ def test_use_backend_is_per_thread():
 def test_use_backend_refuses_an_unknown_name_at_the_with():
     with pytest.raises(ValueError, match="backend must be one of"):
         with zk.use_backend("gpu"):
+            pass
+    with pytest.raises(TypeError, match="backend name"):
+        with zk.use_backend(3):
             pass
 
 

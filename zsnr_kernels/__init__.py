@@ -47,7 +47,8 @@ from .steps import (
 
 
 __all__ = [
-    "BACKENDS", "PREDICTIONS", "Parameterization", "SAMPLERS", "SamplingPlan", "StepResult", "churn_step", "coefficients",
+    "BACKENDS", "PREDICTIONS", "Parameterization", "SAMPLERS", "SamplingPlan", "StepResult", "churn_step",
+    "coefficients",
     "ddim_step", "ddpm_step", "dpm_2_ancestral_step", "dpm_2_step", "dpmpp_2m_sde_step", "dpmpp_2m_step",
     "dpmpp_2s_ancestral_step", "dpmpp_3m_sde_step", "euler_ancestral_step", "euler_step", "final_sample",
     "get_num_threads", "heun_step", "initial_state", "lms_step", "noise", "parameterization", "reference", "sample",

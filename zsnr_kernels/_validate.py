@@ -168,8 +168,8 @@ def index(name: str, v, bound: int) -> int:
 
 def positive(name: str, v, *, allow_inf: bool = False) -> float:
     """A real number > 0 (+inf too with ``allow_inf``): :func:`real`, then the sign."""
-    v = real(name, v, lo=0.0, allow_inf=allow_inf)
-    if not v > 0.0:
+    v = real(name, v, allow_inf=allow_inf)
+    if not v > 0.0:  # -inf too
         raise ValueError(f"{name} must be > 0, got {v}")
     return v
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
@@ -435,8 +436,9 @@ class StepArgs(NamedTuple):
 @dataclass(frozen=True)
 class SamplerSpec:
     """Everything the library knows about one sampler: the one row that ``sample()``, the step functions,
-    :class:`zsnr_kernels.SamplingPlan`, the k-diffusion drop-ins, the diffusers schedulers, the backends and the
-    benchmark read.  A new sampler is one row (:func:`register_sampler`) plus its coefficient function; with
+    :class:`zsnr_kernels.SamplingPlan`, the k-diffusion drop-ins, the backends and the benchmark read (each diffusers
+    scheduler is one named sampler and calls its step function).  A new sampler is one row
+    (:func:`register_sampler`) plus its coefficient function; with
     ``kernel=False`` the compiled backends run it from the coefficients this function computes (the float64 table
     of :mod:`zsnr_kernels.backends.table`), with ``kernel=True`` it also has a C++ mirror (``zsnr::SamplerKind``,
     in this table's order).
@@ -474,11 +476,16 @@ class SamplerSpec:
     def __post_init__(self):
         if self.kind not in ("single", "two_stage", "multistep"):
             raise ValueError(f"SamplerSpec.kind must be 'single', 'two_stage' or 'multistep', got {self.kind!r}")
-        if (self.kind == "multistep") != (self.keeps is not None and self.history > 0):
+        if (self.kind == "multistep") != (self.keeps is not None and self.history > 0) or (
+                self.kind != "multistep" and self.history):
             raise ValueError("a multistep SamplerSpec keeps 'denoised' or 'derivative' with history >= 1; other "
-                             "kinds keep nothing")
+                             "kinds keep nothing (history 0)")
         if self.keeps not in (None, "denoised", "derivative"):
             raise ValueError(f"SamplerSpec.keeps must be None, 'denoised' or 'derivative', got {self.keeps!r}")
+        unknown = [name for name, _ in self.options if name not in _OPTIONS]
+        if unknown:
+            raise ValueError(f"SamplerSpec.options may name {_OPTIONS} (the StepArgs fields a step function takes as "
+                             f"options), not {unknown}")
 
     def stochastic(self, eta: float) -> bool:
         """Whether a run with this ``eta`` adds noise other than churn."""
@@ -493,7 +500,10 @@ def _prev1(s: StepArgs) -> float | None:
     return s.sigma_prev[0] if s.sigma_prev else None
 
 
-SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
+_OPTIONS = ("solver_type", "order")  # the StepArgs fields a row may take as options
+
+
+_TABLE: dict[str, SamplerSpec] = {spec.name: spec for spec in (
     SamplerSpec("euler", "single", lambda pz, s: euler(pz, s.sigma, s.sigma_next), churn=True, s_noise=True,
                 at_inf="y' = s' y + c_in(sigma') D: D itself, scaled to sigma'", step=True, kernel=True),
     SamplerSpec("euler_ancestral", "single",
@@ -510,7 +520,7 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
                 eta=True, s_noise=True, at_inf="Euler to sigma_down, then noise", step=True, kernel=True),
     SamplerSpec("dpmpp_2s_ancestral", "two_stage",
                 lambda pz, s: dpmpp_2s_ancestral(pz, s.sigma, s.sigma_next, s.eta, s.s_noise, stage=s.stage),
-                eta=True, s_noise=True, at_inf="first order (DPM-Solver++ 1S) to sigma_down, then noise",
+                eta=True, s_noise=True, at_inf="its two stages to sigma_down (finite there), then noise",
                 step=True, kernel=True),
     SamplerSpec("dpmpp_2m", "multistep", lambda pz, s: dpmpp_2m(pz, s.sigma, s.sigma_next, _prev1(s)), history=1,
                 keeps="denoised", at_inf="first order; a history entry at inf has weight 0 later", step=True,
@@ -525,7 +535,7 @@ SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
                 kernel=True),
     SamplerSpec("ddim", "single",
                 lambda pz, s: ancestral(pz, s.sigma, s.sigma_next, s.eta, 1.0, clamp=False), eta=True,
-                at_inf="y' = s' y + c_in(sigma') sqrt(1 - eta^2 ...) D: the ancestral limit", step=True,
+                at_inf="y' = s' (sqrt(1 - eta^2) y + eta z) + c_in(sigma') D", step=True,
                 kernel=True),
     SamplerSpec("ddpm", "single", lambda pz, s: ancestral(pz, s.sigma, s.sigma_next, 1.0, 1.0, clamp=False),
                 adds_noise=True, at_inf="DDIM at eta = 1", step=True, kernel=True),
@@ -541,21 +551,26 @@ def register_sampler(spec: SamplerSpec) -> SamplerSpec:
     :class:`zsnr_kernels.SamplingPlan` run it on every backend from then on."""
     if not isinstance(spec, SamplerSpec):
         raise TypeError(f"spec must be a SamplerSpec, got {type(spec).__name__}")
-    if spec.name in SAMPLERS:
+    if spec.name in _TABLE:
         raise ValueError(f"a sampler named {spec.name!r} is registered already")
-    if spec.kernel:
-        raise ValueError("kernel=True names a sampler the compiled kernels implement; a registered one has no C++ "
-                         "mirror: use kernel=False")
-    SAMPLERS[spec.name] = spec
+    if spec.kernel or spec.step:
+        raise ValueError("kernel=True and step=True name a sampler the library implements (a C++ mirror, a named "
+                         "step function); a registered one runs through steps.sampler_step and the coefficient "
+                         "table: leave both False")
+    _TABLE[spec.name] = spec
     return spec
 
 
 def unregister_sampler(name: str) -> None:
     """Remove a sampler added by :func:`register_sampler` (the built-in ones stay)."""
-    spec = SAMPLERS.get(name)
+    spec = _TABLE.get(name)
     if spec is None or spec.kernel:
         raise ValueError(f"{name!r} is not a registered sampler")
-    del SAMPLERS[name]
+    del _TABLE[name]
+
+
+#: the sampler table, read-only (:func:`register_sampler` adds a row): name -> :class:`SamplerSpec`
+SAMPLERS = MappingProxyType(_TABLE)
 
 
 #: the samplers the compiled kernels implement, in the order of zsnr::SamplerKind
@@ -572,7 +587,7 @@ def sampler_spec(name) -> SamplerSpec:
 
 def step_coeffs(pz: Parameterization, s: StepArgs) -> StepCoeffs:
     """The coefficients of one sampler call: the dispatch the step functions and the kernels share."""
-    spec = SAMPLERS.get(s.sampler)
+    spec = _TABLE.get(s.sampler)
     if spec is None:
         raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {s.sampler!r}")
     c = spec.coeffs(pz, s)

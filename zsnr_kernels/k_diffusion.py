@@ -329,8 +329,7 @@ def get_sigmas_zero_snr(model_or_alphas_cumprod, n, spacing="trailing", *, rho=N
 
     Returns n + 1 float64 values on ``device``: inf, ..., 0.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1 (the number of noise levels before the final 0), got {n!r}")
+    n = _validate.integer("n (the number of noise levels before the final 0)", n, lo=1)
     sched = _discrete_schedule(model_or_alphas_cumprod)
     if not sched.zero_terminal_snr:
         raise ValueError(
@@ -566,8 +565,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
     """Linear multistep, as ``k_diffusion.sampling.sample_lms`` (``order`` 1 to 4); Euler from sigma = inf."""
-    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
-        raise ValueError(f"order must be an int in 1..4, got {order!r}")
+    order = _validate.integer("order", order, lo=1, hi=4)
     return _sample("lms", model, x, sigmas, extra_args, callback, disable, order=order)
 
 

@@ -77,8 +77,7 @@ def philox4x32(
     Arguments are int64 tensors (or Python ints) holding uint32 values, taken mod 2**32, and broadcast
     against each other.  Returns the four output words as int64 tensors with values in [0, 2**32).
     """
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
+    rounds = _validate.integer("rounds", rounds, lo=0)
     names = ("key0", "key1", "c0", "c1", "c2", "c3")
     args = (key0, key1, c0, c1, c2, c3)
     device = next((a.device for a in args if isinstance(a, Tensor)), None)

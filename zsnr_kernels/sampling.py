@@ -11,7 +11,7 @@ from .parameterization import parameterization
 
 INF = math.inf
 
-#: the sampler table (:data:`zsnr_kernels.coefficients.SAMPLERS`): name -> :class:`~zsnr_kernels.coefficients.SamplerSpec`
+#: the sampler table, :data:`zsnr_kernels.coefficients.SAMPLERS`: name -> ``coefficients.SamplerSpec``
 SAMPLERS = co.SAMPLERS
 
 
@@ -30,10 +30,10 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
     noise:     unit Gaussian; the start state is y = sigma_0 c_in(sigma_0) noise (``noise`` itself at inf).
     sigmas:    1-D, strictly descending, ends with 0; the first may be inf.  An ascending schedule is refused
                with the fix (``sigmas.flip(0)``).
-    sampler:   one of :data:`SAMPLERS` (its row says which options it takes).  ``s_churn``/``s_tmin``/``s_tmax``/
-               ``s_noise`` drive EDM churn for euler/heun/dpm_2; ``eta``/``s_noise`` the ancestral and SDE samplers; ``eta`` alone ``ddim`` (its
-               noise has no s_noise, as in diffusers; pass ``eta=0.0`` for deterministic DDIM; ``ddpm`` is DDIM
-               at eta = 1); ``solver_type`` dpmpp_2m_sde.
+    sampler:   one of :data:`SAMPLERS` (its row says which options it takes).  ``s_churn``/``s_tmin``/
+               ``s_tmax``/``s_noise`` drive EDM churn for euler/heun/dpm_2; ``eta``/``s_noise`` the ancestral and
+               SDE samplers; ``eta`` alone ``ddim`` (its noise has no s_noise, as in diffusers; pass ``eta=0.0``
+               for deterministic DDIM; ``ddpm`` is DDIM at eta = 1); ``solver_type`` dpmpp_2m_sde.
     model_sigmas: the discrete model's training sigmas; sigma_hat under churn is quantized to them (log
                space) before the noise is added, so noise, model call and update share one sigma.
     seed:      one int per sample (a sequence or a (B,) integer tensor), or one int s that gives sample i the

@@ -339,7 +339,7 @@ def quantize(sigmas, table: TensorLike, space: str = "log"):
     tab = _check_table(table)
     if isinstance(sigmas, torch.Tensor):
         if not sigmas.is_floating_point():
-            raise ValueError(f"sigmas must be a floating-point tensor, got {sigmas.dtype}")
+            raise TypeError(f"sigmas must be a floating-point tensor, got {sigmas.dtype}")
         if sigmas.device.type == "cpu" and (torch.isnan(sigmas) | (sigmas < 0)).any():
             raise ValueError("sigmas must be >= 0 and not NaN")
         s = sigmas.detach().to(_F64)
@@ -348,8 +348,6 @@ def quantize(sigmas, table: TensorLike, space: str = "log"):
         out = torch.where(torch.isfinite(s) & (s > 0), tab[idx], s)
         return out.to(sigmas.dtype)
     s = _validate.real("sigmas", sigmas, lo=0.0, allow_inf=True)
-    if s < 0:
-        raise ValueError(f"sigmas must be >= 0, got {s}")
     if s == 0 or math.isinf(s):
         return s
     return float(tab[_nearest(torch.tensor([s], dtype=_F64), tab, space)[0]])
@@ -509,7 +507,7 @@ class DiscreteSchedule:
             s = torch.tensor(_validate.real("sigma", sigma, lo=0.0, allow_inf=True), dtype=_F64)
         else:
             if not sigma.is_floating_point():
-                raise ValueError(f"sigma must be a floating-point tensor, got {sigma.dtype}")
+                raise TypeError(f"sigma must be a floating-point tensor, got {sigma.dtype}")
             s = sigma.detach().to(_F64)
         if s.device.type == "cpu" and (torch.isnan(s) | (s < 0)).any():
             raise ValueError("sigma must be >= 0 and not NaN")

@@ -174,9 +174,10 @@ def _run(
     per sample; ``sigma_eval`` is where the model was called (a float or a per-sample list); ``unknown`` catches a
     misspelt option, to name the step function the user called instead of this one."""
     if unknown:
-        raise TypeError(f"{args[0].sampler}_step() got an unexpected keyword argument {next(iter(unknown))!r}; "
-                        f"see help(zsnr_kernels.{args[0].sampler}_step) and the options every step takes in "
-                        "help(zsnr_kernels.steps)")
+        name = _step_name(args[0].sampler)
+        raise TypeError(f"{name + '()' if name.endswith('_step') else name} got an unexpected keyword argument "
+                        f"{next(iter(unknown))!r}; see help(zsnr_kernels.{name.split('(')[0]}) and the options every "
+                        "step takes in help(zsnr_kernels.steps)")
     y = _validate.tensor("y", y)
     pz = parameterization(prediction, sigma_data)
     w, phi, space = _validate.guidance(guidance_scale, guidance_rescale, rescale_space)
@@ -222,8 +223,9 @@ def _run(
     y_out, d, carry, sigma_out, complete = _backend.fused_step(name)(
         y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
         rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
-    result = StepResult(y_out, sigma_out[0] if len(args) == 1 else torch.tensor(sigma_out, dtype=torch.float64), d if want_d else None,
-                        complete, carry, None if complete else _origin(args))
+    sigma_next = sigma_out[0] if len(args) == 1 else torch.tensor(sigma_out, dtype=torch.float64)
+    result = StepResult(y_out, sigma_next, d if want_d else None, complete, carry,
+                        None if complete else _origin(args))
     rec = _recording()
     if rec is not None:  # zsnr_kernels.plan is recording a run in this context
         rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
@@ -234,9 +236,9 @@ def _run(
 _recorder: contextvars.ContextVar = contextvars.ContextVar("zsnr_kernels_recorder", default=None)
 
 
-@torch.compiler.assume_constant_result  # Dynamo cannot trace ContextVar.get; a traced step is never recorded
 def _recording():
-    return _recorder.get()
+    """The recorder of this context, if any; a traced step is never recorded (Dynamo cannot trace a ContextVar)."""
+    return None if torch.compiler.is_compiling() else _recorder.get()
 
 
 @contextlib.contextmanager
@@ -343,8 +345,8 @@ def _check_first_y(sampler: str, y, first: StepResult) -> None:
             and y.stride() == fy.stride() and y.data_ptr() == fy.data_ptr()):
         raise ValueError(
             f"y is not first.y: the second {sampler} call continues from the state the first call returned, with "
-            f"the model evaluated there. Call {sampler}_step(first.y, model(first.y, first.sigma), sigma, "
-            "sigma_next, first=first)")
+            f"the model evaluated there. Call {_step_name(sampler)} with first.y, model(first.y, first.sigma), "
+            "sigma, sigma_next and first=first")
 
 
 def _origin(args: list[co.StepArgs]) -> tuple:
@@ -381,8 +383,8 @@ def _check_origin(args: list[co.StepArgs], origin) -> None:
     f_sampler, f_sg, f_sn = origin
     sampler = args[0].sampler
     if f_sampler != sampler:
-        raise ValueError(f"first was returned by {f_sampler}_step, not {sampler}_step: pass the result of this "
-                         f"step's first {sampler}_step call")
+        raise ValueError(f"first was returned by {_step_name(f_sampler)}, not {_step_name(sampler)}: pass the result "
+                         f"of this step's first {_step_name(sampler)} call")
     n = len(args)
     for i in range(n):
         if not _same_sigmas(origin, i, args[i]):
@@ -537,41 +539,57 @@ def lms_step(y, model_output, sigma, sigma_next, *, history=None, order=4, **opt
     """Linear multistep of ``order`` on d = (x - D)/sigma (k-diffusion ``sample_lms``): x' = x + sum_j w_j d_j,
     w_j the integrals over [sigma, sigma'] of the Lagrange basis through the current and remembered sigmas.
     ``history`` = earlier (sigma, derivative) pairs, newest first (``StepResult.derivative``)."""
-    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
-        raise ValueError(f"order must be an int in 1..4, got {order!r}")
+    order = _validate.integer("order", order, lo=1, hi=4)
     sg, sn = _sigmas(y, sigma, sigma_next)
     hs, ht = _history(history, order - 1, y)
     return _run(y, model_output, sg, _args("lms", sg, sn, prev=hs, order=order), history=ht, **options)
 
 
-def sampler_step(sampler: str, y, model_output, sigma, sigma_next, *, first=None, history=None,
-                 sigma_hat_next=None, eta=1.0, s_noise=1.0, noise=None, seed=None, step_index=None,
-                 **options) -> StepResult:
-    """One step of any sampler of :data:`zsnr_kernels.coefficients.SAMPLERS` by name, with the options its row
-    declares: ``first`` (two-stage samplers), ``history`` (multistep: up to ``history`` earlier (sigma, tensor)
-    pairs, newest first), ``sigma_hat_next`` (churn samplers), ``eta`` and ``s_noise`` (where the row takes them),
-    the row's own ``options`` (e.g. ``solver_type``), and every option the step functions share.  The named step
-    functions (:func:`euler_step` ...) are this call with their own signature and docstring."""
+def sampler_step(sampler: str, y, model_output, sigma, sigma_next, **options) -> StepResult:
+    """One step of any sampler of :data:`zsnr_kernels.coefficients.SAMPLERS`, by name.
+
+    A sampler with a named step function (``sampler_step("heun", ...)``) runs exactly that function, with its
+    options and defaults (:func:`heun_step` ...).  A sampler added with ``coefficients.register_sampler`` takes what
+    its row declares: ``first`` (two-stage), ``history`` (multistep: up to ``history`` earlier (sigma, tensor)
+    pairs, newest first), ``sigma_hat_next`` (churn), ``eta`` (default 1) and ``s_noise`` (default 1) where it
+    takes them, its ``options`` (``solver_type``, ``order``), the noise options ``noise``/``seed``/``step_index``,
+    and every option the step functions share (see the module docstring).  Any other option is a TypeError."""
     spec = co.sampler_spec(sampler)
-    own = {name: options.pop(name, default) for name, default in spec.options}
-    for name, given, takes in (("first", first is not None, spec.kind == "two_stage"),
-                               ("history", history is not None, spec.kind == "multistep"),
-                               ("sigma_hat_next", sigma_hat_next is not None, spec.churn)):
-        if given and not takes:
-            raise TypeError(f"sampler {sampler!r} takes no {name}= (a {spec.kind} sampler"
-                            f"{' without churn' if name == 'sigma_hat_next' else ''})")
-    extra = dict(own)
+    if spec.step:
+        return _NAMED_STEPS[spec.name](y, model_output, sigma, sigma_next, **options)
+    takes = {"first": spec.kind == "two_stage", "history": spec.kind == "multistep", "sigma_hat_next": spec.churn,
+             "eta": spec.eta, "s_noise": spec.s_noise or spec.churn}
+    for name, taken in takes.items():
+        if name in options and not taken:
+            raise TypeError(f"sampler_step({sampler!r}, ...) got an unexpected keyword argument {name!r}: a "
+                            f"{spec.kind} sampler{' without churn' if name == 'sigma_hat_next' else ''} takes none")
+    first, history, hat = options.pop("first", None), options.pop("history", None), options.pop("sigma_hat_next",
+                                                                                                  None)
+    extra = {name: _OPTION_CHECKS[name](options.pop(name, default)) for name, default in spec.options}
     if spec.eta:
-        extra["eta"] = _real("eta", eta)
-    if spec.s_noise:
-        extra["s_noise"] = _real("s_noise", s_noise)
+        extra["eta"] = _real("eta", options.pop("eta", 1.0))
+    if spec.s_noise or spec.churn:
+        extra["s_noise"] = _real("s_noise", options.pop("s_noise", 1.0))
+    noise = {k: options.pop(k, None) for k in ("noise", "seed", "step_index")}
     if spec.kind == "two_stage":
-        return _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, noise=noise, seed=seed,
-                          step_index=step_index, hat=sigma_hat_next, **extra)
-    sg, sn, shn = _sigmas(y, sigma, sigma_next, sigma_hat_next)
+        return _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, hat=hat, **noise, **extra)
+    sg, sn, shn = _sigmas(y, sigma, sigma_next, hat)
     hs, ht = _history(history, spec.history, y)
     args = _args(sampler, sg, sn, hat=shn, prev=hs, **extra)
-    return _run(y, model_output, sg, args, history=ht, noise=noise, seed=seed, step_index=step_index, **options)
+    return _run(y, model_output, sg, args, history=ht, **noise, **options)
+
+
+#: how :func:`sampler_step` checks each option a row may declare (``SamplerSpec.options``)
+_OPTION_CHECKS = {
+    "solver_type": lambda v: _validate.choice("solver_type", v, ("midpoint", "heun")),
+    "order": lambda v: _validate.integer("order", v, lo=1, hi=4),
+}
+
+
+def _step_name(sampler: str) -> str:
+    """How the user called a sampler's step: its named function, or sampler_step with its name."""
+    spec = co.SAMPLERS.get(sampler)
+    return f"{sampler}_step" if spec is not None and spec.step else f"sampler_step({sampler!r}, ...)"
 
 
 def step_function(sampler: str):

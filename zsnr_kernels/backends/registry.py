@@ -85,12 +85,16 @@ def module(name: str) -> ModuleType:
 def use_backend(name: str):
     """Run every step that asks for ``backend="auto"`` (the default) inside the block on backend ``name``: the
     step functions, ``sample()``, the k-diffusion drop-ins, the diffusers schedulers and plans built inside it.
-    An explicit ``backend=`` still wins.  Per thread and per asyncio task (a context variable); nests.  Under
-    ``torch.compile`` the choice is read when a step is traced: a compiled function keeps the backend of its trace.
+    An explicit ``backend=`` still wins.  The chosen backend must serve every such step, as an explicit one must
+    (a float64 step inside ``use_backend("cpu")`` is refused, naming this block).  Per thread and per asyncio task
+    (a context variable); nests.  Enter the block outside compiled code: ``torch.compile`` reads the choice when it
+    traces a step (a compiled function keeps the backend of its trace) but cannot trace the ``with`` itself.
 
         with zsnr_kernels.use_backend("torch"):   # the float64-capable, differentiable reference
             x0 = zsnr_kernels.sample(model, noise, sigmas)
     """
+    if not isinstance(name, str):
+        raise TypeError(f"use_backend takes a backend name, one of {BACKENDS}, got {type(name).__name__}")
     if name != "auto":
         get(name)  # an unknown name is refused at the `with`, not at the first step
     token = _preferred.set(name)
@@ -110,12 +114,19 @@ def not_supported_reasons(backend: str, y: torch.Tensor) -> list[str]:
 
 def resolve(backend: str, y: torch.Tensor, needs_grad: bool = False) -> str:
     """The backend that will run a step on ``y``: an explicit one if it can (else ValueError with its reasons);
-    for ``auto``, the one :func:`use_backend` set, else the first of ``auto``'s order for y's device that can.
-    With ``needs_grad`` (autograd records the step) only the torch reference can: the kernels have no backward."""
-    if backend == "auto":
-        backend = _preferred_name()
-        if needs_grad and backend != "auto" and get(backend).compiled:
-            backend = "auto"  # use_backend picks among the backends that can run this step
+    for ``auto``, the one :func:`use_backend` set (held to the same rule as an explicit one), else the first of
+    ``auto``'s order for y's device that can.  With ``needs_grad`` (autograd records the step) only the torch
+    reference can: the kernels have no backward."""
+    preferred = _preferred_name() if backend == "auto" else "auto"
+    if preferred == "auto":
+        return _checked(backend, y, needs_grad)
+    try:
+        return _checked(preferred, y, needs_grad)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (the backend set by zsnr_kernels.use_backend({preferred!r}))") from None
+
+
+def _checked(backend: str, y: torch.Tensor, needs_grad: bool) -> str:
     if needs_grad and backend != "torch":
         if backend == "auto":
             return "torch"
