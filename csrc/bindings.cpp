@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "zsnr/coefficients.h"
@@ -45,81 +46,233 @@ T* as_ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-// The Tensors of a step from data_ptr integers (0 for none).
-zsnr::Tensors make_tensors(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t y, std::uintptr_t f_cond,
-                           std::uintptr_t f_uncond, const std::vector<std::uintptr_t>& hist, std::uintptr_t noise,
-                           std::uintptr_t y_out, std::uintptr_t d_out, std::uintptr_t carry_out) {
+// ------------------------------------------------------------------------------------------- the step record
+//
+// A step crosses the boundary as one Python object, zsnr_kernels/backends/call.py's StepCall (a NamedTuple), whose
+// fields are read here, by both modules, into the launchers' Tensors and StepPlan (zsnr/step_plan.h).  The fields, in
+// the record's order (exported as STEP_CALL_FIELDS; a test checks them against the record's):
+#define ZSNR_STEP_CALL_FIELDS(X)                                                                                  \
+  X(dtype) X(batch) X(n) X(y) X(f_cond) X(f_uncond) X(hist) X(noise) X(y_out) X(d_out) X(carry_out)              \
+  X(prediction) X(sigma_data) X(sampler) X(stage) X(solver_heun) X(order) X(eta) X(s_noise) X(guidance_scale)    \
+  X(guidance_rescale) X(rescale_space) X(n_sigma) X(n_prev) X(sigmas) X(table) X(seeds) X(step_index) X(draw)    \
+  X(workspace) X(stream)
+
+enum class Field : int {
+#define ZSNR_FIELD_ENUM(name) name,
+  ZSNR_STEP_CALL_FIELDS(ZSNR_FIELD_ENUM)
+#undef ZSNR_FIELD_ENUM
+  count
+};
+
+constexpr const char* kFieldNames[] = {
+#define ZSNR_FIELD_NAME(name) #name,
+    ZSNR_STEP_CALL_FIELDS(ZSNR_FIELD_NAME)
+#undef ZSNR_FIELD_NAME
+};
+static_assert(sizeof(kFieldNames) / sizeof(kFieldNames[0]) == static_cast<size_t>(Field::count), "one name a field");
+
+py::tuple field_names() {
+  py::tuple names(static_cast<size_t>(Field::count));
+  for (int i = 0; i < static_cast<int>(Field::count); ++i) names[i] = py::str(kFieldNames[i]);
+  return names;
+}
+
+// The record is a tuple (a NamedTuple) of exactly these fields: read by position.
+void check_record(py::handle call) {
+  if (!PyTuple_Check(call.ptr()) || PyTuple_GET_SIZE(call.ptr()) != static_cast<Py_ssize_t>(Field::count))
+    throw std::invalid_argument("fused_step: the call must be a StepCall record (zsnr_kernels.backends.call) of " +
+                                std::to_string(static_cast<int>(Field::count)) + " fields");
+}
+
+py::handle get(py::handle call, Field f) { return PyTuple_GET_ITEM(call.ptr(), static_cast<Py_ssize_t>(f)); }
+
+int64_t get_int(py::handle call, Field f) {
+  const py::handle v = get(call, f);
+  const long long r = PyLong_AsLongLong(v.ptr());
+  if (r == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return r;
+}
+
+double get_float(py::handle call, Field f) {
+  const py::handle v = get(call, f);
+  const double r = PyFloat_AsDouble(v.ptr());
+  if (r == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  return r;
+}
+
+// An address (a data_ptr integer; 0: none).
+std::uintptr_t address(py::handle v) {
+  const unsigned long long r = PyLong_AsUnsignedLongLong(v.ptr());
+  if (r == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<std::uintptr_t>(r);
+}
+
+std::uintptr_t get_address(py::handle call, Field f) { return address(get(call, f)); }
+
+// An array field of the record: an address (device memory, or host memory the caller keeps alive; 0: none), or a
+// host list or tuple of numbers (the cpu module's sigmas and seeds), copied and checked for its length.
+template <typename T>
+class ArrayField {
+ public:
+  // Reads field f; a list must hold `count` values (count < 0: not checked here).
+  const T* read(py::handle call, Field f, int64_t count) {
+    const py::handle v = get(call, f);
+    if (PyLong_Check(v.ptr())) return as_ptr<const T>(address(v));
+    if (!PyList_Check(v.ptr()) && !PyTuple_Check(v.ptr()))
+      throw std::invalid_argument(std::string("fused_step: ") + kFieldNames[static_cast<int>(f)] +
+                                  " must be an address or a list");
+    const Py_ssize_t len = PySequence_Fast_GET_SIZE(v.ptr());
+    if (count >= 0 && len != count)
+      throw std::invalid_argument(std::string("fused_step: ") + kFieldNames[static_cast<int>(f)] + " must hold " +
+                                  std::to_string(count) + " values, got " + std::to_string(len));
+    PyObject** items = PySequence_Fast_ITEMS(v.ptr());
+    values_.resize(static_cast<size_t>(len));
+    for (Py_ssize_t i = 0; i < len; ++i) values_[i] = item(items[i]);
+    return values_.data();
+  }
+
+ private:
+  static T item(PyObject* o) {
+    if constexpr (std::is_floating_point<T>::value) {
+      const double r = PyFloat_AsDouble(o);
+      if (r == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+      return r;
+    } else {
+      const unsigned long long r = PyLong_AsUnsignedLongLong(o);
+      if (r == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+      return static_cast<T>(r);
+    }
+  }
+  std::vector<T> values_;
+};
+
+// One step read from its record.  Sigma block layout: [sigma | sigma_eval | sigma_next | sigma_hat_next |
+// sigma_prev ([n_prev][n_sigma])], each block n_sigma long (backends/call.py sigma_block); in table mode (a table
+// given) the sigmas are not read and may be 0.
+class Step {
+ public:
+  explicit Step(py::handle call) {
+    check_record(call);
+    t.dtype = static_cast<int32_t>(get_int(call, Field::dtype));
+    t.batch = get_int(call, Field::batch);
+    t.n = get_int(call, Field::n);
+    t.y = as_ptr<const void>(get_address(call, Field::y));
+    t.f_cond = as_ptr<const void>(get_address(call, Field::f_cond));
+    t.f_uncond = as_ptr<const void>(get_address(call, Field::f_uncond));
+    const py::handle hist = get(call, Field::hist);
+    if (!PyTuple_Check(hist.ptr()) || PyTuple_GET_SIZE(hist.ptr()) > zsnr::kMaxHistory)
+      throw std::invalid_argument("fused_step: hist must be a tuple of at most " + std::to_string(zsnr::kMaxHistory) +
+                                  " addresses");
+    t.n_hist = static_cast<int32_t>(PyTuple_GET_SIZE(hist.ptr()));
+    for (int k = 0; k < t.n_hist; ++k) t.hist[k] = as_ptr<const void>(address(PyTuple_GET_ITEM(hist.ptr(), k)));
+    t.noise = as_ptr<const void>(get_address(call, Field::noise));
+    t.y_out = as_ptr<void>(get_address(call, Field::y_out));
+    t.d_out = as_ptr<void>(get_address(call, Field::d_out));
+    t.carry_out = as_ptr<void>(get_address(call, Field::carry_out));
+
+    plan.pz = zsnr::Param{static_cast<int32_t>(get_int(call, Field::prediction)), get_float(call, Field::sigma_data)};
+    plan.sampler = static_cast<int32_t>(get_int(call, Field::sampler));
+    plan.stage = static_cast<int32_t>(get_int(call, Field::stage));
+    plan.solver_heun = static_cast<int32_t>(get_int(call, Field::solver_heun));
+    plan.order = static_cast<int32_t>(get_int(call, Field::order));
+    plan.eta = get_float(call, Field::eta);
+    plan.s_noise = get_float(call, Field::s_noise);
+    plan.n_sigma = get_int(call, Field::n_sigma);
+    plan.n_prev = static_cast<int32_t>(get_int(call, Field::n_prev));
+    if (plan.n_sigma < 1 || plan.n_prev < 0 || plan.n_prev > zsnr::kMaxHistory)
+      throw std::invalid_argument("fused_step: n_sigma must be >= 1 and n_prev in [0, " +
+                                  std::to_string(zsnr::kMaxHistory) + "]");
+    plan.table = table_.read(call, Field::table, plan.n_sigma * zsnr::kNumCoeffs);
+    const double* s = sigmas_.read(call, Field::sigmas, plan.table != nullptr ? -1 : (4 + plan.n_prev) * plan.n_sigma);
+    if (s != nullptr) {
+      const int64_t ns = plan.n_sigma;
+      plan.sigma = s;
+      plan.sigma_eval = s + ns;
+      plan.sigma_next = s + 2 * ns;
+      plan.sigma_hat_next = s + 3 * ns;
+      plan.sigma_prev = plan.n_prev > 0 ? s + 4 * ns : nullptr;
+    } else if (plan.table == nullptr) {
+      throw std::invalid_argument("fused_step: a step without a coefficient table needs its sigmas");
+    }
+    plan.guidance_scale = get_float(call, Field::guidance_scale);
+    plan.guidance_rescale = get_float(call, Field::guidance_rescale);
+    plan.rescale_space = static_cast<int32_t>(get_int(call, Field::rescale_space));
+    plan.seeds = seeds_.read(call, Field::seeds, t.batch);
+    plan.step_index = static_cast<uint32_t>(get_int(call, Field::step_index));
+    plan.draw = static_cast<uint32_t>(get_int(call, Field::draw));
+    workspace = get_address(call, Field::workspace);
+    stream = get_address(call, Field::stream);
+  }
+
   zsnr::Tensors t{};
-  t.dtype = dtype;
-  t.batch = batch;
-  t.n = n;
-  t.y = as_ptr<const void>(y);
-  t.f_cond = as_ptr<const void>(f_cond);
-  t.f_uncond = as_ptr<const void>(f_uncond);
-  t.n_hist = static_cast<int32_t>(hist.size() < zsnr::kMaxHist ? hist.size() : zsnr::kMaxHist);
-  for (int k = 0; k < t.n_hist; ++k) t.hist[k] = as_ptr<const void>(hist[k]);
-  t.noise = as_ptr<const void>(noise);
-  t.y_out = as_ptr<void>(y_out);
-  t.d_out = as_ptr<void>(d_out);
-  t.carry_out = as_ptr<void>(carry_out);
-  return t;
-}
-
-// The StepPlan of a step, less its sigma and seed arrays (host arrays on the CPU, device arrays for CUDA).
-zsnr::StepPlan make_plan(int32_t prediction, double sigma_data, int32_t sampler, int32_t stage, int32_t solver_heun,
-                         int32_t order, double eta, double s_noise, int32_t n_prev, double guidance_scale,
-                         double guidance_rescale, int32_t rescale_space, uint32_t step_index, uint32_t draw) {
   zsnr::StepPlan plan{};
-  plan.pz = zsnr::Param{prediction, sigma_data};
-  plan.sampler = sampler;
-  plan.stage = stage;
-  plan.solver_heun = solver_heun;
-  plan.order = order;
-  plan.n_prev = n_prev;
-  plan.eta = eta;
-  plan.s_noise = s_noise;
-  plan.guidance_scale = guidance_scale;
-  plan.guidance_rescale = guidance_rescale;
-  plan.rescale_space = rescale_space;
-  plan.step_index = step_index;
-  plan.draw = draw;
-  return plan;
-}
+  std::uintptr_t workspace = 0, stream = 0;  // the CUDA module's
 
-// Points a plan's sigma arrays into one block [sigma | sigma_eval | sigma_next | sigma_hat_next | sigma_prev
-// ([n_prev][n_sigma])], each n_sigma long: the layout both fused_step bindings take (a host array on the CPU, a
-// device array for CUDA).
-void set_sigmas(zsnr::StepPlan& plan, const double* s, int64_t n_sigma) {
-  plan.n_sigma = n_sigma;
-  plan.sigma = s;
-  plan.sigma_eval = s + n_sigma;
-  plan.sigma_next = s + 2 * n_sigma;
-  plan.sigma_hat_next = s + 3 * n_sigma;
-  plan.sigma_prev = plan.n_prev > 0 ? s + 4 * n_sigma : nullptr;
+ private:
+  ArrayField<double> table_, sigmas_;
+  ArrayField<uint64_t> seeds_;
+};
+
+// The enum values and limits of the shared headers, as module attributes: the Python tables are checked against
+// them (tests/test_compiled_constants.py), never copied from here by hand.
+void export_constants(py::module_& m) {
+  const char* samplers[] = {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+                            "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "lms"};
+  static_assert(sizeof(samplers) / sizeof(samplers[0]) == zsnr::kLms + 1, "a name for every SamplerKind");
+  py::dict kinds;
+  for (int i = 0; i <= zsnr::kLms; ++i) kinds[samplers[i]] = i;
+  m.attr("SAMPLER_KINDS") = kinds;
+  py::dict pred;
+  pred["v"] = static_cast<int>(zsnr::kPredV);
+  pred["eps"] = static_cast<int>(zsnr::kPredEps);
+  pred["x0"] = static_cast<int>(zsnr::kPredX0);
+  pred["flow"] = static_cast<int>(zsnr::kPredFlow);
+  m.attr("PREDICTIONS") = pred;
+  py::dict space;
+  space["output"] = static_cast<int>(zsnr::kSpaceOutput);
+  space["v"] = static_cast<int>(zsnr::kSpaceV);
+  space["x0"] = static_cast<int>(zsnr::kSpaceX0);
+  m.attr("RESCALE_SPACES") = space;
+  py::dict dtypes;
+  dtypes["float32"] = static_cast<int>(zsnr::kFloat32);
+  dtypes["float16"] = static_cast<int>(zsnr::kFloat16);
+  dtypes["bfloat16"] = static_cast<int>(zsnr::kBFloat16);
+  m.attr("DTYPES") = dtypes;
+  py::dict errors;
+  errors["ok"] = static_cast<int>(zsnr::kOk);
+  errors["eps_at_inf"] = static_cast<int>(zsnr::kErrEpsAtInf);
+  errors["sigma_order"] = static_cast<int>(zsnr::kErrSigmaOrder);
+  errors["ddim_eta"] = static_cast<int>(zsnr::kErrDdimEta);
+  errors["stage"] = static_cast<int>(zsnr::kErrStage);
+  errors["churn"] = static_cast<int>(zsnr::kErrChurn);
+  errors["bad_arg"] = static_cast<int>(zsnr::kErrBadArg);
+  errors["needs_noise"] = static_cast<int>(zsnr::kErrNeedsNoise);
+  errors["needs_history"] = static_cast<int>(zsnr::kErrNeedsHistory);
+  errors["mixed_stages"] = static_cast<int>(zsnr::kErrMixedStages);
+  errors["bad_args"] = static_cast<int>(zsnr::kErrBadArgs);
+  m.attr("STEP_ERRORS") = errors;
+  py::dict cols;
+  const char* columns[] = {"W", "P", "Q", "A", "B", "H0", "H1", "H2", "E", "GY", "GD", "U", "T", "PHI"};
+  static_assert(sizeof(columns) / sizeof(columns[0]) == zsnr::kNumColumns, "a name for every CoeffColumn");
+  static_assert(zsnr::kColH0 + 3 == zsnr::kColE && zsnr::kMaxHistory == 3, "H0..H2 name the history columns");
+  for (int i = 0; i < zsnr::kNumColumns; ++i) cols[columns[i]] = i;
+  m.attr("COEFF_COLUMNS") = cols;
+  m.attr("NUM_COEFFS") = zsnr::kNumCoeffs;
+  m.attr("MAX_HISTORY") = zsnr::kMaxHistory;
+  m.attr("STEP_CALL_FIELDS") = field_names();
 }
 
 #ifdef ZSNR_CUDA_MODULE
 
-// One fused CUDA step (cuda/step.cuh), enqueued on `stream` (a cudaStream_t as an integer).  `sigmas` is a
-// device float64 array [sigma | sigma_eval | sigma_next | sigma_hat_next | sigma_prev ([n_prev][n_sigma])], each
-// block n_sigma long; `seeds` a device uint64[batch] array or 0; `workspace` device memory of
-// cuda_workspace_bytes(batch, n) bytes, zeroed once when allocated.  Returns the cudaError_t of the launches
-// (errors of the step itself stay on the device; Python validated the step before calling).
-int32_t cuda_fused_step(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t y, std::uintptr_t f_cond,
-                        std::uintptr_t f_uncond, const std::vector<std::uintptr_t>& hist, std::uintptr_t noise,
-                        std::uintptr_t y_out, std::uintptr_t d_out, std::uintptr_t carry_out, int32_t prediction,
-                        double sigma_data, int32_t sampler, int32_t stage, int32_t solver_heun, int32_t order,
-                        double eta, double s_noise, std::uintptr_t sigmas, int64_t n_sigma, int32_t n_prev,
-                        double guidance_scale, double guidance_rescale, int32_t rescale_space, std::uintptr_t seeds,
-                        uint32_t step_index, uint32_t draw, std::uintptr_t workspace, std::uintptr_t stream) {
-  const zsnr::Tensors t = make_tensors(dtype, batch, n, y, f_cond, f_uncond, hist, noise, y_out, d_out, carry_out);
-  zsnr::StepPlan plan = make_plan(prediction, sigma_data, sampler, stage, solver_heun, order, eta, s_noise, n_prev,
-                                  guidance_scale, guidance_rescale, rescale_space, step_index, draw);
-  set_sigmas(plan, as_ptr<const double>(sigmas), n_sigma);
-  plan.seeds = as_ptr<const uint64_t>(seeds);
-  const zsnr::cuda::Workspace ws = zsnr::cuda::workspace_carve(as_ptr<void>(workspace), batch, n);
+// One fused CUDA step (cuda/step.cuh) from its record: device addresses for the tensors, the sigma block, the seeds
+// (uint64[batch] or 0) and the table (or 0), `workspace` device memory of workspace_bytes(batch, n) bytes, zeroed
+// once when allocated, and `stream` a cudaStream_t.  Returns the cudaError_t of the launches (errors of the step
+// itself stay on the device; Python validated the step before calling).
+int32_t cuda_fused_step(py::handle call) {
+  const Step s(call);
+  const zsnr::cuda::Workspace ws = zsnr::cuda::workspace_carve(as_ptr<void>(s.workspace), s.t.batch, s.t.n);
   return static_cast<int32_t>(
-      zsnr::cuda::fused_step(t, plan, ws, nullptr, reinterpret_cast<cudaStream_t>(stream)));
+      zsnr::cuda::fused_step(s.t, s.plan, ws, nullptr, reinterpret_cast<cudaStream_t>(s.stream)));
 }
 
 // (error code, device count): cudaGetDeviceCount, which fails without a driver or a device.
@@ -178,32 +331,18 @@ void philox_normal(std::uintptr_t out_ptr, int64_t batch, int64_t n_per_sample,
   }
 }
 
-// One fused CPU step (cpu/step.h).  Pointers are data_ptr integers (0 for none); `sigmas` is the block of
-// set_sigmas, n_sigma = 1 (shared by the batch) or batch (one per sample).  Returns (error, complete,
-// noise_used, n_hist_used, bad_sample, sigma_out).
-py::tuple fused_step(int32_t dtype, int64_t batch, int64_t n, std::uintptr_t y, std::uintptr_t f_cond,
-                     std::uintptr_t f_uncond, const std::vector<std::uintptr_t>& hist, std::uintptr_t noise,
-                     std::uintptr_t y_out, std::uintptr_t d_out, std::uintptr_t carry_out, int32_t prediction,
-                     double sigma_data, int32_t sampler, int32_t stage, int32_t solver_heun, int32_t order,
-                     double eta, double s_noise, const std::vector<double>& sigmas, int64_t n_sigma,
-                     int32_t n_prev, double guidance_scale, double guidance_rescale, int32_t rescale_space,
-                     const std::vector<uint64_t>& seeds, uint32_t step_index, uint32_t draw) {
-  const zsnr::Tensors t = make_tensors(dtype, batch, n, y, f_cond, f_uncond, hist, noise, y_out, d_out, carry_out);
-  zsnr::StepPlan plan = make_plan(prediction, sigma_data, sampler, stage, solver_heun, order, eta, s_noise, n_prev,
-                                  guidance_scale, guidance_rescale, rescale_space, step_index, draw);
-  if (n_sigma < 1 || n_prev < 0 || static_cast<int64_t>(sigmas.size()) != (4 + n_prev) * n_sigma)
-    throw std::invalid_argument("fused_step: sigmas must hold (4 + n_prev) * n_sigma values");
-  if (!seeds.empty() && static_cast<int64_t>(seeds.size()) != batch)
-    throw std::invalid_argument("fused_step: seeds must hold one seed per sample (or none)");
-  set_sigmas(plan, sigmas.data(), n_sigma);
-  plan.seeds = seeds.empty() ? nullptr : seeds.data();
-  std::vector<double> sigma_out(static_cast<size_t>(n_sigma));
+// One fused CPU step (cpu/step.h) from its record: host addresses for the tensors, the sigma block and seeds as
+// lists (checked for length) or addresses, the table (or 0); n_sigma = 1 (shared by the batch) or batch (one per
+// sample).  Returns (error, complete, bad_sample, sigma_out).
+py::tuple fused_step(py::handle call) {
+  const Step s(call);
+  std::vector<double> sigma_out(static_cast<size_t>(s.plan.n_sigma));
   zsnr::cpu::StepOutcome r;
   {
     py::gil_scoped_release no_gil;
-    r = zsnr::cpu::fused_step(t, plan, sigma_out.data());
+    r = zsnr::cpu::fused_step(s.t, s.plan, sigma_out.data());
   }
-  return py::make_tuple(r.error, r.complete, r.noise_used, r.n_hist_used, r.bad_sample, sigma_out);
+  return py::make_tuple(r.error, r.complete, r.bad_sample, sigma_out);
 }
 
 // ---- test bindings of the shared coefficient functions (zsnr/coefficients.h), plain Python numbers.
@@ -295,7 +434,9 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("__version__") = ZSNR_VERSION;
   m.attr("cuda_runtime_version") = CUDART_VERSION;
   m.attr("archs") = ZSNR_CUDA_ARCHS;  // "80;90": SASS for each, PTX of the last (setup.py)
-  m.def("fused_step", &cuda_fused_step, "Enqueue one fused sampler step on CUDA tensors (see cuda/step.cuh).");
+  export_constants(m);
+  m.def("fused_step", &cuda_fused_step, py::arg("call"),
+        "Enqueue one fused sampler step on CUDA tensors from its StepCall record (see cuda/step.cuh).");
   m.def("workspace_bytes", &zsnr::cuda::workspace_bytes, py::arg("batch"), py::arg("n"),
         "Bytes of the device workspace of a step over [batch][n] tensors.");
   m.def("device_count", &cuda_device_count, "(cudaError_t, count) of cudaGetDeviceCount.");
@@ -307,6 +448,7 @@ PYBIND11_MODULE(_C_cuda, m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "zsnr-kernels compiled CPU module (raw pointers; callers validate)";
   m.attr("__version__") = ZSNR_VERSION;
+  export_constants(m);
   m.def("philox4x32", &philox4x32, py::arg("out_ptr"), py::arg("n"), py::arg("key0"),
         py::arg("key1"), py::arg("c0_start"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
         "Fill uint32 out[n, 4] with Philox4x32-10(key, (c0_start + i mod 2**32, c1, c2, c3)).");
@@ -345,7 +487,13 @@ PYBIND11_MODULE(_C, m) {
             throw std::invalid_argument("cpu_rescale_sums: dtype code, batch or n out of range");
           if (static_cast<int64_t>(u.size()) != batch || static_cast<int64_t>(t_.size()) != batch)
             throw std::invalid_argument("cpu_rescale_sums: u and t must hold one value per sample");
-          const zsnr::Tensors t = make_tensors(dtype, batch, n, y, f_cond, f_uncond, {}, 0, 0, 0, 0);
+          zsnr::Tensors t{};
+          t.dtype = dtype;
+          t.batch = batch;
+          t.n = n;
+          t.y = as_ptr<const void>(y);
+          t.f_cond = as_ptr<const void>(f_cond);
+          t.f_uncond = as_ptr<const void>(f_uncond);
           std::vector<zsnr::RescaleWeights> ab(static_cast<size_t>(batch));
           for (int64_t b = 0; b < batch; ++b) ab[b] = zsnr::rescale_weights(u[b], t_[b]);
           std::vector<double> out(static_cast<size_t>(batch) * zsnr::kNumSums);
@@ -360,7 +508,9 @@ PYBIND11_MODULE(_C, m) {
         "guidance scale w (rounded to float) and G = u[b] y + t[b] F (combine.h rescale_weights; read when "
         "with_y) (tests).");
   m.def("build_info", &build_info, "Compiler, flags and OpenMP state of this build.");
-  m.def("fused_step", &fused_step, "One fused sampler step on CPU tensors (see csrc/cpu/step.h).");
+  m.def("fused_step", &fused_step, py::arg("call"),
+        "One fused sampler step on CPU tensors from its StepCall record (see csrc/cpu/step.h): (error, complete, "
+        "bad_sample, sigma_out).");
   m.def("set_num_threads", &zsnr::cpu::set_num_threads, py::arg("n"),
         "OpenMP threads of the CPU kernels, for every calling thread (0: OpenMP's default).");
   m.def("num_threads", &zsnr::cpu::num_threads, "OpenMP threads the CPU kernels use.");

@@ -27,13 +27,14 @@ if not hasattr(_C, "step_coeffs"):
 INF = math.inf
 RTOL, ATOL = 1e-13, 1e-300
 
-# Enum values of coefficients.h.
-PRED = {name: i for i, name in enumerate(PREDICTIONS)}  # v 0, eps 1, x0 2, flow 3
-SPACE = {"output": 0, "v": 1, "x0": 2}
-SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m",
-            "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "lms")
-KIND = {name: i for i, name in enumerate(SAMPLERS)}
-OK, ERR_EPS_AT_INF, ERR_SIGMA_ORDER, ERR_DDIM_ETA, ERR_STAGE, ERR_CHURN, ERR_BAD_ARG = range(7)
+# Enum values of coefficients.h, as the module exports them (tests/test_compiled_constants.py checks them against
+# the Python tables).
+PRED = dict(_C.PREDICTIONS)  # v 0, eps 1, x0 2, flow 3
+SPACE = dict(_C.RESCALE_SPACES)
+KIND = dict(_C.SAMPLER_KINDS)
+SAMPLERS = tuple(KIND)  # the samplers coefficients.h mirrors
+OK, ERR_EPS_AT_INF, ERR_SIGMA_ORDER, ERR_DDIM_ETA, ERR_STAGE, ERR_CHURN, ERR_BAD_ARG = (
+    _C.STEP_ERRORS[k] for k in ("ok", "eps_at_inf", "sigma_order", "ddim_eta", "stage", "churn", "bad_arg"))
 TWO_STAGE = ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral")
 CHURN_SAMPLERS = ("euler", "heun", "dpm_2")  # the samplers that fold the next step's churn in
 

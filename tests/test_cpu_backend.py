@@ -25,7 +25,7 @@ from conftest import TinyNet
 
 import zsnr_kernels as zk
 from zsnr_kernels import coefficients as co, noise as zn
-from zsnr_kernels.backends import cpu as _cpu, ext as _ext
+from zsnr_kernels.backends import call, cpu as _cpu, ext as _ext
 from zsnr_kernels.parameterization import parameterization
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"zsnr_kernels._C not built: {_ext.why_unavailable()}")
@@ -834,31 +834,30 @@ def test_bad_input_raises_before_writing(dtype):
 
 
 def test_binding_refuses_a_sigma_block_of_the_wrong_length():
-    """``_C.fused_step`` takes the sigmas as one block of (4 + n_prev) * n_sigma values (bindings.cpp
-    ``set_sigmas``); a block of another length is refused before the kernel reads past its end."""
+    """``_C.fused_step`` takes the sigmas as one block of (4 + n_prev) * n_sigma values (bindings.cpp ``Step``); a
+    block of another length is refused before the kernel reads past its end."""
     y = torch.randn(2, 8)
     out = torch.empty_like(y)
-    args = [0, 2, 8, y.data_ptr(), y.data_ptr(), 0, [], 0, out.data_ptr(), 0, 0, 0, 1.0, 0, 1, False, 4, 1.0, 1.0]
-    tail = [1.0, 0.0, 0, [], 0, 0]  # guidance_scale, guidance_rescale, rescale_space, seeds, step_index, draw
-    res = _ext.C.fused_step(*args, [5.0, 5.0, 3.0, 3.0], 1, 0, *tail)
-    assert res[0] == 0 and res[5] == [3.0]
-    for sigmas, n_sigma, n_prev in [([5.0, 5.0, 3.0], 1, 0), ([5.0, 5.0, 3.0, 3.0], 1, 1), ([5.0] * 4, 0, 0),
-                                    ([5.0] * 4, 1, -1)]:
+    fields, _, _ = call.describe(parameterization("v", 1.0), [co.StepArgs("euler", 5.0, 3.0)], [5.0], 1.0, 0.0,
+                                 "output")
+
+    def record(sigmas, n_sigma, n_prev):
+        return call.step_call(y, y, None, [], None, out, None, None, fields, n_sigma, n_prev, sigmas, 0, 0, 0)
+
+    res = _ext.C.fused_step(record([5.0, 5.0, 3.0, 3.0], 1, 0))
+    assert res[0] == 0 and res[3] == [3.0]
+    for sigmas, n_sigma, n_prev, match in [([5.0, 5.0, 3.0], 1, 0, "sigmas must hold"),
+                                           ([5.0, 5.0, 3.0, 3.0], 1, 1, "sigmas must hold"),
+                                           ([5.0] * 4, 0, 0, "n_sigma"), ([5.0] * 4, 1, -1, "n_prev")]:
         before = out.clone()
-        with pytest.raises(ValueError, match="sigmas must hold"):
-            _ext.C.fused_step(*args, sigmas, n_sigma, n_prev, *tail)
+        with pytest.raises(ValueError, match=match):
+            _ext.C.fused_step(record(sigmas, n_sigma, n_prev))
         assert torch.equal(out, before)
 
 
-def test_sigma_block_round_trip():
-    """_cpu.split_sigma_block (what the torch.library op decodes) inverts _cpu.sigma_block, per sample."""
-    args = [co.StepArgs("dpmpp_3m_sde", 5.0 + i, 3.0 + i, sigma_hat_next=None if i else 3.5,
-                        sigma_prev=(7.0 + i, 9.0 + i)) for i in range(3)]
-    sigmas, n_prev = _cpu.sigma_block(args, [5.5, 6.5, 7.5])
-    assert n_prev == 2 and len(sigmas) == (4 + n_prev) * 3
-    sg, ev, nx, hat, prev = _cpu.split_sigma_block(sigmas, n_prev)
-    assert sg == [5.0, 6.0, 7.0] and ev == [5.5, 6.5, 7.5] and nx == [3.0, 4.0, 5.0]
-    assert hat == [3.5, 4.0, 5.0] and prev == [(7.0, 9.0), (8.0, 10.0), (9.0, 11.0)]
+def test_binding_refuses_what_is_not_a_step_record():
+    with pytest.raises(ValueError, match="StepCall record"):
+        _ext.C.fused_step((0,) * 5)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -995,3 +994,132 @@ def test_a_latent_over_2_31_elements():
         ref = zk.euler_ancestral_step(ref.float(), fc.float(), 2.0, 1.0, noise=z, backend="torch").y
         torch.testing.assert_close(y[:, w].float(), ref, atol=TOLERANCES[torch.bfloat16][0],
                                    rtol=TOLERANCES[torch.bfloat16][1], msg=lambda m, s=w.start: f"window {s}: {m}")
+
+
+# ------------------------------------------------------------------- table mode: one coefficient record
+
+_TWO_STAGE = ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral")
+_TABLE_SIGMAS = [(6.0, 2.5), (4.0, 1.0), (9.0, 3.0)]  # per sample (sigma, sigma_next)
+
+
+def _table_args(sampler: str, stage: int, per_sample: bool) -> tuple[list, list]:
+    """Step arguments (one per sample, or one for the batch) and where the model was called."""
+    pz = parameterization("v", 1.0)
+    args, sigma_eval = [], []
+    for s, sn in _TABLE_SIGMAS[:3 if per_sample else 1]:
+        a = co.StepArgs(sampler, s, sn, stage=stage, sigma_prev=(1.5 * s, 2.2 * s, 3.1 * s), eta=0.5)
+        args.append(a)
+        sigma_eval.append(co.step_coeffs(pz, a._replace(stage=1)).sigma_out if stage == 2 else s)
+    return args, sigma_eval
+
+
+def _cpp_rows(pz, args, sigma_eval, w: float, phi: float, space: str) -> torch.Tensor:
+    """The coefficient table of a step from the C++ coefficient functions (zsnr/coefficients.h through the test
+    bindings): the very numbers the computed path rounds, so both paths must give the same bits."""
+    from zsnr_kernels.backends import table as T
+
+    rows = []
+    for a, se in zip(args, sigma_eval, strict=True):
+        c = _ext.C.step_coeffs(call.PREDICTION_CODES[pz.prediction], pz.sigma_data, call.SAMPLER_CODES[a.sampler],
+                               a.stage, a.sigma, a.sigma_next, a.sigma_next if a.sigma_hat_next is None else
+                               a.sigma_hat_next, list(a.sigma_prev), a.eta, a.s_noise, int(a.solver_type == "heun"),
+                               a.order)
+        assert c["error"] == 0
+        err, p, q = _ext.C.denoise_coeffs(call.PREDICTION_CODES[pz.prediction], pz.sigma_data, se)
+        u, t = 0.0, 1.0
+        if phi:
+            err, u, t = _ext.C.rescale_space_coeffs(call.PREDICTION_CODES[pz.prediction], pz.sigma_data, se,
+                                                    call.SPACE_CODES[space])
+        row = [0.0] * T.NUM_COEFFS
+        row[T.W], row[T.P], row[T.Q], row[T.A], row[T.B], row[T.E] = w, p, q, c["a"], c["b"], c["e"]
+        for k, hk in enumerate(c["h"]):
+            row[T.H0 + k] = hk
+        if c["has_carry"]:
+            row[T.GY], row[T.GD] = c["g_y"], c["g_d"]
+        row[T.U], row[T.T], row[T.PHI] = u, t, phi
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _table_case(sampler, stage, per_sample, dtype, guided):
+    pz = parameterization("v", 1.0)
+    args, sigma_eval = _table_args(sampler, stage, per_sample)
+    shape = (3, 4, 9, 13)
+    y, fc, fu = (_randn(shape, k).to(dtype) for k in range(3))
+    hist = [_randn(shape, 10 + k).to(dtype) for k in range(3)]
+    w, phi, space = (4.5, 0.7, "x0") if guided else (1.0, 0.0, "output")
+    return pz, args, sigma_eval, y, fc, fu if guided else None, hist, w, phi, space
+
+
+def _randn(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+_TABLE_CASES = [(s, 1) for s in co.SAMPLER_KINDS] + [(s, 2) for s in _TWO_STAGE]
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "rescale_x0"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("sampler,stage", _TABLE_CASES, ids=[f"{s}_s{k}" for s, k in _TABLE_CASES])
+def test_table_mode_equals_computed_coefficients_bit_for_bit(sampler, stage, per_sample, dtype, guided):
+    """A step run from a coefficient table (csrc/include/zsnr/step_plan.h table mode: each column rounded to float32
+    as the computed path rounds, the rescale folded from p, q, u, t in float64) gives the same bits as the same step
+    whose coefficients the kernel computes from the sampler and its sigmas, Philox noise included."""
+    if not _ext.available():
+        pytest.skip("zsnr_kernels._C is not built")
+    pz, args, sigma_eval, y, fc, fu, hist, w, phi, space = _table_case(sampler, stage, per_sample, dtype, guided)
+    seeds = [5, 2**63 + 7, 2**64 - 1]
+    kw = dict(guidance_scale=w, guidance_rescale=phi, rescale_space=space, noise=None, seeds=seeds, step_index=7,
+              want_denoised=True, out=None)
+    want_y, want_d, want_carry, _, _ = _cpu.fused_step(y, fc, fu, hist, pz, args, sigma_eval, **kw)
+    cs = [co.step_coeffs(pz, a) for a in args]
+    n_hist = max(len(c.h) for c in cs)
+    table = _cpp_rows(pz, args, sigma_eval, w, phi, space)
+    got_y, got_d = torch.empty_like(y), torch.empty_like(y)
+    got_carry = torch.empty_like(y) if cs[0].carry is not None else None
+    _cpu.table_step(y, fc, fu, hist[:n_hist], table, guidance_scale=w, guidance_rescale=phi, rescale_space=space,
+                    noise_mode=2 if any(c.e != 0.0 for c in cs) else 0, seeds=seeds, step_index=7, y_out=got_y,
+                    d_out=got_d, carry_out=got_carry)
+    assert torch.equal(got_y, want_y) and torch.equal(got_d, want_d)
+    assert (got_carry is None) == (want_carry is None)
+    if got_carry is not None:
+        assert torch.equal(got_carry, want_carry)
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_3m_sde", "lms"])
+def test_a_sampler_without_a_cpp_mirror_runs_from_the_spec_table(monkeypatch, sampler):
+    """cpu.fused_step runs a sampler the kernels do not know from the Python spec's coefficient table: here the
+    kernels are told they know none, and the step equals the computed one to the float32 rounding of the ~1 ulp
+    float64 differences between the spec and coefficients.h."""
+    if not _ext.available():
+        pytest.skip("zsnr_kernels._C is not built")
+    pz, args, sigma_eval, y, fc, fu, hist, w, phi, space = _table_case(sampler, 1, True, torch.float32, True)
+    kw = dict(guidance_scale=w, guidance_rescale=phi, rescale_space=space, noise=None, seeds=[1, 2, 3],
+              step_index=4, want_denoised=True, out=None)
+    want = _cpu.fused_step(y, fc, fu, hist, pz, args, sigma_eval, **kw)
+    monkeypatch.setattr(_cpu, "SAMPLER_CODES", {})
+    got = _cpu.fused_step(y, fc, fu, hist, pz, args, sigma_eval, **kw)
+    for g, v in zip(got[:3], want[:3], strict=True):
+        assert (g is None) == (v is None)
+        if g is not None:
+            torch.testing.assert_close(g, v, rtol=4 * F32_EPS, atol=4 * F32_EPS * v.abs().max().item())
+    assert got[3:] == want[3:]
+
+
+def test_table_mode_refuses_a_carry_with_noise():
+    """The element pass has no variant that both draws noise and writes a carry (LMS never draws noise): a table
+    asking for both is refused, not silently run without its noise."""
+    if not _ext.available():
+        pytest.skip("zsnr_kernels._C is not built")
+    from zsnr_kernels.backends import table as T
+
+    y = _randn((2, 3, 5), 0)
+    row = [0.0] * T.NUM_COEFFS
+    row[T.W], row[T.A], row[T.B], row[T.E], row[T.GY], row[T.GD], row[T.T] = 1.0, 0.5, 0.5, 0.3, 1.0, -1.0, 1.0
+    out, carry = torch.zeros_like(y), torch.zeros_like(y)
+    with pytest.raises(RuntimeError, match="coefficient table"):
+        _cpu.table_step(y, y, None, [], torch.tensor([row], dtype=torch.float64), guidance_scale=1.0,
+                        guidance_rescale=0.0, rescale_space="output", noise_mode=2, seeds=[1, 2], step_index=0,
+                        y_out=out, carry_out=carry)
+    assert not out.any() and not carry.any()

@@ -43,15 +43,14 @@ class _CpuStandIn:
     def error_string(self, code):
         return f"error {code}"
 
-    def fused_step(self, dtype, batch, n, y, fc, fu, hist, noise, y_out, d_out, carry_out, prediction, sigma_data,
-                   sampler, stage, solver_heun, order, eta, s_noise, sigmas, n_sigma, n_prev, w, phi, space, seeds,
-                   step_index, draw, workspace, stream):
-        vals = list((ctypes.c_double * (n_sigma * (4 + n_prev))).from_address(sigmas))
-        seed_list = list((ctypes.c_uint64 * batch).from_address(seeds)) if seeds else []
-        self.calls.append(dict(n_sigma=n_sigma, sigmas=vals, seeds=seed_list, stream=stream, workspace=workspace))
-        res = _ext.C.fused_step(dtype, batch, n, y, fc, fu, hist, noise, y_out, d_out, carry_out, prediction,
-                                sigma_data, sampler, stage, solver_heun, order, eta, s_noise, vals, n_sigma, n_prev,
-                                w, phi, space, seed_list, step_index, draw)
+    def fused_step(self, call):
+        n_sigma, n_prev, batch = call.n_sigma, call.n_prev, call.batch
+        vals = list((ctypes.c_double * (n_sigma * (4 + n_prev))).from_address(call.sigmas)) if call.sigmas else 0
+        seed_list = list((ctypes.c_uint64 * batch).from_address(call.seeds)) if call.seeds else []
+        table = list((ctypes.c_double * (n_sigma * 16)).from_address(call.table)) if call.table else None
+        self.calls.append(dict(n_sigma=n_sigma, sigmas=vals, seeds=seed_list, table=table, stream=call.stream,
+                               workspace=call.workspace))
+        res = _ext.C.fused_step(call._replace(sigmas=vals, seeds=seed_list or 0, workspace=0, stream=0))
         return res[0]
 
 
@@ -132,6 +131,52 @@ def test_refused_step_raises_before_any_launch(stand_in):
                          guidance_scale=1.0, guidance_rescale=0.0, rescale_space="output", noise=None, seeds=None,
                          step_index=None, want_denoised=False, out=None)
     assert stand_in.calls == [] and torch.equal(y, before)
+
+
+@requires_C
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("noisy", [False, True], ids=["plain", "philox"])
+def test_table_step_reaches_the_launcher_in_table_mode(stand_in, per_sample, noisy):
+    """cuda.table_step hands the launcher the coefficient rows (table mode: no sigmas, no sampler) and equals the
+    cpu backend's table_step bit for bit."""
+    from zsnr_kernels.backends import table as T
+
+    pz = parameterization("v", 1.0)
+    sig = [(5.0, 2.0), (7.0, 3.0), (4.0, 1.5)][:3 if per_sample else 1]
+    sampler = "euler_ancestral" if noisy else "dpmpp_2m"
+    cs = [co.step_coeffs(pz, co.StepArgs(sampler, s, sn, sigma_prev=(2 * s,))) for s, sn in sig]
+    table = T.step_table(pz, cs, [s for s, _ in sig], guidance_scale=3.0, guidance_rescale=0.6, rescale_space="v")
+    shape = (3, 4, 5, 7)
+    y, fc, fu = _randn(shape, 1), _randn(shape, 2), _randn(shape, 3)
+    hist = [_randn(shape, 4)][:max(len(c.h) for c in cs)]
+    outs = {}
+    for name, backend in (("cuda", _cuda), ("cpu", _cpu)):
+        y_out, d_out = torch.empty_like(y), torch.empty_like(y)
+        backend.table_step(y, fc, fu, hist, table, guidance_scale=3.0, guidance_rescale=0.6, rescale_space="v",
+                           noise_mode=2 if noisy else 0, seeds=[5, 2**63 + 7, 2**64 - 1], step_index=3,
+                           y_out=y_out, d_out=d_out)
+        outs[name] = (y_out, d_out)
+    assert all(torch.equal(g, w) for g, w in zip(outs["cuda"], outs["cpu"]))
+    call = stand_in.calls[-1]
+    assert call["sigmas"] == 0 and call["n_sigma"] == len(sig) and call["table"] == table.view(-1).tolist()
+    assert call["seeds"] == ([5, 2**63 + 7, 2**64 - 1] if noisy else [])
+
+
+@requires_C
+def test_a_sampler_without_a_cpp_mirror_runs_from_the_table(stand_in, monkeypatch):
+    """A sampler the kernels do not know runs from the spec's table on the cuda backend as on the cpu one."""
+    pz = parameterization("v", 1.0)
+    args = [co.StepArgs("dpmpp_3m_sde", 2.0 + i, 1.0 + i, sigma_prev=(6.0 + i, 9.0 + i), eta=0.8) for i in range(3)]
+    y, fc = _randn((3, 4, 5, 7), 1), _randn((3, 4, 5, 7), 2)
+    hist = [_randn((3, 4, 5, 7), 10 + k) for k in range(2)]
+    kw = dict(guidance_scale=1.0, guidance_rescale=0.0, rescale_space="output", noise=None, seeds=[4, 5, 6],
+              step_index=2, want_denoised=True, out=None)
+    monkeypatch.setattr(_cuda, "SAMPLER_CODES", {})
+    monkeypatch.setattr(_cpu, "SAMPLER_CODES", {})
+    got = _cuda.fused_step(y, fc, None, hist, pz, args, [a.sigma for a in args], **kw)
+    want = _cpu.fused_step(y, fc, None, hist, pz, args, [a.sigma for a in args], **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[3:] == want[3:]
+    assert stand_in.calls[-1]["table"] is not None
 
 
 def test_unavailable_backend_says_why():

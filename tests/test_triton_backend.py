@@ -125,9 +125,13 @@ CHILD = textwrap.dedent(
                 results[f"range_end_{space}_{prediction}_{i}"] = r
 
     # the torch.library ops with backend="triton": schema, fake implementation, out= form (torch.compile's view)
-    from zsnr_kernels.backends import ops as _ops
+    from zsnr_kernels import coefficients as co
+    from zsnr_kernels.backends import ops as _ops, table as _table
+    pz = zk.parameterization("v", 1.0)
+    rows = _table.step_rows(pz, [co.step_coeffs(pz, co.StepArgs("euler", 5.0, 3.0))], [5.0], guidance_scale=4.0,
+                            guidance_rescale=0.7, rescale_space="output")  # triton's kernels read the coefficient rows
     op_args = (y, fc, fu, [], None, True, False, "triton", 0, 1.0, 0, 1, 0, 4, 1.0, 1.0, [5.0, 5.0, 3.0, 3.0], 0,
-               4.0, 0.7, 0, None, 0)
+               4.0, 0.7, 0, None, 0, [v for row in rows for v in row])
     torch.library.opcheck(_ops.step, op_args)
     torch.library.opcheck(_ops.step_out, (torch.empty_like(y), *op_args[:5], *op_args[7:]))
     results["op_equals_eager"] = torch.equal(

@@ -3,7 +3,8 @@
 There is no GPU on the build machines, so the kernels run under ``TRITON_INTERPRET=1`` on CPU tensors.  That
 variable must be set before Triton sees a kernel, whatever other test modules of this process imported already,
 so every launch runs in one fresh interpreter (the ``triton_results`` fixture): this process builds the cases
-(inputs and float64 host coefficients), the child runs ``fused_step_triton`` on each, and the tests here compare
+(inputs and float64 host coefficients), the child runs each through the coefficient table and
+``combine.launch``, and the tests here compare
 the results with ``zsnr_kernels.reference.fused_step`` in float64, with ``zsnr_kernels.noise.normal`` and with the
 ``cpu`` backend.
 
@@ -44,9 +45,32 @@ CHILD = textwrap.dedent(
     import os, sys
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
-    from zsnr_kernels.backends.triton_kernels.combine import fused_step_triton
+    from zsnr_kernels.backends.table import coefficient_table
+    from zsnr_kernels.backends.triton_kernels import combine as K
+
+    def one_or_many(v):
+        return list(v) if isinstance(v, list) else [v]
+
+    def run(y, fc, fu, hist, coeffs, *, denoise, guidance_scale=1.0, guidance_rescale=0.0, rescale_uv=(0.0, 1.0),
+            noise=None, seeds=None, step_index=0, draw=0, want_denoised=True, want_carry=False, block=None):
+        # one case through the backend's launcher: the table of its rows, then combine.launch
+        cs, uv = one_or_many(coeffs), one_or_many(rescale_uv)
+        table = coefficient_table(cs, one_or_many(denoise), guidance_scale=guidance_scale,
+                                  guidance_rescale=guidance_rescale, rescale_uv=uv * (len(cs) // len(uv)))
+        n_hist = max(len(c.h) for c in cs)
+        noisy = any(c.e != 0.0 for c in cs)
+        mode = (1 if noise is not None else 2) if noisy else 0
+        out = [torch.empty_like(y), torch.empty_like(y) if want_denoised else None,
+               torch.empty_like(y) if want_carry and cs[0].carry is not None else None]
+        rescale = fu is not None and guidance_rescale != 0.0
+        K.launch(y, fc, fu, hist[:n_hist], table, n_hist=n_hist, rescale=rescale,
+                 with_y=any(u != 0.0 for u, _ in uv), noise_mode=mode, noise=noise,
+                 seeds=K.seed_tensor(seeds, y.shape[0], y.device) if mode == 2 else None, step_index=step_index,
+                 draw=draw, y_out=out[0], d_out=out[1], carry_out=out[2], block=block)
+        return tuple(out)
+
     cases = torch.load(sys.argv[1], weights_only=False)
-    torch.save({k: fused_step_triton(*c["args"], **c["kwargs"]) for k, c in cases.items()}, sys.argv[2])
+    torch.save({k: run(*c["args"], **c["kwargs"]) for k, c in cases.items()}, sys.argv[2])
     """
 )
 
@@ -122,7 +146,7 @@ CASES["cpu_noise"] = _cpu_noise_inputs()
 
 @pytest.fixture(scope="module")
 def triton_results(tmp_path_factory):
-    """Every case of CASES run by fused_step_triton in one interpreter with TRITON_INTERPRET=1."""
+    """Every case of CASES run by combine.launch in one interpreter with TRITON_INTERPRET=1."""
     d = tmp_path_factory.mktemp("triton_combine")
     script, cases, result = d / "child.py", d / "cases.pt", d / "out.pt"
     script.write_text(CHILD)

@@ -9,16 +9,15 @@ the plan cannot drift from the sampling loop.  It then
   ``[evaluations, batch]``;
 * gives every tensor of the run (the state, the remembered D or LMS derivatives, the first stage of a two-stage
   step) a fixed buffer, reusing a buffer once its contents are dead (exact aliasing, which every kernel allows);
-* runs evaluation k from row k of the table: the Triton kernels read it on the device (one launch, two with
-  guidance rescale, whose factor is folded on the device), Philox noise is drawn in the kernel from seeds
-  uploaded once.  No step reads a device value on the host or copies host memory to the device.
+* runs evaluation k from row k of the table with the backend's ``table_step`` (the backend the registry
+  resolves: ``cuda`` or ``triton`` on CUDA tensors, ``cpu`` or ``torch`` on CPU tensors): the kernels read the
+  row on the device (one launch, two with guidance rescale, whose factor is folded on the device), Philox noise
+  is drawn in the kernel from seeds uploaded once.  No step reads a device value on the host or copies host
+  memory to the device.
 
 So a whole loop, model included, can be captured in one CUDA graph (``torch.cuda.graph``) and replayed with new
-noise copied into the same input tensor (see the README).  On the CPU a plan runs the ``cpu`` kernels with the
-recorded arguments (a CPU step never waits for a device), and on the ``torch`` backend the reference reads the
-table's columns as device tensors.  The CUDA launcher accepts device coefficient records as well
-(``launch_combine`` in csrc/cuda/step.cuh) but that entry point is not bound yet, so on CUDA tensors a plan runs
-the Triton kernels.
+noise copied into the same input tensor (see the README).  On the ``torch`` backend the reference reads the
+table's columns as device tensors.
 
 Not planned: EDM churn (``s_churn``), ``noise_sampler`` noise and per-sample sigma schedules; those runs use
 :func:`zsnr_kernels.sample`.
@@ -26,14 +25,13 @@ Not planned: EDM churn (``s_churn``), ``noise_sampler`` noise and per-sample sig
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from . import _validate, coefficients as co, noise as _noise, reference, sampling, steps
-from .backends import cpu as _cpu, registry as _backend, table as _table
-from .parameterization import parameterization, rescale_space_coeffs
+from . import _validate, coefficients as co, sampling, steps
+from .backends import registry as _backend, table as _table
+from .parameterization import parameterization
 
 __all__ = ["SamplingPlan"]
 
@@ -51,7 +49,6 @@ class _Eval:
     d_out: int = -1                    # -1: not produced
     carry_out: int = -1
     coeffs: co.StepCoeffs | None = None
-    with_y: bool = False             # the rescale statistics read y (x0 and v spaces at this sigma)
 
 
 class _Recorder:
@@ -108,9 +105,9 @@ class SamplingPlan:
     samplers; a stochastic plan without one draws its seeds once from torch's generator, when it is built (as
     ``sample()`` does per run), so every run of the plan adds the same noise.
 
-    A plan on CUDA tensors runs the Triton kernels and can be captured in a CUDA graph.  One on the ``torch``
-    backend (float64, or Triton missing) computes its Philox noise with PyTorch ops from host seeds, which copy
-    host memory: do not capture a stochastic one.
+    A plan on CUDA tensors runs the ``cuda`` or ``triton`` kernels (``backend``, as for a step) and can be
+    captured in a CUDA graph.  One on the ``torch`` backend (float64, or no kernels) computes its Philox noise with
+    PyTorch ops from host seeds, which copy host memory: do not capture a stochastic one.
 
         plan = SamplingPlan(sigmas, noise.shape, sampler="dpmpp_2m", device="cuda", dtype=torch.bfloat16,
                             guidance_scale=7.5, guidance_rescale=0.7)
@@ -133,11 +130,6 @@ class SamplingPlan:
         self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
         probe = torch.empty(0, dtype=dtype, device=self.device).new_empty(shape[:1] + (1,) * (len(shape) - 1))
         self.backend = _backend.resolve(backend, probe)
-        if self.backend == "cuda":
-            self.backend = "triton"  # the CUDA launcher's table entry point is not bound yet (module docstring)
-            reasons = _backend.not_supported_reasons("triton", probe)
-            if reasons:
-                raise ValueError("a SamplingPlan on CUDA tensors runs the Triton kernels: " + "; ".join(reasons))
         self.pz = parameterization(prediction, sigma_data)
         self.guidance_scale, self.guidance_rescale, self.rescale_space = _validate.guidance(
             guidance_scale, guidance_rescale, rescale_space)
@@ -163,24 +155,12 @@ class SamplingPlan:
         rows = []
         for e in self._evals:
             e.coeffs = co.step_coeffs(self.pz, e.args)
-            uv = rescale_space_coeffs(self.pz, e.sigma_eval, self.rescale_space) if self.guidance_rescale else None
-            e.with_y = uv is not None and uv[0] != 0.0
-            rows.append(_table.coefficient_table([e.coeffs], [self.pz.denoise_coeffs(e.sigma_eval)],
-                                                 guidance_scale=self.guidance_scale,
-                                                 guidance_rescale=self.guidance_rescale,
-                                                 rescale_uv=None if uv is None else [uv]))
+            rows.append(_table.step_table(self.pz, [e.coeffs], [e.sigma_eval], guidance_scale=self.guidance_scale,
+                                          guidance_rescale=self.guidance_rescale, rescale_space=self.rescale_space))
         self.table = torch.stack(rows).to(self.device)                        # [evaluations, 1, NUM_COEFFS]
         self.sigmas = torch.stack([s for _, s in rec.model_calls]).to(self.device)  # [evaluations, batch]
-        self._seed_t = self._workspace = None
-        if self.backend == "triton":
-            from .backends.triton_kernels import combine as K
-
-            n = math.prod(shape[1:])
-            self._block = K.launch_block(n, batch, probe.element_size(), self.device)
-            if self.guidance_rescale:  # its own: replays of several captured plans may run concurrently
-                self._workspace = K.Workspace(self.device, batch, -(-n // self._block))
-            if self.seeds is not None:
-                self._seed_t = K.seed_tensor(self.seeds, batch, self.device)
+        self._run = _backend.module(self.backend)
+        self._state = self._run.plan_state(shape, dtype, self.device, self.seeds)
         self._buffers = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self._n_buffers)]
 
     # ------------------------------------------------------------------------------------------------ planning
@@ -268,50 +248,13 @@ class SamplingPlan:
         for name, o in out.items():  # the plan's buffers are apart; a model could return a view of one
             if o is not None:
                 _validate.apart(f"the plan's {name} buffer", o, (f_cond, f_uncond), lambda k: "model_output")
-        rescale = f_uncond is not None and self.guidance_rescale != 0.0
-        if self.backend == "triton":
-            from .backends.triton_kernels import combine as K
-
-            K.launch(y, f_cond.contiguous(), None if f_uncond is None else f_uncond.contiguous(), hist,
-                     self.table[k], n_hist=len(hist), rescale=rescale,
-                     with_y=rescale and e.with_y,
-                     noise_mode=2 if e.coeffs.e != 0.0 else 0, seeds=self._seed_t,
-                     step_index=0 if e.step_index is None else e.step_index, y_out=out["y"], d_out=out["d"],
-                     carry_out=out["carry"] if e.coeffs.carry is not None else None, block=self._block,
-                     workspace=self._workspace)
-        elif self.backend == "cpu":
-            y_out, d, carry, _, _ = _cpu.fused_step(
-                y, f_cond, f_uncond, hist, self.pz, [e.args], [e.sigma_eval], guidance_scale=self.guidance_scale,
-                guidance_rescale=self.guidance_rescale, rescale_space=self.rescale_space, noise=None,
-                seeds=self.seeds, step_index=e.step_index, want_denoised=out["d"] is not None, out=out["y"])
-            self._store(out, d, carry)
-        else:
-            self._reference_step(k, e, y, f_cond, f_uncond, hist, out)
+        self._run.table_step(
+            y, f_cond.contiguous(), None if f_uncond is None else f_uncond.contiguous(), hist, self.table[k],
+            guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale if f_uncond is not None else 0.0,
+            rescale_space=self.rescale_space, noise_mode=2 if e.coeffs.e != 0.0 else 0, seeds=self.seeds,
+            step_index=0 if e.step_index is None else e.step_index, y_out=out["y"], d_out=out["d"],
+            carry_out=out["carry"] if e.coeffs.carry is not None else None, state=self._state)
         self._next = k + 1
-
-    def _reference_step(self, k, e, y, f_cond, f_uncond, hist, out) -> None:
-        """The torch backend: reference.fused_step with the table's columns as device tensors."""
-        row = self.table[k, 0]
-        col = lambda j: row[j:j + 1]  # noqa: E731 -- a (1,) tensor broadcasts over the batch
-        z = None
-        if e.coeffs.e != 0.0:
-            z = _noise.normal(self.shape, self.seeds, int(e.step_index), 0,
-                              dtype=reference.compute_dtype(self.dtype), device=self.device)
-        y_out, d, carry = reference.fused_step(
-            y, f_cond, f_uncond, p=col(_table.P), q=col(_table.Q), a=col(_table.A), b=col(_table.B),
-            history=tuple(hist), h=tuple(col(_table.H0 + j) for j in range(len(hist))), noise=z,
-            e=col(_table.E) if z is not None else 0.0, guidance_scale=self.guidance_scale,
-            guidance_rescale=self.guidance_rescale, rescale_uv=(col(_table.U), col(_table.T)),
-            carry=(col(_table.GY), col(_table.GD)) if e.coeffs.carry is not None else None)
-        out["y"].copy_(y_out)
-        self._store(out, d, carry)
-
-    @staticmethod
-    def _store(out: dict, d, carry) -> None:
-        if out["d"] is not None:
-            out["d"].copy_(d)
-        if out["carry"] is not None:
-            out["carry"].copy_(carry)
 
     def result(self) -> torch.Tensor:
         """x0, the clean latent, from the final state (a new tensor), once every evaluation has been stepped (not

@@ -22,6 +22,7 @@
 
 #include "step.h"
 #include "zsnr/combine.h"
+#include "zsnr/dispatch.h"
 #include "zsnr/philox.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

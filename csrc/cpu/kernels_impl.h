@@ -16,6 +16,7 @@
 
 #include "step.h"
 #include "zsnr/combine.h"
+#include "zsnr/dispatch.h"
 #include "zsnr/philox.h"
 
 namespace zsnr {
@@ -512,42 +513,24 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
   }
 }
 
-template <int32_t DT, int NHist, bool Guided, bool StoreD>
-void by_noise(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw, int mode) {
-  if (t.carry_out != nullptr) combine_impl<DT, NHist, Guided, StoreD, true, 0>(t, c, seeds, step, draw);
-  else if (mode == 0) combine_impl<DT, NHist, Guided, StoreD, false, 0>(t, c, seeds, step, draw);
-  else if (mode == 1) combine_impl<DT, NHist, Guided, StoreD, false, 1>(t, c, seeds, step, draw);
-  else combine_impl<DT, NHist, Guided, StoreD, false, 2>(t, c, seeds, step, draw);
-}
-
-template <int32_t DT, int NHist>
-void by_flags(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw, int mode) {
-  const bool guided = t.f_uncond != nullptr, store_d = t.d_out != nullptr;
-  if (guided && store_d) by_noise<DT, NHist, true, true>(t, c, seeds, step, draw, mode);
-  else if (guided) by_noise<DT, NHist, true, false>(t, c, seeds, step, draw, mode);
-  else if (store_d) by_noise<DT, NHist, false, true>(t, c, seeds, step, draw, mode);
-  else by_noise<DT, NHist, false, false>(t, c, seeds, step, draw, mode);
-}
-
-template <int32_t DT>
-void by_hist(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw,
-             int n_hist, int mode) {
-  switch (n_hist) {
-    case 0: by_flags<DT, 0>(t, c, seeds, step, draw, mode); break;
-    case 1: by_flags<DT, 1>(t, c, seeds, step, draw, mode); break;
-    case 2: by_flags<DT, 2>(t, c, seeds, step, draw, mode); break;
-    default: by_flags<DT, 3>(t, c, seeds, step, draw, mode); break;
-  }
-}
-
-// noise_mode: 0 none, 1 read t.noise, 2 Philox from seeds.
+// noise_mode: 0 none, 1 read t.noise, 2 Philox from seeds.  A step with a carry (LMS) never draws noise.
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw,
              int32_t n_hist, int32_t noise_mode) {
-  switch (t.dtype) {
-    case kFloat32: by_hist<kFloat32>(t, c, seeds, step, draw, n_hist, noise_mode); break;
-    case kFloat16: by_hist<kFloat16>(t, c, seeds, step, draw, n_hist, noise_mode); break;
-    default: by_hist<kBFloat16>(t, c, seeds, step, draw, n_hist, noise_mode); break;
-  }
+  constexpr int kCarry = 3;  // the variant beside noise modes 0, 1, 2: a carry, no noise
+  const int variant = t.carry_out != nullptr ? kCarry : noise_mode;
+  int_switch<kFloat32, kFloat16, kBFloat16>(t.dtype, [&](auto dt) {
+    int_switch<0, 1, 2, kMaxHistory>(n_hist, [&](auto nh) {
+      bool_switch(t.f_uncond != nullptr, [&](auto guided) {
+        bool_switch(t.d_out != nullptr, [&](auto store_d) {
+          int_switch<0, 1, 2, kCarry>(variant, [&](auto v) {
+            constexpr int kV = decltype(v)::value;
+            combine_impl<decltype(dt)::value, decltype(nh)::value, decltype(guided)::value,
+                         decltype(store_d)::value, kV == kCarry, kV == kCarry ? 0 : kV>(t, c, seeds, step, draw);
+          });
+        });
+      });
+    });
+  });
 }
 
 void rescale_sums(const Tensors& t, float w, const RescaleWeights* ab, int32_t with_y, double* out) {

@@ -121,15 +121,19 @@ void half_loads(int32_t dtype, const uint16_t* src, float* dst, int64_t n) {
 #undef ZSNR_DISPATCH
 
 StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out) {
-  StepOutcome r{kOk, 1, 0, 0, -1};
-  if (t.batch < 1 || t.n < 1 || t.dtype < kFloat32 || t.dtype > kBFloat16 || plan.n_prev > kMaxHist ||
+  StepOutcome r{kOk, 1, -1};
+  if (t.batch < 1 || t.n < 1 || t.dtype < kFloat32 || t.dtype > kBFloat16 || plan.n_prev < 0 ||
+      plan.n_prev > kMaxHistory || t.n_hist < 0 || t.n_hist > kMaxHistory ||
       (plan.n_sigma != 1 && plan.n_sigma != t.batch)) {
     r.error = kErrBadArgs;
     return r;
   }
   const int64_t ns = plan.n_sigma;
+  const bool table = plan.table != nullptr;
   const bool rescale = plan.guidance_rescale != 0.0 && t.f_uncond != nullptr;
   std::vector<SampleCoeffs> cs(ns);
+  int32_t n_hist = table ? t.n_hist : 0;  // a table's rows weight exactly the tensors given
+  bool noisy = false;
   for (int64_t i = 0; i < ns; ++i) {
     cs[i] = sample_coeffs(plan, i, rescale);
     if (cs[i].error != kOk) {
@@ -142,16 +146,20 @@ StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out
       r.bad_sample = i;
       return r;
     }
-    if (cs[i].n_hist > r.n_hist_used) r.n_hist_used = cs[i].n_hist;
-    if (cs[i].ec.e != 0.0f) r.noise_used = 1;
+    if (!table && cs[i].n_hist > n_hist) n_hist = cs[i].n_hist;
+    if (cs[i].ec.e != 0.0f) noisy = true;
   }
   r.complete = cs[0].complete;
-  if (r.n_hist_used > t.n_hist) {
+  if (n_hist > t.n_hist) {
     r.error = kErrNeedsHistory;
     return r;
   }
-  if (r.noise_used && t.noise == nullptr && plan.seeds == nullptr) {
+  if (noisy && t.noise == nullptr && plan.seeds == nullptr) {
     r.error = kErrNeedsNoise;
+    return r;
+  }
+  if (noisy && cs[0].has_carry && t.carry_out != nullptr) {  // the element pass has no variant with both
+    r.error = kErrBadArgs;
     return r;
   }
   std::vector<double> sums;
@@ -179,8 +187,8 @@ StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out
   }
   Tensors tt = t;
   if (!cs[0].has_carry) tt.carry_out = nullptr;
-  const int32_t noise_mode = !r.noise_used ? 0 : (t.noise != nullptr ? 1 : 2);
-  combine(tt, ec.data(), plan.seeds, plan.step_index, plan.draw, r.n_hist_used, noise_mode);
+  const int32_t noise_mode = !noisy ? 0 : (t.noise != nullptr ? 1 : 2);
+  combine(tt, ec.data(), plan.seeds, plan.step_index, plan.draw, n_hist, noise_mode);
   for (int64_t i = 0; i < ns; ++i) sigma_out[i] = cs[i].sigma_out;
   return r;
 }

@@ -2,7 +2,8 @@
 //
 // A step is two passes at most: the rescale statistics (only with guidance rescale) and one element pass
 // that reads y, F_c (, F_u) and the remembered tensors and writes y_out (, D, carry).  Per-sample step
-// coefficients are computed here, on the host, by the shared functions of zsnr/coefficients.h.
+// coefficients are computed here, on the host, by the shared functions of zsnr/coefficients.h, or read from the
+// plan's coefficient table (zsnr/step_plan.h, table mode).
 #pragma once
 
 #include <cstdint>
@@ -12,17 +13,16 @@
 namespace zsnr {
 namespace cpu {
 
-// What the step produced, per sample: the noise level of y_out, and whether the step is complete.
+// What the step produced: whether it failed, and whether it is complete (the noise levels go to sigma_out).
 struct StepOutcome {
   int32_t error;                 // kOk, a CoeffError or a StepError
-  int32_t complete;
-  int32_t noise_used;            // whether any sample drew noise
-  int32_t n_hist_used;
-  int64_t bad_sample;            // the sample whose coefficients failed
+  int32_t complete;              // 1 in table mode
+  int64_t bad_sample;            // the sample whose coefficients failed, or -1
 };
 
-// Runs one fused step.  sigma_out[n_sigma] receives the noise level of y_out.  The GIL-free, thread-safe
-// entry point: it allocates only per-sample arrays, never a temporary the size of the latent.
+// Runs one fused step.  sigma_out[n_sigma] receives the noise level of y_out (NaN in table mode, whose rows do
+// not hold it).  The GIL-free, thread-safe entry point: it allocates only per-sample arrays, never a temporary
+// the size of the latent.
 StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out);
 
 // Per-sample rescale sums (combine.h's RescaleSum order) of G_c/s and G/s: out[b * kNumSums + k].  w is the

@@ -28,6 +28,7 @@
 #include <cstdint>
 
 #include "zsnr/combine.h"
+#include "zsnr/dispatch.h"
 #include "zsnr/philox.h"
 
 namespace zsnr {
@@ -135,6 +136,12 @@ __device__ __forceinline__ void store_group(T* p, int64_t j, bool vec, int cnt, 
   else store_tail(p, j, cnt, v);
 }
 
+// Sample b's record: the coefficient kernel's, or its table row as zsnr/step_plan.h's table_coeffs reads it.
+__device__ __forceinline__ SampleCoeffs record_of(const CoeffSource& s, int64_t b) {
+  const int64_t i = s.n == 1 ? 0 : b;
+  return s.table != nullptr ? table_coeffs(s.table + i * kNumCoeffs) : s.records[i];
+}
+
 // ------------------------------------------------------------------------------ coefficient kernel
 
 struct CoeffKernelArgs {
@@ -150,7 +157,7 @@ struct CoeffKernelArgs {
 __device__ __forceinline__ void poison(ElemCoeffs* c) {
   const float nan = __int_as_float(0x7fffffff);
   c->w = c->p = c->q = c->a = c->b = c->e = c->g_y = c->g_d = nan;
-  for (int k = 0; k < kMaxHist; ++k) c->h[k] = nan;
+  for (int k = 0; k < kMaxHistory; ++k) c->h[k] = nan;
 }
 
 // Sample i's record (zsnr/step_plan.h's sample_coeffs, as on the CPU), NaN-poisoned when it failed.
@@ -229,8 +236,7 @@ struct RescaleKernelArgs {
   const void* fu;
   int64_t batch, n, chunks;
   int32_t vec;
-  const SampleCoeffs* coeffs;
-  int64_t n_coeffs;
+  CoeffSource coeffs;
   double w, phi;
   double* partials;
   unsigned int* counters;
@@ -261,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(const RescaleKernelAr
     // combine.h RescaleSum: the terms of rescale_terms, less the sample's first element's (the pivots)
     RescaleWeights ab{0.0f, 1.0f};  // G/s = b F + a y of the sample
     if (WithY) {
-      const SampleCoeffs& rc = a.coeffs[a.n_coeffs == 1 ? 0 : b];
+      const SampleCoeffs rc = record_of(a.coeffs, b);
       ab = rescale_weights(rc.u, rc.t);
     }
     const RescaleSample smp = rescale_sample(Io<T>::load(fc), Io<T>::load(fu), WithY ? Io<T>::load(y) : 0.0f, w, ab);
@@ -319,7 +325,7 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(const RescaleKernelAr
         }
         __syncthreads();
         if (threadIdx.x == 0) {
-          const SampleCoeffs& r = a.coeffs[a.n_coeffs == 1 ? 0 : b];
+          const SampleCoeffs r = record_of(a.coeffs, b);
           double p = r.p, q = r.q;
           const double f = rescale_factor(s_total, static_cast<double>(n), a.phi);
           fold_rescale(f, r.u, r.t, &p, &q);
@@ -347,8 +353,7 @@ struct CombineArgs {
   void* carry_out;
   int64_t batch, n;
   int32_t vec;
-  const SampleCoeffs* coeffs;
-  int64_t n_coeffs;
+  CoeffSource coeffs;
   const FoldedPQ* pq;
   const uint64_t* seeds;
   uint32_t step, draw;
@@ -362,7 +367,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs a) 
   const bool vec = a.vec != 0;
 
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
-    ElemCoeffs c = a.coeffs[a.n_coeffs == 1 ? 0 : b].ec;
+    ElemCoeffs c = record_of(a.coeffs, b).ec;
     if (a.pq != nullptr) {
       const FoldedPQ f = a.pq[b];
       c.p = f.p;
@@ -435,38 +440,25 @@ dim3 grid_for(int64_t blocks_x, int64_t batch) {
 
 bool tensors_ok(const Tensors& t) {
   if (t.dtype < kFloat32 || t.dtype > kBFloat16 || t.batch < 1 || t.n < 1) return false;
-  if (t.n_hist < 0 || t.n_hist > kMaxHist) return false;
+  if (t.n_hist < 0 || t.n_hist > kMaxHistory) return false;
   if (t.y == nullptr || t.f_cond == nullptr || t.y_out == nullptr) return false;
   for (int k = 0; k < t.n_hist; ++k)
     if (t.hist[k] == nullptr) return false;
   return true;
 }
 
+bool source_ok(const CoeffSource& s, int64_t batch) {
+  return (s.records != nullptr) != (s.table != nullptr) && (s.n == 1 || s.n == batch);
+}
+
 size_t align_up(size_t v) { return (v + 255) & ~static_cast<size_t>(255); }
 
 // ----------------------------------------------------------------------------- combine dispatch
 
-template <typename T, int NHist, bool Guided, bool StoreD>
-cudaError_t launch_by_noise(const CombineArgs& a, bool carry, int32_t mode, dim3 grid, cudaStream_t s) {
-  if (carry) combine_kernel<T, NHist, Guided, StoreD, true, 0><<<grid, kThreads, 0, s>>>(a);
-  else if (mode == 0) combine_kernel<T, NHist, Guided, StoreD, false, 0><<<grid, kThreads, 0, s>>>(a);
-  else if (mode == 1) combine_kernel<T, NHist, Guided, StoreD, false, 1><<<grid, kThreads, 0, s>>>(a);
-  else combine_kernel<T, NHist, Guided, StoreD, false, 2><<<grid, kThreads, 0, s>>>(a);
-  return cudaGetLastError();
-}
-
-template <typename T, int NHist>
-cudaError_t launch_by_flags(const CombineArgs& a, bool carry, int32_t mode, dim3 grid, cudaStream_t s) {
-  const bool guided = a.fu != nullptr, store_d = a.d_out != nullptr;
-  if (guided && store_d) return launch_by_noise<T, NHist, true, true>(a, carry, mode, grid, s);
-  if (guided) return launch_by_noise<T, NHist, true, false>(a, carry, mode, grid, s);
-  if (store_d) return launch_by_noise<T, NHist, false, true>(a, carry, mode, grid, s);
-  return launch_by_noise<T, NHist, false, false>(a, carry, mode, grid, s);
-}
-
+// The element pass's kernel variant for what the launch passes: history depth, guidance, D stored, and the noise
+// source or the carry (LMS, which never draws noise).
 template <typename T>
-cudaError_t launch_by_hist(CombineArgs a, const Tensors& t, int32_t mode, cudaStream_t s) {
-  const bool carry = t.carry_out != nullptr;
+cudaError_t launch_combine_typed(CombineArgs a, const Tensors& t, int32_t mode, cudaStream_t s) {
   bool vec = t.n % 4 == 0;
   const void* ptrs[] = {t.y, t.f_cond, t.f_uncond, t.hist[0], t.hist[1], t.hist[2], t.noise,
                         t.y_out, t.d_out, t.carry_out};
@@ -474,12 +466,20 @@ cudaError_t launch_by_hist(CombineArgs a, const Tensors& t, int32_t mode, cudaSt
     if (p != nullptr) vec = vec && aligned<T>(p);  // unused slots are nullptr (set by launch_combine)
   a.vec = vec ? 1 : 0;
   const dim3 grid = grid_for(ceil_div(ceil_div(t.n, 4), kThreads), t.batch);
-  switch (t.n_hist) {
-    case 0: return launch_by_flags<T, 0>(a, carry, mode, grid, s);
-    case 1: return launch_by_flags<T, 1>(a, carry, mode, grid, s);
-    case 2: return launch_by_flags<T, 2>(a, carry, mode, grid, s);
-    default: return launch_by_flags<T, 3>(a, carry, mode, grid, s);
-  }
+  constexpr int kCarry = 3;  // the variant beside noise modes 0, 1, 2: a carry, no noise
+  const int variant = t.carry_out != nullptr ? kCarry : mode;
+  return int_switch<0, 1, 2, kMaxHistory>(t.n_hist, [&](auto nh) {
+    return bool_switch(t.f_uncond != nullptr, [&](auto guided) {
+      return bool_switch(t.d_out != nullptr, [&](auto store_d) {
+        return int_switch<0, 1, 2, kCarry>(variant, [&](auto v) {
+          constexpr int kV = decltype(v)::value;
+          combine_kernel<T, decltype(nh)::value, decltype(guided)::value, decltype(store_d)::value, kV == kCarry,
+                         kV == kCarry ? 0 : kV><<<grid, kThreads, 0, s>>>(a);
+          return cudaGetLastError();
+        });
+      });
+    });
+  });
 }
 
 template <typename T>
@@ -519,11 +519,6 @@ Workspace workspace_carve(void* base, int64_t batch, int64_t n) {
   return ws;
 }
 
-cudaError_t workspace_init(void* base, int64_t batch, int64_t n, cudaStream_t stream) {
-  if (base == nullptr) return cudaErrorInvalidValue;
-  return cudaMemsetAsync(base, 0, workspace_bytes(batch, n), stream);
-}
-
 // ------------------------------------------------------------------------------------ launchers
 
 cudaError_t launch_coeffs(const Tensors& t, const StepPlan& plan, const Workspace& ws, double* sigma_out,
@@ -545,10 +540,10 @@ cudaError_t launch_coeffs(const Tensors& t, const StepPlan& plan, const Workspac
   return cudaGetLastError();
 }
 
-cudaError_t launch_rescale(const Tensors& t, const SampleCoeffs* coeffs, int64_t n_coeffs,
-                           const RescaleParams& rp, const Workspace& ws, cudaStream_t stream) {
-  if (!tensors_ok(t) || t.f_uncond == nullptr || coeffs == nullptr || (n_coeffs != 1 && n_coeffs != t.batch) ||
-      ws.partials == nullptr || ws.counters == nullptr || ws.pq == nullptr)
+cudaError_t launch_rescale(const Tensors& t, const CoeffSource& coeffs, const RescaleParams& rp, const Workspace& ws,
+                           cudaStream_t stream) {
+  if (!tensors_ok(t) || t.f_uncond == nullptr || !source_ok(coeffs, t.batch) || ws.partials == nullptr ||
+      ws.counters == nullptr || ws.pq == nullptr)
     return cudaErrorInvalidValue;
   const bool with_y = rp.rescale_space != kSpaceOutput;
   RescaleKernelArgs a;
@@ -559,7 +554,6 @@ cudaError_t launch_rescale(const Tensors& t, const SampleCoeffs* coeffs, int64_t
   a.n = t.n;
   a.chunks = stats_chunks(t.n);
   a.coeffs = coeffs;
-  a.n_coeffs = n_coeffs;
   a.w = rp.guidance_scale;
   a.phi = rp.guidance_rescale;
   a.partials = ws.partials;
@@ -581,16 +575,15 @@ cudaError_t launch_rescale(const Tensors& t, const SampleCoeffs* coeffs, int64_t
   }
 }
 
-cudaError_t launch_combine(const Tensors& t, const SampleCoeffs* coeffs, int64_t n_coeffs, const FoldedPQ* pq,
-                           int32_t noise_mode, const uint64_t* seeds, uint32_t step_index, uint32_t draw,
-                           cudaStream_t stream) {
-  if (!tensors_ok(t) || coeffs == nullptr || (n_coeffs != 1 && n_coeffs != t.batch) || noise_mode < 0 ||
+cudaError_t launch_combine(const Tensors& t, const CoeffSource& coeffs, const FoldedPQ* pq, int32_t noise_mode,
+                           const uint64_t* seeds, uint32_t step_index, uint32_t draw, cudaStream_t stream) {
+  if (!tensors_ok(t) || !source_ok(coeffs, t.batch) || noise_mode < 0 ||
       noise_mode > 2 || (noise_mode == 1 && t.noise == nullptr) || (noise_mode == 2 && seeds == nullptr) ||
       (noise_mode != 0 && t.carry_out != nullptr))  // LMS (the carry) never draws noise
     return cudaErrorInvalidValue;
   // Only the tensors this variant reads enter the argument block (and the alignment test).
   Tensors u = t;
-  for (int k = t.n_hist; k < kMaxHist; ++k) u.hist[k] = nullptr;
+  for (int k = t.n_hist; k < kMaxHistory; ++k) u.hist[k] = nullptr;
   if (noise_mode != 1) u.noise = nullptr;
   CombineArgs a;
   a.y = u.y;
@@ -607,31 +600,34 @@ cudaError_t launch_combine(const Tensors& t, const SampleCoeffs* coeffs, int64_t
   a.n = u.n;
   a.vec = 0;
   a.coeffs = coeffs;
-  a.n_coeffs = n_coeffs;
   a.pq = pq;
   a.seeds = seeds;
   a.step = step_index;
   a.draw = draw;
   switch (u.dtype) {
-    case kFloat32: return launch_by_hist<float>(a, u, noise_mode, stream);
-    case kFloat16: return launch_by_hist<__half>(a, u, noise_mode, stream);
-    default: return launch_by_hist<__nv_bfloat16>(a, u, noise_mode, stream);
+    case kFloat32: return launch_combine_typed<float>(a, u, noise_mode, stream);
+    case kFloat16: return launch_combine_typed<__half>(a, u, noise_mode, stream);
+    default: return launch_combine_typed<__nv_bfloat16>(a, u, noise_mode, stream);
   }
 }
 
 cudaError_t fused_step(const Tensors& t, const StepPlan& plan, const Workspace& ws, double* sigma_out,
                        cudaStream_t stream) {
-  cudaError_t err = launch_coeffs(t, plan, ws, sigma_out, stream);
-  if (err != cudaSuccess) return err;
+  const bool table = plan.table != nullptr;
+  if (!table) {
+    const cudaError_t err = launch_coeffs(t, plan, ws, sigma_out, stream);
+    if (err != cudaSuccess) return err;
+  }
+  const CoeffSource coeffs{table ? nullptr : ws.coeffs, plan.table, plan.n_sigma};
   const FoldedPQ* pq = nullptr;
   if (t.f_uncond != nullptr && plan.guidance_rescale != 0.0) {
     const RescaleParams rp{plan.guidance_scale, plan.guidance_rescale, plan.rescale_space};
-    err = launch_rescale(t, ws.coeffs, plan.n_sigma, rp, ws, stream);
+    const cudaError_t err = launch_rescale(t, coeffs, rp, ws, stream);
     if (err != cudaSuccess) return err;
     pq = ws.pq;
   }
   const int32_t mode = t.carry_out != nullptr ? 0 : (t.noise != nullptr ? 1 : (plan.seeds != nullptr ? 2 : 0));
-  return launch_combine(t, ws.coeffs, plan.n_sigma, pq, mode, plan.seeds, plan.step_index, plan.draw, stream);
+  return launch_combine(t, coeffs, pq, mode, plan.seeds, plan.step_index, plan.draw, stream);
 }
 
 }  // namespace cuda

@@ -13,13 +13,10 @@ import torch
 
 from .. import _validate, coefficients as co
 from ..parameterization import Parameterization
-from . import ext, layout
-
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-SAMPLER_CODES = {name: i for i, name in enumerate(co.SAMPLER_KINDS)}  # zsnr::SamplerKind order
-PREDICTION_CODES = {"v": 0, "eps": 1, "x0": 2, "flow": 3}             # zsnr::Prediction
-SPACE_CODES = {"output": 0, "v": 1, "x0": 2}                          # zsnr::RescaleSpace
-_ERR_NEEDS_NOISE, _ERR_NEEDS_HISTORY, _ERR_MIXED_STAGES = 100, 101, 102
+from . import device as _device, ext, layout
+from . import table as _table
+from .call import (DTYPE_CODES, ERR_MIXED_STAGES, ERR_NEEDS_HISTORY, ERR_NEEDS_NOISE, MAX_HISTORY, SAMPLER_CODES,
+                   SPACE_CODES, TABLE_STEP, describe, step_call)
 
 
 def not_supported_reasons(y: torch.Tensor) -> list[str]:
@@ -37,63 +34,77 @@ def not_supported_reasons(y: torch.Tensor) -> list[str]:
     return reasons
 
 
-def sigma_block(args: list, sigma_eval: list) -> tuple[list, int]:
-    """The sigmas of a step as the ``fused_step`` bindings take them (bindings.cpp ``set_sigmas``): one list
-    [sigma | sigma_eval | sigma_next | sigma_hat_next (sigma_next where there is no churn) | sigma_prev
-    ([n_prev][n_sigma])], each block one entry per entry of ``args``; and n_prev."""
-    a0 = args[0]
-    n_prev = len(a0.sigma_prev)
-    if len(args) == 1:  # the common case, without the comprehensions (this runs on every step)
-        return [a0.sigma, sigma_eval[0], a0.sigma_next,
-                a0.sigma_next if a0.sigma_hat_next is None else a0.sigma_hat_next, *a0.sigma_prev], n_prev
-    return ([a.sigma for a in args] + list(sigma_eval) + [a.sigma_next for a in args]
-            + [a.sigma_next if a.sigma_hat_next is None else a.sigma_hat_next for a in args]
-            + [a.sigma_prev[k] for k in range(n_prev) for a in args]), n_prev
-
-
-def split_sigma_block(sigmas: list, n_prev: int) -> tuple[list, list, list, list, list]:
-    """The inverse of :func:`sigma_block`: (sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev), each one
-    entry per entry of the block, sigma_prev's entries tuples of n_prev sigmas."""
-    n = len(sigmas) // (4 + n_prev)
-    sigma, sigma_eval, sigma_next, sigma_hat_next = (sigmas[k * n:(k + 1) * n] for k in range(4))
-    prev = [tuple(sigmas[(4 + k) * n + i] for k in range(n_prev)) for i in range(n)]
-    return sigma, sigma_eval, sigma_next, sigma_hat_next, prev
-
-
 def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
                guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
                want_denoised: bool, out):
     """Run one step.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``, or raises
-    the ValueError the torch path would raise (the Python spec is re-run on the failing sample for the message)."""
+    the ValueError the torch path would raise (the Python spec is re-run on the failing sample for the message).
+
+    A sampler the kernels do not know (not in ``coefficients.SAMPLER_KINDS``) runs from the Python spec's
+    coefficient table (:func:`table_step`)."""
     a0 = args[0]
-    philox = seeds is not None and noise is None
-    (y_k, fc_k, fu_k, z_k, *hist_k), y_out = layout.prepare([y, f_cond, f_uncond, noise, *history], philox, out)
-    batch = y.shape[0]
-    d_out = torch.empty_like(y_k) if want_denoised else None
-    carry_out = torch.empty_like(y_k) if a0.sampler == "lms" else None
-    sigmas, n_prev = sigma_block(args, sigma_eval)
-    res = ext.C.fused_step(  # pointers written out (0: none): this runs on every step
-        DTYPE_CODES[y.dtype], batch, y.numel() // batch, y_k.data_ptr(), fc_k.data_ptr(),
-        0 if fu_k is None else fu_k.data_ptr(), [h.data_ptr() for h in hist_k] if hist_k else [],
-        0 if z_k is None else z_k.data_ptr(), y_out.data_ptr(), 0 if d_out is None else d_out.data_ptr(),
-        0 if carry_out is None else carry_out.data_ptr(), PREDICTION_CODES[pz.prediction], pz.sigma_data,
-        SAMPLER_CODES[a0.sampler], a0.stage, a0.solver_type == "heun", a0.order, a0.eta, a0.s_noise, sigmas,
-        len(args), n_prev, guidance_scale, guidance_rescale if f_uncond is not None else 0.0,
-        SPACE_CODES[rescale_space], [] if seeds is None else seeds, 0 if step_index is None else int(step_index), 0)
-    error, complete, _noise_used, _n_hist, bad, sigma_out = res
+    if a0.sampler not in SAMPLER_CODES:
+        return _device.spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_eval,
+                                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                       rescale_space=rescale_space, noise=noise, seeds=seeds, step_index=step_index,
+                                       want_denoised=want_denoised, out=out)
+    fields, sigmas, n_prev = describe(pz, args, sigma_eval, guidance_scale, guidance_rescale, rescale_space)
+    y_out, d_out, carry_out, (error, complete, bad, sigma_out) = launch(  # positional: this runs on every step
+        y, f_cond, f_uncond, history, noise, seeds, step_index, fields, sigmas, n_prev, len(args), want_denoised,
+        a0.sampler == "lms", out)
     if error:
         _raise(error, pz, args, sigma_eval, bad, len(history))
-    if out is not None and y_out is not out:  # the kernel wrote a temporary (another layout)
-        y_out = layout.finish(y_out, out)
     return y_out, d_out, carry_out, sigma_out, bool(complete)
 
 
+def launch(y, f_cond, f_uncond, history, noise, seeds, step_index, fields: tuple, sigmas: list, n_prev: int,
+           n_sigma: int, want_denoised: bool, want_carry: bool, out):
+    """One step from its record's fields and sigma block (:func:`zsnr_kernels.backends.call.describe`): the tensors
+    laid out, the outputs allocated, the record built and run by ``_C.fused_step``.  Returns ``(y_out, D or None,
+    carry or None, (error, complete, bad_sample, sigma_out))``; y_out is ``out`` when given."""
+    philox = seeds is not None and noise is None
+    inputs, y_out = layout.prepare([y, f_cond, f_uncond, noise, *history[:MAX_HISTORY]], philox, out)
+    y_k, fc_k, fu_k, z_k, *hist_k = inputs  # alive until the kernel has read them (copies where a layout needed)
+    d_out = torch.empty_like(y_k) if want_denoised else None
+    carry_out = torch.empty_like(y_k) if want_carry else None
+    res = ext.C.fused_step(step_call(y_k, fc_k, fu_k, hist_k, z_k, y_out, d_out, carry_out, fields, n_sigma, n_prev,
+                                     sigmas, 0, 0 if seeds is None else seeds, step_index))
+    if out is not None and y_out is not out:  # the kernel wrote a temporary (another layout)
+        y_out = layout.finish(y_out, out)
+    return y_out, d_out, carry_out, res
+
+
+def plan_state(shape, dtype, device, seeds):
+    """What a :class:`zsnr_kernels.SamplingPlan` keeps for its steps on this backend: its seeds as the kernels read
+    them (or None)."""
+    return None if seeds is None else list(seeds)
+
+
+def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, guidance_rescale: float,
+               rescale_space: str, noise_mode: int, noise=None, seeds=None, step_index=0, y_out, d_out=None,
+               carry_out=None, state=None) -> None:
+    """One step of contiguous ``[batch][n]`` tensors from float64 coefficient rows (table mode of csrc/cpu/step.h):
+    ``table`` a contiguous ``[1 or batch, NUM_COEFFS]`` CPU tensor (:mod:`zsnr_kernels.backends.table`), ``history``
+    exactly the tensors its rows weight.  ``noise_mode``: 0 none, 1 ``noise``, 2 Philox from ``seeds`` (uint64 per
+    sample) or the plan's ``state`` (:func:`plan_state`) at ``step_index``.  Writes y_out (, D, carry)."""
+    if noise_mode == 2:
+        seed_arg = state if state is not None else list(seeds)
+    else:
+        seed_arg = 0
+    fields = (*TABLE_STEP, guidance_scale, guidance_rescale, SPACE_CODES[rescale_space])
+    call = step_call(y, f_cond, f_uncond, history, noise if noise_mode == 1 else None, y_out, d_out, carry_out,
+                     fields, table.shape[0], 0, 0, _table.address(table, y), seed_arg, step_index)
+    error = ext.C.fused_step(call)[0]
+    if error:
+        raise RuntimeError(f"zsnr_kernels._C.fused_step failed with code {error} on a coefficient table")
+
+
 def _raise(error: int, pz, args, sigma_eval, bad: int, n_history: int):
-    if error == _ERR_NEEDS_NOISE:
+    if error == ERR_NEEDS_NOISE:
         raise ValueError(_validate.NEEDS_NOISE)
-    if error == _ERR_NEEDS_HISTORY:
+    if error == ERR_NEEDS_HISTORY:
         raise ValueError(f"this step needs more history tensors than the {n_history} given")
-    if error == _ERR_MIXED_STAGES:
+    if error == ERR_MIXED_STAGES:
         raise ValueError(_validate.MIXED_STAGES)
     i = max(bad, 0)
     co.step_coeffs(pz, args[i])          # raises the spec's message

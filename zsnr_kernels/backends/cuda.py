@@ -9,8 +9,9 @@ driver or a device :func:`why_unavailable` says so.
 A step is validated on the host first (the Python spec's coefficients, so a refused call raises before any
 launch and leaves every tensor untouched); then the sigma arrays and seeds go to the device through pinned
 memory, asynchronously, and the kernels run on PyTorch's current stream: coefficients (on the device, by the
-shared header), the rescale statistics with the fold (only with guidance rescale), the element pass.  Nothing
-waits for the device.
+shared header), the rescale statistics with the fold (only with guidance rescale), the element pass.  In table
+mode (:func:`table_step`: a SamplingPlan's float64 coefficient rows, or a sampler the kernels do not know) the
+first launch is skipped.  Nothing waits for the device.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .. import noise as _noise
+from .. import coefficients as co, noise as _noise
 from .._version import __version__
 from ..parameterization import Parameterization
-from . import device as _device, layout
-from .cpu import DTYPE_CODES, PREDICTION_CODES, SAMPLER_CODES, SPACE_CODES, sigma_block
+from . import device as _device, layout, table as _table
+from .call import DTYPE_CODES, SAMPLER_CODES, SPACE_CODES, TABLE_STEP, describe, step_call
 
 
 @functools.cache
@@ -153,20 +154,11 @@ def not_supported_reasons(y: torch.Tensor) -> list[str]:
     return reasons
 
 
-class _Workspace:
-    """The device scratch of the step kernels for one (device, stream, batch, n): zeroed once when allocated
-    (the kernels leave their counters at zero after each step).  One per stream, so that steps enqueued on
-    different streams never share one."""
-
-    _cache: dict = {}  # noqa: RUF012 (the cache is the class's)
-
-    @classmethod
-    def get(cls, m, device, batch: int, n: int) -> torch.Tensor:
-        key = (device.index, _stream(device), batch, n)
-        ws = cls._cache.get(key)
-        if ws is None:
-            ws = cls._cache[key] = torch.zeros(m.workspace_bytes(batch, n), dtype=torch.uint8, device=device)
-        return ws
+def _workspace(m, device, batch: int, n: int) -> torch.Tensor:
+    """The device scratch of the step kernels for (batch, n) on the current stream of ``device``: zeroed once when
+    allocated (the kernels leave their counters at zero after each step)."""
+    return _device.stream_workspace(device, ("cuda", batch, n), lambda: torch.zeros(
+        m.workspace_bytes(batch, n), dtype=torch.uint8, device=device))
 
 
 def _on(device):
@@ -184,29 +176,87 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
                guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
                want_denoised: bool, out):
     """Enqueue one step.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``; raises the
-    spec's ValueError (before any launch) for a step it refuses."""
-    m = module()
-    st = _device.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
-                             want_denoised=want_denoised, out=out)
-    a0 = args[0]
-    sigmas, n_prev = sigma_block(args, sigma_eval)
+    spec's ValueError (before any launch) for a step it refuses.  A sampler the kernels do not know runs from the
+    spec's coefficient table (:func:`table_step`)."""
+    if args[0].sampler not in SAMPLER_CODES:
+        return _device.spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_eval,
+                                       guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                       rescale_space=rescale_space, noise=noise, seeds=seeds, step_index=step_index,
+                                       want_denoised=want_denoised, out=out)
+    cs, n_hist, noisy = co.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
+    fields, sigmas, n_prev = describe(pz, args, sigma_eval, guidance_scale, guidance_rescale, rescale_space)
+    y_out, d_out, carry_out, _ = launch(
+        y, f_cond, f_uncond, history[:n_hist], noise if noisy else None, seeds if noisy else None, step_index, fields,
+        sigmas, n_prev, len(args), want_denoised, cs[0].carry is not None, out)
+    return y_out, d_out, carry_out, [c.sigma_out for c in cs], cs[0].complete
+
+
+def launch(y, f_cond, f_uncond, history, noise, seeds, step_index, fields: tuple, sigmas: list, n_prev: int,
+           n_sigma: int, want_denoised: bool, want_carry: bool, out):
+    """Enqueue one step checked by the spec from its record's fields and sigma block
+    (:func:`zsnr_kernels.backends.call.describe`): ``history`` exactly the tensors the step reads, ``noise`` or
+    ``seeds`` only when it adds noise.  Returns ``(y_out, D or None, carry or None, None)`` (errors stay on the
+    device: the spec raised them before)."""
+    philox = seeds is not None and noise is None
+    (y_k, fc_k, fu_k, z_k, *hist_k), y_out = layout.prepare([y, f_cond, f_uncond, noise, *history], philox, out)
+    d_out = torch.empty_like(y_k) if want_denoised else None
+    carry_out = torch.empty_like(y_k) if want_carry else None
     device = y.device
     sig_t = layout.to_device(torch.tensor(sigmas, dtype=torch.float64), device)
-    seed_t = None
-    if st.philox:
-        seed_t = layout.to_device(torch.tensor(_noise.seed_bits(seeds), dtype=torch.int64), device)
-    batch = y.shape[0]
-    n = y.numel() // batch
-    ws = _Workspace.get(m, device, batch, n)
+    seed_t = _seed_tensor(seeds, device) if philox else None
+    m = module()
+    ws = _workspace(m, device, y_k.shape[0], y_k.numel() // y_k.shape[0])
+    _run(m, device, step_call(y_k, fc_k, fu_k, hist_k, z_k, y_out, d_out, carry_out, fields, n_sigma, n_prev,
+                              sig_t.data_ptr(), 0, layout.ptr(seed_t), step_index, 0, ws.data_ptr(), _stream(device)))
+    return layout.finish(y_out, out), d_out, carry_out, None
+
+
+def _seed_tensor(seeds, device) -> torch.Tensor:
+    return layout.to_device(torch.tensor(_noise.seed_bits(seeds), dtype=torch.int64), device)
+
+
+def _run(m, device, call) -> None:
+    """Launch a record on ``device``."""
     with _on(device):  # the runtime launches on its current device: make it y's
-        err = m.fused_step(
-            DTYPE_CODES[y.dtype], batch, n, st.y.data_ptr(), st.f_cond.data_ptr(), layout.ptr(st.f_uncond),
-            [h.data_ptr() for h in st.history], layout.ptr(st.noise), st.y_out.data_ptr(), layout.ptr(st.d_out),
-            layout.ptr(st.carry_out), PREDICTION_CODES[pz.prediction], pz.sigma_data,
-            SAMPLER_CODES[a0.sampler], a0.stage, int(a0.solver_type == "heun"), a0.order, a0.eta, a0.s_noise,
-            sig_t.data_ptr(), len(args), n_prev, guidance_scale, guidance_rescale if f_uncond is not None else 0.0,
-            SPACE_CODES[rescale_space], layout.ptr(seed_t), 0 if step_index is None else int(step_index) % 2**32, 0,
-            ws.data_ptr(), _stream(device))
+        err = m.fused_step(call)
     if err:
         raise RuntimeError(f"the cuda backend failed to launch a step: {m.error_string(err)} (cudaError {err})")
-    return st.finish(out), st.d_out, st.carry_out, [c.sigma_out for c in st.coeffs], st.coeffs[0].complete
+
+
+class PlanState:
+    """What a :class:`zsnr_kernels.SamplingPlan` keeps for its steps on this backend: its own workspace (replays of
+    several captured plans may run concurrently) and its seeds on the device."""
+
+    __slots__ = ("seeds", "workspace")
+
+    def __init__(self, shape, device, seeds):
+        batch = shape[0]
+        n = 1
+        for v in shape[1:]:
+            n *= v
+        self.workspace = torch.zeros(module().workspace_bytes(batch, n), dtype=torch.uint8, device=device)
+        self.seeds = None if seeds is None else _seed_tensor(seeds, device)
+
+
+def plan_state(shape, dtype, device, seeds) -> PlanState:
+    """The per-plan state of :func:`table_step`."""
+    return PlanState(shape, device, seeds)
+
+
+def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, guidance_rescale: float,
+               rescale_space: str, noise_mode: int, noise=None, seeds=None, step_index=0, y_out, d_out=None,
+               carry_out=None, state=None) -> None:
+    """Enqueue one step of contiguous ``[batch][n]`` tensors from float64 coefficient rows (table mode of
+    csrc/cuda/step.cuh: no coefficient launch): ``table`` a contiguous ``[1 or batch, NUM_COEFFS]`` tensor on y's
+    device, ``history`` exactly the tensors its rows weight.  ``noise_mode``: 0 none, 1 ``noise``, 2 Philox from
+    ``seeds`` (uint64 per sample) or the plan's ``state`` (:func:`plan_state`) at ``step_index``."""
+    device = y.device
+    seed_t = None
+    if noise_mode == 2:
+        seed_t = state.seeds if state is not None else _seed_tensor(seeds, device)
+    fields = (*TABLE_STEP, guidance_scale, guidance_rescale, SPACE_CODES[rescale_space])
+    m = module()
+    ws = state.workspace if state is not None else _workspace(m, device, y.shape[0], y.numel() // y.shape[0])
+    _run(m, device, step_call(y, f_cond, f_uncond, history, noise if noise_mode == 1 else None, y_out, d_out,
+                              carry_out, fields, table.shape[0], 0, 0, _table.address(table, y), layout.ptr(seed_t),
+                              step_index, 0, ws.data_ptr(), _stream(device)))

@@ -1,5 +1,5 @@
-"""A step as a device backend (cuda, triton) launches it: checked by the Python spec on the host, since a kernel
-cannot raise, then laid out (:mod:`zsnr_kernels._layout`)."""
+"""A step as a backend launches it from the Python spec's coefficients: checked on the host, since a device kernel
+cannot raise, then laid out (:mod:`zsnr_kernels.backends.layout`); and the per-stream scratch of the device kernels."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from . import layout
 
 @dataclass
 class DeviceStep:
-    """One step as a device backend (cuda, triton) launches it: validated by the Python spec on the host, the
-    tensors laid out as ``[batch][n]``, the outputs allocated.  Built by :func:`device_step`."""
+    """One step as a backend launches it from the spec's coefficients (triton; cuda and cpu for a sampler their
+    kernels do not know): validated by the Python spec on the host, the tensors laid out as ``[batch][n]``, the
+    outputs allocated.  Built by :func:`device_step`."""
 
     coeffs: list                   # StepCoeffs per entry of args
     n_hist: int                    # remembered tensors the step reads
@@ -46,3 +47,38 @@ def device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, *, noise, se
     return DeviceStep(cs, n_hist, noisy, philox, y_k, fc_k, fu_k, z_k, hist_k, y_out,
                       torch.empty_like(y_k) if want_denoised else None,
                       torch.empty_like(y_k) if cs[0].carry is not None else None)
+
+
+def spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_eval, *, guidance_scale: float,
+                    guidance_rescale: float, rescale_space: str, noise, seeds, step_index, want_denoised: bool, out):
+    """A backend's ``fused_step`` from the spec's coefficients: validated and laid out (:func:`device_step`), its
+    coefficient table built on the host and copied to y's device without a synchronisation, then run by the
+    backend's ``table_step``.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``."""
+    from .table import step_table
+
+    st = device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
+                     want_denoised=want_denoised, out=out)
+    phi = guidance_rescale if st.f_uncond is not None else 0.0
+    table = step_table(pz, st.coeffs, sigma_eval, guidance_scale=guidance_scale, guidance_rescale=phi,
+                       rescale_space=rescale_space)
+    table_step(st.y, st.f_cond, st.f_uncond, st.history, layout.to_device(table, y.device),
+               guidance_scale=guidance_scale, guidance_rescale=phi, rescale_space=rescale_space,
+               noise_mode=(2 if st.philox else 1) if st.noisy else 0, noise=st.noise, seeds=seeds,
+               step_index=0 if step_index is None else step_index, y_out=st.y_out, d_out=st.d_out,
+               carry_out=st.carry_out)
+    return st.finish(out), st.d_out, st.carry_out, [c.sigma_out for c in st.coeffs], st.coeffs[0].complete
+
+
+_WORKSPACES: dict = {}
+
+
+def stream_workspace(device, key, make):
+    """The scratch ``make()`` returns, one per (device, its current stream, ``key``), made on first use.  Launches
+    on one stream are ordered, so one scratch serves every step on that stream; work that may run concurrently
+    (other streams, several captured CUDA graphs replayed at once) needs its own (a SamplingPlan owns one)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    k = (device.type, device.index, stream, key)
+    ws = _WORKSPACES.get(k)
+    if ws is None:
+        ws = _WORKSPACES[k] = make()
+    return ws

@@ -65,3 +65,37 @@ def noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None) -> tor
     # the float32 normals enter the math unrounded, as in the kernels (rounding them to a bf16 y would add error)
     return _noise.normal(tuple(y.shape), seed, int(step_index), 0, dtype=reference.compute_dtype(y.dtype),
                          device=y.device)
+
+
+def plan_state(shape, dtype, device, seeds):
+    """What a :class:`zsnr_kernels.SamplingPlan` keeps for its steps on this backend: its seeds (or None)."""
+    return None if seeds is None else list(seeds)
+
+
+def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, guidance_rescale: float,
+               rescale_space: str, noise_mode: int, noise=None, seeds=None, step_index=0, y_out, d_out=None,
+               carry_out=None, state=None) -> None:
+    """One step from float64 coefficient rows (``[1 or batch, NUM_COEFFS]`` on y's device): the reference with the
+    table's columns as device tensors, so a step reads no device value on the host.  ``history`` exactly the tensors
+    the rows weight; ``noise_mode``: 0 none, 1 ``noise``, 2 the Philox noise of ``seeds`` (or the plan's ``state``)
+    at ``step_index``, computed with PyTorch ops.  Writes y_out (, D, carry)."""
+    from . import table as _table
+
+    col = lambda j: table[:, j]  # noqa: E731 -- (1,) broadcasts over the batch, (batch,) is per sample
+    z = None
+    if noise_mode == 1:
+        z = noise
+    elif noise_mode == 2:
+        z = _noise.normal(tuple(y.shape), state if state is not None else seeds, int(step_index), 0,
+                          dtype=reference.compute_dtype(y.dtype), device=y.device)
+    y_new, d, carry = reference.fused_step(
+        y, f_cond, f_uncond, p=col(_table.P), q=col(_table.Q), a=col(_table.A), b=col(_table.B),
+        history=tuple(history), h=tuple(col(_table.H0 + j) for j in range(len(history))), noise=z,
+        e=col(_table.E) if z is not None else 0.0, guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale if f_uncond is not None else 0.0, rescale_uv=(col(_table.U), col(_table.T)),
+        carry=(col(_table.GY), col(_table.GD)) if carry_out is not None else None)
+    y_out.copy_(y_new)
+    if d_out is not None:
+        d_out.copy_(d)
+    if carry_out is not None:
+        carry_out.copy_(carry)

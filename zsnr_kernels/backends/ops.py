@@ -6,8 +6,9 @@ backends directly unless ``torch.compiler.is_compiling()``.
 ``zsnr_kernels::step`` is functional (returns y_out, D and the LMS carry; unused outputs are empty tensors);
 ``zsnr_kernels::step_out`` writes y_out into a given tensor (which may be y: in place).  ``backend`` picks the
 kernels: ``cpu`` (CPU tensors), ``cuda`` or ``triton`` (CUDA tensors; ``triton`` also on CPU tensors under
-``TRITON_INTERPRET=1``).  The step is described by plain numbers and lists (a schema torch.library can hold);
-the op rebuilds the step arguments and calls the backend's own ``fused_step``.  The sigma a step leaves at and
+``TRITON_INTERPRET=1``).  The schema carries the scalar fields of the step record
+(:mod:`zsnr_kernels.backends.call`): the op builds the record through the backend's own ``launch``, as an eager
+call does, or runs the step's coefficient rows through its ``table_step``.  The sigma a step leaves at and
 whether it is complete are host values the caller computes from the Python spec (:func:`fused_step_traced`),
 and every error is raised by the spec before the op is reached.
 """
@@ -19,37 +20,52 @@ from typing import Optional
 import torch
 
 from .. import coefficients as co, noise as _noise
-from ..parameterization import Parameterization, parameterization
-from . import cpu as _cpu
+from ..parameterization import Parameterization
+from . import cpu as _cpu, cuda as _cuda, layout, table as _table, triton as _triton
+from .call import SAMPLER_CODES, SPACE_CODES, STEP_FIELDS, describe
 
 _U64 = 2**64
-_PREDICTIONS = {code: name for name, code in _cpu.PREDICTION_CODES.items()}
-_SAMPLERS = {code: name for name, code in _cpu.SAMPLER_CODES.items()}
-_SPACES = {code: name for name, code in _cpu.SPACE_CODES.items()}
+_SPACES = {code: name for name, code in SPACE_CODES.items()}
+_LMS = SAMPLER_CODES["lms"]
+#: the backends of compiled kernels: those with a ``launch`` compute coefficients from the record's fields
+_KERNELS = {"cpu": _cpu, "cuda": _cuda, "triton": _triton}
 
 
-def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, prediction, sigma_data, sampler,
-         stage, solver_heun, order, eta, s_noise, sigmas, n_prev, guidance_scale, guidance_rescale, rescale_space,
-         seeds, step_index):
-    """Run the step on ``backend`` into ``y_out`` through that backend's ``fused_step`` (the eager path's own
-    entry point, so the op and an eager call cannot differ); returns (D or None, carry or None)."""
-    from . import cuda as _cuda, triton as _triton
+def _has_carry(want_carry: bool, sampler: int, table) -> bool:
+    """Whether the op writes an LMS carry: asked for, and the step has one (in table mode the caller asks only for
+    a step that has one)."""
+    return want_carry and (table is not None or sampler == _LMS)
 
-    runs = {"cpu": _cpu.fused_step, "cuda": _cuda.fused_step, "triton": _triton.fused_step}
-    if backend not in runs:
-        raise ValueError(f"zsnr_kernels::step: unknown backend {backend!r}; choose one of {tuple(runs)}")
-    pz = parameterization(_PREDICTIONS[prediction], sigma_data)
-    sigma, sigma_eval, sigma_next, sigma_hat_next, sigma_prev = _cpu.split_sigma_block(sigmas, n_prev)
-    args = [co.StepArgs(_SAMPLERS[sampler], sigma[i], sigma_next[i], stage=stage,
-                        sigma_hat_next=None if sigma_hat_next[i] == sigma_next[i] else sigma_hat_next[i],
-                        sigma_prev=sigma_prev[i], eta=eta, s_noise=s_noise,
-                        solver_type="heun" if solver_heun else "midpoint", order=order) for i in range(len(sigma))]
-    _, d, carry, _, _ = runs[backend](
-        y, f_cond, f_uncond, history, pz, args, sigma_eval, guidance_scale=guidance_scale,
-        guidance_rescale=guidance_rescale, rescale_space=_SPACES[rescale_space], noise=noise,
-        seeds=None if seeds is None else [s % _U64 for s in seeds.tolist()], step_index=step_index,
-        want_denoised=want_d, out=y_out)
-    return d, carry if want_carry else None
+
+def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, fields, sigmas, n_prev, seeds,
+         step_index, table):
+    """Run the step on ``backend`` into ``y_out``: from the record's fields through the backend's ``launch`` (the
+    launcher computes the coefficients), or from the coefficient rows ``table`` through its ``table_step``; returns
+    (D or None, carry or None).  ``history`` holds the tensors the step reads; ``noise``/``seeds`` are given only
+    when it adds noise."""
+    module = _KERNELS.get(backend)
+    if module is None:
+        raise ValueError(f"zsnr_kernels::step: unknown backend {backend!r}; choose one of {tuple(_KERNELS)}")
+    seeds = None if seeds is None else [s % _U64 for s in seeds.tolist()]
+    carry = _has_carry(want_carry, fields[2], table)
+    if table is None:
+        if not hasattr(module, "launch"):
+            raise ValueError(f"zsnr_kernels::step: the {backend} kernels read the step's coefficient rows: pass table")
+        _, d, c, res = module.launch(y, f_cond, f_uncond, history, noise, seeds, step_index, fields, sigmas, n_prev,
+                                     len(sigmas) // (4 + n_prev), want_d, carry, y_out)
+        if res is not None and res[0]:
+            raise RuntimeError(f"zsnr_kernels::step: the {backend} kernels failed with code {res[0]} where the "
+                               "Python spec did not")
+        return d, c
+    rows = torch.tensor(table, dtype=torch.float64).view(-1, _table.NUM_COEFFS)
+    noisy = bool((rows[:, _table.E] != 0.0).any())
+    d = torch.empty_like(y) if want_d else None
+    c = torch.empty_like(y) if carry else None
+    module.table_step(y, f_cond, f_uncond, history, layout.to_device(rows, y.device), guidance_scale=fields[8],
+                      guidance_rescale=fields[9], rescale_space=_SPACES[fields[10]],
+                      noise_mode=(1 if noise is not None else 2) if noisy else 0, noise=noise, seeds=seeds,
+                      step_index=step_index, y_out=y_out, d_out=d, carry_out=c)
+    return d, c
 
 
 def _contiguous(y, f_cond, f_uncond, history, noise):
@@ -62,20 +78,26 @@ def step(y: torch.Tensor, f_cond: torch.Tensor, f_uncond: Optional[torch.Tensor]
          noise: Optional[torch.Tensor], want_d: bool, want_carry: bool, backend: str, prediction: int,
          sigma_data: float, sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
          sigmas: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float, rescale_space: int,
-         seeds: Optional[torch.Tensor], step_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One fused step (the arguments of ``_C.fused_step``, plus the backend): (y_out, D, carry)."""
+         seeds: Optional[torch.Tensor], step_index: int,
+         table: Optional[list[float]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One fused step (the fields of the step record, :class:`zsnr_kernels.backends.call.StepCall`, plus the
+    backend; ``table``: the step's float64 coefficient rows flattened, for a backend or sampler whose kernels do
+    not compute coefficients): (y_out, D, carry)."""
     y, f_cond, f_uncond, history, noise = _contiguous(y, f_cond, f_uncond, history, noise)
     y_out = torch.empty_like(y)
-    d, carry = _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, prediction, sigma_data,
-                    sampler, stage, solver_heun, order, eta, s_noise, sigmas, n_prev, guidance_scale, guidance_rescale,
-                    rescale_space, seeds, step_index)
+    fields = (prediction, sigma_data, sampler, stage, solver_heun, order, eta, s_noise, guidance_scale,
+              guidance_rescale, rescale_space)
+    d, carry = _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, fields, sigmas, n_prev,
+                    seeds, step_index, table)
     return y_out, (d if d is not None else y.new_empty(0)), (carry if carry is not None else y.new_empty(0))
 
 
 @step.register_fake
-def _(y, f_cond, f_uncond, history, noise, want_d, want_carry, backend, prediction, sigma_data, sampler, *args):
+def _(y, f_cond, f_uncond, history, noise, want_d, want_carry, backend, prediction, sigma_data, sampler, stage,
+      solver_heun, order, eta, s_noise, sigmas, n_prev, guidance_scale, guidance_rescale, rescale_space, seeds,
+      step_index, table=None):
     like = lambda want: torch.empty_like(y, memory_format=torch.contiguous_format) if want else y.new_empty(0)  # noqa
-    return like(True), like(want_d), like(want_carry and _SAMPLERS[sampler] == "lms")  # only LMS has a carry
+    return like(True), like(want_d), like(_has_carry(want_carry, sampler, table))
 
 
 @torch.library.custom_op("zsnr_kernels::step_out", mutates_args=("out",))
@@ -83,18 +105,19 @@ def step_out(out: torch.Tensor, y: torch.Tensor, f_cond: torch.Tensor, f_uncond:
              history: list[torch.Tensor], noise: Optional[torch.Tensor], backend: str, prediction: int,
              sigma_data: float, sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
              sigmas: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float, rescale_space: int,
-             seeds: Optional[torch.Tensor], step_index: int) -> None:
+             seeds: Optional[torch.Tensor], step_index: int, table: Optional[list[float]] = None) -> None:
     """The ``out=`` form: y_out written into ``out`` (contiguous, shaped like y; it may be y itself)."""
     if not out.is_contiguous():
         raise ValueError("out must be contiguous for zsnr_kernels::step_out")
     y, f_cond, f_uncond, history, noise = _contiguous(y, f_cond, f_uncond, history, noise)
-    _run(backend, y, f_cond, f_uncond, history, noise, out, False, False, prediction, sigma_data, sampler, stage,
-         solver_heun, order, eta, s_noise, sigmas, n_prev, guidance_scale, guidance_rescale, rescale_space, seeds,
-         step_index)
+    fields = (prediction, sigma_data, sampler, stage, solver_heun, order, eta, s_noise, guidance_scale,
+              guidance_rescale, rescale_space)
+    _run(backend, y, f_cond, f_uncond, history, noise, out, False, False, fields, sigmas, n_prev, seeds, step_index,
+         table)
 
 
 @step_out.register_fake
-def _(out, *args):
+def _(out, *args, **kwargs):
     return None
 
 
@@ -103,25 +126,29 @@ def fused_step_traced(backend: str, y, f_cond, f_uncond, history, pz: Parameteri
                       seeds, step_index, want_denoised: bool, out):
     """A backend's ``fused_step`` through the ops above, for ``torch.compile``: the same arguments and results.
 
-    The host values (sigma_out, complete) and every error come from the Python spec, which the kernels mirror.
+    The host values (sigma_out, complete) and every error come from the Python spec, which the kernels mirror.  A
+    backend with a ``launch`` (cpu, cuda) gets the record's fields and computes the coefficients as an eager call
+    does; the others (triton), and samplers the kernels do not know, get the spec's coefficient rows.
     """
-    cs, _, _ = co.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
-    a0 = args[0]
-    sigmas, n_prev = _cpu.sigma_block(args, sigma_eval)
-    plan = dict(
-        backend=backend, prediction=_cpu.PREDICTION_CODES[pz.prediction], sigma_data=pz.sigma_data,
-        sampler=_cpu.SAMPLER_CODES[a0.sampler], stage=a0.stage, solver_heun=int(a0.solver_type == "heun"),
-        order=a0.order, eta=a0.eta, s_noise=a0.s_noise, sigmas=sigmas, n_prev=n_prev,
-        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale if f_uncond is not None else 0.0,
-        rescale_space=_cpu.SPACE_CODES[rescale_space],
-        seeds=seeds if seeds is None or isinstance(seeds, torch.Tensor) else torch.tensor(
-            _noise.seed_bits(seeds), dtype=torch.int64),  # a tensor (int64 bits): from a seed tensor, a graph input
-        step_index=0 if step_index is None else int(step_index))
-    want_carry = a0.sampler == "lms"
+    cs, n_hist, noisy = co.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
+    phi = guidance_rescale if f_uncond is not None else 0.0
+    fields, sigmas, n_prev = describe(pz, args, sigma_eval, guidance_scale, phi, rescale_space)
+    table = None
+    if fields[2] < 0 or not hasattr(_KERNELS[backend], "launch"):
+        table = [v for row in _table.step_rows(pz, cs, sigma_eval, guidance_scale=guidance_scale,
+                                               guidance_rescale=phi, rescale_space=rescale_space) for v in row]
+    if seeds is not None and not isinstance(seeds, torch.Tensor):  # a tensor (int64 bits) from a seed tensor is a
+        seeds = torch.tensor(_noise.seed_bits(seeds), dtype=torch.int64)  # graph input, Python ints constants
+    plan = dict(zip(STEP_FIELDS, fields, strict=True), backend=backend, sigmas=sigmas, n_prev=n_prev,
+                seeds=seeds if noisy and noise is None else None,
+                step_index=0 if step_index is None else int(step_index), table=table)
+    history = list(history[:n_hist])
+    noise = noise if noisy else None
+    want_carry = cs[0].carry is not None
     if out is not None and out.is_contiguous() and not want_denoised and not want_carry:
-        step_out(out, y, f_cond, f_uncond, list(history), noise, **plan)
+        step_out(out, y, f_cond, f_uncond, history, noise, **plan)
         return out, None, None, [c.sigma_out for c in cs], cs[0].complete
-    y_out, d, carry = step(y, f_cond, f_uncond, list(history), noise, want_denoised, want_carry, **plan)
+    y_out, d, carry = step(y, f_cond, f_uncond, history, noise, want_denoised, want_carry, **plan)
     if out is not None:
         out.copy_(y_out)
         y_out = out

@@ -9,12 +9,13 @@ code runs on CPU tensors through Triton's interpreter, which is how the build ma
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
 
-from ..parameterization import Parameterization, rescale_space_coeffs
-from . import device as _device, layout
+from ..parameterization import Parameterization
+from . import device as _device
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -55,18 +56,47 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
                want_denoised: bool, out):
     """Run one step.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``; raises the
     spec's ValueError (before any launch) for a step it refuses."""
+    return _device.spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_eval,
+                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                   rescale_space=rescale_space, noise=noise, seeds=seeds, step_index=step_index,
+                                   want_denoised=want_denoised, out=out)
+
+
+class PlanState:
+    """What a :class:`zsnr_kernels.SamplingPlan` keeps for its steps on this backend: the block size of its latent,
+    its own rescale workspace (replays of several captured plans may run concurrently) and its seeds on the
+    device."""
+
+    __slots__ = ("block", "seeds", "workspace")
+
+    def __init__(self, shape, dtype, device, seeds):
+        from .triton_kernels import combine as K
+
+        batch, n = shape[0], math.prod(shape[1:])
+        self.block = K.launch_block(n, batch, torch.empty(0, dtype=dtype).element_size(), device)
+        self.workspace = K.Workspace(device, batch, -(-n // self.block))
+        self.seeds = None if seeds is None else K.seed_tensor(seeds, batch, device)
+
+
+def plan_state(shape, dtype, device, seeds) -> PlanState:
+    """The per-plan state of :func:`table_step`."""
+    return PlanState(shape, dtype, device, seeds)
+
+
+def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, guidance_rescale: float,
+               rescale_space: str, noise_mode: int, noise=None, seeds=None, step_index=0, y_out, d_out=None,
+               carry_out=None, state=None) -> None:
+    """One step of contiguous ``[batch][n]`` tensors from float64 coefficient rows (:func:`.combine.launch`):
+    ``table`` a ``[1 or batch, NUM_COEFFS]`` tensor on y's device, ``history`` exactly the tensors its rows weight.
+    ``noise_mode``: 0 none, 1 ``noise``, 2 Philox from ``seeds`` (uint64 per sample) or the plan's ``state``
+    (:func:`plan_state`) at ``step_index``.  ``guidance_scale`` is the table's (column W)."""
     from .triton_kernels import combine as K
 
-    st = _device.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
-                             want_denoised=want_denoised, out=out)
-    rescale = st.f_uncond is not None and guidance_rescale != 0.0
-    uv = [rescale_space_coeffs(pz, s, rescale_space) for s in sigma_eval] if rescale else [(0.0, 1.0)] * len(args)
-    table = K.coefficient_table(st.coeffs, [pz.denoise_coeffs(s) for s in sigma_eval],
-                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, rescale_uv=uv)
-    K.launch(st.y, st.f_cond, st.f_uncond, st.history, layout.to_device(table, y.device), n_hist=st.n_hist,
-             rescale=rescale, with_y=any(u != 0.0 for u, _ in uv),
-             noise_mode=(2 if st.philox else 1) if st.noisy else 0, noise=st.noise,
-             seeds=K.seed_tensor(seeds, y.shape[0], y.device) if st.philox else None,
-             step_index=0 if step_index is None else step_index, y_out=st.y_out, d_out=st.d_out,
-             carry_out=st.carry_out)
-    return st.finish(out), st.d_out, st.carry_out, [c.sigma_out for c in st.coeffs], st.coeffs[0].complete
+    seed_t = None
+    if noise_mode == 2:
+        seed_t = state.seeds if state is not None else K.seed_tensor(seeds, y.shape[0], y.device)
+    rescale = f_uncond is not None and guidance_rescale != 0.0
+    K.launch(y, f_cond, f_uncond, history, table, n_hist=len(history), rescale=rescale,
+             with_y=rescale and rescale_space != "output", noise_mode=noise_mode, noise=noise, seeds=seed_t,
+             step_index=step_index, y_out=y_out, d_out=d_out, carry_out=carry_out,
+             block=None if state is None else state.block, workspace=None if state is None else state.workspace)

@@ -14,8 +14,8 @@ table's ``roof%`` is the larger of the triad time and the noise time (elements x
 core, measured at the start of the run on a cache-resident buffer, / the kernels' threads) over the op's time; for
 noise-free ops it equals ``triad%``.
 
-On CPU tensors ``kern%`` is the triad's time over the compiled call alone (``kernel_us``: the ``_C.fused_step``
-call the step made, replayed with the same pointers, so without the Python layers and the output allocation): on
+On CPU tensors ``kern%`` is the triad's time over the compiled call alone (``kernel_us``: ``_C.fused_step`` on
+the step's record, built once, so without the Python layers and the output allocation): on
 small latents the triad runs from cache in tens of microseconds and a call from Python carries about as much
 again, so ``triad%`` there measures the Python layers as much as the kernels.
 
@@ -174,7 +174,8 @@ class Case:
     ref_fn: Callable                                # reference.fused_step with float coefficients
     ref_args: tuple[torch.Tensor, ...]
     nbytes: int
-    keep: object = None                             # owns the outputs a replayed compiled call writes
+    cpu_record: Callable[[], tuple] | None = None   # -> (the step's _C.fused_step record, what it points to)
+    keep: object = None                             # owns the tensors a timed record reads and writes
     warm_calls: int = 0                             # calls of the compiled reference before it was timed
     warm_settled: bool = True                       # whether those calls stopped compiling and settled
 
@@ -221,7 +222,7 @@ def make_case(op: Op, shape, dtype, device: str = "cpu") -> Case:
         kw = eager_opts if backend == "torch" else opts
         return lambda: op.step(y, model_output, SIGMA, SIGMA_NEXT, backend=backend, **kw)
 
-    # The same float coefficients the step computes (as steps._torch_step does for one sample).
+    # The same float coefficients the step computes (as the torch backend, backends/eager.py, does for one sample).
     pz = zk.parameterization("v", 1.0)
     args = co.StepArgs(op.sampler, SIGMA, SIGMA_NEXT, stage=2 if op.stage2 else 1,
                        sigma_prev=SIGMA_PREV[:op.n_history], **op.kwargs)
@@ -229,7 +230,7 @@ def make_case(op: Op, shape, dtype, device: str = "cpu") -> Case:
     p, q = pz.denoise_coeffs(sigma_eval)
     uv = rescale_space_coeffs(pz, sigma_eval, "output")
     n_h = len(c.h)
-    keep_d = op.sampler in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+    keep_d = co.SAMPLERS[op.sampler].keeps == "denoised"  # D is written where the sampler remembers it
     guided, w, phi = op.guided, opts["guidance_scale"], opts["guidance_rescale"]
 
     def ref_fn(*ts):
@@ -242,9 +243,23 @@ def make_case(op: Op, shape, dtype, device: str = "cpu") -> Case:
             guidance_scale=w, guidance_rescale=phi, rescale_uv=uv, carry=c.carry)
         return (y_out,) + ((d,) if keep_d else ()) + ((carry,) if carry is not None else ())
 
+    def cpu_record():
+        """The record the cpu backend's step hands ``_C.fused_step`` (contiguous inputs, outputs allocated as the
+        step allocates them), and the tensors it points to."""
+        from zsnr_kernels import noise as _noise
+        from zsnr_kernels.backends import call as _call
+
+        a = args._replace(sigma_prev=tuple(SIGMA_PREV[:len(hist)]))
+        fields, sigmas, n_prev = _call.describe(pz, [a], [sigma_eval], w, phi, "output")
+        outs = [torch.empty_like(y), torch.empty_like(y) if co.SAMPLERS[a.sampler].keeps_denoised(a.stage) else None,
+                torch.empty_like(y) if c.carry is not None else None]  # y_out, D as the step asks, carry
+        rec = _call.step_call(y, f_c, f_u, hist, None, *outs, fields, 1, n_prev, sigmas, 0,
+                              _noise.step_seeds(SEED, shape[0]) if op.noisy else 0, STEP_INDEX if op.noisy else None)
+        return rec, outs
+
     ref_args = (y, f_c) + ((f_u,) if guided else ()) + tuple(hist)
     nbytes = op.elements * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return Case(op, tuple(shape), dtype, device, call, ref_fn, ref_args, nbytes)
+    return Case(op, tuple(shape), dtype, device, call, ref_fn, ref_args, nbytes, cpu_record)
 
 
 def noise_cost_ns(elements: int = 1 << 16, budget_s: float = 0.2) -> float:
@@ -650,7 +665,8 @@ def run_table(ops, shapes, dtypes, plan: Plan, *, quick: bool, out=None, on_row=
                             continue
                         fns[b] = case.call(b)
                         if b == "cpu":
-                            fns["cpu kernel"], case.keep = replay_of_compiled_call(fns[b])
+                            record, case.keep = case.cpu_record()
+                            fns["cpu kernel"] = functools.partial(_ext.C.fused_step, record)
                         if device == "cuda":
                             try:
                                 fns[f"{b} graph"] = cuda_graph(fns[b])
@@ -814,54 +830,16 @@ def plot(rows: list[dict], path: str, bandwidth: tuple[str, float] | None = None
 # ------------------------------------------------------------------------------------------------- overhead
 
 
-class _Recorder:
-    """Stands in for a function, records the arguments of the last call and forwards it."""
-
-    def __init__(self, fn):
-        self.fn, self.args, self.kwargs = fn, None, None
-
-    def __call__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-        return self.fn(*args, **kwargs)
-
-
-class _ModuleProxy:
-    """A module whose ``fused_step`` is recorded (used to capture the raw arguments of ``_C.fused_step``)."""
-
-    def __init__(self, module):
-        self._module = module
-        self.fused_step = _Recorder(module.fused_step)
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
-def replay_of_compiled_call(step: Callable[[], object]) -> tuple[Callable[[], object], object]:
-    """Run a cpu-backend ``step`` once and return a replay of the ``_C.fused_step`` call it made (same arguments:
-    the same raw pointers, so the same outputs are written) and the step's result, which owns those outputs: keep
-    it alive while the replay runs, or the kernel writes into freed memory."""
-    proxy, saved = _ModuleProxy(_ext.C), _ext.C
-    _ext.C = proxy
-    try:
-        result = step()
-    finally:
-        _ext.C = saved
-    c_fn, c_args = saved.fused_step, proxy.fused_step.args
-    if c_args is None:
-        raise RuntimeError("the step made no _C.fused_step call")
-    return (lambda: c_fn(*c_args)), result
-
-
 def overhead(shape=(1, 4, 64, 64), dtype=torch.float32, *, quick: bool = False, out=None) -> dict:
     """Per-call time of ``euler_step(..., backend="cpu")`` from Python, and where it goes.
 
-    Layers, each timed on its own with the arguments the layer above passed it (captured from one real call):
-    the whole call; ``_cpu.fused_step`` (layout checks, output allocation, the C call: validation and the host
-    coefficients excluded); ``_C.fused_step`` alone (pybind11 conversion + the kernel, writing into the same
-    output); ``torch.empty_like(y)``.  Then a cProfile of the whole call (its own overhead inflates Python
-    frames; read it for proportions).
+    Layers, each timed on its own with the arguments the layer above passes it: the whole call;
+    ``_cpu.fused_step`` (layout checks, output allocation, the step record, the C call: validation and the host
+    coefficients excluded); ``_C.fused_step`` alone on one record built once (reading the record + the kernel,
+    writing into the same outputs); ``torch.empty_like(y)``.  Then a cProfile of
+    the whole call (its own overhead inflates Python frames; read it for proportions).
     """
-    from zsnr_kernels.backends import cpu as _cpu
+    from zsnr_kernels.backends import call as _call, cpu as _cpu
 
     out = out or sys.stdout
     gen = torch.Generator().manual_seed(0)
@@ -873,23 +851,23 @@ def overhead(shape=(1, 4, 64, 64), dtype=torch.float32, *, quick: bool = False, 
     def whole_auto():
         return zk.euler_step(y, f, SIGMA, SIGMA_NEXT)
 
-    rec_cpu, saved_cpu = _Recorder(_cpu.fused_step), _cpu.fused_step
-    _cpu.fused_step = rec_cpu
-    try:
-        replay, captured = replay_of_compiled_call(whole)  # `captured` owns the outputs the replay writes
-    finally:
-        _cpu.fused_step = saved_cpu
+    pz, args = zk.parameterization("v", 1.0), [co.StepArgs("euler", SIGMA, SIGMA_NEXT)]
+    step_kw = dict(guidance_scale=1.0, guidance_rescale=0.0, rescale_space="output", noise=None, seeds=None,
+                   step_index=None, want_denoised=True, out=None)  # what euler_step passes
+    fields, sigmas, n_prev = _call.describe(pz, args, [SIGMA], 1.0, 0.0, "output")
+    owned = [torch.empty_like(y), torch.empty_like(y)]  # y_out and D, as euler_step allocates them
+    record = _call.step_call(y, f, None, [], None, *owned, None, fields, 1, n_prev, sigmas, 0, 0, None)
 
     fns = {
         "euler_step(backend='cpu')": whole,
         "euler_step(backend='auto')": whole_auto,
-        "_cpu.fused_step": lambda: saved_cpu(*rec_cpu.args, **rec_cpu.kwargs),
-        "_C.fused_step": replay,
+        "_cpu.fused_step": lambda: _cpu.fused_step(y, f, None, [], pz, args, [SIGMA], **step_kw),
+        "_C.fused_step": functools.partial(_ext.C.fused_step, record),
         "torch.empty_like(y)": lambda: torch.empty_like(y),
         "triad over 3N (y, F, y_next)": triad_fn(3 * y.numel() * y.element_size()),
     }
     t = measure(fns, 0.1 if quick else 0.5, 3 if quick else 5, sample_s=2e-3)
-    del fns, captured
+    del fns, owned
     print(f"\nPer-call overhead at {shape} {str(dtype)[6:]} (median, target < 20 us for the whole call):", file=out)
     for k, v in t.items():
         print(f"  {k:32s} {v * 1e6:8.2f} us", file=out)

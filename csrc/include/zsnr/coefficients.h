@@ -63,8 +63,6 @@ enum CoeffError : int32_t {
   kErrBadArg = 6       // unknown prediction, sampler or rescale space; lms order < 1
 };
 
-constexpr int kMaxHistory = 3;
-
 // ---------------------------------------------------------------------------------- parameterization
 
 // Parameterization(prediction, sigma_data).

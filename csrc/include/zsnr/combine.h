@@ -19,14 +19,12 @@
 
 namespace zsnr {
 
-constexpr int kMaxHist = 3;
-
 // The float32 coefficients of one sample, ready for the element loop.
 struct ElemCoeffs {
   float w;               // guidance scale (used when there is an unconditional output)
   float p, q;            // D = p y + q F
   float a, b, e;         // y_out = a y + b D + ... + e z
-  float h[kMaxHist];     // weights of the remembered tensors H_k
+  float h[kMaxHistory];  // weights of the remembered tensors H_k
   float g_y, g_d;        // carry = g_y y + g_d D
 };
 

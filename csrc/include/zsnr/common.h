@@ -8,3 +8,11 @@
 #else
 #define ZSNR_HD inline
 #endif
+
+namespace zsnr {
+
+// The most remembered tensors (D or LMS derivatives) a step reads: the history of dpmpp_3m_sde and of lms of
+// order 4.  Sizes every history array of the shared math, the launchers and the bindings.
+constexpr int kMaxHistory = 3;
+
+}  // namespace zsnr

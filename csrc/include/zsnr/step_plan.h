@@ -1,6 +1,7 @@
 // What one fused step is, shared by the CPU and CUDA launchers (csrc/cpu/step.h, csrc/cuda/step.cuh): the
 // tensors, the per-sample plan, and sample_coeffs(), which turns sample i of a plan into the float32
-// coefficients of the element pass with the shared functions of coefficients.h.  No PyTorch, no Python.
+// coefficients of the element pass: computed with the shared functions of coefficients.h from the sampler and
+// its sigmas, or read from a row of the float64 coefficient table (table mode).  No PyTorch, no Python.
 // The pointers are host pointers for the CPU backend and device pointers for the CUDA one.
 #pragma once
 
@@ -25,6 +26,23 @@ enum StepError : int32_t {
   kErrBadArgs = 103,       // sizes or dtype out of range (the Python layer checks first)
 };
 
+// Columns of the float64 coefficient table (zsnr_kernels/backends/table.py; SamplingPlan, the Triton kernels): one
+// row of kNumCoeffs values per sample, or one row for the whole batch.  The element pass reads w .. g_d rounded to
+// float32; the guidance-rescale fold reads p, q, u, t (and phi) in float64.
+enum CoeffColumn : int32_t {
+  kColW = 0,             // guidance scale
+  kColP, kColQ,          // D = p y + q F
+  kColA, kColB,          // y_out = a y + b D + sum_k h_k H_k + e z
+  kColH0,                // h_0 .. h_{kMaxHistory - 1}
+  kColE = kColH0 + kMaxHistory,
+  kColGY, kColGD,        // carry = g_y y + g_d D (zero without one)
+  kColU, kColT,          // the rescale space G = u y + t F ((0, 1): the model output)
+  kColPhi,               // guidance rescale
+  kNumColumns
+};
+constexpr int kNumCoeffs = 16;  // the row stride: two spare columns keep rows 128-byte aligned
+static_assert(kNumColumns <= kNumCoeffs, "a table row holds every column");
+
 // Every tensor is [batch][n]: sample b is the dense block of n elements starting at b * n, in one element
 // order shared by all tensors; the Python layer guarantees that order is the logical (row-major) one whenever
 // Philox noise is drawn (docs/design.md §2.8).
@@ -34,7 +52,7 @@ struct Tensors {
   const void* y;
   const void* f_cond;
   const void* f_uncond;        // nullptr: no guidance
-  const void* hist[kMaxHist];  // remembered tensors, newest first
+  const void* hist[kMaxHistory];  // remembered tensors, newest first
   int32_t n_hist;              // how many were given
   const void* noise;           // explicit unit noise, or nullptr to use the Philox seeds
   void* y_out;                 // may equal y exactly (each element is read before it is written)
@@ -43,6 +61,9 @@ struct Tensors {
 };
 
 // What every sample's step is.  Sigma arrays hold n_sigma float64 values: 1 (shared) or batch (docs/design.md §2.9).
+// Table mode (table != nullptr): the coefficients are the n_sigma rows of `table` and the sampler, its options and
+// the sigma arrays are not read; the rows were computed and checked by the caller, for the n_hist remembered
+// tensors given, and a carry is written when carry_out is given.
 struct StepPlan {
   Param pz;
   int32_t sampler, stage, solver_heun, order, n_prev;
@@ -59,6 +80,7 @@ struct StepPlan {
   // noise
   const uint64_t* seeds;         // [batch] Philox seeds, or nullptr
   uint32_t step_index, draw;
+  const double* table;           // [n_sigma][kNumCoeffs] coefficient rows, or nullptr to compute them
 };
 
 // One sample's coefficients: the float32 record of the element pass (p, q before the rescale fold) and the
@@ -74,8 +96,36 @@ struct SampleCoeffs {
   double sigma_out;   // the noise level of y_out
 };
 
+// A table row as the record of the element pass: each column rounded to float32 as sample_coeffs rounds the
+// computed values, so that a row holding the computed coefficients gives the same bits.  complete = 1, n_hist =
+// kMaxHistory (the caller gives exactly the remembered tensors the row weights), sigma_out = NaN (not in the table).
+ZSNR_HD SampleCoeffs table_coeffs(const double* row) {
+  SampleCoeffs r{};
+  r.error = kOk;
+  r.complete = 1;
+  r.n_hist = kMaxHistory;
+  r.has_carry = 1;
+  r.p = row[kColP];
+  r.q = row[kColQ];
+  r.u = row[kColU];
+  r.t = row[kColT];
+  r.sigma_out = NAN;
+  ElemCoeffs& e = r.ec;
+  e.w = static_cast<float>(row[kColW]);
+  e.p = static_cast<float>(r.p);
+  e.q = static_cast<float>(r.q);
+  e.a = static_cast<float>(row[kColA]);
+  e.b = static_cast<float>(row[kColB]);
+  e.e = static_cast<float>(row[kColE]);
+  for (int k = 0; k < kMaxHistory; ++k) e.h[k] = static_cast<float>(row[kColH0 + k]);
+  e.g_y = static_cast<float>(row[kColGY]);
+  e.g_d = static_cast<float>(row[kColGD]);
+  return r;
+}
+
 // Sample i of `plan` (i < n_sigma).  `rescale`: also compute the rescale space (u, t).
 ZSNR_HD SampleCoeffs sample_coeffs(const StepPlan& pl, int64_t i, bool rescale) {
+  if (pl.table != nullptr) return table_coeffs(pl.table + i * kNumCoeffs);
   StepArgs s{};
   s.sampler = pl.sampler;
   s.stage = pl.stage;
@@ -108,7 +158,7 @@ ZSNR_HD SampleCoeffs sample_coeffs(const StepPlan& pl, int64_t i, bool rescale) 
   e.a = static_cast<float>(c.a);
   e.b = static_cast<float>(c.b);
   e.e = static_cast<float>(c.e);
-  for (int k = 0; k < kMaxHist; ++k) e.h[k] = k < c.n_hist ? static_cast<float>(c.h[k]) : 0.0f;
+  for (int k = 0; k < kMaxHistory; ++k) e.h[k] = k < c.n_hist ? static_cast<float>(c.h[k]) : 0.0f;
   e.g_y = c.has_carry ? static_cast<float>(c.g_y) : 0.0f;
   e.g_d = c.has_carry ? static_cast<float>(c.g_d) : 0.0f;
   return r;

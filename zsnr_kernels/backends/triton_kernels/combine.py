@@ -31,7 +31,6 @@ The rescale statistics read F_c, F_u (and y for the ``x0``/``v`` spaces) once mo
 from __future__ import annotations
 
 import contextlib
-from typing import ClassVar
 
 import torch
 import triton
@@ -39,12 +38,12 @@ import triton.language as tl
 
 from ... import noise as _noise
 from .. import table as _table
+from ..call import MAX_HISTORY as MAX_HIST
+from ..device import stream_workspace
 from ..layout import to_device
-from ..table import coefficient_table
 
-__all__ = ["MAX_HIST", "NUM_COEFFS", "coefficient_table", "fused_step_triton", "launch", "seed_tensor"]
+__all__ = ["MAX_HIST", "NUM_COEFFS", "Workspace", "launch", "launch_block", "seed_tensor"]
 
-MAX_HIST = 3  # combine.h kMaxHist
 # combine.h RescaleSum order: sums of G_c/s, (G_c/s)^2, G/s, (G/s)^2 (G = u y + t F, G_c = u y + t F_c, s = u or t,
 # whichever is larger in magnitude), formed from each tensor less its sample's first element (constexpr: the
 # kernels read them too)
@@ -291,28 +290,15 @@ def _combine_kernel(
 
 class Workspace:
     """Scratch of the rescale pass for one (device, batch, n_blocks): float32 partial sums and the per-sample
-    ticket counters, zeroed once here and reset by the last block after each use.  Launches on one stream are
-    ordered, so one workspace serves every step on that stream; work that may run concurrently (other streams,
-    several CUDA graphs replayed at once) needs its own (:meth:`get` is per stream; a ``SamplingPlan`` owns one).
-    The folded (p, q) are not kept here but allocated per step, so two threads interleaving their launches on
-    one stream cannot read each other's."""
-
-    _cache: ClassVar[dict] = {}
+    ticket counters, zeroed once here and reset by the last block after each use.  One per stream
+    (:func:`zsnr_kernels.backends.device.stream_workspace`), or a ``SamplingPlan``'s own.  The folded (p, q) are
+    not kept here but allocated per step, so two threads interleaving their launches on one stream cannot read
+    each other's."""
 
     def __init__(self, device, batch: int, n_blocks: int):
         self.batch, self.n_blocks = batch, n_blocks
         self.partials = torch.empty((batch, n_blocks, 16), dtype=torch.float32, device=device)
         self.counters = torch.zeros(batch, dtype=torch.int32, device=device)
-
-    @classmethod
-    def get(cls, device, batch: int, n_blocks: int) -> Workspace:
-        """The cached workspace of the current stream of ``device``."""
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        key = (device.type, device.index, stream, batch, n_blocks)
-        ws = cls._cache.get(key)
-        if ws is None:
-            ws = cls._cache[key] = cls(device, batch, n_blocks)
-        return ws
 
 
 def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False, noise_mode=0, noise=None,
@@ -336,7 +322,8 @@ def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False
     with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
         pq = table  # any valid pointer when not rescaled
         if rescale:
-            ws = workspace if workspace is not None else Workspace.get(y.device, batch, grid[0])
+            ws = workspace if workspace is not None else stream_workspace(
+                y.device, ("triton", batch, grid[0]), lambda: Workspace(y.device, batch, grid[0]))
             if (ws.batch, ws.n_blocks) != (batch, grid[0]):
                 raise ValueError(f"workspace is for {ws.batch} x {ws.n_blocks} blocks, the launch needs "
                                  f"{batch} x {grid[0]}")
@@ -353,17 +340,6 @@ def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False
             enable_fp_fusion=False)  # the tl.fma calls are the only contractions: CPU and GPU round alike
 
 
-def _per_sample(values, batch: int, name: str) -> list:
-    """One value for the batch or a sequence of ``batch`` values -> a list of ``batch`` values."""
-    if isinstance(values, (list, tuple)) and len(values) > 0 and not isinstance(values[0], (int, float)):
-        if len(values) == 1:
-            return list(values) * batch
-        if len(values) != batch:
-            raise ValueError(f"{name} must hold one entry or one per sample ({batch}), got {len(values)}")
-        return list(values)
-    return [values] * batch
-
-
 def seed_tensor(seeds, batch: int, device) -> torch.Tensor:
     """The per-sample seeds (an int s meaning s + i for sample i, one int per sample, or an int64 tensor of the
     uint64 bits, which stays on its device) as an int64 tensor on ``device``."""
@@ -374,58 +350,3 @@ def seed_tensor(seeds, batch: int, device) -> torch.Tensor:
         return s.contiguous()
     bits = _noise.seed_bits(_noise.normalize_seeds(seeds, batch))
     return to_device(torch.tensor(bits, dtype=torch.int64), device)
-
-
-def fused_step_triton(y, f_cond, f_uncond, history, coeffs, *, denoise, guidance_scale=1.0, guidance_rescale=0.0,
-                      rescale_uv=(0.0, 1.0), noise=None, seeds=None, step_index=0, draw=0, want_denoised=True,
-                      want_carry=False, out=None, block=None):
-    """One fused step with the Triton kernels.  Returns ``(y_out, D or None, carry or None)`` in y's dtype.
-
-    ``coeffs``: a :class:`zsnr_kernels.coefficients.StepCoeffs` (or a list: one, or one per sample).
-    ``denoise``: (p, q) of D = p y + q F (a pair, or a list of pairs per sample), as
-    ``Parameterization.denoise_coeffs`` gives them.  ``rescale_uv``: (u, t) of G = u y + t F (a pair or one per
-    sample); used only with an unconditional output and ``guidance_rescale`` != 0.  Noise is added when some
-    sample has e != 0: from ``noise`` (a tensor shaped like y) if given, else Philox from ``seeds`` (one int per
-    sample, a single int s meaning s + i for sample i, or an int64 tensor of the uint64 bits) with
-    ``step_index`` and ``draw``.  ``carry`` is computed when ``want_carry`` and the coefficients have one.
-    Tensors are read as contiguous ([batch][n]); ``out`` (if given) receives y_out.
-    """
-    if y.dtype not in DTYPES:
-        raise TypeError(f"y must be float32, float16 or bfloat16 for the Triton kernels, got {y.dtype}")
-    if block is not None and (block < 16 or block & (block - 1)):
-        raise ValueError(f"block must be a power of two >= 16 (tl.arange needs one), got {block}")
-    batch = y.shape[0]
-    cs = _per_sample(coeffs, batch, "coeffs")
-    pq = _per_sample(denoise, batch, "denoise")
-    uv = _per_sample(rescale_uv, batch, "rescale_uv")
-    y_c = y.contiguous()
-    guided = f_uncond is not None
-    n_hist = max(len(c.h) for c in cs)
-    if n_hist > MAX_HIST:
-        raise ValueError(f"at most {MAX_HIST} history tensors, the coefficients ask for {n_hist}")
-    if n_hist > len(history):
-        raise ValueError(f"this step needs {n_hist} history tensor(s), got {len(history)}")
-    rescale = guided and float(guidance_rescale) != 0.0
-    noise_mode, z, seed_t = 0, None, None
-    if any(c.e != 0.0 for c in cs):
-        if noise is not None:
-            noise_mode, z = 1, noise.contiguous()
-        elif seeds is not None:
-            noise_mode, seed_t = 2, seed_tensor(seeds, batch, y.device)
-        else:
-            raise ValueError("this step adds noise: pass noise= or seeds= with step_index=")
-    table = coefficient_table(cs, pq, guidance_scale=float(guidance_scale), guidance_rescale=float(guidance_rescale),
-                              rescale_uv=uv)
-    y_out = torch.empty_like(y_c)
-    d_out = torch.empty_like(y_c) if want_denoised else None
-    carry_out = torch.empty_like(y_c) if want_carry and cs[0].carry is not None else None
-    launch(y_c, f_cond.contiguous(), f_uncond.contiguous() if guided else None,
-           [h.contiguous() for h in history[:n_hist]], to_device(table, y.device), n_hist=n_hist, rescale=rescale,
-           with_y=any(float(u) != 0.0 for u, _ in uv), noise_mode=noise_mode, noise=z, seeds=seed_t,
-           step_index=step_index, draw=draw, y_out=y_out, d_out=d_out, carry_out=carry_out, block=block)
-    y_out = y_out.view(y.shape)
-    if out is not None:
-        out.copy_(y_out)
-        y_out = out
-    return (y_out, None if d_out is None else d_out.view(y.shape),
-            None if carry_out is None else carry_out.view(y.shape))
