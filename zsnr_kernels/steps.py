@@ -53,6 +53,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -220,13 +221,14 @@ def _run(
             _validate.tensor("noise", noise, y)
             if out is not None:
                 _validate.apart("out", out, (noise,), lambda k: "noise")
-    y_out, d, carry, sigma_out, complete = _backend.fused_step(name)(
+    run = _backend.fused_step(name) if torch.compiler.is_compiling() else _backend.FUSED[name]
+    y_out, d, carry, sigma_out, complete = run(
         y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
         rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
     sigma_next = sigma_out[0] if len(args) == 1 else torch.tensor(sigma_out, dtype=torch.float64)
     result = StepResult(y_out, sigma_next, d if want_d else None, complete, carry,
                         None if complete else _origin(args))
-    rec = _recording()
+    rec = _recording() if _recordings else None
     if rec is not None:  # zsnr_kernels.plan is recording a run in this context
         rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
                  guided=f_uncond is not None)
@@ -234,6 +236,8 @@ def _run(
 
 
 _recorder: contextvars.ContextVar = contextvars.ContextVar("zsnr_kernels_recorder", default=None)
+_recordings = 0  # open recording blocks, in any thread: a step reads the context variable only while one is
+_recordings_lock = threading.Lock()
 
 
 def _recording():
@@ -246,11 +250,16 @@ def recording(recorder):
     """Inside the block, every step this thread (or asyncio task) runs calls ``recorder.step(y, history, args,
     sigma_eval, result, seeds=, step_index=, guided=)`` after it ran: how :class:`zsnr_kernels.SamplingPlan`
     learns what ``sample()`` does.  Steps of other threads are not recorded."""
+    global _recordings
     token = _recorder.set(recorder)
+    with _recordings_lock:
+        _recordings += 1
     try:
         yield recorder
     finally:
         _recorder.reset(token)
+        with _recordings_lock:
+            _recordings -= 1
 
 
 def _input_name(k: int, guided: bool) -> str:
@@ -565,14 +574,16 @@ def sampler_step(sampler: str, y, model_output, sigma, sigma_next, **options) ->
                             f"{spec.kind} sampler{' without churn' if name == 'sigma_hat_next' else ''} takes none")
     first, history, hat = options.pop("first", None), options.pop("history", None), options.pop("sigma_hat_next",
                                                                                                   None)
-    extra = {name: _OPTION_CHECKS[name](options.pop(name, default)) for name, default in spec.options}
+    own = {name: _OPTION_CHECKS[name](options.pop(name, default)) for name, default in spec.options}
+    extra = dict(own)
     if spec.eta:
         extra["eta"] = _real("eta", options.pop("eta", 1.0))
     if spec.s_noise or spec.churn:
         extra["s_noise"] = _real("s_noise", options.pop("s_noise", 1.0))
     noise = {k: options.pop(k, None) for k in ("noise", "seed", "step_index")}
     if spec.kind == "two_stage":
-        return _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, hat=hat, **noise, **extra)
+        return _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, hat=hat, own=own, **noise,
+                          **{k: v for k, v in extra.items() if k not in own})
     sg, sn, shn = _sigmas(y, sigma, sigma_next, hat)
     hs, ht = _history(history, spec.history, y)
     args = _args(sampler, sg, sn, hat=shn, prev=hs, **extra)
@@ -600,14 +611,15 @@ def step_function(sampler: str):
 
 
 def _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, *, noise, seed, step_index, hat=None,
-               eta=1.0, s_noise=1.0, **own) -> StepResult:
+               eta=1.0, s_noise=1.0, own=None) -> StepResult:
     """The two-stage samplers: stage from ``first``; the final call folds the next step's churn (heun, dpm_2)."""
     sg, sn, shn = _sigmas(y, sigma, sigma_next, hat)
     stage, hist = _first_stage(first, sampler)
     if first is not None:
         _check_first_y(sampler, y, first)
-    args = _args(sampler, sg, sn, hat=shn, stage=stage, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise),
-                 **own)
+    eta, s_noise = _real("eta", eta), _real("s_noise", s_noise)
+    args = (_args(sampler, sg, sn, hat=shn, stage=stage, eta=eta, s_noise=s_noise) if own is None else
+            _args(sampler, sg, sn, hat=shn, stage=stage, eta=eta, s_noise=s_noise, **own))  # a call with ** is slower
     return _run(y, model_output, _eval_sigma(y, sg, first), args, history=hist, noise=noise, seed=seed,
                 step_index=step_index, first_origin=None if first is None else first.origin, **options)
 

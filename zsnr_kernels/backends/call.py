@@ -81,7 +81,7 @@ def step_call(y: torch.Tensor, f_cond, f_uncond, history, noise, y_out, d_out, c
               stream: int = 0) -> StepCall:
     """The record of one step over [batch][n] tensors (``None``: none); ``fields`` as :func:`describe` gives them.
     Written out without helpers: this runs on every step."""
-    batch = len(y)
+    batch = y.shape[0]  # len(y) costs three times as much (Tensor.__len__)
     return _new(StepCall, (
         DTYPE_CODES[y.dtype], batch, y.numel() // batch, y.data_ptr(), f_cond.data_ptr(),
         0 if f_uncond is None else f_uncond.data_ptr(), tuple([h.data_ptr() for h in history]) if history else (),

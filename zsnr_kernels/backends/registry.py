@@ -55,6 +55,8 @@ REGISTRY: tuple[Backend, ...] = (
 _BY_NAME = {b.name: b for b in REGISTRY}
 # imported here, not when first used: torch.compile traces the steps, and Dynamo cannot trace importlib
 _MODULES = {b.name: importlib.import_module(f"{__package__}.{b.module}") for b in REGISTRY}
+#: each backend's fused_step, as fused_step() returns it outside torch.compile (the steps read it on every call)
+FUSED = {name: m.fused_step for name, m in _MODULES.items()}
 #: every value ``backend=`` takes
 BACKENDS = ("auto", *_BY_NAME)
 _AUTO = {dev: tuple(b.name for b in sorted((b for b in REGISTRY if getattr(b, f"auto_{dev}") is not None),
@@ -117,16 +119,13 @@ def resolve(backend: str, y: torch.Tensor, needs_grad: bool = False) -> str:
     for ``auto``, the one :func:`use_backend` set (held to the same rule as an explicit one), else the first of
     ``auto``'s order for y's device that can.  With ``needs_grad`` (autograd records the step) only the torch
     reference can: the kernels have no backward."""
-    preferred = _preferred_name() if backend == "auto" else "auto"
-    if preferred == "auto":
-        return _checked(backend, y, needs_grad)
-    try:
-        return _checked(preferred, y, needs_grad)
-    except ValueError as exc:
-        raise ValueError(f"{exc} (the backend set by zsnr_kernels.use_backend({preferred!r}))") from None
-
-
-def _checked(backend: str, y: torch.Tensor, needs_grad: bool) -> str:
+    if backend == "auto":
+        preferred = _preferred_name()
+        if preferred != "auto":
+            try:
+                return resolve(preferred, y, needs_grad)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (the backend set by zsnr_kernels.use_backend({preferred!r}))") from None
     if needs_grad and backend != "torch":
         if backend == "auto":
             return "torch"
@@ -163,9 +162,8 @@ def fused_step(name: str):
     """Backend ``name``'s ``fused_step``; under ``torch.compile`` a compiled backend's is reached through its
     ``torch.library`` op (:mod:`zsnr_kernels.backends.ops`), so that the trace has no graph break.  Eager calls
     skip that layer, which costs more than the kernel on small latents."""
-    entry = _BY_NAME[name]
-    if entry.compiled and torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and _BY_NAME[name].compiled:
         from . import ops
 
         return lambda *args, **kwargs: ops.fused_step_traced(name, *args, **kwargs)
-    return entry.load().fused_step
+    return FUSED[name]
