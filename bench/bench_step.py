@@ -15,7 +15,7 @@ import torch
 
 import zsnr_kernels as zk
 from zsnr_kernels.backends import ext as _ext, registry as _backend
-from zsnr_kernels.tools.bench import (  # noqa: F401  (COLUMNS: the script's interface, read by tests/test_bench_smoke.py)
+from zsnr_kernels.tools.bench import (  # noqa: F401  (COLUMNS: the script's interface, read by tests/tools/test_bench_smoke.py)
     COLUMNS,
     DTYPES,
     HEADLINE,

@@ -1,5 +1,5 @@
 """Print how runs from sigma_max = 1e4, 1e8, 1e16 approach the run from sigma = inf (max abs gap, same unit noise
-and Philox seeds): the figures behind tests/test_limits.py.
+and Philox seeds): the figures behind tests/math/test_limits_at_inf.py.
 
     python bench/report_limits.py
 """
@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+# The figures behind a test come from that test's own set-up (its model, schedules and noise), imported from tests/:
+# a copy here could drift from what the test checks.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import TinyNet  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Print the max abs difference between zsnr_kernels.sample and k-diffusion's sample_* (12 steps, SD discrete and
-Karras sigmas, float64 and float32): the figures behind tests/test_kdiffusion_parity.py.
+Karras sigmas, float64 and float32): the figures behind tests/math/test_samplers_vs_k_diffusion.py.
 
     python bench/report_parity.py      (needs k-diffusion: pip install --no-deps k-diffusion==0.1.1.post1)
 """
@@ -9,9 +9,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+# The figures behind a test come from that test's own set-up (its model, schedules and noise), imported from tests/:
+# a copy here could drift from what the test checks.
+TESTS = os.path.join(os.path.dirname(__file__), "..", "tests")
+sys.path[:0] = [TESTS, os.path.join(TESTS, "math")]
 import _kdiffusion  # noqa: E402
-from test_kdiffusion_parity import ALL_KD, NOISY, _noise_pair, _setup  # noqa: E402
+from test_samplers_vs_k_diffusion import ALL_KD, NOISY, _noise_pair, _setup  # noqa: E402
 
 import zsnr_kernels as zk  # noqa: E402
 

@@ -16,7 +16,7 @@ def inductor_cache_dir(capability: str) -> str:
     """torch.compile's on-disk cache for runs under one PyTorch CPU capability (``get_cpu_capability()``'s name).
 
     Inductor's FX graph cache does not key on the vector width it generated code for (PyTorch 2.13): a graph cached
-    by a run under ATEN_CPU_CAPABILITY=avx2 (tests/test_isa_matrix.py's subprocesses) came back in a run with
+    by a run under ATEN_CPU_CAPABILITY=avx2 (tests/backends/test_isa_matrix.py's subprocesses) came back in a run with
     AVX-512, was compiled with 16-lane vectors for loops tiled by 8, and stored past its buffers (heap corruption,
     "malloc(): unaligned tcache chunk detected"), and the reverse gave NaN.  So each capability gets its own folder,
     and the matrix hands each of its subprocesses the folder of its own capability."""

@@ -5,7 +5,7 @@ step arguments, which remembered tensors it reads -- by running ``sample()`` its
 the plan cannot drift from the sampling loop.  It then
 
 * computes every evaluation's coefficients once (the Python spec, float64) into one table on the latent's device,
-  ``[evaluations, 1, NUM_COEFFS]`` (``zsnr_kernels._table``), and the sigmas the model is called at into
+  ``[evaluations, 1, NUM_COEFFS]`` (:mod:`zsnr_kernels.backends.table`), and the sigmas the model is called at into
   ``[evaluations, batch]``;
 * gives every tensor of the run (the state, the remembered D or LMS derivatives, the first stage of a two-stage
   step) a fixed buffer, reusing a buffer once its contents are dead (exact aliasing, which every kernel allows);

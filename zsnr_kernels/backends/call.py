@@ -3,7 +3,7 @@ one params struct).
 
 The record :class:`StepCall` holds every field the launchers' ``Tensors`` and ``StepPlan`` need
 (csrc/include/zsnr/step_plan.h); csrc/bindings.cpp reads it, in one function shared by ``_C`` and ``_C_cuda``, and
-exports the names of the fields it reads as ``STEP_CALL_FIELDS`` (tests/test_compiled_constants.py checks them
+exports the names of the fields it reads as ``STEP_CALL_FIELDS`` (tests/backends/test_compiled_constants.py checks them
 against the record's, and the codes below against the modules' exported enums).  A record is built by
 :func:`step_call` only, from a step's tensors and :func:`describe`'s fields: the cpu and cuda backends, the
 ``torch.library`` op and the benchmark all go through it.

@@ -1,7 +1,7 @@
 """The ``cpu`` backend: validated tensors and the step plan handed to the compiled module (csrc/cpu/step.h).
 
 Everything is checked in Python before a pointer crosses the boundary (the steps module validated the values;
-this module checks device and dtype, :mod:`zsnr_kernels._layout` the memory layout: the kernel sees each tensor
+this module checks device and dtype, :mod:`zsnr_kernels.backends.layout` the memory layout: the kernel sees each tensor
 as ``[batch][n]``; other layouts are copied to contiguous and the result copied back into ``out``).
 """
 

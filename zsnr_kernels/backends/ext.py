@@ -5,13 +5,13 @@ another version), the reason is recorded once, one warning is logged (``logging`
 that even ``-W error`` cannot turn it into an import failure), and the ``cpu``
 backend reports itself unavailable.  Importing ``zsnr_kernels`` never fails because of it.
 
-    from zsnr_kernels import _ext
-    if _ext.available():
-        _ext.C.philox_normal(...)
+    from zsnr_kernels.backends import ext
+    if ext.available():
+        ext.C.philox_normal(...)
 
 ``ZSNR_CPU_ISA=baseline|avx2|avx512`` in the environment caps the instruction set the CPU kernels use (they
 pick the best one the CPU has otherwise): every instruction set gives the same bits, and this is how a test run
-checks it on one machine (``tests/test_isa_matrix.py``).  A level the CPU lacks runs the best one below it.
+checks it on one machine (``tests/backends/test_isa_matrix.py``).  A level the CPU lacks runs the best one below it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The ``triton`` backend: the Python spec's coefficients in a float64 table on the device, then the Triton kernels
-of :mod:`zsnr_kernels.triton_kernels.combine` (the rescale pass with its on-device fold, and the element pass).
+of :mod:`zsnr_kernels.backends.triton_kernels.combine` (the rescale pass with its on-device fold, and the element pass).
 
 Nothing in a step waits for the device: the coefficients are host values (validated here, so a refused call
 raises before any launch), copied asynchronously through pinned memory.  Under ``TRITON_INTERPRET=1`` the same

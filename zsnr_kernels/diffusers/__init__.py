@@ -46,7 +46,7 @@ The step from sigma = inf is first order for every sampler (docs/design.md §2.3
 cannot be evaluated there and ``step`` says so.  ``HeunDiscreteScheduler`` has no ``rescale_betas_zero_snr``;
 :class:`ZSNRHeunDiscreteScheduler` adds it.
 
-**Parity with diffusers** on finite schedules (``tests/test_diffusers_schedulers.py``): same timesteps, model
+**Parity with diffusers** on finite schedules (``tests/integrations/test_diffusers_schedulers.py``): same timesteps, model
 inputs and results to float32 rounding (float64 where diffusers computes in the sample's dtype, once both use the
 same tables).  Noise for the stochastic samplers is drawn from the ``generator`` argument with diffusers' own
 ``randn_tensor`` calls (shape, dtype), so a generator seed gives diffusers' images.  Deviations:

@@ -4,9 +4,9 @@ Three small experiments on the CPU, float64, one thread, no downloads (about 4 s
 
 1. sigma = inf in the variance-exploding view (k-diffusion): ``x = noise * sigma_max`` is infinite and the first
    model input ``c_in * x = 0 * inf`` is NaN; this library's state ``y`` is the noise itself, finite.
-2. :class:`~zsnr_kernels.models.GaussianModel` sampled from sigma = inf: error against the exact ODE solution
+2. :class:`~zsnr_kernels.tools.models.GaussianModel` sampled from sigma = inf: error against the exact ODE solution
    for deterministic samplers and step counts; for ``euler_ancestral`` (seeded) the error of the samples' std.
-3. :class:`~zsnr_kernels.models.ImageSetModel` (the ideal denoiser of :func:`~zsnr_kernels.models.builtin_images`):
+3. :class:`~zsnr_kernels.tools.models.ImageSetModel` (the ideal denoiser of :func:`~zsnr_kernels.tools.models.builtin_images`):
    spread of the generated images' mean brightness under Stable Diffusion's schedule (scaled_linear betas,
    ``leading`` spacing, steps_offset=1, finite sigma_max) versus zero terminal SNR (rescaled betas, ``trailing``,
    sigmas[0] = inf), next to the data's (Lin et al. 2023, §3), for a few samplers and step counts.  The same

@@ -1,6 +1,6 @@
 """Triton mirror of ``csrc/include/zsnr/combine.h``: the per-element combine of one fused sampler step.
 
-Installed as ``zsnr_kernels.triton_kernels.combine``.  The math is ``zsnr_kernels/reference.py::fused_step``
+The math is ``zsnr_kernels/reference.py::fused_step``
 (docs/design.md §2.3, §2.7) with combine.h's float32 rounding order, so that this kernel and the CPU kernel round
 the same way::
 

@@ -25,7 +25,7 @@ import torch
 from zsnr_kernels.backends import ext as _ext
 from zsnr_kernels.tools.models import builtin_images
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # PNG colour type -> samples per pixel (8-bit depths)
 
 

@@ -16,7 +16,7 @@ dtype.  So:
   sigma (up to 15) for epsilon-prediction, where D = sqrt(1 + sigma^2) y - sigma F.  Measured on 10 steps: at most
   8e-5 (epsilon) and 5e-5 (v, sample); bound 3e-4 and 1e-4.
 * the same tables in both (``test_*_exact``, diffusers' tables cast to float64 after building, ours replaced by
-  them, as in tests/test_diffusers_parity.py): DDIM, DDPM and Heun compute in float64 and agree to 1e-10 (measured
+  them, as in tests/math/test_steps_vs_diffusers.py): DDIM, DDPM and Heun compute in float64 and agree to 1e-10 (measured
   about 1e-14); DDPM's clamp of its posterior variance to 1e-20 adds 1e-10 * z at its last step, so 1e-8 there.
   The Euler family and DPM-Solver agree to float32 rounding of the update: 1e-5, 5e-5 for epsilon-prediction,
   whose x = D + sigma F of order 15 carries float32 rounding of 1e-6 per step.

@@ -2,16 +2,16 @@
 whose digests were recorded once (on a CPU with AVX-512 and AVX512-BF16, where every level ran and agreed), and
 every instruction set this CPU has must reproduce them.
 
-``tests/test_cpu_backend.py`` compares the levels a CPU has with each other; a CPU without AVX-512 cannot run that
-path at all.  The digests close the gap: its AVX2 and baseline loops must give the bits the AVX-512 loops gave where
-they were recorded.  The inputs are small dyadic rationals drawn as integers (exact in bf16 and fp16, and free of
-PyTorch's ISA-dependent normal sampler), and the sigmas are chosen so that the coefficients are rational with exact
+``tests/backends/test_cpu_backend.py`` compares the levels a CPU has with each other; a CPU without AVX-512 cannot
+run that path at all.  The digests close the gap: its AVX2 and baseline loops must give the bits the AVX-512 loops
+gave where they were recorded.  The inputs are small dyadic rationals drawn as integers (exact in bf16 and fp16, and
+free of PyTorch's ISA-dependent normal sampler), and the sigmas are chosen so that the coefficients are rational with exact
 square roots: sigma in {inf, 63/16, 15/8, 3/4, 0} with sigma_data = 1, where sqrt(sigma^2 + 1) is 65/16, 17/8,
 5/4 and 1.  What remains is the kernel's own arithmetic (loads, guidance, the rescale statistics and factor, the
 combine, the stores), which is what the instruction sets implement.
 
 When a change to the kernels changes these bits on purpose, regenerate the table with
-``python tests/test_isa_pinned_bits.py`` and say why in the commit.
+``python tests/backends/test_isa_pinned_bits.py`` and say why in the commit.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "zsnr_kernels"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "zsnr_kernels"
 ROOT_NAME = "zsnr_kernels"
 COMPILED = {"_C", "_C_cuda"}  # the pybind11 modules (setup.py): imported as modules, not names of the root
 
@@ -96,7 +96,7 @@ def layer(module: str) -> int:
         key = ".".join(parts[:k])
         if key in LAYERS:
             return LAYERS[key]
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layering.py")
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/tools/test_layering.py")
 
 
 def test_every_import_goes_down_or_across():

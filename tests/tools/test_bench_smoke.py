@@ -17,7 +17,7 @@ import torch
 from zsnr_kernels.backends import ext as _ext
 from zsnr_kernels.tools import bench as bench_core
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_step.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_step.py"
 MEASURED = ["bytes", "us", "gbps", "triad_us", "triad_gbps", "pct_triad", "eager_us", "x_eager"]
 TINY = ["--quick", "--ops", "euler_cfg_rescale", "--shapes", "1x4x8x8", "--dtypes", "float32", "--no-compile"]
 needs_cpu = pytest.mark.skipif(not _ext.available(), reason="the compiled cpu backend is not built")

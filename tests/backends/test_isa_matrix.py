@@ -6,7 +6,8 @@ AVX-512 loops, which must give the same bits) and PyTorch itself, whose vectoris
 other paths and, before this test existed, failed where this one passed.  So each lower level runs again here in a
 subprocess, with both capped: ``ZSNR_CPU_ISA`` (read by ``zsnr_kernels.backends.ext``) and PyTorch's
 ``ATEN_CPU_CAPABILITY``, with oneDNN's and MKL's own caps for its convolutions and matrix products.  Levels above
-what the CPU has cannot run here: ``tests/test_isa_pinned_bits.py`` checks the kernels of every level against bits
+what the CPU has cannot run here: ``tests/backends/test_isa_pinned_bits.py`` checks the kernels of every level
+against bits
 recorded with AVX-512.  What stays untested on a smaller CPU is PyTorch's own code above the CPU's level (the
 oracles' rounding there), which is PyTorch's and the oracles' business.
 """
@@ -24,13 +25,15 @@ from conftest import inductor_cache_dir
 
 from zsnr_kernels.backends import ext as _ext
 
-TESTS = pathlib.Path(__file__).resolve().parent
+TESTS = pathlib.Path(__file__).resolve().parents[1]
 # the files whose tolerances meet an instruction set: the kernels against the reference, and the peers as oracles
 # (and torch.compile's, whose generated code has the capability's vector width: the main run's later files then also
 # check that the compile cache of one capability does not leak into another's, see conftest.py)
-FILES = ["test_cpu_backend.py", "test_steps.py", "test_limits.py", "test_convergence.py", "test_kdiffusion_parity.py",
-         "test_k_diffusion_dropin.py", "test_diffusers_parity.py", "test_diffusers_schedulers.py",
-         "test_diffusers_pipelines.py", "test_isa_pinned_bits.py", "test_compile.py", "test_misuse.py"]
+FILES = ["backends/test_cpu_backend.py", "api/test_steps.py", "math/test_limits_at_inf.py",
+         "math/test_convergence_order.py", "math/test_samplers_vs_k_diffusion.py",
+         "integrations/test_k_diffusion_dropins.py", "math/test_steps_vs_diffusers.py",
+         "integrations/test_diffusers_schedulers.py", "integrations/test_diffusers_pipelines.py",
+         "backends/test_isa_pinned_bits.py", "backends/test_torch_compile.py", "api/test_misuse.py"]
 ATEN = {"baseline": "default", "avx2": "avx2", "avx512": "avx512"}  # ATEN_CPU_CAPABILITY's names
 # PyTorch's convolutions (oneDNN) and matrix products (MKL) pick their own instruction sets: capped alike, so the
 # diffusers pipelines' UNets run the paths an AVX2-only CPU runs (each variable is ignored by a library not present)

@@ -27,7 +27,7 @@ if not hasattr(_C, "step_coeffs"):
 INF = math.inf
 RTOL, ATOL = 1e-13, 1e-300
 
-# Enum values of coefficients.h, as the module exports them (tests/test_compiled_constants.py checks them against
+# Enum values of coefficients.h, as the module exports them (tests/backends/test_compiled_constants.py checks them against
 # the Python tables).
 PRED = dict(_C.PREDICTIONS)  # v 0, eps 1, x0 2, flow 3
 SPACE = dict(_C.RESCALE_SPACES)

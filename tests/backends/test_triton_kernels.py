@@ -10,7 +10,7 @@ the results with ``zsnr_kernels.reference.fused_step`` in float64, with ``zsnr_k
 
 Tolerances: float32 storage, 1e-5 relative to the largest |value| (the kernel rounds each fma in float32,
 a few ulp); fp16/bf16 storage, twice the error of the torch reference run in that dtype (both round the
-float32 result once to the storage format); Philox normals, 1e-5 absolute (tests/test_philox.py NORMAL_ATOL).
+float32 result once to the storage format); Philox normals, 1e-5 absolute (tests/math/test_noise_philox.py NORMAL_ATOL).
 """
 
 from __future__ import annotations

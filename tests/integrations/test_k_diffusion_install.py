@@ -90,7 +90,7 @@ def test_the_extra_lists_what_sampling_and_external_import():
 
     tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11's")
 
-    root = pathlib.Path(__file__).resolve().parent.parent
+    root = pathlib.Path(__file__).resolve().parents[2]
     extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["k-diffusion"]
     names = {re.split(r"[<>=!~ \[]", r)[0].lower() for r in extra}
     assert names >= {"scipy", "torchsde", "torchdiffeq", "tqdm"}

@@ -317,7 +317,7 @@ def test_in_kernel_noise_equals_noise_normal():
     r = zk.euler_ancestral_step(zero, zero, INF, _N, seed=seeds, step_index=step_index, backend="cpu")
     e = co.step_coeffs(parameterization("v"), co.StepArgs("euler_ancestral", INF, _N)).e
     z = zn.normal(shape, seeds, step_index, dtype=torch.float32)
-    torch.testing.assert_close(r.y / e, z, atol=1e-5, rtol=0)  # NORMAL_ATOL of test_philox.py
+    torch.testing.assert_close(r.y / e, z, atol=1e-5, rtol=0)  # NORMAL_ATOL of test_noise_philox.py
     assert (r.y / e - z).abs().max().item() < 1e-5
 
 
@@ -358,7 +358,7 @@ def test_noise_of_every_instruction_set_equals_noise_normal(isa_level):
     got = torch.empty(n)
     _ext.C.cpu_philox_normals(got.data_ptr(), seed, step, draw, n)
     want = zn.normal((1, n), [seed], step, draw=draw, dtype=torch.float32)[0]
-    assert (got - want).abs().max().item() < 1e-5  # NORMAL_ATOL of test_philox.py
+    assert (got - want).abs().max().item() < 1e-5  # NORMAL_ATOL of test_noise_philox.py
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

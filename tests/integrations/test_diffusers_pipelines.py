@@ -12,7 +12,7 @@ pipe.scheduler.config)`` and runs the pipeline unchanged:
   installed (the pipeline module imports it; the test passes ``prompt_embeds`` and needs no text encoder).
 
 Everything runs in float32, like the pipelines; diffusers' float32 tables bound the agreement (see
-tests/test_diffusers_schedulers.py): 1e-4 relative to the latents' scale.
+tests/integrations/test_diffusers_schedulers.py): 1e-4 relative to the latents' scale.
 """
 
 from __future__ import annotations
