@@ -325,7 +325,7 @@ def ext_modules() -> list:
     ]
 
 
-# setuptools' build backend (pip) and `python setup.py` run this file as __main__; tests/test_build.py imports it.
+# setuptools' build backend (pip) and `python setup.py` run this file as __main__; tests/tools/test_build.py imports it.
 if __name__ == "__main__":
     parallel_compile().install()
     setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildExt})

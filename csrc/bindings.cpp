@@ -214,7 +214,7 @@ class Step {
 };
 
 // The enum values and limits of the shared headers, as module attributes: the Python tables are checked against
-// them (tests/test_compiled_constants.py), never copied from here by hand.
+// them (tests/backends/test_compiled_constants.py), never copied from here by hand.
 void export_constants(py::module_& m) {
   const char* samplers[] = {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral",
                             "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "lms"};

@@ -9,7 +9,7 @@
 // group's four counter words live in the low halves of 64-bit lanes, one group per lane: a round is two
 // vpmuludq, two shifts and two three-way xors per vector of groups.  The high halves collect garbage that no
 // later step reads (vpmuludq ignores them, the final narrowing drops them).  The words are bit-identical to
-// philox4x32_10 (tests/test_cpu_backend.py checks the noise of every instruction set against the reference).
+// philox4x32_10 (tests/backends/test_cpu_backend.py checks the noise of every instruction set against the reference).
 //
 // No #include here: the file is read inside the instruction-set namespace, after <immintrin.h>, <cstdint> and
 // zsnr/philox.h.
