@@ -269,7 +269,13 @@ void export_constants(py::module_& m) {
 // once when allocated, and `stream` a cudaStream_t.  Returns the cudaError_t of the launches (errors of the step
 // itself stay on the device; Python validated the step before calling).
 int32_t cuda_fused_step(py::handle call) {
+  // the kernels read these asynchronously, from device memory: a host list would be freed before they run
+  for (const Field f : {Field::sigmas, Field::table, Field::seeds})
+    if (!PyLong_Check(get(call, f).ptr()))
+      throw std::invalid_argument(std::string("fused_step: the cuda module takes ") + kFieldNames[static_cast<int>(f)] +
+                                  " as a device address (or 0), not a host list");
   const Step s(call);
+  if (s.workspace == 0) throw std::invalid_argument("fused_step: the cuda module needs a workspace");
   const zsnr::cuda::Workspace ws = zsnr::cuda::workspace_carve(as_ptr<void>(s.workspace), s.t.batch, s.t.n);
   return static_cast<int32_t>(
       zsnr::cuda::fused_step(s.t, s.plan, ws, nullptr, reinterpret_cast<cudaStream_t>(s.stream)));

@@ -10,10 +10,10 @@ the plan cannot drift from the sampling loop.  It then
 * gives every tensor of the run (the state, the remembered D or LMS derivatives, the first stage of a two-stage
   step) a fixed buffer, reusing a buffer once its contents are dead (exact aliasing, which every kernel allows);
 * runs evaluation k from row k of the table with the backend's ``table_step`` (the backend the registry
-  resolves: ``cuda`` or ``triton`` on CUDA tensors, ``cpu`` or ``torch`` on CPU tensors): the kernels read the
-  row on the device (one launch, two with guidance rescale, whose factor is folded on the device), Philox noise
-  is drawn in the kernel from seeds uploaded once.  No step reads a device value on the host or copies host
-  memory to the device.
+  resolves: ``cuda`` or ``triton`` on CUDA tensors, ``cpu`` or ``torch`` on CPU tensors).  On CUDA the kernels read
+  the row on the device (one launch, two with guidance rescale, whose factor is folded on the device) and draw
+  Philox noise from seeds uploaded once: no step reads a device value on the host or copies host memory to the
+  device.
 
 So a whole loop, model included, can be captured in one CUDA graph (``torch.cuda.graph``) and replayed with new
 noise copied into the same input tensor (see the README).  On the ``torch`` backend the reference reads the

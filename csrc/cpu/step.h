@@ -32,7 +32,7 @@ void rescale_sums(const Tensors& t, float w, const RescaleWeights* ab, int32_t w
 
 // The element pass with ready per-sample coefficients c[batch].
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,
-             int32_t n_hist_used, int32_t add_noise);
+             int32_t n_hist_used, int32_t noise_mode);
 
 // The Philox words of groups [g0, g0 + ng) of the sample with `seed` (docs/design.md §2.8), as the element pass makes
 // them: out[4 * i + k] = word k of group g0 + i (tests check them against the shared scalar definition).

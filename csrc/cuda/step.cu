@@ -626,7 +626,11 @@ cudaError_t fused_step(const Tensors& t, const StepPlan& plan, const Workspace& 
     if (err != cudaSuccess) return err;
     pq = ws.pq;
   }
-  const int32_t mode = t.carry_out != nullptr ? 0 : (t.noise != nullptr ? 1 : (plan.seeds != nullptr ? 2 : 0));
+  const int32_t noise_mode = t.noise != nullptr ? 1 : (plan.seeds != nullptr ? 2 : 0);
+  // a computed carry belongs to LMS, which adds no noise; a table's rows could ask for both, which no element-pass
+  // variant does (Python refuses such a step before it gets here)
+  if (table && t.carry_out != nullptr && noise_mode != 0) return cudaErrorInvalidValue;
+  const int32_t mode = t.carry_out != nullptr ? 0 : noise_mode;
   return launch_combine(t, coeffs, pq, mode, plan.seeds, plan.step_index, plan.draw, stream);
 }
 

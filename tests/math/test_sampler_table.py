@@ -127,3 +127,26 @@ def test_registration_refuses_a_taken_name_a_claimed_mirror_and_a_malformed_row(
         co.unregister_sampler("euler")
     with pytest.raises(TypeError):
         zk.SAMPLERS["x"] = co.SAMPLERS["euler"]  # read-only: rows go in through register_sampler
+
+
+def test_a_row_that_keeps_a_derivative_and_adds_noise_is_refused_by_the_kernels_that_cannot():
+    """The cpu and cuda element passes store a carry (LMS's derivative) or add noise, not both: such a registered row
+    runs on torch (and Triton) and is refused, before anything runs, on cpu."""
+    import dataclasses
+
+    def coeffs(pz, s):
+        c = co.lms(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev), 4)
+        return dataclasses.replace(c, e=0.1 if s.sigma != INF and s.sigma_next > 0 else 0.0)
+
+    co.register_sampler(co.SamplerSpec("toy_noisy_lms", "multistep", coeffs, at_inf="", history=3,
+                                       keeps="derivative", adds_noise=True))
+    try:
+        noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        run = lambda backend: zk.sample(_model, noise, SIGMAS, sampler="toy_noisy_lms", seed=[1, 2],  # noqa: E731
+                                        backend=backend)
+        assert torch.isfinite(run("torch")).all()
+        if _ext.available():
+            with pytest.raises(ValueError, match="keeps a derivative and adds noise.*cpu kernels"):
+                run("cpu")
+    finally:
+        co.unregister_sampler("toy_noisy_lms")

@@ -47,7 +47,8 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
         return _device.spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_eval,
                                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                        rescale_space=rescale_space, noise=noise, seeds=seeds, step_index=step_index,
-                                       want_denoised=want_denoised, out=out)
+                                       want_denoised=want_denoised, out=out,
+                                       backend="cpu")
     fields, sigmas, n_prev = describe(pz, args, sigma_eval, guidance_scale, guidance_rescale, rescale_space)
     y_out, d_out, carry_out, (error, complete, bad, sigma_out) = launch(  # positional: this runs on every step
         y, f_cond, f_uncond, history, noise, seeds, step_index, fields, sigmas, n_prev, len(args), want_denoised,

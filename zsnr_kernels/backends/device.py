@@ -50,14 +50,22 @@ def device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, *, noise, se
 
 
 def spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_eval, *, guidance_scale: float,
-                    guidance_rescale: float, rescale_space: str, noise, seeds, step_index, want_denoised: bool, out):
+                    guidance_rescale: float, rescale_space: str, noise, seeds, step_index, want_denoised: bool, out,
+                    backend: str, carry_with_noise: bool = False):
     """A backend's ``fused_step`` from the spec's coefficients: validated and laid out (:func:`device_step`), its
     coefficient table built on the host and copied to y's device without a synchronisation, then run by the
-    backend's ``table_step``.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``."""
+    backend's ``table_step``.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``.
+
+    ``carry_with_noise``: whether the backend's element pass can store a carry (an LMS-style derivative) and add
+    noise in one step (the Triton kernel can; the cpu and cuda element passes have no such variant, and no built-in
+    sampler needs one), else such a step is refused before anything runs."""
     from .table import step_table
 
     st = device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
                      want_denoised=want_denoised, out=out)
+    if st.carry_out is not None and st.noisy and not carry_with_noise:
+        raise ValueError(f"sampler {args[0].sampler!r} keeps a derivative and adds noise in one step, which the "
+                         f"{backend} kernels cannot do; use backend='torch' or 'triton'")
     phi = guidance_rescale if st.f_uncond is not None else 0.0
     table = step_table(pz, st.coeffs, sigma_eval, guidance_scale=guidance_scale, guidance_rescale=phi,
                        rescale_space=rescale_space)

@@ -3,7 +3,8 @@ the CUDA and CPU launchers in table mode, the torch reference) and :class:`zsnr_
 
 One row per sample (or one for the whole batch) of ``NUM_COEFFS`` float64 columns: the element pass reads
 w .. g_d, rounded to float32 (``table_coeffs`` in csrc/include/zsnr/step_plan.h, whose ``CoeffColumn`` these
-columns are); the guidance-rescale fold reads p, q, u, t (and phi) in float64.
+columns are); the guidance-rescale fold reads p, q, u, t in float64 (and w, phi: the Triton kernels from the row,
+the C++ launchers from the step record, into which the callers write the same values).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ enum StepError : int32_t {
 
 // Columns of the float64 coefficient table (zsnr_kernels/backends/table.py; SamplingPlan, the Triton kernels): one
 // row of kNumCoeffs values per sample, or one row for the whole batch.  The element pass reads w .. g_d rounded to
-// float32; the guidance-rescale fold reads p, q, u, t (and phi) in float64.
+// float32; the guidance-rescale fold reads p, q, u, t in float64 (the C++ launchers take w and phi of the fold from
+// the step's plan, the Triton kernels from the row: the callers write the same values in both).
 enum CoeffColumn : int32_t {
   kColW = 0,             // guidance scale
   kColP, kColQ,          // D = p y + q F
