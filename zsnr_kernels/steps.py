@@ -60,7 +60,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validate, coefficients as co, noise as _noise, reference
-from .backends import eager, registry as _backend
+from .backends import eager, ops, registry as _backend
 from .parameterization import PREDICTIONS, parameterization
 
 INF = float("inf")
@@ -221,7 +221,7 @@ def _run(
             _validate.tensor("noise", noise, y)
             if out is not None:
                 _validate.apart("out", out, (noise,), lambda k: "noise")
-    run = _backend.fused_step(name) if torch.compiler.is_compiling() else _backend.FUSED[name]
+    run = ops.fused_step(name) if torch.compiler.is_compiling() else _backend.FUSED[name]
     y_out, d, carry, sigma_out, complete = run(
         y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
         rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)

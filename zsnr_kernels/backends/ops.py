@@ -21,14 +21,12 @@ import torch
 
 from .. import coefficients as co, noise as _noise
 from ..parameterization import Parameterization
-from . import cpu as _cpu, cuda as _cuda, layout, table as _table, triton as _triton
+from . import layout, registry, table as _table
 from .call import SAMPLER_CODES, SPACE_CODES, STEP_FIELDS, describe
 
 _U64 = 2**64
 _SPACES = {code: name for name, code in SPACE_CODES.items()}
 _LMS = SAMPLER_CODES["lms"]
-#: the backends of compiled kernels: those with a ``launch`` compute coefficients from the record's fields
-_KERNELS = {"cpu": _cpu, "cuda": _cuda, "triton": _triton}
 
 
 def _has_carry(want_carry: bool, sampler: int, table) -> bool:
@@ -43,9 +41,11 @@ def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry
     launcher computes the coefficients), or from the coefficient rows ``table`` through its ``table_step``; returns
     (D or None, carry or None).  ``history`` holds the tensors the step reads; ``noise``/``seeds`` are given only
     when it adds noise."""
-    module = _KERNELS.get(backend)
-    if module is None:
-        raise ValueError(f"zsnr_kernels::step: unknown backend {backend!r}; choose one of {tuple(_KERNELS)}")
+    entry = registry.get(backend)
+    if not entry.compiled:
+        raise ValueError(f"zsnr_kernels::step: backend {backend!r} runs no compiled kernels; the op takes one of "
+                         f"{tuple(b.name for b in registry.REGISTRY if b.compiled)}")
+    module = entry.load()
     seeds = None if seeds is None else [s % _U64 for s in seeds.tolist()]
     carry = _has_carry(want_carry, fields[2], table)
     if table is None:
@@ -134,7 +134,7 @@ def fused_step_traced(backend: str, y, f_cond, f_uncond, history, pz: Parameteri
     phi = guidance_rescale if f_uncond is not None else 0.0
     fields, sigmas, n_prev = describe(pz, args, sigma_eval, guidance_scale, phi, rescale_space)
     table = None
-    if fields[2] < 0 or not hasattr(_KERNELS[backend], "launch"):
+    if fields[2] < 0 or not hasattr(registry.module(backend), "launch"):
         table = [v for row in _table.step_rows(pz, cs, sigma_eval, guidance_scale=guidance_scale,
                                                guidance_rescale=phi, rescale_space=rescale_space) for v in row]
     if seeds is not None and not isinstance(seeds, torch.Tensor):  # a tensor (int64 bits) from a seed tensor is a
@@ -154,3 +154,12 @@ def fused_step_traced(backend: str, y, f_cond, f_uncond, history, pz: Parameteri
         y_out = out
     return (y_out, d if want_denoised else None, carry if want_carry else None, [c.sigma_out for c in cs],
             cs[0].complete)
+
+
+def fused_step(name: str):
+    """What runs a step on backend ``name`` under ``torch.compile``: a compiled backend's op (so that the trace has
+    no graph break), the torch reference itself.  Eager calls skip the op, which costs more than the kernel on small
+    latents."""
+    if not registry.get(name).compiled:
+        return registry.FUSED[name]
+    return lambda *args, **kwargs: fused_step_traced(name, *args, **kwargs)

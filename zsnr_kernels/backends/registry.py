@@ -159,11 +159,6 @@ def _resolve(backend: str, y: torch.Tensor) -> str:
 
 
 def fused_step(name: str):
-    """Backend ``name``'s ``fused_step``; under ``torch.compile`` a compiled backend's is reached through its
-    ``torch.library`` op (:mod:`zsnr_kernels.backends.ops`), so that the trace has no graph break.  Eager calls
-    skip that layer, which costs more than the kernel on small latents."""
-    if torch.compiler.is_compiling() and _BY_NAME[name].compiled:
-        from . import ops
-
-        return lambda *args, **kwargs: ops.fused_step_traced(name, *args, **kwargs)
+    """Backend ``name``'s ``fused_step``, as an eager call runs it.  Under ``torch.compile`` a compiled backend is
+    reached through its ``torch.library`` op instead (:func:`zsnr_kernels.backends.ops.fused_step`)."""
     return FUSED[name]
