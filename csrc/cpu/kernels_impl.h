@@ -1,7 +1,14 @@
 // The CPU loops over the shared math, compiled once per instruction set (kernels_base.cpp, kernels_avx2.cpp,
 // kernels_avx512.cpp) inside a namespace chosen by the including file; step.cpp picks one at run time.  OpenMP
-// splits the work into fixed chunks (results do not depend on the thread count); `omp simd` vectorises the element
-// loops.
+// splits the work into fixed chunks (results do not depend on the thread count), which the threads take one at a
+// time as they finish the last (schedule(dynamic), so that a thread sharing its core with another busy process
+// takes fewer; the statistics' partial sums are stored per chunk and reduced in chunk order, so the results do not
+// depend on which thread took which chunk either); `omp simd` vectorises the element loops.
+// NOTE: measured on the 2-core build machine with `python -c "while True: pass"` beside it (guided + rescaled
+// Euler in place at (1,16,21,60,104), fp32, 200 calls each): 2 threads' median call 0.45-0.58x the 1-thread median
+// with static chunks, 0.56-0.63x dynamic, but the mean 1.6-2.4x static and 0.9-1.8x dynamic: a p90 of 5-16 ms is
+// the join waiting for a spinning OpenMP worker that the scheduler has parked behind the busy process, which no
+// schedule avoids; with OMP_WAIT_POLICY=passive (the worker sleeps, and is woken with priority) 1.0-1.05x either way.
 //
 // Byte model of the element pass (N = batch * n elements of `dtype`): reads y, F_c (, F_u), each remembered
 // tensor (, the explicit noise), writes y_out (, D, carry).  The statistics pass reads F_c, F_u (, y) once.
@@ -117,9 +124,10 @@ inline void store_half_portable(const float* src, uint16_t* dst, int64_t n) {
 // dst[i] = Storage<DT>::store(src[i]) for fp16 and bf16, i < n, bit for bit.  An instruction set whose file
 // defines ZSNR_CPU_FP16_TILES supplies store_fp16_tile and load_fp16_tile (F16C's VCVTPS2PH and VCVTPH2PS, in
 // kernels_avx2.cpp and kernels_avx512.cpp), one that defines ZSNR_CPU_BF16_STORE_TILE store_bf16_tile
-// (AVX512-BF16 where the CPU has it); the element pass then moves those dtypes through float tiles.  The portable
-// conversions cost ~45 (bf16) and more (fp16) instructions per 32 elements: plain Euler at (4,4,128,128),
-// 1 thread, took 108 us in bf16 and 190 us in fp16 with them, 93 and 94 us with the instructions.
+// (AVX512-BF16 where the CPU has it; integer rounding in vectors in kernels_avx2.cpp); the element pass then
+// moves those dtypes through float tiles.  The portable conversions cost ~45 (bf16) and more (fp16) instructions
+// per 32 elements: plain Euler at (4,4,128,128), 1 thread, took 108 us in bf16 and 190 us in fp16 with them, 93
+// and 94 us with the instructions.
 #if defined(ZSNR_CPU_FP16_TILES)
 constexpr bool kFp16Tiles = true;
 #else
@@ -248,7 +256,7 @@ void rescale_sums_impl(const Tensors& t, float w, const RescaleWeights* ab, int3
   const int64_t tasks = t.batch * chunks;
   [[maybe_unused]] const int threads = num_threads();  // unused without OpenMP
   std::vector<double> partial(static_cast<size_t>(tasks) * kNumSums, 0.0);
-#pragma omp parallel for schedule(static) if (parallel(tasks, t.batch, t.n)) num_threads(threads)
+#pragma omp parallel for schedule(dynamic) if (parallel(tasks, t.batch, t.n)) num_threads(threads)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / chunks, lo = (task % chunks) * kChunk;
     const int64_t hi = lo + kChunk < t.n ? lo + kChunk : t.n;
@@ -446,7 +454,7 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
   const int threads = num_threads();
   constexpr int64_t kStreams = 3 + Guided + NHist + StoreD + StoreCarry;  // y, F_c, ..., y_out
   const bool ask = NoiseMode == 2 && outgrows_l2(kStreams * t.batch * t.n * int64_t{sizeof(T)}, threads);
-#pragma omp parallel for schedule(static) if (parallel(tasks, t.batch, t.n)) num_threads(threads)
+#pragma omp parallel for schedule(dynamic) if (parallel(tasks, t.batch, t.n)) num_threads(threads)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / chunks, chunk_lo = (task % chunks) * kChunk;
     const int64_t chunk_hi = chunk_lo + kChunk < t.n ? chunk_lo + kChunk : t.n;

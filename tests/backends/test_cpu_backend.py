@@ -16,6 +16,8 @@ numbers, so seeds would make the reference unfair); the seed path is tested sepa
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -365,13 +367,22 @@ def test_noise_of_every_instruction_set_equals_noise_normal(isa_level):
 def test_half_stores_of_every_instruction_set_round_like_pytorch(isa_level, dtype):
     """float32 -> float16 / bfloat16 as the element pass stores them (F16C's VCVTPS2PH for fp16, AVX512-BF16's
     VCVTNEPS2BF16 for bf16 where the CPU has them, with the portable conversion for vectors the instruction
-    rounds differently: NaNs, and for bf16 denormals, which it flushes to zero): round to nearest even like
+    rounds differently: NaNs, and for bf16 denormals, which it flushes to zero; under AVX2 bf16 by integer
+    rounding in vectors, NaNs and denormals included): round to nearest even like
     PyTorch for every value, denormals, ties, overflow to inf and -0 included.  NaNs: fp16 gives the canonical
     quiet NaN, bf16 the payload, quieted."""
     g = torch.Generator().manual_seed(7)
     top = torch.randint(0, 2**16, (4096,), generator=g, dtype=torch.int64)
     scale = torch.randn(4096, generator=g) * 2.0 ** torch.randint(-30, 20, (4096,), generator=g)
     patterns = [
+        # first, two whole 16-value vectors (AVX2's bf16 store converts 16 at a time): NaNs whose rounding would
+        # carry into the next bf16 (signalling, payload 0xFFFF), -NaN; then without a NaN: ties at the largest
+        # finite bf16 (rounding to inf), below it, and among denormals
+        torch.tensor([0x7F80FFFF, 0x7FBFFFFF, 0xFF80FFFF, 0x7FFFFFFF, 0xFFC08000, 0x7F808000, 0x7F800001,
+                      0xFF800001, 0x3F800000, 0x3F808000, 0, 0x80000000, 0x00008000, 0x7F7F8000, 0x1, 0xFFFFFFFF]),
+        torch.tensor([0x7F7F8000, 0xFF7F8000, 0x7F7F7FFF, 0x7F7EFFFF, 0x7F7E8000, 0x00008000, 0x00018000,
+                      0x80008000, 0x80018000, 0x007F8000, 0x007FFFFF, 0x00000001, 0x007F7FFF, 0x7F800000,
+                      0xFF800000, 0x3F818000]),
         torch.randint(0, 2**32, (20000,), generator=g, dtype=torch.int64),  # every class, some NaN/denormal vectors
         (top << 16) | 0x8000,                                              # bf16 ties
         (top << 16) | torch.randint(0, 2**16, (4096,), generator=g, dtype=torch.int64),
@@ -913,6 +924,24 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
     for n in (2, 3):
         b = _big_step(dtype, n)
         assert torch.equal(a.y, b.y) and torch.equal(a.denoised, b.denoised), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_results_do_not_depend_on_which_thread_takes_which_chunk(dtype):
+    """The threads take the fixed chunks as they finish the last (schedule(dynamic) in kernels_impl.h), so which
+    thread sums or updates which chunk varies from call to call; with another process keeping a core busy it
+    varies more (the thread sharing that core takes fewer).  The partial sums are stored per chunk and reduced in
+    chunk order, so every call with 2 or 3 threads equals the 1-thread call bit for bit."""
+    a = _big_step(dtype, 1)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for rep in range(4):
+            for n in (2, 3):
+                b = _big_step(dtype, n)
+                assert torch.equal(a.y, b.y) and torch.equal(a.denoised, b.denoised), (rep, n)
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def test_set_num_threads_applies_to_every_python_thread():
