@@ -119,9 +119,12 @@ def set_num_threads(n: int | None) -> None:
 
     Without it the kernels follow OpenMP's setting of the calling thread, which ``torch.set_num_threads`` also
     sets (PyTorch's wheel loads the libgomp these kernels then share); this setting applies to every Python
-    thread and leaves PyTorch's alone.  On a busy machine fewer threads can be much faster (a waiting OpenMP
-    thread spins: 2 threads were 4-8x slower than 1 at the video latent beside one other busy process on 2 cores).
-    Results do not depend on the thread count.
+    thread and leaves PyTorch's alone.  On a busy machine fewer threads can be much faster: an OpenMP worker spins
+    between parallel regions, the OS parks it behind the busy process, and a step waits for it (the chunks are
+    handed out dynamically, but the end of the loop still waits).  Beside one spinning process on 2 cores, the
+    guided, rescaled step at the video latent with 2 threads took 0.9-1.8x the 1-thread time on average, with
+    5-16 ms outliers; with ``OMP_WAIT_POLICY=passive`` in the environment before Python starts (libgomp reads it
+    once, and PyTorch's ops share it) 1.00-1.05x.  Results do not depend on the thread count.
 
     Fork: OpenMP cannot run a parallel region in a child process forked after the parent ran one (its thread pool
     is not copied, and the child hangs waiting for it, as a plain torch op on a large tensor hangs there).  The
