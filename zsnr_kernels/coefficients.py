@@ -43,6 +43,10 @@ from . import _validate
 from .parameterization import Parameterization
 
 INF = math.inf
+#: dpmpp_2m_sde's second-order corrections (k-diffusion's ``solver_type``)
+SOLVER_TYPES = ("midpoint", "heun")
+#: the highest order of linear multistep (lms): the current derivative and LMS_MAX_ORDER - 1 remembered ones
+LMS_MAX_ORDER = 4
 
 
 @dataclass(frozen=True)
@@ -315,8 +319,8 @@ def dpmpp_2m_sde(pz: Parameterization, sigma: float, sigma_next: float, sigma_pr
     B = 1 - e^{-h(1+eta)}, corr = B/2 * h/h_last (midpoint) or (1 - B/(h(1+eta))) * h/h_last (heun).
     """
     _check_pair(sigma, sigma_next)
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    if solver_type not in SOLVER_TYPES:
+        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
     if sigma_next == 0.0:
         return StepCoeffs(a=0.0, b=pz.c_in(0.0), sigma_out=0.0)
     h, big_h, a, base, noise = _sde_base(pz, sigma, sigma_next, eta, s_noise)
@@ -386,7 +390,7 @@ def lms_weights(ts: tuple[float, ...], t_next: float) -> list[float]:
 
 
 def lms(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple[float, ...] = (),
-        order: int = 4) -> StepCoeffs:
+        order: int = LMS_MAX_ORDER) -> StepCoeffs:
     """Linear multistep on the derivative d = (x - D)/sigma (k-diffusion ``sample_lms``).
 
     ``sigma_prev`` are the sigmas of the remembered derivatives, newest first.  x' = x + sum_j w_j d_{i-j}; with
@@ -430,7 +434,7 @@ class StepArgs(NamedTuple):
     eta: float = 1.0
     s_noise: float = 1.0
     solver_type: str = "midpoint"
-    order: int = 4
+    order: int = LMS_MAX_ORDER
 
 
 @dataclass(frozen=True)
@@ -540,7 +544,7 @@ _TABLE: dict[str, SamplerSpec] = {spec.name: spec for spec in (
     SamplerSpec("ddpm", "single", lambda pz, s: ancestral(pz, s.sigma, s.sigma_next, 1.0, 1.0, clamp=False),
                 adds_noise=True, at_inf="DDIM at eta = 1", step=True, kernel=True),
     SamplerSpec("lms", "multistep", lambda pz, s: lms(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev), s.order),
-                history=3, keeps="derivative", options=(("order", 4),),
+                history=LMS_MAX_ORDER - 1, keeps="derivative", options=(("order", LMS_MAX_ORDER),),
                 at_inf="Euler; a history entry at inf has weight 0 later", step=True, kernel=True),
 )}
 

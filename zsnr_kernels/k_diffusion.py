@@ -565,7 +565,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
     """Linear multistep, as ``k_diffusion.sampling.sample_lms`` (``order`` 1 to 4); Euler from sigma = inf."""
-    order = _validate.integer("order", order, lo=1, hi=4)
+    order = _validate.integer("order", order, lo=1, hi=co.LMS_MAX_ORDER)  # before the first model call
     return _sample("lms", model, x, sigmas, extra_args, callback, disable, order=order)
 
 
@@ -585,7 +585,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                         noise_sampler=None, solver_type='midpoint'):
     """DPM-Solver++(2M) SDE, as ``k_diffusion.sampling.sample_dpmpp_2m_sde``.  Default noise: a
     :class:`BrownianTreeNoiseSampler` over the finite sigmas (torchsde), seeded from torch's generator."""
-    _validate.choice("solver_type", solver_type, ("heun", "midpoint"))
+    _validate.choice("solver_type", solver_type, co.SOLVER_TYPES)  # before the first model call
     return _sample("dpmpp_2m_sde", model, x, sigmas, extra_args, callback, disable, eta=eta, s_noise=s_noise,
                    noise_sampler=noise_sampler, solver_type=solver_type)
 

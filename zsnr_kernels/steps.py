@@ -530,7 +530,7 @@ def dpmpp_2m_sde_step(y, model_output, sigma, sigma_next, *, history=None, eta=1
     sg, sn = _sigmas(y, sigma, sigma_next)
     hs, ht = _history(history, 1, y)
     args = _args("dpmpp_2m_sde", sg, sn, prev=hs, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise),
-                 solver_type=_validate.choice("solver_type", solver_type, ("midpoint", "heun")))
+                 solver_type=_OPTION_CHECKS["solver_type"](solver_type))
     return _run(y, model_output, sg, args, history=ht, noise=noise, seed=seed, step_index=step_index, **options)
 
 
@@ -548,7 +548,7 @@ def lms_step(y, model_output, sigma, sigma_next, *, history=None, order=4, **opt
     """Linear multistep of ``order`` on d = (x - D)/sigma (k-diffusion ``sample_lms``): x' = x + sum_j w_j d_j,
     w_j the integrals over [sigma, sigma'] of the Lagrange basis through the current and remembered sigmas.
     ``history`` = earlier (sigma, derivative) pairs, newest first (``StepResult.derivative``)."""
-    order = _validate.integer("order", order, lo=1, hi=4)
+    order = _OPTION_CHECKS["order"](order)
     sg, sn = _sigmas(y, sigma, sigma_next)
     hs, ht = _history(history, order - 1, y)
     return _run(y, model_output, sg, _args("lms", sg, sn, prev=hs, order=order), history=ht, **options)
@@ -592,8 +592,8 @@ def sampler_step(sampler: str, y, model_output, sigma, sigma_next, **options) ->
 
 #: how :func:`sampler_step` checks each option a row may declare (``SamplerSpec.options``)
 _OPTION_CHECKS = {
-    "solver_type": lambda v: _validate.choice("solver_type", v, ("midpoint", "heun")),
-    "order": lambda v: _validate.integer("order", v, lo=1, hi=4),
+    "solver_type": lambda v: _validate.choice("solver_type", v, co.SOLVER_TYPES),
+    "order": lambda v: _validate.integer("order", v, lo=1, hi=co.LMS_MAX_ORDER),
 }
 
 

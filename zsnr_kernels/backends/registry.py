@@ -55,7 +55,8 @@ REGISTRY: tuple[Backend, ...] = (
 _BY_NAME = {b.name: b for b in REGISTRY}
 # imported here, not when first used: torch.compile traces the steps, and Dynamo cannot trace importlib
 _MODULES = {b.name: importlib.import_module(f"{__package__}.{b.module}") for b in REGISTRY}
-#: each backend's fused_step, as fused_step() returns it outside torch.compile (the steps read it on every call)
+#: each backend's fused_step, as an eager step runs it (the steps read it on every call; under torch.compile
+#: ops.fused_step says what runs)
 FUSED = {name: m.fused_step for name, m in _MODULES.items()}
 #: every value ``backend=`` takes
 BACKENDS = ("auto", *_BY_NAME)
@@ -156,9 +157,3 @@ def _resolve(backend: str, y: torch.Tensor) -> str:
         return backend
     order = _AUTO["cuda"] if y.is_cuda else _AUTO["cpu"]
     return next(b for b in order if not not_supported_reasons(b, y))
-
-
-def fused_step(name: str):
-    """Backend ``name``'s ``fused_step``, as an eager call runs it.  Under ``torch.compile`` a compiled backend is
-    reached through its ``torch.library`` op instead (:func:`zsnr_kernels.backends.ops.fused_step`)."""
-    return FUSED[name]
