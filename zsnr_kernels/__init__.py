@@ -14,6 +14,8 @@ one linear combination of y, the denoised prediction and remembered tensors with
 * :func:`set_num_threads` sets how many OpenMP threads the ``cpu`` kernels use.  A child process forked
   (``os.fork``, multiprocessing's ``fork`` start method) runs them on one thread, since OpenMP hangs in a child
   forked after its parent ran a parallel region; see :func:`set_num_threads` for the fix of PyTorch's own ops there.
+* :func:`retain_freed_memory` (opt-in, glibc) keeps glibc from returning a loop's freed step outputs to the OS and
+  page-faulting them back in on the next step.
 """
 
 from ._version import __version__  # noqa: E402
@@ -21,6 +23,7 @@ from ._version import __version__  # noqa: E402
 from . import coefficients, noise, reference, schedules  # noqa: E402
 from .parameterization import PREDICTIONS, Parameterization, parameterization
 from .backends.cpu import get_num_threads, set_num_threads
+from .backends.host_memory import retain_freed_memory
 from .backends.registry import BACKENDS, use_backend
 from .plan import SamplingPlan
 from .sampling import SAMPLERS, sample
@@ -51,8 +54,8 @@ __all__ = [
     "coefficients",
     "ddim_step", "ddpm_step", "dpm_2_ancestral_step", "dpm_2_step", "dpmpp_2m_sde_step", "dpmpp_2m_step",
     "dpmpp_2s_ancestral_step", "dpmpp_3m_sde_step", "euler_ancestral_step", "euler_step", "final_sample",
-    "get_num_threads", "heun_step", "initial_state", "lms_step", "noise", "parameterization", "reference", "sample",
-    "schedules", "set_num_threads", "to_x", "to_y", "use_backend",
+    "get_num_threads", "heun_step", "initial_state", "lms_step", "noise", "parameterization", "reference",
+    "retain_freed_memory", "sample", "schedules", "set_num_threads", "to_x", "to_y", "use_backend",
 ]
 
 

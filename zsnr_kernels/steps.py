@@ -110,9 +110,12 @@ def initial_state(noise: torch.Tensor, sigma_max, *, prediction: str = "v", sigm
     return noise * pz.noise_scale(smax) if smax != INF else noise.clone(), smax
 
 
-def final_sample(y: torch.Tensor, *, prediction: str = "v", sigma_data: float = 1.0) -> torch.Tensor:
-    """The clean latent x0 = y / c_in(0) from a state at sigma = 0 (y * sigma_data; y itself for flow)."""
-    return y / parameterization(prediction, sigma_data).c_in(0.0)
+def final_sample(y: torch.Tensor, *, prediction: str = "v", sigma_data: float = 1.0,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The clean latent x0 = y / c_in(0) from a state at sigma = 0 (y * sigma_data; y itself for flow), written into
+    ``out`` when given (``y`` itself: in place)."""
+    c = parameterization(prediction, sigma_data).c_in(0.0)
+    return y / c if out is None else torch.div(y, c, out=_validate.tensor("out", out, y))
 
 
 def to_x(y: torch.Tensor, sigma: float, *, prediction: str = "v", sigma_data: float = 1.0):
