@@ -26,6 +26,8 @@ __all__ = [
     "BETA_SCHEDULES",
     "SPACINGS",
     "GRIDS",
+    "COMFY_SCHEDULERS",
+    "AYS_MODELS",
     "betas",
     "alphas_cumprod",
     "rescale_zero_terminal_snr",
@@ -34,6 +36,12 @@ __all__ = [
     "karras",
     "exponential",
     "polyexponential",
+    "kl_optimal",
+    "linear_quadratic",
+    "align_your_steps",
+    "loglinear_interp",
+    "betainc",
+    "beta_ppf",
     "vp",
     "quantize",
     "DiscreteSchedule",
@@ -41,7 +49,10 @@ __all__ = [
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "linspace", "trailing")
-GRIDS = ("karras", "exponential", "polyexponential", "vp")
+GRIDS = ("karras", "exponential", "polyexponential", "kl_optimal", "vp")
+#: ComfyUI's scheduler menu (``comfy.samplers.SCHEDULER_NAMES``): :meth:`DiscreteSchedule.comfy`
+COMFY_SCHEDULERS = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta",
+                    "linear_quadratic", "kl_optimal")
 QUANTIZE_SPACES = ("log", "linear")
 
 _F64 = torch.float64
@@ -271,8 +282,107 @@ def polyexponential(
     return _finish(torch.exp(ramp * (math.log(smax) - math.log(smin)) + math.log(smin)), inf0)
 
 
-for _f in (karras, exponential, polyexponential):
+def kl_optimal(n: int, sigma_min: float, sigma_max: float, *, sigma_max_finite=None) -> torch.Tensor:
+    """The KL-optimal schedule of Teng et al. (2024, "Improving the training of rectified flows"; ComfyUI's
+    ``kl_optimal``): ``tan(w atan(sigma_min) + (1 - w) atan(sigma_max))``, w = i / (n - 1) for i < n (n = 1:
+    ``[sigma_max]``, where ComfyUI's 0 / 0 gives NaN)."""
+    n, smin, smax, inf0 = _grid_bounds(n, sigma_min, sigma_max, sigma_max_finite)
+    w = torch.arange(n, dtype=_F64) / (n - 1) if n > 1 else torch.zeros(1, dtype=_F64)
+    return _finish((w * math.atan(smin) + (1 - w) * math.atan(smax)).tan(), inf0)
+
+
+for _f in (karras, exponential, polyexponential, kl_optimal):
     _f.__doc__ += _INF_DOC
+
+
+def linear_quadratic(n: int, sigma_max: float, threshold_noise: float = 0.025, linear_steps: int | None = None, *,
+                     sigma_max_finite=None) -> torch.Tensor:
+    """The linear-quadratic schedule of Mochi (Genmo 2024; ComfyUI's ``linear_quadratic``), in units of
+    ``sigma_max``: ``sigma_max * (1 - x)`` where x rises linearly from 0 to ``threshold_noise`` over
+    ``linear_steps`` (default ``n // 2``) steps, then quadratically (continuing the line's slope) to 1, the final 0.
+    Written for flow models, whose ComfyUI sigma is the flow time t in [0, 1] (``sigma_max = 1``; this library's
+    noise level of a flow time t is ``t / (1 - t)``, inf at t = 1).  Length ``n + 1``.
+
+    If ``sigma_max`` is inf the schedule is ``[inf]`` followed by this schedule of ``n - 1`` steps from
+    ``sigma_max_finite`` (required then)."""
+    n = _validate.integer("n", n, lo=1)
+    smax = _validate.positive("sigma_max", sigma_max, allow_inf=True)
+    threshold = _validate.real("threshold_noise", threshold_noise, lo=0.0, hi=1.0)
+    inf0 = math.isinf(smax)
+    if inf0:
+        if sigma_max_finite is None:
+            raise ValueError("sigma_max is inf (a zero-SNR model): pass sigma_max_finite=, the model's largest finite "
+                             "sigma, which the schedule continues from after its first point inf")
+        smax, n = _validate.positive("sigma_max_finite", sigma_max_finite), n - 1
+    if n == 0:
+        return _finish(torch.zeros(0, dtype=_F64), True)
+    if n == 1:
+        x = [0.0, 1.0]
+    else:
+        lin = n // 2 if linear_steps is None else _validate.integer("linear_steps", linear_steps, lo=1, hi=n - 1)
+        quad = n - lin
+        step_diff = lin - threshold * n
+        qc = step_diff / (lin * quad**2)
+        lc = threshold / lin - 2 * step_diff / quad**2
+        const = qc * lin**2
+        x = [i * threshold / lin for i in range(lin)] + [qc * i**2 + lc * i + const for i in range(lin, n)] + [1.0]
+    body = torch.tensor([1.0 - v for v in x], dtype=_F64) * smax
+    return torch.cat([torch.full((1,), math.inf, dtype=_F64), body]) if inf0 else body
+
+
+#: Align Your Steps (Sabour et al. 2024): the published 10-step schedules.  SD 1.5 and SDXL are given as timesteps
+#: of a 1000-step discrete model (the grids ComfyUI tabulates are the SD table's sigmas at them, so a model's own
+#: table, a zero-SNR one included, gives its own noise levels), Stable Video Diffusion as EDM sigmas.
+AYS_TIMESTEPS = {
+    "sd1": (999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0),
+    "sdxl": (999, 845, 730, 587, 443, 310, 193, 116, 53, 13, 0),
+}
+AYS_SIGMAS = {"svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002)}
+AYS_MODELS = tuple(AYS_TIMESTEPS) + tuple(AYS_SIGMAS)
+
+
+def loglinear_interp(sigmas: TensorLike, num: int) -> torch.Tensor:
+    """A descending grid of positive sigmas resampled to ``num`` points, linear in log sigma over an even
+    parameter (AYS's rule for other step counts: numpy's ``interp`` of ``log sigmas`` on ``linspace(0, 1)``)."""
+    s = _as_f64_vector("sigmas", sigmas)
+    num = _validate.integer("num", num, lo=2)
+    if not ((s > 0) & torch.isfinite(s)).all():
+        raise ValueError("sigmas must be finite and > 0 to interpolate in log space")
+    ys = s.flip(0).log()
+    xs = torch.linspace(0, 1, s.numel(), dtype=_F64)
+    new = torch.linspace(0, 1, num, dtype=_F64)
+    hi = torch.searchsorted(xs, new, right=False).clamp(1, s.numel() - 1)
+    lo = hi - 1
+    w = (new - xs[lo]) / (xs[hi] - xs[lo])
+    return (ys[lo] + w * (ys[hi] - ys[lo])).exp().flip(0)
+
+
+def align_your_steps(n: int, model: str, table: TensorLike | None = None) -> torch.Tensor:
+    """Align Your Steps for ``model`` (:data:`AYS_MODELS`): the published 10-step noise levels, log-linearly
+    resampled to ``n + 1`` points for other step counts (:func:`loglinear_interp`, as ComfyUI does), the last
+    replaced by 0.  ``sd1``/``sdxl`` read their timesteps from ``table`` (the model's ascending training sigmas,
+    default Stable Diffusion's scaled-linear table); a zero-SNR table's last sigma is inf, and then the schedule is
+    ``[inf]`` followed by the grid of ``n - 1`` steps from the published timesteps below the last."""
+    n = _validate.integer("n", n, lo=1)
+    model = _validate.choice("model", model, AYS_MODELS)
+    if model in AYS_SIGMAS:
+        if table is not None:
+            raise ValueError(f"model={model!r} has published sigmas, not timesteps: pass no table")
+        grid, inf0 = torch.tensor(AYS_SIGMAS[model], dtype=_F64), False
+    else:
+        tab = _as_f64_vector("table", table) if table is not None else DiscreteSchedule.from_betas().train_sigmas
+        if tab.numel() != 1000:
+            raise ValueError(f"the AYS timesteps index a 1000-step model; table has {tab.numel()} entries")
+        grid = tab[list(AYS_TIMESTEPS[model])]
+        inf0 = math.isinf(grid[0].item())
+        if inf0:  # the finite part: the published grid from its second timestep, resampled to one step fewer
+            grid = grid[1:]
+            n -= 1
+    if n == 0:
+        return _finish(torch.zeros(0, dtype=_F64), True)
+    body = grid if n + 1 == grid.numel() else loglinear_interp(grid, n + 1)
+    body = torch.cat([body[:-1], body.new_zeros(1)])
+    return torch.cat([torch.full((1,), math.inf, dtype=_F64), body]) if inf0 else body
 
 
 def vp(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3) -> torch.Tensor:
@@ -351,6 +461,57 @@ def quantize(sigmas, table: TensorLike, space: str = "log"):
     if s == 0 or math.isinf(s):
         return s
     return float(tab[_nearest(torch.tensor([s], dtype=_F64), tab, space)[0]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the regularized incomplete beta function and its inverse (the ``beta`` schedule's quantiles)
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of I_x(a, b) (modified Lentz; converges fast for x < (a + 1) / (a + b + 2))."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-16:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b) in float64, for a, b > 0 and x in [0, 1]."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """The quantile of the Beta(a, b) distribution, x with I_x(a, b) = q, by bisection to the last float64 bit
+    (I_x is increasing in x): what ``scipy.stats.beta.ppf`` computes, without scipy."""
+    if q <= 0.0 or q >= 1.0:
+        return 0.0 if q <= 0.0 else 1.0
+    if a == b and q == 0.5:  # the median of a symmetric Beta, exactly (the beta schedule rounds 0.5 * T there)
+        return 0.5
+    lo, hi = 0.0, 1.0
+    while True:
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            return mid
+        if betainc(a, b, mid) < q:
+            lo = mid
+        else:
+            hi = mid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,7 +640,67 @@ class DiscreteSchedule:
         kw.setdefault("sigma_min", self.sigma_min)
         kw.setdefault("sigma_max", self.sigma_max)
         kw.setdefault("sigma_max_finite", self.sigma_max_finite)
-        return {"karras": karras, "exponential": exponential, "polyexponential": polyexponential}[kind](n, **kw)
+        return {"karras": karras, "exponential": exponential, "polyexponential": polyexponential,
+                "kl_optimal": kl_optimal}[kind](n, **kw)
+
+    # ComfyUI's schedulers (comfy/samplers.py), on this model's table: each returns ``steps`` sigmas and a final 0
+    # unless its docstring says otherwise; a zero-SNR table's last sigma is inf, so a schedule that reaches the last
+    # training timestep starts there, as ComfyUI's would at its model's sigma_max
+
+    def simple(self, steps: int) -> torch.Tensor:
+        """ComfyUI's ``simple``: every (T / steps)-th training sigma from the top, ``sigmas[-(1 + int(i * T /
+        steps))]``."""
+        steps = _validate.integer("steps", steps, lo=1)
+        T = self.num_train_timesteps
+        ss = T / steps
+        return _append_zero(self.train_sigmas[[T - 1 - int(i * ss) for i in range(steps)]])
+
+    def ddim_uniform(self, steps: int) -> torch.Tensor:
+        """ComfyUI's ``ddim_uniform``: training sigmas 1, 1 + k, 1 + 2k, ... (k = max(T // steps, 1)) up to the
+        table's end, descending, then 0.  Like diffusers' ``leading`` spacing it need not reach the last timestep
+        (a zero-SNR model's inf), and it can return more than ``steps`` sigmas (T = 1000, steps = 7: 8)."""
+        steps = _validate.integer("steps", steps, lo=1)
+        T = self.num_train_timesteps
+        return _append_zero(self.train_sigmas[list(range(1, T, max(T // steps, 1)))].flip(0))
+
+    def normal(self, steps: int, sgm: bool = False) -> torch.Tensor:
+        """ComfyUI's ``normal`` (``sgm_uniform`` with ``sgm=True``): timesteps evenly spaced from the last
+        (``sigma_to_t(sigma_max)``) to the first, ``steps`` of them including both ends (with ``sgm``, ``steps + 1``
+        of them without the last: SGM's uniform spacing), each mapped to its sigma by log-linear interpolation
+        (:meth:`t_to_sigma`), then 0."""
+        steps = _validate.integer("steps", steps, lo=1)
+        start = float(self.num_train_timesteps - 1)  # sigma_to_t(sigma_max): the last timestep
+        ts = torch.linspace(start, 0.0, steps + 1, dtype=_F64)[:-1] if sgm else torch.linspace(start, 0.0, steps,
+                                                                                              dtype=_F64)
+        return _append_zero(self.t_to_sigma(ts))
+
+    def beta(self, steps: int, alpha: float = 0.6, beta: float = 0.6) -> torch.Tensor:
+        """ComfyUI's ``beta`` (Lee et al. 2024, "Beta sampling is all you need"): timesteps at the Beta(alpha,
+        beta) quantiles of ``1 - i / steps``, rounded to the nearest training step (half to even), consecutive
+        repeats dropped (so it can return fewer than ``steps`` sigmas), then 0."""
+        steps = _validate.integer("steps", steps, lo=1)
+        alpha, beta = _validate.positive("alpha", alpha), _validate.positive("beta", beta)
+        top = self.num_train_timesteps - 1
+        ts: list[int] = []
+        for i in range(steps):
+            t = round(beta_ppf(1.0 - i / steps, alpha, beta) * top)
+            if not ts or t != ts[-1]:
+                ts.append(t)
+        return _append_zero(self.train_sigmas[ts])
+
+    def comfy(self, scheduler: str, steps: int) -> torch.Tensor:
+        """The sigmas ComfyUI's ``scheduler`` (:data:`COMFY_SCHEDULERS`, its menu's names, each with its defaults)
+        gives for this model and ``steps``; the grids continue from the largest finite sigma after an inf start on
+        a zero-SNR model (:func:`karras`)."""
+        _validate.choice("scheduler", scheduler, COMFY_SCHEDULERS)
+        if scheduler in ("normal", "sgm_uniform"):
+            return self.normal(steps, sgm=scheduler == "sgm_uniform")
+        if scheduler in ("simple", "ddim_uniform", "beta"):
+            return getattr(self, scheduler)(steps)
+        if scheduler == "linear_quadratic":
+            return linear_quadratic(steps, self.sigma_max, sigma_max_finite=self.sigma_max_finite)
+        grid = {"karras": karras, "exponential": exponential, "kl_optimal": kl_optimal}[scheduler]
+        return grid(steps, self.sigma_min, self.sigma_max, sigma_max_finite=self.sigma_max_finite)
 
     def quantize(self, sigmas, space: str = "log"):
         """:func:`quantize` to this model's training sigmas (inf stays inf, 0 stays 0)."""
