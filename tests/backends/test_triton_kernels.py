@@ -82,7 +82,7 @@ def _randn(shape, seed, dtype=torch.float32):
 
 def _case(sampler, sigma, sigma_next, *, prediction="v", stage=1, sigma_prev=(), sigma_eval=None, guided=True,
           w=4.0, phi=0.0, space="output", n_hist=None, noise="none", dtype=torch.float32, shape=SHAPE,
-          want_carry=False, step_index=3, draw=0, seed=0):
+          want_carry=False, step_index=3, draw=0, seed=0, seeds=None, block=BLOCK):
     """One step: inputs, the float64 host coefficients (per sample when a sigma is a list) and the launcher's
     keyword arguments.  The same dict drives the Triton child and the float64 reference."""
     pz = parameterization(prediction, 1.0)
@@ -100,12 +100,22 @@ def _case(sampler, sigma, sigma_next, *, prediction="v", stage=1, sigma_prev=(),
     k = max(len(c.h) for c in cs) if n_hist is None else n_hist
     hist = [_randn(shape, seed + 10 + j, dtype) for j in range(k)]
     kwargs = dict(denoise=pq, guidance_scale=w if guided else 1.0, guidance_rescale=phi, rescale_uv=uv,
-                  step_index=step_index, draw=draw, want_denoised=True, want_carry=want_carry, block=BLOCK)
+                  step_index=step_index, draw=draw, want_denoised=True, want_carry=want_carry, block=block)
     if noise == "tensor":
         kwargs["noise"] = _randn(shape, seed + 20, dtype)
     elif noise == "philox":
-        kwargs["seeds"] = SEEDS[:batch]
+        kwargs["seeds"] = SEEDS[:batch] if seeds is None else seeds
     return dict(args=(y, fc, fu, hist, cs), kwargs=kwargs)
+
+
+def _sample(case, k, **kwargs):
+    """Sample ``k`` of a case with per-sample rows, alone (a batch of 1), with ``kwargs`` replacing the case's."""
+    y, fc, fu, hist, cs = case["args"]
+    one = lambda t: None if t is None else t[k:k + 1].clone()  # noqa: E731
+    kw = {key: [v[k]] if isinstance(v, list) else v for key, v in case["kwargs"].items()}
+    if "noise" in kw:
+        kw["noise"] = one(kw["noise"])
+    return dict(args=(one(y), one(fc), one(fu), [one(h) for h in hist], [cs[k]]), kwargs={**kw, **kwargs})
 
 
 CASES = {
@@ -142,6 +152,29 @@ def _cpu_noise_inputs():
 
 
 CASES["cpu_noise"] = _cpu_noise_inputs()
+
+# The flat grid's indexing (program -> sample, block): five samples of three blocks each, every one with its own
+# coefficient row, Philox seed and statistics
+CASES["euler_ancestral_per_sample_batch5"] = _case(
+    "euler_ancestral", [INF, 5.0, 2.0, 9.0, 1.0], [3.0, 2.0, 1.0, 4.0, 0.5], noise="philox", phi=0.5, space="v",
+    shape=(5, 3, 7, 9), seeds=[1, 2**40 + 3, 5, 2**63 + 7, 9], seed=40)
+# More statistics chunks than the fold reads at once (RBLOCK = 64 rows), a partial last one
+CASES["rescale_many_chunks"] = _case("euler", 5.0, 2.0, phi=0.7, space="x0", prediction="eps", shape=(2, 66563),
+                                     block=None, seed=50)
+# Guidance rescale on four samples of 4800 elements (several statistics chunks, a partial last one), launched with
+# two blocks and one sample at a time: the sums, and so the bits, depend on neither (docs/design.md §2.7).  Each
+# sample's first element (the pivot the sums are taken from) lies PIVOT_OFFSET from the rest, so that a float32 sum
+# taken over other blocks rounds differently: with the sums per launch block, blocks of 64 and 256 gave 7671 of
+# 19200 y_out elements other bits, one sample at a time 14399 (0 without the offset; error against float64 4.8e-8
+# relative, either way).
+RESCALE_BATCH, PIVOT_OFFSET = 4, 10.0
+CASES["rescale_block_64"] = _case("euler", [5.0, 2.0, 9.0, 1.0], [2.0, 1.0, 4.0, 0.5], phi=0.7, space="v",
+                                  shape=(RESCALE_BATCH, 3, 40, 40), seed=30)
+for _t in CASES["rescale_block_64"]["args"][:3]:
+    _t.view(RESCALE_BATCH, -1)[:, 0] += PIVOT_OFFSET
+CASES["rescale_block_256"] = {**CASES["rescale_block_64"], "kwargs": {**CASES["rescale_block_64"]["kwargs"],
+                                                                      "block": 256}}
+CASES.update({f"rescale_sample_{k}": _sample(CASES["rescale_block_64"], k, block=None) for k in range(RESCALE_BATCH)})
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +304,14 @@ def test_triton_matches_cpu_backend(triton_results, key):
     assert _max_err(d, res.denoised) <= 2e-6 * max(res.denoised.abs().max().item(), 1.0)
     if carry is not None:
         assert _max_err(carry, res.derivative) <= 2e-6 * max(res.derivative.abs().max().item(), 1.0)
+
+
+def test_rescale_bits_depend_on_neither_the_launch_block_nor_the_batch(triton_results):
+    """A batch of 4 launched with blocks of 64 and of 256 elements, and each sample alone with the block
+    launch_block picks for it: the same bits (the statistics are summed per fixed chunk, not per launch block).
+    NOTE: before the fix (sums per launch block) the outputs of the two blocks differed."""
+    want = triton_results["rescale_block_64"]
+    alone = [triton_results[f"rescale_sample_{k}"] for k in range(RESCALE_BATCH)]
+    for i, name in enumerate(("y_out", "D")):
+        assert (triton_results["rescale_block_256"][i] != want[i]).sum().item() == 0, f"{name}: block 256 != 64"
+        assert (torch.cat([r[i] for r in alone]) != want[i]).sum().item() == 0, f"{name}: one at a time != batch"

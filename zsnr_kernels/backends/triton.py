@@ -64,9 +64,9 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
 
 
 class PlanState:
-    """What a :class:`zsnr_kernels.SamplingPlan` keeps for its steps on this backend: the block size of its latent,
-    its own rescale workspace (replays of several captured plans may run concurrently) and its seeds on the
-    device."""
+    """What a :class:`zsnr_kernels.SamplingPlan` keeps for its steps on this backend: the block size of its latent's
+    element pass, its own rescale workspace (replays of several captured plans may run concurrently; sized by the
+    statistics pass's fixed chunk) and its seeds on the device."""
 
     __slots__ = ("block", "seeds", "workspace")
 
@@ -74,8 +74,9 @@ class PlanState:
         from .triton_kernels import combine as K
 
         batch, n = shape[0], math.prod(shape[1:])
-        self.block = K.launch_block(n, batch, torch.empty(0, dtype=dtype).element_size(), device)
-        self.workspace = K.Workspace(device, batch, -(-n // self.block))
+        element_size = torch.empty(0, dtype=dtype).element_size()
+        self.block = K.launch_block(n, batch, element_size, device)
+        self.workspace = K.Workspace(device, batch, K.stats_blocks(n, element_size))
         self.seeds = None if seeds is None else K.seed_tensor(seeds, batch, device)
 
 

@@ -14,10 +14,14 @@ the same way::
 
 Storage is float32, float16 or bfloat16; the math is float32.  The per-sample coefficients are computed in
 float64 on the host (``zsnr_kernels.coefficients``) into a float64 table (``zsnr_kernels.backends.table``) that the
-kernels read on the device.  With guidance rescale, :func:`_rescale_kernel` sums per block in float32, and
-the last block of each sample adds the partials in float64 and folds combine.h's ``rescale_factor`` into
-(p, q) on the device: a step never waits for the device, and its launches (two with guidance rescale, one
-without) can be captured in a CUDA graph.
+kernels read on the device.  With guidance rescale, :func:`_rescale_kernel` sums per fixed chunk
+(:func:`stats_block`) in float32, and the last program of each sample adds the partials in float64 and folds
+combine.h's ``rescale_factor`` into (p, q) on the device: a step never waits for the device, and its launches (two
+with guidance rescale, one without) can be captured in a CUDA graph.
+
+Both grids are one-dimensional, one program per (sample, block), sample-major: CUDA allows 2**31 - 1 programs on
+grid axis 0 but only 65535 on axes 1 and 2, where a grid (blocks, batch) put the samples (a 2-D toy problem of 100k
+points could not launch).  A program finds its sample and block with one 32-bit division.
 
 Noise (docs/design.md §2.8) is read from a tensor (NOISE_MODE 1) or drawn in the kernel (NOISE_MODE 2): Philox4x32-10
 keyed by the sample's 64-bit seed, counter (g_lo, g_hi, step, draw) with g = j // 4, then Triton's
@@ -42,7 +46,8 @@ from ..call import MAX_HISTORY as MAX_HIST
 from ..device import stream_workspace
 from ..layout import to_device
 
-__all__ = ["MAX_HIST", "NUM_COEFFS", "Workspace", "launch", "launch_block", "seed_tensor"]
+__all__ = ["MAX_HIST", "NUM_COEFFS", "Workspace", "launch", "launch_block", "seed_tensor", "stats_block",
+           "stats_blocks"]
 
 # combine.h RescaleSum order: sums of G_c/s, (G_c/s)^2, G/s, (G/s)^2 (G = u y + t F, G_c = u y + t F_c, s = u or t,
 # whichever is larger in magnitude), formed from each tensor less its sample's first element (constexpr: the
@@ -57,6 +62,27 @@ NUM_COEFFS = _table.NUM_COEFFS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_BLOCK, MAX_BLOCK = 256, 2048
+MAX_PROGRAMS = 2**31 - 1  # CUDA's limit of grid axis 0, the only axis the launches use
+FOLD_ROWS = 64            # partials the last program of a sample reads at once (the rescale kernel's RBLOCK)
+
+
+def _largest_block(element_size: int) -> int:
+    """32 bytes per thread and tensor: 1024 float32 or 2048 16-bit elements (four warps, two 128-bit accesses)."""
+    return MAX_BLOCK if element_size <= 2 else MAX_BLOCK // 2
+
+
+def stats_block(element_size: int) -> int:
+    """The elements per program of the rescale statistics pass: a fixed chunk per storage size, never the launch's
+    block, so that the float32 chunk sums, and with them the rescale factor's last bits, do not depend on the batch
+    size or the GPU's SM count (docs/design.md §2.7, §2.8: a batch of 8 equals 8 batches of 1).  The largest launch
+    block, which launch_block picks for every latent large enough to fill the GPU (the video latent): those keep
+    the chunks they had."""
+    return _largest_block(element_size)
+
+
+def stats_blocks(n: int, element_size: int) -> int:
+    """The statistics chunks of a sample of ``n`` elements (a :class:`Workspace`'s ``n_blocks``)."""
+    return triton.cdiv(n, stats_block(element_size))
 
 
 def launch_block(n: int, batch: int, element_size: int, device) -> int:
@@ -68,7 +94,7 @@ def launch_block(n: int, batch: int, element_size: int, device) -> int:
     thread; it is halved (down to MIN_BLOCK) while the grid would give fewer than four programs per SM, so small
     latents still occupy the whole device.  On the CPU (Triton's interpreter) the SM count is taken as 1.
     """
-    block = MAX_BLOCK if element_size <= 2 else MAX_BLOCK // 2
+    block = _largest_block(element_size)
     sms = _sm_count(device)
     while block > MIN_BLOCK and batch * triton.cdiv(n, block) < 4 * sms:
         block //= 2
@@ -90,12 +116,18 @@ def _sm_count(device) -> int:
 # ----------------------------------------------------------------------------------------------------- kernels
 
 
-# Runtime integers are never specialised: Triton would turn an argument equal to 1 into a compile-time Python int
-# (no `.to()`: step 1 of a noisy run, or one element per sample, would fail to compile) and recompile per value.
-@triton.jit(do_not_specialize=["coef_stride", "n", "n_blocks"])
+# Runtime integers but n are not specialised: Triton turns an argument equal to 1 into a compile-time Python int
+# (no `.to()`: step 1 of a noisy run would fail to compile) and compiles a variant per such value.  n is specialised:
+# its divisible-by-16 hint is what lets a sample's loads be 128 bits wide.  Unspecialised, every latent came in 16-
+# or 32-bit scalar loads, and in bf16 on sm_90 the DPM++ 3M SDE step (guided, two remembered D, D kept, Philox) took
+# 237 registers, with three remembered D and guidance rescale 255 and 40 bytes spilled; with the hint 117 and 127, no
+# spills (tests/backends/test_triton_aot.py).  At n = 1 it is the Python int 1, which the kernels take as it is
+# (tl.cast, never n.to).  Three variants at most: n = 1, a multiple of 16, any other.
+@triton.jit(do_not_specialize=["coef_stride", "n_blocks"])
 def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_stride, pq_ptr, n, n_blocks,
                     WITH_Y: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
-    """Guidance-rescale statistics and fold, on the device (no host synchronisation); grid (n_blocks, batch).
+    """Guidance-rescale statistics and fold, on the device (no host synchronisation); grid (batch * n_blocks,),
+    program ``b * n_blocks + blk`` summing block ``blk`` of sample b.  BLOCK is :func:`stats_block`, fixed.
 
     Each program writes the float32 sums of its block (RescaleSum order, NUM_SUMS of a row of 16) to
     ``part_ptr[b, blk]``, then takes a ticket from ``count_ptr[b]``; the program that completes sample b adds the
@@ -106,8 +138,9 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
     ``rescale_weights``, from the row's u, t; read only WITH_Y), rounded to float32, form the element terms
     (combine.h ``rescale_terms``).
     """
-    blk = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    b = (pid // n_blocks).to(tl.int64)
+    blk = (pid % n_blocks).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
     base = b * n
@@ -161,7 +194,7 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
         u = tl.load(cp + C_U)
         t = tl.load(cp + C_T)
         phi = tl.load(cp + C_PHI)
-        nf = n.to(tl.float64)
+        nf = tl.cast(n, tl.float64)
         s_c = tl.sum(tl.where(cols == SUM_C, acc, 0.0), axis=0)
         s_cc = tl.sum(tl.where(cols == SUM_CC, acc, 0.0), axis=0)
         s_g = tl.sum(tl.where(cols == SUM_G, acc, 0.0), axis=0)
@@ -225,7 +258,7 @@ def _coef(cp, col):
     return tl.load(cp + col).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["coef_stride", "n", "step", "draw"])
+@triton.jit(do_not_specialize=["coef_stride", "step", "draw"])  # n specialised: see _rescale_kernel
 def _combine_kernel(
     y_ptr, fc_ptr, fu_ptr, h0_ptr, h1_ptr, h2_ptr, z_ptr, seed_ptr, coef_ptr, coef_stride, pq_ptr,
     y_out_ptr, d_out_ptr, carry_out_ptr,
@@ -233,15 +266,18 @@ def _combine_kernel(
     N_HIST: tl.constexpr, GUIDED: tl.constexpr, RESCALED: tl.constexpr, STORE_D: tl.constexpr,
     STORE_CARRY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One block of one sample of the fused step; grid (cdiv(n, BLOCK), batch).  Every tensor is [batch][n].
+    """One block of one sample of the fused step; grid (batch * cdiv(n, BLOCK),), program ``b * cdiv(n, BLOCK) + blk``
+    running block ``blk`` of sample b.  Every tensor is [batch][n].
 
     Sample b's coefficients are the float64 table row ``coef_ptr + b * coef_stride`` (stride 0: one row for the
     batch); with RESCALED, (p, q) come from ``pq_ptr[b]`` instead, where :func:`_rescale_kernel` folded the
     guidance rescale factor in.  Unused pointers may be any valid tensor (their loads are compiled out by the
     constexpr flags).  BLOCK is a multiple of 4.
     """
-    blk = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    n_blocks = (n - 1) // BLOCK + 1  # cdiv(n, BLOCK) without overflowing an int32 n (n >= 1)
+    b = (pid // n_blocks).to(tl.int64)
+    blk = (pid % n_blocks).to(tl.int64)
     offs = blk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
     idx = b * n + offs
@@ -289,8 +325,8 @@ def _combine_kernel(
 
 
 class Workspace:
-    """Scratch of the rescale pass for one (device, batch, n_blocks): float32 partial sums and the per-sample
-    ticket counters, zeroed once here and reset by the last block after each use.  One per stream
+    """Scratch of the rescale pass for one (device, batch, n_blocks = :func:`stats_blocks`): float32 partial sums
+    and the per-sample ticket counters, zeroed once here and reset by the last block after each use.  One per stream
     (:func:`zsnr_kernels.backends.device.stream_workspace`), or a ``SamplingPlan``'s own.  The folded (p, q) are
     not kept here but allocated per step, so two threads interleaving their launches on one stream cannot read
     each other's."""
@@ -307,13 +343,18 @@ def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False
     element pass, on y's device and its current stream.  ``table`` is a float64 [1 or batch, NUM_COEFFS] tensor
     on y's device (a view into a larger precomputed table is fine); ``seeds`` an int64 tensor of the uint64 seed
     bits on y's device.  Nothing here reads a device value on the host, so the launches can be captured in a CUDA
-    graph.  ``block``: elements per program (a power of two >= 16), default :func:`launch_block`'s choice;
+    graph.  ``block``: elements per program of the element pass (a power of two >= 16), default
+    :func:`launch_block`'s choice (the statistics pass sums per :func:`stats_block`, whatever ``block`` is);
     ``workspace``: the rescale pass's :class:`Workspace` (default: the current stream's)."""
     batch = y.shape[0]
     n = y.numel() // batch
     if block is None:
         block = launch_block(n, batch, y.element_size(), y.device)
-    grid = (triton.cdiv(n, block), batch)
+    sblock = stats_block(y.element_size())
+    n_blocks, n_stats = triton.cdiv(n, block), triton.cdiv(n, sblock)
+    if batch * max(n_blocks, n_stats) > MAX_PROGRAMS:
+        raise ValueError(f"y of {batch} x {n} elements needs {batch * max(n_blocks, n_stats)} programs, more than a "
+                         f"grid holds ({MAX_PROGRAMS})")
     stride = 0 if table.shape[0] == 1 else table.stride(0)
     fu = f_uncond if f_uncond is not None else f_cond
     hist = list(history[:n_hist]) + [y] * (MAX_HIST - n_hist)
@@ -323,14 +364,16 @@ def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False
         pq = table  # any valid pointer when not rescaled
         if rescale:
             ws = workspace if workspace is not None else stream_workspace(
-                y.device, ("triton", batch, grid[0]), lambda: Workspace(y.device, batch, grid[0]))
-            if (ws.batch, ws.n_blocks) != (batch, grid[0]):
+                y.device, ("triton", batch, n_stats), lambda: Workspace(y.device, batch, n_stats))
+            if (ws.batch, ws.n_blocks) != (batch, n_stats):
                 raise ValueError(f"workspace is for {ws.batch} x {ws.n_blocks} blocks, the launch needs "
-                                 f"{batch} x {grid[0]}")
+                                 f"{batch} x {n_stats}")
             pq = torch.empty((batch, 2), dtype=torch.float32, device=y.device)
-            _rescale_kernel[grid](y, f_cond, fu, ws.partials, ws.counters, table, stride, pq, n, grid[0],
-                                  WITH_Y=bool(with_y), BLOCK=block, RBLOCK=64)
-        _combine_kernel[grid](
+            _rescale_kernel[(batch * n_stats,)](y, f_cond, fu, ws.partials, ws.counters, table, stride, pq, n,
+                                                n_stats, WITH_Y=bool(with_y), BLOCK=sblock, RBLOCK=FOLD_ROWS,
+                                                enable_fp_fusion=False)  # as the CPU: nothing contracted (and
+            # explicit: Triton 3.9's default, fusion on, becomes off in 3.10, which would change the bits silently)
+        _combine_kernel[(batch * n_blocks,)](
             y, f_cond, fu, hist[0], hist[1], hist[2], noise if noise is not None else y,
             seeds if seeds is not None else table, table, stride, pq,
             y_out, y_out if d_out is None else d_out, y_out if carry_out is None else carry_out,
