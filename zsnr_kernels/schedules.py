@@ -43,6 +43,11 @@ __all__ = [
     "betainc",
     "beta_ppf",
     "vp",
+    "flow",
+    "flow_times",
+    "flow_shift_mu",
+    "flow_time_to_sigma",
+    "sigma_to_flow_time",
     "quantize",
     "DiscreteSchedule",
 ]
@@ -461,6 +466,89 @@ def quantize(sigmas, table: TensorLike, space: str = "log"):
     if s == 0 or math.isinf(s):
         return s
     return float(tab[_nearest(torch.tensor([s], dtype=_F64), tab, space)[0]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flow matching (rectified flow: x_t = (1 - t) x0 + t eps), as diffusers' FlowMatchEulerDiscreteScheduler schedules it
+
+FLOW_TIME_SHIFTS = ("exponential", "linear")
+
+
+def flow_time_to_sigma(t: TensorLike) -> torch.Tensor:
+    """This library's noise level of flow times t in [0, 1]: ``sigma = t / (1 - t)`` (x_t / (1 - t) = x0 + sigma
+    eps), inf at t = 1 (pure noise), 0 at t = 0; float64."""
+    t = _as_f64_vector("t", t)
+    if ((t < 0) | (t > 1)).any():
+        raise ValueError("flow times t must lie in [0, 1]")
+    return torch.where(t == 1, torch.full_like(t, math.inf), t / (1 - t))
+
+
+def sigma_to_flow_time(sigma: TensorLike) -> torch.Tensor:
+    """The flow time of noise levels: ``t = sigma / (1 + sigma)``, 1 at sigma = inf; float64."""
+    s = _as_f64_vector("sigma", sigma)
+    if (s < 0).any():
+        raise ValueError("sigma must be >= 0")
+    return torch.where(torch.isinf(s), torch.ones_like(s), s / (1 + s))
+
+
+def flow_shift_mu(image_seq_len: int, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                  base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """The resolution-dependent shift ``mu`` of Flux-style pipelines (diffusers' ``calculate_shift``): linear in the
+    image's token count, ``base_shift`` at ``base_image_seq_len`` and ``max_shift`` at ``max_image_seq_len``."""
+    seq = _validate.integer("image_seq_len", image_seq_len, lo=1)
+    lo = _validate.integer("base_image_seq_len", base_image_seq_len, lo=1)
+    hi = _validate.integer("max_image_seq_len", max_image_seq_len, lo=lo + 1)
+    b0, b1 = _validate.real("base_shift", base_shift), _validate.real("max_shift", max_shift)
+    m = (b1 - b0) / (hi - lo)
+    return seq * m + (b0 - m * lo)
+
+
+def flow_times(n: int, *, num_train_timesteps: int = 1000, shift: float = 1.0, use_dynamic_shifting: bool = False,
+               mu: float | None = None, shift_terminal: float | None = None,
+               time_shift_type: str = "exponential") -> torch.Tensor:
+    """The flow times t of ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)`` (its ``sigmas``) with this config, in
+    float64 (diffusers rounds them to float32): descending from exactly 1, then a final 0; length ``n + 1``.
+
+    diffusers' steps: t evenly spaced from 1 down to the training schedule's smallest time (1/T, shifted by
+    ``shift`` unless ``use_dynamic_shifting``), then shifted, ``shift t / (1 + (shift - 1) t)``, or with
+    ``use_dynamic_shifting`` by ``mu`` (``e^mu / (e^mu + (1/t - 1))``, or ``mu / (mu + (1/t - 1))`` for
+    ``time_shift_type="linear"``; :func:`flow_shift_mu` gives Flux's mu), then with ``shift_terminal`` stretched so
+    that the last time before 0 is ``shift_terminal`` (LTX-Video).  Every shift keeps t = 1 at 1."""
+    n = _validate.integer("n", n, lo=1)
+    T = _validate.integer("num_train_timesteps", num_train_timesteps, lo=1)
+    _validate.choice("time_shift_type", time_shift_type, FLOW_TIME_SHIFTS)
+    if use_dynamic_shifting:
+        if mu is None:
+            raise ValueError("use_dynamic_shifting=True needs mu= (e.g. flow_shift_mu(image_seq_len)), as diffusers' "
+                             "set_timesteps does")
+        mu = _validate.real("mu", mu)
+        if time_shift_type == "linear" and not mu > 0:
+            raise ValueError(f"mu must be > 0 for the linear time shift, got {mu}")
+        scale = math.exp(mu) if time_shift_type == "exponential" else mu
+
+        def shifted(t):
+            return scale / (scale + (1 / t - 1))
+    else:
+        shift = _validate.positive("shift", shift)
+
+        def shifted(t):
+            return shift * t / (1 + (shift - 1) * t)
+    t_min = 1.0 / T if use_dynamic_shifting else shifted(torch.tensor(1.0 / T, dtype=_F64)).item()
+    t = shifted(torch.linspace(1.0, t_min, n, dtype=_F64))
+    if shift_terminal:
+        terminal = _validate.real("shift_terminal", shift_terminal, lo=0.0, hi=1.0)
+        if terminal == 1.0:
+            raise ValueError("shift_terminal must be < 1 (the stretch divides by 1 - shift_terminal)")
+        if n == 1:  # the only time is 1, which no stretch moves (diffusers divides 0 by 0 there: NaN)
+            raise ValueError("shift_terminal needs n >= 2")
+        t = 1 - (1 - t) / ((1 - t[-1]) / (1 - terminal))
+    return _append_zero(t)
+
+
+def flow(n: int, **config) -> torch.Tensor:
+    """The noise levels of :func:`flow_times` (same keywords), for this library's ``prediction="flow"``: inf first
+    (t = 1, exact: the model input there is the noise itself), then ``t / (1 - t)``, then 0."""
+    return flow_time_to_sigma(flow_times(n, **config))
 
 
 # ----------------------------------------------------------------------------------------------------------------
