@@ -179,6 +179,38 @@ def test_a_sampler_without_a_cpp_mirror_runs_from_the_table(stand_in, monkeypatc
     assert stand_in.calls[-1]["table"] is not None
 
 
+@requires_C
+@pytest.mark.parametrize("table", [False, True], ids=["sigmas", "table"])
+def test_a_captured_step_has_its_own_workspace_and_copies_no_host_memory(stand_in, monkeypatch, table):
+    """Inside a CUDA-graph capture (faked: these are CPU tensors) a step equals the cpu backend's, its sigmas, table
+    and seeds reach the launcher without a copy from pinned memory, and its workspace is not its stream's (the one
+    an eager step on the same stream uses), which every graph captured without ``stream=`` would share."""
+    from zsnr_kernels.backends import layout
+
+    if table:  # the spec's coefficient table, as for a sampler the kernels do not know
+        monkeypatch.setattr(_cuda, "SAMPLER_CODES", {})
+    pz = parameterization("v", 1.0)
+    args = [co.StepArgs("dpmpp_3m_sde", 5.0 + i, 2.0 + i, sigma_prev=(8.0 + i, 11.0 + i), eta=0.8) for i in range(3)]
+    y, fc, fu = _randn((3, 4, 5, 7), 1), _randn((3, 4, 5, 7), 2), _randn((3, 4, 5, 7), 3)
+    hist = [_randn((3, 4, 5, 7), 10 + k) for k in range(2)]
+    kw = dict(guidance_scale=3.0, guidance_rescale=0.7, rescale_space="output", noise=None, seeds=[4, 2**64 - 1, 6],
+              step_index=2, want_denoised=True, out=None)
+    want = _cpu.fused_step(y, fc, fu, hist, pz, args, [a.sigma for a in args], **kw)
+    _cuda.fused_step(y, fc, fu, hist, pz, args, [a.sigma for a in args], **kw)
+    eager_workspace = stand_in.calls[-1]["workspace"]  # kept by the stream's cache, so no new one can share it
+
+    def pin_memory(self, *args, **kwargs):
+        raise AssertionError("a per-step value was copied from pinned host memory inside a capture")
+
+    monkeypatch.setattr(layout, "capturing", lambda device: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    got = _cuda.fused_step(y, fc, fu, hist, pz, args, [a.sigma for a in args], **kw)
+    assert all(torch.equal(g, w) for g, w in zip(got[:2], want[:2])) and got[3:] == want[3:]
+    call = stand_in.calls[-1]
+    assert call["workspace"] != eager_workspace and call["seeds"] == [4, 2**64 - 1, 6]
+    assert (call["table"] is not None) == table
+
+
 def test_unavailable_backend_says_why():
     reasons = _cuda.not_supported_reasons(torch.zeros(2))
     assert any("CUDA tensors" in r for r in reasons)

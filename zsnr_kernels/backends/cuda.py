@@ -7,11 +7,11 @@ fails because of it.  It links the CUDA runtime statically, so it loads without 
 driver or a device :func:`why_unavailable` says so.
 
 A step is validated on the host first (the Python spec's coefficients, so a refused call raises before any
-launch and leaves every tensor untouched); then the sigma arrays and seeds go to the device through pinned
-memory, asynchronously, and the kernels run on PyTorch's current stream: coefficients (on the device, by the
-shared header), the rescale statistics with the fold (only with guidance rescale), the element pass.  In table
-mode (:func:`table_step`: a SamplingPlan's float64 coefficient rows, or a sampler the kernels do not know) the
-first launch is skipped.  Nothing waits for the device.
+launch and leaves every tensor untouched); then the sigma arrays and seeds go to the device without a
+synchronisation (:func:`zsnr_kernels.backends.layout.to_device`), and the kernels run on PyTorch's current stream:
+coefficients (on the device, by the shared header), the rescale statistics with the fold (only with guidance
+rescale), the element pass.  In table mode (:func:`table_step`: a SamplingPlan's float64 coefficient rows, or a
+sampler the kernels do not know) the first launch is skipped.  Nothing waits for the device.
 """
 
 from __future__ import annotations
@@ -155,8 +155,9 @@ def not_supported_reasons(y: torch.Tensor) -> list[str]:
 
 
 def _workspace(m, device, batch: int, n: int) -> torch.Tensor:
-    """The device scratch of the step kernels for (batch, n) on the current stream of ``device``: zeroed once when
-    allocated (the kernels leave their counters at zero after each step)."""
+    """The device scratch of the step kernels for (batch, n) on ``device`` (:func:`.device.stream_workspace`: one per
+    stream, or the call's own inside a graph capture): zeroed when allocated, and the kernels leave their counters
+    at zero after each step."""
     return _device.stream_workspace(device, ("cuda", batch, n), lambda: torch.zeros(
         m.workspace_bytes(batch, n), dtype=torch.uint8, device=device))
 

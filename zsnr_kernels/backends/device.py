@@ -81,9 +81,17 @@ _WORKSPACES: dict = {}
 
 
 def stream_workspace(device, key, make):
-    """The scratch ``make()`` returns, one per (device, its current stream, ``key``), made on first use.  Launches
-    on one stream are ordered, so one scratch serves every step on that stream; work that may run concurrently
-    (other streams, several captured CUDA graphs replayed at once) needs its own (a SamplingPlan owns one)."""
+    """The scratch ``make()`` returns for work enqueued now on ``device``: one per (device, its current stream,
+    ``key``), made on first use, since launches on one stream are ordered and one scratch serves them all; inside a
+    CUDA-graph capture a new one per call.
+
+    A capture cannot share its stream's: every ``torch.cuda.graph`` without ``stream=`` captures on one side stream,
+    and graphs replayed at once on different streams would use one scratch.  Made during the capture, the scratch
+    comes from the graph's private memory pool, which the graph keeps for its life; the calls of one capture may
+    reuse its memory in stream order, as each ``make()`` readies it again (its zeroing is captured with the step).
+    Other work that may run concurrently needs its own scratch (a SamplingPlan owns one)."""
+    if layout.capturing(device):
+        return make()
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     k = (device.type, device.index, stream, key)
     ws = _WORKSPACES.get(k)

@@ -14,12 +14,44 @@ import torch
 from .._validate import per_sample_dense
 
 
+def capturing(device) -> bool:
+    """Whether work enqueued now for ``device`` is being captured into a CUDA graph (the current stream of that
+    device, which need not be the current device, is capturing)."""
+    if device.type != "cuda":
+        return False
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """A small host tensor on ``device`` without a host synchronisation: through pinned memory, asynchronously
-    (PyTorch's caching host allocator keeps the pinned block alive until the copy has run); unchanged on the CPU."""
+    (PyTorch's caching host allocator keeps the pinned block alive until the copy has run); unchanged on the CPU.
+
+    Inside a CUDA-graph capture the values reach the device as kernel arguments (:func:`written`), never through a
+    captured copy: that would read its pinned block again at every replay, and the caching host allocator of the
+    older PyTorch releases pyproject.toml admits may hand the block to another tensor once the capture is over."""
+    if capturing(device):
+        return written(t, device)
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def written(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` (a small host tensor) on ``device``, its values handed over as kernel arguments: zeros, then
+    ``_foreach_add_`` of its elements' bits, as integers of its element size, to the one-element views (a launch per
+    96 elements; 672 under CUDA 13).  Integers add exactly, so every value arrives bit for bit, NaN payloads
+    included."""
+    bits = _BITS[t.element_size()]
+    out = torch.zeros(t.numel(), dtype=bits, device=device)
+    if t.numel():
+        torch._foreach_add_(list(out.unbind()), t.reshape(-1).view(bits).tolist())
+    return out.view(t.dtype).view(t.shape)
 
 
 def prepare(tensors: list, philox: bool, out: torch.Tensor | None) -> tuple[list, torch.Tensor]:

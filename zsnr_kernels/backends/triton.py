@@ -2,8 +2,9 @@
 of :mod:`zsnr_kernels.backends.triton_kernels.combine` (the rescale pass with its on-device fold, and the element pass).
 
 Nothing in a step waits for the device: the coefficients are host values (validated here, so a refused call
-raises before any launch), copied asynchronously through pinned memory.  Under ``TRITON_INTERPRET=1`` the same
-code runs on CPU tensors through Triton's interpreter, which is how the build machines test it.
+raises before any launch), copied without a synchronisation (:func:`zsnr_kernels.backends.layout.to_device`).
+Under ``TRITON_INTERPRET=1`` the same code runs on CPU tensors through Triton's interpreter, which is how the build
+machines test it.
 """
 
 from __future__ import annotations

@@ -326,10 +326,10 @@ def _combine_kernel(
 
 class Workspace:
     """Scratch of the rescale pass for one (device, batch, n_blocks = :func:`stats_blocks`): float32 partial sums
-    and the per-sample ticket counters, zeroed once here and reset by the last block after each use.  One per stream
-    (:func:`zsnr_kernels.backends.device.stream_workspace`), or a ``SamplingPlan``'s own.  The folded (p, q) are
-    not kept here but allocated per step, so two threads interleaving their launches on one stream cannot read
-    each other's."""
+    and the per-sample ticket counters, zeroed once here and reset by the last block after each use.  One per stream,
+    or per launch inside a graph capture (:func:`zsnr_kernels.backends.device.stream_workspace`), or a
+    ``SamplingPlan``'s own.  The folded (p, q) are not kept here but allocated per step, so two threads interleaving
+    their launches on one stream cannot read each other's."""
 
     def __init__(self, device, batch: int, n_blocks: int):
         self.batch, self.n_blocks = batch, n_blocks
@@ -345,7 +345,7 @@ def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False
     bits on y's device.  Nothing here reads a device value on the host, so the launches can be captured in a CUDA
     graph.  ``block``: elements per program of the element pass (a power of two >= 16), default
     :func:`launch_block`'s choice (the statistics pass sums per :func:`stats_block`, whatever ``block`` is);
-    ``workspace``: the rescale pass's :class:`Workspace` (default: the current stream's)."""
+    ``workspace``: the rescale pass's :class:`Workspace` (default: :func:`stream_workspace`'s)."""
     batch = y.shape[0]
     n = y.numel() // batch
     if block is None:
