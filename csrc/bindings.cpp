@@ -259,6 +259,7 @@ void export_constants(py::module_& m) {
   m.attr("COEFF_COLUMNS") = cols;
   m.attr("NUM_COEFFS") = zsnr::kNumCoeffs;
   m.attr("MAX_HISTORY") = zsnr::kMaxHistory;
+  m.attr("NAN_BITS") = py::make_tuple(zsnr::kNaN32, zsnr::kNaNBFloat16, zsnr::kNaNFloat16);  // f32, bf16, f16
   m.attr("STEP_CALL_FIELDS") = field_names();
 }
 

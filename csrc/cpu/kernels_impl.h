@@ -499,16 +499,16 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
         const float f = Guided ? guide(fcv, input<DT>(fu, fubuf, i, j), c.w) : fcv;
         const float d = denoise(yv, f, c.p, c.q);
         const float z = NoiseMode == 1 ? input<DT>(zin, zibuf, i, j) : NoiseMode == 2 ? zbuf[j] : 0.0f;
-        const float out = update<NHist, NoiseMode != 0>(c, yv, d, NHist > 0 ? input<DT>(h0, h0buf, i, j) : 0.0f,
-                                                         NHist > 1 ? input<DT>(h1, h1buf, i, j) : 0.0f,
-                                                         NHist > 2 ? input<DT>(h2, h2buf, i, j) : 0.0f, z);
+        const float out = canonical_nan(update<NHist, NoiseMode != 0>(
+            c, yv, d, NHist > 0 ? input<DT>(h0, h0buf, i, j) : 0.0f, NHist > 1 ? input<DT>(h1, h1buf, i, j) : 0.0f,
+            NHist > 2 ? input<DT>(h2, h2buf, i, j) : 0.0f, z));
         if (kTiled) {
-          if (StoreD) dbuf[j] = d;
-          if (StoreCarry) cbuf[j] = carry(c, yv, d);
+          if (StoreD) dbuf[j] = canonical_nan(d);
+          if (StoreCarry) cbuf[j] = canonical_nan(carry(c, yv, d));
           obuf[j] = out;
         } else {
-          if (StoreD) dout[i] = S::store(d);
-          if (StoreCarry) cout[i] = S::store(carry(c, yv, d));
+          if (StoreD) dout[i] = S::store(canonical_nan(d));
+          if (StoreCarry) cout[i] = S::store(canonical_nan(carry(c, yv, d)));
           yo[i] = S::store(out);
         }
       }

@@ -89,10 +89,10 @@ struct Io16 {
   }
 };
 
-struct HalfBits {
+struct HalfBits {  // from_float: a NaN (every NaN here is canonical_nan's) as kNaNFloat16, not cvt's 0x7fff
   __device__ __forceinline__ static float to_float(unsigned short b) { return __half2float(__ushort_as_half(b)); }
   __device__ __forceinline__ static unsigned short from_float(float v) {
-    return __half_as_ushort(__float2half_rn(v));
+    return v == v ? __half_as_ushort(__float2half_rn(v)) : kNaNFloat16;
   }
 };
 
@@ -101,7 +101,7 @@ struct BFloat16Bits {
     return __uint_as_float(static_cast<unsigned int>(b) << 16);  // exact
   }
   __device__ __forceinline__ static unsigned short from_float(float v) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    return v == v ? __bfloat16_as_ushort(__float2bfloat16_rn(v)) : kNaNBFloat16;
   }
 };
 
@@ -411,10 +411,10 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs a) 
       for (int k = 0; k < 4; ++k) {
         const float f = Guided ? guide(vf[k], vu[k], c.w) : vf[k];
         const float d = denoise(vy[k], f, c.p, c.q);
-        out[k] = noisy ? update<NHist, true>(c, vy[k], d, v0[k], v1[k], v2[k], vz[k])
-                       : update<NHist, false>(c, vy[k], d, v0[k], v1[k], v2[k], 0.0f);
-        dv[k] = d;
-        cv[k] = StoreCarry ? carry(c, vy[k], d) : 0.0f;
+        out[k] = canonical_nan(noisy ? update<NHist, true>(c, vy[k], d, v0[k], v1[k], v2[k], vz[k])
+                                     : update<NHist, false>(c, vy[k], d, v0[k], v1[k], v2[k], 0.0f));
+        dv[k] = canonical_nan(d);
+        cv[k] = StoreCarry ? canonical_nan(carry(c, vy[k], d)) : 0.0f;
       }
       if (StoreD) store_group(dout, j, vec, cnt, dv);
       if (StoreCarry) store_group(cout, j, vec, cnt, cv);

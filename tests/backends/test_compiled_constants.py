@@ -60,3 +60,16 @@ def test_triton_kernels_read_the_same_table():
     assert combine.NUM_COEFFS == table.NUM_COEFFS
     for name in ("W", "P", "Q", "A", "B", "H0", "H1", "H2", "E", "GY", "GD", "U", "T", "PHI"):
         assert getattr(combine, "C_" + name).value == getattr(table, name)
+
+
+def test_the_one_nan(module):
+    """The NaN every backend stores (combine.h canonical_nan), as the Triton kernels write it: what float("nan")
+    is in each storage format."""
+    import torch
+
+    _triton = pytest.importorskip("zsnr_kernels.backends.triton_kernels.combine")  # needs triton
+    assert tuple(module.NAN_BITS) == (_triton.NAN_F32, _triton.NAN_BF16, _triton.NAN_F16)
+    for dtype, bits, view in ((torch.float32, _triton.NAN_F32, torch.int32), (torch.bfloat16, _triton.NAN_BF16,
+                                                                             torch.int16),
+                              (torch.float16, _triton.NAN_F16, torch.int16)):
+        assert torch.tensor(float("nan"), dtype=dtype).view(view).item() == bits

@@ -46,6 +46,22 @@ ZSNR_HD float update(const ElemCoeffs& c, float y, float d, float h0, float h1, 
 
 ZSNR_HD float carry(const ElemCoeffs& c, float y, float d) { return fmaf(c.g_d, d, c.g_y * y); }
 
+// The one NaN every backend stores (docs/design.md §2.3): a NaN result, whatever its sign and payload, becomes the
+// positive quiet NaN with a zero payload, what float("nan") is in each storage format: float32 0x7fc00000,
+// bfloat16 0x7fc0, float16 0x7e00 (the CPU's conversions map this float to those; CUDA's and Triton's 16-bit
+// conversions give 0x7fff, so they store kNaN16 explicitly).  x86 arithmetic keeps an input NaN's payload and GPU
+// arithmetic returns 0x7fffffff: without this the bits of a NaN output depended on the backend.
+constexpr uint32_t kNaN32 = 0x7fc00000u;
+constexpr uint16_t kNaNBFloat16 = 0x7fc0u, kNaNFloat16 = 0x7e00u;
+
+ZSNR_HD float canonical_nan(float v) {
+#if defined(__CUDA_ARCH__)
+  return v == v ? v : __int_as_float(static_cast<int>(kNaN32));
+#else
+  return v == v ? v : __builtin_nanf("");  // 0x7fc00000 (GCC, Clang, IEEE targets)
+#endif
+}
+
 // --------------------------------------------------------------------------------- guidance rescale
 
 // Per-sample sums the rescale needs (docs/design.md §2.7), accumulated in double.  The rescale acts on G = u y + t F

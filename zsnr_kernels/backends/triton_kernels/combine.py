@@ -61,6 +61,7 @@ C_W, C_P, C_Q, C_A, C_B, C_H0, C_H1, C_H2, C_E, C_GY, C_GD, C_U, C_T, C_PHI = (
 NUM_COEFFS = _table.NUM_COEFFS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NAN_F32, NAN_BF16, NAN_F16 = 0x7FC00000, 0x7FC0, 0x7E00  # combine.h kNaN32, kNaNBFloat16, kNaNFloat16
 MIN_BLOCK, MAX_BLOCK = 256, 2048
 MAX_PROGRAMS = 2**31 - 1  # CUDA's limit of grid axis 0, the only axis the launches use
 FOLD_ROWS = 64            # partials the last program of a sample reads at once (the rescale kernel's RBLOCK)
@@ -238,18 +239,25 @@ def _philox_normals(seed, step, draw, g0, BLOCK: tl.constexpr):
 
 @triton.jit
 def _to_storage(x, ptr):
-    """float32 ``x`` rounded to the element type of ``ptr``, to nearest even (as torch and the CPU kernel round).
+    """float32 ``x`` rounded to the element type of ``ptr``, to nearest even (as torch and the CPU kernel round),
+    a NaN stored as combine.h's one NaN of that type (``canonical_nan``: 0x7fc00000, bfloat16 0x7fc0, float16
+    0x7e00), selected as bits: GPU conversions and arithmetic give 0x7fff / 0x7fffffff, numpy keeps payloads.
 
     For bfloat16 the rounding is done on the bits (the Triton interpreter's float32 -> bfloat16 cast truncates):
-    add 0x7FFF plus the lowest kept bit and clear the low 16 bits; NaN is passed through as it is.
+    add 0x7FFF plus the lowest kept bit and clear the low 16 bits.
     """
     if ptr.dtype.element_ty == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        r = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # noqa: PLR0124 (x == x: not NaN)
-        return r.to(tl.bfloat16)
+        r = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        nan = tl.full([1], NAN_BF16, tl.int16).to(tl.bfloat16, bitcast=True)
+    elif ptr.dtype.element_ty == tl.float16:
+        r = x.to(tl.float16)
+        nan = tl.full([1], NAN_F16, tl.int16).to(tl.float16, bitcast=True)
     else:
-        return x.to(ptr.dtype.element_ty)
+        r = x
+        nan = tl.full([1], NAN_F32, tl.int32).to(tl.float32, bitcast=True)
+    return tl.where(x == x, r, nan)  # noqa: PLR0124 (x == x: not NaN)
 
 
 @triton.jit
