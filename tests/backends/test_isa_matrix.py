@@ -33,7 +33,8 @@ FILES = ["backends/test_cpu_backend.py", "api/test_steps.py", "math/test_limits_
          "math/test_convergence_order.py", "math/test_samplers_vs_k_diffusion.py",
          "integrations/test_k_diffusion_dropins.py", "math/test_steps_vs_diffusers.py",
          "integrations/test_diffusers_schedulers.py", "integrations/test_diffusers_pipelines.py",
-         "backends/test_isa_pinned_bits.py", "backends/test_torch_compile.py", "api/test_misuse.py"]
+         "backends/test_isa_pinned_bits.py", "backends/test_torch_compile.py", "api/test_misuse.py",
+         "backends/test_nan_policy.py"]
 ATEN = {"baseline": "default", "avx2": "avx2", "avx512": "avx512"}  # ATEN_CPU_CAPABILITY's names
 # PyTorch's convolutions (oneDNN) and matrix products (MKL) pick their own instruction sets: capped alike, so the
 # diffusers pipelines' UNets run the paths an AVX2-only CPU runs (each variable is ignored by a library not present)
