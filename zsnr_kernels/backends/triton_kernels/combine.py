@@ -62,6 +62,7 @@ NUM_COEFFS = _table.NUM_COEFFS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NAN_F32, NAN_BF16, NAN_F16 = 0x7FC00000, 0x7FC0, 0x7E00  # combine.h kNaN32, kNaNBFloat16, kNaNFloat16
+_NAN_F32, _NAN_BF16, _NAN_F16 = tl.constexpr(NAN_F32), tl.constexpr(NAN_BF16), tl.constexpr(NAN_F16)  # for kernels
 MIN_BLOCK, MAX_BLOCK = 256, 2048
 MAX_PROGRAMS = 2**31 - 1  # CUDA's limit of grid axis 0, the only axis the launches use
 FOLD_ROWS = 64            # partials the last program of a sample reads at once (the rescale kernel's RBLOCK)
@@ -250,13 +251,13 @@ def _to_storage(x, ptr):
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         r = bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-        nan = tl.full([1], NAN_BF16, tl.int16).to(tl.bfloat16, bitcast=True)
+        nan = tl.full([1], _NAN_BF16, tl.int16).to(tl.bfloat16, bitcast=True)
     elif ptr.dtype.element_ty == tl.float16:
         r = x.to(tl.float16)
-        nan = tl.full([1], NAN_F16, tl.int16).to(tl.float16, bitcast=True)
+        nan = tl.full([1], _NAN_F16, tl.int16).to(tl.float16, bitcast=True)
     else:
         r = x
-        nan = tl.full([1], NAN_F32, tl.int32).to(tl.float32, bitcast=True)
+        nan = tl.full([1], _NAN_F32, tl.int32).to(tl.float32, bitcast=True)
     return tl.where(x == x, r, nan)  # noqa: PLR0124 (x == x: not NaN)
 
 
