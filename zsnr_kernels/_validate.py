@@ -273,8 +273,27 @@ def _lms_span(a, pz, at: str) -> None:
         f"at most {LMS_SPAN_MAX:g} times that data scale), or use dpmpp_2m")
 
 
+def device_sigma(s) -> bool:
+    """Whether a step's sigma is a device value (§2.9), which the host never reads: a tensor off the CPU.  A CPU
+    tensor is read without waiting for anything, and checked as numbers are."""
+    return isinstance(s, torch.Tensor) and not s.is_cpu
+
+
+def sigma_tensor(name: str, s, batch: int, device: torch.device) -> torch.Tensor:
+    """A device value (:func:`device_sigma`) as a (batch,) float64 tensor on ``device``, checked from its metadata
+    alone (a real dtype, one value or one per sample) and never read.  What its values are not checked for here,
+    the step checks on the device (``zsnr_kernels.steps``: a refused sample comes out NaN)."""
+    real_tensor(name, s)
+    if s.ndim > 1 or s.numel() not in (1, batch):
+        raise ValueError(f"{name} must be a number or a ({batch},) tensor (one per sample), got shape "
+                         f"{tuple(s.shape)}")
+    t = s.detach().to(device=device, dtype=torch.float64)
+    return t.reshape(1).expand(batch) if t.numel() == 1 and batch != 1 else t.reshape(batch)
+
+
 def sigma_values(name: str, s, batch: int) -> list[float] | float:
-    """A step's sigma: a number (one for the batch) or a (B,) tensor / sequence (one per sample, §2.9)."""
+    """A step's sigma: a number (one for the batch) or a (B,) tensor / sequence (one per sample, §2.9), read on the
+    host and checked (a device tensor waits for the device: the step functions take :func:`sigma_tensor`)."""
     if type(s) is float:
         return real(name, s, lo=0.0, allow_inf=True)
     per_sample = (isinstance(s, torch.Tensor) and s.ndim == 1 and s.numel() > 1) or (

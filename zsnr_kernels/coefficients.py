@@ -38,6 +38,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from . import _validate
 from .parameterization import Parameterization
@@ -613,3 +614,390 @@ def spec_step(pz, args, sigma_eval, n_history: int, has_noise: bool):
     if noisy and not has_noise:
         raise ValueError(_validate.NEEDS_NOISE)
     return cs, n_hist, noisy
+
+
+# ------------------------------------------------------------------- per-sample coefficients on the device (§2.9)
+#
+# The functions above branch on values, which a (B,) sigma tensor on the device cannot give the host without waiting
+# for it.  Below, the same formulas in float64 tensor math on the sigmas' device, every branch a torch.where over the
+# samples (both sides are computed; a NaN or inf in the side not taken is discarded).  Each follows its float
+# function operation by operation, so the two agree to float64 rounding (libm vs PyTorch's log/exp/hypot/pow, and
+# LMS's 4-term dot product summed in another order): bit for bit almost everywhere, exactly at sigma = inf and 0.
+# Nothing here raises for a value: what the float path refuses is returned as ``ok`` False for that sample.  Constants
+# enter as Python scalars or full_like fills, never as host tensors: a host-to-device copy waits for the stream.
+
+
+class TensorCoeffs(NamedTuple):
+    """:class:`StepCoeffs` of a batch with per-sample sigma tensors: every coefficient a (B,) float64 tensor.
+
+    ``complete`` is for the whole call: a two-stage sampler's first call is never complete, since whether a sample's
+    step ended after its first stage (sigma = inf, sigma_next = 0) is a value.  Such a sample's second stage keeps
+    the state its first stage wrote (a = 1, no other term).  ``noisy``: whether some sample may add noise, from the
+    arguments alone (eta, churn); ``e`` is 0 for the samples that add none.  ``ok``: (B,) bool, False where the float
+    path would refuse the sample's sigmas (:func:`step_coeffs_tensor` lists the checks)."""
+
+    a: object
+    b: object
+    h: tuple = ()
+    e: object = 0.0
+    sigma_out: object = None
+    complete: bool = True
+    carry: tuple | None = None
+    noisy: bool = False
+    ok: object = True
+
+
+def _t_c_in(pz: Parameterization, s):
+    """:meth:`Parameterization.c_in` of a tensor (IEEE inf arithmetic gives its ends: 1/inf = 0)."""
+    if pz.prediction == "flow":
+        return 1.0 / (1.0 + s)
+    return 1.0 / torch.hypot(s, torch.full_like(s, pz.sigma_data))
+
+
+def _t_noise_scale(pz: Parameterization, s):
+    """:meth:`Parameterization.noise_scale` of a tensor; at s = 0, 1/s = sd/s = inf makes it 0, as the float branch."""
+    if pz.prediction == "flow":
+        return 1.0 / (1.0 + 1.0 / s)
+    return 1.0 / torch.hypot(torch.ones_like(s), pz.sigma_data / s)
+
+
+def denoise_coeffs_tensor(pz: Parameterization, s):
+    """:meth:`Parameterization.denoise_coeffs` of a (B,) tensor: (p, q) tensors; eps at inf gives non-finite p, q
+    (the float path's ValueError: the caller refuses those samples)."""
+    pred, sd = pz.prediction, pz.sigma_data
+    if pred == "v":
+        return sd * sd * _t_c_in(pz, s), -sd * _t_noise_scale(pz, s)
+    if pred == "x0":
+        return torch.zeros_like(s), torch.ones_like(s)
+    if pred == "flow":
+        return torch.ones_like(s), -_t_noise_scale(pz, s)
+    return torch.hypot(s, torch.full_like(s, sd)), -s
+
+
+def rescale_space_coeffs_tensor(pz: Parameterization, s, space: str):
+    """:func:`zsnr_kernels.parameterization.rescale_space_coeffs` of a (B,) tensor."""
+    if space == "output":
+        return torch.zeros_like(s), torch.ones_like(s)
+    p, q = denoise_coeffs_tensor(pz, s)
+    if space == "x0":
+        return p, q
+    sd2 = pz.sigma_data * pz.sigma_data
+    if pz.prediction == "flow":
+        cv2_over_c = torch.where(s == INF, 0.0, (1.0 + s) / (s * s + sd2))
+    else:
+        cv2_over_c = _t_c_in(pz, s)
+    return p - sd2 * cv2_over_c, q
+
+
+def _t_ratio(s, sn):
+    return torch.where(s == INF, 0.0, sn / s)
+
+
+def _t_log_ratio(s, sn):
+    return torch.where(s == INF, INF, torch.log(s / sn))
+
+
+def _t_euler(pz, s, sn):
+    r = _t_ratio(s, sn)
+    return _t_noise_scale(pz, sn) / _t_noise_scale(pz, s), _t_c_in(pz, sn) * (1.0 - r)
+
+
+def _t_split(s, sn, eta: float):
+    """:func:`ancestral_split` per sample: (d, u, over), ``over`` where eta sqrt(1 - r^2) > 1 (clamped to (0, 1))."""
+    if eta == 0.0:
+        return torch.ones_like(s), torch.zeros_like(s), torch.zeros_like(s, dtype=torch.bool)
+    r = _t_ratio(s, sn)
+    u = eta * torch.sqrt((1.0 - r) * (1.0 + r))
+    d = torch.sqrt(torch.clamp_min((1.0 - eta) * (1.0 + eta) + (eta * r) ** 2, 0.0))
+    zero, over = sn == 0.0, u > 1.0
+    return (torch.where(zero, 1.0, torch.where(over, 0.0, d)), torch.where(zero, 0.0, torch.where(over, 1.0, u)),
+            over & ~zero)
+
+
+def _t_ancestral(pz, s, sn, eta, s_noise, clamp: bool):
+    """:func:`ancestral`: (a, b, e, ok)."""
+    d, u, over = _t_split(s, sn, eta)
+    r = _t_ratio(s, sn)
+    s_next = _t_noise_scale(pz, sn)
+    ok = torch.ones_like(over) if clamp else ~over  # DDIM's variance above the target noise level
+    return s_next / _t_noise_scale(pz, s) * d, _t_c_in(pz, sn) * (1.0 - d * r), s_next * u * s_noise, ok
+
+
+def _t_history_ok(s, prev):
+    """:func:`_check_history`: remembered sigmas strictly above sigma and growing with age."""
+    ok, below = torch.ones_like(s, dtype=torch.bool), s
+    for p in prev:
+        ok, below = ok & (p > below), p
+    return ok
+
+
+def _t_midpoint_stage2(pz, s, mid, sd, sn, d, dpmpp: bool):
+    c_next = _t_c_in(pz, sn)
+    a = _t_noise_scale(pz, sn) / _t_noise_scale(pz, mid) * d
+    if dpmpp:
+        h1, b = sd * (1.0 / s - 1.0 / mid), 1.0 - sd / s
+    else:
+        h1, b = 1.0 - s / mid, (s - sd) / mid
+    return a, c_next * b, c_next * h1
+
+
+def _t_two_stage(pz, a: StepArgs, done, first, second) -> TensorCoeffs:
+    """A two-stage step: ``first`` = (a, b, e, sigma_out) of stage 1 on every sample (the whole step where ``done``),
+    ``second`` a function giving (a, b, h1, e) of stage 2; a done sample's stage 2 keeps its state."""
+    if a.stage == 1:
+        ca, cb, ce, so = first
+        return TensorCoeffs(ca, cb, (), ce, so, complete=False)
+    ca, cb, h1, ce = second()
+    one, zero = torch.ones_like(ca), torch.zeros_like(ca)
+    return TensorCoeffs(torch.where(done, one, ca), torch.where(done, zero, cb), (torch.where(done, zero, h1),),
+                        torch.where(done, zero, ce), a.sigma_next)
+
+
+def _t_heun(pz, a):
+    s, sn = a.sigma, a.sigma_next
+    done = (sn == 0.0) | (s == INF)
+    ca, cb = _t_euler(pz, s, sn)
+
+    def second():
+        w = 0.5 * _t_c_in(pz, sn) * (1.0 - s / sn)
+        return torch.ones_like(s), -w, w, torch.zeros_like(s)
+    return _t_two_stage(pz, a, done, (ca, cb, torch.zeros_like(s), sn), second)
+
+
+def _t_dpm_2(pz, a):
+    s, sn = a.sigma, a.sigma_next
+    done = (sn == 0.0) | (s == INF)
+    mid = torch.where(done, sn, torch.exp(0.5 * (torch.log(s) + torch.log(sn))))  # midpoint_sigma
+    ca, cb = _t_euler(pz, s, mid)
+
+    def second():
+        c2 = _t_midpoint_stage2(pz, s, mid, sn, sn, 1.0, dpmpp=False)
+        return (*c2, torch.zeros_like(s))
+    return _t_two_stage(pz, a, done, (ca, cb, torch.zeros_like(s), mid), second)
+
+
+def _t_ancestral_two_stage(pz, a, dpmpp: bool):
+    s, sn, eta = a.sigma, a.sigma_next, a.eta
+    d, u, clamped = _t_split(s, sn, eta)
+    sigma_down = d * sn
+    noise = a.s_noise * _t_noise_scale(pz, sn) * u
+    euler_to_0 = (sn == 0.0) | clamped  # k-diffusion's sigma_down == 0 branch
+    if dpmpp:
+        sigma_d_times = torch.where(s == INF, INF if eta < 1.0 else eta * sn, s * d)
+        mid = torch.sqrt(sn * sigma_d_times)
+    else:
+        mid = torch.where(s == INF, INF, torch.exp(0.5 * (torch.log(s) + torch.log(sigma_down))))
+    at_inf = ~euler_to_0 & (mid == INF)  # the euler_ancestral step
+    anc_a, anc_b, anc_e, _ = _t_ancestral(pz, s, sn, eta, a.s_noise, clamp=True)
+    eu_a, eu_b = _t_euler(pz, s, torch.where(at_inf | euler_to_0, sn, mid))
+    zero = torch.zeros_like(s)
+    first = (torch.where(euler_to_0, 0.0, torch.where(at_inf, anc_a, eu_a)),
+             torch.where(euler_to_0, _t_c_in(pz, sn), torch.where(at_inf, anc_b, eu_b)),
+             torch.where(euler_to_0, noise if dpmpp else zero, torch.where(at_inf, anc_e, zero)),
+             torch.where(euler_to_0 | at_inf, sn, mid))
+    return _t_two_stage(pz, a, euler_to_0 | at_inf, first,
+                        lambda: (*_t_midpoint_stage2(pz, s, mid, sigma_down, sn, d, dpmpp), noise))
+
+
+def _t_dpmpp_2m(pz, a):
+    s, sn = a.sigma, a.sigma_next
+    ca, cb = _t_euler(pz, s, sn)
+    if not a.sigma_prev:
+        return TensorCoeffs(ca, cb, (), 0.0, sn), torch.ones_like(s, dtype=torch.bool)
+    prev = a.sigma_prev[0]
+    use = sn != 0.0
+    w = _t_log_ratio(s, sn) / (2.0 * _t_log_ratio(prev, s))
+    return (TensorCoeffs(ca, torch.where(use, cb * (1.0 + w), cb), (torch.where(use, -cb * w, 0.0),), 0.0, sn),
+            ~use | _t_history_ok(s, (prev,)))
+
+
+def _t_sde_base(pz, s, sn, eta, s_noise):
+    h = _t_log_ratio(s, sn)
+    r = _t_ratio(s, sn)
+    s_next = _t_noise_scale(pz, sn)
+    a = s_next / _t_noise_scale(pz, s) * r ** eta
+    big_h = h * (1.0 + eta)
+    base = torch.where(h == INF, 1.0, -torch.expm1(-big_h))
+    noise = torch.zeros_like(s)
+    if eta:
+        noise = s_next * s_noise * torch.where(h == INF, 1.0, torch.sqrt(-torch.expm1(-2.0 * eta * h)))
+    return h, big_h, a, base, noise
+
+
+def _t_sde_end(pz, sn, a, b, h, e):
+    """The SDE samplers' step to sigma' = 0: y' = c_in(0) D."""
+    end = sn == 0.0
+    zero = torch.zeros_like(sn)
+    return TensorCoeffs(torch.where(end, zero, a), torch.where(end, pz.c_in(0.0), b),
+                        tuple(torch.where(end, zero, k) for k in h), torch.where(end, zero, e), sn), end
+
+
+def _t_dpmpp_2m_sde(pz, a):
+    s, sn = a.sigma, a.sigma_next
+    h, big_h, ca, base, noise = _t_sde_base(pz, s, sn, a.eta, a.s_noise)
+    c_next = _t_c_in(pz, sn)
+    hist, corr, ok = (), 0.0, True
+    if a.sigma_prev:
+        prev = a.sigma_prev[0]
+        inv_r = h / _t_log_ratio(prev, s)
+        corr = (0.5 * base if a.solver_type == "midpoint" else 1.0 - base / big_h) * inv_r
+        hist, ok = (-c_next * corr,), _t_history_ok(s, (prev,))
+    c, end = _t_sde_end(pz, sn, ca, c_next * (base + corr), hist, noise)
+    return c, end | ok
+
+
+def _t_dpmpp_3m_sde(pz, a):
+    s, sn = a.sigma, a.sigma_next
+    prev = a.sigma_prev[:2]
+    h, big_h, ca, base, noise = _t_sde_base(pz, s, sn, a.eta, a.s_noise)
+    c_next = _t_c_in(pz, sn)
+    x_d, hist, ok = base, (), True
+    if prev:
+        phi2 = torch.where(big_h == INF, 1.0, 1.0 - base / big_h)
+        h1 = _t_log_ratio(prev[0], s)
+        a0 = h / h1
+        if len(prev) == 1:
+            x_d, hist = base + phi2 * a0, (-phi2 * a0,)
+        else:
+            phi3 = phi2 / big_h - 0.5
+            h2 = _t_log_ratio(prev[1], prev[0])
+            a1, w, v = h / h2, h1 / (h1 + h2), h / (h1 + h2)
+            x_d = base + phi2 * a0 * (1.0 + w) - phi3 * v * a0
+            hist = (-phi2 * (a0 + w * (a0 + a1)) + phi3 * v * (a0 + a1), phi2 * w * a1 - phi3 * v * a1)
+        ok = _t_history_ok(s, prev)
+    c, end = _t_sde_end(pz, sn, ca, c_next * x_d, tuple(c_next * k for k in hist), noise)
+    return c, end | ok
+
+
+def _t_lms(pz, a):
+    """:func:`lms`: a remembered point at sigma = inf takes no part in sample i's interpolation (the float path drops
+    it from the points), so each factor of a Lagrange basis through it is skipped per sample."""
+    s, sn = a.sigma, a.sigma_next
+    prev = tuple(a.sigma_prev[: a.order - 1])
+    at_inf = s == INF
+    pts = (s,) + prev
+    act = (torch.ones_like(at_inf),) + tuple(p != INF for p in prev)
+    half = 0.5 * (sn - s)
+    taus = [half * float(x) + 0.5 * (sn + s) for x in _GAUSS_X]  # the Gauss points of each sample's interval
+    w = []
+    for j, tj in enumerate(pts):
+        dot = 0.0
+        for gw, tau in zip(_GAUSS_W, taus):
+            basis = torch.ones_like(s)
+            for k, tk in enumerate(pts):
+                if k != j:
+                    basis = torch.where(act[k], basis * ((tau - tk) / (tj - tk)), basis)
+            dot = dot + float(gw) * basis
+        w.append(torch.where(act[j], half * dot, 0.0))
+    c_next = _t_c_in(pz, sn)
+    ns = _t_noise_scale(pz, s)
+    rest = w[1] if len(w) > 1 else 0.0
+    for wj in w[2:]:
+        rest = rest + wj
+    eu_a, eu_b = _t_euler(pz, s, sn)
+    zero = torch.zeros_like(s)
+    c = TensorCoeffs(torch.where(at_inf, eu_a, c_next * (sn - rest) / ns),
+                     torch.where(at_inf, eu_b, -c_next * w[0] / s),
+                     tuple(torch.where(at_inf, zero, c_next * wj) for wj in w[1:]), 0.0, sn,
+                     carry=(torch.where(at_inf, 1.0, 1.0 / ns), torch.where(at_inf, 0.0, -1.0 / s)))
+    return c, at_inf | _t_history_ok(s, prev)
+
+
+def _t_single(fn):
+    return lambda pz, a: (fn(pz, a), True)
+
+
+def _t_ancestral_row(eta_of, s_noise_of, clamp: bool):
+    def coeffs(pz, a):
+        ca, cb, ce, ok = _t_ancestral(pz, a.sigma, a.sigma_next, eta_of(a), s_noise_of(a), clamp)
+        return TensorCoeffs(ca, cb, (), ce, a.sigma_next), ok
+    return coeffs
+
+
+#: the tensor mirror of each built-in row's coefficient function: (pz, StepArgs of tensors) -> (TensorCoeffs,
+#: ok of the sampler's own checks); a sampler without one (register_sampler) is stepped from host values
+_TENSOR_COEFFS = {
+    "euler": lambda pz, a: (TensorCoeffs(*_t_euler(pz, a.sigma, a.sigma_next), (), 0.0, a.sigma_next), True),
+    "euler_ancestral": _t_ancestral_row(lambda a: a.eta, lambda a: a.s_noise, clamp=True),
+    "ddim": _t_ancestral_row(lambda a: a.eta, lambda a: 1.0, clamp=False),
+    "ddpm": _t_ancestral_row(lambda a: 1.0, lambda a: 1.0, clamp=False),
+    "heun": _t_single(_t_heun),
+    "dpm_2": _t_single(_t_dpm_2),
+    "dpm_2_ancestral": _t_single(lambda pz, a: _t_ancestral_two_stage(pz, a, dpmpp=False)),
+    "dpmpp_2s_ancestral": _t_single(lambda pz, a: _t_ancestral_two_stage(pz, a, dpmpp=True)),
+    "dpmpp_2m": _t_dpmpp_2m,
+    "dpmpp_2m_sde": _t_dpmpp_2m_sde,
+    "dpmpp_3m_sde": _t_dpmpp_3m_sde,
+    "lms": _t_lms,
+}
+
+
+def has_tensor_coeffs(sampler: str) -> bool:
+    """Whether :func:`step_coeffs_tensor` computes ``sampler``'s coefficients (every built-in sampler)."""
+    return sampler in _TENSOR_COEFFS
+
+
+def _t_sigma_ok(v):
+    """0, inf, or within [SIGMA_MIN, SIGMA_MAX] (:func:`zsnr_kernels._validate.step_sigmas`); NaN and < 0 fail."""
+    return (v == 0.0) | (v == INF) | ((v >= _validate.SIGMA_MIN) & (v <= _validate.SIGMA_MAX))
+
+
+def _t_span_ok(pz, a: StepArgs):
+    """:func:`zsnr_kernels._validate.step_sigmas`' span rules (STEP_RATIO_MAX, LMS_SPAN_MAX) per sample."""
+    s, sn = a.sigma, a.sigma_next
+    most = _validate.STEP_RATIO_MAX.get(a.sampler)
+    if most is not None:
+        wide = (sn > 0.0) & (s != INF) & (s > most * sn)
+        if a.sampler == "dpm_2_ancestral":
+            r = sn / s
+            wide = wide & ~(a.eta * torch.sqrt((1.0 - r) * (1.0 + r)) > 1.0)  # clamped: an Euler step to 0
+        return ~wide
+    if a.sampler == "lms":
+        prev = a.sigma_prev[: a.order - 1]
+        if not prev:
+            return True
+        remembered = prev[0] != INF
+        for p in prev[1:]:
+            remembered = remembered | (p != INF)
+        scale = torch.clamp_min(sn, 1.0 if pz.prediction == "flow" else pz.sigma_data)
+        return ~((s != INF) & (s > _validate.LMS_SPAN_MAX * scale) & remembered)
+    return True
+
+
+def step_coeffs_tensor(pz: Parameterization, a: StepArgs) -> TensorCoeffs:
+    """:func:`step_coeffs` of a batch whose sigmas (``a.sigma``, ``sigma_next``, ``sigma_hat_next``, each of
+    ``sigma_prev``) are (B,) float64 tensors on one device, computed there without reading a value on the host.
+
+    ``ok`` is False for a sample the float path or ``zsnr_kernels._validate.step_sigmas`` refuses: the checks of
+    its StepArgs in the list of :mod:`zsnr_kernels.steps` (the others need sigma_eval, the noise or ``first``)."""
+    fn = _TENSOR_COEFFS.get(a.sampler)
+    if fn is None:
+        raise ValueError(f"step_coeffs_tensor: {a.sampler!r} has no tensor coefficients; step it from host sigmas")
+    c, ok = fn(pz, a)
+    s, sn, target = a.sigma, a.sigma_next, a.sigma_hat_next
+    ok = ok & (sn >= 0.0) & (s > sn) & _t_sigma_ok(s) & _t_sigma_ok(sn) & _t_span_ok(pz, a)
+    for p in a.sigma_prev:
+        ok = ok & _t_sigma_ok(p)
+    spec = _TABLE[a.sampler]
+    complete = spec.kind != "two_stage" or a.stage == 2
+    if spec.churn and target is not None:
+        ok = ok & _t_sigma_ok(target)
+        # with_churn on the samples whose step ends in this call.  heun's and dpm_2's step ends after the first stage
+        # where sigma_next = 0 or sigma = inf: those samples are churned by the first call, and the second leaves
+        # them at the target
+        so = c.sigma_out
+        ends = torch.ones_like(ok)
+        if spec.kind == "two_stage":
+            first_ends = (sn == 0.0) | (s == INF)
+            ends = first_ends if a.stage == 1 else ~first_ends
+            if a.stage == 2:
+                so = torch.where(first_ends, target, so)
+        move = ends & (target != so)
+        ok = ok & ~(move & ~((target != INF) & (target > so) & (so >= 0.0)))
+        c_hat = _t_c_in(pz, target)
+        k = torch.where(move, c_hat / _t_c_in(pz, so), 1.0)
+        e = torch.where(move, c_hat * torch.sqrt((target - so) * (target + so)) * a.s_noise, c.e)
+        c = c._replace(a=k * c.a, b=k * c.b, h=tuple(k * w for w in c.h), e=e,
+                       sigma_out=torch.where(move, target, so))
+    noisy = spec.stochastic(a.eta) or (spec.churn and target is not None)
+    return c._replace(complete=complete, noisy=noisy, ok=ok)

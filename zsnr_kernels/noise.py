@@ -170,9 +170,10 @@ def seed_tensor(seed: Tensor, batch: int) -> Tensor:
 
 
 def step_seeds(seed: int | Sequence[int] | Tensor, batch: int) -> list[int] | Tensor:
-    """The seeds a step takes: :func:`normalize_seeds`, except that a seed tensor stays one (:func:`seed_tensor`)
-    while torch.compile traces, a graph input rather than constants of the graph."""
-    if isinstance(seed, Tensor) and torch.compiler.is_compiling():
+    """The seeds a step takes: :func:`normalize_seeds`, except that a seed tensor stays one (:func:`seed_tensor`):
+    its values are never read on the host (no wait for the device, docs/design.md §2.9; traced, a graph input
+    rather than constants of the graph).  Every int64 value is a valid seed, so nothing is left unchecked."""
+    if isinstance(seed, Tensor):
         return seed_tensor(seed, batch)
     return normalize_seeds(seed, batch)
 

@@ -42,9 +42,36 @@ gives the same samples as 8 batches of 1 with seeds s, s + 1, ..., s + 7 (not 8 
 Seeds are taken mod 2**64: any int in [-2**63, 2**64) (an int64 or a uint64; -1 is 2**64 - 1), others are
 refused.
 
-``sigma`` and the other noise levels may be numbers or (B,) tensors (one per sample, §2.9).  ``y`` is any float
-dtype; the math runs in float32 (float64 for float64 inputs).  Inputs are never modified.  Model outputs are not
-checked for NaN/inf (that would wait for the device): a NaN in F reaches the result, on every backend.
+``sigma`` and the other noise levels may be numbers or (B,) tensors (one per sample, §2.9).
+
+A sigma tensor on the CPU is read (no wait) and checked as numbers are.  A sigma tensor on another device (per
+sample, or one value), and a seed tensor anywhere, is never read on the host: no wait for the device per step, and
+nothing that breaks CUDA-graph capture.  On the ``torch`` backend the step's coefficients are then computed on
+that device (float64, :func:`zsnr_kernels.coefficients.step_coeffs_tensor`); ``StepResult.sigma`` is a (B,)
+tensor there.  The host checks such a tensor's metadata only (a real dtype, one value or B; a seed tensor an
+integer dtype); these value checks, which raise ValueError for numbers, are made on the device instead, and a
+sample that fails one comes out NaN (its y, D, carry and sigma; every later step keeps it NaN: read
+``torch.isfinite`` when you synchronise anyway):
+
+* a sigma (sigma, sigma_next, sigma_hat_next, a history sigma, first.sigma) that is NaN or negative, or positive
+  below SIGMA_MIN or above SIGMA_MAX other than inf; sigma_next or sigma_hat_next inf;
+* sigma <= sigma_next; history sigmas not strictly above sigma and growing with age;
+* a step wider than STEP_RATIO_MAX (heun, dpm_2, dpm_2_ancestral) or LMS_SPAN_MAX (lms with remembered points);
+* a churn target (sigma_hat_next) below the step's sigma_next; ddim's eta beyond the target noise level;
+* an eps model evaluated at sigma = inf;
+* a step that adds noise with neither ``noise=`` nor ``seed=`` (a sample that adds none is stepped);
+* a second call whose sigma, sigma_next or first.sigma differ from its first call's (the sampler is compared on
+  the host and still raises).
+
+Two behaviours follow from not knowing the values: a two-stage step always takes two calls (a sample whose step
+ended after its first stage, from sigma = inf or to 0, keeps its state in the second), and a ``noise=`` function is
+called whenever the step may add noise.  The compiled backends (cpu, cuda, triton), a sampler added with
+``register_sampler`` and a plan's recording read the values (a wait per step for a CUDA tensor) and check them
+as numbers.
+
+``y`` is any float dtype; the math runs in float32 (float64 for float64 inputs).  Inputs are never modified.
+Model outputs are not checked for NaN/inf (that would wait for the device): a NaN in F reaches the result, on every
+backend.
 """
 
 from __future__ import annotations
@@ -60,7 +87,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validate, coefficients as co, noise as _noise, reference
-from .backends import eager, ops, registry as _backend
+from .backends import eager, layout as _layout, ops, registry as _backend
 from .parameterization import PREDICTIONS, parameterization
 
 INF = float("inf")
@@ -185,7 +212,11 @@ def _run(
     y = _validate.tensor("y", y)
     pz = parameterization(prediction, sigma_data)
     w, phi, space = _validate.guidance(guidance_scale, guidance_rescale, rescale_space)
-    _validate.step_sigmas(args, pz)  # noise levels every backend can step (subnormal, huge, too wide a step)
+    # per-sample sigmas on the device (§2.9): one StepArgs of (B,) tensors, whose values the host never reads (a
+    # sigma of a StepArgs is a float or such a tensor)
+    on_device = type(args[0].sigma) is not float
+    if not on_device:
+        _validate.step_sigmas(args, pz)  # noise levels every backend can step (subnormal, huge, too wide a step)
     f_cond, f_uncond = _validate.model_output(model_output, y, w)
     for k, t in enumerate(history):
         if not _validate.matches(t, y):
@@ -202,14 +233,6 @@ def _run(
     seeds = None if seed is None else _noise.step_seeds(seed, y.shape[0])
     if seeds is not None and step_index is None:
         raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
-    sig_eval = sigma_eval if isinstance(sigma_eval, list) else [sigma_eval] * len(args)
-    if len(sig_eval) != len(args):
-        raise ValueError("first.sigma is per sample but this call's sigma and sigma_next are not: pass the second "
-                         "call the per-sample sigmas of the first")
-    if args[0].stage == 2 and not _own_origin(args, first_origin):  # an unmodified first stage of this call
-        _check_first_sigma(pz, args, sig_eval)  # (the common case) passes both; else they say what differs
-        _check_origin(args, first_origin)
-    want_d = return_denoised or co.SAMPLERS[args[0].sampler].keeps_denoised(args[0].stage)
     # autograd records the step (the kernels have no backward: only the reference can run it), written out: this
     # runs on every step
     grad = torch.is_grad_enabled() and (
@@ -218,6 +241,24 @@ def _run(
         or (noise is not None and isinstance(noise, torch.Tensor) and noise.requires_grad)
         or (len(history) > 0 and any(t.requires_grad for t in history)))
     name = _backend.resolve(backend, y, grad)
+    if on_device:  # the device values, checked on the device; or read, for a backend that takes host values
+        args, sigma_eval, on_device = _device_sigmas(pz, y, args, sigma_eval, first_origin, name)
+    if seeds is not None and name != "torch" and isinstance(seeds, torch.Tensor) and (
+            not torch.compiler.is_compiling()):
+        seeds = _noise.normalize_seeds(seeds, y.shape[0])  # the compiled launchers take host seeds (_device_sigmas)
+    if on_device:
+        sig_eval = sigma_eval
+    else:
+        sig_eval = sigma_eval if isinstance(sigma_eval, list) else [sigma_eval] * len(args)
+        if len(sig_eval) != len(args):
+            raise ValueError("first.sigma is per sample but this call's sigma and sigma_next are not: pass the "
+                             "second call the per-sample sigmas of the first")
+        if args[0].stage == 2:
+            first_origin = _host_origin(first_origin)
+            if not _own_origin(args, first_origin):  # an unmodified first stage of this call (the common case)
+                _check_first_sigma(pz, args, sig_eval)  # passes both; else they say what differs
+                _check_origin(args, first_origin)
+    want_d = return_denoised or co.SAMPLERS[args[0].sampler].keeps_denoised(args[0].stage)
     if name != "torch" and callable(noise):  # explicit noise drawn lazily: only if the spec says a sample adds some
         noise = noise() if any(co.step_coeffs(pz, a).e != 0.0 for a in args) else None
         if noise is not None:
@@ -228,11 +269,14 @@ def _run(
     y_out, d, carry, sigma_out, complete = run(
         y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
         rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
-    sigma_next = sigma_out[0] if len(args) == 1 else torch.tensor(sigma_out, dtype=torch.float64)
+    sigma_next = (sigma_out if on_device else sigma_out[0] if len(args) == 1
+                  else torch.tensor(sigma_out, dtype=torch.float64))
     result = StepResult(y_out, sigma_next, d if want_d else None, complete, carry,
                         None if complete else _origin(args))
     rec = _recording() if _recordings else None
     if rec is not None:  # zsnr_kernels.plan is recording a run in this context
+        if isinstance(seeds, torch.Tensor):  # a plan keeps host seeds (it records on host tensors: no wait)
+            seeds = _noise.normalize_seeds(seeds, y.shape[0])
         rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
                  guided=f_uncond is not None)
     return result
@@ -272,6 +316,59 @@ def _input_name(k: int, guided: bool) -> str:
     return ("y", "model_output[0] (cond)" if guided else "model_output", "model_output[1] (uncond)", "noise")[k]
 
 
+def _device_sigmas(pz, y, args: list[co.StepArgs], sigma_eval, first_origin, name: str):
+    """``(args, sigma_eval, on_device)`` of a step whose sigmas are device values (one StepArgs of (B,) tensors).
+
+    The torch backend steps from them as they are (the second call's checks on the device,
+    :func:`_device_second_stage`).  The compiled backends' launchers, a registered sampler's float coefficient
+    function and a plan's recording take host values: for them the sigmas are read and checked as numbers are, and
+    the step goes on as with per-sample lists (a wait for the device on every step: the CUDA and Triton launchers
+    taking device coefficients is what remains, docs/design.md §2.9)."""
+    a = args[0]
+    if name == "torch" and co.has_tensor_coeffs(a.sampler) and not _recording():
+        return args, sigma_eval if a.stage == 1 else _device_second_stage(pz, a, sigma_eval, first_origin), True
+    b = y.shape[0]
+    host = lambda n, v: None if v is None else _validate.sigma_values(n, v, b)  # noqa: E731
+    args = _args(a.sampler, host("sigma", a.sigma), host("sigma_next", a.sigma_next),
+                 hat=host("sigma_hat_next", a.sigma_hat_next),
+                 prev=[host(f"history[{k}] sigma", p) for k, p in enumerate(a.sigma_prev)], stage=a.stage, eta=a.eta,
+                 s_noise=a.s_noise, solver_type=a.solver_type, order=a.order)
+    _validate.step_sigmas(args, pz)
+    return args, host("first.sigma", sigma_eval), False
+
+
+def _host_origin(origin):
+    """``first.origin`` with a first call's device sigmas read (a second call with host sigmas compares values)."""
+    if isinstance(origin, tuple) and len(origin) == 3 and any(isinstance(v, torch.Tensor) for v in origin[1:]):
+        return (origin[0], *(v.detach().double().cpu().tolist() if isinstance(v, torch.Tensor) else v
+                             for v in origin[1:]))
+    return origin
+
+
+def _same_view(a, b) -> bool:
+    """Whether two tensors are views of the same memory alike (no value read; traced tensors have no address)."""
+    return a is b or (isinstance(b, torch.Tensor) and not torch.compiler.is_compiling() and a.device == b.device
+                      and a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr())
+
+
+def _device_second_stage(pz, a: co.StepArgs, sig_eval: torch.Tensor, origin) -> torch.Tensor:
+    """The second call's checks of :func:`_check_first_sigma` and :func:`_check_origin` with device sigmas: the
+    sampler is compared on the host, the sigmas on the device, and a sample whose ``first`` does not match gets a
+    NaN sigma_eval (the step then writes NaN for it, §2.9).  Nothing is compared for the first call's own sigmas
+    (the same memory, as the float path skips an unmodified first stage)."""
+    if isinstance(origin, tuple) and len(origin) == 3 and origin[0] == a.sampler and (
+            _same_view(a.sigma, origin[1]) and _same_view(a.sigma_next, origin[2])):
+        return sig_eval
+    if origin is not None and not (isinstance(origin, tuple) and len(origin) == 3 and origin[0] == a.sampler):
+        _check_origin([a], origin)  # raises: a malformed origin, or another sampler's
+    close = lambda x, y: (x == y) | ((x - y).abs() <= 1e-12 * torch.maximum(x.abs(), y.abs()))  # noqa: E731
+    same = close(sig_eval, co.step_coeffs_tensor(pz, a._replace(stage=1)).sigma_out)
+    if origin is not None:
+        f_sg, f_sn = (_column(v, sig_eval) for v in origin[1:])
+        same = same & close(f_sg, a.sigma) & close(f_sn, a.sigma_next)
+    return torch.where(same, sig_eval, torch.nan)
+
+
 def _check_first_sigma(pz, args: list[co.StepArgs], sig_eval: list) -> None:
     """A second call's ``first.sigma`` must be where this step's first stage put the model: else ``first`` came
     from another sampler or another (sigma, sigma_next), and the second stage would silently compute garbage."""
@@ -286,11 +383,16 @@ def _check_first_sigma(pz, args: list[co.StepArgs], sig_eval: list) -> None:
 
 def _sigmas(y, sigma, sigma_next, *hat):
     """Validated sigma, sigma_next (and ``sigma_hat_next`` when one is passed; None: no churn) as floats or
-    per-sample lists."""
+    per-sample lists; as (B,) float64 tensors on y's device when one of them is a device value (§2.9), whose values
+    are not read here (the module docstring lists what is checked on the device instead)."""
     if (type(sigma) is float and type(sigma_next) is float and sigma >= 0.0 and sigma_next >= 0.0 and (
             not hat or hat[0] is None or (type(hat[0]) is float and hat[0] >= 0.0))):
         return [sigma, sigma_next, *hat]  # numbers, the common case (NaN fails the comparisons)
     b = y.shape[0] if isinstance(y, torch.Tensor) and y.ndim else 1
+    if isinstance(y, torch.Tensor) and any(map(_validate.device_sigma, (sigma, sigma_next, *hat))):
+        return [None if v is None else _validate.sigma_tensor(n, v, b, y.device) if _validate.device_sigma(v)
+                else _validate.sigma_values(n, v, b)  # a host value beside them: _args puts it on the device
+                for n, v in zip(("sigma", "sigma_next", "sigma_hat_next"), (sigma, sigma_next, *hat))]
     out = [_validate.sigma_values("sigma", sigma, b), _validate.sigma_values("sigma_next", sigma_next, b)]
     out += [None if v is None else _validate.sigma_values("sigma_hat_next", v, b) for v in hat]
     if list in map(type, out):  # broadcast scalars to per-sample lists
@@ -305,13 +407,29 @@ def _args(sampler: str, sg, sn, *, hat=None, prev=(), stage=_DEFAULT["stage"], e
           s_noise=_DEFAULT["s_noise"], solver_type=_DEFAULT["solver_type"],
           order=_DEFAULT["order"]) -> list[co.StepArgs]:
     """One StepArgs for the batch, or one per sample when any sigma is a per-sample list (built positionally:
-    keywords to a NamedTuple cost more, and this runs on every step)."""
-    if type(sg) is not list and type(sn) is not list and type(hat) is not list and (
-            not prev or list not in map(type, prev)):
+    keywords to a NamedTuple cost more, and this runs on every step); one StepArgs of (B,) tensors when any sigma
+    is a tensor (a device value, §2.9: the others become tensors on its device)."""
+    if type(sg) is float and type(sn) is float and type(hat) is not list and (
+            not prev or all(type(p) is float for p in prev)):
         return [co.StepArgs(sampler, sg, sn, stage, hat, tuple(prev), eta, s_noise, solver_type, order)]
+    like = next((v for v in (sg, sn, hat, *prev) if isinstance(v, torch.Tensor)), None)
+    if like is not None:
+        col = lambda v: None if v is None else _column(v, like)  # noqa: E731
+        return [co.StepArgs(sampler, col(sg), col(sn), stage, col(hat), tuple(map(col, prev)), eta, s_noise,
+                            solver_type, order)]
     n = max(len(v) for v in (sg, sn, hat, *prev) if isinstance(v, list))
     return [co.StepArgs(sampler, _at(sg, i), _at(sn, i), stage, None if hat is None else _at(hat, i),
                         tuple(_at(p, i) for p in prev), eta, s_noise, solver_type, order) for i in range(n)]
+
+
+def _column(v, like: torch.Tensor) -> torch.Tensor:
+    """A host sigma (a number or a per-sample list) as a (B,) float64 tensor beside the device sigmas ``like``: a fill
+    on the device, or a list copied through pinned memory (no wait for the device)."""
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, list):
+        return _layout.to_device(torch.tensor(v, dtype=torch.float64), like.device)
+    return torch.full_like(like, v)
 
 
 def _history(history, depth: int, y, name: str = "history"):
@@ -325,13 +443,22 @@ def _history(history, depth: int, y, name: str = "history"):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise TypeError(f"{name}[{k}] must be a (sigma, tensor) pair")
     b = y.shape[0] if isinstance(y, torch.Tensor) and y.ndim else 1
-    sigmas = [_validate.sigma_values(f"{name}[{k}] sigma", p[0], b) for k, p in enumerate(pairs)]
+    sigmas = [_validate.sigma_tensor(f"{name}[{k}] sigma", p[0], b, y.device) if _validate.device_sigma(p[0])
+              and isinstance(y, torch.Tensor) else _validate.sigma_values(f"{name}[{k}] sigma", p[0], b)
+              for k, p in enumerate(pairs)]
     return sigmas, [p[1] for p in pairs]
 
 
 def _eval_sigma(y, sigma, first):
-    """The sigma the model was called at: ``sigma`` for a first call, ``first.sigma`` for a second one."""
-    return sigma if first is None else _validate.sigma_values("first.sigma", first.sigma, y.shape[0])
+    """The sigma the model was called at: ``sigma`` for a first call, ``first.sigma`` for a second one (a tensor on
+    sigma's device when sigma is one)."""
+    if first is None:
+        return sigma
+    if isinstance(sigma, torch.Tensor):
+        if _validate.device_sigma(first.sigma):
+            return _validate.sigma_tensor("first.sigma", first.sigma, y.shape[0], sigma.device)
+        return _column(_validate.sigma_values("first.sigma", first.sigma, y.shape[0]), sigma)
+    return _validate.sigma_values("first.sigma", first.sigma, y.shape[0])
 
 
 def _first_stage(first, stage_name: str):

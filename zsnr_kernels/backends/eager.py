@@ -24,7 +24,12 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
                want_denoised: bool, out):
     """Run one step.  Returns ``(y_out, denoised, carry or None, sigma_out list, complete)``; raises the spec's
     ValueError for a step it refuses.  ``noise`` may be a function returning the noise tensor: it is called only
-    when a sample adds noise."""
+    when a sample adds noise.  With sigmas on the device (one StepArgs of (B,) tensors, §2.9) the coefficients are
+    computed there and ``sigma_out`` is a (B,) tensor (:func:`_device_step`)."""
+    if type(args[0].sigma) is not float and isinstance(args[0].sigma, torch.Tensor):
+        return _device_step(y, f_cond, f_uncond, history, pz, args[0], sigma_eval, guidance_scale=guidance_scale,
+                            guidance_rescale=guidance_rescale, rescale_space=rescale_space, noise=noise, seeds=seeds,
+                            step_index=step_index, out=out)
     cs = [co.step_coeffs(pz, a) for a in args]
     per_sample = len(cs) > 1
     n_hist = _validate.step_coeffs(cs, len(history))
@@ -49,6 +54,36 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     if out is not None:
         y_out = out.copy_(y_out)
     return y_out, d, carry_out, [c.sigma_out for c in cs], cs[0].complete
+
+
+def _device_step(y, f_cond, f_uncond, history, pz: Parameterization, a, sigma_eval: torch.Tensor, *,
+                 guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index, out):
+    """:func:`fused_step` from sigmas on the device: :func:`zsnr_kernels.coefficients.step_coeffs_tensor`, every
+    value check on the device.  A sample that fails one (the ``ok`` of the coefficients; a NaN or negative
+    sigma_eval, which the second-stage checks also give; eps at sigma = inf; a step that adds noise with neither
+    noise= nor seed=) gets NaN for p, a and its sigma_out, so its y, D and carry are NaN, and so is the rest of its
+    run: the status the caller reads when it synchronises anyway (``torch.isfinite``), as the kernels report."""
+    c = co.step_coeffs_tensor(pz, a)
+    p, q = co.denoise_coeffs_tensor(pz, sigma_eval)
+    ok = c.ok & (sigma_eval >= 0.0)
+    if pz.prediction == "eps":
+        ok = ok & (sigma_eval != float("inf"))
+    z, e = None, 0.0
+    if c.noisy:  # some sample may add noise: draw it for all (e is 0 where a sample adds none)
+        if noise is not None or seeds is not None:
+            z, e = noise_tensor(y, noise, seeds, step_index), c.e
+        else:
+            ok = ok & (c.e == 0.0)
+    bad = lambda v: torch.where(ok, v, torch.nan)  # noqa: E731
+    uv = (0.0, 1.0)
+    if guidance_rescale and f_uncond is not None:
+        uv = co.rescale_space_coeffs_tensor(pz, sigma_eval, rescale_space)
+    y_out, d, carry = reference.fused_step(
+        y, f_cond, f_uncond, p=bad(p), q=q, a=bad(c.a), b=c.b, history=tuple(history[:len(c.h)]), h=c.h, noise=z,
+        e=e, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, rescale_uv=uv, carry=c.carry)
+    if out is not None:
+        y_out = out.copy_(y_out)
+    return y_out, d, carry, bad(c.sigma_out), c.complete
 
 
 def noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None) -> torch.Tensor:

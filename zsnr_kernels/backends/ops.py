@@ -46,6 +46,8 @@ def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry
         raise ValueError(f"zsnr_kernels::step: backend {backend!r} runs no compiled kernels; the op takes one of "
                          f"{tuple(b.name for b in registry.REGISTRY if b.compiled)}")
     module = entry.load()
+    # the launchers take the seeds as host ints: a CPU seed tensor is read without waiting, a CUDA one waits here
+    # (the CUDA and Triton launchers would take the device tensor's address instead: docs/design.md §2.9)
     seeds = None if seeds is None else [s % _U64 for s in seeds.tolist()]
     carry = _has_carry(want_carry, fields[2], table)
     if table is None:
