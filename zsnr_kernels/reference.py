@@ -110,8 +110,16 @@ def fused_step(
         out = out + _per_sample(e, yc) * noise.to(ct)
     carry_out = None
     if carry is not None:
-        carry_out = (_per_sample(carry[0], yc) * yc + _per_sample(carry[1], yc) * D).to(y.dtype)
-    return out.to(y.dtype), D.to(y.dtype), carry_out
+        carry_out = one_nan((_per_sample(carry[0], yc) * yc + _per_sample(carry[1], yc) * D).to(y.dtype))
+    return one_nan(out.to(y.dtype)), one_nan(D.to(y.dtype)), carry_out
+
+
+def one_nan(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with every NaN, whatever its sign and payload, replaced by the one NaN every backend stores: the positive
+    quiet NaN with a zero payload, float("nan") in t's dtype (float32 0x7fc00000, bfloat16 0x7fc0, float16 0x7e00;
+    csrc/include/zsnr/combine.h ``canonical_nan``).  CPU arithmetic keeps an input NaN's payload and GPU arithmetic
+    returns 0x7fffffff: without it a NaN output's bits would depend on the backend."""
+    return torch.where(torch.isnan(t), float("nan"), t)
 
 
 def add_noise(y: torch.Tensor, k: Coeff, e: Coeff, noise: torch.Tensor) -> torch.Tensor:
@@ -119,4 +127,4 @@ def add_noise(y: torch.Tensor, k: Coeff, e: Coeff, noise: torch.Tensor) -> torch
     Reads 2N, writes N."""
     ct = compute_dtype(y.dtype)
     yc = y.to(ct)
-    return (_per_sample(k, yc) * yc + _per_sample(e, yc) * noise.to(ct)).to(y.dtype)
+    return one_nan((_per_sample(k, yc) * yc + _per_sample(e, yc) * noise.to(ct)).to(y.dtype))

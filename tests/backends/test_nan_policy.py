@@ -1,7 +1,8 @@
 """One NaN on every backend (combine.h ``canonical_nan``): a NaN output element, whatever the NaN that produced
 it, is stored as the positive quiet NaN with a zero payload, what float("nan") is in that dtype.  x86 arithmetic
 keeps an input NaN's sign and payload, GPU arithmetic and conversions return 0x7fff(ffff): without the rule the
-bits of a NaN output depended on the backend.  The cuda kernels follow the same rule (csrc/cuda/step.cu); with no
+bits of a NaN output depended on the backend.  The torch reference applies it too (reference.one_nan).  The cuda
+kernels follow the same rule (csrc/cuda/step.cu); with no
 GPU here they are compiled (tests/backends/test_cuda_nvcc_build.py), not run."""
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def check(results, dtype):
             assert isnan.nonzero().flatten().tolist() == where.tolist(), f"{name}.{field}: NaN at other places"
             got = sorted({hex(v & 0xFFFFFFFF) for v in bits[isnan].tolist()})
             assert got == [hex(nan & 0xFFFFFFFF)], f"{name}.{field} {dtype}: NaN bits {got}, want {hex(nan)}"
+
+
+@pytest.mark.parametrize("dtype", list(BITS), ids=str)
+def test_the_reference_stores_the_one_nan(dtype):
+    check(steps("torch", dtype), dtype)
 
 
 @pytest.mark.skipif(not _ext.available(), reason="zsnr_kernels._C is not built")
