@@ -6,8 +6,8 @@ pipe.scheduler.config)`` and runs the pipeline unchanged:
 * ``DDPMPipeline`` and ``DDIMPipeline`` (pixel space, a small UNet2DModel): images equal to the diffusers
   scheduler's of the same name.  These pipelines never call ``scale_model_input`` nor ``init_noise_sigma``.
 * ``LDMPipeline`` (unconditional latent diffusion, VQModel + UNet2DModel), which does call both, for the Euler
-  family and DPM-Solver: the latents it decodes are compared (captured at ``vqvae.decode``, before the VQ
-  quantization, whose nearest-codebook rounding is discontinuous).
+  family and DPM-Solver (switched to from a shipped UniPC config too): the latents it decodes are compared
+  (captured at ``vqvae.decode``, before the VQ quantization, whose nearest-codebook rounding is discontinuous).
 * ``StableDiffusionPipeline`` with classifier-free guidance and guidance rescale, when ``transformers`` is
   installed (the pipeline module imports it; the test passes ``prompt_embeds`` and needs no text encoder).
 
@@ -133,6 +133,19 @@ def test_ldm_pipeline(unet, vqvae, name, config):
     pipe = _ldm(unet, vqvae, getattr(diffusers, name)(**config))
     want = _ldm_latents(pipe)
     pipe.scheduler = zd.SCHEDULERS[name].from_config(pipe.scheduler.config)
+    got = _ldm_latents(pipe)
+    assert _close(want, got)[0], _close(want, got)
+
+
+def test_ldm_pipeline_shipped_with_unipc_switches_to_dpm_solver(unet, vqvae):
+    """A pipeline whose saved scheduler config is UniPC's (solver_type="bh2" written out, as a saved config has
+    it) takes the README's one-line switch: diffusers' DPM-Solver reads bh2 as midpoint, and so does this one, with
+    its latents."""
+    config = {**diffusers.UniPCMultistepScheduler(solver_type="bh2").config, "_use_default_values": []}
+    pipe = _ldm(unet, vqvae, diffusers.DPMSolverMultistepScheduler.from_config(config))
+    want = _ldm_latents(pipe)
+    pipe.scheduler = zd.ZSNRDPMSolverMultistepScheduler.from_config(config)
+    assert pipe.scheduler.config.solver_type == "midpoint"
     got = _ldm_latents(pipe)
     assert _close(want, got)[0], _close(want, got)
 

@@ -35,7 +35,8 @@ SNR; diffusers therefore replaces the last ``alphas_cumprod`` (0) by 2**-24, a s
   timestep (``trailing``, ``linspace``); the model is called there at that timestep (T - 1), with y = the noise.
 * ``init_noise_sigma`` is the noise scale of the first model input, the factor diffusers' first
   ``scale_model_input(noise * init_noise_sigma)`` applies: s(sigma_0) = sigma_0 / sqrt(sigma_0^2 + 1) (1 at
-  sigma_0 = inf) for the Euler family with ``linspace``/``trailing`` spacing, 1 otherwise.
+  sigma_0 = inf) for the Euler family with ``linspace``/``trailing`` spacing, 1 otherwise (a 0-d tensor in the
+  Euler family, a float in the others, as diffusers' types).
 * ``scale_model_input`` returns the sample unchanged: it already is the model input.
 * ``step`` maps (y, model output) to the next y with the library's fused step (``backend``, default ``"auto"``);
   after the last step y at sigma = 0 is x0, what the pipeline decodes.
@@ -46,11 +47,38 @@ The step from sigma = inf is first order for every sampler (docs/design.md §2.3
 cannot be evaluated there and ``step`` says so.  ``HeunDiscreteScheduler`` has no ``rescale_betas_zero_snr``;
 :class:`ZSNRHeunDiscreteScheduler` adds it.
 
-**Parity with diffusers** on finite schedules (``tests/integrations/test_diffusers_schedulers.py``): same timesteps, model
-inputs and results to float32 rounding (float64 where diffusers computes in the sample's dtype, once both use the
-same tables).  Noise for the stochastic samplers is drawn from the ``generator`` argument with diffusers' own
-``randn_tensor`` calls (shape, dtype), so a generator seed gives diffusers' images.  Deviations:
+**Parity with diffusers** on finite schedules (``tests/integrations/test_diffusers_schedulers.py``,
+``tests/integrations/test_diffusers_contract.py``): same timesteps, model inputs and results to float32 rounding
+(float64 where diffusers computes in the sample's dtype, once both use the same tables).  Every config value the
+diffusers scheduler takes is taken (other schedulers' configs too, renamed as diffusers renames them: UniPC's and
+DEIS' solver types become DPM-Solver's ``midpoint``), and so are custom ``timesteps=``/``sigmas=`` in
+``set_timesteps`` where diffusers takes them, step counts beyond the table where diffusers takes them, and ``step``
+before ``set_timesteps`` (the training schedule).  Noise for the stochastic samplers is drawn from the ``generator``
+argument with diffusers' own ``randn_tensor`` calls (shape, dtype), so a generator seed gives diffusers' images.
 
+Refused although diffusers takes them (a ValueError names the option, why, and what to use instead):
+
+* ``algorithm_type="dpmsolver"``/``"sde-dpmsolver"``, the noise-prediction DPM-Solver (deprecated in diffusers):
+  its multistep update combines earlier noise predictions, which the fused multistep steps do not keep (they
+  remember denoised predictions).  ``dpmsolver++``/``sde-dpmsolver++`` have the same first-order step.
+* Flow matching -- ``use_flow_sigmas``, ``use_dynamic_shifting`` (and ``set_timesteps(mu=)``),
+  ``prediction_type="flow_prediction"``: such models keep x = (1 - t) x0 + t noise, not these variance-preserving
+  tables; :func:`zsnr_kernels.sample` takes them with ``prediction="flow"`` on sigma = t / (1 - t).
+* Euler's ``s_churn`` in ``step``: diffusers adds the churn noise after the model call, which is no fused step;
+  ``zsnr_kernels.sample(..., s_churn=)`` adds it before the call, as EDM does.
+* DDPM's ``variance_type="fixed_large_log"`` at ``step``: diffusers' step takes the square root of log(beta_t) < 0
+  there (NaN noise); ``_get_variance`` returns diffusers' value.
+* A schedule that raises the noise level (ascending custom ``timesteps``/``sigmas``: inversion; a final
+  ``sigma_min`` above a grid the config ends lower): the fused steps integrate towards sigma = 0.
+* ``rescale_betas_zero_snr`` on a one-entry table (diffusers returns NaN betas); a step at a timestep whose
+  alphas_cumprod lies outside [0, 1] (betas above 1; diffusers computes NaN there).
+* Values diffusers refuses only later -- an unknown ``prediction_type`` at ``step``, ``timestep_spacing``,
+  ``interpolation_type`` or ``final_sigmas_type`` at ``set_timesteps`` -- are refused when the scheduler is built.
+
+Deviations by design or from diffusers' own faults:
+
+* The state is the model input y (above), not diffusers' variance-exploding x for the Euler family; the step from
+  sigma = inf is first order, and an ``epsilon``-prediction model cannot be evaluated there.
 * No noise is drawn for a step that adds none (diffusers draws, and multiplies by 0 or adds 1e-10 z, at the last
   step of Euler ancestral, DDPM, DDIM with eta > 0 and SDE-DPM-Solver++): the images are the same, the generator is
   left one draw earlier after the run.  DDPM's posterior variance is not clamped to 1e-20 (diffusers adds 1e-10 z
@@ -58,28 +86,28 @@ same tables).  Noise for the stochastic samplers is drawn from the ``generator``
 * ``sde-dpmsolver++`` with ``solver_order=3`` follows k-diffusion's ``sample_dpmpp_3m_sde``: diffusers' third-order
   SDE update has the wrong sign on the 1/2 of its second-difference weight (it integrates to
   (1 - e^{-2h})/(4h^2) - 1/(2h) + 1/2; diffusers writes - 1/2).  The deterministic orders 1-3 match diffusers.
+* Zero-length steps (timesteps a spacing repeats when the step count nears the table's) leave the sample as it
+  is; DPM-Solver keeps its history over them, where diffusers divides by their zero log-ratio and returns NaN.
 * ``trailing`` step counts for which numpy's ``arange`` yields one value too many (T = 1000: 61, 103, 121, ...)
-  give the requested number of steps, not diffusers' extra timestep -1 (see :func:`zsnr_kernels.schedules.timesteps`).
-* Karras/exponential timesteps come from float64 log sigmas (diffusers interpolates in its float32 table), which
-  moves the fractional timesteps by up to 1e-2.  DPM-Solver's integer ones are equal for Karras (rounded); its
-  exponential ones are truncated, as in diffusers, and so may differ by 1 where t lies within 1e-2 of an integer
-  (on SD's table diffusers' float32 t(sigma_max) = 998.9999997 truncates to 998; in float64 here it is 999).
+  give the requested number of steps, not diffusers' extra timestep -1.
+* Tables and grids are float64 (diffusers: float32), so Karras/exponential/beta timesteps, found from log sigmas,
+  move by up to 1e-2.  DPM-Solver's integer ones are equal for Karras and Lu (rounded); its exponential and beta
+  ones are truncated, as in diffusers, and so may differ by 1 where t lies within 1e-2 of an integer (on SD's
+  table diffusers' float32 t(sigma_max) = 998.9999997 truncates to 998; in float64 here it is 999).  Custom
+  ``sigmas=`` are taken in float64 (diffusers rounds them to float32).  A training sigma above 1e30 is inf (a
+  float32 alphas_cumprod, diffusers', underflows to 0 there).
 * With ``leading`` spacing and no configured grid ``sigma_max``, ``init_noise_sigma`` does not depend on
   ``set_timesteps`` having run.  diffusers' Euler family computes it from the current sigmas, so a pipeline that
   reads it first (``LDMPipeline``) starts a ``leading`` schedule from its training sigma_max there, not from the
   schedule's first sigma; with ``linspace``/``trailing`` both are the same.  (With a Karras or exponential grid and
   a configured ``sigma_max`` it changes with ``set_timesteps``, as in diffusers.)
-* Pipelines that drive the scheduler's sigmas themselves instead of calling ``step`` on the latents they keep --
-  ``StableDiffusionLatentUpscalePipeline`` reads ``scheduler.sigmas`` and preconditions its own model inputs --
-  assume diffusers' variance-exploding latents and are not supported.
-* ``prev_sample`` keeps the sample's dtype (diffusers' Euler family returns the model output's dtype).
-* Not supported (a ValueError names the option): Euler's ``s_churn`` (use ``zsnr_kernels.sample(..., s_churn=)``,
-  which adds the churn before the model call, as EDM does), ``interpolation_type="log_linear"``,
-  ``timestep_type="continuous"``, ``use_beta_sigmas``, DPM-Solver's ``use_lu_lambdas``, ``use_flow_sigmas``,
-  ``use_dynamic_shifting`` and the noise-prediction ``dpmsolver``/``sde-dpmsolver`` algorithms, DDPM variance types
-  other than ``fixed_small(_log)``, beta schedules other than ``linear``, ``scaled_linear``,
-  ``squaredcos_cap_v2`` (or ``trained_betas``), and custom ``timesteps=``/``sigmas=`` in ``set_timesteps`` (DDPM's
-  custom ``timesteps`` excepted).
+* Pipelines that drive the scheduler's sigmas or internals themselves instead of calling ``step`` on the latents
+  they keep -- ``StableDiffusionLatentUpscalePipeline`` reads ``scheduler.sigmas`` and preconditions its own model
+  inputs, LEDITS++ runs DPM-Solver's ``model_outputs`` and update functions -- assume diffusers' latents and
+  internals and are not supported.
+* ``prev_sample`` keeps the sample's dtype (diffusers' Euler family returns the model output's dtype).  Euler
+  ancestral also takes ``prediction_type="sample"``, and DPM-Solver's learned-variance models keep the first half
+  of their output channels for every prediction type (diffusers: the first 3 channels, epsilon only).
 * A saved config names these classes (``_class_name``), which ``DiffusionPipeline.from_pretrained`` cannot look up
   in diffusers: load the pipeline, then set ``pipe.scheduler = ZSNR...Scheduler.from_pretrained(path,
   subfolder="scheduler")``.

@@ -1,12 +1,13 @@
-"""What the :mod:`zsnr_kernels.diffusers` schedulers share: the output class, the config checks and table helpers,
-the base scheduler (float64 training tables, the parameterization, model-input semantics) and the two ways of
-walking a schedule -- by timestep (DDIM, DDPM) and by step counter (Euler family, DPM-Solver).
+"""What the :mod:`zsnr_kernels.diffusers` schedulers share: the output class, diffusers' training tables and
+spacings in float64, the config checks, the base scheduler (the parameterization, model-input semantics) and the two
+ways of walking a schedule -- by timestep (DDIM, DDPM) and by step counter (Euler family, DPM-Solver).
 
 Private to the package: the scheduler modules import from here, users import from :mod:`zsnr_kernels.diffusers`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import operator
 from dataclasses import dataclass
@@ -25,12 +26,30 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
     raise ImportError("zsnr_kernels.diffusers needs the diffusers package (pip install diffusers)") from exc
 
 from .. import schedules
+from .._validate import SIGMA_MAX
 from ..parameterization import parameterization
 
 INF = math.inf
 
-#: diffusers' prediction_type -> this library's prediction
-_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+#: diffusers' prediction_type -> this library's prediction ("original_sample": the Euler scheduler's older name)
+_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "original_sample": "x0"}
+
+_FLOW = ("flow-matching schedules keep x = (1 - t) x0 + t noise, not these variance-preserving tables; sample such "
+         "a model with zsnr_kernels.sample(..., prediction='flow') on sigma = t / (1 - t)")
+
+#: config values the schedulers refuse although diffusers takes them: (key, value) -> why, and the fix
+REFUSED = {
+    ("algorithm_type", "dpmsolver"): (
+        "the noise-prediction DPM-Solver combines the noise predictions of earlier steps, which the fused multistep "
+        "steps do not keep (they remember denoised predictions), and diffusers deprecates it; use "
+        "algorithm_type='dpmsolver++' (the same first-order step)"),
+    ("algorithm_type", "sde-dpmsolver"): (
+        "the noise-prediction SDE-DPM-Solver combines the noise predictions of earlier steps, which the fused "
+        "multistep steps do not keep, and diffusers deprecates it; use algorithm_type='sde-dpmsolver++'"),
+    ("use_flow_sigmas", True): _FLOW,
+    ("use_dynamic_shifting", True): _FLOW,
+    ("prediction_type", "flow_prediction"): _FLOW,
+}
 
 
 @dataclass
@@ -45,64 +64,151 @@ class ZSNRSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-# ------------------------------------------------------------------------------------------------- shared helpers
+# ------------------------------------------------------------------------------ diffusers' tables, in float64
+#
+# The schedulers take every config diffusers takes, so the tables are built as diffusers builds them, unchecked
+# (zsnr_kernels.schedules validates its arguments for the library's own API): a beta_end of 1 or more, betas of
+# another length than num_train_timesteps, a one-entry table.  Where such a table has no noise level (alphas_cumprod
+# outside [0, 1], where diffusers computes NaN) a step there says so.
+
+
+def _alpha_bar(kind: str):
+    """diffusers' ``betas_for_alpha_bar`` transforms: abar(t) for t in [0, 1]."""
+    if kind == "cosine":
+        return lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    if kind == "exp":
+        return lambda t: math.exp(t * -12.0)
+
+    def laplace(t):
+        snr = math.exp(-0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6))
+        return math.sqrt(snr / (1 + snr))
+    return laplace
+
+
+def _betas_for_alpha_bar(T: int, kind: str) -> torch.Tensor:
+    abar = _alpha_bar(kind)
+    return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+
+
+#: beta_schedule -> betas(T, beta_start, beta_end), diffusers' formulas (DDPM's sigmoid and laplace, Heun's exp)
+_BETA_SCHEDULES = {
+    "linear": lambda T, b0, b1: torch.linspace(b0, b1, T, dtype=torch.float64),
+    "scaled_linear": lambda T, b0, b1: torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float64) ** 2,
+    "squaredcos_cap_v2": lambda T, b0, b1: _betas_for_alpha_bar(T, "cosine"),
+    "exp": lambda T, b0, b1: _betas_for_alpha_bar(T, "exp"),
+    "laplace": lambda T, b0, b1: _betas_for_alpha_bar(T, "laplace"),
+    "sigmoid": lambda T, b0, b1: torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (b1 - b0) + b0,
+}
+
+
+def _train_betas(owner: str, cfg) -> torch.Tensor:
+    """Training betas in float64, as diffusers builds them (it uses float32), rescaled to zero terminal SNR on
+    request (Lin et al. Algorithm 1: the last beta is exactly 1, the last alphas_cumprod exactly 0)."""
+    if cfg.trained_betas is not None:  # any length, as diffusers (num_train_timesteps still sets the spacings)
+        betas = torch.as_tensor(np.asarray(cfg.trained_betas, dtype=np.float64))
+        if betas.ndim != 1 or betas.numel() == 0:
+            raise ValueError(f"trained_betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
+    elif cfg.beta_schedule in _BETA_SCHEDULES:
+        betas = _BETA_SCHEDULES[cfg.beta_schedule](cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
+    else:
+        raise _refuse(owner, "beta_schedule", cfg.beta_schedule,
+                      f"use one of {tuple(_BETA_SCHEDULES)}, or pass the betas as trained_betas")
+    if getattr(cfg, "rescale_betas_zero_snr", False):
+        if betas.numel() < 2:  # diffusers divides 0 by 0 here and returns NaN betas
+            raise _refuse(owner, "rescale_betas_zero_snr", True,
+                          "a one-entry table has no terminal timestep to rescale (diffusers returns NaN betas); "
+                          "pass rescale_betas_zero_snr=False")
+        betas = schedules.rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def _sigmas_of(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma = sqrt((1 - abar)/abar): NaN outside [0, 1] (no noise level; diffusers' NaN too), inf at abar = 0 and
+    above SIGMA_MAX, the largest finite level a fused step takes: its steps differ from the limit at inf by a
+    relative 1/sigma < 1e-30 (float32 tables, diffusers', underflow to abar = 0 there; beta_end = 1 reaches it)."""
+    inside = (alphas_cumprod >= 0) & (alphas_cumprod <= 1)
+    sig = schedules.sigmas_from_alphas_cumprod(alphas_cumprod.clamp(0, 1))
+    sig = torch.where(sig > SIGMA_MAX, torch.full_like(sig, INF), sig)
+    return torch.where(inside, sig, torch.full_like(sig, math.nan))
+
+
+def _sigma_of(alpha_cumprod: float) -> float:
+    """:func:`_sigmas_of` of one value, in Python floats (DDIM and DDPM take two a step)."""
+    if not 0.0 <= alpha_cumprod <= 1.0:
+        return math.nan
+    sigma = INF if alpha_cumprod == 0.0 else math.sqrt((1.0 - alpha_cumprod) / alpha_cumprod)
+    return INF if sigma > SIGMA_MAX else sigma
+
+
+def _check_level(sigma: float, where: str) -> None:
+    if math.isnan(sigma):
+        raise ValueError(f"{where} has no noise level: its alphas_cumprod lies outside [0, 1] (betas above 1 or "
+                         "below 0, as beta_end >= 1 gives; diffusers computes NaN there). Use betas in [0, 1]")
 
 
 def _refuse(owner: str, key: str, value, fix: str) -> ValueError:
     return ValueError(f"{owner} does not support {key}={value!r}; {fix}")
 
 
-def _require(owner: str, key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise _refuse(owner, key, value, f"use one of {tuple(allowed)}")
+def _refuse_choice(owner: str, key: str, value, allowed) -> ValueError:
+    """The error for a config value outside ``allowed``: :data:`REFUSED`'s reason and fix, or the choices."""
+    return _refuse(owner, key, value, REFUSED.get((key, value)) or f"use one of {tuple(allowed)}")
 
 
-def _train_betas(owner: str, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                 rescale_betas_zero_snr) -> torch.Tensor:
-    """Training betas in float64, as diffusers builds them (it uses float32), rescaled to zero terminal SNR on
-    request (Lin et al. Algorithm 1: the last beta is exactly 1, the last alphas_cumprod exactly 0)."""
-    if trained_betas is not None:
-        betas = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64))
-        if betas.ndim != 1 or betas.numel() != num_train_timesteps:
-            raise ValueError(f"trained_betas must hold num_train_timesteps={num_train_timesteps} betas, "
-                             f"got shape {tuple(betas.shape)}")
-    elif beta_schedule in schedules.BETA_SCHEDULES:
-        betas = schedules.betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
-    else:
-        raise _refuse(owner, "beta_schedule", beta_schedule,
-                      f"use one of {schedules.BETA_SCHEDULES}, or pass the betas as trained_betas")
-    return schedules.rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
-
-
-def _sigma_of(alpha_cumprod: float) -> float:
-    """sigma = sqrt((1 - abar)/abar); inf at abar = 0."""
-    return INF if alpha_cumprod == 0.0 else math.sqrt((1.0 - alpha_cumprod) / alpha_cumprod)
-
-
-def _steps_count(n, T: int) -> int:
-    """``num_inference_steps`` as an int in [1, T]: a Python or numpy integer, or a 0-d integer tensor, as
-    diffusers takes them (not a bool or a float)."""
+def _steps_count(n, T: int | None = None) -> int:
+    """``num_inference_steps`` as a positive int (at most T when given): a Python or numpy integer, or a 0-d integer
+    tensor, as diffusers takes them (not a bool or a float)."""
     try:
         k = operator.index(n) if not isinstance(n, (bool, np.bool_)) else None
     except TypeError:
         k = None
-    if k is None or not 1 <= k <= T:
-        raise ValueError(f"num_inference_steps must be an int in [1, num_train_timesteps={T}], got {n!r}")
+    if k is None or k < 1 or (T is not None and k > T):
+        need = f"an int in [1, num_train_timesteps={T}]" if T is not None else "an int >= 1"
+        raise ValueError(f"num_inference_steps must be {need}, got {n!r}")
     return k
 
 
-def _interp_sigmas(train_sigmas: torch.Tensor, t: np.ndarray) -> torch.Tensor:
-    """``np.interp(t, arange(T), train_sigmas)`` in float64, without NaN next to an infinite last entry: an
-    integral t is the table entry; a fractional t interpolates linearly in sigma (inf towards an inf neighbour)."""
-    tt = torch.as_tensor(np.asarray(t, dtype=np.float64))
-    if ((tt < 0) | (tt > train_sigmas.numel() - 1)).any():
-        raise ValueError(f"timesteps must lie in [0, {train_sigmas.numel() - 1}], got {tt.tolist()}; lower "
-                         "steps_offset")
+def _spacing(n: int, T: int, spacing: str, offset: int, *, fractional: bool = False) -> np.ndarray:
+    """diffusers' ``timestep_spacing`` (DDIM, DDPM and the Euler family), descending: ``linspace`` (fractional
+    float32 for the Euler family, rounded to int64 for DDIM/DDPM), ``leading`` (T // n apart, plus
+    ``steps_offset``), ``trailing``.  numpy's float ``arange`` gives ``trailing`` an extra value for some n (T = 1000:
+    61, 103, 121, ...), which diffusers turns into a timestep -1: dropped here (module docstring)."""
+    if spacing == "linspace":
+        if fractional:
+            return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+        return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + offset
+    ts = np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+    return ts[ts >= 0]
+
+
+def _interp_sigmas(train_sigmas: torch.Tensor, t) -> torch.Tensor:
+    """``np.interp(t, arange(T), train_sigmas)`` in float64 (clamped to the table's ends, as numpy), without NaN
+    next to an infinite last entry: an integral t is the table entry; a fractional t interpolates linearly in sigma
+    (inf towards an inf neighbour)."""
+    last = train_sigmas.numel() - 1
+    tt = torch.as_tensor(np.asarray(t, dtype=np.float64)).clamp(0, last)
     lo = tt.floor().long()
-    hi = (lo + 1).clamp(max=train_sigmas.numel() - 1)
+    hi = (lo + 1).clamp(max=last)
     w = tt - lo
     mixed = (1 - w) * train_sigmas[lo] + w * train_sigmas[hi]
     return torch.where(w == 0, train_sigmas[lo], mixed)
+
+
+def _beta_grid(n: int, sigma_min: float, sigma_max: float, *, sigma_max_finite: float) -> torch.Tensor:
+    """diffusers' ``use_beta_sigmas`` (Lee et al. 2024, "Beta Sampling is All You Need"): sigma_min + ppf(1 -
+    linspace(0, 1, n)) (sigma_max - sigma_min), ppf the Beta(0.6, 0.6) quantile function, then a final 0.  At
+    sigma_max = inf it follows the library's grids (:func:`zsnr_kernels.schedules.karras`): inf, then the grid of
+    n - 1 points from ``sigma_max_finite``."""
+    import scipy.stats  # diffusers' own dependency for this option (checked when the config is)
+
+    inf0 = math.isinf(sigma_max)
+    top, m = (sigma_max_finite, n - 1) if inf0 else (sigma_max, n)
+    ppf = scipy.stats.beta.ppf(1 - np.linspace(0, 1, m), 0.6, 0.6)
+    body = torch.as_tensor(sigma_min + ppf * (top - sigma_min), dtype=torch.float64)
+    head = torch.full((int(inf0),), INF, dtype=torch.float64)
+    return torch.cat([head, body, body.new_zeros(1)])
 
 
 def _dynamic_threshold(x: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
@@ -120,44 +226,78 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64).to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _posterior_std(pz, sigma: float, sigma_next: float) -> float:
+    """The DDPM posterior std, DDIM's at eta = 1: sqrt((1-abar')/(1-abar) (1 - abar/abar')) =
+    s' sqrt(1 - (sigma'/sigma)^2) (s' at sigma = inf)."""
+    r = 0.0 if sigma == INF else sigma_next / sigma
+    return pz.noise_scale(sigma_next) * math.sqrt(1.0 - r * r)
+
+
+# ----------------------------------------------------------------------------------------------- the base class
+
+
 class _ZSNRScheduler(SchedulerMixin, ConfigMixin):
-    """What every scheduler here shares: float64 training tables, the parameterization, model-input semantics.
+    """What every scheduler here shares: float64 training tables, the config checks, the parameterization,
+    model-input semantics.
+
+    Each subclass writes out diffusers' ``__init__`` signature under ``@register_to_config`` (which reads it) and
+    starts its body with ``super().__init__()``: the config is registered by then, and this builds the tables from
+    it.  ``_choices`` lists the values a config key may take (others are refused, with :data:`REFUSED`'s reason
+    where there is one), ``_aliases`` the values diffusers renames, as its own scheduler does (a UniPC or DEIS
+    config switched to DPM-Solver).
 
     ``backend`` (not a config key, so configs stay diffusers') picks the step backend: ``"auto"`` (fused kernels
     where available, else the float64-capable reference), ``"cpu"``, ``"torch"``.
     """
 
     _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
+    _choices: ClassVar[dict[str, tuple]] = {"prediction_type": tuple(_PREDICTIONS),
+                                            "timestep_spacing": schedules.SPACINGS}
+    _aliases: ClassVar[dict[str, dict]] = {}
     order = 1
     backend = "auto"
 
-    def _init_tables(self, *, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                     rescale_betas_zero_snr, prediction_type) -> None:
-        owner = type(self).__name__
-        if prediction_type not in _PREDICTIONS:
-            raise _refuse(owner, "prediction_type", prediction_type, f"use one of {tuple(_PREDICTIONS)}")
-        self.betas = _train_betas(owner, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                  rescale_betas_zero_snr)
+    def __init__(self) -> None:
+        self._check_config()
+        self.betas = _train_betas(type(self).__name__, self.config)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
-        self._pz_of = (prediction_type, parameterization(_PREDICTIONS[prediction_type]))
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.num_inference_steps = None
+
+    def _check_config(self) -> None:
+        owner, cfg = type(self).__name__, self.config
+        renamed = {key: names[cfg[key]] for key, names in self._aliases.items() if cfg[key] in names}
+        if renamed:
+            self.register_to_config(**renamed)
+            cfg = self.config
+        for key, allowed in self._choices.items():
+            if cfg[key] not in allowed:
+                raise _refuse_choice(owner, key, cfg[key], allowed)
+        grids = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg.get(k)]
+        if len(grids) > 1:
+            raise ValueError(f"{owner}: only one of {grids} can be True")
+        if cfg.get("use_beta_sigmas") and importlib.util.find_spec("scipy") is None:
+            raise ImportError("use_beta_sigmas needs scipy, as in diffusers (pip install scipy)")
 
     @property
     def _pz(self):
         """The parameterization of ``config.prediction_type``, read when used: diffusers' steps read the config,
         so ``register_to_config(prediction_type=...)`` on a live scheduler takes effect (training scripts do it)."""
         kind = self.config.prediction_type
-        if kind != self._pz_of[0]:
+        cached = getattr(self, "_pz_of", (None, None))
+        if kind != cached[0]:
             if kind not in _PREDICTIONS:
-                raise _refuse(type(self).__name__, "prediction_type", kind, f"use one of {tuple(_PREDICTIONS)}")
-            self._pz_of = (kind, parameterization(_PREDICTIONS[kind]))
-        return self._pz_of[1]
+                raise _refuse_choice(type(self).__name__, "prediction_type", kind, _PREDICTIONS)
+            self._pz_of = cached = (kind, parameterization(_PREDICTIONS[kind]))
+        return cached[1]
 
     @property
     def _train_sigmas(self) -> torch.Tensor:
         """Ascending float64 training sigmas (index = timestep); the last is inf for a zero-SNR model."""
-        return schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod)
+        return _sigmas_of(self.alphas_cumprod)
+
+    def _table(self) -> schedules.DiscreteSchedule:
+        return schedules.DiscreteSchedule.from_alphas_cumprod(self.alphas_cumprod)
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The sample unchanged: the state these schedulers keep already is the model input y = c_in(sigma) x."""
@@ -212,8 +352,9 @@ class _ZSNRScheduler(SchedulerMixin, ConfigMixin):
     @staticmethod
     def _unchanged(sample: torch.Tensor, f: torch.Tensor, prediction: str, sigma: float):
         """(sample, D) of a step to its own noise level, which leaves the sample as it is (diffusers' updates reduce
-        to the identity too).  Schedules whose final sigma repeats the last one have it: DDIM with
-        ``set_alpha_to_one=False`` ending at t = 0, ``final_sigmas_type="sigma_min"`` after a grid ending there."""
+        to the identity too).  Schedules whose final sigma repeats the last one have it (DDIM with
+        ``set_alpha_to_one=False`` ending at t = 0, ``final_sigmas_type="sigma_min"`` after a grid ending there), and
+        spacings that repeat a timestep (more steps than a ``leading`` or DPM-Solver spacing has timesteps for)."""
         p, q = parameterization(prediction).denoise_coeffs(sigma)
         return sample.clone(), (f * q + sample * p if p else f * q)  # a new tensor, as diffusers returns
 
@@ -248,21 +389,27 @@ class _TimestepIndexed(_ZSNRScheduler):
     """DDIM and DDPM: like diffusers, ``step`` reads the noise levels from the timestep it is given (through
     ``alphas_cumprod``), not from a step counter."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.init_noise_sigma = 1.0
+        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+
+    def _alpha_cumprod_at(self, t: int) -> float:
+        if not 0 <= t < self.alphas_cumprod.numel():  # diffusers: an IndexError
+            raise ValueError(f"timestep {t} lies outside the training table [0, {self.alphas_cumprod.numel() - 1}]"
+                             f" (steps_offset={self.config.steps_offset} or trained_betas shorter than "
+                             f"num_train_timesteps={self.config.num_train_timesteps}?)")
+        return float(self.alphas_cumprod[t])
+
     def _sigma_at(self, t: int) -> float:
-        return _sigma_of(float(self.alphas_cumprod[t]))
+        sigma = _sigma_of(self._alpha_cumprod_at(t))
+        _check_level(sigma, f"timestep {t}")
+        return sigma
 
-    def _check_set(self) -> None:
-        if self.num_inference_steps is None:
-            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
-
-    def _spaced_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        T = self.config.num_train_timesteps
-        num_inference_steps = _steps_count(num_inference_steps, T)
-        ts = schedules.timesteps(num_inference_steps, T, self.config.timestep_spacing, self.config.steps_offset)
-        if ts.max().item() >= T:
-            raise ValueError(f"steps_offset={self.config.steps_offset} pushes timestep {ts.max().item()} past the "
-                             f"last training timestep {T - 1}")
-        return ts
+    def _spaced_timesteps(self, num_inference_steps) -> torch.Tensor:
+        cfg = self.config
+        n = _steps_count(num_inference_steps, cfg.num_train_timesteps)  # diffusers refuses more, as here
+        return torch.from_numpy(_spacing(n, cfg.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset))
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """The model input of ``original_samples`` noised to training ``timesteps`` (one, or one per sample):
@@ -277,29 +424,33 @@ class _TimestepIndexed(_ZSNRScheduler):
 class _StepIndexed(_ZSNRScheduler):
     """Schedulers that walk ``sigmas`` with a step counter, as diffusers' Euler family and DPM-Solver do.
 
-    After ``set_timesteps``: ``sigmas`` is the float64 sampling schedule (descending, ``num_inference_steps + 1``
-    values, the first inf at zero terminal SNR, the last the final sigma), ``timesteps`` holds one training
-    timestep per model evaluation and ``_evals`` says which step (and stage, for Heun) each evaluation is.
+    ``sigmas`` is the float64 sampling schedule (descending; the first inf at zero terminal SNR, the last the final
+    sigma), ``timesteps`` holds one training timestep per model evaluation and ``_evals`` says which step (and
+    stage, for Heun) each evaluation is.  Before ``set_timesteps`` that schedule is the training one (every
+    timestep, descending, then 0), which diffusers' Euler schedulers step through too.
     """
 
     _ve_state = False  # True where diffusers keeps the variance-exploding x (Euler family)
+    _timestep_dtype = torch.float32  # of ``timesteps`` after set_timesteps, as diffusers'
+    _refuses_integer_timesteps = False  # diffusers' Euler and Euler ancestral do (see _open)
 
-    def _init_indexed(self) -> None:
-        train = self._train_sigmas
+    def __init__(self) -> None:
+        super().__init__()
         T = self.config.num_train_timesteps
-        self.sigmas = torch.cat([train.flip(0), train.new_zeros(1)])
-        self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.float32)
-        self._evals = None
-        self._step_index = None
-        self._begin_index = None
+        sigmas = torch.cat([self._train_sigmas.flip(0), torch.zeros(1, dtype=torch.float64)])
+        self._set_schedule(np.linspace(0, T - 1, T)[::-1], sigmas, None)
+        self.num_inference_steps = None
 
     @property
-    def init_noise_sigma(self) -> float:
-        """The scale the pipeline gives the start noise: s(sigma_0) for the Euler family with ``linspace`` or
-        ``trailing`` spacing (diffusers starts those at x = sigma_0 noise, model input s(sigma_0) noise), else 1."""
-        if self._ve_state and self.config.timestep_spacing in ("linspace", "trailing"):
-            return self._pz.noise_scale(float(self.sigmas[0]))
-        return 1.0
+    def init_noise_sigma(self) -> torch.Tensor | float:
+        """The scale the pipeline gives the start noise: for the Euler family a tensor (as diffusers'), s(sigma_0)
+        with ``linspace`` or ``trailing`` spacing (diffusers starts those at x = sigma_0 noise, model input
+        s(sigma_0) noise), else 1; 1.0 for DPM-Solver."""
+        if not self._ve_state:
+            return 1.0
+        if self.config.timestep_spacing in ("linspace", "trailing"):
+            return torch.tensor(self._pz.noise_scale(float(self.sigmas[0])), dtype=self.sigmas.dtype)
+        return torch.tensor(1.0, dtype=self.sigmas.dtype)
 
     @property
     def step_index(self) -> int | None:
@@ -324,17 +475,7 @@ class _StepIndexed(_ZSNRScheduler):
             raise ValueError(f"timestep {timestep} is not one of scheduler.timesteps; pass one of them")
         return indices[1 if len(indices) > 1 else 0].item()
 
-    def _refuse_integer_index(self, timestep) -> None:
-        """diffusers' Euler schedulers refuse integer timesteps: they are loop indices (``enumerate(timesteps)``)
-        far more often than timesteps, which are floats there."""
-        if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
-            raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
-                             f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of the "
-                             "`scheduler.timesteps` as a timestep.")
-
     def _next_eval(self, timestep) -> int:
-        if self._evals is None:
-            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
         if self._step_index is None:
             if self._begin_index is not None:
                 self._step_index = self._begin_index
@@ -352,37 +493,73 @@ class _StepIndexed(_ZSNRScheduler):
         i, stage = self._evals[k]
         return float(self.sigmas[i + (stage != 1)])
 
-    def _set_schedule(self, timesteps: np.ndarray | torch.Tensor, sigmas: torch.Tensor, device,
-                      timestep_dtype: torch.dtype, evals: list[tuple[int, int]] | None = None) -> None:
+    def _open(self, timestep, model_output: torch.Tensor, sample: torch.Tensor):
+        """The opening every step here shares: the evaluation k (found from the first timestep, then counted, as
+        diffusers), the noise levels of its step and the model output as the step function takes it (evaluated at
+        sigma, or at sigma_next for Heun's second stage).  Returns (k, sigma, sigma_next, F, prediction).
+
+        diffusers' Euler and Euler ancestral refuse integer timesteps: there they are loop indices
+        (``enumerate(timesteps)``) far more often than timesteps, which are floats."""
+        if self._refuses_integer_timesteps and (isinstance(timestep, int) or (
+                isinstance(timestep, torch.Tensor) and not timestep.is_floating_point())):
+            raise ValueError(f"Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             f"`{type(self).__name__}.step()` is not supported. Make sure to pass one of the "
+                             "`scheduler.timesteps` as a timestep.")
+        k = self._next_eval(timestep)
+        i, stage = self._evals[k]
+        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        if math.isnan(sigma + sigma_next):  # the messages only then: this runs on every step
+            _check_level(sigma, f"scheduler.sigmas[{i}]")
+            _check_level(sigma_next, f"scheduler.sigmas[{i + 1}]")
+        f, prediction, _ = self._model_output(model_output, sample, sigma if stage == 1 else sigma_next)
+        return k, sigma, sigma_next, f, prediction
+
+    def _set_schedule(self, timesteps, sigmas: torch.Tensor, device, evals: list[tuple[int, int]] | None = None,
+                      ) -> None:
         """Install a schedule: one (step, stage) per evaluation, stage 1 at ``timesteps[step]``, stage 2 (and
-        Heun's no-op, ``_NO_OP``) at ``timesteps[step + 1]``."""
-        ts = torch.as_tensor(np.asarray(timesteps)).to(timestep_dtype)
+        Heun's no-op) at ``timesteps[step + 1]``."""
+        if not isinstance(timesteps, torch.Tensor):  # a copy: numpy's reversed views have negative strides
+            timesteps = torch.from_numpy(np.array(timesteps))
+        ts = timesteps.to(self._timestep_dtype)
         evals = evals if evals is not None else [(i, 1) for i in range(ts.numel())]
         self.sigmas = sigmas.to(torch.float64)
-        self.timesteps = torch.stack([ts[i + (stage != 1)] for i, stage in evals]).to(device)
+        self.timesteps = ts[torch.tensor([i + (stage != 1) for i, stage in evals], dtype=torch.long)].to(device)
         self._evals = evals
         self.num_inference_steps = ts.numel()
         self._step_index = None
         self._begin_index = None
 
-    def _spaced(self, num_inference_steps: int) -> tuple[np.ndarray, torch.Tensor]:
-        """Float32 timesteps and float64 sigmas (no final value) of diffusers' Euler-family spacings: ``linspace``
-        is fractional (sigmas interpolated linearly, as ``np.interp``), ``leading``/``trailing`` integral."""
-        T = self.config.num_train_timesteps
-        num_inference_steps = _steps_count(num_inference_steps, T)
-        if self.config.timestep_spacing == "linspace":
-            ts = np.linspace(0, T - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
-        else:
-            ts = schedules.timesteps(num_inference_steps, T, self.config.timestep_spacing,
-                                     self.config.steps_offset).numpy().astype(np.float32)
-        return ts, _interp_sigmas(self._train_sigmas, ts)
+    # set_timesteps ----------------------------------------------------------------------------------------------
 
-    def _grid(self, sigmas: torch.Tensor, n: int, *, round_timesteps: bool = False):
-        """diffusers' ``use_karras_sigmas``/``use_exponential_sigmas`` between the ends of the descending
-        ``sigmas`` (or the config's ``sigma_min``/``sigma_max``), with timesteps by log-linear interpolation.  A
-        zero-SNR grid keeps its first sigma inf (timestep T - 1) and continues from the largest finite training
-        sigma."""
-        table = schedules.DiscreteSchedule.from_alphas_cumprod(self.alphas_cumprod)
+    def _spaced(self, n: int, T: int) -> np.ndarray:
+        """The timesteps of ``timestep_spacing`` (the Euler family's; DPM-Solver has its own)."""
+        return _spacing(n, T, self.config.timestep_spacing, self.config.steps_offset, fractional=True)
+
+    def _grid_span(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The sigmas whose ends a Karras/exponential/beta grid spans (unless the config sets ``sigma_min`` or
+        ``sigma_max``): the spaced ones for the Euler family."""
+        return sigmas
+
+    def _grid_timesteps(self, ts: np.ndarray) -> np.ndarray:
+        """A grid's timesteps (log-linear interpolation) as the class takes them: as they are here."""
+        return ts
+
+    def _grid_kind(self) -> str | None:
+        cfg = self.config
+        for key, kind in (("use_karras_sigmas", "karras"), ("use_lu_lambdas", "lu"),
+                          ("use_exponential_sigmas", "exponential"), ("use_beta_sigmas", "beta")):
+            if cfg.get(key):  # diffusers' order of precedence
+                return kind
+        return None
+
+    def _grid(self, sigmas: torch.Tensor, n: int):
+        """diffusers' ``use_karras_sigmas``/``use_exponential_sigmas``/``use_beta_sigmas``/``use_lu_lambdas``
+        (exponential in log sigma: the same grid) between the ends of ``sigmas`` (or the config's ``sigma_min``/
+        ``sigma_max``), with timesteps by log-linear interpolation.  A zero-SNR grid keeps its first sigma inf
+        (timestep T - 1) and continues from the largest finite training sigma.  A grid that ends at sigma_min ends
+        there exactly (the formulas return it up to rounding, which would put a final ``sigma_min`` a rounding error
+        above the grid's end)."""
+        table = self._table()
         smin = getattr(self.config, "sigma_min", None)
         smax = getattr(self.config, "sigma_max", None)
         smin = float(sigmas[-1]) if smin is None else smin
@@ -390,25 +567,67 @@ class _StepIndexed(_ZSNRScheduler):
         if n == 1:  # diffusers' one-point grid is its start (at zero SNR there is no finite end to span)
             grid = torch.tensor([smax], dtype=torch.float64)
         else:
-            kind = schedules.karras if self.config.use_karras_sigmas else schedules.exponential
-            grid = kind(n, smin, smax, sigma_max_finite=table.sigma_max_finite)[:-1]
-        ts = table.sigma_to_t(grid, mode="interp").numpy()
-        return (ts.round() if round_timesteps else ts), grid
+            kind = self._grid_kind()
+            build = {"karras": schedules.karras, "beta": _beta_grid}.get(kind, schedules.exponential)
+            grid = build(n, smin, smax, sigma_max_finite=table.sigma_max_finite)[:-1]
+            if math.isclose(grid[-1].item(), smin, rel_tol=1e-12):
+                grid[-1] = smin
+        return self._grid_timesteps(table.sigma_to_t(grid, mode="interp").numpy()), grid
 
-    def _check_options(self) -> None:
-        """Refuse the config options this class does not implement, naming a replacement."""
-        owner = type(self).__name__
-        flags = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-                 if getattr(self.config, k, False)]
-        if len(flags) > 1:
-            raise ValueError(f"{owner}: only one of {flags} can be True")
-        for key, fix in (("use_beta_sigmas", "use use_karras_sigmas or use_exponential_sigmas"),
-                         ("use_lu_lambdas", "use use_karras_sigmas or use_exponential_sigmas"),
-                         ("use_flow_sigmas", "flow-matching schedules are not implemented here"),
-                         ("use_dynamic_shifting", "flow-matching schedules are not implemented here")):
-            if getattr(self.config, key, False):
-                raise _refuse(owner, key, True, fix)
-        _require(owner, "timestep_spacing", self.config.timestep_spacing, schedules.SPACINGS)
+    def _final_sigma(self) -> float:
+        """The sigma a spaced schedule ends at: 0, or the smallest training one (``final_sigmas_type``)."""
+        if getattr(self.config, "final_sigmas_type", "zero") == "sigma_min":
+            return float(self._train_sigmas[0])
+        return 0.0
+
+    def _schedule(self, num_inference_steps=None, timesteps=None, sigmas=None, *, T: int | None = None):
+        """(timesteps, sigmas) as diffusers' ``set_timesteps`` builds them, from a step count (``timestep_spacing``,
+        sigmas interpolated in the training table, a grid on request, then the final sigma), custom ``timesteps``
+        (their sigmas interpolated), or custom ``sigmas`` (ending with the final one; timesteps by log-linear
+        interpolation).  ``T`` replaces ``num_train_timesteps`` in the spacing (Heun's ``set_timesteps`` takes it)."""
+        cfg, owner = self.config, type(self).__name__
+        given = [name for name, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                      ("sigmas", sigmas)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"{owner}.set_timesteps: pass exactly one of num_inference_steps, timesteps and "
+                             f"sigmas, got {given or 'none'}")
+        grid = self._grid_kind()
+        if timesteps is not None and grid is not None:
+            raise ValueError(f"{owner}.set_timesteps: custom timesteps cannot be used with the config's "
+                             f"{grid} grid; pass num_inference_steps, or a config without it")
+        if sigmas is not None:
+            sig = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+            if sig.ndim != 1 or sig.numel() < 2:
+                raise ValueError("sigmas must hold at least two noise levels (the steps' and the final one)")
+            ts = self._table().sigma_to_t(sig[:-1], mode="interp").numpy()
+        else:
+            if timesteps is not None:  # typed first, as diffusers (DPM-Solver truncates them to integers)
+                ts = torch.as_tensor(np.asarray(timesteps, dtype=np.float64)).to(self._timestep_dtype).numpy()
+                n = ts.size
+            else:
+                n = _steps_count(num_inference_steps)
+                ts = self._spaced(n, T or cfg.num_train_timesteps)
+            if getattr(cfg, "interpolation_type", "linear") == "log_linear":  # n + 1 points from the table's ends
+                table = self._table()
+                sig = schedules.exponential(n + 1, table.sigma_min, table.sigma_max,
+                                            sigma_max_finite=table.sigma_max_finite)[:-1]
+            else:
+                sig = _interp_sigmas(self._train_sigmas, ts)
+            if grid is not None:
+                ts, sig = self._grid(self._grid_span(sig), n)
+            sig = torch.cat([sig, torch.tensor([self._final_sigma()], dtype=torch.float64)])
+        rises = (sig[1:] > sig[:-1]).nonzero()
+        if len(rises):
+            i = rises[0].item()
+            if sigmas is None and i == len(sig) - 2:  # only final_sigmas_type="sigma_min" can end above the grid
+                fix = ("final_sigmas_type='sigma_min' ends at the smallest training sigma, above the grid's end: "
+                       "use final_sigmas_type='zero', or a config sigma_min of at least that")
+            else:
+                fix = "pass descending timesteps or sigmas"
+            raise ValueError(f"{owner}: the schedule raises the noise level from sigmas[{i}]={sig[i].item()} to "
+                             f"sigmas[{i + 1}]={sig[i + 1].item()}; the fused steps only lower it (sampling, not "
+                             f"inversion): {fix}")
+        return ts, sig
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """The model input of ``original_samples`` noised to the sigma of the evaluation at ``timesteps``
@@ -417,9 +636,6 @@ class _StepIndexed(_ZSNRScheduler):
         That is the state these schedulers keep, diffusers' x0 + sigma noise times c_in(sigma): code that scales
         diffusers' result itself (EDM-style training dividing by sqrt(sigma^2 + 1)) must not scale this one."""
         ts = torch.as_tensor(timesteps).reshape(-1)
-        if self._evals is None:  # no inference schedule yet (training): diffusers' is then the training one
-            sigmas = _interp_sigmas(self._train_sigmas, ts.double().cpu().numpy())
-            return self._add_noise_at(original_samples, noise, sigmas.tolist())
         if self._begin_index is None:
             schedule = self.timesteps.to(ts.device)
             idx = [self.index_for_timestep(t, schedule) for t in ts]

@@ -7,15 +7,10 @@ import math
 import numpy as np
 import torch
 
-from .. import schedules, steps
-from ._base import INF, _require, _TimestepIndexed, register_to_config
+from .. import steps
+from ._base import INF, _check_level, _posterior_std, _sigma_of, _TimestepIndexed, register_to_config
 
 __all__ = ["ZSNRDDIMScheduler"]
-
-
-def _ddim_std(pz, sigma: float, sigma_next: float) -> float:
-    """DDIM's noise std at eta = 1: sqrt((1-abar')/(1-abar) (1 - abar/abar')) = s' sqrt(1 - (sigma'/sigma)^2)."""
-    return pz.noise_scale(sigma_next) * math.sqrt(1.0 - (sigma_next / sigma) ** 2)
 
 
 class ZSNRDDIMScheduler(_TimestepIndexed):
@@ -48,34 +43,41 @@ class ZSNRDDIMScheduler(_TimestepIndexed):
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
     ):
-        _require(type(self).__name__, "timestep_spacing", timestep_spacing, schedules.SPACINGS)
-        self._init_tables(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                          beta_schedule=beta_schedule, trained_betas=trained_betas,
-                          rescale_betas_zero_snr=rescale_betas_zero_snr, prediction_type=prediction_type)
-        self.init_noise_sigma = 1.0
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        super().__init__()
+        # the alphas_cumprod a step past timestep 0 goes to (diffusers' attribute, which pipelines read)
+        self.final_alpha_cumprod = (torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one
+                                    else self.alphas_cumprod[0])
+
+    def _alpha_cumprod_prev(self, prev_timestep) -> float:
+        """alphas_cumprod where a step to ``prev_timestep`` ends: the table's, or ``final_alpha_cumprod`` past 0."""
+        return self._alpha_cumprod_at(int(prev_timestep)) if prev_timestep >= 0 else float(self.final_alpha_cumprod)
+
+    def _get_variance(self, timestep, prev_timestep) -> torch.Tensor:
+        """diffusers' DDIM variance at eta = 1 (the DDPM posterior's) from ``timestep`` to ``prev_timestep``:
+        (1 - abar') / (1 - abar) (1 - abar / abar'), float64 (CycleDiffusion and LEDITS++ call it)."""
+        abar = torch.tensor(self._alpha_cumprod_at(int(timestep)), dtype=torch.float64)
+        abar_prev = self._alpha_cumprod_prev(prev_timestep)
+        return (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Integer timesteps with ``timestep_spacing`` (and ``steps_offset`` for ``leading``), as diffusers."""
-        ts = self._spaced_timesteps(num_inference_steps)
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = ts.to(device)
+        self.timesteps = self._spaced_timesteps(num_inference_steps).to(device)
+        self.num_inference_steps = self.timesteps.numel()
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True):
         """One DDIM step from ``timestep`` for the model output at (``sample``, ``timestep``); ``eta`` in [0, 1]
         scales the noise (1: the DDPM posterior), drawn from ``generator`` or given as ``variance_noise``."""
-        self._check_set()
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
         if variance_noise is not None and generator is not None and eta > 0:
             raise ValueError("pass either generator or variance_noise, not both")
         t = int(timestep)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         sigma = self._sigma_at(t)
-        if prev_t >= 0:
-            sigma_next = self._sigma_at(prev_t)
-        else:
-            sigma_next = 0.0 if self.config.set_alpha_to_one else self._sigma_at(0)
+        sigma_next = _sigma_of(self._alpha_cumprod_prev(prev_t))
+        _check_level(sigma_next, f"timestep {prev_t}" if prev_t >= 0 else "final_alpha_cumprod")
         f, prediction, d_raw = self._model_output(model_output, sample, sigma)
         if sigma_next == sigma:  # set_alpha_to_one=False ending at t = 0
             prev, denoised = self._unchanged(sample, f, prediction, sigma)
@@ -90,7 +92,7 @@ class ZSNRDDIMScheduler(_TimestepIndexed):
         if d_raw is not None and not use_clipped_model_output and sigma != INF:
             # diffusers takes the direction to x_t from the unclipped prediction: y' gains
             # sqrt(1 - abar' - std^2) * (eps_raw - eps_clipped) = k / sigma * (D_clipped - D_raw)
-            k = math.sqrt(max(self._pz.noise_scale(sigma_next) ** 2 - (eta * _ddim_std(self._pz, sigma, sigma_next))
-                              ** 2, 0.0))
+            std = eta * _posterior_std(self._pz, sigma, sigma_next)
+            k = math.sqrt(max(self._pz.noise_scale(sigma_next) ** 2 - std**2, 0.0))
             prev = prev + (k / sigma) * (r.denoised.to(d_raw.dtype) - d_raw).to(prev.dtype)
         return self._output(prev, r.denoised, return_dict)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import schedules, steps
-from ._base import _interp_sigmas, _require, _StepIndexed, _steps_count, register_to_config
+from .. import steps
+from ..coefficients import SOLVER_TYPES
+from ._base import REFUSED, _refuse, _StepIndexed, _ZSNRScheduler, register_to_config
 
 __all__ = ["ZSNRDPMSolverMultistepScheduler"]
 
@@ -18,12 +19,22 @@ class ZSNRDPMSolverMultistepScheduler(_StepIndexed):
     """``DPMSolverMultistepScheduler`` for ``algorithm_type="dpmsolver++"`` (DPM++ 2M, 3M) and
     ``"sde-dpmsolver++"`` (DPM++ 2M SDE), same config keys.
 
-    ``solver_order`` 1-3 and ``solver_type`` ``midpoint``/``heun`` select the library's ``dpmpp_2m``,
-    ``dpmpp_2m_sde`` (eta = 1 for the SDE, 0 for the ODE with ``heun``) and ``dpmpp_3m_sde`` steps, with diffusers'
-    order schedule (``lower_order_final``, ``euler_at_final``, first order at a final sigma of 0).  The step from
-    sigma = inf is first order and the remembered prediction from it carries weight 0 (docs/design.md §2.3).
-    ``thresholding`` clips D; ``variance_type`` models keep the first half of their output channels.
+    ``solver_order`` 1-3 (higher orders step as 3, as in diffusers) and ``solver_type`` ``midpoint``/``heun``
+    select the library's ``dpmpp_2m``, ``dpmpp_2m_sde`` (eta = 1 for the SDE, 0 for the ODE with ``heun``) and
+    ``dpmpp_3m_sde`` steps, with diffusers' order schedule (``lower_order_final``, ``euler_at_final``, first order
+    at a final sigma of 0).  The step from sigma = inf is first order and the remembered prediction from it carries
+    weight 0 (docs/design.md §2.3).  ``thresholding`` clips D; ``variance_type="learned"``/``"learned_range"``
+    models keep the first half of their output channels.  A UniPC or DEIS config switches over as in diffusers: its
+    ``solver_type`` (``bh1``, ``bh2``, ``logrho``) becomes ``midpoint`` and ``algorithm_type="deis"``
+    ``dpmsolver++``.
     """
+
+    _timestep_dtype = torch.int64
+    _choices = {**_ZSNRScheduler._choices, "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
+                "solver_type": SOLVER_TYPES, "final_sigmas_type": ("zero", "sigma_min"), "use_flow_sigmas": (False,),
+                "use_dynamic_shifting": (False,)}
+    _aliases = {"algorithm_type": {"deis": "dpmsolver++"},
+                "solver_type": dict.fromkeys(("logrho", "bh1", "bh2"), "midpoint")}
 
     @register_to_config
     def __init__(
@@ -57,54 +68,56 @@ class ZSNRDPMSolverMultistepScheduler(_StepIndexed):
         use_dynamic_shifting: bool = False,
         time_shift_type: str = "exponential",
     ):
-        owner = type(self).__name__
-        self._check_options()
-        _require(owner, "algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
-        _require(owner, "solver_type", solver_type, ("midpoint", "heun"))
-        _require(owner, "solver_order", solver_order, (1, 2, 3))
-        _require(owner, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-        _require(owner, "variance_type", variance_type, (None, "learned", "learned_range"))
-        self._init_tables(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                          beta_schedule=beta_schedule, trained_betas=trained_betas,
-                          rescale_betas_zero_snr=rescale_betas_zero_snr, prediction_type=prediction_type)
-        self._init_indexed()
-        self.timesteps = self.timesteps.to(torch.int64)
+        super().__init__()
+        if isinstance(solver_order, bool) or not isinstance(solver_order, int) or solver_order < 1:
+            raise ValueError(f"solver_order must be a positive int (orders above 3 step as 3, as in diffusers), got "
+                             f"{solver_order!r}")
         self._history: list[tuple[float, torch.Tensor]] = []
         self.lower_order_nums = 0
 
-    def _timesteps(self, n: int) -> np.ndarray:
-        """diffusers' DPM-Solver spacings: ``linspace``/``leading`` over n + 1 points without the last,
-        ``trailing`` as DDIM; timesteps whose lambda = -log sigma is below ``lambda_min_clipped`` are cut off."""
-        T = self.config.num_train_timesteps
-        spacing, offset = self.config.timestep_spacing, self.config.steps_offset
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Index of ``timestep`` in ``timesteps`` (the second match when it occurs twice); a timestep not in the
+        schedule is its last evaluation (diffusers' DPM-Solver rule)."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if not (schedule == timestep).any():
+            return len(schedule) - 1
+        return super().index_for_timestep(timestep, schedule)
+
+    def _spaced(self, n: int, T: int) -> np.ndarray:
+        """diffusers' DPM-Solver spacings: ``linspace``/``leading`` over n + 1 points without the last (so with
+        repeated timesteps when n approaches T), ``trailing`` as the Euler family's; timesteps whose lambda =
+        -log sigma is below ``lambda_min_clipped`` are cut off."""
+        cfg = self.config
         lam = -self._train_sigmas.log()
-        last = T - int(torch.searchsorted(lam.flip(0), torch.tensor([self.config.lambda_min_clipped],
-                                                                     dtype=torch.float64)).item())
-        if last == T:
-            if spacing == "trailing":
-                return schedules.timesteps(n, T, spacing).numpy()
-            return schedules.timesteps(n + 1, T, spacing, offset).numpy()[:-1]
-        if spacing == "linspace":
+        clipped = torch.searchsorted(lam.flip(0), torch.tensor([cfg.lambda_min_clipped], dtype=torch.float64))
+        last = T - int(clipped.item())
+        if cfg.timestep_spacing == "linspace":
             ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
-        elif spacing == "leading":
-            ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + offset
+        elif cfg.timestep_spacing == "leading":
+            ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + cfg.steps_offset
         else:
             ts = np.arange(last, 0, -T / n).round() - 1
-        return ts[ts >= 0].astype(np.int64)
+            ts = ts[ts >= 0]  # numpy's extra value (see _base._spacing)
+        return ts.astype(np.int64)
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """diffusers' DPM-Solver timesteps and sigmas (Karras/exponential on request), then the final sigma."""
-        T = self.config.num_train_timesteps
-        num_inference_steps = _steps_count(num_inference_steps, T)
-        ts = self._timesteps(num_inference_steps)
-        sig = _interp_sigmas(self._train_sigmas, ts)
-        if self.config.use_karras_sigmas or self.config.use_exponential_sigmas:
-            # unlike the Euler family, diffusers' DPM-Solver spans the whole training table here
-            ts, sig = self._grid(self._train_sigmas.flip(0), num_inference_steps,
-                                 round_timesteps=self.config.use_karras_sigmas
-                                 and self.config.beta_schedule != "squaredcos_cap_v2")
-        last = self._train_sigmas[:1] if self.config.final_sigmas_type == "sigma_min" else sig.new_zeros(1)
-        self._set_schedule(ts, torch.cat([sig, last]), device, torch.int64)
+    def _grid_span(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return self._train_sigmas.flip(0)  # unlike the Euler family, DPM-Solver's grids span the whole table
+
+    def _grid_timesteps(self, ts: np.ndarray) -> np.ndarray:
+        """Rounded for Karras and Lu grids (not on the cosine table), truncated (by the int64 cast) otherwise, as
+        diffusers."""
+        if self._grid_kind() in ("karras", "lu") and self.config.beta_schedule != "squaredcos_cap_v2":
+            return ts.round()
+        return ts
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      mu: float | None = None, timesteps: list[int] | None = None) -> None:
+        """diffusers' DPM-Solver timesteps and sigmas (Karras/exponential/beta/Lu grids on request), then the final
+        sigma; or custom ``timesteps``."""
+        if mu is not None:
+            raise _refuse(type(self).__name__, "mu", mu, "it sets the flow shift of use_dynamic_shifting: "
+                          + REFUSED[("use_dynamic_shifting", True)])
+        self._set_schedule(*self._schedule(num_inference_steps, timesteps), device)
         self._history = []
         self.lower_order_nums = 0
 
@@ -126,16 +139,17 @@ class ZSNRDPMSolverMultistepScheduler(_StepIndexed):
              return_dict: bool = True):
         """One multistep DPM-Solver++ step; the SDE's noise is ``variance_noise`` or
         ``randn_tensor(shape, generator, dtype=float32)`` as in diffusers."""
-        k = self._next_eval(timestep)
-        sigma, sigma_next = float(self.sigmas[k]), float(self.sigmas[k + 1])
-        if self.config.variance_type is not None and model_output.shape[1] == 2 * sample.shape[1]:
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
+        if self.config.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
             model_output = model_output[:, : sample.shape[1]]
-        f, prediction, _ = self._model_output(model_output, sample, sigma)
+        k, sigma, sigma_next, f, prediction = self._open(timestep, model_output, sample)
         order = self._order(k)
         self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
         if sigma_next == sigma:
+            # the history stays: the next step's remembered sigmas must lie above its own (diffusers divides by
+            # the zero log-ratio of this step there and returns NaN)
             y, d = self._unchanged(sample, f, prediction, sigma)
-            self._history = [(sigma, d)] + self._history[: self.config.solver_order - 2]
             return self._output(y, d, return_dict, with_denoised=False)
         history = self._history[: order - 1]
         sde = self.config.algorithm_type == "sde-dpmsolver++"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import schedules, steps
-from ._base import _EULER_FAMILY_DOC, _require, _StepIndexed, register_to_config
+from .. import steps
+from ._base import _EULER_FAMILY_DOC, _StepIndexed, register_to_config
 
 __all__ = ["ZSNREulerAncestralDiscreteScheduler"]
 
@@ -19,6 +19,7 @@ class ZSNREulerAncestralDiscreteScheduler(_StepIndexed):
     it also takes ``prediction_type="sample"``."""
 
     _ve_state = True
+    _refuses_integer_timesteps = True
 
     @register_to_config
     def __init__(
@@ -33,24 +34,18 @@ class ZSNREulerAncestralDiscreteScheduler(_StepIndexed):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        _require(type(self).__name__, "timestep_spacing", timestep_spacing, schedules.SPACINGS)
-        self._init_tables(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                          beta_schedule=beta_schedule, trained_betas=trained_betas,
-                          rescale_betas_zero_snr=rescale_betas_zero_snr, prediction_type=prediction_type)
-        self._init_indexed()
+        super().__init__()
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """diffusers' Euler-ancestral timesteps and sigmas for ``timestep_spacing``, then a final 0."""
-        ts, sig = self._spaced(num_inference_steps)
-        self._set_schedule(ts, torch.cat([sig, sig.new_zeros(1)]), device, torch.float32)
+        self._set_schedule(*self._schedule(num_inference_steps), device)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True):
         """One Euler-ancestral step; the noise is ``randn_tensor(shape, generator, dtype=model_output.dtype)``."""
-        self._refuse_integer_index(timestep)
-        k = self._next_eval(timestep)
-        sigma, sigma_next = float(self.sigmas[k]), float(self.sigmas[k + 1])
-        f, prediction, _ = self._model_output(model_output, sample, sigma)
+        _, sigma, sigma_next, f, prediction = self._open(timestep, model_output, sample)
+        if sigma_next == sigma:
+            return self._output(*self._unchanged(sample, f, prediction, sigma), return_dict)
         r = steps.euler_ancestral_step(sample, f, sigma, sigma_next, eta=1.0,
                                        noise=self._noise(sample, generator, model_output.dtype),
                                        **self._options(prediction))

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .. import steps
-from ._base import _EULER_FAMILY_DOC, INF, _refuse, _require, _StepIndexed, register_to_config
+from ._base import _EULER_FAMILY_DOC, INF, _refuse, _StepIndexed, _ZSNRScheduler, register_to_config
 
 __all__ = ["ZSNREulerDiscreteScheduler"]
 
@@ -15,6 +15,10 @@ class ZSNREulerDiscreteScheduler(_StepIndexed):
     """``EulerDiscreteScheduler`` on :func:`zsnr_kernels.euler_step` (same config keys)."""
 
     _ve_state = True
+    _refuses_integer_timesteps = True
+    # (any timestep_type but "continuous" is "discrete" to diffusers)
+    _choices = {**_ZSNRScheduler._choices, "interpolation_type": ("linear", "log_linear"),
+                "final_sigmas_type": ("zero", "sigma_min")}
 
     @register_to_config
     def __init__(
@@ -37,42 +41,51 @@ class ZSNREulerDiscreteScheduler(_StepIndexed):
         rescale_betas_zero_snr: bool = False,
         final_sigmas_type: str = "zero",
     ):
-        owner = type(self).__name__
-        self._check_options()
-        _require(owner, "interpolation_type", interpolation_type, ("linear",))
-        _require(owner, "timestep_type", timestep_type, ("discrete",))
-        _require(owner, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-        self._init_tables(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                          beta_schedule=beta_schedule, trained_betas=trained_betas,
-                          rescale_betas_zero_snr=rescale_betas_zero_snr, prediction_type=prediction_type)
-        self._init_indexed()
+        super().__init__()
+        if self._continuous:
+            self.timesteps = _c_noise(self.sigmas)
+        self.use_karras_sigmas = use_karras_sigmas
+        self.use_exponential_sigmas = use_exponential_sigmas
+        self.use_beta_sigmas = use_beta_sigmas
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """diffusers' Euler timesteps and sigmas for ``timestep_spacing`` (Karras/exponential on request), then
-        the final sigma (0, or the smallest training sigma for ``final_sigmas_type="sigma_min"``)."""
-        ts, sig = self._spaced(num_inference_steps)
-        if self.config.use_karras_sigmas or self.config.use_exponential_sigmas:
-            ts, sig = self._grid(sig, num_inference_steps)
-        last = self._train_sigmas[:1] if self.config.final_sigmas_type == "sigma_min" else sig.new_zeros(1)
-        self._set_schedule(ts, torch.cat([sig, last]), device, torch.float32)
+    @property
+    def _continuous(self) -> bool:
+        """Whether the model's timesteps are 0.25 log sigma (``timestep_type="continuous"`` with v-prediction, as
+        diffusers: EDM's c_noise, inf at sigma = inf)."""
+        return self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction"
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: list[int] | None = None, sigmas: list[float] | None = None) -> None:
+        """diffusers' Euler timesteps and sigmas: ``timestep_spacing`` (Karras/exponential/beta grids and
+        ``interpolation_type`` on request) then the final sigma (0, or the smallest training sigma for
+        ``final_sigmas_type="sigma_min"``), or custom ``timesteps`` or ``sigmas`` (ending with the final one)."""
+        if timesteps is not None and self._continuous:
+            raise ValueError("custom timesteps cannot be used with timestep_type='continuous' and "
+                             "prediction_type='v_prediction' (the model's timesteps are 0.25 log sigma then); pass "
+                             "sigmas")
+        ts, sig = self._schedule(num_inference_steps, timesteps, sigmas)
+        self._set_schedule(_c_noise(sig) if self._continuous else ts, sig, device)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = INF, s_noise: float = 1.0,
              generator: torch.Generator | None = None, return_dict: bool = True):
         """One Euler step for the model output at (``sample``, ``timestep``)."""
-        self._refuse_integer_index(timestep)
         if s_churn:
             raise _refuse(type(self).__name__, "s_churn", s_churn,
                           "diffusers adds the churn noise after the model call; use zsnr_kernels.sample(model, "
                           "noise, sigmas, sampler='euler', s_churn=...), which churns before it (EDM)")
-        k = self._next_eval(timestep)
-        sigma, sigma_next = float(self.sigmas[k]), float(self.sigmas[k + 1])
-        f, prediction, _ = self._model_output(model_output, sample, sigma)
+        k, sigma, sigma_next, f, prediction = self._open(timestep, model_output, sample)
         if sigma_next == sigma:
             y, d = self._unchanged(sample, f, prediction, sigma)
-            return self._output(self._finish(y, sigma_next, k), d, return_dict)
-        r = steps.euler_step(sample, f, sigma, sigma_next, **self._options(prediction))
-        return self._output(self._finish(r.y, sigma_next, k), r.denoised, return_dict)
+        else:
+            r = steps.euler_step(sample, f, sigma, sigma_next, **self._options(prediction))
+            y, d = r.y, r.denoised
+        return self._output(self._finish(y, sigma_next, k), d, return_dict)
+
+
+def _c_noise(sigmas: torch.Tensor) -> torch.Tensor:
+    """The continuous timesteps of a schedule's evaluations: 0.25 log sigma of each sigma but the final one."""
+    return (0.25 * sigmas[:-1].log()).to(torch.float32)
 
 
 ZSNREulerDiscreteScheduler.__doc__ += _EULER_FAMILY_DOC

@@ -48,41 +48,35 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        self._check_options()
-        self._init_tables(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                          beta_schedule=beta_schedule, trained_betas=trained_betas,
-                          rescale_betas_zero_snr=rescale_betas_zero_snr, prediction_type=prediction_type)
-        self._init_indexed()
-        self._first, self._first_version = None, None
+        super().__init__()
+        self.set_timesteps(num_train_timesteps)  # diffusers' Heun starts on the full schedule of its spacing
 
     @property
     def state_in_first_order(self) -> bool:
         """True when the next evaluation starts a step (diffusers' name)."""
         return self._first is None
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """diffusers' Heun timesteps (each step's end repeated for its second evaluation) and sigmas."""
-        ts, sig = self._spaced(num_inference_steps)
-        if self.config.use_karras_sigmas or self.config.use_exponential_sigmas:
-            ts, sig = self._grid(sig, num_inference_steps)
-        sigmas = torch.cat([sig, sig.new_zeros(1)])
-        evals = []
-        for i in range(num_inference_steps):
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      num_train_timesteps: int | None = None, timesteps: list[int] | None = None) -> None:
+        """diffusers' Heun timesteps (each step's end repeated for its second evaluation) and sigmas, from
+        ``timestep_spacing`` over ``num_train_timesteps`` (default: the config's) or custom ``timesteps``."""
+        ts, sigmas = self._schedule(num_inference_steps, timesteps, T=num_train_timesteps)
+        evals, levels = [], sigmas.tolist()
+        for i in range(len(levels) - 1):
             evals.append((i, 1))
-            if sigmas[i + 1] != 0:
-                evals.append((i, 2 if sigmas[i] != INF else _NO_OP))
-        self._set_schedule(ts, sigmas, device, torch.float32, evals)
+            if levels[i + 1] != 0:
+                evals.append((i, 2 if levels[i] != INF else _NO_OP))
+        self._set_schedule(ts, sigmas, device, evals)
         self._first, self._first_version = None, None
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         """First evaluation of a step: the Euler predictor to sigma_{i+1} (the whole step from sigma = inf and to
         sigma = 0).  Second evaluation (model at the predictor): the trapezoid correction."""
-        k = self._next_eval(timestep)
-        i, stage = self._evals[k]
-        sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-        f, prediction, _ = self._model_output(model_output, sample, sigma if stage == 1 else sigma_next)
-        if stage == _NO_OP:  # the second evaluation of the Euler step from sigma = inf (class docstring)
-            return self._output(*self._unchanged(sample, f, prediction, sigma_next), return_dict)
+        k, sigma, sigma_next, f, prediction = self._open(timestep, model_output, sample)
+        stage = self._evals[k][1]
+        if stage == _NO_OP or sigma_next == sigma:  # see the class docstring; a zero-length step
+            self._first = None
+            return self._output(*self._unchanged(sample, f, prediction, self._eval_sigma(k)), return_dict)
         if stage == 1:
             r = steps.heun_step(sample, f, sigma, sigma_next, **self._options(prediction))
             self._first = None if r.complete else r
