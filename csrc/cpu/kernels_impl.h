@@ -200,9 +200,9 @@ constexpr int64_t kSumBlock = 256;
 constexpr int kLanes = 16;
 
 // The sums of one whole fp16 or bf16 block, added to the double lane accumulators lanes[kNumSums][kLanes]: an
-// instruction set whose file defines ZSNR_CPU_HALF_BLOCK_SUMS supplies it (kernels_avx512.cpp, in registers: GCC
-// vectorises the loop below for bf16 with 256-bit vectors and loads each input twice, 0.28 ns per element on
-// one core against 0.15; fp16 converts bit by bit, 0.50 ns), computing exactly what the loop does.
+// instruction set whose file defines ZSNR_CPU_HALF_BLOCK_SUMS supplies it (kernels_avx2.cpp, kernels_avx512.cpp, in
+// registers: GCC vectorises the loop below for bf16 with 256-bit vectors and loads each input twice, 0.28 ns per
+// element on one core against 0.15; fp16 converts bit by bit, 0.50 ns), computing exactly what the loop does.
 #if defined(ZSNR_CPU_HALF_BLOCK_SUMS)
 constexpr bool kHalfBlockSums = true;
 #else
