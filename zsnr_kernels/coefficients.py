@@ -142,6 +142,16 @@ def ancestral(pz: Parameterization, sigma: float, sigma_next: float, eta: float,
                       e=s_next * u * s_noise, sigma_out=sigma_next)
 
 
+def lcm(pz: Parameterization, sigma: float, sigma_next: float) -> StepCoeffs:
+    """Latent consistency sampling (Luo et al. 2023; k-diffusion's and ComfyUI's ``sample_lcm``): the model's D,
+    noised afresh to sigma', x' = D + sigma' z, i.e. y' = c'(sigma') D + s' z (D itself at sigma' = 0).  The state
+    has weight 0 at every sigma, so the step from sigma = inf is this step.  (diffusers' LCMScheduler also applies
+    the consistency model's boundary condition c_skip x + c_out D, which belongs to the model: ComfyUI's LCM model
+    sampling does it.)"""
+    _check_pair(sigma, sigma_next)
+    return StepCoeffs(a=0.0, b=pz.c_in(sigma_next), e=pz.noise_scale(sigma_next), sigma_out=sigma_next)
+
+
 def churn_gamma(sigma: float, num_steps: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
     """EDM churn: min(s_churn/N, sqrt(2)-1) if s_tmin <= sigma <= s_tmax else 0.  0 at sigma = inf (already
     pure noise) and at sigma = 0."""
@@ -544,6 +554,8 @@ _TABLE: dict[str, SamplerSpec] = {spec.name: spec for spec in (
                 kernel=True),
     SamplerSpec("ddpm", "single", lambda pz, s: ancestral(pz, s.sigma, s.sigma_next, 1.0, 1.0, clamp=False),
                 adds_noise=True, at_inf="DDIM at eta = 1", step=True, kernel=True),
+    SamplerSpec("lcm", "single", lambda pz, s: lcm(pz, s.sigma, s.sigma_next), adds_noise=True,
+                at_inf="the same step: y' = c'(sigma') D + s' z (the state's weight is 0 at every sigma)", step=True),
     SamplerSpec("lms", "multistep", lambda pz, s: lms(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev), s.order),
                 history=LMS_MAX_ORDER - 1, keeps="derivative", options=(("order", LMS_MAX_ORDER),),
                 at_inf="Euler; a history entry at inf has weight 0 later", step=True, kernel=True),
@@ -929,6 +941,8 @@ _TENSOR_COEFFS = {
     "dpmpp_2m_sde": _t_dpmpp_2m_sde,
     "dpmpp_3m_sde": _t_dpmpp_3m_sde,
     "lms": _t_lms,
+    "lcm": lambda pz, a: (TensorCoeffs(torch.zeros_like(a.sigma), _t_c_in(pz, a.sigma_next), (),
+                                       _t_noise_scale(pz, a.sigma_next), a.sigma_next), True),
 }
 
 

@@ -592,6 +592,15 @@ def ddpm_step(y, model_output, sigma, sigma_next, *, noise=None, seed=None, step
                 **options)
 
 
+def lcm_step(y, model_output, sigma, sigma_next, *, noise=None, seed=None, step_index=None,
+             **options) -> StepResult:
+    """Latent consistency sampling (``sample_lcm`` of k-diffusion and ComfyUI): the model's D noised afresh to
+    sigma', x' = D + sigma' z, y' = c_in(sigma') D + s' z; D at sigma' = 0 (no noise there)."""
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    return _run(y, model_output, sg, _args("lcm", sg, sn), noise=noise, seed=seed, step_index=step_index,
+                **options)
+
+
 def heun_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next=None, s_noise=1.0, noise=None,
               seed=None, step_index=None, **options) -> StepResult:
     """Heun (Karras et al. Algorithm 2), in two calls.
@@ -760,6 +769,6 @@ _NAMED_STEPS = {spec.name: globals()[f"{spec.name}_step"] for spec in co.SAMPLER
 __all__ = [
     "StepResult", "churn_step", "initial_state", "final_sample", "to_x", "to_y", "euler_step", "euler_ancestral_step",
     "ddim_step", "ddpm_step", "heun_step", "dpm_2_step", "dpm_2_ancestral_step", "dpmpp_2s_ancestral_step",
-    "dpmpp_2m_step", "dpmpp_2m_sde_step", "dpmpp_3m_sde_step", "lms_step", "PREDICTIONS", "recording",
+    "dpmpp_2m_step", "dpmpp_2m_sde_step", "dpmpp_3m_sde_step", "lms_step", "lcm_step", "PREDICTIONS", "recording",
     "sampler_step", "step_function",
 ]
