@@ -45,6 +45,7 @@ from .steps import (
     initial_state,
     lcm_step,
     lms_step,
+    res_multistep_step,
     to_x,
     to_y,
 )
@@ -56,7 +57,7 @@ __all__ = [
     "ddim_step", "ddpm_step", "dpm_2_ancestral_step", "dpm_2_step", "dpmpp_2m_sde_step", "dpmpp_2m_step",
     "dpmpp_2s_ancestral_step", "dpmpp_3m_sde_step", "euler_ancestral_step", "euler_step", "final_sample",
     "get_num_threads", "heun_step", "initial_state", "lcm_step", "lms_step", "noise", "parameterization", "reference",
-    "retain_freed_memory", "sample", "schedules", "set_num_threads", "to_x", "to_y", "use_backend",
+    "res_multistep_step", "retain_freed_memory", "sample", "schedules", "set_num_threads", "to_x", "to_y", "use_backend",
 ]
 
 

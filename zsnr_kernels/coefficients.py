@@ -308,6 +308,31 @@ def dpmpp_2m(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: 
     return replace(c, b=c.b * (1.0 + w), h=(-c.b * w,))
 
 
+def res_multistep(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: float | None) -> StepCoeffs:
+    """RES's second-order multistep exponential integrator (Zhang, Tao and Chen 2023, arXiv 2308.02157; ComfyUI's
+    ``res_multistep``), in lambda = -log sigma with h = log(sigma/sigma'):
+
+        x' = e^{-h} x + h (b1 D + b2 D_prev),  b1 = phi1 - phi2/c2,  b2 = phi2/c2,  c2 = -log(sigma_prev/sigma)/h,
+
+    phi1 = (1 - e^{-h})/h and phi2 = (e^{-h} - 1 + h)/h^2 of -h: the integral of e^{-(h - u)} times D interpolated
+    linearly in lambda through the two evaluations.  First order (Euler) on the first step, to sigma' = 0, and from
+    a remembered sigma = inf (c2 = -inf: b2 = 0).
+    """
+    c = euler(pz, sigma, sigma_next)
+    if sigma_prev is None or sigma_next == 0.0 or sigma == INF:
+        return c
+    _check_history(sigma, (sigma_prev,))
+    if sigma_prev == INF:
+        return c
+    h = _log_ratio(sigma, sigma_next)
+    c2 = -_log_ratio(sigma_prev, sigma) / h
+    phi1 = -math.expm1(-h) / h
+    # (e^{-h} - 1 + h)/h^2 without the cancellation of 1 - h + h^2/2 ... against 1 - h at small h
+    phi2 = (math.expm1(-h) + h) / (h * h) if h > 1e-4 else 0.5 - h / 6.0 + h * h / 24.0
+    c_next = pz.c_in(sigma_next)
+    return replace(c, b=c_next * h * (phi1 - phi2 / c2), h=(c_next * h * phi2 / c2,))
+
+
 def _sde_base(pz, sigma, sigma_next, eta, s_noise):
     """Shared part of the DPM++ SDE samplers: y-weight, x-space D weight 1 - e^{-h(1+eta)}, noise weight, h."""
     h = _log_ratio(sigma, sigma_next)
@@ -540,6 +565,9 @@ _TABLE: dict[str, SamplerSpec] = {spec.name: spec for spec in (
     SamplerSpec("dpmpp_2m", "multistep", lambda pz, s: dpmpp_2m(pz, s.sigma, s.sigma_next, _prev1(s)), history=1,
                 keeps="denoised", at_inf="first order; a history entry at inf has weight 0 later", step=True,
                 kernel=True),
+    SamplerSpec("res_multistep", "multistep", lambda pz, s: res_multistep(pz, s.sigma, s.sigma_next, _prev1(s)),
+                history=1, keeps="denoised", at_inf="first order; a history entry at inf has weight 0 later",
+                step=True),
     SamplerSpec("dpmpp_2m_sde", "multistep",
                 lambda pz, s: dpmpp_2m_sde(pz, s.sigma, s.sigma_next, _prev1(s), s.eta, s.s_noise,
                                            s.solver_type), eta=True, s_noise=True, history=1, keeps="denoised",
@@ -823,6 +851,23 @@ def _t_dpmpp_2m(pz, a):
             ~use | _t_history_ok(s, (prev,)))
 
 
+def _t_res_multistep(pz, a):
+    s, sn = a.sigma, a.sigma_next
+    ca, cb = _t_euler(pz, s, sn)
+    if not a.sigma_prev:
+        return TensorCoeffs(ca, cb, (), 0.0, sn), torch.ones_like(s, dtype=torch.bool)
+    prev = a.sigma_prev[0]
+    use = (sn != 0.0) & (s != INF) & (prev != INF)
+    h = torch.where(use, _t_log_ratio(s, sn), 1.0)
+    c2 = -torch.where(use, _t_log_ratio(prev, s), 1.0) / h
+    phi1 = -torch.expm1(-h) / h
+    phi2 = torch.where(h > 1e-4, (torch.expm1(-h) + h) / (h * h), 0.5 - h / 6.0 + h * h / 24.0)
+    c_next = _t_c_in(pz, sn)
+    return (TensorCoeffs(ca, torch.where(use, c_next * h * (phi1 - phi2 / c2), cb),
+                         (torch.where(use, c_next * h * phi2 / c2, 0.0),), 0.0, sn),
+            ~((sn != 0.0) & (s != INF)) | _t_history_ok(s, (prev,)))
+
+
 def _t_sde_base(pz, s, sn, eta, s_noise):
     h = _t_log_ratio(s, sn)
     r = _t_ratio(s, sn)
@@ -938,6 +983,7 @@ _TENSOR_COEFFS = {
     "dpm_2_ancestral": _t_single(lambda pz, a: _t_ancestral_two_stage(pz, a, dpmpp=False)),
     "dpmpp_2s_ancestral": _t_single(lambda pz, a: _t_ancestral_two_stage(pz, a, dpmpp=True)),
     "dpmpp_2m": _t_dpmpp_2m,
+    "res_multistep": _t_res_multistep,
     "dpmpp_2m_sde": _t_dpmpp_2m_sde,
     "dpmpp_3m_sde": _t_dpmpp_3m_sde,
     "lms": _t_lms,

@@ -662,6 +662,15 @@ def dpmpp_2m_step(y, model_output, sigma, sigma_next, *, history=None, **options
     return _run(y, model_output, sg, _args("dpmpp_2m", sg, sn, prev=hs), history=ht, **options)
 
 
+def res_multistep_step(y, model_output, sigma, sigma_next, *, history=None, **options) -> StepResult:
+    """RES multistep (ComfyUI's ``res_multistep``): the second-order exponential integrator of Zhang et al. 2023
+    through D and the previous D, first order on the first step and to sigma' = 0; ``history`` as for
+    :func:`dpmpp_2m_step`.  See :func:`zsnr_kernels.coefficients.res_multistep`."""
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    hs, ht = _history(history, 1, y)
+    return _run(y, model_output, sg, _args("res_multistep", sg, sn, prev=hs), history=ht, **options)
+
+
 def dpmpp_2m_sde_step(y, model_output, sigma, sigma_next, *, history=None, eta=1.0, s_noise=1.0,
                       solver_type="midpoint", noise=None, seed=None, step_index=None, **options) -> StepResult:
     """DPM-Solver++(2M) SDE (k-diffusion); returns D at sigma' = 0.  See
@@ -769,6 +778,6 @@ _NAMED_STEPS = {spec.name: globals()[f"{spec.name}_step"] for spec in co.SAMPLER
 __all__ = [
     "StepResult", "churn_step", "initial_state", "final_sample", "to_x", "to_y", "euler_step", "euler_ancestral_step",
     "ddim_step", "ddpm_step", "heun_step", "dpm_2_step", "dpm_2_ancestral_step", "dpmpp_2s_ancestral_step",
-    "dpmpp_2m_step", "dpmpp_2m_sde_step", "dpmpp_3m_sde_step", "lms_step", "lcm_step", "PREDICTIONS", "recording",
+    "dpmpp_2m_step", "dpmpp_2m_sde_step", "dpmpp_3m_sde_step", "lms_step", "lcm_step", "res_multistep_step", "PREDICTIONS", "recording",
     "sampler_step", "step_function",
 ]

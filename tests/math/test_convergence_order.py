@@ -32,7 +32,7 @@ from zsnr_kernels.tools.models import GaussianModel, GuidedPair
 NS = (8, 16, 32, 64)
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
 ORDER_BANDS = {1: (0.8, 1.3), 2: (1.7, 2.6), 4: (2.5, 4.5)}  # lms: order 4, pre-asymptotic for N <= 64
-SAMPLERS = {"euler": 1, "ddim": 1, "heun": 2, "dpm_2": 2, "dpmpp_2m": 2, "lms": 4}
+SAMPLERS = {"euler": 1, "ddim": 1, "heun": 2, "dpm_2": 2, "dpmpp_2m": 2, "res_multistep": 2, "lms": 4}
 
 
 @pytest.fixture(scope="module")
