@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import TinyNet
-from test_diffusers_schedulers import SD, ZERO_SNR, _abar, _loop, _noise, _pair, _share_tables
+from test_diffusers_schedulers import (DISCRETE, MIDPOINT_ATOL, MIDPOINTS, SD, ZERO_SNR, _abar, _loop, _noise,
+                                      _pair, _share_tables, _step_sigmas)
 
 diffusers = pytest.importorskip("diffusers")
 zd = pytest.importorskip("zsnr_kernels.diffusers")
@@ -88,12 +89,13 @@ def _same_schedule(ref, ours, grid: bool) -> None:
     for s in (ref, ours):
         s.set_timesteps(8)
     atol = (1 if not ours.timesteps.is_floating_point() else 1e-2) if grid else 1e-5
-    torch.testing.assert_close(ours.timesteps.double(), ref.timesteps.double(), rtol=0, atol=atol)
+    seen = torch.ones_like(ref.timesteps, dtype=torch.bool)
+    if type(ref).__name__ in MIDPOINTS:
+        atol = max(atol, MIDPOINT_ATOL)
+        seen = ref.timesteps.isfinite()  # diffusers' float32 sigma_down can be the root of a negative rounding error
+    torch.testing.assert_close(ours.timesteps.double()[seen], ref.timesteps.double()[seen], rtol=0, atol=atol)
     if hasattr(ref, "sigmas"):
-        sig = ref.sigmas.double()
-        if isinstance(ref, diffusers.HeunDiscreteScheduler):  # diffusers repeats every inner sigma once
-            sig = torch.cat([sig[:1], sig[1::2]])
-        torch.testing.assert_close(_abar(ours.sigmas), _abar(sig), rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(_abar(ours.sigmas), _abar(_step_sigmas(ref)), rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(zd.SCHEDULERS))
@@ -111,7 +113,7 @@ def test_every_config_value_the_namesake_takes_is_taken(name):
     refused = set()
     for key, p in ref_params.items():
         for value in _tried(key, p.default, hints.get(key)):
-            cfg = {**_WITH.get(key, {}), key: value}
+            cfg = {**{k: v for k, v in _WITH.get(key, {}).items() if k in ref_params}, key: value}
             try:
                 ref = ref_cls(**cfg)
             except (ValueError, NotImplementedError):
@@ -155,7 +157,7 @@ def test_switching_from_every_compatible_scheduler(name, shipped):
     for other, config in shipped.items():
         try:
             ref = ref_cls.from_config(config)
-        except (ValueError, NotImplementedError):
+        except (ValueError, NotImplementedError, TypeError):  # (TypeError: EDM's grid of Euler's sigma_min=None)
             continue
         ours = cls.from_config(config)
         assert {k: ours.config[k] for k in keys} == {k: ref.config[k] for k in keys}, other
@@ -233,7 +235,7 @@ def test_types_pipelines_read():
     """init_noise_sigma is a tensor in the Euler family (pipelines call .cpu() or .to() on it), a float elsewhere;
     DDPM's previous_timestep returns diffusers' types and values (a tensor for a tensor, t - 1 before
     set_timesteps)."""
-    for name in zd.SCHEDULERS:
+    for name in DISCRETE:
         ref = getattr(diffusers, name)(**SD)
         ours = _ours(ref)
         for s in (ref, ours):
@@ -273,7 +275,7 @@ def test_ddim_and_ddpm_variances_pipelines_call(set_alpha_to_one):
                                        ref._get_variance(t, predicted).double(), rtol=1e-4, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("name", DISCRETE)
 def test_configs_diffusers_builds_are_built(name):
     """trained_betas of another length than num_train_timesteps, a one-entry table, beta_end = 1 (100 timesteps:
     the last alphas_cumprod is exactly 0, zero terminal SNR without the rescale): built, and run as diffusers where
@@ -392,7 +394,7 @@ def test_noise_prediction_dpm_solver_is_refused_with_the_fix():
         zd.ZSNRDPMSolverMultistepScheduler(use_flow_sigmas=True)
 
 
-@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("name", DISCRETE)
 def test_more_steps_than_training_timesteps(name):
     """The Euler family and DPM-Solver take more steps than the table has timesteps, as diffusers (fractional
     linspace timesteps: diffusers' run; DPM-Solver repeats timesteps); DDIM and DDPM refuse, as diffusers does."""

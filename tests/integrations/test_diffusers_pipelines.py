@@ -9,7 +9,9 @@ pipe.scheduler.config)`` and runs the pipeline unchanged:
   family and DPM-Solver (switched to from a shipped UniPC config too): the latents it decodes are compared
   (captured at ``vqvae.decode``, before the VQ quantization, whose nearest-codebook rounding is discontinuous).
 * ``StableDiffusionPipeline`` with classifier-free guidance and guidance rescale, when ``transformers`` is
-  installed (the pipeline module imports it; the test passes ``prompt_embeds`` and needs no text encoder).
+  installed (the pipeline module imports it; the test passes ``prompt_embeds`` and needs no text encoder); and a
+  subclass of it whose loop guides inside ``scheduler.step`` (the fused guidance + rescale pass), against the stock
+  pipeline's eager guidance.
 
 Everything runs in float32, like the pipelines; diffusers' float32 tables bound the agreement (see
 tests/integrations/test_diffusers_schedulers.py): 1e-4 relative to the latents' scale.
@@ -124,6 +126,7 @@ def _ldm_latents(pipe, steps=10):
     ("EulerDiscreteScheduler", {"timestep_spacing": "trailing", "use_karras_sigmas": True}),
     ("EulerAncestralDiscreteScheduler", {"prediction_type": "v_prediction"}),
     ("HeunDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    ("KDPM2DiscreteScheduler", {"prediction_type": "v_prediction"}),
     ("DPMSolverMultistepScheduler", {}),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "prediction_type": "v_prediction"}),
 ])
@@ -167,11 +170,11 @@ def test_ldm_pipeline_zero_snr(unet, vqvae, name):
     assert torch.isfinite(latents).all() and all(torch.isfinite(x).all() for x, _ in calls)
 
 
-def test_stable_diffusion_pipeline_with_guidance_rescale():
-    """StableDiffusionPipeline (guidance 7.5, guidance_rescale 0.7, done by the pipeline before step): Euler and
-    DPM++ 2M equal diffusers' on SD's finite schedule; the zero-SNR run is finite."""
-    pytest.importorskip("transformers")
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+@pytest.fixture(scope="module")
+def sd_parts():
+    """A tiny StableDiffusionPipeline's UNet and VAE, and prompt embeddings (no text encoder needed)."""
+    pytest.importorskip("transformers")  # the pipeline module imports it
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(3)
     unet = UNet2DConditionModel(
@@ -181,24 +184,85 @@ def test_stable_diffusion_pipeline_with_guidance_rescale():
     vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=4, sample_size=16).eval()
-    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
     g = torch.Generator().manual_seed(4)
-    cond, uncond = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    return unet, vae, torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
 
-    def run(pipe):
-        return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=7.5, guidance_rescale=0.7,
-                    num_inference_steps=8, height=16, width=16, output_type="latent",
-                    generator=torch.Generator().manual_seed(5)).images
 
-    for name, config in (("EulerDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {})):
-        pipe = _quiet(StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
-                                              scheduler=getattr(diffusers, name)(**sd, **config),
-                                              safety_checker=None, feature_extractor=None,
-                                              requires_safety_checker=False))
-        want = run(pipe)
+def _sd(parts, scheduler, cls=None):
+    from diffusers import StableDiffusionPipeline
+
+    unet, vae, _, _ = parts
+    return _quiet((cls or StableDiffusionPipeline)(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False))
+
+
+SD_GUIDED = {"guidance_scale": 7.5, "guidance_rescale": 0.7, "num_inference_steps": 8, "height": 16, "width": 16}
+
+
+def _sd_latents(pipe, parts):
+    _, _, cond, uncond = parts
+    return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, output_type="latent",
+                generator=torch.Generator().manual_seed(5), **SD_GUIDED).images
+
+
+def test_stable_diffusion_pipeline_with_guidance_rescale(sd_parts):
+    """StableDiffusionPipeline (guidance 7.5, guidance_rescale 0.7, done by the pipeline before step): Euler,
+    DPM++ 2M, LMS, KDPM2 ancestral and EDM Euler equal diffusers' on finite schedules; the zero-SNR run is finite."""
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
+    for name, config in (("EulerDiscreteScheduler", sd), ("DPMSolverMultistepScheduler", sd),
+                         ("LMSDiscreteScheduler", sd), ("KDPM2AncestralDiscreteScheduler", sd),
+                         ("EDMEulerScheduler", {"sigma_max": 14.6})):
+        pipe = _sd(sd_parts, getattr(diffusers, name)(**config))
+        want = _sd_latents(pipe, sd_parts)
         pipe.scheduler = zd.SCHEDULERS[name].from_config(pipe.scheduler.config)
-        got = run(pipe)
+        got = _sd_latents(pipe, sd_parts)
         assert _close(want, got)[0], (name, _close(want, got))
-        pipe.scheduler = zd.SCHEDULERS[name].from_config(pipe.scheduler.config, **ZERO_SNR)
-        assert torch.isfinite(run(pipe)).all()
-        assert pipe.scheduler.sigmas[0] == float("inf")
+        if not name.startswith("EDM"):
+            pipe.scheduler = zd.SCHEDULERS[name].from_config(pipe.scheduler.config, **ZERO_SNR)
+            assert torch.isfinite(_sd_latents(pipe, sd_parts)).all()
+            assert pipe.scheduler.sigmas[0] == float("inf")
+
+
+def _fused_guidance_pipeline():
+    """The README's example: a StableDiffusionPipeline whose loop hands the scheduler both halves of the guided UNet
+    call, so that guidance and its rescale run inside the fused step.  diffusers' ``__call__`` guides between the UNet
+    and ``scheduler.step`` with no hook there; this subclass keeps the pipeline's parts (``prepare_latents``,
+    ``prepare_extra_step_kwargs``, the UNet call on the doubled batch) and replaces only the loop."""
+    from diffusers import StableDiffusionPipeline
+
+    class FusedGuidanceStableDiffusionPipeline(StableDiffusionPipeline):
+        @torch.no_grad()
+        def __call__(self, prompt_embeds, negative_prompt_embeds, *, guidance_scale=7.5, guidance_rescale=0.0,
+                     num_inference_steps=50, height=512, width=512, generator=None, **_):
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+            latents = self.prepare_latents(prompt_embeds.shape[0], self.unet.config.in_channels, height, width,
+                                           prompt_embeds.dtype, self.device, generator)
+            embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            extra = self.prepare_extra_step_kwargs(generator, 0.0)
+            for t in self.scheduler.timesteps:
+                x = self.scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                uncond, cond = self.unet(x, t, encoder_hidden_states=embeds).sample.chunk(2)
+                latents = self.scheduler.step((cond, uncond), t, latents, guidance_scale=guidance_scale,
+                                              guidance_rescale=guidance_rescale, **extra).prev_sample
+            return diffusers.pipelines.stable_diffusion.StableDiffusionPipelineOutput(
+                images=latents, nsfw_content_detected=None)
+
+    return FusedGuidanceStableDiffusionPipeline
+
+
+@pytest.mark.parametrize(("name", "config"), [
+    ("EulerDiscreteScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("KDPM2AncestralDiscreteScheduler", {}),
+    ("EulerDiscreteScheduler", ZERO_SNR),
+])
+def test_guidance_inside_the_step_equals_the_pipelines(sd_parts, name, config):
+    """The fused-guidance pipeline's latents equal the stock pipeline's (eager CFG, then rescale_noise_cfg) with the
+    same scheduler, to float32 rounding: finite schedules and zero terminal SNR, stochastic samplers included."""
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
+    scheduler = zd.SCHEDULERS[name](**sd, **config)
+    want = _sd_latents(_sd(sd_parts, scheduler), sd_parts)
+    got = _sd_latents(_sd(sd_parts, scheduler, _fused_guidance_pipeline()), sd_parts)
+    assert torch.isfinite(want).all()
+    assert _close(want, got, rel=1e-5)[0], _close(want, got, rel=1e-5)

@@ -38,7 +38,19 @@ diffusers = pytest.importorskip("diffusers")
 zd = pytest.importorskip("zsnr_kernels.diffusers")
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-STOCHASTIC = {"EulerAncestralDiscreteScheduler", "DDPMScheduler"}
+STOCHASTIC = {"EulerAncestralDiscreteScheduler", "DDPMScheduler", "KDPM2AncestralDiscreteScheduler"}
+#: the schedulers on a discrete training table (the EDM ones step on continuous grids: test_diffusers_edm.py)
+DISCRETE = [name for name in zd.SCHEDULERS if not name.startswith("EDM")]
+#: namesakes without rescale_betas_zero_snr, which the classes here add
+ADDS_ZERO_SNR = {"HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+                 "KDPM2AncestralDiscreteScheduler"}
+#: schedulers with midpoint evaluations, whose timesteps are interpolated from float64 sigmas here: diffusers' float32
+#: moves them by up to 3e-3, and by 1e-2 where its ancestral sigma_down = sqrt(sigma'^2 - sigma_up^2) cancels (a
+#: two-step schedule); the net barely feels that
+MIDPOINTS = {"KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"}
+MIDPOINT_ATOL = 1e-2
+#: diffusers' namesakes that refuse prediction_type="sample" at step (these take it)
+NO_SAMPLE = {"EulerAncestralDiscreteScheduler", *MIDPOINTS}
 F64 = torch.float64
 
 
@@ -71,7 +83,10 @@ def _pair(name, steps, **config):
 
 def _compare(ref, ours, net, noise, *, seed=None, **step_kw):
     """Run both; return (max |final difference|, max |model input difference|) after checking the timesteps."""
-    assert torch.equal(ours.timesteps, ref.timesteps), (ours.timesteps, ref.timesteps)
+    if type(ref).__name__ in MIDPOINTS:
+        torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=MIDPOINT_ATOL)
+    else:
+        assert torch.equal(ours.timesteps, ref.timesteps), (ours.timesteps, ref.timesteps)
     a, ins_a = _loop(ref, net, noise, seed=seed, **step_kw)
     b, ins_b = _loop(ours, net, noise, seed=seed, **step_kw)
     assert len(ins_a) == len(ins_b)
@@ -83,6 +98,16 @@ def _abar(sigmas):
     """alphas_cumprod of noise levels, 1 / (1 + sigma^2): compared instead of sigma, whose float32 rounding near
     abar = 1 (sigma ~ 0.03 on SD's table) is relatively 1e-5 where abar's is 1e-7."""
     return 1.0 / (1.0 + sigmas * sigmas)
+
+
+def _step_sigmas(ref) -> torch.Tensor:
+    """diffusers' sigmas of a two-evaluation scheduler with each step's sigma once, as here (float64)."""
+    sig = ref.sigmas.double()
+    if isinstance(ref, diffusers.HeunDiscreteScheduler):  # every inner sigma repeated once
+        return torch.cat([sig[:1], sig[1::2]])
+    if type(ref).__name__ in MIDPOINTS:  # every sigma after the first repeated once, the final one twice
+        return torch.cat([sig[:1], sig[1:-1:2]])
+    return sig
 
 
 def _share_tables(ref, ours):
@@ -117,16 +142,22 @@ def test_training_tables_match_diffusers(beta_schedule, rescale):
         assert ours.alphas_cumprod[-1] == 0.0 == ref.alphas_cumprod[-1]
 
 
-@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("name", DISCRETE)
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 def test_timesteps_and_sigmas_match_diffusers(name, spacing):
     """Same timesteps for every step count in 1..40 (where numpy's arange does not add diffusers' spurious
-    timestep -1 to trailing), and for the sigma-walking schedulers the same sigmas to float32 rounding."""
+    timestep -1 to trailing; midpoint timesteps to float32 rounding), and for the sigma-walking schedulers the same
+    sigmas to float32 rounding."""
+    ref, ours = _pair(name, 1, timestep_spacing=spacing, steps_offset=1, **SD)  # (diffusers' KDPM2 builds in 1 s)
     for steps in range(1, 41):
-        ref, ours = _pair(name, steps, timestep_spacing=spacing, steps_offset=1, **SD)
-        assert torch.equal(ours.timesteps, ref.timesteps), (steps, ours.timesteps, ref.timesteps)
-        if hasattr(ref, "sigmas") and name != "HeunDiscreteScheduler":
-            torch.testing.assert_close(_abar(ours.sigmas), _abar(ref.sigmas.double()), rtol=2e-5, atol=0)
+        for s in (ref, ours):
+            s.set_timesteps(steps)
+        if name in MIDPOINTS:
+            torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=MIDPOINT_ATOL)
+        else:
+            assert torch.equal(ours.timesteps, ref.timesteps), (steps, ours.timesteps, ref.timesteps)
+        if hasattr(ref, "sigmas"):
+            torch.testing.assert_close(_abar(ours.sigmas), _abar(_step_sigmas(ref)), rtol=2e-5, atol=0)
 
 
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"])
@@ -155,13 +186,13 @@ def test_karras_and_exponential_grids_match_diffusers(name, grid, betas):
 # ------------------------------------------------------------------------------------------- parity, own tables
 
 
-@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("name", DISCRETE)
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 def test_parity(name, spacing, prediction):
     """Each scheduler built from the diffusers scheduler's config gives its model inputs and result (float32)."""
-    if name == "EulerAncestralDiscreteScheduler" and prediction == "sample":
-        pytest.skip("diffusers' EulerAncestralDiscreteScheduler does not implement prediction_type='sample'")
+    if name in NO_SAMPLE and prediction == "sample":
+        pytest.skip(f"diffusers' {name} does not implement prediction_type='sample'")
     cfg = dict(timestep_spacing=spacing, prediction_type=prediction, steps_offset=1, **SD)
     if name in ("DDIMScheduler", "DDPMScheduler"):
         cfg["clip_sample"] = False
@@ -172,16 +203,16 @@ def test_parity(name, spacing, prediction):
     assert d_final <= tol and d_inputs <= tol, (d_final, d_inputs)
 
 
-@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("name", DISCRETE)
 def test_parity_zero_snr_leading(name):
     """rescale_betas_zero_snr=True with ``leading`` spacing never reaches the last timestep: a finite schedule on the
-    rescaled table, where diffusers' 2**-24 substitute plays no part.  diffusers' Heun has no
-    rescale_betas_zero_snr: it gets the rescaled betas as trained_betas."""
+    rescaled table, where diffusers' 2**-24 substitute plays no part.  Namesakes without rescale_betas_zero_snr
+    (Heun, LMS, KDPM2) get the rescaled betas as trained_betas."""
     cfg = dict(timestep_spacing="leading", prediction_type="v_prediction", rescale_betas_zero_snr=True, **SD)
-    if name == "HeunDiscreteScheduler":
-        ours = zd.ZSNRHeunDiscreteScheduler(**cfg)
+    if name in ADDS_ZERO_SNR:
+        ours = zd.SCHEDULERS[name](**cfg)
         del cfg["rescale_betas_zero_snr"]
-        ref = diffusers.HeunDiscreteScheduler(trained_betas=ours.betas.tolist(), **cfg)
+        ref = getattr(diffusers, name)(trained_betas=ours.betas.tolist(), **cfg)
         ref.set_timesteps(10)
         ours.set_timesteps(10)
     else:
@@ -330,7 +361,7 @@ def test_dpm_sde_order_3_is_k_diffusions(kdiff):
 ZERO_SNR = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction", **SD)
 
 
-@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("name", DISCRETE)
 def test_zero_snr_starts_at_inf(name):
     """The first model call is at sigma = inf, timestep 999, with the noise itself as model input; all finite."""
     sched = zd.SCHEDULERS[name](**ZERO_SNR)
@@ -365,25 +396,34 @@ def test_zero_snr_grids(name, grid):
         assert torch.isfinite(out).all() and all(torch.isfinite(y).all() for y in inputs)
 
 
-@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                  "DPMSolverMultistepScheduler", "DDIMScheduler", "HeunDiscreteScheduler"])
+_SAMPLER_OF = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
+               "DPMSolverMultistepScheduler": "dpmpp_2m", "DDIMScheduler": "ddim", "HeunDiscreteScheduler": "heun",
+               "LMSDiscreteScheduler": "lms", "KDPM2DiscreteScheduler": "dpm_2",
+               "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral"}
+
+
+@pytest.mark.parametrize("name", list(_SAMPLER_OF))
 def test_zero_snr_equals_sample(name):
-    """At zero SNR each scheduler's loop is zsnr_kernels.sample on its own sigmas (inf first), in float64."""
-    sampler = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
-               "DPMSolverMultistepScheduler": "dpmpp_2m", "DDIMScheduler": "ddim",
-               "HeunDiscreteScheduler": "heun"}[name]
+    """At zero SNR each scheduler's loop is zsnr_kernels.sample on its own sigmas (inf first), in float64: the
+    model called at each evaluation's timestep (midpoints included), the two-stage samplers' placeholder evaluation
+    after the step from inf changing nothing."""
+    sampler = _SAMPLER_OF[name]
     sched = zd.SCHEDULERS[name](**ZERO_SNR, **({"clip_sample": False} if name == "DDIMScheduler" else {}))
     sched.set_timesteps(10)
     net, noise = TinyNet(4, seed=18), _noise(F64)
     if name == "DDIMScheduler":
         sigmas = zk.schedules.sigmas_from_alphas_cumprod(sched.alphas_cumprod[sched.timesteps])
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        t_of = {float(s): t for s, t in zip(sigmas, sched.timesteps.unique(sorted=True).flip(0))}
     else:
         sigmas = sched.sigmas
-    t_of = {float(s): t for s, t in zip(sigmas, sched.timesteps.unique(sorted=True).flip(0))}
+        t_of = {sched._eval_sigma(k): t for k, t in reversed(list(enumerate(sched.timesteps)))}
     ours, _ = _loop(sched, net, noise, seed=19)
     draws = torch.Generator().manual_seed(19)
-    ref = zk.sample(lambda y, s: net(y, t_of[float(s[0])]), noise, sigmas, sampler=sampler,
+    def t_at(sigma):  # (the library forms a midpoint sigma its own way: the nearest evaluation's, to rounding)
+        return t_of[sigma if sigma in t_of else min(t_of, key=lambda s: abs(s - sigma))]
+
+    ref = zk.sample(lambda y, s: net(y, t_at(float(s[0]))), noise, sigmas, sampler=sampler,
                     eta=0.0 if sampler == "ddim" else 1.0,
                     noise_sampler=lambda s, sn: torch.randn(noise.shape, generator=draws, dtype=F64))
     assert sigmas[0] == math.inf
@@ -466,7 +506,7 @@ def test_zero_snr_ddim_exact_vs_diffusers():
     assert d_final <= 1e-10 and d_inputs <= 1e-10, (d_final, d_inputs)
 
 
-@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("name", DISCRETE)
 def test_epsilon_at_inf_is_refused(name):
     sched = zd.SCHEDULERS[name](**{**ZERO_SNR, "prediction_type": "epsilon"})
     sched.set_timesteps(5)
@@ -478,10 +518,10 @@ def test_epsilon_at_inf_is_refused(name):
 # ---------------------------------------------------------------------------------------------- config and API
 
 
-@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("name", DISCRETE)
 def test_config_round_trip(name, tmp_path):
-    """save_config / from_pretrained keep every key; the config holds diffusers' keys (Heun: plus
-    rescale_betas_zero_snr) and a diffusers scheduler loads it back."""
+    """save_config / from_pretrained keep every key; the config holds diffusers' keys (plus rescale_betas_zero_snr
+    where the namesake has none) and a diffusers scheduler loads it back."""
     sched = zd.SCHEDULERS[name](**ZERO_SNR)
     def keys(config):
         return {k: v for k, v in config.items() if not k.startswith("_")}
@@ -489,7 +529,7 @@ def test_config_round_trip(name, tmp_path):
     sched.save_config(tmp_path)
     loaded = zd.SCHEDULERS[name].from_pretrained(tmp_path)
     assert keys(loaded.config) == keys(sched.config)
-    extra = {"rescale_betas_zero_snr"} if name == "HeunDiscreteScheduler" else set()
+    extra = {"rescale_betas_zero_snr"} if name in ADDS_ZERO_SNR else set()
     assert set(keys(sched.config)) == set(keys(getattr(diffusers, name)().config)) | extra
     loaded.set_timesteps(6)
     sched.set_timesteps(6)
@@ -545,13 +585,13 @@ def test_step_before_set_timesteps_and_past_the_end(name):
         sched.step(torch.zeros_like(y), sched.timesteps[-1], y)
 
 
-@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("name", DISCRETE)
 def test_add_noise_gives_the_model_input(name):
     """add_noise returns sqrt(abar) x0 + sqrt(1 - abar) noise: diffusers' for the VP schedulers, its
     scale_model_input of diffusers' (variance-exploding) add_noise for the Euler family; the noise at zero SNR."""
     ref, ours = _pair(name, 10, **SD)
     x0, z = _noise(F64, seed=25), _noise(F64, seed=26)
-    t = ref.timesteps[3:4]
+    t = ref.timesteps[2:3]  # a step's first evaluation (diffusers' KDPM2 gives a midpoint timestep a step's sigma)
     got = ours.add_noise(x0, z, t)
     want = ref.add_noise(x0, z, t)
     if not isinstance(ref, (diffusers.DDIMScheduler, diffusers.DDPMScheduler, diffusers.DPMSolverMultistepScheduler)):
@@ -608,7 +648,7 @@ def test_euler_refuses_integer_indices_as_diffusers_does(name):
 # ------------------------------------------------------------------------------------- the rest of the contract
 
 
-@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("name", DISCRETE)
 def test_prediction_type_set_on_a_live_scheduler_takes_effect(name):
     """diffusers' steps read ``config.prediction_type`` when they run (training scripts set it in place)."""
     extra = {"clip_sample": False} if name in ("DDIMScheduler", "DDPMScheduler") else {}
@@ -623,7 +663,7 @@ def test_prediction_type_set_on_a_live_scheduler_takes_effect(name):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+@pytest.mark.parametrize("name", DISCRETE)
 def test_numpy_and_tensor_step_counts_are_taken(name):
     sched = zd.SCHEDULERS[name](**SD)
     sched.set_timesteps(12)
@@ -695,3 +735,43 @@ def test_heun_refuses_latents_edited_in_place_between_its_two_evaluations():
     sample.mul_(1.01)
     with pytest.raises(ValueError, match="edited in place between the two evaluations of a Heun step"):
         ours.step(net(sample, t1), t1, sample)
+
+
+# ------------------------------------------------------------------------------------ guidance inside the step
+
+
+@pytest.mark.parametrize("name", list(zd.SCHEDULERS))
+def test_guidance_in_the_step_is_the_pipelines_eager_guidance(name):
+    """step((cond, uncond), guidance_scale=w, guidance_rescale=phi) gives the run of step(F) with F as diffusers'
+    pipelines form it: uncond + w (cond - uncond), then ``rescale_noise_cfg(F, cond, phi)`` (the rescale in the
+    model output's own space).  DDIM keeps its default clip_sample=True: there F is formed eagerly, as D is
+    clipped."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    cfg = {} if name.startswith("EDM") else dict(prediction_type="v_prediction", **SD)
+    w, phi = 7.5, 0.7
+    cond_net, uncond_net = TinyNet(4, seed=30, dtype=torch.float32), TinyNet(4, seed=31, dtype=torch.float32)
+
+    def eager(y, t):
+        fc, fu = cond_net(y, t), uncond_net(y, t)
+        return rescale_noise_cfg(fu + w * (fc - fu), fc, guidance_rescale=phi)
+
+    runs = []
+    for net, kw in ((eager, {}), (lambda y, t: (cond_net(y, t), uncond_net(y, t)),
+                                  {"guidance_scale": w, "guidance_rescale": phi})):
+        sched = zd.SCHEDULERS[name](**cfg)
+        sched.set_timesteps(6)
+        runs.append(_loop(sched, net, _noise(), seed=32, **kw))
+    (a, ins_a), (b, ins_b) = runs
+    for u, v in [(a, b), *zip(ins_a, ins_b)]:
+        assert (u - v).abs().max().item() <= 1e-5 * max(u.abs().max().item(), 1.0)
+
+
+def test_guidance_keywords_need_the_pair():
+    sched = zd.ZSNREulerDiscreteScheduler(**SD)
+    sched.set_timesteps(4)
+    y = torch.ones(1, 4, 2, 2)
+    with pytest.raises(ValueError, match=r"model_output=\(noise_pred_cond, noise_pred_uncond\)"):
+        sched.step(torch.zeros_like(y), sched.timesteps[0], y, guidance_scale=7.5)
+    with pytest.raises(ValueError, match="guidance_rescale must be <= 1"):
+        sched.step((y, y), sched.timesteps[0], y, guidance_scale=7.5, guidance_rescale=2.0)

@@ -16,13 +16,27 @@ diffusers scheduler it is named after, so a pipeline takes it unchanged and swit
 * :class:`ZSNRDPMSolverMultistepScheduler` (``DPMSolverMultistepScheduler``, ``dpmsolver++`` and
   ``sde-dpmsolver++``): :func:`~zsnr_kernels.dpmpp_2m_step`, :func:`~zsnr_kernels.dpmpp_2m_sde_step`,
   :func:`~zsnr_kernels.dpmpp_3m_sde_step`
+* :class:`ZSNRLMSDiscreteScheduler` (``LMSDiscreteScheduler``): :func:`~zsnr_kernels.lms_step`
+* :class:`ZSNRKDPM2DiscreteScheduler` (``KDPM2DiscreteScheduler``): :func:`~zsnr_kernels.dpm_2_step`
+* :class:`ZSNRKDPM2AncestralDiscreteScheduler` (``KDPM2AncestralDiscreteScheduler``):
+  :func:`~zsnr_kernels.dpm_2_ancestral_step`
+* :class:`ZSNREDMEulerScheduler` (``EDMEulerScheduler``): :func:`~zsnr_kernels.euler_step` with EDM's
+  preconditioning (``sigma_data``)
+* :class:`ZSNREDMDPMSolverMultistepScheduler` (``EDMDPMSolverMultistepScheduler``): the DPM-Solver++ steps above
+  with EDM's preconditioning
+
+Not here yet, for want of the library's sampler: ``DPMSolverSDEScheduler`` (k-diffusion's ``sample_dpmpp_sde``, a
+singlestep SDE solver on a Brownian tree) and ``DPMSolverSinglestepScheduler`` (singlestep DPM-Solver 2S/3S).
 
 :data:`SCHEDULERS` maps each diffusers class name to the class here.
 
 The package is laid out as diffusers' ``schedulers``: one module per scheduler (``scheduling_ddim``,
 ``scheduling_ddpm``, ``scheduling_euler_discrete``, ``scheduling_euler_ancestral_discrete``,
-``scheduling_heun_discrete``, ``scheduling_dpmsolver_multistep``) and ``_base`` for what they share (the output
-class, the base scheduler, the timestep- and step-indexed walks, the config and table helpers).  Import the classes
+``scheduling_heun_discrete``, ``scheduling_dpmsolver_multistep``, ``scheduling_lms_discrete``,
+``scheduling_k_dpm_2_discrete``, ``scheduling_k_dpm_2_ancestral_discrete``, ``scheduling_edm_euler``,
+``scheduling_edm_dpmsolver_multistep``) and ``_base`` for what they share (the output class, the base scheduler,
+the timestep- and step-indexed walks, the EDM grids, the config and table helpers, and the one place a model output
+becomes F, guidance included).  Import the classes
 from ``zsnr_kernels.diffusers``.
 
 **What the pipeline holds.**  The ``sample`` a pipeline keeps between steps is this library's state, the model
@@ -44,8 +58,19 @@ SNR; diffusers therefore replaces the last ``alphas_cumprod`` (0) by 2**-24, a s
   SNR).
 
 The step from sigma = inf is first order for every sampler (docs/design.md §2.3); an ``epsilon``-prediction model
-cannot be evaluated there and ``step`` says so.  ``HeunDiscreteScheduler`` has no ``rescale_betas_zero_snr``;
-:class:`ZSNRHeunDiscreteScheduler` adds it.
+cannot be evaluated there and ``step`` says so.  ``HeunDiscreteScheduler``, ``LMSDiscreteScheduler`` and the two
+``KDPM2`` schedulers have no ``rescale_betas_zero_snr``; the classes here add it.  The EDM schedulers have no
+training table: zero terminal SNR there is ``sigma_max=float("inf")`` with ``sigma_max_finite`` (a key of these
+classes only), see :class:`ZSNREDMEulerScheduler`.
+
+**Guidance inside the step.**  Pipelines guide before ``step``, in eager PyTorch (F = F_u + w (F_c - F_u), then
+``rescale_noise_cfg``), so the fused guidance pass never runs there.  Every ``step`` here also takes the pair
+``model_output=(noise_pred_cond, noise_pred_uncond)`` with the keywords ``guidance_scale`` (w) and
+``guidance_rescale`` (phi), both off by default: the fused step then forms F and rescales it in the model output's
+own space (``rescale_space="output"``, where diffusers' ``rescale_noise_cfg`` acts), giving the pipeline's result to
+float32 rounding.  A pipeline uses it from a loop that hands both halves of its doubled-batch UNet call to
+``step`` (tests/integrations/test_diffusers_pipelines.py has a ``StableDiffusionPipeline`` subclass doing it).
+Where the guided output of a sample has std 0 the rescale factor is 1 (diffusers divides by 0 there).
 
 **Parity with diffusers** on finite schedules (``tests/integrations/test_diffusers_schedulers.py``,
 ``tests/integrations/test_diffusers_contract.py``): same timesteps, model inputs and results to float32 rounding
@@ -108,6 +133,16 @@ Deviations by design or from diffusers' own faults:
 * ``prev_sample`` keeps the sample's dtype (diffusers' Euler family returns the model output's dtype).  Euler
   ancestral also takes ``prediction_type="sample"``, and DPM-Solver's learned-variance models keep the first half
   of their output channels for every prediction type (diffusers: the first 3 channels, epsilon only).
+* LMS raises its order with the derivatives remembered in the run (diffusers: with the step index, so an img2img
+  run that starts mid-schedule weighs its one derivative with a fourth-order coefficient) and integrates its
+  coefficients exactly (diffusers: ``scipy.integrate.quad`` to 1e-4).
+* KDPM2's midpoint timesteps are interpolated from float64 sigmas (diffusers: float32, whose ancestral sigma_down
+  cancels for short schedules): up to 1e-2 apart.  Its step from sigma = inf keeps a placeholder evaluation, as
+  Heun's.
+* EDM's ``"epsilon"`` (EDM's F-parameterization) is the v-prediction of -F: the output is negated before the fused
+  step, one elementwise pass.  ``init_noise_sigma`` is the scale of diffusers' first model input,
+  sqrt(sigma_max^2 + 1) c_in(sigma_max) (diffusers draws x = sqrt(sigma_max^2 + 1) noise whatever ``sigma_data``).
+  ``sde-dpmsolver++`` of order 3, which fails in diffusers' EDM variant, is k-diffusion's 3M SDE.
 * A saved config names these classes (``_class_name``), which ``DiffusionPipeline.from_pretrained`` cannot look up
   in diffusers: load the pipeline, then set ``pipe.scheduler = ZSNR...Scheduler.from_pretrained(path,
   subfolder="scheduler")``.
@@ -120,18 +155,28 @@ from ._base import ZSNRSchedulerOutput
 from .scheduling_ddim import ZSNRDDIMScheduler
 from .scheduling_ddpm import ZSNRDDPMScheduler
 from .scheduling_dpmsolver_multistep import ZSNRDPMSolverMultistepScheduler
+from .scheduling_edm_dpmsolver_multistep import ZSNREDMDPMSolverMultistepScheduler
+from .scheduling_edm_euler import ZSNREDMEulerScheduler
 from .scheduling_euler_ancestral_discrete import ZSNREulerAncestralDiscreteScheduler
 from .scheduling_euler_discrete import ZSNREulerDiscreteScheduler
 from .scheduling_heun_discrete import ZSNRHeunDiscreteScheduler
+from .scheduling_k_dpm_2_ancestral_discrete import ZSNRKDPM2AncestralDiscreteScheduler
+from .scheduling_k_dpm_2_discrete import ZSNRKDPM2DiscreteScheduler
+from .scheduling_lms_discrete import ZSNRLMSDiscreteScheduler
 
 __all__ = [
     "SCHEDULERS",
     "ZSNRDDIMScheduler",
     "ZSNRDDPMScheduler",
     "ZSNRDPMSolverMultistepScheduler",
+    "ZSNREDMDPMSolverMultistepScheduler",
+    "ZSNREDMEulerScheduler",
     "ZSNREulerAncestralDiscreteScheduler",
     "ZSNREulerDiscreteScheduler",
     "ZSNRHeunDiscreteScheduler",
+    "ZSNRKDPM2AncestralDiscreteScheduler",
+    "ZSNRKDPM2DiscreteScheduler",
+    "ZSNRLMSDiscreteScheduler",
     "ZSNRSchedulerOutput",
 ]
 
@@ -144,4 +189,9 @@ SCHEDULERS = {
     "EulerAncestralDiscreteScheduler": ZSNREulerAncestralDiscreteScheduler,
     "HeunDiscreteScheduler": ZSNRHeunDiscreteScheduler,
     "DPMSolverMultistepScheduler": ZSNRDPMSolverMultistepScheduler,
+    "LMSDiscreteScheduler": ZSNRLMSDiscreteScheduler,
+    "KDPM2DiscreteScheduler": ZSNRKDPM2DiscreteScheduler,
+    "KDPM2AncestralDiscreteScheduler": ZSNRKDPM2AncestralDiscreteScheduler,
+    "EDMEulerScheduler": ZSNREDMEulerScheduler,
+    "EDMDPMSolverMultistepScheduler": ZSNREDMDPMSolverMultistepScheduler,
 }

@@ -25,7 +25,7 @@ try:  # the real package: this package is zsnr_kernels.diffusers, imports are ab
 except ImportError as exc:  # pragma: no cover - exercised only without diffusers
     raise ImportError("zsnr_kernels.diffusers needs the diffusers package (pip install diffusers)") from exc
 
-from .. import schedules
+from .. import _validate, reference, schedules
 from .._validate import SIGMA_MAX
 from ..parameterization import parameterization
 
@@ -221,6 +221,21 @@ def _dynamic_threshold(x: torch.Tensor, ratio: float, max_value: float) -> torch
     return (torch.clamp(flat, -s, s) / s).reshape(x.shape).to(x.dtype)
 
 
+def _guided(pair, w: float, phi: float) -> torch.Tensor:
+    """F of a guided pair, eagerly (where no fused step runs: a clipped D, a step that leaves the sample): the
+    reference's guidance and output-space rescale, the fused steps' definition (docs/design.md §2.7)."""
+    fc, fu = pair
+    f = reference.guidance(fc, fu, w)
+    if phi:
+        f = f * reference.rescale_factor(fc, f, phi).to(f.dtype).reshape((-1,) + (1,) * (f.ndim - 1))
+    return f
+
+
+def _dtype_of(model_output) -> torch.dtype:
+    """The dtype of a model output or guided pair (diffusers draws some noise in it)."""
+    return (model_output[0] if isinstance(model_output, (tuple, list)) else model_output).dtype
+
+
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     """Per-sample scalars as a (n, 1, ..., 1) tensor broadcasting against ``like``."""
     return torch.tensor(values, dtype=torch.float64).to(like.device, like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
@@ -308,36 +323,57 @@ class _ZSNRScheduler(SchedulerMixin, ConfigMixin):
 
     # one model evaluation ------------------------------------------------------------------------------------
 
-    def _model_output(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float):
-        """(F, prediction) to hand to the step function at ``sigma``, plus the raw D when D is clipped.
+    def _model_output(self, model_output, sample: torch.Tensor, sigma: float, guidance_scale=1.0,
+                      guidance_rescale=0.0):
+        """(F, options, raw D) for the step function at ``sigma``: the one place a model output becomes F.
+
+        ``model_output`` is the model's output, or the pair ``(F_cond, F_uncond)`` of a classifier-free-guided call
+        with ``guidance_scale`` w and ``guidance_rescale`` phi: the step function then forms F = F_u + w (F_c - F_u)
+        and rescales it in the model's output space (``rescale_space="output"``: diffusers' ``rescale_noise_cfg``
+        acts on the noise/v prediction the pipeline guided) inside the fused pass.  ``options`` are the step
+        function's keyword arguments (parameterization, backend, guidance).
 
         Clipping or thresholding the denoised prediction (``clip_sample``, ``thresholding``) is not linear, so then
-        D = p y + q F is formed here, clipped, and passed on as an x0-prediction.
+        F (guided eagerly), D = p y + q F, the clip, and D is passed on as an x0-prediction; the raw D is returned
+        for DDIM's unclipped direction.
         """
-        if sigma == INF and self._pz.prediction == "eps":
+        pz, owner = self._pz, type(self).__name__
+        w, phi, _ = _validate.guidance(guidance_scale, guidance_rescale, "output")
+        if isinstance(model_output, (tuple, list)):
+            if len(model_output) != 2:
+                raise ValueError(f"{owner}.step: model_output must be a tensor or the pair (noise_pred_cond, "
+                                 f"noise_pred_uncond), got a sequence of {len(model_output)}")
+            model_output = tuple(m if m.dtype == sample.dtype else m.to(sample.dtype) for m in model_output)
+        else:
+            if w != 1.0 or phi != 0.0:
+                raise ValueError(f"{owner}.step: guidance_scale={w} and guidance_rescale={phi} guide inside the step, "
+                                 "which needs model_output=(noise_pred_cond, noise_pred_uncond); pass the pair, or "
+                                 "leave both at their defaults when the pipeline guided already")
+            if model_output.dtype != sample.dtype:
+                model_output = model_output.to(sample.dtype)
+        if sigma == INF and pz.prediction == "eps":
             raise ValueError(
-                f"{type(self).__name__}: this schedule starts at sigma = inf (zero terminal SNR, timestep "
+                f"{owner}: this schedule starts at sigma = inf (zero terminal SNR, timestep "
                 f"{self.config.num_train_timesteps - 1}), where an epsilon-prediction model has no denoised "
                 "prediction (D = x - sigma * eps has no limit, Lin et al. 2023 §3.2). Use a v-prediction model "
                 "(prediction_type='v_prediction'), or a finite start: rescale_betas_zero_snr=False or "
                 "timestep_spacing='leading'.")
-        if model_output.dtype != sample.dtype:
-            model_output = model_output.to(sample.dtype)
+        opts = {"prediction": pz.prediction, "sigma_data": pz.sigma_data, "backend": self.backend}
         clip = getattr(self.config, "clip_sample", False)
         threshold = getattr(self.config, "thresholding", False)
         if not (clip or threshold):
-            return model_output, self._pz.prediction, None
-        p, q = self._pz.denoise_coeffs(sigma)
+            if isinstance(model_output, tuple):
+                opts.update(guidance_scale=w, guidance_rescale=phi, rescale_space="output")
+            return model_output, opts, None
+        f = _guided(model_output, w, phi) if isinstance(model_output, tuple) else model_output
+        p, q = pz.denoise_coeffs(sigma)
         wide = torch.promote_types(sample.dtype, torch.float32)
-        d = model_output.to(wide) * q + (sample.to(wide) * p if p else 0.0)
+        d = f.to(wide) * q + (sample.to(wide) * p if p else 0.0)
         if threshold:
             dc = _dynamic_threshold(d, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
         else:
             dc = d.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        return dc.to(sample.dtype), "x0", d
-
-    def _options(self, prediction: str) -> dict:
-        return {"prediction": prediction, "backend": self.backend}
+        return dc.to(sample.dtype), {**opts, "prediction": "x0"}, d
 
     @staticmethod
     def _noise(sample: torch.Tensor, generator, dtype: torch.dtype, variance_noise: torch.Tensor | None = None):
@@ -350,12 +386,14 @@ class _ZSNRScheduler(SchedulerMixin, ConfigMixin):
         return draw
 
     @staticmethod
-    def _unchanged(sample: torch.Tensor, f: torch.Tensor, prediction: str, sigma: float):
+    def _unchanged(sample: torch.Tensor, f, opts: dict, sigma: float):
         """(sample, D) of a step to its own noise level, which leaves the sample as it is (diffusers' updates reduce
         to the identity too).  Schedules whose final sigma repeats the last one have it (DDIM with
         ``set_alpha_to_one=False`` ending at t = 0, ``final_sigmas_type="sigma_min"`` after a grid ending there), and
         spacings that repeat a timestep (more steps than a ``leading`` or DPM-Solver spacing has timesteps for)."""
-        p, q = parameterization(prediction).denoise_coeffs(sigma)
+        if isinstance(f, tuple):
+            f = _guided(f, opts["guidance_scale"], opts["guidance_rescale"])
+        p, q = parameterization(opts["prediction"], opts["sigma_data"]).denoise_coeffs(sigma)
         return sample.clone(), (f * q + sample * p if p else f * q)  # a new tensor, as diffusers returns
 
     @staticmethod
@@ -493,7 +531,7 @@ class _StepIndexed(_ZSNRScheduler):
         i, stage = self._evals[k]
         return float(self.sigmas[i + (stage != 1)])
 
-    def _open(self, timestep, model_output: torch.Tensor, sample: torch.Tensor):
+    def _open(self, timestep, model_output, sample: torch.Tensor, guidance_scale=1.0, guidance_rescale=0.0):
         """The opening every step here shares: the evaluation k (found from the first timestep, then counted, as
         diffusers), the noise levels of its step and the model output as the step function takes it (evaluated at
         sigma, or at sigma_next for Heun's second stage).  Returns (k, sigma, sigma_next, F, prediction).
@@ -511,8 +549,8 @@ class _StepIndexed(_ZSNRScheduler):
         if math.isnan(sigma + sigma_next):  # the messages only then: this runs on every step
             _check_level(sigma, f"scheduler.sigmas[{i}]")
             _check_level(sigma_next, f"scheduler.sigmas[{i + 1}]")
-        f, prediction, _ = self._model_output(model_output, sample, sigma if stage == 1 else sigma_next)
-        return k, sigma, sigma_next, f, prediction
+        f, opts, _ = self._model_output(model_output, sample, self._eval_sigma(k), guidance_scale, guidance_rescale)
+        return k, sigma, sigma_next, f, opts
 
     def _set_schedule(self, timesteps, sigmas: torch.Tensor, device, evals: list[tuple[int, int]] | None = None,
                       ) -> None:
@@ -644,10 +682,12 @@ class _StepIndexed(_ZSNRScheduler):
         return self._add_noise_at(original_samples, noise, [self._eval_sigma(k) for k in idx])
 
     def _finish(self, y: torch.Tensor, sigma_out: float, k: int) -> torch.Tensor:
-        """What the last step returns: y at sigma = 0 is x0; at a final sigma > 0 the Euler family returns
-        diffusers' variance-exploding latent y / c_in(sigma)."""
-        if self._ve_state and k == len(self._evals) - 1 and sigma_out > 0:
-            return y / self._pz.c_in(sigma_out)
+        """What the last step returns: the variance-exploding latent y / c_in(sigma) where diffusers keeps one (the
+        Euler family at a final sigma > 0; EDM, whose y at sigma = 0 is x0 / sigma_data), else y (at sigma = 0 with
+        sigma_data = 1, y is x0)."""
+        if self._ve_state and k == len(self._evals) - 1:
+            c = self._pz.c_in(sigma_out)
+            return y / c if c != 1.0 else y
         return y
 
 
@@ -657,3 +697,107 @@ _EULER_FAMILY_DOC = """
     diffusers' ``scale_model_input`` outputs.  With ``rescale_betas_zero_snr=True`` the schedule starts at
     sigma = inf exactly (diffusers: 4096).
 """
+
+
+# ---------------------------------------------------------------------------------- EDM (continuous sigmas)
+
+#: diffusers' EDM prediction_type -> (this library's prediction, sign of the model output).  EDM's own
+#: parameterization, which diffusers calls "epsilon", is D = c_skip x + c_out F with c_out = +sigma sd/sqrt(sigma^2 +
+#: sd^2): the v-prediction of -F (v's c_out has the other sign, its c_skip and c_in are the same)
+_EDM_PREDICTIONS = {"epsilon": ("v", -1.0), "v_prediction": ("v", 1.0), "sample": ("x0", 1.0),
+                    "original_sample": ("x0", 1.0)}
+
+
+class _EDMScheduler(_StepIndexed):
+    """diffusers' EDM schedulers: no training table, a Karras (``rho``) or exponential grid from ``sigma_max`` to
+    ``sigma_min``, the model called at timestep c_noise = 0.25 log sigma, EDM's preconditioning with ``sigma_data``
+    (c_in = 1/sqrt(sigma^2 + sd^2): the model input is this library's state y for that sigma_data).  ``prediction_type``
+    ``"epsilon"`` is EDM's own F-parameterization (D = c_skip x + c_out F), run as the library's v-prediction of -F
+    (see :data:`_EDM_PREDICTIONS`), ``"v_prediction"`` the library's v, and ``"sample"`` (``"original_sample"``),
+    which diffusers' EDM schedulers take and then fail at ``step``, an x0-prediction.
+
+    Zero terminal SNR here means ``sigma_max=float("inf")`` (diffusers' grids are NaN there): the schedule is inf,
+    then the grid of n - 1 points from ``sigma_max_finite`` (a config key of these classes only, required then) down
+    to ``sigma_min`` (:func:`zsnr_kernels.schedules.karras`).  The first model call gets the start noise itself at
+    timestep c_noise = inf, which the network must take: EDM's log-sigma conditioning has no finite value there (an
+    EDM model is trained on a log-normal range of finite sigmas, so this is for models trained to start at inf).
+    """
+
+    _ve_state = True
+    _timestep_dtype = torch.float32
+    _refuses_integer_timesteps = True
+    _choices = {"sigma_schedule": ("karras", "exponential"), "final_sigmas_type": ("zero", "sigma_min")}
+
+    def __init__(self, train_points: int) -> None:  # no betas: no _ZSNRScheduler.__init__
+        self._check_config()
+        cfg = self.config
+        for key in ("sigma_min", "sigma_data"):
+            if not (isinstance(cfg[key], (int, float)) and 0 < cfg[key] < INF):
+                raise ValueError(f"{type(self).__name__}: {key} must be a positive finite number, got {cfg[key]!r}")
+        if not (isinstance(cfg.sigma_max, (int, float)) and cfg.sigma_min <= cfg.sigma_max):
+            raise ValueError(f"{type(self).__name__}: sigma_max must be a number >= sigma_min={cfg.sigma_min} (inf "
+                             f"for zero terminal SNR), got {cfg.sigma_max!r}")
+        if cfg.sigma_max == INF and cfg.sigma_max_finite is None:
+            raise ValueError(f"{type(self).__name__}: sigma_max=inf (a start at zero terminal SNR) needs "
+                             "sigma_max_finite=, the largest finite sigma the grid continues from (EDM: 80)")
+        sigmas = self._edm_sigmas(train_points)
+        self._set_schedule(self.precondition_noise(sigmas[:-1]), sigmas, None)
+        self.num_inference_steps = None
+
+    @property
+    def _pz(self):
+        """The parameterization of ``prediction_type`` with ``sigma_data``, read when used (see the base's)."""
+        key = (self.config.prediction_type, self.config.sigma_data)
+        cached = getattr(self, "_pz_of", (None, None))
+        if key != cached[0]:
+            if key[0] not in _EDM_PREDICTIONS:
+                raise _refuse_choice(type(self).__name__, "prediction_type", key[0], _EDM_PREDICTIONS)
+            self._pz_of = cached = (key, parameterization(_EDM_PREDICTIONS[key[0]][0], key[1]))
+        return cached[1]
+
+    def _model_output(self, model_output, sample, sigma, guidance_scale=1.0, guidance_rescale=0.0):
+        """The base's, with EDM's "epsilon" output negated (see :data:`_EDM_PREDICTIONS`): one elementwise pass
+        before the fused one, the guidance rescale's factor unchanged (a ratio of stds)."""
+        if _EDM_PREDICTIONS.get(self.config.prediction_type, (None, 1.0))[1] < 0:
+            model_output = (tuple(-m for m in model_output) if isinstance(model_output, (tuple, list))
+                            else -model_output)
+        return super()._model_output(model_output, sample, sigma, guidance_scale, guidance_rescale)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """The scale of the first model input: diffusers starts from x = sqrt(sigma_max^2 + 1) noise (sigma_data = 1's
+        formula, whatever sigma_data is) and scales it by c_in(sigma_max), so sqrt(sigma_max^2 + 1) c_in(sigma_max);
+        1 at sigma_max = inf."""
+        smax, sd = self.config.sigma_max, self.config.sigma_data
+        return 1.0 if smax == INF else math.sqrt(smax * smax + 1.0) / math.hypot(smax, sd)
+
+    @staticmethod
+    def precondition_noise(sigma) -> torch.Tensor:
+        """EDM's c_noise = 0.25 log sigma, the timestep the model is called at (inf at sigma = inf)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+        return (0.25 * sigma.log()).to(torch.float32)
+
+    def _edm_sigmas(self, n: int, ramp=None) -> torch.Tensor:
+        """diffusers' ``_compute_karras_sigmas``/``_compute_exponential_sigmas`` of ``ramp`` (default linspace(0, 1,
+        n); the exponential grid reads only its length, as diffusers') in float64, ending exactly at sigma_min, then
+        the final sigma (0, or sigma_min for ``final_sigmas_type="sigma_min"``)."""
+        cfg = self.config
+        smin, smax, rho = float(cfg.sigma_min), float(cfg.sigma_max), float(cfg.rho)
+        if smax == INF:
+            if ramp is not None:
+                raise ValueError(f"{type(self).__name__}: a custom ramp cannot start at sigma_max=inf; pass "
+                                 "num_inference_steps, or a finite sigma_max")
+            build = schedules.karras if cfg.sigma_schedule == "karras" else schedules.exponential
+            extra = {"rho": rho} if cfg.sigma_schedule == "karras" else {}
+            grid = build(n, smin, INF, sigma_max_finite=float(cfg.sigma_max_finite), **extra)[:-1]
+        elif cfg.sigma_schedule == "karras":
+            ramp = torch.linspace(0, 1, n, dtype=torch.float64) if ramp is None else ramp.to(torch.float64)
+            lo, hi = smin ** (1 / rho), smax ** (1 / rho)
+            grid = (hi + ramp * (lo - hi)) ** rho
+        else:
+            m = n if ramp is None else ramp.numel()
+            grid = torch.linspace(math.log(smax), math.log(smin), m, dtype=torch.float64).exp()
+        if math.isclose(grid[-1].item(), smin, rel_tol=1e-12):
+            grid[-1] = smin
+        last = smin if cfg.final_sigmas_type == "sigma_min" else 0.0
+        return torch.cat([grid, torch.tensor([last], dtype=torch.float64)])

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .. import steps
-from ._base import INF, _check_level, _posterior_std, _sigma_of, _TimestepIndexed, register_to_config
+from ._base import INF, _check_level, _dtype_of, _posterior_std, _sigma_of, _TimestepIndexed, register_to_config
 
 __all__ = ["ZSNRDDIMScheduler"]
 
@@ -66,9 +66,12 @@ class ZSNRDDIMScheduler(_TimestepIndexed):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
-             variance_noise: torch.Tensor | None = None, return_dict: bool = True):
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True, *, guidance_scale: float = 1.0,
+             guidance_rescale: float = 0.0):
         """One DDIM step from ``timestep`` for the model output at (``sample``, ``timestep``); ``eta`` in [0, 1]
-        scales the noise (1: the DDPM posterior), drawn from ``generator`` or given as ``variance_noise``."""
+        scales the noise (1: the DDPM posterior), drawn from ``generator`` or given as ``variance_noise``.
+        ``guidance_scale``/``guidance_rescale`` with ``model_output=(cond, uncond)``: guidance inside the step
+        (package docstring)."""
         if self.num_inference_steps is None:
             raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
         if variance_noise is not None and generator is not None and eta > 0:
@@ -78,16 +81,16 @@ class ZSNRDDIMScheduler(_TimestepIndexed):
         sigma = self._sigma_at(t)
         sigma_next = _sigma_of(self._alpha_cumprod_prev(prev_t))
         _check_level(sigma_next, f"timestep {prev_t}" if prev_t >= 0 else "final_alpha_cumprod")
-        f, prediction, d_raw = self._model_output(model_output, sample, sigma)
+        f, opts, d_raw = self._model_output(model_output, sample, sigma, guidance_scale, guidance_rescale)
         if sigma_next == sigma:  # set_alpha_to_one=False ending at t = 0
-            prev, denoised = self._unchanged(sample, f, prediction, sigma)
+            prev, denoised = self._unchanged(sample, f, opts, sigma)
             if d_raw is not None and not use_clipped_model_output and sigma != INF:
                 # diffusers' direction from the raw prediction: y' = y + sqrt(abar) (D_clipped - D_raw)
                 prev = prev + (self._pz.c_in(sigma) * (denoised.to(d_raw.dtype) - d_raw)).to(prev.dtype)
             return self._output(prev, denoised, return_dict)
         r = steps.ddim_step(sample, f, sigma, sigma_next, eta=eta,
-                            noise=self._noise(sample, generator, model_output.dtype, variance_noise),
-                            **self._options(prediction))
+                            noise=self._noise(sample, generator, _dtype_of(model_output), variance_noise),
+                            **opts)
         prev = r.y
         if d_raw is not None and not use_clipped_model_output and sigma != INF:
             # diffusers takes the direction to x_t from the unclipped prediction: y' gains

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .. import steps
-from ._base import _posterior_std, _refuse, _TimestepIndexed, register_to_config
+from ._base import _dtype_of, _posterior_std, _refuse, _TimestepIndexed, register_to_config
 
 __all__ = ["ZSNRDDPMScheduler"]
 
@@ -119,27 +119,42 @@ class ZSNRDDPMScheduler(_TimestepIndexed):
         return (0.5 * var).exp() if kind == "learned_range" else var.sqrt()
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
-             generator: torch.Generator | None = None, return_dict: bool = True):
-        """One DDPM step from ``timestep`` to the next timestep of the list (to x0 after the last)."""
+             generator: torch.Generator | None = None, return_dict: bool = True, *, guidance_scale: float = 1.0,
+             guidance_rescale: float = 0.0):
+        """One DDPM step from ``timestep`` to the next timestep of the list (to x0 after the last).
+        ``guidance_scale``/``guidance_rescale`` with ``model_output=(cond, uncond)``: guidance inside the step
+        (package docstring)."""
         predicted_variance = None
-        if self.config.variance_type in _LEARNED and model_output.shape[1] == 2 * sample.shape[1]:
-            model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
+        if self.config.variance_type in _LEARNED:  # the variance of a guided pair: the conditional one's
+            model_output, predicted_variance = _split_variance(model_output, sample)
         t = int(timestep)
         prev_t = int(self.previous_timestep(t))
         sigma = self._sigma_at(t)
         sigma_next = self._sigma_at(prev_t) if prev_t >= 0 else 0.0
-        f, prediction, _ = self._model_output(model_output, sample, sigma)
+        f, opts, _ = self._model_output(model_output, sample, sigma, guidance_scale, guidance_rescale)
         if sigma_next == sigma:  # beta_t = 0 (a flat table): diffusers' posterior is the identity too
-            return self._output(*self._unchanged(sample, f, prediction, sigma), return_dict)
-        noise = self._noise(sample, generator, model_output.dtype)
+            return self._output(*self._unchanged(sample, f, opts, sigma), return_dict)
+        noise = self._noise(sample, generator, _dtype_of(model_output))
         std = self._noise_std(t, predicted_variance) if t > 0 else None
         if std is None:
-            r = steps.ddpm_step(sample, f, sigma, sigma_next, noise=noise, **self._options(prediction))
+            r = steps.ddpm_step(sample, f, sigma, sigma_next, noise=noise, **opts)
             return self._output(r.y, r.denoised, return_dict)
         z, std = noise(), std.to(sample.dtype)
         e = _posterior_std(self._pz, sigma, sigma_next)
         if e > 0:  # the fused step adds e * noise: hand it the unit noise scaled to diffusers' std
-            r = steps.ddpm_step(sample, f, sigma, sigma_next, noise=z * (std / e), **self._options(prediction))
+            r = steps.ddpm_step(sample, f, sigma, sigma_next, noise=z * (std / e), **opts)
             return self._output(r.y, r.denoised, return_dict)
-        r = steps.ddpm_step(sample, f, sigma, sigma_next, **self._options(prediction))  # to x0: adds no noise
+        r = steps.ddpm_step(sample, f, sigma, sigma_next, **opts)  # to x0: adds no noise
         return self._output(r.y + std * z, r.denoised, return_dict)
+
+
+def _split_variance(model_output, sample: torch.Tensor):
+    """(model output, predicted variance or None) of a learned-variance model, whose output stacks both along the
+    channels; for a guided pair (cond, uncond), the pair of outputs and the conditional variance (as diffusers'
+    guided pipelines keep it)."""
+    if isinstance(model_output, (tuple, list)):
+        (fc, var), (fu, _) = (_split_variance(m, sample) for m in model_output)
+        return ((fc, fu) if var is not None else tuple(model_output)), var
+    if model_output.shape[1] == 2 * sample.shape[1]:
+        return torch.split(model_output, sample.shape[1], dim=1)
+    return model_output, None

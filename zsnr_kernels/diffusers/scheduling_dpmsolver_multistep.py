@@ -15,7 +15,65 @@ from ._base import REFUSED, _refuse, _StepIndexed, _ZSNRScheduler, register_to_c
 __all__ = ["ZSNRDPMSolverMultistepScheduler"]
 
 
-class ZSNRDPMSolverMultistepScheduler(_StepIndexed):
+class _MultistepDPM:
+    """DPM-Solver++'s multistep walk, shared with the EDM variant: diffusers' order schedule and the remembered
+    denoised predictions, on the fused steps."""
+
+    def _reset_history(self) -> None:
+        self._history: list[tuple[float, torch.Tensor]] = []
+        self.lower_order_nums = 0
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Index of ``timestep`` in ``timesteps`` (the second match when it occurs twice); a timestep not in the
+        schedule is its last evaluation (diffusers' DPM-Solver rule)."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if not (schedule == timestep).any():
+            return len(schedule) - 1
+        return super().index_for_timestep(timestep, schedule)
+
+    def _order(self, k: int) -> int:
+        """diffusers' order for evaluation k: warm-up from first order, first order at the end."""
+        n = len(self._evals)
+        cfg = self.config
+        final = k == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                                or cfg.final_sigmas_type == "zero")
+        second = k == n - 2 and cfg.lower_order_final and n < 15
+        if cfg.solver_order == 1 or self.lower_order_nums < 1 or final:
+            return 1
+        if cfg.solver_order == 2 or self.lower_order_nums < 2 or second:
+            return 2
+        return 3
+
+    def _multistep(self, model_output, timestep, sample: torch.Tensor, noise, return_dict: bool,
+                   guidance_scale, guidance_rescale):
+        """One step: ``dpmpp_2m`` (``dpmsolver++``, midpoint), ``dpmpp_2m_sde`` (the SDE, or the ODE at eta = 0 with
+        ``solver_type="heun"``) or ``dpmpp_3m_sde`` (order 3; eta = 0 for the ODE); ``noise`` draws the SDE's."""
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
+        k, sigma, sigma_next, f, opts = self._open(timestep, model_output, sample, guidance_scale, guidance_rescale)
+        order = self._order(k)
+        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
+        if sigma_next == sigma:
+            # the history stays: the next step's remembered sigmas must lie above its own (diffusers divides by
+            # the zero log-ratio of this step there and returns NaN)
+            y, d = self._unchanged(sample, f, opts, sigma)
+            return self._output(self._finish(y, sigma, k), d, return_dict, with_denoised=False)
+        history = self._history[: order - 1]
+        sde = self.config.algorithm_type == "sde-dpmsolver++"
+        if sde:
+            opts = {**opts, "noise": noise}
+        if order == 3:
+            r = steps.dpmpp_3m_sde_step(sample, f, sigma, sigma_next, history=history, eta=float(sde), **opts)
+        elif sde or self.config.solver_type == "heun":
+            r = steps.dpmpp_2m_sde_step(sample, f, sigma, sigma_next, history=history, eta=float(sde),
+                                        solver_type=self.config.solver_type, **opts)
+        else:
+            r = steps.dpmpp_2m_step(sample, f, sigma, sigma_next, history=history, **opts)
+        self._history = [(sigma, r.denoised)] + self._history[: self.config.solver_order - 2]
+        return self._output(self._finish(r.y, sigma_next, k), r.denoised, return_dict, with_denoised=False)
+
+
+class ZSNRDPMSolverMultistepScheduler(_MultistepDPM, _StepIndexed):
     """``DPMSolverMultistepScheduler`` for ``algorithm_type="dpmsolver++"`` (DPM++ 2M, 3M) and
     ``"sde-dpmsolver++"`` (DPM++ 2M SDE), same config keys.
 
@@ -72,16 +130,7 @@ class ZSNRDPMSolverMultistepScheduler(_StepIndexed):
         if isinstance(solver_order, bool) or not isinstance(solver_order, int) or solver_order < 1:
             raise ValueError(f"solver_order must be a positive int (orders above 3 step as 3, as in diffusers), got "
                              f"{solver_order!r}")
-        self._history: list[tuple[float, torch.Tensor]] = []
-        self.lower_order_nums = 0
-
-    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """Index of ``timestep`` in ``timesteps`` (the second match when it occurs twice); a timestep not in the
-        schedule is its last evaluation (diffusers' DPM-Solver rule)."""
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        if not (schedule == timestep).any():
-            return len(schedule) - 1
-        return super().index_for_timestep(timestep, schedule)
+        self._reset_history()
 
     def _spaced(self, n: int, T: int) -> np.ndarray:
         """diffusers' DPM-Solver spacings: ``linspace``/``leading`` over n + 1 points without the last (so with
@@ -118,50 +167,23 @@ class ZSNRDPMSolverMultistepScheduler(_StepIndexed):
             raise _refuse(type(self).__name__, "mu", mu, "it sets the flow shift of use_dynamic_shifting: "
                           + REFUSED[("use_dynamic_shifting", True)])
         self._set_schedule(*self._schedule(num_inference_steps, timesteps), device)
-        self._history = []
-        self.lower_order_nums = 0
-
-    def _order(self, k: int) -> int:
-        """diffusers' order for evaluation k: warm-up from first order, first order at the end."""
-        n = len(self._evals)
-        cfg = self.config
-        final = k == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
-                                or cfg.final_sigmas_type == "zero")
-        second = k == n - 2 and cfg.lower_order_final and n < 15
-        if cfg.solver_order == 1 or self.lower_order_nums < 1 or final:
-            return 1
-        if cfg.solver_order == 2 or self.lower_order_nums < 2 or second:
-            return 2
-        return 3
+        self._reset_history()
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None,
-             return_dict: bool = True):
+             return_dict: bool = True, *, guidance_scale: float = 1.0, guidance_rescale: float = 0.0):
         """One multistep DPM-Solver++ step; the SDE's noise is ``variance_noise`` or
-        ``randn_tensor(shape, generator, dtype=float32)`` as in diffusers."""
-        if self.num_inference_steps is None:
-            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
-        if self.config.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
-            model_output = model_output[:, : sample.shape[1]]
-        k, sigma, sigma_next, f, prediction = self._open(timestep, model_output, sample)
-        order = self._order(k)
-        self.lower_order_nums = min(self.lower_order_nums + 1, self.config.solver_order)
-        if sigma_next == sigma:
-            # the history stays: the next step's remembered sigmas must lie above its own (diffusers divides by
-            # the zero log-ratio of this step there and returns NaN)
-            y, d = self._unchanged(sample, f, prediction, sigma)
-            return self._output(y, d, return_dict, with_denoised=False)
-        history = self._history[: order - 1]
-        sde = self.config.algorithm_type == "sde-dpmsolver++"
-        opts = self._options(prediction)
-        if sde:
-            opts["noise"] = self._noise(sample, generator, torch.float32, variance_noise)
-        if order == 3:
-            r = steps.dpmpp_3m_sde_step(sample, f, sigma, sigma_next, history=history, eta=float(sde), **opts)
-        elif sde or self.config.solver_type == "heun":
-            r = steps.dpmpp_2m_sde_step(sample, f, sigma, sigma_next, history=history, eta=float(sde),
-                                        solver_type=self.config.solver_type, **opts)
-        else:
-            r = steps.dpmpp_2m_step(sample, f, sigma, sigma_next, history=history, **opts)
-        self._history = [(sigma, r.denoised)] + self._history[: self.config.solver_order - 2]
-        return self._output(r.y, r.denoised, return_dict, with_denoised=False)
+        ``randn_tensor(shape, generator, dtype=float32)`` as in diffusers.  ``guidance_scale``/``guidance_rescale``
+        with ``model_output=(cond, uncond)``: guidance inside the step (package docstring)."""
+        if self.config.variance_type in ("learned", "learned_range"):
+            model_output = _first_half(model_output, sample)
+        return self._multistep(model_output, timestep, sample, self._noise(sample, generator, torch.float32,
+                                                                           variance_noise),
+                               return_dict, guidance_scale, guidance_rescale)
+
+
+def _first_half(model_output, sample: torch.Tensor):
+    """A learned-variance model's output (or guided pair of them) without its variance channels."""
+    if isinstance(model_output, (tuple, list)):
+        return tuple(_first_half(m, sample) for m in model_output)
+    return model_output[:, : sample.shape[1]] if model_output.shape[1] == 2 * sample.shape[1] else model_output

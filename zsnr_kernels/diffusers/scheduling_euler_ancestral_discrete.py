@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .. import steps
-from ._base import _EULER_FAMILY_DOC, _StepIndexed, register_to_config
+from ._base import _EULER_FAMILY_DOC, _dtype_of, _StepIndexed, register_to_config
 
 __all__ = ["ZSNREulerAncestralDiscreteScheduler"]
 
@@ -41,14 +41,17 @@ class ZSNREulerAncestralDiscreteScheduler(_StepIndexed):
         self._set_schedule(*self._schedule(num_inference_steps), device)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
-             generator: torch.Generator | None = None, return_dict: bool = True):
-        """One Euler-ancestral step; the noise is ``randn_tensor(shape, generator, dtype=model_output.dtype)``."""
-        _, sigma, sigma_next, f, prediction = self._open(timestep, model_output, sample)
+             generator: torch.Generator | None = None, return_dict: bool = True, *, guidance_scale: float = 1.0,
+             guidance_rescale: float = 0.0):
+        """One Euler-ancestral step; the noise is ``randn_tensor(shape, generator, dtype=model_output.dtype)``.
+        ``guidance_scale``/``guidance_rescale`` with ``model_output=(cond, uncond)``: guidance inside the step
+        (package docstring)."""
+        _, sigma, sigma_next, f, opts = self._open(timestep, model_output, sample, guidance_scale, guidance_rescale)
         if sigma_next == sigma:
-            return self._output(*self._unchanged(sample, f, prediction, sigma), return_dict)
+            return self._output(*self._unchanged(sample, f, opts, sigma), return_dict)
         r = steps.euler_ancestral_step(sample, f, sigma, sigma_next, eta=1.0,
-                                       noise=self._noise(sample, generator, model_output.dtype),
-                                       **self._options(prediction))
+                                       noise=self._noise(sample, generator, _dtype_of(model_output)),
+                                       **opts)
         return self._output(r.y, r.denoised, return_dict)
 
 

@@ -68,17 +68,20 @@ class ZSNREulerDiscreteScheduler(_StepIndexed):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = INF, s_noise: float = 1.0,
-             generator: torch.Generator | None = None, return_dict: bool = True):
-        """One Euler step for the model output at (``sample``, ``timestep``)."""
+             generator: torch.Generator | None = None, return_dict: bool = True, *, guidance_scale: float = 1.0,
+             guidance_rescale: float = 0.0):
+        """One Euler step for the model output at (``sample``, ``timestep``).
+        ``guidance_scale``/``guidance_rescale`` with ``model_output=(cond, uncond)``: guidance inside the step
+        (package docstring)."""
         if s_churn:
             raise _refuse(type(self).__name__, "s_churn", s_churn,
                           "diffusers adds the churn noise after the model call; use zsnr_kernels.sample(model, "
                           "noise, sigmas, sampler='euler', s_churn=...), which churns before it (EDM)")
-        k, sigma, sigma_next, f, prediction = self._open(timestep, model_output, sample)
+        k, sigma, sigma_next, f, opts = self._open(timestep, model_output, sample, guidance_scale, guidance_rescale)
         if sigma_next == sigma:
-            y, d = self._unchanged(sample, f, prediction, sigma)
+            y, d = self._unchanged(sample, f, opts, sigma)
         else:
-            r = steps.euler_step(sample, f, sigma, sigma_next, **self._options(prediction))
+            r = steps.euler_step(sample, f, sigma, sigma_next, **opts)
             y, d = r.y, r.denoised
         return self._output(self._finish(y, sigma_next, k), d, return_dict)
 

@@ -69,16 +69,19 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
         self._set_schedule(ts, sigmas, device, evals)
         self._first, self._first_version = None, None
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, *,
+             guidance_scale: float = 1.0, guidance_rescale: float = 0.0):
         """First evaluation of a step: the Euler predictor to sigma_{i+1} (the whole step from sigma = inf and to
-        sigma = 0).  Second evaluation (model at the predictor): the trapezoid correction."""
-        k, sigma, sigma_next, f, prediction = self._open(timestep, model_output, sample)
+        sigma = 0).  Second evaluation (model at the predictor): the trapezoid correction.
+        ``guidance_scale``/``guidance_rescale`` with ``model_output=(cond, uncond)``: guidance inside the step
+        (package docstring)."""
+        k, sigma, sigma_next, f, opts = self._open(timestep, model_output, sample, guidance_scale, guidance_rescale)
         stage = self._evals[k][1]
         if stage == _NO_OP or sigma_next == sigma:  # see the class docstring; a zero-length step
             self._first = None
-            return self._output(*self._unchanged(sample, f, prediction, self._eval_sigma(k)), return_dict)
+            return self._output(*self._unchanged(sample, f, opts, self._eval_sigma(k)), return_dict)
         if stage == 1:
-            r = steps.heun_step(sample, f, sigma, sigma_next, **self._options(prediction))
+            r = steps.heun_step(sample, f, sigma, sigma_next, **opts)
             self._first = None if r.complete else r
             self._first_version = None if r.complete else _version(r.y)
         else:
@@ -94,7 +97,7 @@ class ZSNRHeunDiscreteScheduler(_StepIndexed):
             first, replaced = self._first, sample is not self._first.y
             if replaced:  # see _heun_on_replaced_latents
                 first = first._replace(y=sample)
-            r = steps.heun_step(sample, f, sigma, sigma_next, first=first, **self._options(prediction))
+            r = steps.heun_step(sample, f, sigma, sigma_next, first=first, **opts)
             if replaced:
                 r = r._replace(y=_heun_on_replaced_latents(r.y, self._first.y, sample, sigma, sigma_next))
             self._first = None
