@@ -1,4 +1,5 @@
-"""Command line: ``python -m zsnr_kernels {info,demo,bench}`` (also installed as ``zsnr-kernels``)."""
+"""Command line: ``python -m zsnr_kernels {info,demo,bench,selftest,bench-compare,comfyui-install}`` (also installed
+as ``zsnr-kernels``)."""
 
 from __future__ import annotations
 
@@ -48,25 +49,41 @@ def info() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .tools import bench, demo
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser (``bench/gpu_acceptance.sh --dry-run`` parses the commands it would run with it)."""
+    from . import comfyui
     from ._version import __version__
+    from .tools import bench, bench_compare, demo, selftest
 
-    parser = argparse.ArgumentParser(prog="zsnr-kernels", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"zsnr-kernels {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    ap = argparse.ArgumentParser(prog="zsnr-kernels", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"zsnr-kernels {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build and backend availability")
-    demo.add_arguments(sub.add_parser("demo", help="sample exact denoisers from sigma = inf and print what was "
-                                      "measured", description=demo.__doc__.splitlines()[0]))
-    bench.add_arguments(sub.add_parser("bench", help="time the fused steps against eager PyTorch and "
-                                       "torch.compile (CSV, PNG)", description=bench.__doc__.split("\n\n")[0]))
-    ns = parser.parse_args(argv)
+    for name, module, what in (
+            ("demo", demo, "sample exact denoisers from sigma = inf and print what was measured"),
+            ("bench", bench, "time the fused steps against eager PyTorch and torch.compile (CSV, PNG)"),
+            ("selftest", selftest, "every backend that runs here against the float64 reference; exit status 1 on "
+                                   "any miss"),
+            ("bench-compare", bench_compare, "compare a pytest-benchmark run of bench/bench_step.py with a baseline "
+                                             "on x_roof; exit status 1 on a regression"),
+            ("comfyui-install", comfyui, "write the ZSNR nodes' shim into a ComfyUI's custom_nodes/")):
+        module.add_arguments(sub.add_parser(name, help=what, description=module.__doc__.split("\n\n")[0]))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import comfyui
+    from .tools import bench, bench_compare, demo, selftest
+
+    ns = parser().parse_args(argv)
     if ns.command == "info":
         return info()
-    if ns.command == "demo":
-        return demo.run(ns)
-    bench.run(ns)
-    return 0
+    if ns.command == "bench":
+        bench.run(ns)
+        return 0
+    run = {"demo": demo.run, "selftest": selftest.run, "bench-compare": bench_compare.run,
+           "comfyui-install": comfyui.run}[ns.command]
+    return run(ns)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ from zsnr_kernels import coefficients as co, euler_ancestral_step, noise as nz, 
 from zsnr_kernels.backends import ext as _ext  # noqa: E402
 from zsnr_kernels import dpmpp_2m_step, lms_step  # noqa: E402
 from zsnr_kernels.parameterization import parameterization, rescale_space_coeffs  # noqa: E402
+from zsnr_kernels.tools import tolerances  # noqa: E402
 
 INF = math.inf
 SHAPE = (2, 3, 7, 9)  # n = 189 per sample: three blocks of 64 with a partial last one
 BLOCK = 64
-NORMAL_ATOL = 1e-5
+NORMAL_ATOL = tolerances.NORMAL_ATOL
 F32_RTOL = 1e-5
 SEEDS = [12345, 0xDEAD_BEEF_0BAD_F00D]
 

@@ -1,5 +1,6 @@
-"""Option types shared by the command line's subcommands (``python -m zsnr_kernels demo`` / ``bench``): a bad value
-is an argparse error (exit status 2, one line naming the option) before any work, not a traceback after it."""
+"""Option types shared by the command line's subcommands (``python -m zsnr_kernels demo`` / ``bench`` /
+``selftest``): a bad value is an argparse error (exit status 2, one line naming the option) before any work, not a
+traceback after it."""
 
 from __future__ import annotations
 
