@@ -1,11 +1,13 @@
-"""Smoke tests of the benchmark (zsnr_kernels/bench.py, run through bench/bench_step.py as its users do): a tiny
---quick run writes a complete CSV; bench/report_cold.py runs; --png without matplotlib fails before measuring; CUDA
-backends skip cleanly without a GPU and are timed (events, CUDA graph, % of peak) where there is one."""
+"""Smoke tests of the benchmark (zsnr_kernels/tools/bench.py, run through bench/bench_step.py as its users do): a tiny
+--quick run writes a complete CSV; the loops section runs on a tiny shape; bench/report_cold.py runs; --png without
+matplotlib fails before measuring; CUDA backends skip cleanly without a GPU and are timed (events, CUDA graph, % of
+peak) where there is one."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import math
 import sys
 from pathlib import Path
@@ -19,7 +21,8 @@ from zsnr_kernels.tools import bench as bench_core
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_step.py"
 MEASURED = ["bytes", "us", "gbps", "triad_us", "triad_gbps", "pct_triad", "eager_us", "x_eager"]
-TINY = ["--quick", "--ops", "euler_cfg_rescale", "--shapes", "1x4x8x8", "--dtypes", "float32", "--no-compile"]
+TINY = ["--quick", "--ops", "euler_cfg_rescale", "--shapes", "1x4x8x8", "--dtypes", "float32", "--no-compile",
+        "--loops-shape", "1x4x8x8"]
 needs_cpu = pytest.mark.skipif(not _ext.available(), reason="the compiled cpu backend is not built")
 
 
@@ -43,7 +46,7 @@ def test_quick_run_writes_csv(tmp_path, capsys):
     # torch.compile is skipped: a cold compile takes about 20 s on its own.
     bench.main([*TINY, "--backends", "cpu", "eager", "compile", "--csv", str(path)])
     printed = capsys.readouterr().out
-    assert "euler_cfg_rescale" in printed and "Per-call overhead" in printed
+    assert "euler_cfg_rescale" in printed and "Per-call overhead" in printed and "Loops at 1x4x8x8 float32" in printed
 
     rows = _read(path)
     assert [(r["device"], r["backend"]) for r in rows] == [("cpu", "cpu"), ("cpu", "eager")]
@@ -74,6 +77,22 @@ def test_cold_cache_report_runs(capsys):
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row[:2] == ["euler_ancestral", "bfloat16"]
     assert all(math.isfinite(float(v)) and float(v) > 0 for v in row[2:6])  # cold, warm, triad cold, triad warm
+
+
+@needs_cpu
+def test_loops_quick_on_a_tiny_shape():
+    r = bench_core.loops((1, 4, 8, 8), quick=True, out=io.StringIO())
+    assert r["shape"] == (1, 4, 8, 8) and r["threads"] >= 1 and r["working_set_bytes"] == 3 * 256 * 4
+    rows = r["rows"]
+    assert list(rows) == ["default", "in_place", "sample", "plan", "roof_cache", "roof_dram", "in_place_evicted"]
+    for name, row in rows.items():
+        assert math.isfinite(row["us"]) and row["us"] > 0, name
+    # each ratio is over the row it names, measured in the same call
+    assert rows["in_place"]["x_in_place"] == 1.0 and rows["roof_cache"]["x_roof"] == rows["roof_dram"]["x_roof"] == 1.0
+    assert rows["sample"]["x_roof"] == pytest.approx(rows["sample"]["us"] / rows["roof_cache"]["us"])
+    assert rows["in_place_evicted"]["x_roof"] == pytest.approx(rows["in_place_evicted"]["us"] / rows["roof_dram"]["us"])
+    assert all(rows[k]["faults"] >= 0 for k in ("default", "in_place", "sample", "plan"))
+    assert r["evict_bytes"] > (bench_core.cache_sizes() or (0, 0))[1]
 
 
 def test_png_without_matplotlib_fails_before_measuring(monkeypatch, capsys, tmp_path):

@@ -43,9 +43,11 @@ percentages can exceed 100.
     python -m zsnr_kernels bench --quick --png bench.png   # GB/s against latent size (pip install "zsnr-kernels[plot]")
 
 ``python bench/bench_step.py`` takes the same options; ``python -m pytest bench/bench_step.py --benchmark-only``
-runs the pytest-benchmark regression cases.  After the table, the Python per-call overhead of
-``euler_step(..., backend="cpu")`` at (1,4,64,64) is printed with a breakdown of where the time goes
-(``--no-overhead`` skips it).
+runs the pytest-benchmark regression cases (``python -m zsnr_kernels bench-compare`` checks a run of them against
+``bench/baselines/``).  After the table, the Python per-call overhead of ``euler_step(..., backend="cpu")`` at
+(1,4,64,64) is printed with a breakdown of where the time goes (``--no-overhead`` skips it), then what a sampling
+loop pays per step at the video latent, by default, in place, in ``sample()`` and in a ``SamplingPlan``, against
+the roof in cache and in DRAM (:func:`loops`; ``--no-loops`` skips it).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ import math
 import os
 import platform
 import pstats
+import re
 import statistics
 import sys
 import time
@@ -268,6 +271,19 @@ def noise_cost_ns(elements: int = 1 << 16, budget_s: float = 0.2) -> float:
     out = torch.empty(elements)
     fill = functools.partial(_ext.C.cpu_philox_normals, out.data_ptr(), 12345, 0, 0, elements)
     return _calibrate(fill, budget_s) * 1e9 / elements
+
+
+def in_kernel_noise_us(op: Op, backend: str, elements: int, noise_ns: float) -> float:
+    """Microseconds the cpu kernels' threads take to compute ``op``'s Philox noise over ``elements`` (``noise_ns``
+    per element, all threads together: :func:`noise_cost_ns` / threads); 0 where no noise is drawn in the kernel
+    (noise-free ops, and other backends: the eager reference reads drawn noise)."""
+    return noise_ns * elements / 1e3 if op.noisy and backend == "cpu" else 0.0
+
+
+def roof_us(triad_us: float, noise_us: float) -> float:
+    """The time a step cannot beat (docs/design.md §5): the triad over its bytes, or computing its in-kernel noise
+    (:func:`in_kernel_noise_us`) where that takes longer."""
+    return max(triad_us, noise_us)
 
 
 def check_case(case: Case, backend: str) -> None:
@@ -485,6 +501,40 @@ def machine_info(devices=("cpu",)) -> dict[str, str]:
     return info
 
 
+def others_cpu() -> Callable[[], float]:
+    """Start counting the CPU time other processes take; the function returned gives their average use since this
+    call, in cores (NaN where ``/proc/stat`` is not readable).  The load average cannot say it: it counts this
+    process's own threads, and lags by a minute.  Hypervisor steal time counts as other processes'."""
+    def busy_s() -> float:   # CPU seconds all cores were busy since boot
+        with open("/proc/stat") as fh:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fh.readline().split()[1:9])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    try:
+        busy0 = busy_s()
+    except (OSError, ValueError):
+        return lambda: float("nan")
+    own0, t0 = time.process_time(), time.perf_counter()
+    # /proc/stat counts clock ticks (10 ms): over a second, a resolution of about 0.01 core
+    return lambda: max(0.0, busy_s() - busy0 - (time.process_time() - own0)) / (time.perf_counter() - t0)
+
+
+def contended(others: float, threads: int, cores: int | None = None) -> bool:
+    """Whether other processes (their CPU use in cores, :func:`others_cpu`) took more than a tenth of a core beyond
+    the cores a run's ``threads`` left free: its threads then waited for a core a tenth of the time or more (up to
+    a scheduler tick a wait: 4 ms on the build machine, CONFIG_HZ=250), and its times and ratios are unreliable."""
+    return others > max(0, (cores or os.cpu_count()) - threads) + 0.1
+
+
+def machine_kind(info: dict | None = None) -> str:
+    """The kind of machine a run was made on, as a file name: the CPU model, architecture, the cpu kernels'
+    instruction set and the cores, e.g. ``amd-epyc-x86_64-avx512-2c``.  Times differ between machines; ratios to
+    the roof measured in the same run carry over between machines of one kind (``bench/baselines/<kind>.json``)."""
+    info = info or machine_info()
+    model = re.sub(r"[^a-z0-9]+", "-", info["cpu_model"].lower()).strip("-")
+    return f"{model}-{platform.machine()}-{info['isa']}-{info['cores']}c"
+
+
 #: CSV columns, one row per device x op x shape x dtype x backend.  ``us`` is the backend's median time per call,
 #: ``gbps`` the byte model over it, ``pct_triad`` the triad's time over it (same bytes, same device); ``x_eager``
 #: and ``x_compile`` the baselines' times over it; ``graph_*`` the CUDA-graph replay (fused CUDA backends);
@@ -550,7 +600,7 @@ def _target(op: Op, shape, row: dict, where: str) -> str:
         return "-"
     checks = []  # (label, value, target, unit)
     if where == "L2":  # the compiled call alone against the in-cache roof
-        kern_roof = 100.0 * max(row["triad_us"], row["noise_us"]) / row["kernel_us"]
+        kern_roof = 100.0 * roof_us(row["triad_us"], row["noise_us"]) / row["kernel_us"]
         if op.noisy and kern_roof == kern_roof:
             checks.append(("kern roof", kern_roof, TARGET_NOISY, "%"))
     elif op.noisy:
@@ -729,12 +779,12 @@ def _measure_case(op, shape, dname, case, fns, fused, budget, rounds, bw_gbps, b
                "us": t[b] * 1e6, "gbps": case.nbytes / t[b] / 1e9,
                "triad_us": t["triad"] * 1e6, "triad_gbps": case.nbytes / t["triad"] / 1e9,
                "pct_triad": 100.0 * t["triad"] / t[b], "eager_us": eager * 1e6, "x_eager": eager / t[b],
-               "noise_us": noise_ns * math.prod(shape) / 1e3 if op.noisy and b == "cpu" else 0.0,
+               "noise_us": in_kernel_noise_us(op, b, math.prod(shape), noise_ns),
                "compile_us": comp * 1e6, "x_compile": comp / t[b],
                "graph_us": graph * 1e6, "graph_gbps": case.nbytes / graph / 1e9,
                "kernel_us": kern * 1e6, "pct_triad_kernel": 100.0 * t["triad"] / kern,
                "loadavg": os.getloadavg()[0], "spread": max(t[k] / fastest[k] for k in (b, "triad"))}
-        row["pct_roof"] = 100.0 * max(row["triad_us"], row["noise_us"]) / row["us"]
+        row["pct_roof"] = 100.0 * roof_us(row["triad_us"], row["noise_us"]) / row["us"]
         if bw and case.device == "cuda":
             row.update({f"{bw}_gbps": bw_gbps, f"pct_{bw}": 100.0 * row["gbps"] / bw_gbps,
                         f"graph_pct_{bw}": 100.0 * row["graph_gbps"] / bw_gbps})
@@ -890,6 +940,127 @@ def overhead(shape=(1, 4, 64, 64), dtype=torch.float32, *, quick: bool = False, 
     return t
 
 
+# ------------------------------------------------------------------------------------------------- loops
+
+LOOPS_SHAPE = (1, 16, 21, 60, 104)   # the video latent: y, F_c and F_u, 8.4 MB each in fp32, fit a 32 MiB LLC
+LOOP_STEPS = 20                      # steps of the sample() and SamplingPlan runs (their time / LOOP_STEPS is shown)
+
+
+def evicted_medians(fns: dict[str, Callable], evict: Callable[[], object], repeats: int) -> dict[str, float]:
+    """Median seconds of single calls of each function, each made right after ``evict()`` (which is not timed:
+    ``perf_counter`` is read around the call alone), the functions interleaved over ``repeats`` rounds."""
+    for f in fns.values():
+        f()  # first-call costs (page faults of fresh buffers) stay out of the samples
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            evict()
+            t0 = time.perf_counter()
+            f()
+            samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def minor_faults(fn: Callable[[], object], calls: int) -> float:
+    """Minor page faults per call of ``fn``: the process's ``ru_minflt`` over ``calls`` calls (NaN where the
+    ``resource`` module is missing, as on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
+def loops(shape=LOOPS_SHAPE, dtype=torch.float32, *, steps: int = LOOP_STEPS, quick: bool = False, out=None) -> dict:
+    """What a sampling loop pays per step of the guided (w = 7.5), rescaled (phi = 0.7) Euler step on the cpu
+    backend, next to what one step costs alone and to the roof measured here.
+
+    Timed together, interleaved (:func:`measure`), on the same tensors y, F_c, F_u:
+
+    * ``default``: ``euler_step(y, (F_c, F_u), ...)`` as written by default: a new state and D every call;
+    * ``in_place``: the same with ``out=y, return_denoised=False``;
+    * ``sample``: ``zk.sample`` of ``steps`` steps from sigma = inf with a model returning F_c, F_u, per step;
+    * ``plan``: ``zk.SamplingPlan.run`` of the same schedule, per step;
+    * ``roof_cache``: ``torch.add(F_c, F_u, out=y); torch.add(y, F_c, out=y)``: the 6 passes over the latent that
+      the in-place step makes (statistics: read F_c, F_u; update: read y, F_c, F_u, write y), repeated over the
+      same tensors, so from the cache level those tensors fit in (``regime``).
+
+    Then, each right after a write of a buffer twice the last-level cache (evicting the tensors, as a model call
+    between two steps does; the write is not timed, :func:`evicted_medians`): ``roof_dram``, the same two adds,
+    and ``in_place_evicted``, the in-place step.  Each row's ``x_roof`` is its time over the roof of its condition
+    (repeated: ``roof_cache``; evicted: ``roof_dram``), ``x_in_place`` over the in-place step's; ``faults`` the
+    minor page faults per step (the default path's fresh outputs can meet glibc's heap trim every step, see
+    :func:`zsnr_kernels.retain_freed_memory`).  Returns those rows and the conditions: threads, regime, load
+    average before and after, and the cores other processes used meanwhile (:func:`others_cpu`).
+    """
+    out = out or sys.stdout
+    load_before, others = os.getloadavg()[0], others_cpu()
+    gen = torch.Generator().manual_seed(0)
+    y, f_c, f_u, noise = (torch.randn(shape, generator=gen).to(dtype) for _ in range(4))
+    guide = dict(guidance_scale=GUIDANCE, guidance_rescale=RESCALE, backend="cpu")
+    sigmas = zk.schedules.karras(steps, 0.03, math.inf, sigma_max_finite=14.6)  # steps model calls, from inf
+
+    def model(x, sigma):
+        return f_c, f_u
+
+    plan = zk.SamplingPlan(sigmas, shape, sampler="euler", dtype=dtype, **guide)
+
+    def roof():
+        torch.add(f_c, f_u, out=y)
+        torch.add(y, f_c, out=y)
+
+    fns = {
+        "default": lambda: zk.euler_step(y, (f_c, f_u), SIGMA, SIGMA_NEXT, **guide),
+        "in_place": lambda: zk.euler_step(y, (f_c, f_u), SIGMA, SIGMA_NEXT, out=y, return_denoised=False, **guide),
+        "sample": lambda: zk.sample(model, noise, sigmas, **guide),
+        "plan": lambda: plan.run(model, noise),
+        "roof_cache": roof,
+    }
+    per_call = {"sample": steps, "plan": steps}  # steps per call (1 elsewhere)
+    t = {k: v / per_call.get(k, 1) for k, v in measure(fns, 0.1 if quick else 1.0, 3 if quick else 5).items()}
+    faults = {k: minor_faults(fns[k], 2 if quick else 10) / per_call.get(k, 1)
+              for k in ("default", "in_place", "sample", "plan")}
+    caches = cache_sizes()
+    # twice the LLC: its replacement is not strict LRU, so a write of its size alone leaves some of the step's lines
+    flush = torch.zeros((2 * caches[1] if caches else 256 << 20) // 4)
+    cold = evicted_medians({"roof_dram": roof, "in_place_evicted": fns["in_place"]}, lambda: flush.add_(1.0),
+                           5 if quick else 41)
+    t.update(cold)
+    working_set = 3 * y.numel() * y.element_size()   # y, F_c, F_u
+    info = {"shape": tuple(shape), "dtype": str(dtype)[6:], "threads": zk.get_num_threads(), "steps": steps,
+            "working_set_bytes": working_set, "regime": regime(working_set, caches),
+            "evict_bytes": flush.numel() * flush.element_size(), "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg()[0], "others_cpu": others()}
+    rows = {k: {"us": v * 1e6, "x_in_place": v / t["in_place"],
+                "x_roof": v / t["roof_dram" if k in cold else "roof_cache"], "faults": faults.get(k, float("nan"))}
+            for k, v in t.items()}
+    labels = {
+        "default": "default path (new y and D)", "in_place": "in place (out=y)",
+        "sample": f"sample(), {steps} steps from inf", "plan": f"SamplingPlan.run, {steps} steps",
+        "roof_cache": f"roof: 2 adds, same tensors ({info['regime']})",
+        "roof_dram": "roof: the 2 adds (DRAM)", "in_place_evicted": "in place",
+    }
+    print(f"\nLoops at {fmt_shape(shape)} {info['dtype']}: Euler, w={GUIDANCE}, phi={RESCALE}, cpu backend, "
+          f"threads: {info['threads']}; y, F_c, F_u: {_si(working_set)}B ({info['regime']}); load average "
+          f"{load_before:.2f} before, {info['loadavg_after']:.2f} after; other processes used "
+          f"{info['others_cpu']:.2f} cores meanwhile"
+          + (" (unreliable: they competed for the cores)" if contended(info["others_cpu"], info["threads"]) else ""),
+          file=out)
+    print(f"  {'per step (median)':34s} {'us':>9s} {'x in place':>10s} {'x roof':>7s} {'faults':>7s}", file=out)
+    for k, row in rows.items():
+        if k == "roof_dram":
+            print(f"  after a {info['evict_bytes'] >> 20} MiB write (evicted; x roof: of the DRAM roof):", file=out)
+        print(f"  {labels[k]:34s} {row['us']:9.1f} {row['x_in_place']:9.2f}x {row['x_roof']:6.2f}x "
+              f"{_num(row['faults'], 7, '.0f')}", file=out)
+    if faults["default"] > 0:
+        print("  the default path page-faults its fresh outputs back in: pass out=, or call "
+              "zk.retain_freed_memory() once (zsnr_kernels/backends/host_memory.py)", file=out)
+    return {**info, "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------- command line
 
 
@@ -911,6 +1082,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "of --backends")
     ap.add_argument("--no-overhead", dest="overhead", action="store_false",
                     help="skip the per-call overhead breakdown of the cpu backend")
+    ap.add_argument("--no-loops", dest="loops", action="store_false",
+                    help="skip the loops section (the guided, rescaled Euler step by default, in place, in sample() "
+                         "and in a SamplingPlan, against the roof in cache and in DRAM)")
+    ap.add_argument("--loops-shape", type=parse_shape, default=LOOPS_SHAPE, metavar="SHAPE",
+                    help=f"the loops section's latent shape (default {fmt_shape(LOOPS_SHAPE)})")
     ap.add_argument("--csv", type=_cli.output_path, metavar="PATH", help="write one row per device, op, shape, "
                     "dtype and backend (and the machine) to this CSV file")
     ap.add_argument("--png", type=_cli.output_path, metavar="PATH", help=f"plot GB/s against latent size to this "
@@ -980,6 +1156,8 @@ def run(a: argparse.Namespace, out=None) -> list[dict]:
         print(f"wrote {a.png}", file=out)
     if a.overhead and "cpu" in plan.fused.get("cpu", ()) and _ext.available():
         overhead(quick=a.quick, out=out)
+    if a.loops and "cpu" in plan.fused.get("cpu", ()) and _ext.available():
+        loops(a.loops_shape, quick=a.quick, out=out)
     return rows
 
 

@@ -1,0 +1,196 @@
+"""Compare a pytest-benchmark run of ``bench/bench_step.py`` with a stored baseline, case by case, on ``x_roof``.
+
+Each case of ``bench/bench_step.py`` stores ``x_roof``, its median time over the roof measured in the same test
+(the triad over its bytes, or its in-kernel noise where that takes longer), and the conditions it ran in.  Absolute
+times differ between machines and drift with the machine's load; the ratio carries over between machines of one
+kind (``machine_kind``: CPU model, architecture, instruction set, cores) at one thread count.  The noise is
+measured, not assumed: a baseline is made from k runs, each its own process, and stores, per case, the median
+``x_roof`` and its spread (the largest relative distance of a run from that median); a run is flagged where a
+case's ``x_roof`` rose by more than max(``--floor``, ``--spreads`` x its spread) over the baseline.
+
+NOTE: some cases change speed from one process to the next, not within one: in 10 runs of one build on the 2-core
+build machine, dpmpp_2m 4x4x128x128 fp32 on the cpu backend had x_roof 1.49-1.53 in six and 1.67-1.77 in four.
+Baselines of k of those runs (resampled) flagged, with the default thresholds, on average 0.21 uncontended cases of
+another of them for k = 3, 0.08 for k = 5 and 0.02 for k = 7, and 22, 19 and 18 of the 27 cases of a run made 30%
+slower (ZSNR_BENCH_SLOWDOWN=0.3): make a baseline of 8 runs.
+
+    for i in $(seq 8); do python -m pytest bench/bench_step.py --benchmark-only -q --benchmark-json=run$i.json; done
+    python -m zsnr_kernels bench-compare --make-baseline bench/baselines/KIND.json run?.json
+    python -m zsnr_kernels bench-compare bench/baselines/KIND.json run.json
+
+Exit status 1 where a case is slower beyond its threshold or a baseline case is missing from the run, else 0.  A
+run on another machine kind or thread count than the baseline's is compared with a warning, and so is one during
+which other processes took cores its threads needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+from zsnr_kernels.tools import bench, cli as _cli
+
+FLOOR = 0.10     # no threshold below 10%, however steady the baseline runs were
+SPREADS = 3.0    # threshold = SPREADS x a case's measured spread where that exceeds the floor
+
+
+def load_run(path: str) -> dict:
+    """A pytest-benchmark JSON file (``--benchmark-json``) of ``bench/bench_step.py``: ``cases`` {name: x_roof}
+    (those without one, run under ``--benchmark-disable``, are left out), the sets of ``kinds`` and ``threads``
+    its cases name, ``loadavg`` [min, max], and the cases run ``contended`` (:func:`bench.contended`)."""
+    with open(path) as fh:
+        data = json.load(fh)
+    if "benchmarks" not in data:
+        raise SystemExit(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks'); make one with "
+                         "python -m pytest bench/bench_step.py --benchmark-only --benchmark-json=PATH")
+    extra = {b["name"]: b.get("extra_info", {}) for b in data["benchmarks"]}
+    extra = {name: e for name, e in extra.items() if "x_roof" in e}
+    if not extra:
+        raise SystemExit(f"{path}: no case has an x_roof (a run of bench/bench_step.py, not under "
+                         "--benchmark-disable, stores one per case)")
+    loads = [round(e["loadavg"], 2) for e in extra.values() if "loadavg" in e]
+    return {"cases": {name: float(e["x_roof"]) for name, e in extra.items()},
+            "kinds": {e.get("machine_kind", "unknown") for e in extra.values()},
+            "threads": {e.get("threads") for e in extra.values()},
+            "loadavg": [min(loads), max(loads)] if loads else [],
+            "contended": [name for name, e in extra.items() if "others_cpu" in e
+                          and bench.contended(e["others_cpu"], e["threads"], e["cores"])]}
+
+
+def _one(values: set, what: str):
+    if len(values) > 1:
+        raise SystemExit(f"{what}: {', '.join(map(str, sorted(values, key=str)))}")
+    return next(iter(values))
+
+
+def make_baseline(paths: list[str]) -> dict:
+    """The baseline of k runs: per case (those in every run) the median ``x_roof``, its spread
+    (max |x / median - 1| over the runs) and the runs' values; the machine kind and threads they share."""
+    if len(paths) < 2:
+        raise SystemExit("--make-baseline needs at least 2 runs (8: their spread is the measured noise)")
+    runs = [load_run(p) for p in paths]
+    names = [n for n in runs[0]["cases"] if all(n in r["cases"] for r in runs)]
+    partial = sorted(set().union(*(r["cases"] for r in runs)) - set(names))
+    if partial:
+        print(f"left out, not in every run: {', '.join(partial)}", file=sys.stderr)
+    cases = {}
+    for name in names:
+        values = [r["cases"][name] for r in runs]
+        median = statistics.median(values)
+        cases[name] = {"x_roof": median, "spread": max(abs(v / median - 1.0) for v in values), "runs": values}
+    loads = [v for r in runs for v in r["loadavg"]]
+    return {"machine_kind": _one(set().union(*(r["kinds"] for r in runs)), "the runs mix machine kinds"),
+            "threads": _one(set().union(*(r["threads"] for r in runs)), "the runs mix thread counts"),
+            "runs": len(runs), "made_from": [os.path.basename(p) for p in paths],
+            "loadavg": [min(loads), max(loads)] if loads else [],
+            "contended": sorted({n for r in runs for n in r["contended"]}), "cases": cases}
+
+
+def threshold(case: dict, floor: float = FLOOR, spreads: float = SPREADS) -> float:
+    """The relative rise of ``x_roof`` beyond which a case counts as slower."""
+    return max(floor, spreads * case["spread"])
+
+
+def compare(baseline: dict, run: dict, floor: float = FLOOR, spreads: float = SPREADS) -> tuple[list[dict], list[str]]:
+    """One row per case of the baseline or the run (``case, baseline, run, change, threshold, verdict``; verdict
+    ``ok``, ``SLOWER``, ``faster``, ``MISSING`` from the run, ``new``: not in the baseline; ``contended``: the case
+    ran while other processes took cores its threads needed), and the warnings."""
+    warnings = []
+    kind = _one(run["kinds"], "the run mixes machine kinds")
+    if kind != baseline["machine_kind"]:
+        warnings.append(f"machine kind differs: the run's is {kind}, the baseline's {baseline['machine_kind']}: "
+                        "ratios to the roof carry over only between machines of one kind")
+    threads = _one(run["threads"], "the run mixes thread counts")
+    if threads != baseline["threads"]:
+        warnings.append(f"threads differ: the run's cases ran on {threads}, the baseline's on {baseline['threads']}")
+    if run["contended"]:
+        warnings.append(f"{len(run['contended'])} of {len(run['cases'])} cases ran while other processes took cores "
+                        f"their threads needed (unreliable; bench.contended): {_names(run['contended'])}")
+    nan = float("nan")
+    rows = []
+    for name, base in baseline["cases"].items():
+        limit = threshold(base, floor, spreads)
+        got = run["cases"].get(name, nan)
+        change = got / base["x_roof"] - 1.0
+        verdict = ("MISSING" if got != got else "SLOWER" if change > limit else "faster" if change < -limit
+                   else "ok")
+        rows.append(dict(case=name, baseline=base["x_roof"], run=got, change=change, threshold=limit, verdict=verdict))
+    rows += [dict(case=name, baseline=nan, run=got, change=nan, threshold=nan, verdict="new")
+             for name, got in run["cases"].items() if name not in baseline["cases"]]
+    for r in rows:
+        r["contended"] = r["case"] in run["contended"]
+    return rows, warnings
+
+
+def _names(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _pct(v: float, sign: str = "") -> str:
+    return "-" if v != v else f"{100 * v:{sign}.1f}%"
+
+
+def _range(loads: list) -> str:
+    return f"{loads[0]:.2f}-{loads[1]:.2f}" if loads else "unknown"
+
+
+def table(rows: list[dict]) -> str:
+    width = max(len("case"), *(len(r["case"]) for r in rows))
+    head = f"{'case':{width}s} {'baseline':>8s} {'run':>8s} {'change':>8s} {'threshold':>9s}  verdict"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ratios = " ".join("-".rjust(8) if r[k] != r[k] else f"{r[k]:8.3f}" for k in ("baseline", "run"))
+        lines.append(f"{r['case']:{width}s} {ratios} {_pct(r['change'], '+'):>8s} {_pct(r['threshold']):>9s}  "
+                     f"{r['verdict']}" + (" (contended)" if r["contended"] else ""))
+    return "\n".join(lines)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("files", nargs="+", metavar="JSON",
+                    help="BASELINE.json RUN.json; with --make-baseline, the runs (pytest-benchmark JSON files)")
+    ap.add_argument("--make-baseline", type=_cli.output_path, metavar="OUT",
+                    help="write the baseline of the given runs (8, each its own process) to OUT instead of "
+                         "comparing")
+    ap.add_argument("--floor", type=float, default=FLOOR, help=f"smallest threshold (default {FLOOR})")
+    ap.add_argument("--spreads", type=float, default=SPREADS,
+                    help=f"threshold in multiples of the case's measured spread (default {SPREADS})")
+
+
+def run(a: argparse.Namespace, out=None) -> int:
+    """The command with parsed options (see :func:`add_arguments`); returns the exit status."""
+    out = out or sys.stdout
+    if a.make_baseline:
+        base = make_baseline(a.files)
+        with open(a.make_baseline, "w") as fh:
+            json.dump(base, fh, indent=1)
+            fh.write("\n")
+        print(f"wrote {a.make_baseline}: {len(base['cases'])} cases, {base['runs']} runs, machine kind "
+              f"{base['machine_kind']}, {base['threads']} thread(s), load average {_range(base['loadavg'])}"
+              + (f"; contended in a run (unreliable): {_names(base['contended'])}" if base["contended"] else ""),
+              file=out)
+        width = max(len(n) for n in base["cases"])
+        print(f"{'case':{width}s} {'x_roof':>7s} {'spread':>7s} {'threshold':>9s}", file=out)
+        for name, c in base["cases"].items():
+            print(f"{name:{width}s} {c['x_roof']:7.3f} {_pct(c['spread']):>7s} "
+                  f"{_pct(threshold(c, a.floor, a.spreads)):>9s}", file=out)
+        return 0
+    if len(a.files) != 2:
+        raise SystemExit("give BASELINE.json RUN.json (or --make-baseline OUT RUN1.json RUN2.json ...)")
+    with open(a.files[0]) as fh:
+        base = json.load(fh)
+    if "cases" not in base or "machine_kind" not in base:
+        raise SystemExit(f"{a.files[0]}: not a baseline (make one with bench-compare --make-baseline)")
+    got = load_run(a.files[1])
+    rows, warnings = compare(base, got, a.floor, a.spreads)
+    for w in warnings:
+        print(f"WARNING: {w}", file=out)
+    print(f"x_roof = median time / roof time, same test; baseline: median of {base['runs']} runs (load average "
+          f"{_range(base['loadavg'])}); run: load average {_range(got['loadavg'])}; threshold = "
+          f"max({_pct(a.floor)}, {a.spreads:g} x the baseline's spread)", file=out)
+    print(table(rows), file=out)
+    bad = [r for r in rows if r["verdict"] in ("SLOWER", "MISSING")]
+    print(f"{len(bad)} of {len(rows)} cases SLOWER or MISSING" + (": regression" if bad else ""), file=out)
+    return 1 if bad else 0
