@@ -22,7 +22,7 @@ from zsnr_kernels.tools import bench as bench_core
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_step.py"
 MEASURED = ["bytes", "us", "gbps", "triad_us", "triad_gbps", "pct_triad", "eager_us", "x_eager"]
 TINY = ["--quick", "--ops", "euler_cfg_rescale", "--shapes", "1x4x8x8", "--dtypes", "float32", "--no-compile",
-        "--loops-shape", "1x4x8x8"]
+        "--loops-shape", "1x4x8x8", "--no-pipeline"]
 needs_cpu = pytest.mark.skipif(not _ext.available(), reason="the compiled cpu backend is not built")
 
 
@@ -80,6 +80,15 @@ def test_cold_cache_report_runs(capsys):
 
 
 @needs_cpu
+def test_pipeline_step_quick_on_a_tiny_shape():
+    """The diffusers pipeline step's sampler time, eager against fused, after checking both compute one thing."""
+    pytest.importorskip("diffusers")
+    rows = bench_core.pipeline_step([(1, 4, 8, 8)], quick=True, out=io.StringIO())
+    assert [(r["shape"], r["dtype"]) for r in rows] == [("1x4x8x8", "float32"), ("1x4x8x8", "bfloat16")]
+    assert all(r["eager_us"] > 0 and r["fused_us"] > 0 and r["x"] == pytest.approx(r["eager_us"] / r["fused_us"])
+               for r in rows)
+
+
 def test_loops_quick_on_a_tiny_shape():
     r = bench_core.loops((1, 4, 8, 8), quick=True, out=io.StringIO())
     assert r["shape"] == (1, 4, 8, 8) and r["threads"] >= 1 and r["working_set_bytes"] == 3 * 256 * 4

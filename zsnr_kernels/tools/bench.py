@@ -1061,6 +1061,70 @@ def loops(shape=LOOPS_SHAPE, dtype=torch.float32, *, steps: int = LOOP_STEPS, qu
     return {**info, "rows": rows}
 
 
+#: the latents of a diffusers pipeline step (issue 18): SD at 512x512, one and two images
+PIPELINE_SHAPES = [(1, 4, 128, 128), (2, 4, 128, 128)]
+
+
+def pipeline_step(shapes=PIPELINE_SHAPES, dtypes=(torch.float32, torch.bfloat16), *, quick: bool = False,
+                  out=None) -> list[dict]:
+    """One diffusers pipeline step's sampler time, what happens between the UNet call and the next one: the stock
+    pipeline's eager path (``uncond + w (cond - uncond)``, diffusers' ``rescale_noise_cfg``, then
+    ``EulerDiscreteScheduler.step``) against the fused path of ``ZSNREulerDiscreteScheduler.step((cond, uncond),
+    guidance_scale=, guidance_rescale=)`` (one pass on the cpu backend), at a mid-schedule timestep of a v-prediction
+    model, w = 7.5, phi = 0.7.  Returns one row per shape and dtype; needs diffusers (skipped with a line without)."""
+    out = out or sys.stdout
+    try:
+        import diffusers
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+    except ImportError as exc:
+        print(f"\npipeline step: skipped, diffusers is not installed ({exc})", file=out)
+        return []
+    from zsnr_kernels.diffusers import ZSNREulerDiscreteScheduler
+
+    config = dict(beta_schedule="scaled_linear", prediction_type="v_prediction", timestep_spacing="trailing")
+    eager_sched = diffusers.EulerDiscreteScheduler(**config)
+    fused_sched = ZSNREulerDiscreteScheduler(**config)
+    rows = []
+    print(f"\nPipeline step (CFG w={GUIDANCE} + rescale phi={RESCALE} + Euler step, the sampler's share of one "
+          "diffusers pipeline step), median us:", file=out)
+    for shape in shapes:
+        for dtype in dtypes:
+            gen = torch.Generator().manual_seed(0)
+            latents, cond, uncond = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
+            for sched in (eager_sched, fused_sched):
+                sched.set_timesteps(25)
+            t = eager_sched.timesteps[10]
+
+            def eager():
+                eager_sched._step_index = 10  # the same step every call (step() advances it)
+                eager_sched.is_scale_input_called = True  # the pipeline scales the UNet's input before (a warning else)
+                guided = rescale_noise_cfg(uncond + GUIDANCE * (cond - uncond), cond, guidance_rescale=RESCALE)
+                return eager_sched.step(guided, t, latents).prev_sample
+
+            # the ZSNR schedulers' latents are the model input y = x / sqrt(sigma^2 + 1) (diffusers' scaled input)
+            sigma, sigma_next = (float(v) for v in eager_sched.sigmas[10:12])
+            y = (latents.double() / math.hypot(sigma, 1.0)).to(dtype)
+
+            def fused():
+                fused_sched._step_index = 10
+                return fused_sched.step((cond, uncond), t, y, guidance_scale=GUIDANCE,
+                                        guidance_rescale=RESCALE).prev_sample
+
+            # the two paths compute one thing: checked first
+            want, got = eager().double() / math.hypot(sigma_next, 1.0), fused().double()
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            if not torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()):
+                raise AssertionError(f"pipeline step {fmt_shape(shape)} {dtype}: the fused path differs from the eager "
+                                     f"one by {(got - want).abs().max().item():.3g}")
+            m = measure({"eager": eager, "fused": fused}, 0.1 if quick else 0.5, 3 if quick else 5)
+            row = {"shape": fmt_shape(shape), "dtype": str(dtype)[6:], "eager_us": m["eager"] * 1e6,
+                   "fused_us": m["fused"] * 1e6, "x": m["eager"] / m["fused"]}
+            rows.append(row)
+            print(f"  {row['shape']:>12s} {row['dtype']:9s} eager {row['eager_us']:9.1f}  fused "
+                  f"{row['fused_us']:9.1f}  {row['x']:5.2f}x", file=out)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------- command line
 
 
@@ -1085,6 +1149,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-loops", dest="loops", action="store_false",
                     help="skip the loops section (the guided, rescaled Euler step by default, in place, in sample() "
                          "and in a SamplingPlan, against the roof in cache and in DRAM)")
+    ap.add_argument("--no-pipeline", dest="pipeline", action="store_false",
+                    help="skip the diffusers pipeline step section (eager CFG + rescale + scheduler step against the "
+                         "fused guidance of the ZSNR schedulers)")
     ap.add_argument("--loops-shape", type=parse_shape, default=LOOPS_SHAPE, metavar="SHAPE",
                     help=f"the loops section's latent shape (default {fmt_shape(LOOPS_SHAPE)})")
     ap.add_argument("--csv", type=_cli.output_path, metavar="PATH", help="write one row per device, op, shape, "
@@ -1158,6 +1225,8 @@ def run(a: argparse.Namespace, out=None) -> list[dict]:
         overhead(quick=a.quick, out=out)
     if a.loops and "cpu" in plan.fused.get("cpu", ()) and _ext.available():
         loops(a.loops_shape, quick=a.quick, out=out)
+    if a.pipeline and "cpu" in plan.fused.get("cpu", ()) and _ext.available():
+        pipeline_step(PIPELINE_SHAPES[:1] if a.quick else PIPELINE_SHAPES, quick=a.quick, out=out)
     return rows
 
 
