@@ -53,6 +53,7 @@ import inspect
 import math
 import os
 import sys
+import threading
 
 import torch
 
@@ -115,41 +116,66 @@ def _per_sample(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.reshape(mask.shape[:1] + (1,) * (like.ndim - 1))
 
 
+_PATCHED: dict[int, list] = {}  # id(model_sampling) -> [users, the attributes its instance had before]
+_PATCH_LOCK = threading.Lock()
+_PATCH_NAMES = ("calculate_input", "timestep", "calculate_denoised")
+
+
 @contextlib.contextmanager
 def answering_at_inf(model_sampling, limit: tuple[float, float]):
     """Inside the block ``model_sampling`` answers at sigma >= :data:`WRAPPER_SIGMA_AT_INF` as at sigma = inf:
-    instance attributes over its class's ``calculate_input`` (the input itself: it is the model input y there),
-    ``timestep`` (``timestep(sigma_max)``) and ``calculate_denoised`` (``p y + q F``).  The same object serves every
-    holder (BaseModel, ControlNets); the attributes are removed on exit.  Re-entered, it does nothing more."""
+    instance attributes over ``calculate_input`` (the input itself: it is the model input y there), ``timestep``
+    (``timestep(sigma_max)``) and ``calculate_denoised`` (``p y + q F``), each deferring to what was there before
+    (an instance attribute another extension set, else the class's method) at every other sigma.  The same object
+    serves every holder (BaseModel, ControlNets).  Runs that overlap on one object (two prompts, two threads) share
+    the patches: the first installs them, the last one out restores what was there (a count under a lock)."""
     ms = model_sampling
-    if "_zsnr_at_inf" in vars(ms):
+    key = id(ms)
+    with _PATCH_LOCK:
+        entry = _PATCHED.get(key)
+        if entry is not None:
+            entry[0] += 1
+        else:
+            before = {name: ms.__dict__[name] for name in _PATCH_NAMES if name in ms.__dict__}
+            _PATCHED[key] = [1, before]
+            _install(ms, limit, before)
+    try:
         yield ms
-        return
+    finally:
+        with _PATCH_LOCK:
+            entry = _PATCHED[key]
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _PATCHED[key]
+                for name in _PATCH_NAMES:
+                    if name in entry[1]:
+                        ms.__dict__[name] = entry[1][name]
+                    else:
+                        ms.__dict__.pop(name, None)
+
+
+def _install(ms, limit: tuple[float, float], before: dict) -> None:
+    """:func:`answering_at_inf`'s attributes on ``ms``, over ``before`` (its instance attributes) or its class."""
     cls = type(ms)
+    prev = {name: before.get(name, getattr(cls, name).__get__(ms, cls)) for name in _PATCH_NAMES}
     p, q = limit
-    last_t = cls.timestep(ms, ms.sigma_max.reshape(1))
+    last_t = prev["timestep"](ms.sigma_max.reshape(1))
 
     def calculate_input(sigma, noise):
-        return torch.where(_per_sample(_at_inf(sigma), noise), noise, cls.calculate_input(ms, sigma, noise))
+        return torch.where(_per_sample(_at_inf(sigma), noise), noise, prev["calculate_input"](sigma, noise))
 
     def timestep(sigma):
-        base = cls.timestep(ms, sigma)
+        base = prev["timestep"](sigma)
         return torch.where(_at_inf(sigma).reshape(base.shape), last_t.to(device=base.device, dtype=base.dtype), base)
 
     def calculate_denoised(sigma, model_output, model_input):
         lim = q * model_output if p == 0.0 else p * model_input + q * model_output
         return torch.where(_per_sample(_at_inf(sigma), model_output), lim,
-                           cls.calculate_denoised(ms, sigma, model_output, model_input))
+                           prev["calculate_denoised"](sigma, model_output, model_input))
 
-    patches = {"calculate_input": calculate_input, "timestep": timestep, "calculate_denoised": calculate_denoised,
-               "_zsnr_at_inf": True}
-    for name, fn in patches.items():
+    for name, fn in (("calculate_input", calculate_input), ("timestep", timestep),
+                     ("calculate_denoised", calculate_denoised)):
         ms.__dict__[name] = fn  # plain instance attributes: nn.Module.__setattr__ would not shadow a method either
-    try:
-        yield ms
-    finally:
-        for name in patches:
-            ms.__dict__.pop(name, None)
 
 
 # ----------------------------------------------------------------------------------------------- the sampler
@@ -195,12 +221,13 @@ def _comfy_noise_sampler(spec, x, vals, seed):
 
     if spec.kind == "multistep" and spec.eta:
         finite = [v for v in vals if 0.0 < v < INF]
+        # none for [inf, 0] (ZSNR Schedule with one step): that step draws no noise, and a tree needs an interval
         tree = ks.BrownianTreeNoiseSampler(x, torch.tensor(min(finite)), torch.tensor(max(finite)), seed=seed,
-                                           cpu=True)
+                                           cpu=True) if finite else None
         gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ())))
 
         def brownian(sigma, sigma_next):
-            if sigma == INF:
+            if sigma == INF or tree is None:
                 return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
             return tree(torch.tensor(sigma), torch.tensor(sigma_next))
 

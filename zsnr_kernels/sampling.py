@@ -167,7 +167,7 @@ def _calibrate_refcount() -> int:
     return _refcount_one_call_down(t)  # a tensor held by one local variable alone
 
 
-_SOLE_REFS = _calibrate_refcount()
+_SOLE_REFS: list[int] = []  # measured on first use, untraced (_sole_owner)
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
@@ -184,10 +184,15 @@ def _sole_owner(y: torch.Tensor) -> bool:
     Python reference beyond the loop's (``sys.getrefcount`` against the count of a fresh local, measured at
     import), no other C++ reference to the tensor and no other tensor on its storage exist, as CPython concatenates
     a string in place when it holds the only reference and NumPy elides temporaries.  Never while tracing (Dynamo
-    cannot trace reference counts) or while autograd records the step; where the counts are unavailable, never."""
-    if torch.compiler.is_compiling() or _storage_use_count is None or y.requires_grad:
+    cannot trace reference counts) or while autograd records the step; where the counts are unavailable, never;
+    and never while a trace or profile function runs (a debugger's: reading ``frame.f_locals`` adds references, so
+    the count is measured untraced, on first use, not at import, where a debugger may be tracing)."""
+    if (torch.compiler.is_compiling() or _storage_use_count is None or y.requires_grad
+            or sys.gettrace() is not None or sys.getprofile() is not None):
         return False
-    return (_refcount(y) <= _SOLE_REFS and y._use_count() == 1
+    if not _SOLE_REFS:
+        _SOLE_REFS.append(_calibrate_refcount())
+    return (_refcount(y) <= _SOLE_REFS[0] and y._use_count() == 1
             and _storage_use_count(y.untyped_storage()._cdata) == 2)  # the tensor's and this query's
 
 

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -103,3 +107,40 @@ def test_final_sample_out():
     assert zk.final_sample(o, sigma_data=0.5, out=o) is o and torch.equal(o, want)
     with pytest.raises(ValueError, match="out has shape"):
         zk.final_sample(y, out=torch.empty(3, 2))
+
+
+def test_no_reuse_while_a_debugger_traces(outs):
+    """A trace function that reads frame.f_locals (pdb, debugpy) adds references: no reuse while one runs."""
+    def tracer(frame, event, arg):
+        frame.f_locals  # noqa: B018
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        run("euler")
+    finally:
+        sys.settrace(None)
+    assert not any(outs)
+
+
+def test_an_import_under_a_debugger_does_not_miscount():
+    """The sole-owner count is measured untraced on first use, not at import (where a tracer reading f_locals would
+    inflate it, and sample() would then overwrite states a model still holds)."""
+    child = textwrap.dedent("""
+        import sys
+        def tracer(frame, event, arg):
+            frame.f_locals
+            return tracer
+        sys.settrace(tracer)
+        import torch, zsnr_kernels as zk
+        sys.settrace(None)
+        kept = []
+        def model(y, sigma):
+            kept.append((y, y.clone()))
+            return -0.5 * y
+        zk.sample(model, torch.randn(1, 4, 8, 8), torch.tensor([float("inf"), 3.0, 1.0, 0.3, 0.0]))
+        assert all(torch.equal(y, v) for y, v in kept), "a state the model kept was overwritten"
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

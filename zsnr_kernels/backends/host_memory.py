@@ -60,7 +60,8 @@ def retain_freed_memory(limit_bytes: int = 1 << 30) -> bool:
     pass ``out=`` (the fastest form anyway), or run with jemalloc or tcmalloc (``LD_PRELOAD``).
 
     Returns True where glibc took both settings, False where the C library is not glibc (musl, macOS, Windows:
-    their allocators have other policies) or refused one.  See :mod:`zsnr_kernels.backends.host_memory` for the
+    their allocators have other policies) or refused one (the mmap threshold is set first and stays set if glibc
+    then refuses the trim threshold; both values here are within glibc's limits, so that would be a glibc change).  See :mod:`zsnr_kernels.backends.host_memory` for the
     mechanism and the measured effect.
     """
     limit = _validate.integer("limit_bytes", limit_bytes, lo=0)
