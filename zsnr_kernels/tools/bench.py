@@ -156,6 +156,11 @@ OPS = {op.name: op for op in [
        n_history=2, noisy=True),
     # DDIM eta = 0 (no noise): reads y, F, writes y_next: 3N.
     Op("ddim", zk.ddim_step, "ddim", ("y", "F"), ("y_next",), kwargs={"eta": 0.0}),
+    # RES multistep (from the coefficient table: no C++ mirror): reads y, F, D_prev, writes y_next, D: 5N.
+    Op("res_multistep", zk.res_multistep_step, "res_multistep", ("y", "F", "D_prev"), ("y_next", "D"),
+       n_history=1),
+    # LCM (from the coefficient table), in-kernel noise: reads y, F, writes y_next: 3N.
+    Op("lcm", zk.lcm_step, "lcm", ("y", "F"), ("y_next",), noisy=True),
     # LMS order 4: reads y, F, d_1, d_2, d_3, writes y_next and this step's derivative d: 7N.
     Op("lms4", zk.lms_step, "lms", ("y", "F", "d_1", "d_2", "d_3"), ("y_next", "d"), n_history=3,
        kwargs={"order": 4}),
@@ -714,7 +719,9 @@ def run_table(ops, shapes, dtypes, plan: Plan, *, quick: bool, out=None, on_row=
                             _skip(seen, out, b, "; ".join(reasons))
                             continue
                         fns[b] = case.call(b)
-                        if b == "cpu":
+                        if b == "cpu" and co.SAMPLERS[op.sampler].kernel:  # a record the module steps by itself
+                            # (a sampler without a C++ mirror steps from a coefficient table built per call:
+                            # its kernel_us is not measured)
                             record, case.keep = case.cpu_record()
                             fns["cpu kernel"] = functools.partial(_ext.C.fused_step, record)
                         if device == "cuda":
