@@ -25,7 +25,7 @@ try:  # the real package: this package is zsnr_kernels.diffusers, imports are ab
 except ImportError as exc:  # pragma: no cover - exercised only without diffusers
     raise ImportError("zsnr_kernels.diffusers needs the diffusers package (pip install diffusers)") from exc
 
-from .. import _validate, reference, schedules
+from .. import _validate, reference, schedules, steps
 from .._validate import SIGMA_MAX
 from ..parameterization import parameterization
 
@@ -395,6 +395,15 @@ class _ZSNRScheduler(SchedulerMixin, ConfigMixin):
             f = _guided(f, opts["guidance_scale"], opts["guidance_rescale"])
         p, q = parameterization(opts["prediction"], opts["sigma_data"]).denoise_coeffs(sigma)
         return sample.clone(), (f * q + sample * p if p else f * q)  # a new tensor, as diffusers returns
+
+    @classmethod
+    def _euler(cls, sample: torch.Tensor, f, sigma: float, sigma_next: float, opts: dict):
+        """(y, D) of an Euler step from sigma to sigma_next, or of a step to its own noise level (:meth:`_unchanged`):
+        the update of the Euler and EDM Euler schedulers."""
+        if sigma_next == sigma:
+            return cls._unchanged(sample, f, opts, sigma)
+        r = steps.euler_step(sample, f, sigma, sigma_next, **opts)
+        return r.y, r.denoised
 
     @staticmethod
     def _output(prev_sample, denoised, return_dict: bool, *, with_denoised: bool = True):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import steps
 from ._base import _EDM_PREDICTIONS, INF, _EDMScheduler, _refuse, register_to_config
 
 __all__ = ["ZSNREDMEulerScheduler"]
@@ -58,9 +57,5 @@ class ZSNREDMEulerScheduler(_EDMScheduler):
         k, sigma, sigma_next, f, opts = self._open(timestep, model_output, sample, guidance_scale, guidance_rescale)
         if pred_original_sample is not None:
             f, opts = pred_original_sample.to(sample.dtype), {**opts, "prediction": "x0"}
-        if sigma_next == sigma:
-            y, d = self._unchanged(sample, f, opts, sigma)
-        else:
-            r = steps.euler_step(sample, f, sigma, sigma_next, **opts)
-            y, d = r.y, r.denoised
+        y, d = self._euler(sample, f, sigma, sigma_next, opts)
         return self._output(self._finish(y, sigma_next, k), d, return_dict)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import steps
 from ._base import _EULER_FAMILY_DOC, INF, _refuse, _StepIndexed, _ZSNRScheduler, register_to_config
 
 __all__ = ["ZSNREulerDiscreteScheduler"]
@@ -78,11 +77,7 @@ class ZSNREulerDiscreteScheduler(_StepIndexed):
                           "diffusers adds the churn noise after the model call; use zsnr_kernels.sample(model, "
                           "noise, sigmas, sampler='euler', s_churn=...), which churns before it (EDM)")
         k, sigma, sigma_next, f, opts = self._open(timestep, model_output, sample, guidance_scale, guidance_rescale)
-        if sigma_next == sigma:
-            y, d = self._unchanged(sample, f, opts, sigma)
-        else:
-            r = steps.euler_step(sample, f, sigma, sigma_next, **opts)
-            y, d = r.y, r.denoised
+        y, d = self._euler(sample, f, sigma, sigma_next, opts)
         return self._output(self._finish(y, sigma_next, k), d, return_dict)
 
 
