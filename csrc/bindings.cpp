@@ -252,7 +252,7 @@ void export_constants(py::module_& m) {
   errors["bad_args"] = static_cast<int>(zsnr::kErrBadArgs);
   m.attr("STEP_ERRORS") = errors;
   py::dict cols;
-  const char* columns[] = {"W", "P", "Q", "A", "B", "H0", "H1", "H2", "E", "GY", "GD", "U", "T", "PHI"};
+  const char* columns[] = {"W", "P", "Q", "A", "B", "H0", "H1", "H2", "E", "GY", "GD", "U", "T", "PHI", "BFU", "GFU"};
   static_assert(sizeof(columns) / sizeof(columns[0]) == zsnr::kNumColumns, "a name for every CoeffColumn");
   static_assert(zsnr::kColH0 + 3 == zsnr::kColE && zsnr::kMaxHistory == 3, "H0..H2 name the history columns");
   for (int i = 0; i < zsnr::kNumColumns; ++i) cols[columns[i]] = i;

@@ -36,7 +36,12 @@ STEP_RATIO_MAX = {"heun": 1e6, "dpm_2": 1e12, "dpm_2_ancestral": 1e6}
 #: result of size max(sigma_next, sigma_data) in x, so float32 rounding moves the result by about
 #: 6e-8 * sigma / max(sigma_next, sigma_data) of it (k-diffusion's x-space sample_lms alike).
 LMS_SPAN_MAX = 1e6
-_SPAN_CHECKED = frozenset((*STEP_RATIO_MAX, "lms"))
+#: heun_flow (Heun in the flow time t = sigma/(1+sigma)): the largest t/t' of one step (from sigma = inf:
+#: (1 + sigma')/sigma').  Its correction is (t' - t)(v_2 - v_1)/2, formed from the denoised predictions as
+#: (t' - t)/(2 t') (D_1 - D_2): their float32 rounding is amplified by t/t' (at this limit about 3e-4 of D, the
+#: backends' disagreement).  A flow schedule's smallest time is 1/num_train_timesteps or more (diffusers' 1e-3).
+FLOW_TIME_RATIO_MAX = {"heun_flow": 1e4}
+_SPAN_CHECKED = frozenset((*STEP_RATIO_MAX, *FLOW_TIME_RATIO_MAX, "lms"))
 #: The largest |guidance_scale|: F = F_u + w (F_c - F_u) and the squares the guidance rescale sums stay far from
 #: float32's range for any model output below 1e12.
 GUIDANCE_SCALE_MAX = 1e4
@@ -224,7 +229,8 @@ def step_sigmas(args, pz) -> None:
     """The noise levels of a step (``coefficients.StepArgs``, one for the batch or one per sample; ``pz`` the
     model's Parameterization), before any backend runs: every positive finite sigma in [SIGMA_MIN, SIGMA_MAX];
     for the samplers whose second-order step has no limit as sigma/sigma_next grows (heun, dpm_2,
-    dpm_2_ancestral), sigma/sigma_next within STEP_RATIO_MAX; for lms with remembered derivatives,
+    dpm_2_ancestral), sigma/sigma_next within STEP_RATIO_MAX; for heun_flow, the ratio t/t' of flow times within
+    FLOW_TIME_RATIO_MAX; for lms with remembered derivatives,
     sigma/max(sigma_next, data scale) within LMS_SPAN_MAX.  The same rule for every backend: the compiled ones run
     only what passes it."""
     if len(args) == 1:  # the common case, without building names (this runs on every step)
@@ -246,6 +252,8 @@ def step_sigmas(args, pz) -> None:
                 raise _sigma_range_error(f"history[{k}] sigma{at}", p)
         if a.sampler == "lms" and sg != _INF:
             _lms_span(a, pz, at)
+        if a.sampler in FLOW_TIME_RATIO_MAX and sn > 0.0:
+            _flow_time_span(a, at)
         most = STEP_RATIO_MAX.get(a.sampler)
         if most is not None and sn > 0.0 and sg != _INF and sg > most * sn:
             if a.sampler == "dpm_2_ancestral":
@@ -259,6 +267,22 @@ def step_sigmas(args, pz) -> None:
                 "has no limit, and beyond that float32 rounding alone moves the result by some % of the denoised "
                 f"prediction (beyond 1e30, NaN). Add intermediate sigmas to the schedule, or take this step with "
                 f"{fallback} (what {a.sampler} does from sigma = inf)")
+
+
+def flow_time_ratio(sigma: float, sigma_next: float) -> float:
+    """t/t' of a step in the flow time t = sigma/(1+sigma) (1 at sigma = inf); sigma_next > 0."""
+    return (1.0 if sigma == _INF else sigma / (1.0 + sigma)) * ((1.0 + sigma_next) / sigma_next)
+
+
+def _flow_time_span(a, at: str) -> None:
+    most, ratio = FLOW_TIME_RATIO_MAX[a.sampler], flow_time_ratio(a.sigma, a.sigma_next)
+    if ratio > most:
+        raise ValueError(
+            f"{a.sampler}: sigma{at}={a.sigma!r} to sigma_next{at}={a.sigma_next!r} spans a factor {ratio:.3g} in the "
+            f"flow time t = sigma/(1+sigma), above the {most:g} one {a.sampler} step may span: its correction weighs "
+            "the difference of the two denoised predictions by (t - t')/(2 t'), so beyond that float32 rounding alone "
+            "moves the result by more than 3e-4 of them. Add intermediate sigmas to the schedule (a flow schedule's "
+            "smallest time is about 1/num_train_timesteps), or take this step with euler")
 
 
 def _lms_span(a, pz, at: str) -> None:
@@ -317,9 +341,9 @@ def not_ascending(vals: list[float], tensor: bool) -> None:
                          + ("sigmas.flip(0)" if tensor else "sigmas[::-1]"))
 
 
-def sigmas(s) -> list[float]:
-    """A sampling schedule: 1-D, strictly descending, ends with 0, no NaN; the first value may be inf; every other
-    positive value within [SIGMA_MIN, SIGMA_MAX]."""
+def sigmas(s, final_zero: bool = True) -> list[float]:
+    """A sampling schedule: 1-D, strictly descending, ends with 0 (``final_zero``; else it may end above 0), no NaN;
+    the first value may be inf; every other positive value within [SIGMA_MIN, SIGMA_MAX]."""
     if isinstance(s, torch.Tensor):
         if s.ndim != 1:
             raise ValueError(f"sigmas must be 1-D, got shape {tuple(s.shape)}")
@@ -329,13 +353,14 @@ def sigmas(s) -> list[float]:
     else:
         raise TypeError(f"sigmas must be a 1-D tensor or a sequence of floats, got {type(s).__name__}")
     if len(vals) < 2:
-        raise ValueError(f"sigmas needs at least 2 values (a start and the final 0), got {len(vals)}")
+        raise ValueError(f"sigmas needs at least 2 values (a start and an end, 0 for a clean sample), got "
+                         f"{len(vals)}")
     if any(math.isnan(v) for v in vals):
         raise ValueError("sigmas contains NaN")
     if any(v < 0 for v in vals):
         raise ValueError(f"sigmas must be >= 0, got {min(vals)}")
     not_ascending(vals, isinstance(s, torch.Tensor))
-    if vals[-1] != 0.0:
+    if final_zero and vals[-1] != 0.0:
         raise ValueError(f"sigmas must end with 0 (the clean sample), got {vals[-1]}; append a 0")
     if any(math.isinf(v) for v in vals[1:]):
         raise ValueError("only sigmas[0] may be inf")

@@ -18,7 +18,9 @@ Two rules fix what the samplers do at the ends of a schedule (§2.3):
 
 * a step *from* sigma = inf is first order for every sampler (the exponential-integrator corrections have
   weight h/h_last -> 0 there, and Heun's trapezoid over an infinite interval has no limit), and a history entry
-  at sigma = inf carries weight 0 in later steps;
+  at sigma = inf carries weight 0 in later steps.  Exceptions, whose second stage has a limit there: heun_flow
+  (Heun in the flow time t = sigma/(1+sigma), whose interval from t = 1 is finite) and dpmpp_2s_ancestral at
+  eta = 1;
 * a step *to* sigma = 0 follows k-diffusion: Heun and DPM2 take an Euler step, DPM++ 2M is first order, the SDE
   samplers return D and ancestral samplers add no noise.
 
@@ -31,6 +33,7 @@ sigma/sigma_next.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -56,7 +59,14 @@ class StepCoeffs:
 
     ``complete`` is False after the first stage of a two-stage sampler (the model must be called at
     ``(y_out, sigma_out)`` and the second stage run).  ``carry`` = ``(g_y, g_D)`` asks the kernel to also output
-    ``g_y*y + g_D*D`` (the derivative LMS remembers); None otherwise.
+    ``g_y*y + g_D*D (+ carry_u*D_u)`` (the derivative LMS remembers; the unconditional D_u CFG++ remembers); None
+    otherwise.
+
+    CFG++ (the "CFG++" section below): ``b_u`` is the weight of the unconditional denoised prediction
+    ``D_u = p*y + q*F_u`` (the raw p, q of the evaluation: the guidance rescale acts on the guided D only), so the
+    update is ``y_out = a*y + b*D + b_u*D_u + sum(h[k]*H_k) + e*z``, and ``carry_u`` its weight in the carry.
+    Without a separate unconditional output (one model output, or a pair at guidance_scale 1, which is F_c alone)
+    ``D_u = D``; every sampler but the CFG++ ones has ``b_u = carry_u = 0``.
     """
 
     a: float
@@ -66,6 +76,8 @@ class StepCoeffs:
     sigma_out: float = 0.0
     complete: bool = True
     carry: tuple[float, float] | None = None
+    b_u: float = 0.0
+    carry_u: float = 0.0
 
 
 def _ratio(sigma: float, sigma_next: float) -> float:
@@ -206,6 +218,49 @@ def heun(pz: Parameterization, sigma: float, sigma_next: float, stage: int) -> S
     return StepCoeffs(a=1.0, b=-w, h=(w,), sigma_out=sigma_next)
 
 
+# ------------------------------------------------------------------------------------------------- flow Heun
+
+
+def heun_flow(pz: Parameterization, sigma: float, sigma_next: float, stage: int) -> StepCoeffs:
+    """Heun's method in the rectified-flow time t = sigma/(1+sigma) (diffusers' ``FlowMatchHeunDiscreteScheduler``).
+
+    diffusers integrates dz/dt = (z - D)/t for z = x/(1+sigma) = (1-t) x0 + t noise (the flow model's own state):
+    z' = z + (t'-t)(d_1+d_2)/2.  That is not :func:`heun` (the trapezoid in sigma on x): with the same Euler predictor
+    both are y' = y_2 + w (D_1 - D_2), and flow Heun's weight is heun's times (1+sigma')/(1+sigma), so the two agree
+    to O(h^3) per step only.  Stage 1: the Euler predictor to sigma' (the whole step only if sigma' = 0, diffusers'
+    last step).  Stage 2 (x' = (1+sigma') z', y' = c' x'):
+    w = c'(1+sigma') (t'-t)/(2t') = -c'(1+sigma') (sigma-sigma') / (2 sigma' (1+sigma))   (c'(1+sigma') = 1 for flow).
+
+    At sigma = inf (t = 1) the interval in t is finite and the step has its limit: w = -c'(1+sigma')/(2 sigma'), the
+    full two-evaluation step diffusers takes from t = 1 (for flow: y' = y_2 - (D_1 - D_2)/(2 sigma'), i.e.
+    z' = z + (t'-1)(v_1+v_2)/2 with the velocities v = (z - D)/t).
+    """
+    _check_pair(sigma, sigma_next)
+    if stage == 1:
+        return replace(euler(pz, sigma, sigma_next), complete=sigma_next == 0.0)
+    scale = 1.0 if pz.prediction == "flow" else pz.c_in(sigma_next) * (1.0 + sigma_next)
+    frac = 1.0 if sigma == INF else (sigma - sigma_next) / (1.0 + sigma)
+    w = -0.5 * scale * frac / sigma_next
+    return StepCoeffs(a=1.0, b=-w, h=(w,), sigma_out=sigma_next)
+
+
+def _t_heun_flow(pz, a):
+    """:func:`heun_flow` per sample (its tensor mirror, registered in ``_TENSOR_COEFFS``), with ``ok`` False where a
+    step spans more than ``_validate.FLOW_TIME_RATIO_MAX`` in flow time."""
+    s, sn = a.sigma, a.sigma_next
+    done = sn == 0.0
+    ca, cb = _t_euler(pz, s, sn)
+
+    def second():
+        scale = torch.ones_like(s) if pz.prediction == "flow" else _t_c_in(pz, sn) * (1.0 + sn)
+        frac = torch.where(s == INF, 1.0, (s - sn) / (1.0 + s))
+        w = -0.5 * scale * frac / sn
+        return torch.ones_like(s), -w, w, torch.zeros_like(s)
+    ratio = torch.where(s == INF, 1.0, s / (1.0 + s)) * ((1.0 + sn) / sn)
+    ok = done | ~(ratio > _validate.FLOW_TIME_RATIO_MAX["heun_flow"])
+    return _t_two_stage(pz, a, done, (ca, cb, torch.zeros_like(s), sn), second), ok
+
+
 def _midpoint_stage2(pz, sigma, sigma_mid, sigma_down, sigma_next, d, dpmpp: bool) -> StepCoeffs:
     """Second stage shared by dpm_2, dpm_2_ancestral and dpmpp_2s_ancestral (y_2 at sigma_mid, D_1 remembered).
 
@@ -291,6 +346,61 @@ def dpmpp_2s_ancestral(pz, sigma, sigma_next, eta=1.0, s_noise=1.0, *, stage: in
     return _ancestral_two_stage(pz, sigma, sigma_next, eta, s_noise, stage, dpmpp=True)
 
 
+# ------------------------------------------------------------------------------------------------- DPM++ SDE
+
+
+def dpmpp_sde_midpoint(sigma: float, sigma_next: float) -> float:
+    """sigma_s = exp(-(t + h/2)) with t = -log sigma, h = log(sigma/sigma'): k-diffusion's ``sigma_fn(s)`` of
+    ``sample_dpmpp_sde`` (r = 1/2), computed as it computes it (= sqrt(sigma sigma') to rounding); inf at sigma = inf,
+    0 at sigma' = 0 (where the step is Euler and there is no midpoint)."""
+    if sigma == INF or sigma_next == 0.0:
+        return INF if sigma == INF else 0.0
+    t, t_next = -math.log(sigma), -math.log(sigma_next)
+    return math.exp(-(t + (t_next - t) * 0.5))
+
+
+#: dpmpp_sde's second stage reads these remembered tensors, in this order: D_1 (weight 0 at r = 1/2, kept so the
+#: row reads like every two-stage sampler's) and the state y the step started from
+DPMPP_SDE_HISTORY = ("denoised", "start state")
+
+
+def dpmpp_sde(pz: Parameterization, sigma: float, sigma_next: float, eta: float = 1.0, s_noise: float = 1.0, *,
+              stage: int) -> StepCoeffs:
+    """k-diffusion's ``sample_dpmpp_sde``: DPM-Solver++(2S) SDE with r = 1/2, two model evaluations per step.
+
+    With sigma_s = :func:`dpmpp_sde_midpoint` and (sd, su) = ``get_ancestral_step`` (:func:`ancestral_split`):
+
+    * stage 1, euler_ancestral from sigma to sigma_s:  x_2 = (sd_1/sigma) x + (1 - sd_1/sigma) D_1 + s_noise su_1 z_1,
+      i.e. :func:`ancestral` (sigma -> sigma_s): y_2 = (s_s/s) d_1 y + c_s (1 - d_1 r_1) D_1 + s_s u_1 s_noise z_1;
+    * stage 2, from the step's ORIGINAL x (not x_2), with D_d = (1 - 1/(2r)) D_1 + 1/(2r) D_2 = D_2 at r = 1/2:
+      x' = (sd/sigma) x + (1 - sd/sigma) D_2 + s_noise su z_2, i.e. :func:`ancestral` (sigma -> sigma') applied to
+      the start state y and D_2.  In the fused combine: weight 0 on its own y (= y_2), b on D_2, and the history
+      (D_1, y) of :data:`DPMPP_SDE_HISTORY` with weights h = (0, (s'/s) d).
+
+    Ends of the schedule (docs/design.md §2.3):
+
+    * sigma' = 0: k-diffusion's Euler step, y' = c_in(0) D_1, complete after the first call, no noise.
+    * sigma = inf: sigma_s = sqrt(sigma sigma') is inf too, and every coefficient has a limit, since
+      r_1 = sigma_s/sigma = sqrt(sigma'/sigma) -> 0: stage 1 is y_2 = sqrt(1 - eta^2) y + eta s_noise z_1 (eta <= 1;
+      (d, u) = (0, 1) beyond) at sigma_s = inf, the model is evaluated there again, and stage 2 is euler_ancestral
+      from inf with D_2 on the start state, y' = s' sqrt(1 - eta^2) y + c' D_2 + s' eta s_noise z_2.  The gap to a
+      run from a finite sigma_max shrinks like sigma_max^(-1/2) (the weight sqrt(sigma'/sigma) of the first stage).
+      At eta = 0 the limit's y_2 is y itself at the same sigma (inf), so D_2 = D_1 and the step is Euler: one call,
+      complete (:func:`euler` from inf).
+    """
+    _check_pair(sigma, sigma_next)
+    if sigma_next == 0.0 or (sigma == INF and eta == 0.0):
+        return euler(pz, sigma, sigma_next) if stage == 1 else _no_stage2("dpmpp_sde")
+    if stage == 1:
+        sigma_s = dpmpp_sde_midpoint(sigma, sigma_next)
+        if sigma == INF:  # ancestral's limit from inf to inf: s = s_s = 1, c_in(inf) = 0, r_1 = 0
+            d, u = ancestral_split(INF, INF, eta)
+            return StepCoeffs(a=d, b=0.0, e=u * s_noise, sigma_out=INF, complete=False)
+        return replace(ancestral(pz, sigma, sigma_s, eta, s_noise), complete=False)
+    c = ancestral(pz, sigma, sigma_next, eta, s_noise)
+    return StepCoeffs(a=0.0, b=c.b, h=(0.0, c.a), e=c.e, sigma_out=sigma_next)
+
+
 # ------------------------------------------------------------------------------------------ multistep samplers
 
 
@@ -331,6 +441,114 @@ def res_multistep(pz: Parameterization, sigma: float, sigma_next: float, sigma_p
     phi2 = (math.expm1(-h) + h) / (h * h) if h > 1e-4 else 0.5 - h / 6.0 + h * h / 24.0
     c_next = pz.c_in(sigma_next)
     return replace(c, b=c_next * h * (phi1 - phi2 / c2), h=(c_next * h * phi2 / c2,))
+
+
+# ------------------------------------------------------------------------------------------------------- CFG++
+#
+# CFG++ (Chung et al. 2024, arXiv 2406.08070; ComfyUI's sample_*_cfg_pp): the sampler denoises with the guided
+# prediction D but renoises with the unconditional one, D_u = p y + q F_u, i.e. the direction (x - D_u)/sigma
+# replaces (x - D)/sigma.  In x = y / c_in: x' = D + sigma_down (x - D_u)/sigma + ... .  The coefficients give D_u
+# its own weight b_u (StepCoeffs.b_u; the kernels fold b_u p into the y weight and read F_u once more, nothing
+# else); with D_u = D (no unconditional output, or guidance_scale 1) every step is its plain sampler's, since
+# b + b_u is the plain sampler's D weight.
+#
+# Limits.  At sigma = inf the renoising direction (x - D_u)/sigma tends to x/sigma = y/s: D_u's weight is a
+# multiple of sigma'/sigma = 0, so the step from inf is the plain sampler's step from inf (D_u unread), first order
+# for dpmpp_2m_cfg_pp, and a remembered D_u at inf has weight 0 later (h/h_last = 0).  dpmpp_2s_ancestral_cfg_pp at
+# eta = 1 is the exception, as its plain sampler is: sigma_mid = sigma' for every sigma, and its limit keeps both
+# evaluations (its docstring); for eta < 1 its limit is euler_ancestral_cfg_pp's step.  At sigma' = 0 each returns
+# D, one call (ComfyUI: euler_ancestral_cfg_pp's "denoising step", dpmpp_2m_cfg_pp's e^{-h} = 0,
+# dpmpp_2s_ancestral_cfg_pp's sigma_down = 0 branch, D_u + (D - D_u)); ancestral noise is 0 there.
+#
+# ComfyUI computes euler(_ancestral)_cfg_pp for flow (CONST) models with alpha_t = 1 - t and the ancestral split of
+# the variance-exploding sigmas, which is this step in y-space.  Its dpmpp_2s_ancestral_cfg_pp switches to a
+# rectified-flow ancestral split for them (``sample_dpmpp_2s_ancestral_RF_cfg_pp``) and its dpmpp_2m_cfg_pp steps in
+# the flow's own t: here, as for the plain samplers, every parameterization takes k-diffusion's formulas in the
+# variance-exploding sigma.  ComfyUI disables its cfg = 1 optimization for these samplers and renoises with F_u
+# even at cfg = 1; here a pair at guidance_scale 1 is F_c alone, as for every sampler (the step warns), and the step
+# is the plain sampler's (for ComfyUI's cfg = 1 behaviour pass a scale a rounding away from 1).
+
+
+def ancestral_cfg_pp(pz: Parameterization, sigma: float, sigma_next: float, eta: float,
+                     s_noise: float = 1.0) -> StepCoeffs:
+    """euler_ancestral_cfg_pp (eta = 0: euler_cfg_pp): x' = D + sigma_down (x - D_u)/sigma + s_noise sigma_up z,
+
+    with k-diffusion's ``get_ancestral_step`` (d, u of :func:`ancestral_split`, r = sigma'/sigma):
+    y' = (s'/s) d y + c' D - c' d r D_u + s' u s_noise z.  At sigma = inf r = 0: y' = s' d y + c' D + s' u s_noise z
+    (the plain step; D_u unread), at sigma' = 0 (d = 1, r = 0): y' = c_in(0) D."""
+    c = ancestral(pz, sigma, sigma_next, eta, s_noise, clamp=True)
+    d, _ = ancestral_split(sigma, sigma_next, eta)
+    dr = d * _ratio(sigma, sigma_next)
+    c_next = pz.c_in(sigma_next)
+    return replace(c, b=c_next, b_u=-c_next * dr if dr != 0.0 else 0.0)
+
+
+def euler_cfg_pp(pz: Parameterization, sigma: float, sigma_next: float) -> StepCoeffs:
+    """euler_cfg_pp: x' = D + sigma' (x - D_u)/sigma, y' = (s'/s) y + c' D - c' (sigma'/sigma) D_u (ComfyUI's
+    euler_ancestral_cfg_pp at eta = 0)."""
+    return ancestral_cfg_pp(pz, sigma, sigma_next, 0.0, 0.0)
+
+
+def dpmpp_2m_cfg_pp(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: float | None) -> StepCoeffs:
+    """DPM-Solver++(2M) with CFG++ (ComfyUI ``sample_dpmpp_2m_cfg_pp``), in x with r = sigma'/sigma = e^{-h}:
+
+        x' = D + r (x - D_u) + (1 - r) w (D - D_u,prev),    w = h/(2 h_last)
+
+    (w = 0 on the first step, to sigma' = 0 and from a remembered sigma = inf, as :func:`dpmpp_2m`).  The history
+    is the previous evaluation's unconditional D_u,prev, not its D: the step outputs D_u as its carry
+    (``carry_u = 1``, StepResult.derivative).  y' = (s'/s) y + c'(1 + (1 - r) w) D - c' r D_u - c'(1 - r) w D_u,prev.
+    """
+    c = euler(pz, sigma, sigma_next)
+    c_next = pz.c_in(sigma_next)
+    r = _ratio(sigma, sigma_next)
+    hist: tuple[float, ...] = ()
+    corr = 0.0
+    if sigma_prev is not None and sigma_next != 0.0:
+        _check_history(sigma, (sigma_prev,))
+        corr = c.b * (_log_ratio(sigma, sigma_next) / (2.0 * _log_ratio(sigma_prev, sigma)))  # c'(1 - r) w
+        hist = (-corr,)
+    return StepCoeffs(a=c.a, b=c_next + corr, h=hist, sigma_out=sigma_next, carry=(0.0, 0.0),
+                      b_u=-c_next * r if r != 0.0 else 0.0, carry_u=1.0)
+
+
+def dpmpp_2s_ancestral_cfg_pp(pz: Parameterization, sigma: float, sigma_next: float, eta: float = 1.0,
+                              s_noise: float = 1.0, *, stage: int) -> StepCoeffs:
+    """DPM-Solver++(2S) ancestral with CFG++ (ComfyUI ``sample_dpmpp_2s_ancestral_cfg_pp``), in two calls.
+
+    In x, with sigma_mid = sqrt(sigma sigma_down) as :func:`dpmpp_2s_ancestral`, D_1, D_u1 of the first evaluation
+    and D_u2 the unconditional D at the midpoint (its guided D_2 is not used):
+
+        x_2 = (sigma_mid/sigma) x + (1 - sigma_mid/sigma) D_u1                          (stage 1)
+        x'  = (sigma_down/sigma) x + (1 - sigma_down/sigma) D_u2 + s_noise sigma_up z + (D_1 - D_u1)
+
+    Stage 1 outputs D_u1 as its carry (StepResult.derivative); stage 2 reads history (D_1, D_u1) and, x undone from
+    x_2 as in :func:`_midpoint_stage2`, is y' = (s'/s_mid) d y_2 + c' D_1 + c'(h1 - 1) D_u1 + c'(1 - sigma_down/sigma)
+    D_u2 + s' u s_noise z with h1 = sigma_down (1/sigma - 1/sigma_mid).  Where sigma_down = 0 (sigma' = 0, or eta
+    clamped) ComfyUI's Euler step to 0 with D_u plus the guidance vector is y' = c' D_1 + noise, one call.  From
+    sigma = inf: for eta < 1 sigma_mid is inf too and the limit is :func:`ancestral_cfg_pp` (the plain step from inf);
+    for eta = 1 sigma_mid = sigma', d = 0, h1 = 0: predictor y_2 = s' y + c' D_u1, then
+    y' = c'(D_1 - D_u1 + D_u2) + s' s_noise z.
+    """
+    _check_pair(sigma, sigma_next)
+    d, u = ancestral_split(sigma, sigma_next, eta)
+    c_next = pz.c_in(sigma_next)
+    noise = s_noise * pz.noise_scale(sigma_next) * u
+    r = _ratio(sigma, sigma_next)
+    if sigma_next == 0.0 or eta * math.sqrt((1.0 - r) * (1.0 + r)) > 1.0:
+        if stage != 1:
+            _no_stage2("dpmpp_2s_ancestral_cfg_pp")
+        return StepCoeffs(a=0.0, b=c_next, e=noise, sigma_out=sigma_next)
+    sigma_d_times = (INF if eta < 1.0 else eta * sigma_next) if sigma == INF else sigma * d  # sigma sigma_down / sigma'
+    sigma_mid = math.sqrt(sigma_next * sigma_d_times)
+    if sigma_mid == INF:
+        return ancestral_cfg_pp(pz, sigma, sigma_next, eta, s_noise) if stage == 1 else _no_stage2(
+            "dpmpp_2s_ancestral_cfg_pp")
+    if stage == 1:
+        e1 = euler(pz, sigma, sigma_mid)
+        return StepCoeffs(a=e1.a, b=0.0, b_u=e1.b, sigma_out=sigma_mid, complete=False, carry=(0.0, 0.0),
+                          carry_u=1.0)
+    base = _midpoint_stage2(pz, sigma, sigma_mid, d * sigma_next, sigma_next, d, dpmpp=True)
+    return StepCoeffs(a=base.a, b=0.0, b_u=base.b, h=(c_next, base.h[0] - c_next), e=noise, sigma_out=sigma_next)
 
 
 def _sde_base(pz, sigma, sigma_next, eta, s_noise):
@@ -450,6 +668,159 @@ def lms(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple
     return StepCoeffs(a=a, b=-c_next * w[0] / sigma, h=hist, sigma_out=sigma_next, carry=carry)
 
 
+# -------------------------------------------------------------------------------------------------------- UniPC
+
+#: UniPC's B(h) variants (diffusers' and ComfyUI's ``solver_type``/``variant``): B(h) = h (bh1) or e^h - 1 (bh2)
+UNIPC_VARIANTS = ("bh1", "bh2")
+#: the highest order of UniPC's predictor and corrector
+UNIPC_MAX_ORDER = 3
+
+
+def _phi_scaled(k: int, z: float) -> float:
+    """k! z phi_{k+1}(z), the right-hand sides of UniPC's order conditions, in terms of the exponential-integrator
+    functions phi_1(z) = (e^z - 1)/z, phi_{j+1}(z) = (phi_j(z) - 1/j!)/z.  diffusers builds them by that recursion,
+    whose cancellation loses about a digit per order at small z (many steps); below |z| = 1/2 the Taylor series
+    phi_j(z) = sum_m z^m/(m + j)! is summed instead (to float64 rounding), which agrees with the recursion to
+    1e-15 where the recursion is accurate."""
+    if abs(z) < 0.5:
+        term, total, m = 1.0 / math.factorial(k + 1), 0.0, 0
+        while True:  # phi_{k+1}(z) = sum_m z^m / (m + k + 1)!
+            total += term
+            m += 1
+            term *= z / (m + k + 1)
+            if abs(term) < 1e-18 * abs(total):
+                break
+        return math.factorial(k) * z * total
+    phi = math.expm1(z) / z
+    for j in range(1, k + 1):
+        phi = (phi - 1.0 / math.factorial(j)) / z
+    return math.factorial(k) * z * phi
+
+
+def _solve(lhs: list[list[float]], rhs: list[float]) -> list[float]:
+    """x with lhs x = rhs for UniPC's order conditions (at most 3 x 3, Vandermonde in distinct points): Gaussian
+    elimination with partial pivoting in Python floats, as LAPACK's gesv does it (numpy's solve costs ~15 us a call
+    in overhead, several per step)."""
+    m = len(rhs)
+    a = [row[:] + [v] for row, v in zip(lhs, rhs)]
+    for k in range(m):
+        piv = max(range(k, m), key=lambda i: abs(a[i][k]))
+        a[k], a[piv] = a[piv], a[k]
+        for i in range(k + 1, m):
+            f = a[i][k] / a[k][k]
+            for j in range(k, m + 1):
+                a[i][j] -= f * a[k][j]
+    x = [0.0] * m
+    for k in reversed(range(m)):
+        x[k] = (a[k][m] - sum(a[k][j] * x[j] for j in range(k + 1, m))) / a[k][k]
+    return x
+
+
+def _unipc_terms(sigma: float, sigma_next: float, older: tuple[float, ...], variant: str, order: int,
+                 corrector: bool) -> tuple[float, list[float], float]:
+    """One UniPC predictor (``corrector=False``: from sigma to sigma_next) or corrector (``corrector=True``: of the
+    step from ``sigma`` to ``sigma_next``, whose result the model has just been evaluated at) of ``order``, as the
+    VE-latent weights of its residual B(h) sum_k rho_k D1_k on the denoised predictions: ``(w0, ws, w_new)`` with
+    residual = w0 D_0 + sum_k ws[k] D_k + w_new D_new, where D_0 is the prediction at ``sigma``, D_k those at the
+    ``older`` sigmas (newest first), D_new the corrector's new evaluation, and D1_k = (D_k - D_0)/r_k with
+    r_k = (lambda_k - lambda_0)/h (lambda = -log sigma, h = lambda(sigma_next) - lambda(sigma)); the corrector's new
+    point has r = 1.
+
+    rho solves the order conditions sum_k rho_k r_k^j = b_j, one per point (Zhao et al. 2023, Algorithm 2 with data
+    prediction, as diffusers' ``UniPCMultistepScheduler`` computes them), with B(h) b_j = (j+1)! hh phi_{j+2}(hh),
+    hh = -h; it is solved for B(h) rho, which stays finite where B(h) (bh1 at h = inf) does not.  Two orders are
+    diffusers' fixed choices: the order-2 predictor takes rho = 1/2, the order-1 corrector rho = 1/2.  A remembered
+    point at sigma = inf has r = -inf: its rho and D1 vanish together (the order conditions tend to the system
+    without it), so it is dropped; ``order`` counts the points before any is dropped, as the fixed choices do.
+    """
+    h = _log_ratio(sigma, sigma_next)
+    entries = older[: order - 1]
+    keep = [k for k, p in enumerate(entries) if p != INF]
+    rks = [-_log_ratio(entries[k], sigma) / h for k in keep]
+    hh = -h
+    big_b = hh if variant == "bh1" else math.expm1(hh)
+    if corrector and order == 1:
+        brho = [0.5 * big_b]
+    elif not corrector and order == 2:
+        brho = [0.5 * big_b] * len(keep)
+    else:
+        cols = rks + ([1.0] if corrector else [])
+        brho = _solve([[c**j for c in cols] for j in range(len(cols))],
+                      [_phi_scaled(j + 1, hh) for j in range(len(cols))])
+    ws, w0 = [0.0] * len(entries), 0.0
+    for j, k in enumerate(keep):
+        ws[k] = brho[j] / rks[j]
+        w0 -= ws[k]
+    w_new = brho[-1] if corrector else 0.0
+    return w0 - w_new, ws, w_new
+
+
+@functools.lru_cache(maxsize=4096)  # ~30 us of Python per call (its small solves); a schedule run again costs none
+def unipc(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple[float, ...] = (),
+          order: int = 2, corrector: int = 0, variant: str = "bh2") -> StepCoeffs:
+    """UniPC (Zhao et al. 2023, arXiv 2302.04867) with data prediction, as diffusers' ``UniPCMultistepScheduler``
+    runs it: one model evaluation per step does the corrector UniC of the previous step and the predictor UniP of
+    this one, **both in one pass**, since both combine the same tensors.
+
+    In the VE latent, with lambda = -log sigma, h = lambda' - lambda, the predictor of order p is
+
+        x' = (sigma'/sigma) x_c + (1 - sigma'/sigma) D_i - B(h) sum_k rho_k (D_{i-k} - D_i)/r_k,
+
+    and the corrector of the step that led here (order ``corrector``, the order that step's predictor had, from
+    sigma_prev[0] to sigma, whose h and points it shares) replaces the predicted x by
+    x_c = x - B(h_c)[sum_k (rho^c_k - rho^p_k) D1_k + rho^c_new (D_i - D_{i-1})] -- the difference of the
+    corrector and the predictor it corrects, which is all of UniC that is not already in x.  So
+    y' = (s'/s) y + c'(sigma')[(sigma'/sigma) dx_c + the predictor's D terms]: one linear combination of y, D_i
+    and up to three remembered D (``sigma_prev``, newest first).
+
+    ``order`` is this step's predictor order (1-3; fewer when fewer points are remembered), ``corrector`` the
+    order of the correction (0: none).  At the ends of a schedule (§2.3):
+
+    * the step from sigma = inf is Euler (nothing is remembered yet);
+    * the corrector of that step, whose h is inf: with bh2, B(h) = e^{-h} - 1 -> -1 and the correction tends to
+      x_c = x + (D_i - D_inf)/2, which it takes (the runs from sigma_max = 1e4, 1e8, 1e16 converge to it); with
+      bh1, B(h) = -h grows without bound and there is no limit: that correction is skipped;
+    * a remembered point at sigma = inf has r = -inf: its weight is 0 (the limit of the order conditions);
+    * the step to sigma' = 0 is first order (x' = D_i): h = inf there and the higher-order terms have no limit
+      (diffusers' default ``lower_order_final`` makes that step first order too).
+    """
+    _check_pair(sigma, sigma_next)
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(f"solver_type must be one of {UNIPC_VARIANTS} for unipc, got {variant!r}")
+    if not (isinstance(order, int) and 1 <= order <= UNIPC_MAX_ORDER):
+        raise ValueError(f"order must be 1, 2 or 3 for unipc, got {order!r}")
+    if not (isinstance(corrector, int) and 0 <= corrector <= UNIPC_MAX_ORDER):
+        raise ValueError(f"corrector must be 0 (none) or the order 1-3 of the step it corrects, got {corrector!r}")
+    prev = tuple(sigma_prev[:UNIPC_MAX_ORDER])
+    _check_history(sigma, prev)
+    if corrector > len(prev):
+        raise ValueError(f"a corrector of order {corrector} needs {corrector} remembered predictions (the one of "
+                         f"the step it corrects and {corrector - 1} before it), got {len(prev)}")
+    p = 1 if sigma == INF or sigma_next == 0.0 else min(order, len(prev) + 1)
+    r = _ratio(sigma, sigma_next)
+    b = 1.0 - r
+    hist = [0.0] * len(prev)
+    if p > 1:
+        w0, ws, _ = _unipc_terms(sigma, sigma_next, prev, variant, p, corrector=False)
+        b -= w0
+        for k, wk in enumerate(ws):
+            hist[k] -= wk
+    if corrector and r != 0.0 and not (prev[0] == INF and variant == "bh1"):
+        # the correction x_c - x: the corrector's residual replaces the predictor's (both of the step from
+        # prev[0] to sigma, of order `corrector`), carried into this step by sigma'/sigma
+        w0, ws, w_new = _unipc_terms(prev[0], sigma, prev[1:], variant, corrector, corrector=True)
+        if corrector > 1:  # the predictor's residual, which x holds (none for order 1 and from sigma = inf)
+            p0, ps, _ = _unipc_terms(prev[0], sigma, prev[1:], variant, corrector, corrector=False)
+            w0, ws = w0 - p0, [wk - pk for wk, pk in zip(ws, ps)]
+        b -= r * w_new
+        hist[0] -= r * w0
+        for k, wk in enumerate(ws):
+            hist[k + 1] -= r * wk
+    c_next = pz.c_in(sigma_next)
+    return StepCoeffs(a=pz.noise_scale(sigma_next) / pz.noise_scale(sigma), b=c_next * b,
+                      h=tuple(c_next * v for v in hist), sigma_out=sigma_next)
+
+
 # ------------------------------------------------------------------------------------------- the sampler table
 
 
@@ -458,7 +829,8 @@ class StepArgs(NamedTuple):
 
     ``sigma`` is the step's noise level (for the second call of a two-stage sampler, the same sigma as the
     first); ``sigma_hat_next`` the next step's churn target (None: no churn); ``sigma_prev`` the sigmas of the
-    remembered tensors, newest first.
+    remembered tensors, newest first; ``order`` the order of lms and of unipc's predictor, ``corrector`` the order
+    of unipc's corrector (0: none).
     """
 
     sampler: str
@@ -471,6 +843,7 @@ class StepArgs(NamedTuple):
     s_noise: float = 1.0
     solver_type: str = "midpoint"
     order: int = LMS_MAX_ORDER
+    corrector: int = 0
 
 
 @dataclass(frozen=True)
@@ -492,8 +865,14 @@ class SamplerSpec:
     s_noise:    takes ``s_noise`` (for its eta noise; churn samplers take it for the churn noise)
     adds_noise: adds noise whatever eta is (ddpm)
     history:    how many earlier evaluations it reads (0: none)
-    keeps:      what a multistep sampler remembers: ``"denoised"`` (D) or ``"derivative"`` (LMS's d)
+    keeps:      what a multistep sampler remembers: ``"denoised"`` (D) or ``"derivative"`` (the step's carry output:
+                LMS's d, dpmpp_2m_cfg_pp's unconditional D_u)
     options:    the other :class:`StepArgs` fields it reads, with their defaults (``solver_type``, ``order``)
+    per_step:   ``per_step(i, n, options) -> dict``: the step arguments that depend on the step's place in an
+                n-step schedule, given the run's options (unipc: its warm-up and final orders and its corrector);
+                ``sample()`` passes them to step i.  None: nothing depends on it
+    uncond:     weights the unconditional prediction D_u apart from the guided D (CFG++): it needs
+                ``model_output=(F_cond, F_uncond)`` with ``guidance_scale != 1``, else it is its plain sampler
     at_inf:     what its step from sigma = inf is (the limit the coefficients take there)
     step:       whether ``zsnr_kernels.steps`` has a named ``<name>_step`` (else ``steps.sampler_step`` runs it)
     kernel:     whether the compiled kernels compute its coefficients themselves (a C++ mirror)
@@ -512,6 +891,8 @@ class SamplerSpec:
     options: tuple[tuple[str, object], ...] = ()
     step: bool = False
     kernel: bool = False
+    per_step: Callable[[int, int, dict], dict] | None = None
+    uncond: bool = False
 
     def __post_init__(self):
         if self.kind not in ("single", "two_stage", "multistep"):
@@ -543,6 +924,20 @@ def _prev1(s: StepArgs) -> float | None:
 _OPTIONS = ("solver_type", "order")  # the StepArgs fields a row may take as options
 
 
+def _unipc_per_step(i: int, n: int, options: dict) -> dict:
+    """UniPC's orders at step i of n as diffusers' scheduler sets them: the predictor's order grows by one per step
+    from 1 up to ``order`` (warm-up), and with ``lower_order_final`` (default) it is at most the number of steps
+    left; the corrector of step i has the order of step i - 1's predictor, unless i - 1 is in
+    ``disable_corrector``."""
+    order, final = options.get("order", 2), options.get("lower_order_final", True)
+
+    def at(k: int) -> int:
+        return min(order, k + 1, n - k) if final else min(order, k + 1)
+
+    off = i == 0 or (i - 1) in options.get("disable_corrector", ())
+    return {"order": at(i), "corrector": 0 if off else at(i - 1)}
+
+
 _TABLE: dict[str, SamplerSpec] = {spec.name: spec for spec in (
     SamplerSpec("euler", "single", lambda pz, s: euler(pz, s.sigma, s.sigma_next), churn=True, s_noise=True,
                 at_inf="y' = s' y + c_in(sigma') D: D itself, scaled to sigma'", step=True, kernel=True),
@@ -552,6 +947,9 @@ _TABLE: dict[str, SamplerSpec] = {spec.name: spec for spec in (
     SamplerSpec("heun", "two_stage", lambda pz, s: heun(pz, s.sigma, s.sigma_next, s.stage), churn=True,
                 s_noise=True, at_inf="Euler (the trapezoid over an infinite interval has no limit)", step=True,
                 kernel=True),
+    SamplerSpec("heun_flow", "two_stage", lambda pz, s: heun_flow(pz, s.sigma, s.sigma_next, s.stage),
+                at_inf="both stages (the interval in flow time t = sigma/(1+sigma) is finite): correction weight "
+                       "w = -c'(1+sigma')/(2 sigma')", step=True),
     SamplerSpec("dpm_2", "two_stage", lambda pz, s: dpm_2(pz, s.sigma, s.sigma_next, s.stage), churn=True,
                 s_noise=True, at_inf="midpoint at sigma_mid = sqrt(sigma sigma') -> inf: Euler", step=True,
                 kernel=True),
@@ -562,6 +960,11 @@ _TABLE: dict[str, SamplerSpec] = {spec.name: spec for spec in (
                 lambda pz, s: dpmpp_2s_ancestral(pz, s.sigma, s.sigma_next, s.eta, s.s_noise, stage=s.stage),
                 eta=True, s_noise=True, at_inf="its two stages to sigma_down (finite there), then noise",
                 step=True, kernel=True),
+    SamplerSpec("dpmpp_sde", "two_stage",
+                lambda pz, s: dpmpp_sde(pz, s.sigma, s.sigma_next, s.eta, s.s_noise, stage=s.stage),
+                eta=True, s_noise=True, at_inf="eta > 0: both stages (the midpoint is inf too: y_2 = sqrt(1-eta^2) y "
+                "+ eta z_1, the model again at inf, then euler_ancestral with D_2 on y); eta = 0: Euler",
+                step=True),
     SamplerSpec("dpmpp_2m", "multistep", lambda pz, s: dpmpp_2m(pz, s.sigma, s.sigma_next, _prev1(s)), history=1,
                 keeps="denoised", at_inf="first order; a history entry at inf has weight 0 later", step=True,
                 kernel=True),
@@ -584,9 +987,30 @@ _TABLE: dict[str, SamplerSpec] = {spec.name: spec for spec in (
                 adds_noise=True, at_inf="DDIM at eta = 1", step=True, kernel=True),
     SamplerSpec("lcm", "single", lambda pz, s: lcm(pz, s.sigma, s.sigma_next), adds_noise=True,
                 at_inf="the same step: y' = c'(sigma') D + s' z (the state's weight is 0 at every sigma)", step=True),
+    SamplerSpec("unipc", "multistep",
+                lambda pz, s: unipc(pz, s.sigma, s.sigma_next, s.sigma_prev, s.order, s.corrector, s.solver_type),
+                history=UNIPC_MAX_ORDER, keeps="denoised", options=(("solver_type", "bh2"), ("order", 2)),
+                per_step=_unipc_per_step, step=True,
+                at_inf="Euler; the corrector of that step tends to x + (D - D_inf)/2 with bh2 and is skipped with bh1 "
+                       "(no limit); a history entry at inf has weight 0 later"),
     SamplerSpec("lms", "multistep", lambda pz, s: lms(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev), s.order),
                 history=LMS_MAX_ORDER - 1, keeps="derivative", options=(("order", LMS_MAX_ORDER),),
                 at_inf="Euler; a history entry at inf has weight 0 later", step=True, kernel=True),
+    # CFG++ (the section after res_multistep): D_u has its own weight; keeps="derivative" is the unconditional D_u
+    # the step returns as StepResult.derivative
+    SamplerSpec("euler_cfg_pp", "single", lambda pz, s: euler_cfg_pp(pz, s.sigma, s.sigma_next), step=True, uncond=True,
+                at_inf="euler's: y' = s' y + c_in(sigma') D (D_u has weight sigma'/sigma = 0)"),
+    SamplerSpec("euler_ancestral_cfg_pp", "single",
+                lambda pz, s: ancestral_cfg_pp(pz, s.sigma, s.sigma_next, s.eta, s.s_noise), eta=True, s_noise=True,
+                step=True, uncond=True, at_inf="euler_ancestral's (D_u has weight 0 there)"),
+    SamplerSpec("dpmpp_2m_cfg_pp", "multistep", lambda pz, s: dpmpp_2m_cfg_pp(pz, s.sigma, s.sigma_next, _prev1(s)),
+                history=1, keeps="derivative", step=True, uncond=True,
+                at_inf="first order, euler's (D_u has weight 0); remembers D_u; a history entry at inf has weight 0"),
+    SamplerSpec("dpmpp_2s_ancestral_cfg_pp", "two_stage",
+                lambda pz, s: dpmpp_2s_ancestral_cfg_pp(pz, s.sigma, s.sigma_next, s.eta, s.s_noise, stage=s.stage),
+                eta=True, s_noise=True, step=True, uncond=True,
+                at_inf="eta < 1: euler_ancestral's; eta = 1: predictor y_2 = s' y + c' D_u1 to sigma', then "
+                       "y' = c'(D_1 - D_u1 + D_u2) + s' s_noise z"),
 )}
 
 
@@ -620,6 +1044,14 @@ SAMPLERS = MappingProxyType(_TABLE)
 
 #: the samplers the compiled kernels implement, in the order of zsnr::SamplerKind
 SAMPLER_KINDS = tuple(name for name, spec in SAMPLERS.items() if spec.kernel)
+
+
+def solver_types(sampler: str) -> tuple[str, ...]:
+    """The ``solver_type`` values ``sampler`` takes (empty for a sampler without that option): dpmpp_2m_sde's
+    corrections, unipc's variants."""
+    if "solver_type" not in dict(sampler_spec(sampler).options):
+        return ()
+    return UNIPC_VARIANTS if sampler == "unipc" else SOLVER_TYPES
 
 
 def sampler_spec(name) -> SamplerSpec:
@@ -839,6 +1271,28 @@ def _t_ancestral_two_stage(pz, a, dpmpp: bool):
                         lambda: (*_t_midpoint_stage2(pz, s, mid, sigma_down, sn, d, dpmpp), noise))
 
 
+def _t_dpmpp_sde(pz, a):
+    """:func:`dpmpp_sde` per sample: stage 1 euler_ancestral to the midpoint (inf at sigma = inf), stage 2
+    euler_ancestral's coefficients on the remembered start state (history (D_1, y)); Euler where sigma' = 0 or
+    (sigma = inf and eta = 0), whose second call keeps the state."""
+    s, sn, eta = a.sigma, a.sigma_next, a.eta
+    at_inf = s == INF
+    done = (sn == 0.0) | (at_inf if eta == 0.0 else torch.zeros_like(at_inf))
+    t, t_next = -torch.log(s), -torch.log(torch.where(done, s, sn))
+    mid = torch.where(at_inf, INF, torch.exp(-(t + (t_next - t) * 0.5)))  # dpmpp_sde_midpoint
+    eu_a, eu_b = _t_euler(pz, s, sn)
+    mid_or_one = torch.where(done, torch.ones_like(s), mid)  # a finite target below s where the sample is done
+    s_or_two = torch.where(done, 2.0 * torch.ones_like(s), s)
+    an_a, an_b, an_e, _ = _t_ancestral(pz, s_or_two, mid_or_one, eta, a.s_noise, clamp=True)
+    zero = torch.zeros_like(s)
+    if a.stage == 1:
+        return TensorCoeffs(torch.where(done, eu_a, an_a), torch.where(done, eu_b, an_b), (),
+                            torch.where(done, zero, an_e), torch.where(done, sn, mid), complete=False)
+    c_a, c_b, c_e, _ = _t_ancestral(pz, s, sn, eta, a.s_noise, clamp=True)
+    return TensorCoeffs(torch.where(done, torch.ones_like(s), zero), torch.where(done, zero, c_b),
+                        (zero, torch.where(done, zero, c_a)), torch.where(done, zero, c_e), sn)
+
+
 def _t_dpmpp_2m(pz, a):
     s, sn = a.sigma, a.sigma_next
     ca, cb = _t_euler(pz, s, sn)
@@ -979,9 +1433,11 @@ _TENSOR_COEFFS = {
     "ddim": _t_ancestral_row(lambda a: a.eta, lambda a: 1.0, clamp=False),
     "ddpm": _t_ancestral_row(lambda a: 1.0, lambda a: 1.0, clamp=False),
     "heun": _t_single(_t_heun),
+    "heun_flow": _t_heun_flow,
     "dpm_2": _t_single(_t_dpm_2),
     "dpm_2_ancestral": _t_single(lambda pz, a: _t_ancestral_two_stage(pz, a, dpmpp=False)),
     "dpmpp_2s_ancestral": _t_single(lambda pz, a: _t_ancestral_two_stage(pz, a, dpmpp=True)),
+    "dpmpp_sde": _t_single(_t_dpmpp_sde),
     "dpmpp_2m": _t_dpmpp_2m,
     "res_multistep": _t_res_multistep,
     "dpmpp_2m_sde": _t_dpmpp_2m_sde,

@@ -123,7 +123,13 @@ class SamplingPlan:
 
     def __init__(self, sigmas, shape, *, sampler="euler", dtype=torch.float32, device="cpu", prediction="v",
                  sigma_data=1.0, guidance_scale=1.0, guidance_rescale=0.0, rescale_space="output", eta=1.0,
-                 s_noise=1.0, solver_type="midpoint", seed=None, backend="auto"):
+                 s_noise=1.0, solver_type=None, order=None, disable_corrector=(), seed=None, backend="auto",
+                 process_group=None, shard_dim=None):
+        if process_group is not None or shard_dim is not None:
+            raise ValueError("SamplingPlan does not plan sharded runs yet (process_group= / shard_dim=): its table "
+                             "steps would need the sharded guidance-rescale factor and the noise at global indices "
+                             "on the device; use zsnr_kernels.sample(..., process_group=, shard_dim=) or the step "
+                             "functions, which take them")
         shape = tuple(int(v) for v in shape)
         if len(shape) < 1 or min(shape) < 1:
             raise ValueError(f"shape must be a non-empty latent shape with positive sizes, got {shape}")
@@ -142,9 +148,11 @@ class SamplingPlan:
             sampling.sample(rec.model, torch.zeros(batch, 1, dtype=torch.float64), sigmas, sampler=sampler,
                             prediction=prediction, sigma_data=sigma_data, guidance_scale=guidance_scale,
                             guidance_rescale=guidance_rescale, rescale_space=rescale_space, eta=eta,
-                            s_noise=s_noise, solver_type=solver_type, seed=seed, backend="torch")
+                            s_noise=s_noise, solver_type=solver_type, order=order,
+                            disable_corrector=disable_corrector, seed=seed, backend="torch")
         self.seeds = rec.seeds  # None for a deterministic run (which drew none)
-        self._initial_scale = self.pz.noise_scale(_validate.sigmas(sigmas)[0])
+        vals = _validate.sigmas(sigmas, final_zero=False)
+        self._initial_scale, self._final_sigma = self.pz.noise_scale(vals[0]), vals[-1]
         self._evals = rec.evals
         self._next = None  # the evaluation step() takes next; None before start()
         self._initial = rec.initial
@@ -258,9 +266,10 @@ class SamplingPlan:
 
     def result(self) -> torch.Tensor:
         """x0, the clean latent, from the final state (a new tensor), once every evaluation has been stepped (not
-        checked: a captured CUDA graph replays the steps without this object seeing them)."""
+        checked: a captured CUDA graph replays the steps without this object seeing them); x at the last sigma for a
+        schedule that ends above 0, as :func:`zsnr_kernels.sample`."""
         return steps.final_sample(self._buffers[self._buf[self._final]], prediction=self.pz.prediction,
-                                  sigma_data=self.pz.sigma_data)
+                                  sigma_data=self.pz.sigma_data, sigma=self._final_sigma)
 
     def run(self, model, noise: torch.Tensor) -> torch.Tensor:
         """The whole run: :meth:`start`, every evaluation, :meth:`result`.  ``model(y, sigma)`` as in

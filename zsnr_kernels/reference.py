@@ -5,17 +5,24 @@ docs/design.md §2.3 and §2.7.  One call of :func:`fused_step` does, per elemen
     F     = F_u + w (F_c - F_u)                              guidance (F = F_c when there is no pair)
     f     = phi std(G_c)/std(G) + (1 - phi)                  guidance rescale, per sample (1 if std(G) = 0)
     D     = p_eff y + q_eff F                                p_eff = p + (q u / t)(f - 1), q_eff = q f
-    y_out = a y + b D + sum_k h_k H_k + e z
-    carry = g_y y + g_D D                                    (only when asked: LMS derivatives)
+    D_u   = p y + q F_u                                      CFG++: raw p, q (D_u = D without a separate F_u)
+    y_out = a y + b D + b_u D_u + u_f F_u + sum_k h_k H_k + e z
+    carry = g_y y + g_D D + carry_u D_u + g_f F_u            (only when asked: LMS derivatives, CFG++'s D_u)
 
 where G = u y + t F is the quantity the rescale acts on (``output``: u=0, t=1; ``x0``: G = D; ``v``: the
-v-prediction of the same D) and G_c the same with F_c.  Every coefficient is a Python float or a float64 tensor
-of shape (B,) (per-sample sigmas, §2.9).  Math runs in float64 for float64 inputs and in float32 otherwise
-(fp16/bf16 are storage formats), and results are cast back to y's dtype.
+v-prediction of the same D) and G_c the same with F_c.  D_u, the unconditional denoised prediction CFG++ renoises
+with, has its own weight ``b_u`` (0 for every other sampler); it equals D where there is no separate unconditional
+output: no pair, or a pair at guidance_scale 1 (F = F_c alone).  The rescale acts on D only.  ``u_f``, ``g_f`` are
+the same term as the coefficient table holds it, folded on the host (b_u p added to a, u_f = b_u q:
+:mod:`zsnr_kernels.backends.table`); they weigh F_u, read only where there is a pair.
+
+Every coefficient is a Python float or a float64 tensor of shape (B,) (per-sample sigmas, §2.9).  Math runs in
+float64 for float64 inputs and in float32 otherwise (fp16/bf16 are storage formats), and results are cast back to
+y's dtype.
 
 Memory traffic, for the byte models of the fused kernels: reads y, F_c (, F_u) and each H_k (, z when the noise
-is an input), writes y_out (, D when it is remembered, carry); the rescale statistics read F_c and F_u (and y
-for the ``x0``/``v`` spaces) once more.
+is an input), writes y_out (, D when it is remembered, carry; CFG++ reads nothing more: D_u is formed from y and
+F_u); the rescale statistics read F_c and F_u (and y for the ``x0``/``v`` spaces) once more.
 """
 
 from __future__ import annotations
@@ -80,11 +87,17 @@ def fused_step(
     guidance_rescale: float = 0.0,
     rescale_uv: tuple = (0.0, 1.0),
     carry: tuple | None = None,
+    b_u: Coeff = 0.0,
+    carry_u: Coeff = 0.0,
+    u_f: Coeff = 0.0,
+    g_f: Coeff = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One fused sampler update.  Returns ``(y_out, D, carry)`` in y's dtype (carry None unless asked).
 
     ``rescale_uv`` = (u, t) defines G = u y + t F for the guidance rescale (see the module docstring).
     ``noise`` is unit Gaussian of y's shape, required when ``e`` is not 0.  Inputs are never modified.
+    ``b_u``, ``carry_u``: the weights of D_u in y_out and in the carry (CFG++; a float 0.0 adds no term); ``u_f``,
+    ``g_f``: weights of F_u itself (the table's folded form of the same term; used only with ``out_uncond``).
     """
     ct = compute_dtype(y.dtype)
     yc = y.to(ct)
@@ -92,6 +105,11 @@ def fused_step(
     fu = out_uncond.to(ct) if out_uncond is not None else None
     F = guidance(fc, fu, guidance_scale)
     pp, qq = _per_sample(p, yc), _per_sample(q, yc)
+    with_u = not (isinstance(b_u, float) and b_u == 0.0) or (carry is not None and not (
+        isinstance(carry_u, float) and carry_u == 0.0))
+    d_u = None
+    if with_u and fu is not None and guidance_scale != 1.0:
+        d_u = pp * yc + qq * fu  # the raw p, q: before the guidance rescale is folded in
     if guidance_rescale != 0.0 and fu is not None:
         u, t = (_per_sample(c, yc) for c in rescale_uv)
         f = rescale_factor(u * yc + t * fc, u * yc + t * F, guidance_rescale)
@@ -101,7 +119,13 @@ def fused_step(
         qut = _per_sample(q * rescale_uv[0] / rescale_uv[1], yc)
         pp, qq = pp + qut * (f - 1.0), qq * f
     D = pp * yc + qq * F
+    if with_u and d_u is None:
+        d_u = D
     out = _per_sample(a, yc) * yc + _per_sample(b, yc) * D
+    if not (isinstance(b_u, float) and b_u == 0.0):
+        out = out + _per_sample(b_u, yc) * d_u
+    if fu is not None and not (isinstance(u_f, float) and u_f == 0.0):
+        out = out + _per_sample(u_f, yc) * fu
     for hk, wk in zip(history, h):
         out = out + _per_sample(wk, yc) * hk.to(ct)
     if not (isinstance(e, float) and e == 0.0):
@@ -110,7 +134,12 @@ def fused_step(
         out = out + _per_sample(e, yc) * noise.to(ct)
     carry_out = None
     if carry is not None:
-        carry_out = one_nan((_per_sample(carry[0], yc) * yc + _per_sample(carry[1], yc) * D).to(y.dtype))
+        cv = _per_sample(carry[0], yc) * yc + _per_sample(carry[1], yc) * D
+        if not (isinstance(carry_u, float) and carry_u == 0.0):
+            cv = cv + _per_sample(carry_u, yc) * d_u
+        if fu is not None and not (isinstance(g_f, float) and g_f == 0.0):
+            cv = cv + _per_sample(g_f, yc) * fu
+        carry_out = one_nan(cv.to(y.dtype))
     return one_nan(out.to(y.dtype)), one_nan(D.to(y.dtype)), carry_out
 
 

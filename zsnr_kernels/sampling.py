@@ -18,8 +18,9 @@ SAMPLERS = co.SAMPLERS
 
 def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=1.0, guidance_scale=1.0,
            guidance_rescale=0.0, rescale_space="output", s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
-           s_noise=1.0, eta=1.0, solver_type="midpoint", model_sigmas=None, seed=None, noise_sampler=None,
-           backend="auto", callback=None, disable=True) -> torch.Tensor:
+           s_noise=1.0, eta=1.0, solver_type=None, order=None, disable_corrector=(), model_sigmas=None, seed=None,
+           noise_sampler=None, backend="auto", callback=None, disable=True, process_group=None,
+           shard_dim=None) -> torch.Tensor:
     """Sample from ``model`` along ``sigmas``; the schedule may start at sigma = inf (zero terminal SNR).
 
     model:     ``model(y, sigma) -> F`` (or ``(F_cond, F_uncond)`` when ``guidance_scale != 1``), called with the
@@ -30,11 +31,19 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
                step): a NaN or inf in F reaches the result, on every backend; check ``torch.isfinite(x0)``.
     noise:     unit Gaussian; the start state is y = sigma_0 c_in(sigma_0) noise (``noise`` itself at inf).
     sigmas:    1-D, strictly descending, ends with 0; the first may be inf.  An ascending schedule is refused
-               with the fix (``sigmas.flip(0)``).
+               with the fix (``sigmas.flip(0)``).  A schedule that ends above 0 (the first part of a split one) stops
+               there and returns the variance-exploding latent x = y / c_in(sigmas[-1]) at that level, k-diffusion's
+               convention: ``sample(model, x / sigmas_b[0], sigmas_b)`` continues it (the noise argument of a start
+               at finite sigma is x / sigma_0), as one run would, apart from the history a multistep sampler
+               starts afresh.
     sampler:   one of :data:`SAMPLERS` (its row says which options it takes).  ``s_churn``/``s_tmin``/
                ``s_tmax``/``s_noise`` drive EDM churn for euler/heun/dpm_2; ``eta``/``s_noise`` the ancestral and
                SDE samplers; ``eta`` alone ``ddim`` (its noise has no s_noise, as in diffusers; pass ``eta=0.0``
-               for deterministic DDIM; ``ddpm`` is DDIM at eta = 1); ``solver_type`` dpmpp_2m_sde.
+               for deterministic DDIM; ``ddpm`` is DDIM at eta = 1); ``solver_type`` dpmpp_2m_sde's correction
+               (``"midpoint"``, the default, or ``"heun"``) and unipc's variant (``"bh2"``, the default, or
+               ``"bh1"``); ``order`` lms's order (default 4) and unipc's (default 2: the predictor's order, lower
+               on the first steps and, as diffusers' ``lower_order_final``, on the last ones); unipc's
+               ``disable_corrector``: the indices of the steps whose result is not corrected.
     model_sigmas: the discrete model's training sigmas; sigma_hat under churn is quantized to them (log
                space) before the noise is added, so noise, model call and update share one sigma.
     seed:      one int per sample (a sequence or a (B,) integer tensor), or one int s that gives sample i the
@@ -43,20 +52,30 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
                (not 8 batches of 1 with seed s).  Seeds are taken mod 2**64: any int in [-2**63, 2**64) (an int64
                or a uint64; -1 is 2**64 - 1), others are refused.  ``noise_sampler(sigma, sigma_next) ->
                Tensor`` gives explicit unit noise instead (for churn it is called as ``(sigma_i,
-               sigma_hat_i)``).  With neither, seeds come from torch's generator.
+               sigma_hat_i)``; for dpmpp_sde's first stage as ``(sigma_i, sigma_s)``, as k-diffusion calls it).
+               With neither, seeds come from torch's generator.
     callback:  called once per step with k-diffusion's keys ``i``, ``sigma``, ``sigma_hat``, ``denoised`` and
                ``x`` (the VE latent; None at sigma = inf), plus ``y``, the model input.
     disable:   the tqdm progress bar, as in k-diffusion: ``True`` (the default) none, ``False`` one,
                ``None`` one only when stderr is a terminal.
+    process_group, shard_dim: sequence parallelism (:mod:`zsnr_kernels.distributed`): ``noise`` (and every tensor the
+               model sees and returns) is this rank's slice of the latent along the non-batch dim ``shard_dim``,
+               ranks holding the slices in rank order (uneven sizes allowed).  The guidance-rescale statistics are
+               those of the full latent and the seeded noise of every element is drawn at its index in the full
+               sample, so the gathered slices are the same for any number of ranks, and equal the run of one process
+               with ``shard_dim`` and no group.  ``process_group=None`` is one process holding the whole latent (pass
+               ``torch.distributed.group.WORLD`` for the default group).  Every rank calls ``sample()`` with the same
+               arguments; the model may communicate (sequence-parallel attention).  ``noise_sampler`` must return
+               this rank's slice; without ``seed`` the seeds of the group's first rank are used by all.
 
-    Returns x0, the latent at sigma = 0, in ``noise``'s dtype.
+    Returns x0, the latent at sigma = 0 (or x at the last sigma, above), in ``noise``'s dtype.
     """
     spec = co.sampler_spec(sampler)
     step_fn = steps.step_function(spec.name)
     if not callable(model):
         raise TypeError(f"model must be callable as model(y, sigma), got {type(model).__name__}")
     _validate.tensor("noise", noise)
-    vals = _validate.sigmas(sigmas)
+    vals = _validate.sigmas(sigmas, final_zero=False)
     pz = parameterization(prediction, sigma_data)
     if vals[0] == INF and pz.prediction == "eps":
         raise ValueError("sigmas[0] is inf but prediction='eps': an eps-prediction model has no denoised "
@@ -75,13 +94,23 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
     common = dict(prediction=prediction, sigma_data=pz.sigma_data, guidance_scale=guidance_scale,
                   guidance_rescale=guidance_rescale, rescale_space=rescale_space, backend=backend,
                   return_denoised=callback is not None)
+    shard = None
+    if process_group is not None or shard_dim is not None:  # learn the slices' layout once per run (a collective)
+        from . import distributed
+
+        shard = distributed.layout(noise, process_group, shard_dim, refresh=True)
+        common.update(process_group=process_group, shard_dim=shard_dim)
     kwargs = {}
     if spec.eta:
         kwargs["eta"] = eta
     if spec.s_noise:
         kwargs["s_noise"] = s_noise
-    if "solver_type" in dict(spec.options):
-        kwargs["solver_type"] = solver_type
+    own = dict(spec.options)
+    if "solver_type" in own:
+        kwargs["solver_type"] = own["solver_type"] if solver_type is None else solver_type
+    if "order" in own:
+        kwargs["order"] = own["order"] if order is None else order
+    run_options = dict(kwargs, disable_corrector=tuple(disable_corrector or ()))
 
     # sigma_hat of every step: churn (euler/heun/dpm_2 only), quantized to the model's table, never below sigma
     hats = list(vals[:-1])
@@ -95,6 +124,8 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
                 hats[i] = max(hat, vals[i])
     stochastic = spec.stochastic(eta) or any(hv != v for hv, v in zip(hats, vals))
     seeds = _seeds(seed, batch, stochastic and noise_sampler is None)
+    if shard is not None and seed is None and seeds is not None:  # drawn here: each rank's generator differs
+        seeds = distributed.agree_seeds(shard, seeds, noise)
 
     def noise_for(step_index, sigma_from, sigma_to):
         if noise_sampler is not None:
@@ -115,7 +146,7 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
                                                          sigma_data=pz.sigma_data)[0]
     if hats[0] != vals[0]:
         y = steps.churn_step(y, vals[0], hats[0], s_noise=s_noise, prediction=prediction, sigma_data=pz.sigma_data,
-                             **noise_for(0, vals[0], hats[0]))
+                             process_group=process_group, shard_dim=shard_dim, **noise_for(0, vals[0], hats[0]))
     history: list[tuple[float, torch.Tensor]] = []
     iterator = range(n)
     if disable is not True:
@@ -125,6 +156,8 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
         sigma, sigma_next = hats[i], vals[i + 1]
         out = call_model(y, sigma)
         extra = dict(kwargs)
+        if spec.per_step is not None:
+            extra.update(spec.per_step(i, n, run_options))
         if spec.churn:
             nxt = hats[i + 1] if i + 1 < n else None
             extra["sigma_hat_next"] = nxt
@@ -137,7 +170,10 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
         # the next state into this one's memory where nothing but this loop holds it (asked before the call, whose
         # arguments would hold it too), and no callback will be shown it
         in_place = callback is None and spec.kind != "two_stage" and y is not noise and _sole_owner(y)
-        r = step_fn(y, out, sigma, sigma_next, **extra, **common, out=y if in_place else None)
+        first_extra = extra
+        if noise_sampler is not None and spec.name == "dpmpp_sde":  # its first stage's noise: (sigma, sigma_s)
+            first_extra = {**extra, **noise_for(i, vals[i], co.dpmpp_sde_midpoint(vals[i], sigma_next))}
+        r = step_fn(y, out, sigma, sigma_next, **first_extra, **common, out=y if in_place else None)
         if callback is not None:
             callback({"i": i, "sigma": vals[i], "sigma_hat": sigma, "denoised": r.denoised,
                       "x": pz.to_x(y, sigma), "y": y})
@@ -150,8 +186,8 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
         y = r.y
         del r  # the result held the state too: _sole_owner counts references
     last = y is not noise and _sole_owner(y)  # x0 into the last state's memory where it is the loop's alone
-    return steps.final_sample(y, prediction=prediction, sigma_data=pz.sigma_data,
-                              out=y if last else None).to(noise.dtype)
+    return steps.final_sample(y, prediction=prediction, sigma_data=pz.sigma_data, out=y if last else None,
+                              sigma=vals[-1]).to(noise.dtype)
 
 
 def _refcount(t) -> int:

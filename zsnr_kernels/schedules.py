@@ -503,51 +503,108 @@ def flow_shift_mu(image_seq_len: int, base_image_seq_len: int = 256, max_image_s
     return seq * m + (b0 - m * lo)
 
 
-def flow_times(n: int, *, num_train_timesteps: int = 1000, shift: float = 1.0, use_dynamic_shifting: bool = False,
-               mu: float | None = None, shift_terminal: float | None = None,
-               time_shift_type: str = "exponential") -> torch.Tensor:
+def _flow_grid(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """diffusers' ``_convert_to_karras`` (rho = 7) / ``_convert_to_exponential`` / ``_convert_to_beta`` (Beta(0.6,
+    0.6) quantiles) of flow times, between their ends t[0] and t[-1] (kept exactly: the formulas return them up to
+    rounding, and t[0] = 1 must stay 1, the start at sigma = inf)."""
+    n, hi, lo = t.numel(), t[0].item(), t[-1].item()
+    if kind == "use_karras_sigmas":
+        ramp = torch.linspace(0, 1, n, dtype=_F64)
+        g = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+    elif kind == "use_exponential_sigmas":
+        if not lo > 0:
+            raise ValueError("use_exponential_sigmas needs flow times above 0 (diffusers takes log(0) = -inf there)")
+        g = torch.linspace(math.log(hi), math.log(lo), n, dtype=_F64).exp()
+    else:
+        q = (1 - torch.linspace(0, 1, n, dtype=_F64)).tolist()
+        g = torch.tensor([lo + beta_ppf(x, 0.6, 0.6) * (hi - lo) for x in q], dtype=_F64)
+    g[0] = hi
+    if n > 1:
+        g[-1] = lo
+    return g
+
+
+def flow_times(n: int | None = None, *, num_train_timesteps: int = 1000, shift: float = 1.0,
+               use_dynamic_shifting: bool = False, mu: float | None = None, image_seq_len: int | None = None,
+               base_image_seq_len: int = 256, max_image_seq_len: int = 4096, base_shift: float = 0.5,
+               max_shift: float = 1.15, shift_terminal: float | None = None, time_shift_type: str = "exponential",
+               use_karras_sigmas: bool = False, use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+               times: TensorLike | None = None) -> torch.Tensor:
     """The flow times t of ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)`` (its ``sigmas``) with this config, in
-    float64 (diffusers rounds them to float32): descending from exactly 1, then a final 0; length ``n + 1``.
+    float64 (diffusers rounds them to float32): descending from exactly 1, then a final 0; length ``n + 1``.  The
+    keywords are diffusers' config keys (and ``set_timesteps``' ``mu``), so ``flow_times(n, mu=mu, **config)``
+    takes a ``FlowMatchEulerDiscreteScheduler`` config but for ``invert_sigmas`` and ``stochastic_sampling``, which
+    are not the schedule's (the drop-in ``zsnr_kernels.diffusers.ZSNRFlowMatchEulerDiscreteScheduler`` takes them).
 
     diffusers' steps: t evenly spaced from 1 down to the training schedule's smallest time (1/T, shifted by
-    ``shift`` unless ``use_dynamic_shifting``), then shifted, ``shift t / (1 + (shift - 1) t)``, or with
+    ``shift`` unless ``use_dynamic_shifting``) -- or the custom ``times`` (``set_timesteps(sigmas=...)``, Flux's
+    ``linspace(1, 1/n, n)``; n may then be left out) -- then shifted, ``shift t / (1 + (shift - 1) t)``, or with
     ``use_dynamic_shifting`` by ``mu`` (``e^mu / (e^mu + (1/t - 1))``, or ``mu / (mu + (1/t - 1))`` for
-    ``time_shift_type="linear"``; :func:`flow_shift_mu` gives Flux's mu), then with ``shift_terminal`` stretched so
-    that the last time before 0 is ``shift_terminal`` (LTX-Video).  Every shift keeps t = 1 at 1."""
-    n = _validate.integer("n", n, lo=1)
+    ``time_shift_type="linear"``), then with ``shift_terminal`` stretched so that the last time before 0 is
+    ``shift_terminal`` (LTX-Video), then on request moved to a Karras (rho 7), exponential or Beta(0.6, 0.6) grid
+    between the ends.  ``mu`` may instead come from ``image_seq_len`` (the image's token count) through
+    :func:`flow_shift_mu` with ``base_image_seq_len``, ``max_image_seq_len``, ``base_shift``, ``max_shift``, as Flux
+    pipelines compute it.  Every shift and grid keeps t = 1 at exactly 1 (sigma = inf: :func:`flow`)."""
     T = _validate.integer("num_train_timesteps", num_train_timesteps, lo=1)
     _validate.choice("time_shift_type", time_shift_type, FLOW_TIME_SHIFTS)
+    grids = [k for k, v in (("use_karras_sigmas", use_karras_sigmas), ("use_exponential_sigmas",
+                                                                      use_exponential_sigmas),
+                            ("use_beta_sigmas", use_beta_sigmas)) if v]
+    if len(grids) > 1:
+        raise ValueError(f"only one of {grids} can be True")
+    if times is not None:
+        base = _as_f64_vector("times", times)
+        if base.numel() == 0 or ((base < 0) | (base > 1)).any():
+            raise ValueError("times must hold at least one flow time, each in [0, 1]")
+        if n is not None and _validate.integer("n", n, lo=1) != base.numel():
+            raise ValueError(f"n={n} but {base.numel()} times were given (diffusers: the same length, or no n)")
+        n = base.numel()
+    else:
+        if n is None:
+            raise ValueError("flow_times needs n (the number of steps) or times=")
+        n = _validate.integer("n", n, lo=1)
+        base = None
     if use_dynamic_shifting:
+        if mu is None and image_seq_len is None:
+            raise ValueError("use_dynamic_shifting=True needs mu= (or image_seq_len=, from which flow_shift_mu "
+                             "computes it), as diffusers' set_timesteps does")
+        if mu is not None and image_seq_len is not None:
+            raise ValueError("pass mu= or image_seq_len=, not both")
         if mu is None:
-            raise ValueError("use_dynamic_shifting=True needs mu= (e.g. flow_shift_mu(image_seq_len)), as diffusers' "
-                             "set_timesteps does")
+            mu = flow_shift_mu(image_seq_len, base_image_seq_len, max_image_seq_len, base_shift, max_shift)
         mu = _validate.real("mu", mu)
         if time_shift_type == "linear" and not mu > 0:
             raise ValueError(f"mu must be > 0 for the linear time shift, got {mu}")
         scale = math.exp(mu) if time_shift_type == "exponential" else mu
 
-        def shifted(t):
-            return scale / (scale + (1 / t - 1))
+        def shifted(t):  # a true division (torch's scalar / tensor multiplies by a rounded reciprocal)
+            return torch.full_like(t, scale) / (scale + (1 / t - 1))
     else:
         shift = _validate.positive("shift", shift)
 
         def shifted(t):
             return shift * t / (1 + (shift - 1) * t)
-    t_min = 1.0 / T if use_dynamic_shifting else shifted(torch.tensor(1.0 / T, dtype=_F64)).item()
-    t = shifted(torch.linspace(1.0, t_min, n, dtype=_F64))
+    if base is None:
+        t_min = 1.0 / T if use_dynamic_shifting else shifted(torch.tensor(1.0 / T, dtype=_F64)).item()
+        base = torch.linspace(1.0, t_min, n, dtype=_F64)
+    t = torch.where(base == 1, 1.0, shifted(base))  # every shift maps 1 to 1: exactly, whatever the rounding
     if shift_terminal:
         terminal = _validate.real("shift_terminal", shift_terminal, lo=0.0, hi=1.0)
         if terminal == 1.0:
             raise ValueError("shift_terminal must be < 1 (the stretch divides by 1 - shift_terminal)")
-        if n == 1:  # the only time is 1, which no stretch moves (diffusers divides 0 by 0 there: NaN)
-            raise ValueError("shift_terminal needs n >= 2")
+        if t[-1] == 1.0:  # n = 1 from t = 1: no stretch moves it (diffusers divides 0 by 0 there: NaN)
+            raise ValueError("shift_terminal needs n >= 2 (a schedule whose last time is below 1)")
         t = 1 - (1 - t) / ((1 - t[-1]) / (1 - terminal))
+    if grids:
+        t = _flow_grid(t, grids[0])
     return _append_zero(t)
 
 
-def flow(n: int, **config) -> torch.Tensor:
+def flow(n: int | None = None, **config) -> torch.Tensor:
     """The noise levels of :func:`flow_times` (same keywords), for this library's ``prediction="flow"``: inf first
-    (t = 1, exact: the model input there is the noise itself), then ``t / (1 - t)``, then 0."""
+    (t = 1, exact: the model input there is the noise itself), then ``t / (1 - t)``, then 0.  Sample a flow model
+    with ``zsnr_kernels.sample(model, noise, schedules.flow(n, ...), sampler="euler" or "heun_flow",
+    prediction="flow")``; the model takes its flow time back as ``sigma_to_flow_time(sigma)`` (1 at inf)."""
     return flow_time_to_sigma(flow_times(n, **config))
 
 

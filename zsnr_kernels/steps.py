@@ -11,8 +11,8 @@ the noise level to call the model at next, so a loop is::
         y, sigma = r.y, r.sigma
     x0 = zsnr_kernels.final_sample(y)
 
-Two-stage samplers (``heun``, ``dpm_2``, ``dpm_2_ancestral``, ``dpmpp_2s_ancestral``) return
-``complete=False`` after the first call; evaluate the model at ``(r.y, r.sigma)`` and call again from that state,
+Two-stage samplers (``heun``, ``heun_flow``, ``dpm_2``, ``dpm_2_ancestral``, ``dpmpp_2s_ancestral``, ``dpmpp_sde``)
+return ``complete=False`` after the first call; evaluate the model at ``(r.y, r.sigma)`` and call again from that state,
 with the same ``sigma``/``sigma_next``: ``heun_step(r.y, model(r.y, r.sigma), sigma, sigma_next, first=r)``.  The
 second call refuses (ValueError) a ``y`` that is not ``r.y`` itself (the same tensor, or the same view of its
 memory; values are not compared), and a ``first`` from another sampler or from other ``sigma``/``sigma_next`` (with
@@ -33,6 +33,9 @@ Keyword arguments every step function takes:
 * ``out``: a tensor shaped like y to write the next state into: apart from every input, or one of them exactly
   (``y`` itself: in place); one overlapping an input any other way is refused, as PyTorch refuses it.
 * ``return_denoised``: False skips writing D where the sampler does not need it.
+* ``process_group``, ``shard_dim``: sequence parallelism (:mod:`zsnr_kernels.distributed`): the tensors are this
+  rank's slice of the latent along the non-batch dim ``shard_dim``; the guidance-rescale statistics are the full
+  latent's (a collective: every rank calls the step) and seeded noise is drawn at the global element indices.
 
 Noise (samplers that add it): ``noise=`` a unit-Gaussian tensor of y's shape (or a function returning one, called
 only when the step adds noise), or ``seed=`` with ``step_index=`` (the index of the step in the schedule) for the
@@ -56,7 +59,8 @@ sample that fails one comes out NaN (its y, D, carry and sigma; every later step
 * a sigma (sigma, sigma_next, sigma_hat_next, a history sigma, first.sigma) that is NaN or negative, or positive
   below SIGMA_MIN or above SIGMA_MAX other than inf; sigma_next or sigma_hat_next inf;
 * sigma <= sigma_next; history sigmas not strictly above sigma and growing with age;
-* a step wider than STEP_RATIO_MAX (heun, dpm_2, dpm_2_ancestral) or LMS_SPAN_MAX (lms with remembered points);
+* a step wider than STEP_RATIO_MAX (heun, dpm_2, dpm_2_ancestral), FLOW_TIME_RATIO_MAX in flow time (heun_flow) or
+  LMS_SPAN_MAX (lms with remembered points);
 * a churn target (sigma_hat_next) below the step's sigma_next; ddim's eta beyond the target noise level;
 * an eps model evaluated at sigma = inf;
 * a step that adds noise with neither ``noise=`` nor ``seed=`` (a sample that adds none is stepped);
@@ -86,7 +90,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _validate, coefficients as co, noise as _noise, reference
+from . import _validate, coefficients as co, distributed as _distributed, noise as _noise, reference
 from .backends import eager, layout as _layout, ops, registry as _backend
 from .parameterization import PREDICTIONS, parameterization
 
@@ -110,7 +114,9 @@ class StepResult(_StepFields):
     denoised:   D of this model evaluation (remember it for multistep samplers; ``callback`` shows it); None
                 when ``return_denoised=False`` and the sampler does not need it (saves writing a tensor)
     complete:   False after the first stage of a two-stage sampler
-    derivative: d = (x - D)/sigma of this evaluation, only for :func:`lms_step`
+    derivative: d = (x - D)/sigma of this evaluation, only for :func:`lms_step`; on the first stage of
+                :func:`dpmpp_sde_step`, the state y that call was given (the tensor itself, not a copy), which the
+                second stage starts over from
 
     and an attribute outside the tuple, ``origin``: on a first stage (``complete=False``), the ``(sampler, sigma,
     sigma_next)`` of the call that returned it (floats, or per-sample lists), which the second call checks its own
@@ -138,10 +144,16 @@ def initial_state(noise: torch.Tensor, sigma_max, *, prediction: str = "v", sigm
 
 
 def final_sample(y: torch.Tensor, *, prediction: str = "v", sigma_data: float = 1.0,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, sigma: float = 0.0) -> torch.Tensor:
     """The clean latent x0 = y / c_in(0) from a state at sigma = 0 (y * sigma_data; y itself for flow), written into
-    ``out`` when given (``y`` itself: in place)."""
-    c = parameterization(prediction, sigma_data).c_in(0.0)
+    ``out`` when given (``y`` itself: in place).  For a run that stops above 0 (a schedule split in two), ``sigma``
+    is where it stopped and the result the variance-exploding latent x = y / c_in(sigma) there, k-diffusion's (and
+    ComfyUI's) state at that sigma."""
+    s = _validate.real("sigma", sigma, lo=0.0, allow_inf=True)
+    if s == INF:
+        raise ValueError("sigma is inf: the state at sigma = inf is the noise itself, with no finite latent x; pass "
+                         "the sigma the run stopped at")
+    c = parameterization(prediction, sigma_data).c_in(s)
     return y / c if out is None else torch.div(y, c, out=_validate.tensor("out", out, y))
 
 
@@ -156,7 +168,7 @@ def to_y(x: torch.Tensor, sigma: float, *, prediction: str = "v", sigma_data: fl
 
 
 def churn_step(y, sigma, sigma_hat, *, s_noise=1.0, noise=None, seed=None, step_index=None,
-               prediction: str = "v", sigma_data: float = 1.0) -> torch.Tensor:
+               prediction: str = "v", sigma_data: float = 1.0, process_group=None, shard_dim=None) -> torch.Tensor:
     """EDM churn of a state with no model output at hand (the first step of a loop; the step functions fold
     later churn in through ``sigma_hat_next``): raise the noise level of y from sigma to sigma_hat (§2.5),
     y_hat = (c_in(sigma_hat)/c_in(sigma)) y + c_in(sigma_hat) sqrt(sigma_hat^2 - sigma^2) s_noise z.
@@ -170,6 +182,8 @@ def churn_step(y, sigma, sigma_hat, *, s_noise=1.0, noise=None, seed=None, step_
         return y
     if e == 0.0:
         return y * k
+    if (process_group is not None or shard_dim is not None) and noise is None and seed is not None:
+        noise = _distributed.step_noise(_distributed.layout(y, process_group, shard_dim), y, seed, step_index)
     return reference.add_noise(y, k, e, eager.noise_tensor(y, noise, seed, step_index))
 
 
@@ -199,6 +213,8 @@ def _run(
     rescale_space: str = "output",
     backend: str = "auto",
     first_origin=None,
+    process_group=None,
+    shard_dim=None,
     **unknown,
 ) -> StepResult:
     """Validate, then run the fused step on the chosen backend.  ``args`` holds one StepArgs for the batch or one
@@ -210,6 +226,8 @@ def _run(
                         f"{next(iter(unknown))!r}; see help(zsnr_kernels.{name.split('(')[0]}) and the options every "
                         "step takes in help(zsnr_kernels.steps)")
     y = _validate.tensor("y", y)
+    # sequence parallelism (zsnr_kernels.distributed): y is this rank's slice along shard_dim
+    shard = None if process_group is None and shard_dim is None else _distributed.layout(y, process_group, shard_dim)
     pz = parameterization(prediction, sigma_data)
     w, phi, space = _validate.guidance(guidance_scale, guidance_rescale, rescale_space)
     # per-sample sigmas on the device (§2.9): one StepArgs of (B,) tensors, whose values the host never reads (a
@@ -241,6 +259,8 @@ def _run(
         or (noise is not None and isinstance(noise, torch.Tensor) and noise.requires_grad)
         or (len(history) > 0 and any(t.requires_grad for t in history)))
     name = _backend.resolve(backend, y, grad)
+    if shard is not None and seeds is not None:  # the slice's Philox noise at its global indices (§2.8)
+        noise, seeds = _distributed.step_noise(shard, y, seeds, step_index), None
     if on_device:  # the device values, checked on the device; or read, for a backend that takes host values
         args, sigma_eval, on_device = _device_sigmas(pz, y, args, sigma_eval, first_origin, name)
     if seeds is not None and name != "torch" and isinstance(seeds, torch.Tensor) and (
@@ -266,6 +286,8 @@ def _run(
             if out is not None:
                 _validate.apart("out", out, (noise,), lambda k: "noise")
     run = ops.fused_step(name) if torch.compiler.is_compiling() else _backend.FUSED[name]
+    if shard is not None:  # the guidance-rescale statistics of the full latent
+        run = functools.partial(_distributed.fused_step, shard, name)
     y_out, d, carry, sigma_out, complete = run(
         y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
         rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
@@ -332,7 +354,7 @@ def _device_sigmas(pz, y, args: list[co.StepArgs], sigma_eval, first_origin, nam
     args = _args(a.sampler, host("sigma", a.sigma), host("sigma_next", a.sigma_next),
                  hat=host("sigma_hat_next", a.sigma_hat_next),
                  prev=[host(f"history[{k}] sigma", p) for k, p in enumerate(a.sigma_prev)], stage=a.stage, eta=a.eta,
-                 s_noise=a.s_noise, solver_type=a.solver_type, order=a.order)
+                 s_noise=a.s_noise, solver_type=a.solver_type, order=a.order, corrector=a.corrector)
     _validate.step_sigmas(args, pz)
     return args, host("first.sigma", sigma_eval), False
 
@@ -405,21 +427,22 @@ _DEFAULT = co.StepArgs._field_defaults
 
 def _args(sampler: str, sg, sn, *, hat=None, prev=(), stage=_DEFAULT["stage"], eta=_DEFAULT["eta"],
           s_noise=_DEFAULT["s_noise"], solver_type=_DEFAULT["solver_type"],
-          order=_DEFAULT["order"]) -> list[co.StepArgs]:
+          order=_DEFAULT["order"], corrector=_DEFAULT["corrector"]) -> list[co.StepArgs]:
     """One StepArgs for the batch, or one per sample when any sigma is a per-sample list (built positionally:
     keywords to a NamedTuple cost more, and this runs on every step); one StepArgs of (B,) tensors when any sigma
     is a tensor (a device value, §2.9: the others become tensors on its device)."""
     if type(sg) is float and type(sn) is float and type(hat) is not list and (
             not prev or all(type(p) is float for p in prev)):
-        return [co.StepArgs(sampler, sg, sn, stage, hat, tuple(prev), eta, s_noise, solver_type, order)]
+        return [co.StepArgs(sampler, sg, sn, stage, hat, tuple(prev), eta, s_noise, solver_type, order, corrector)]
     like = next((v for v in (sg, sn, hat, *prev) if isinstance(v, torch.Tensor)), None)
     if like is not None:
         col = lambda v: None if v is None else _column(v, like)  # noqa: E731
         return [co.StepArgs(sampler, col(sg), col(sn), stage, col(hat), tuple(map(col, prev)), eta, s_noise,
-                            solver_type, order)]
+                            solver_type, order, corrector)]
     n = max(len(v) for v in (sg, sn, hat, *prev) if isinstance(v, list))
     return [co.StepArgs(sampler, _at(sg, i), _at(sn, i), stage, None if hat is None else _at(hat, i),
-                        tuple(_at(p, i) for p in prev), eta, s_noise, solver_type, order) for i in range(n)]
+                        tuple(_at(p, i) for p in prev), eta, s_noise, solver_type, order, corrector)
+            for i in range(n)]
 
 
 def _column(v, like: torch.Tensor) -> torch.Tensor:
@@ -471,6 +494,11 @@ def _first_stage(first, stage_name: str):
     if not isinstance(first.denoised, torch.Tensor):
         raise TypeError(f"first.denoised must be the tensor the first {stage_name} call returned, got "
                         f"{type(first.denoised).__name__}: pass that StepResult unchanged")
+    if stage_name == "dpmpp_sde":  # its second stage starts over from the step's start state (first.derivative)
+        if not isinstance(first.derivative, torch.Tensor):
+            raise TypeError(f"first.derivative must be the state the first dpmpp_sde call started from (the y it "
+                            f"was given), got {type(first.derivative).__name__}: pass that StepResult unchanged")
+        return 2, (first.denoised, first.derivative)
     return 2, (first.denoised,)
 
 
@@ -616,6 +644,24 @@ def heun_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next=
                       step_index=step_index, hat=sigma_hat_next, s_noise=s_noise)
 
 
+def heun_flow_step(y, model_output, sigma, sigma_next, *, first=None, noise=None, seed=None, step_index=None,
+                   **options) -> StepResult:
+    """Heun's method in the rectified-flow time t = sigma/(1+sigma), diffusers' ``FlowMatchHeunDiscreteScheduler``,
+    in two calls (no churn).
+
+    First call (model at (y, sigma)): the Euler predictor to sigma' (the whole step only when sigma' = 0).  Second
+    call (``first`` = that result, model at (first.y, sigma')): y' = y_2 + w (D_1 - D_2) with
+    w = -c'(1+sigma')(sigma - sigma')/(2 sigma'(1+sigma)); for a flow model (y = x_t) that is
+    x_t' = x_t + (t'-t)(v_1+v_2)/2.  Unlike :func:`heun_step` (whose trapezoid in sigma has no limit there) the step
+    from sigma = inf (t = 1) takes both calls: w = -c'(1+sigma')/(2 sigma').  See
+    :func:`zsnr_kernels.coefficients.heun_flow`.
+    The second call is ``heun_flow_step(first.y, model(first.y, first.sigma), sigma, sigma_next, first=first)``: a y
+    other than first.y itself, or sigmas other than the first call's, are refused (ValueError).
+    """
+    return _two_stage("heun_flow", y, model_output, sigma, sigma_next, first, options, noise=noise, seed=seed,
+                      step_index=step_index)
+
+
 def dpm_2_step(y, model_output, sigma, sigma_next, *, first=None, sigma_hat_next=None, s_noise=1.0, noise=None,
                seed=None, step_index=None, **options) -> StepResult:
     """k-diffusion's DPM-Solver-2, in two calls: Euler predictor to sigma_mid = sqrt(sigma sigma'), then
@@ -653,6 +699,53 @@ def dpmpp_2s_ancestral_step(y, model_output, sigma, sigma_next, *, first=None, e
                       seed=seed, step_index=step_index, eta=eta, s_noise=s_noise)
 
 
+def dpmpp_sde_step(y, model_output, sigma, sigma_next, *, first=None, eta=1.0, s_noise=1.0, noise=None, seed=None,
+                   step_index=None, **options) -> StepResult:
+    """DPM-Solver++(2S) SDE with r = 1/2 (k-diffusion's ``sample_dpmpp_sde``), in two calls; see
+    :func:`zsnr_kernels.coefficients.dpmpp_sde` for the formulas and the limits.
+
+    First call (model at (y, sigma)): euler_ancestral from sigma to sigma_s = sqrt(sigma sigma') with its noise;
+    ``first.sigma`` is sigma_s and ``first.derivative`` is ``y`` itself (the step's start state, kept by reference:
+    do not write into y before the second call).  Second call (model at (first.y, sigma_s)): euler_ancestral from
+    sigma to sigma' on the START state with D_2, y' = (s'/s) d y + c'(1 - d sigma'/sigma) D_2 + s' u s_noise z_2.
+    Euler, complete after the first call, to sigma' = 0 (as k-diffusion), and from sigma = inf at eta = 0; from
+    sigma = inf with eta > 0 both calls run, the second model call at sigma = inf too.
+
+    Noise: ``noise=`` is used by each call that adds noise (pass a function or a fresh tensor per call); with
+    ``seed=`` the two stages draw different Philox noise of step ``step_index`` (docs/design.md §2.8): draw 0 in the
+    first call, draw 1 in the second.  (The second is formed as a noise tensor beside the fused step, one more
+    write and read of y's size, until the backends take the record's ``draw``.)  ``sample()`` with a
+    ``noise_sampler`` calls it as k-diffusion does: ``(sigma, sigma_s)`` for the first stage, ``(sigma, sigma')``
+    for the second.
+
+    ``out=y`` (in place) on the first call copies y first (one more read and write of y's size), since the second
+    call reads the start state; ``sample()`` never writes a two-stage step in place.  The second call is
+    ``dpmpp_sde_step(first.y, model(first.y, first.sigma), sigma, sigma_next, first=first)``."""
+    if first is None:
+        out, start = options.get("out"), y
+        if out is not None and isinstance(y, torch.Tensor) and (out is y or _same_view(out, y)):
+            start = y.clone()  # in place: the start state the second call reads is kept apart first
+        r = _two_stage("dpmpp_sde", y, model_output, sigma, sigma_next, None, options, noise=noise, seed=seed,
+                       step_index=step_index, eta=eta, s_noise=s_noise)
+        return r if r.complete else StepResult(r.y, r.sigma, r.denoised, False, start, r.origin)
+    if seed is not None and noise is None:  # the second draw of the step (§2.8), as a noise tensor
+        if step_index is None:
+            raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
+        seeds, index = _noise.step_seeds(seed, _validate.tensor("y", y).shape[0]), _validate.step_index(step_index)
+
+        def noise():
+            if _recordings and _recording() is not None:
+                raise ValueError("SamplingPlan does not plan dpmpp_sde's noise yet (its second stage draws Philox "
+                                 "draw 1, which the plan's table steps do not take): use sample(), or eta=0")
+            if options.get("process_group") is not None or options.get("shard_dim") is not None:  # global indices
+                shard = _distributed.layout(y, options.get("process_group"), options.get("shard_dim"))
+                return _distributed.global_normal(shard, y, seeds, index, 1)
+            return _noise.normal(tuple(y.shape), seeds, index, 1, dtype=y.dtype, device=y.device)
+        seed = step_index = None
+    return _two_stage("dpmpp_sde", y, model_output, sigma, sigma_next, first, options, noise=noise, seed=seed,
+                      step_index=step_index, eta=eta, s_noise=s_noise)
+
+
 def dpmpp_2m_step(y, model_output, sigma, sigma_next, *, history=None, **options) -> StepResult:
     """DPM-Solver++(2M): y' = (s'/s) y + c'(1 - sigma'/sigma)[(1 + w) D - w D_prev], w = h/(2 h_last),
     h = log(sigma/sigma'), h_last = log(sigma_prev/sigma).  ``history`` = [(sigma_prev, D_prev)] (first order
@@ -669,6 +762,61 @@ def res_multistep_step(y, model_output, sigma, sigma_next, *, history=None, **op
     sg, sn = _sigmas(y, sigma, sigma_next)
     hs, ht = _history(history, 1, y)
     return _run(y, model_output, sg, _args("res_multistep", sg, sn, prev=hs), history=ht, **options)
+
+
+def euler_cfg_pp_step(y, model_output, sigma, sigma_next, **options) -> StepResult:
+    """Euler with CFG++ (Chung et al. 2024; ComfyUI's ``euler_cfg_pp``): denoise with the guided D, renoise with
+    the unconditional D_u of ``model_output=(F_cond, F_uncond)``: x' = D + sigma' (x - D_u)/sigma, i.e.
+    y' = (s'/s) y + c' D - c'(sigma'/sigma) D_u.  Without an unconditional output, or at guidance_scale 1 (F_c
+    alone), D_u = D and this is :func:`euler_step`; from sigma = inf it is euler's step (D_u has weight 0 there).
+    See :func:`zsnr_kernels.coefficients.ancestral_cfg_pp`."""
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    return _run(y, model_output, sg, _args("euler_cfg_pp", sg, sn), **options)
+
+
+def euler_ancestral_cfg_pp_step(y, model_output, sigma, sigma_next, *, eta=1.0, s_noise=1.0, noise=None, seed=None,
+                                step_index=None, **options) -> StepResult:
+    """Euler ancestral with CFG++ (ComfyUI's ``euler_ancestral_cfg_pp``): x' = D + sigma_down (x - D_u)/sigma
+    + s_noise sigma_up z (sigma_down, sigma_up as :func:`euler_ancestral_step`; D at sigma' = 0).  D_u = D without
+    guidance: then this is :func:`euler_ancestral_step`."""
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    args = _args("euler_ancestral_cfg_pp", sg, sn, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise))
+    return _run(y, model_output, sg, args, noise=noise, seed=seed, step_index=step_index, **options)
+
+
+def dpmpp_2m_cfg_pp_step(y, model_output, sigma, sigma_next, *, history=None, **options) -> StepResult:
+    """DPM-Solver++(2M) with CFG++ (ComfyUI's ``dpmpp_2m_cfg_pp``): x' = D + r (x - D_u) + (1 - r) w (D - D_u,prev),
+    r = sigma'/sigma, w = h/(2 h_last).  It remembers the unconditional D_u, which it returns as
+    ``StepResult.derivative``: ``history`` = [(sigma_prev, previous result's derivative)] (first order without it,
+    at sigma' = 0 and when sigma_prev = inf).  D_u = D without guidance: then this is :func:`dpmpp_2m_step`.
+    See :func:`zsnr_kernels.coefficients.dpmpp_2m_cfg_pp`."""
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    hs, ht = _history(history, 1, y)
+    return _run(y, model_output, sg, _args("dpmpp_2m_cfg_pp", sg, sn, prev=hs), history=ht, **options)
+
+
+def dpmpp_2s_ancestral_cfg_pp_step(y, model_output, sigma, sigma_next, *, first=None, eta=1.0, s_noise=1.0,
+                                   noise=None, seed=None, step_index=None, **options) -> StepResult:
+    """DPM-Solver++(2S) ancestral with CFG++ (ComfyUI's ``dpmpp_2s_ancestral_cfg_pp``), in two calls: predictor
+    with the unconditional D_u1 to sigma_mid, then x' = (sigma_down/sigma) x + (1 - sigma_down/sigma) D_u2 + sigma_up
+    noise + (D_1 - D_u1).  The first call returns D_u1 as ``derivative``; the second call is
+    ``dpmpp_2s_ancestral_cfg_pp_step(first.y, model(first.y, first.sigma), sigma, sigma_next, first=first)`` and
+    reads first.denoised and first.derivative.  Complete after one call where sigma_down = 0 (y' = c' D_1 + noise)
+    and from sigma = inf with eta < 1 (:func:`euler_ancestral_cfg_pp_step`'s step).  D_u = D without guidance:
+    then this is :func:`dpmpp_2s_ancestral_step`.  See
+    :func:`zsnr_kernels.coefficients.dpmpp_2s_ancestral_cfg_pp`."""
+    name = "dpmpp_2s_ancestral_cfg_pp"
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    stage, hist = _first_stage(first, name)
+    if first is not None:
+        _check_first_y(name, y, first)
+        if not isinstance(first.derivative, torch.Tensor):
+            raise TypeError(f"first.derivative must be the tensor the first {name} call returned (its unconditional "
+                            f"D_u), got {type(first.derivative).__name__}: pass that StepResult unchanged")
+        hist = (*hist, first.derivative)
+    args = _args(name, sg, sn, stage=stage, eta=_real("eta", eta), s_noise=_real("s_noise", s_noise))
+    return _run(y, model_output, _eval_sigma(y, sg, first), args, history=hist, noise=noise, seed=seed,
+                step_index=step_index, first_origin=None if first is None else first.origin, **options)
 
 
 def dpmpp_2m_sde_step(y, model_output, sigma, sigma_next, *, history=None, eta=1.0, s_noise=1.0,
@@ -700,6 +848,36 @@ def lms_step(y, model_output, sigma, sigma_next, *, history=None, order=4, **opt
     sg, sn = _sigmas(y, sigma, sigma_next)
     hs, ht = _history(history, order - 1, y)
     return _run(y, model_output, sg, _args("lms", sg, sn, prev=hs, order=order), history=ht, **options)
+
+
+def unipc_step(y, model_output, sigma, sigma_next, *, history=None, order=2, corrector=None, solver_type="bh2",
+               **options) -> StepResult:
+    """UniPC (Zhao et al. 2023) with data prediction, as diffusers' ``UniPCMultistepScheduler``: the corrector UniC
+    of the previous step and the predictor UniP of this one, in one pass over the same tensors.
+
+    ``history`` = up to three earlier (sigma, denoised) pairs, newest first (``StepResult.denoised``).  ``order``
+    (1-3) is this step's predictor order, used as far as the history reaches (diffusers' default is 2; it lowers
+    the order of the first steps, and of the last ones with ``lower_order_final``).  ``corrector`` is the order of
+    the previous step's predictor, which this call corrects now that the model has been evaluated where that
+    step went: None (the default) takes min(order, len(history)), what the previous call used when it asked for
+    the same order; 0 skips the correction (diffusers' ``disable_corrector``).  ``solver_type`` is the variant,
+    ``"bh2"`` (B(h) = e^h - 1, diffusers' default) or ``"bh1"`` (B(h) = h).  :func:`zsnr_kernels.sample` sets
+    both orders per step as diffusers does.  Limits at sigma = inf and 0: see
+    :func:`zsnr_kernels.coefficients.unipc`."""
+    order = _validate.integer("order", order, lo=1, hi=co.UNIPC_MAX_ORDER)
+    solver_type = _validate.choice("solver_type", solver_type, co.UNIPC_VARIANTS)
+    sg, sn = _sigmas(y, sigma, sigma_next)
+    hs, ht = _history(history, co.UNIPC_MAX_ORDER, y)
+    if corrector is None:
+        corrector = min(order, len(hs))
+    else:
+        corrector = _validate.integer("corrector", corrector, lo=0, hi=co.UNIPC_MAX_ORDER)
+        if corrector > len(hs):
+            raise ValueError(f"corrector={corrector} corrects a step of that order, which needs {corrector} "
+                             f"remembered (sigma, denoised) pairs in history; got {len(hs)} (pass corrector=0 "
+                             "on the first step)")
+    args = _args("unipc", sg, sn, prev=hs, order=order, solver_type=solver_type, corrector=corrector)
+    return _run(y, model_output, sg, args, history=ht, **options)
 
 
 def sampler_step(sampler: str, y, model_output, sigma, sigma_next, **options) -> StepResult:
@@ -777,7 +955,8 @@ _NAMED_STEPS = {spec.name: globals()[f"{spec.name}_step"] for spec in co.SAMPLER
 
 __all__ = [
     "StepResult", "churn_step", "initial_state", "final_sample", "to_x", "to_y", "euler_step", "euler_ancestral_step",
-    "ddim_step", "ddpm_step", "heun_step", "dpm_2_step", "dpm_2_ancestral_step", "dpmpp_2s_ancestral_step",
-    "dpmpp_2m_step", "dpmpp_2m_sde_step", "dpmpp_3m_sde_step", "lms_step", "lcm_step", "res_multistep_step", "PREDICTIONS", "recording",
+    "ddim_step", "ddpm_step", "heun_step", "heun_flow_step", "dpm_2_step", "dpm_2_ancestral_step", "dpmpp_2s_ancestral_step", "dpmpp_sde_step",
+    "dpmpp_2m_step", "dpmpp_2m_sde_step", "dpmpp_3m_sde_step", "lms_step", "lcm_step", "res_multistep_step", "unipc_step", "PREDICTIONS", "recording",
+    "euler_cfg_pp_step", "euler_ancestral_cfg_pp_step", "dpmpp_2m_cfg_pp_step", "dpmpp_2s_ancestral_cfg_pp_step",
     "sampler_step", "step_function",
 ]

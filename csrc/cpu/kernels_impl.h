@@ -11,7 +11,8 @@
 // schedule avoids; with OMP_WAIT_POLICY=passive (the worker sleeps, and is woken with priority) 1.0-1.05x either way.
 //
 // Byte model of the element pass (N = batch * n elements of `dtype`): reads y, F_c (, F_u), each remembered
-// tensor (, the explicit noise), writes y_out (, D, carry).  The statistics pass reads F_c, F_u (, y) once.
+// tensor (, the explicit noise), writes y_out (, D, carry); CFG++'s D_u term reads nothing more (F_u is read).
+// The statistics pass reads F_c, F_u (, y) once.
 #include <math.h>
 #if __has_include(<unistd.h>)
 #include <unistd.h>  // sysconf: the L2 size
@@ -496,19 +497,20 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t j = i - lo;
         const float yv = input<DT>(y, ybuf, i, j), fcv = input<DT>(fc, fcbuf, i, j);
-        const float f = Guided ? guide(fcv, input<DT>(fu, fubuf, i, j), c.w) : fcv;
+        const float fuv = Guided ? input<DT>(fu, fubuf, i, j) : 0.0f;
+        const float f = Guided ? guide(fcv, fuv, c.w) : fcv;
         const float d = denoise(yv, f, c.p, c.q);
         const float z = NoiseMode == 1 ? input<DT>(zin, zibuf, i, j) : NoiseMode == 2 ? zbuf[j] : 0.0f;
-        const float out = canonical_nan(update<NHist, NoiseMode != 0>(
-            c, yv, d, NHist > 0 ? input<DT>(h0, h0buf, i, j) : 0.0f, NHist > 1 ? input<DT>(h1, h1buf, i, j) : 0.0f,
-            NHist > 2 ? input<DT>(h2, h2buf, i, j) : 0.0f, z));
+        const float out = canonical_nan(update<NHist, NoiseMode != 0, Guided>(
+            c, yv, d, fuv, NHist > 0 ? input<DT>(h0, h0buf, i, j) : 0.0f,
+            NHist > 1 ? input<DT>(h1, h1buf, i, j) : 0.0f, NHist > 2 ? input<DT>(h2, h2buf, i, j) : 0.0f, z));
         if (kTiled) {
           if (StoreD) dbuf[j] = canonical_nan(d);
-          if (StoreCarry) cbuf[j] = canonical_nan(carry(c, yv, d));
+          if (StoreCarry) cbuf[j] = canonical_nan(carry<Guided>(c, yv, d, fuv));
           obuf[j] = out;
         } else {
           if (StoreD) dout[i] = S::store(canonical_nan(d));
-          if (StoreCarry) cout[i] = S::store(canonical_nan(carry(c, yv, d)));
+          if (StoreCarry) cout[i] = S::store(canonical_nan(carry<Guided>(c, yv, d, fuv)));
           yo[i] = S::store(out);
         }
       }

@@ -156,7 +156,7 @@ struct CoeffKernelArgs {
 
 __device__ __forceinline__ void poison(ElemCoeffs* c) {
   const float nan = __int_as_float(0x7fffffff);
-  c->w = c->p = c->q = c->a = c->b = c->e = c->g_y = c->g_d = nan;
+  c->w = c->p = c->q = c->a = c->b = c->e = c->g_y = c->g_d = c->u = c->g_u = nan;
   for (int k = 0; k < kMaxHistory; ++k) c->h[k] = nan;
 }
 
@@ -411,10 +411,10 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs a) 
       for (int k = 0; k < 4; ++k) {
         const float f = Guided ? guide(vf[k], vu[k], c.w) : vf[k];
         const float d = denoise(vy[k], f, c.p, c.q);
-        out[k] = canonical_nan(noisy ? update<NHist, true>(c, vy[k], d, v0[k], v1[k], v2[k], vz[k])
-                                     : update<NHist, false>(c, vy[k], d, v0[k], v1[k], v2[k], 0.0f));
+        out[k] = canonical_nan(noisy ? update<NHist, true, Guided>(c, vy[k], d, vu[k], v0[k], v1[k], v2[k], vz[k])
+                                     : update<NHist, false, Guided>(c, vy[k], d, vu[k], v0[k], v1[k], v2[k], 0.0f));
         dv[k] = canonical_nan(d);
-        cv[k] = StoreCarry ? canonical_nan(carry(c, vy[k], d)) : 0.0f;
+        cv[k] = StoreCarry ? canonical_nan(carry<Guided>(c, vy[k], d, vu[k])) : 0.0f;
       }
       if (StoreD) store_group(dout, j, vec, cnt, dv);
       if (StoreCarry) store_group(cout, j, vec, cnt, cv);

@@ -68,6 +68,7 @@ CASES = [  # step, sigma, sigma_next, options (lists are per sample), history si
     ("dpm_2", SIG2, NXT2, {}, []),
     ("dpm_2_ancestral", SIG2, NXT2, {"eta": 0.8}, []),
     ("dpmpp_2s_ancestral", SIG2, NXT2, {}, []),
+    ("dpmpp_sde", SIG2, NXT2, {"eta": 0.7}, []),
     ("dpmpp_2m", MULTI, NXT, {}, HIST1),
     ("dpmpp_2m_sde", MULTI, NXT, {"solver_type": "heun"}, HIST1),
     ("dpmpp_3m_sde", MULTI, NXT, {}, HIST2),
@@ -111,7 +112,7 @@ def test_step_with_device_sigmas_and_seeds_reads_nothing_and_equals_host_values(
             torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-14, msg=k)
 
 
-@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral"])
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"])
 def test_two_stage_sample_whose_step_ends_after_its_first_stage_is_kept_by_the_second(sampler):
     """The host cannot see that a sample's two-stage step ended after its first stage (from sigma = inf, to 0): with
     device sigmas every sample takes two calls, and such a sample's second call keeps the state of its first."""

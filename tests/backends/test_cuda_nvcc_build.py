@@ -67,6 +67,8 @@ double use_headers() {
   float acc = zsnr::update<3, true>(c, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, z[0]);
   acc += zsnr::update<0, false>(c, 1.0f, 2.0f, 0.0f, 0.0f, 0.0f, 0.0f);
   acc += zsnr::carry(c, 1.0f, zsnr::denoise(1.0f, zsnr::guide(1.0f, 2.0f, 3.0f), 0.5f, 0.5f));
+  acc += zsnr::update<2, true, true>(c, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, z[1]);
+  acc += zsnr::carry<true>(c, 1.0f, 2.0f, 3.0f);
   double sums[zsnr::kNumSums] = {};
   const zsnr::RescaleSample rs = zsnr::rescale_sample(0.5f, 0.25f, 1.0f, 7.5f, zsnr::rescale_weights(3.0, -0.5));
   for (int i = 0; i < 4; ++i) {

@@ -82,7 +82,7 @@ LAYERS = {
     "_version": 0, "_validate": 0,
     "parameterization": 1, "coefficients": 1, "schedules": 1, "noise": 1, "reference": 1, "samplers": 1,
     "backends": 2,
-    "steps": 3, "sampling": 3, "plan": 3,
+    "steps": 3, "sampling": 3, "plan": 3, "distributed": 3,
     "k_diffusion": 4, "diffusers": 4, "comfyui": 4, "tools": 4, "__main__": 4, "": 4,
 }
 LAYER_NAMES = ("base", "math", "backends", "api", "integrations")

@@ -140,7 +140,8 @@ def test_every_python_block_of_the_readme_is_run_by_a_test():
     """A new snippet needs a test here: each python block is named by one of the tests above."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     covered = [b for b in blocks if b is blocks[0] or b is blocks[1] or "SamplingPlan" in b or "K.external" in b
-               or "from_config" in b or "use_backend" in b or "FusedGuidanceStableDiffusionPipeline" in b]
+               or "from_config" in b or "use_backend" in b or "FusedGuidanceStableDiffusionPipeline" in b
+               or "shard_dim" in b]
     assert len(covered) == len(blocks), [b.splitlines()[0] for b in blocks if b not in covered]
 
 

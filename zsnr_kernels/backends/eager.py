@@ -7,6 +7,7 @@ import torch
 
 from .. import _validate, coefficients as co, noise as _noise, reference
 from ..parameterization import Parameterization, rescale_space_coeffs
+from . import table as _table
 
 
 def not_supported_reasons(y: torch.Tensor) -> list[str]:
@@ -45,12 +46,20 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     carry = None
     if cs[0].carry is not None:
         carry = (col(c.carry[0] for c in cs), col(c.carry[1] for c in cs))
+    a, b, u_f, g_f = col(c.a for c in cs), col(c.b for c in cs), 0.0, 0.0
+    if any(c.b_u != 0.0 or c.carry_u != 0.0 for c in cs):
+        # CFG++'s D_u term folded as the coefficient table folds it (table.fold_uncond): the same numbers as a plan
+        folded = [_table.fold_uncond(c, pv, qv, guidance_scale != 1.0) for c, (pv, qv) in
+                  zip(cs, pq if per_sample else pq[:1])]
+        a, b, u_f = (col(f[k] for f in folded) for k in range(3))
+        if carry is not None:
+            carry, g_f = (col(f[3] for f in folded), col(f[4] for f in folded)), col(f[5] for f in folded)
     y_out, d, carry_out = reference.fused_step(
         y, f_cond, f_uncond,
-        p=col(v[0] for v in pq), q=col(v[1] for v in pq), a=col(c.a for c in cs), b=col(c.b for c in cs),
+        p=col(v[0] for v in pq), q=col(v[1] for v in pq), a=a, b=b,
         history=tuple(history[:n_hist]), h=h, noise=z, e=e, guidance_scale=guidance_scale, guidance_rescale=phi,
         rescale_uv=(col(v[0] for v in uv), col(v[1] for v in uv)) if per_sample and phi else uv[0],
-        carry=carry)
+        carry=carry, u_f=u_f if f_uncond is not None else 0.0, g_f=g_f if f_uncond is not None else 0.0)
     if out is not None:
         y_out = out.copy_(y_out)
     return y_out, d, carry_out, [c.sigma_out for c in cs], cs[0].complete
@@ -128,7 +137,9 @@ def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, gu
         history=tuple(history), h=tuple(col(_table.H0 + j) for j in range(len(history))), noise=z,
         e=col(_table.E) if z is not None else 0.0, guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale if f_uncond is not None else 0.0, rescale_uv=(col(_table.U), col(_table.T)),
-        carry=(col(_table.GY), col(_table.GD)) if carry_out is not None else None)
+        carry=(col(_table.GY), col(_table.GD)) if carry_out is not None else None,
+        u_f=col(_table.BFU) if f_uncond is not None else 0.0,
+        g_f=col(_table.GFU) if carry_out is not None and f_uncond is not None else 0.0)
     y_out.copy_(y_new)
     if d_out is not None:
         d_out.copy_(d)

@@ -161,6 +161,13 @@ OPS = {op.name: op for op in [
        n_history=1),
     # LCM (from the coefficient table), in-kernel noise: reads y, F, writes y_next: 3N.
     Op("lcm", zk.lcm_step, "lcm", ("y", "F"), ("y_next",), noisy=True),
+    # CFG++ Euler (from the coefficient table): renoises with F_u, a column of the same pass: reads y, F_c, F_u,
+    # writes y_next: 4N, as guided Euler.
+    Op("euler_cfg_pp", zk.euler_cfg_pp_step, "euler_cfg_pp", ("y", "F_c", "F_u"), ("y_next",), guided=True),
+    # UniPC order 3 with its order-3 corrector (from the coefficient table), both in one pass: reads y, F, D_1, D_2,
+    # D_3, writes y_next and D: 7N (separately, UniC and UniP would read y, D, D_1..D_3 twice and write y_c: 12N).
+    Op("unipc3", zk.unipc_step, "unipc", ("y", "F", "D_1", "D_2", "D_3"), ("y_next", "D"), n_history=3,
+       kwargs={"order": 3, "corrector": 3, "solver_type": "bh2"}),
     # LMS order 4: reads y, F, d_1, d_2, d_3, writes y_next and this step's derivative d: 7N.
     Op("lms4", zk.lms_step, "lms", ("y", "F", "d_1", "d_2", "d_3"), ("y_next", "d"), n_history=3,
        kwargs={"order": 4}),
@@ -248,7 +255,7 @@ def make_case(op: Op, shape, dtype, device: str = "cpu") -> Case:
         z = torch.randn_like(y_) if c.e != 0.0 else None
         y_out, d, carry = reference.fused_step(
             y_, fc_, fu_, p=p, q=q, a=c.a, b=c.b, history=tuple(hs[:n_h]), h=c.h, noise=z, e=c.e,
-            guidance_scale=w, guidance_rescale=phi, rescale_uv=uv, carry=c.carry)
+            guidance_scale=w, guidance_rescale=phi, rescale_uv=uv, carry=c.carry, b_u=c.b_u, carry_u=c.carry_u)
         return (y_out,) + ((d,) if keep_d else ()) + ((carry,) if carry is not None else ())
 
     def cpu_record():

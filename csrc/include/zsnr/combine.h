@@ -3,8 +3,13 @@
 //
 //   F     = F_u + w (F_c - F_u)                  guidance (F = F_c without an unconditional output)
 //   D     = p y + q F                            p, q with the guidance rescale factor folded in
-//   y_out = a y + b D + sum_k h_k H_k + e z
-//   carry = g_y y + g_d D                        (LMS derivative)
+//   y_out = a y + b D + u F_u + sum_k h_k H_k + e z
+//   carry = g_y y + g_d D + g_u F_u              (LMS derivative; CFG++'s unconditional D_u)
+//
+// CFG++ renoises with the unconditional D_u = p y + q F_u (raw p, q: the rescale acts on the guided D only), weight
+// b_u: the host folds b_u p into a and gives u = b_u q (zsnr_kernels/backends/table.py, the columns BFU and GFU), so
+// the element pass reads F_u once more and nothing else.  u = g_u = 0 for every other sampler, and where D_u = D (no
+// separate unconditional output: w = 1), for which the host adds b_u to b instead.
 //
 // Per element everything is float32 with the fused multiply-adds written out, so that CPU and GPU round
 // the same way; the per-sample coefficients arrive as float32, computed in float64 by coefficients.h and
@@ -25,18 +30,20 @@ struct ElemCoeffs {
   float p, q;            // D = p y + q F
   float a, b, e;         // y_out = a y + b D + ... + e z
   float h[kMaxHistory];  // weights of the remembered tensors H_k
-  float g_y, g_d;        // carry = g_y y + g_d D
+  float g_y, g_d;        // carry = g_y y + g_d D (+ g_u F_u)
+  float u, g_u;          // weights of F_u in y_out and in the carry (CFG++, guided only; 0 otherwise)
 };
 
 ZSNR_HD float guide(float fc, float fu, float w) { return fmaf(w, fc - fu, fu); }
 
 ZSNR_HD float denoise(float y, float f, float p, float q) { return fmaf(p, y, q * f); }
 
-// y_out for one element, given its D, the remembered values h0..h2 (the first NHist are used) and the noise z
-// (used when Noise).  The additions run in this order on every backend.
-template <int NHist, bool Noise>
-ZSNR_HD float update(const ElemCoeffs& c, float y, float d, float h0, float h1, float h2, float z) {
+// y_out for one element, given its D, its unconditional output fu (used when Guided), the remembered values h0..h2
+// (the first NHist are used) and the noise z (used when Noise).  The additions run in this order on every backend.
+template <int NHist, bool Noise, bool Guided>
+ZSNR_HD float update(const ElemCoeffs& c, float y, float d, float fu, float h0, float h1, float h2, float z) {
   float acc = fmaf(c.b, d, c.a * y);
+  if (Guided) acc = fmaf(c.u, fu, acc);
   if (NHist > 0) acc = fmaf(c.h[0], h0, acc);
   if (NHist > 1) acc = fmaf(c.h[1], h1, acc);
   if (NHist > 2) acc = fmaf(c.h[2], h2, acc);
@@ -44,7 +51,19 @@ ZSNR_HD float update(const ElemCoeffs& c, float y, float d, float h0, float h1, 
   return acc;
 }
 
-ZSNR_HD float carry(const ElemCoeffs& c, float y, float d) { return fmaf(c.g_d, d, c.g_y * y); }
+// Without an unconditional output (no u term).
+template <int NHist, bool Noise>
+ZSNR_HD float update(const ElemCoeffs& c, float y, float d, float h0, float h1, float h2, float z) {
+  return update<NHist, Noise, false>(c, y, d, 0.0f, h0, h1, h2, z);
+}
+
+template <bool Guided>
+ZSNR_HD float carry(const ElemCoeffs& c, float y, float d, float fu) {
+  const float v = fmaf(c.g_d, d, c.g_y * y);
+  return Guided ? fmaf(c.g_u, fu, v) : v;
+}
+
+ZSNR_HD float carry(const ElemCoeffs& c, float y, float d) { return carry<false>(c, y, d, 0.0f); }
 
 // The one NaN every backend stores (docs/design.md §2.3): a NaN result, whatever its sign and payload, becomes the
 // positive quiet NaN with a zero payload, what float("nan") is in each storage format: float32 0x7fc00000,

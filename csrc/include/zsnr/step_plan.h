@@ -39,9 +39,11 @@ enum CoeffColumn : int32_t {
   kColGY, kColGD,        // carry = g_y y + g_d D (zero without one)
   kColU, kColT,          // the rescale space G = u y + t F ((0, 1): the model output)
   kColPhi,               // guidance rescale
+  kColBFU,               // weight of F_u in y_out: CFG++'s b_u q (b_u p folded into a by the host; 0 otherwise)
+  kColGFU,               // weight of F_u in the carry (CFG++'s unconditional D_u: carry_u q)
   kNumColumns
 };
-constexpr int kNumCoeffs = 16;  // the row stride: two spare columns keep rows 128-byte aligned
+constexpr int kNumCoeffs = 16;  // the row stride: 16 doubles keep rows 128-byte aligned
 static_assert(kNumColumns <= kNumCoeffs, "a table row holds every column");
 
 // Every tensor is [batch][n]: sample b is the dense block of n elements starting at b * n, in one element
@@ -121,10 +123,13 @@ ZSNR_HD SampleCoeffs table_coeffs(const double* row) {
   for (int k = 0; k < kMaxHistory; ++k) e.h[k] = static_cast<float>(row[kColH0 + k]);
   e.g_y = static_cast<float>(row[kColGY]);
   e.g_d = static_cast<float>(row[kColGD]);
+  e.u = static_cast<float>(row[kColBFU]);
+  e.g_u = static_cast<float>(row[kColGFU]);
   return r;
 }
 
-// Sample i of `plan` (i < n_sigma).  `rescale`: also compute the rescale space (u, t).
+// Sample i of `plan` (i < n_sigma).  `rescale`: also compute the rescale space (u, t).  (The computed samplers have
+// no F_u term: u = g_u = 0.)
 ZSNR_HD SampleCoeffs sample_coeffs(const StepPlan& pl, int64_t i, bool rescale) {
   if (pl.table != nullptr) return table_coeffs(pl.table + i * kNumCoeffs);
   StepArgs s{};

@@ -7,10 +7,15 @@ the same way::
     F     = fma(w, F_c - F_u, F_u)                       (F = F_c without an unconditional output)
     D     = fma(p, y, q * F)                             p, q with the guidance rescale factor folded in
     acc   = fma(b, D, a * y)
+    acc   = fma(u, F_u, acc)          (with an unconditional output: CFG++'s D_u term)
     acc   = fma(h_k, H_k, acc)        k = 0 .. N_HIST-1
     acc   = fma(e, z, acc)            (with noise)
     y_out = acc
-    carry = fma(g_d, D, g_y * y)                         (LMS derivative)
+    carry = fma(g_d, D, g_y * y)                         (LMS derivative; CFG++'s D_u:)
+    carry = fma(g_u, F_u, carry)      (with an unconditional output)
+
+u and g_u are the table's columns BFU and GFU: CFG++'s weights of the unconditional D_u = p y + q F_u, folded on the
+host (``zsnr_kernels.backends.table``: b_u p into a, u = b_u q; 0 for every other sampler).
 
 Storage is float32, float16 or bfloat16; the math is float32.  The per-sample coefficients are computed in
 float64 on the host (``zsnr_kernels.coefficients``) into a float64 table (``zsnr_kernels.backends.table``) that the
@@ -55,9 +60,9 @@ __all__ = ["MAX_HIST", "NUM_COEFFS", "Workspace", "launch", "launch_block", "see
 SUM_C, SUM_CC, SUM_G, SUM_GG = (tl.constexpr(k) for k in range(4))
 NUM_SUMS = tl.constexpr(4)
 # Columns of the float64 coefficient table (zsnr_kernels/backends/table.py), one row per sample or one for the batch.
-C_W, C_P, C_Q, C_A, C_B, C_H0, C_H1, C_H2, C_E, C_GY, C_GD, C_U, C_T, C_PHI = (
+C_W, C_P, C_Q, C_A, C_B, C_H0, C_H1, C_H2, C_E, C_GY, C_GD, C_U, C_T, C_PHI, C_BFU, C_GFU = (
     tl.constexpr(k) for k in (_table.W, _table.P, _table.Q, _table.A, _table.B, _table.H0, _table.H1, _table.H2,
-                              _table.E, _table.GY, _table.GD, _table.U, _table.T, _table.PHI))
+                              _table.E, _table.GY, _table.GD, _table.U, _table.T, _table.PHI, _table.BFU, _table.GFU))
 NUM_COEFFS = _table.NUM_COEFFS
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -309,6 +314,8 @@ def _combine_kernel(
         f = fc
     d = tl.fma(p, y, q * f)                       # denoise()
     acc = tl.fma(cb, d, a * y)                    # update(): the additions in combine.h's order
+    if GUIDED:
+        acc = tl.fma(_coef(cp, C_BFU), fu, acc)   # CFG++'s D_u term (0 for other samplers)
     if N_HIST > 0:
         acc = tl.fma(_coef(cp, C_H0), tl.load(h0_ptr + idx, mask=mask, other=0.0).to(tl.float32), acc)
     if N_HIST > 1:
@@ -327,6 +334,8 @@ def _combine_kernel(
         tl.store(d_out_ptr + idx, _to_storage(d, d_out_ptr), mask=mask)
     if STORE_CARRY:
         c = tl.fma(_coef(cp, C_GD), d, _coef(cp, C_GY) * y)   # carry()
+        if GUIDED:
+            c = tl.fma(_coef(cp, C_GFU), fu, c)
         tl.store(carry_out_ptr + idx, _to_storage(c, carry_out_ptr), mask=mask)
 
 
