@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import TinyNet
-from test_diffusers_schedulers import (DISCRETE, MIDPOINT_ATOL, MIDPOINTS, SD, ZERO_SNR, _abar, _loop, _noise,
-                                      _pair, _share_tables, _step_sigmas)
+from test_diffusers_schedulers import (CONSISTENCY, DISCRETE, MIDPOINT_ATOL, MIDPOINTS, SD, ZERO_SNR, _abar, _loop,
+                                      _noise, _pair, _share_tables, _step_sigmas)
 
 diffusers = pytest.importorskip("diffusers")
 zd = pytest.importorskip("zsnr_kernels.diffusers")
@@ -280,8 +280,10 @@ def test_configs_diffusers_builds_are_built(name):
     """trained_betas of another length than num_train_timesteps, a one-entry table, beta_end = 1 (100 timesteps:
     the last alphas_cumprod is exactly 0, zero terminal SNR without the rescale): built, and run as diffusers where
     its run is finite (with beta_end = 1: the variance-preserving schedulers; diffusers' Euler family keeps
-    x = x0 + inf noise there); from the last timestep, here, a finite run from sigma = inf."""
-    vp = name in ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler")
+    x = x0 + inf noise there); from the last timestep, here, a finite run from sigma = inf.  The consistency
+    schedulers (LCM, TCD) get a distillation schedule the table holds (original_inference_steps at most T; diffusers
+    refuses more) and, being variance-preserving, are compared with beta_end = 1 too."""
+    vp = name in ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", *CONSISTENCY)
     cases = [({"num_train_timesteps": 500, "trained_betas": zd.SCHEDULERS[name](**SD).betas.tolist()}, True),
              ({"num_train_timesteps": 1}, True),
              ({"num_train_timesteps": 100, "beta_end": 1.0, "timestep_spacing": "leading"}, vp)]
@@ -290,6 +292,8 @@ def test_configs_diffusers_builds_are_built(name):
         cfg = {**cfg, "prediction_type": "v_prediction"}
         if name in ("DDIMScheduler", "DDPMScheduler"):
             cfg["clip_sample"] = False
+        if name in CONSISTENCY:
+            cfg["original_inference_steps"] = min(cfg["num_train_timesteps"], 50)
         steps = min(cfg["num_train_timesteps"], 10)
         ref, ours = _pair(name, steps, **cfg)
         if compare:
@@ -397,16 +401,19 @@ def test_noise_prediction_dpm_solver_is_refused_with_the_fix():
 @pytest.mark.parametrize("name", DISCRETE)
 def test_more_steps_than_training_timesteps(name):
     """The Euler family and DPM-Solver take more steps than the table has timesteps, as diffusers (fractional
-    linspace timesteps: diffusers' run; DPM-Solver repeats timesteps); DDIM and DDPM refuse, as diffusers does."""
+    linspace timesteps: diffusers' run; DPM-Solver repeats timesteps); DDIM, DDPM, LCM and TCD refuse, as diffusers
+    does (the consistency schedulers with a distillation schedule of every timestep)."""
     cfg = {"num_train_timesteps": 20, "prediction_type": "v_prediction"}
-    if name in ("DDIMScheduler", "DDPMScheduler"):
+    if name in CONSISTENCY:
+        cfg["original_inference_steps"] = 20
+    if name in ("DDIMScheduler", "DDPMScheduler", *CONSISTENCY):
         with pytest.raises(ValueError):
             getattr(diffusers, name)(**cfg).set_timesteps(30)
         with pytest.raises(ValueError, match=r"num_inference_steps must be an int in \[1, num_train_timesteps=20\]"):
             zd.SCHEDULERS[name](**cfg).set_timesteps(30)
         return
     ref, ours = _pair(name, 30, **cfg)
-    if name == "DPMSolverMultistepScheduler":
+    if name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):  # repeated timesteps: diffusers' NaN
         assert torch.equal(ours.timesteps, ref.timesteps) and len(ours.timesteps) == 30
     else:
         _both(ref, ours, TinyNet(4, seed=14, dtype=torch.float32), _noise(), seed=15)

@@ -129,6 +129,9 @@ def _ldm_latents(pipe, steps=10):
     ("KDPM2DiscreteScheduler", {"prediction_type": "v_prediction"}),
     ("DPMSolverMultistepScheduler", {}),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "prediction_type": "v_prediction"}),
+    ("UniPCMultistepScheduler", {}),
+    ("UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1", "prediction_type": "v_prediction",
+                                 "final_sigmas_type": "sigma_min"}),
 ])
 def test_ldm_pipeline(unet, vqvae, name, config):
     """LDMPipeline reads init_noise_sigma before set_timesteps, so diffusers' Euler family starts ``leading``
@@ -153,8 +156,36 @@ def test_ldm_pipeline_shipped_with_unipc_switches_to_dpm_solver(unet, vqvae):
     assert _close(want, got)[0], _close(want, got)
 
 
+def _same_noise_sampler(scheduler, shape, seed):
+    """Give ``scheduler`` (DPMSolverSDE) the same noise sampler on every run: independent normals from a generator
+    seeded with ``seed``, installed after the pipeline's ``set_timesteps`` (which resets it).  diffusers' default is
+    a Brownian tree over its own float32 table, which the float64 table here moves by more than float rounding."""
+    set_timesteps = scheduler.set_timesteps
+
+    def patched(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        g = torch.Generator().manual_seed(seed)
+        scheduler.noise_sampler = lambda sigma, sigma_next: torch.randn(shape, generator=g)
+
+    scheduler.set_timesteps = patched
+    return scheduler
+
+
+@pytest.mark.parametrize("config", [{"prediction_type": "v_prediction"}, {"timestep_spacing": "trailing"}])
+def test_ldm_pipeline_dpm_solver_sde(unet, vqvae, config):
+    """DPMSolverSDE (two UNet calls a step, Brownian noise) in LDMPipeline: with the same noise sampler, the
+    latents equal diffusers'."""
+    pipe = _ldm(unet, vqvae, _same_noise_sampler(diffusers.DPMSolverSDEScheduler(**config), (2, 3, 8, 8), 6))
+    want = _ldm_latents(pipe)
+    pipe.scheduler = _same_noise_sampler(zd.ZSNRDPMSolverSDEScheduler.from_config(pipe.scheduler.config),
+                                         (2, 3, 8, 8), 6)
+    got = _ldm_latents(pipe)
+    assert _close(want, got)[0], _close(want, got)
+
+
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                  "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"])
+                                  "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                  "UniPCMultistepScheduler", "DPMSolverSDEScheduler"])
 def test_ldm_pipeline_zero_snr(unet, vqvae, name):
     """At zero SNR the first UNet call gets the pipeline's start noise itself, at timestep 999, and the decoded
     latents are finite."""
@@ -224,6 +255,24 @@ def test_stable_diffusion_pipeline_with_guidance_rescale(sd_parts):
             assert pipe.scheduler.sigmas[0] == float("inf")
 
 
+def test_stable_diffusion_pipeline_dpm_solver_sde(sd_parts):
+    """DPMSolverSDE in StableDiffusionPipeline (guidance 7.5 and rescale 0.7 by the pipeline): with the same noise
+    sampler diffusers' latents; at zero SNR, with diffusers' Brownian tree of a fixed noise_sampler_seed (its limit
+    at sigma = inf), finite and the same on a second run."""
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
+    shape = (1, 4, 8, 8)
+    pipe = _sd(sd_parts, _same_noise_sampler(diffusers.DPMSolverSDEScheduler(**sd), shape, 7))
+    want = _sd_latents(pipe, sd_parts)
+    pipe.scheduler = _same_noise_sampler(zd.ZSNRDPMSolverSDEScheduler.from_config(pipe.scheduler.config), shape, 7)
+    got = _sd_latents(pipe, sd_parts)
+    assert _close(want, got)[0], _close(want, got)
+    pipe.scheduler = zd.ZSNRDPMSolverSDEScheduler.from_config(pipe.scheduler.config, noise_sampler_seed=11,
+                                                              **ZERO_SNR)
+    first = _sd_latents(pipe, sd_parts)
+    assert pipe.scheduler.sigmas[0] == float("inf") and torch.isfinite(first).all()
+    assert torch.equal(_sd_latents(pipe, sd_parts), first)
+
+
 def _fused_guidance_pipeline():
     """The README's example: a StableDiffusionPipeline whose loop hands the scheduler both halves of the guided UNet
     call, so that guidance and its rescale run inside the fused step.  diffusers' ``__call__`` guides between the UNet
@@ -256,6 +305,11 @@ def _fused_guidance_pipeline():
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     ("KDPM2AncestralDiscreteScheduler", {}),
     ("EulerDiscreteScheduler", ZERO_SNR),
+    ("DPMSolverSDEScheduler", {"noise_sampler_seed": 3}),
+    ("DPMSolverSDEScheduler", {"noise_sampler_seed": 3, **ZERO_SNR}),
+    ("LCMScheduler", {}),
+    ("LCMScheduler", ZERO_SNR),
+    ("TCDScheduler", ZERO_SNR),
 ])
 def test_guidance_inside_the_step_equals_the_pipelines(sd_parts, name, config):
     """The fused-guidance pipeline's latents equal the stock pipeline's (eager CFG, then rescale_noise_cfg) with the

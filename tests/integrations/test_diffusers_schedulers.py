@@ -38,16 +38,21 @@ diffusers = pytest.importorskip("diffusers")
 zd = pytest.importorskip("zsnr_kernels.diffusers")
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-STOCHASTIC = {"EulerAncestralDiscreteScheduler", "DDPMScheduler", "KDPM2AncestralDiscreteScheduler"}
+STOCHASTIC = {"EulerAncestralDiscreteScheduler", "DDPMScheduler", "KDPM2AncestralDiscreteScheduler",
+              "DPMSolverSDEScheduler", "LCMScheduler", "TCDScheduler"}
+#: consistency-model schedulers: their timesteps come from the distillation schedule (original_inference_steps, T // n
+#: apart, always starting at T - 1), not timestep_spacing; diffusers keeps alphas_cumprod[-1] = 0 there (exact at
+#: zero SNR for v/x0 models, as its DDIM)
+CONSISTENCY = {"LCMScheduler", "TCDScheduler"}
 #: the schedulers on a discrete training table (the EDM ones step on continuous grids: test_diffusers_edm.py)
 DISCRETE = [name for name in zd.SCHEDULERS if not name.startswith("EDM")]
 #: namesakes without rescale_betas_zero_snr, which the classes here add
 ADDS_ZERO_SNR = {"HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
-                 "KDPM2AncestralDiscreteScheduler"}
+                 "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"}
 #: schedulers with midpoint evaluations, whose timesteps are interpolated from float64 sigmas here: diffusers' float32
 #: moves them by up to 3e-3, and by 1e-2 where its ancestral sigma_down = sqrt(sigma'^2 - sigma_up^2) cancels (a
 #: two-step schedule); the net barely feels that
-MIDPOINTS = {"KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"}
+MIDPOINTS = {"KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler"}
 MIDPOINT_ATOL = 1e-2
 #: diffusers' namesakes that refuse prediction_type="sample" at step (these take it)
 NO_SAMPLE = {"EulerAncestralDiscreteScheduler", *MIDPOINTS}
@@ -60,9 +65,14 @@ def _noise(dtype=torch.float32, seed=0, shape=(2, 4, 8, 8)):
 
 def _loop(sched, net, noise, *, seed=None, **step_kw):
     """A pipeline's loop over ``sched.timesteps`` (set_timesteps already called): (final sample, model inputs).
-    A generator seeded with ``seed`` goes to ``step`` where it takes one, as pipelines do."""
+    A generator seeded with ``seed`` goes to ``step`` where it takes one, as pipelines do; a scheduler with a
+    ``noise_sampler`` (DPMSolverSDE: a Brownian tree by default, over its own float32 table) gets the same one on
+    both sides instead: independent normals from that generator, one per call."""
     if seed is not None and "generator" in inspect.signature(sched.step).parameters:
         step_kw["generator"] = torch.Generator().manual_seed(seed)
+    if seed is not None and hasattr(sched, "noise_sampler"):
+        g = torch.Generator().manual_seed(seed)
+        sched.noise_sampler = lambda s, sn: torch.randn(noise.shape, generator=g, dtype=noise.dtype)
     sample = noise * sched.init_noise_sigma
     inputs = []
     for t in sched.timesteps:
@@ -105,6 +115,8 @@ def _step_sigmas(ref) -> torch.Tensor:
     sig = ref.sigmas.double()
     if isinstance(ref, diffusers.HeunDiscreteScheduler):  # every inner sigma repeated once
         return torch.cat([sig[:1], sig[1::2]])
+    if isinstance(ref, diffusers.DPMSolverSDEScheduler):  # every inner sigma repeated once
+        return torch.cat([sig[:1], sig[1:-1:2], sig[-1:]])
     if type(ref).__name__ in MIDPOINTS:  # every sigma after the first repeated once, the final one twice
         return torch.cat([sig[:1], sig[1:-1:2]])
     return sig
@@ -207,7 +219,8 @@ def test_parity(name, spacing, prediction):
 def test_parity_zero_snr_leading(name):
     """rescale_betas_zero_snr=True with ``leading`` spacing never reaches the last timestep: a finite schedule on the
     rescaled table, where diffusers' 2**-24 substitute plays no part.  Namesakes without rescale_betas_zero_snr
-    (Heun, LMS, KDPM2) get the rescaled betas as trained_betas."""
+    (Heun, LMS, KDPM2) get the rescaled betas as trained_betas.  The consistency schedulers (LCM, TCD) ignore the
+    spacing and start at 999, sigma = inf, where diffusers' are exact too (alphas_cumprod 0): compared there."""
     cfg = dict(timestep_spacing="leading", prediction_type="v_prediction", rescale_betas_zero_snr=True, **SD)
     if name in ADDS_ZERO_SNR:
         ours = zd.SCHEDULERS[name](**cfg)
@@ -217,7 +230,7 @@ def test_parity_zero_snr_leading(name):
         ours.set_timesteps(10)
     else:
         ref, ours = _pair(name, 10, **cfg)
-    assert ours.timesteps.max() < 999
+    assert ours.timesteps.max() < 999 or (name in CONSISTENCY and ours.alphas_cumprod[ours.timesteps[0]] == 0)
     seed = 5 if name in STOCHASTIC else None
     d_final, d_inputs = _compare(ref, ours, TinyNet(4, seed=4), _noise(), seed=seed)
     assert d_final <= 1e-4 and d_inputs <= 1e-4, (d_final, d_inputs)
@@ -399,7 +412,8 @@ def test_zero_snr_grids(name, grid):
 _SAMPLER_OF = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
                "DPMSolverMultistepScheduler": "dpmpp_2m", "DDIMScheduler": "ddim", "HeunDiscreteScheduler": "heun",
                "LMSDiscreteScheduler": "lms", "KDPM2DiscreteScheduler": "dpm_2",
-               "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral"}
+               "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral", "UniPCMultistepScheduler": "unipc",
+               "DPMSolverSDEScheduler": "dpmpp_sde"}
 
 
 @pytest.mark.parametrize("name", list(_SAMPLER_OF))
@@ -431,11 +445,11 @@ def test_zero_snr_equals_sample(name):
 
 
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                  "DPMSolverMultistepScheduler"])
+                                  "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
 def test_zero_snr_is_the_limit_of_diffusers_substitute(name):
     """diffusers replaces alphas_cumprod[-1] = 0 by delta (2**-24, sigma_max = 4096).  As delta shrinks (sigma_max
     256, 1024, 4096) its run approaches ours from sigma = inf: by about 4x per step for the single-step samplers
-    (error ~ 1/sigma_max), monotonically for DPM++ 2M (~ 1/log sigma_max, docs/design.md §2.3).  diffusers computes in
+    (error ~ 1/sigma_max), monotonically for DPM++ 2M and UniPC (~ 1/log sigma_max, docs/design.md §2.3).  diffusers computes in
     float32, whose rounding of x ~ 4096 z sets the floor."""
     ours = zd.SCHEDULERS[name](**ZERO_SNR)
     ours.set_timesteps(10)
@@ -449,7 +463,7 @@ def test_zero_snr_is_the_limit_of_diffusers_substitute(name):
         approx, _ = _loop(ref, net, noise, seed=21)
         errors.append((approx - exact).abs().max().item())
     assert errors[0] > errors[1] > errors[2], errors
-    if name != "DPMSolverMultistepScheduler":
+    if name not in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):  # multistep: ~ 1/log sigma_max
         assert errors[2] < errors[0] / 8, errors
 
 
@@ -775,3 +789,75 @@ def test_guidance_keywords_need_the_pair():
         sched.step(torch.zeros_like(y), sched.timesteps[0], y, guidance_scale=7.5)
     with pytest.raises(ValueError, match="guidance_rescale must be <= 1"):
         sched.step((y, y), sched.timesteps[0], y, guidance_scale=7.5, guidance_rescale=2.0)
+
+
+# ------------------------------------------------------------------------------------------------- DPMSolverSDE
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_dpm_solver_sde_default_brownian_tree_is_diffusers(monkeypatch, prediction):
+    """No noise sampler given: diffusers' Brownian tree of ``noise_sampler_seed``.  On diffusers' own float32 sigmas
+    (ours replaced by them) the tree spans the same interval and is queried at the same float32 times, in the same
+    order (recorded), so both runs add the same noise: float32 agreement.  (On each library's own table the tree's
+    ends move by float32 rounding, which moves a Brownian path by more: test_parity gives both the same sampler.)"""
+    from diffusers.schedulers import scheduling_dpmsolver_sde as dsde
+
+    queries = []
+    real = dsde.BrownianTreeNoiseSampler.__call__
+    monkeypatch.setattr(dsde.BrownianTreeNoiseSampler, "__call__",
+                        lambda self, s, sn: queries.append((s.dtype, float(s), float(sn))) or real(self, s, sn))
+    ref, ours = _pair("DPMSolverSDEScheduler", 10, prediction_type=prediction, noise_sampler_seed=8, **SD)
+    ours.sigmas = _step_sigmas(ref)
+    levels = ours.sigmas.tolist()
+    ours._mids = [zk.coefficients.dpmpp_sde_midpoint(s, sn) if sn else math.nan for s, sn in zip(levels, levels[1:])]
+    net, noise = TinyNet(4, seed=3, dtype=torch.float32), _noise()
+    a, _ = _loop(ref, net, noise)
+    n_ref = len(queries)
+    b, _ = _loop(ours, net, noise)
+    assert queries[:n_ref] == queries[n_ref:] and n_ref == 2 * 9
+    err = (a - b).abs().max().item()
+    assert err <= (3e-4 if prediction == "epsilon" else 1e-4), err
+
+
+def test_dpm_solver_sde_zero_snr_is_the_limit_of_diffusers_substitute():
+    """diffusers' DPMSolverSDE on the rescaled table with alphas_cumprod[-1] = delta (sigma_max 256, 1024, 4096)
+    approaches ours from sigma = inf, given the same noise sampler: like sigma_max^(-1/2), the weight of the start
+    noise in the first stage (docs/design.md §2.3 and zsnr_kernels.coefficients.dpmpp_sde)."""
+    ours = zd.ZSNRDPMSolverSDEScheduler(**ZERO_SNR)
+    ours.set_timesteps(10)
+    net, noise = TinyNet(4, seed=20, dtype=torch.float32), _noise()
+    exact, _ = _loop(ours, net, noise, seed=21)
+    assert torch.isfinite(exact).all()
+    cfg = {k: v for k, v in ZERO_SNR.items() if k != "rescale_betas_zero_snr"}
+    errors = []
+    for delta in (2.0**-16, 2.0**-20, 2.0**-24):
+        ref = diffusers.DPMSolverSDEScheduler(trained_betas=ours.betas.tolist(), **cfg)
+        ref.alphas_cumprod[-1] = delta
+        ref.set_timesteps(10)
+        approx, _ = _loop(ref, net, noise, seed=21)
+        errors.append((approx - exact).abs().max().item())
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < errors[0] / 3, errors
+
+
+def test_dpm_solver_sde_takes_latents_a_pipeline_replaced_between_its_two_evaluations():
+    """Inpainting blends the known region into the latents after every step: the second evaluation then gets other
+    latents than the first returned.  diffusers takes the model's prediction at the latents given and updates the
+    sample it stored at the first evaluation; so does this scheduler (its second stage reads that sample).  Scaling
+    the latents by 1.01 is the same edit in both state spaces."""
+    ref, ours = _pair("DPMSolverSDEScheduler", 6, prediction_type="v_prediction", **SD)
+    net, noise = TinyNet(4, seed=9, dtype=torch.float32), _noise()
+    outs = []
+    for s in (ref, ours):
+        g = torch.Generator().manual_seed(2)
+        s.noise_sampler = lambda a, b, g=g: torch.randn(noise.shape, generator=g)
+        sample = noise * s.init_noise_sigma
+        for t in s.timesteps:
+            if not s.state_in_first_order:
+                sample = sample * 1.01  # a new tensor, as a blend makes
+            sample = s.step(net(s.scale_model_input(sample, t), t), t, sample).prev_sample
+        outs.append(sample)
+    ours.set_timesteps(6)
+    unedited, _ = _loop(ours, net, noise, seed=2)
+    assert (outs[1] - unedited).abs().max().item() > 1e-3  # the edit matters
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-4

@@ -17,6 +17,8 @@ diffusers scheduler it is named after, so a pipeline takes it unchanged and swit
   ``sde-dpmsolver++``): :func:`~zsnr_kernels.dpmpp_2m_step`, :func:`~zsnr_kernels.dpmpp_2m_sde_step`,
   :func:`~zsnr_kernels.dpmpp_3m_sde_step`
 * :class:`ZSNRLMSDiscreteScheduler` (``LMSDiscreteScheduler``): :func:`~zsnr_kernels.lms_step`
+* :class:`ZSNRUniPCMultistepScheduler` (``UniPCMultistepScheduler``): :func:`~zsnr_kernels.unipc_step`, the
+  corrector and the predictor in one pass
 * :class:`ZSNRKDPM2DiscreteScheduler` (``KDPM2DiscreteScheduler``): :func:`~zsnr_kernels.dpm_2_step`
 * :class:`ZSNRKDPM2AncestralDiscreteScheduler` (``KDPM2AncestralDiscreteScheduler``):
   :func:`~zsnr_kernels.dpm_2_ancestral_step`
@@ -24,17 +26,32 @@ diffusers scheduler it is named after, so a pipeline takes it unchanged and swit
   preconditioning (``sigma_data``)
 * :class:`ZSNREDMDPMSolverMultistepScheduler` (``EDMDPMSolverMultistepScheduler``): the DPM-Solver++ steps above
   with EDM's preconditioning
+* :class:`ZSNRFlowMatchEulerDiscreteScheduler` (``FlowMatchEulerDiscreteScheduler``): :func:`~zsnr_kernels.euler_step`
+  (``stochastic_sampling``: :func:`~zsnr_kernels.lcm_step`) on a flow model (``prediction="flow"``), and
+  :class:`ZSNRFlowMatchHeunDiscreteScheduler` (``FlowMatchHeunDiscreteScheduler``):
+  :func:`~zsnr_kernels.heun_flow_step`.  Their sample is diffusers' own x_t = (1 - t) x0 + t noise, which is this
+  library's state for flow; t = 1, where diffusers' schedules start, is sigma = inf exactly.  They are listed in
+  :data:`FLOW_SCHEDULERS` (see their docstrings for what they take and refuse).
 
-Not here yet, for want of the library's sampler: ``DPMSolverSDEScheduler`` (k-diffusion's ``sample_dpmpp_sde``, a
-singlestep SDE solver on a Brownian tree) and ``DPMSolverSinglestepScheduler`` (singlestep DPM-Solver 2S/3S).
+* :class:`ZSNRDPMSolverSDEScheduler` (``DPMSolverSDEScheduler``, k-diffusion's ``sample_dpmpp_sde``):
+  :func:`~zsnr_kernels.dpmpp_sde_step`, diffusers' Brownian tree noise (``noise_sampler_seed``)
+* :class:`ZSNRLCMScheduler` (``LCMScheduler``): the consistency model's D' = c_skip y + c_out D (one elementwise
+  pass), then :func:`~zsnr_kernels.lcm_step` on D' as an x0-prediction; ``step`` returns ``prev_sample`` and
+  ``denoised`` (what ``LatentConsistencyModelPipeline`` decodes), as diffusers'
+* :class:`ZSNRTCDScheduler` (``TCDScheduler``): :func:`~zsnr_kernels.euler_step` (DDIM, eta = 0) to the intermediate
+  timestep s = floor((1 - gamma) t') with TCD's renoising from s to t' folded in as EDM churn (``sigma_hat_next``);
+  ``step`` returns ``prev_sample`` and ``pred_noised_sample``
+
+Not here yet, for want of the library's sampler: ``DPMSolverSinglestepScheduler`` (singlestep DPM-Solver 2S/3S).
 
 :data:`SCHEDULERS` maps each diffusers class name to the class here.
 
 The package is laid out as diffusers' ``schedulers``: one module per scheduler (``scheduling_ddim``,
 ``scheduling_ddpm``, ``scheduling_euler_discrete``, ``scheduling_euler_ancestral_discrete``,
-``scheduling_heun_discrete``, ``scheduling_dpmsolver_multistep``, ``scheduling_lms_discrete``,
-``scheduling_k_dpm_2_discrete``, ``scheduling_k_dpm_2_ancestral_discrete``, ``scheduling_edm_euler``,
-``scheduling_edm_dpmsolver_multistep``) and ``_base`` for what they share (the output class, the base scheduler,
+``scheduling_heun_discrete``, ``scheduling_dpmsolver_multistep``, ``scheduling_dpmsolver_sde``, ``scheduling_lms_discrete``,
+``scheduling_k_dpm_2_discrete``, ``scheduling_k_dpm_2_ancestral_discrete``, ``scheduling_unipc_multistep``,
+``scheduling_edm_euler``, ``scheduling_edm_dpmsolver_multistep``, ``scheduling_flow_match_euler_discrete``,
+``scheduling_flow_match_heun_discrete``, ``scheduling_lcm``, ``scheduling_tcd``) and ``_base`` for what they share (the output class, the base scheduler,
 the timestep- and step-indexed walks, the EDM grids, the config and table helpers, and the one place a model output
 becomes F, guidance included).  Import the classes
 from ``zsnr_kernels.diffusers``.
@@ -76,7 +93,7 @@ Where the guided output of a sample has std 0 the rescale factor is 1 (diffusers
 ``tests/integrations/test_diffusers_contract.py``): same timesteps, model inputs and results to float32 rounding
 (float64 where diffusers computes in the sample's dtype, once both use the same tables).  Every config value the
 diffusers scheduler takes is taken (other schedulers' configs too, renamed as diffusers renames them: UniPC's and
-DEIS' solver types become DPM-Solver's ``midpoint``), and so are custom ``timesteps=``/``sigmas=`` in
+DEIS' solver types become DPM-Solver's ``midpoint``, DPM-Solver's and DEIS' UniPC's ``bh2``), and so are custom ``timesteps=``/``sigmas=`` in
 ``set_timesteps`` where diffusers takes them, step counts beyond the table where diffusers takes them, and ``step``
 before ``set_timesteps`` (the training schedule).  Noise for the stochastic samplers is drawn from the ``generator``
 argument with diffusers' own ``randn_tensor`` calls (shape, dtype), so a generator seed gives diffusers' images.
@@ -86,6 +103,10 @@ Refused although diffusers takes them (a ValueError names the option, why, and w
 * ``algorithm_type="dpmsolver"``/``"sde-dpmsolver"``, the noise-prediction DPM-Solver (deprecated in diffusers):
   its multistep update combines earlier noise predictions, which the fused multistep steps do not keep (they
   remember denoised predictions).  ``dpmsolver++``/``sde-dpmsolver++`` have the same first-order step.
+  Likewise UniPC's ``predict_x0=False`` (its noise-prediction form; ``True`` is diffusers' default) and its
+  ``solver_p`` (another scheduler as predictor, outside the fused pass).
+* UniPC's ``solver_order`` above 3: it remembers four or more predictions, and the fused kernels read at most
+  three.
 * Flow matching -- ``use_flow_sigmas``, ``use_dynamic_shifting`` (and ``set_timesteps(mu=)``),
   ``prediction_type="flow_prediction"``: such models keep x = (1 - t) x0 + t noise, not these variance-preserving
   tables; :func:`zsnr_kernels.sample` takes them with ``prediction="flow"`` on sigma = t / (1 - t).
@@ -112,7 +133,10 @@ Deviations by design or from diffusers' own faults:
   SDE update has the wrong sign on the 1/2 of its second-difference weight (it integrates to
   (1 - e^{-2h})/(4h^2) - 1/(2h) + 1/2; diffusers writes - 1/2).  The deterministic orders 1-3 match diffusers.
 * Zero-length steps (timesteps a spacing repeats when the step count nears the table's) leave the sample as it
-  is; DPM-Solver keeps its history over them, where diffusers divides by their zero log-ratio and returns NaN.
+  is; DPM-Solver and UniPC keep their history over them, where diffusers divides by their zero log-ratio and
+  returns NaN.
+* UniPC's ``bh1`` to a final sigma of 0 returns the last D (the limit: that step is first order), where diffusers
+  returns NaN (it multiplies B(h) = -inf by its zero first-order residual).
 * ``trailing`` step counts for which numpy's ``arange`` yields one value too many (T = 1000: 61, 103, 121, ...)
   give the requested number of steps, not diffusers' extra timestep -1.
 * Tables and grids are float64 (diffusers: float32), so Karras/exponential/beta timesteps, found from log sigmas,
@@ -143,6 +167,16 @@ Deviations by design or from diffusers' own faults:
   step, one elementwise pass.  ``init_noise_sigma`` is the scale of diffusers' first model input,
   sqrt(sigma_max^2 + 1) c_in(sigma_max) (diffusers draws x = sqrt(sigma_max^2 + 1) noise whatever ``sigma_data``).
   ``sde-dpmsolver++`` of order 3, which fails in diffusers' EDM variant, is k-diffusion's 3M SDE.
+* LCM and TCD walk integer timesteps of the distillation schedule and, as diffusers, never read
+  ``timestep_spacing``, ``steps_offset`` nor ``set_alpha_to_one`` (taken; an unknown spacing is not refused), nor
+  TCD's ``clip_sample``/``thresholding``.  LCM's boundary condition D' is formed eagerly before its fused step (the
+  guidance of a ``(cond, uncond)`` pair too); TCD's ``pred_noised_sample`` costs a second fused pass where the step
+  adds noise.  With custom ``timesteps`` cut by ``strength`` LCM's last step returns D' (diffusers' step counter
+  never reaches ``num_inference_steps - 1`` there, so it noises D' back to the last timestep; its pipelines decode
+  ``denoised``, the same in both), and TCD draws no noise where s = t' (diffusers draws and multiplies by 0).
+  A step past the end of the schedule raises (diffusers noises on), custom timesteps must lie in [0, T - 1]
+  (diffusers reads alphas_cumprod[-1] for -1) and TCD's ``eta`` outside [0, 1] is a ValueError (diffusers asserts).
+  At zero terminal SNR diffusers' LCM and TCD keep alphas_cumprod[-1] = 0 and are exact for v/x0 models too.
 * A saved config names these classes (``_class_name``), which ``DiffusionPipeline.from_pretrained`` cannot look up
   in diffusers: load the pipeline, then set ``pipe.scheduler = ZSNR...Scheduler.from_pretrained(path,
   subfolder="scheduler")``.
@@ -155,29 +189,44 @@ from ._base import ZSNRSchedulerOutput
 from .scheduling_ddim import ZSNRDDIMScheduler
 from .scheduling_ddpm import ZSNRDDPMScheduler
 from .scheduling_dpmsolver_multistep import ZSNRDPMSolverMultistepScheduler
+from .scheduling_dpmsolver_sde import ZSNRDPMSolverSDEScheduler
 from .scheduling_edm_dpmsolver_multistep import ZSNREDMDPMSolverMultistepScheduler
 from .scheduling_edm_euler import ZSNREDMEulerScheduler
 from .scheduling_euler_ancestral_discrete import ZSNREulerAncestralDiscreteScheduler
 from .scheduling_euler_discrete import ZSNREulerDiscreteScheduler
+from .scheduling_flow_match_euler_discrete import ZSNRFlowMatchEulerDiscreteScheduler
+from .scheduling_flow_match_heun_discrete import ZSNRFlowMatchHeunDiscreteScheduler
 from .scheduling_heun_discrete import ZSNRHeunDiscreteScheduler
 from .scheduling_k_dpm_2_ancestral_discrete import ZSNRKDPM2AncestralDiscreteScheduler
 from .scheduling_k_dpm_2_discrete import ZSNRKDPM2DiscreteScheduler
+from .scheduling_lcm import ZSNRLCMScheduler, ZSNRLCMSchedulerOutput
 from .scheduling_lms_discrete import ZSNRLMSDiscreteScheduler
+from .scheduling_tcd import ZSNRTCDScheduler, ZSNRTCDSchedulerOutput
+from .scheduling_unipc_multistep import ZSNRUniPCMultistepScheduler
 
 __all__ = [
+    "FLOW_SCHEDULERS",
     "SCHEDULERS",
     "ZSNRDDIMScheduler",
     "ZSNRDDPMScheduler",
     "ZSNRDPMSolverMultistepScheduler",
+    "ZSNRDPMSolverSDEScheduler",
     "ZSNREDMDPMSolverMultistepScheduler",
     "ZSNREDMEulerScheduler",
     "ZSNREulerAncestralDiscreteScheduler",
     "ZSNREulerDiscreteScheduler",
+    "ZSNRFlowMatchEulerDiscreteScheduler",
+    "ZSNRFlowMatchHeunDiscreteScheduler",
     "ZSNRHeunDiscreteScheduler",
     "ZSNRKDPM2AncestralDiscreteScheduler",
     "ZSNRKDPM2DiscreteScheduler",
+    "ZSNRLCMScheduler",
+    "ZSNRLCMSchedulerOutput",
     "ZSNRLMSDiscreteScheduler",
+    "ZSNRUniPCMultistepScheduler",
     "ZSNRSchedulerOutput",
+    "ZSNRTCDScheduler",
+    "ZSNRTCDSchedulerOutput",
 ]
 
 
@@ -189,9 +238,21 @@ SCHEDULERS = {
     "EulerAncestralDiscreteScheduler": ZSNREulerAncestralDiscreteScheduler,
     "HeunDiscreteScheduler": ZSNRHeunDiscreteScheduler,
     "DPMSolverMultistepScheduler": ZSNRDPMSolverMultistepScheduler,
+    "DPMSolverSDEScheduler": ZSNRDPMSolverSDEScheduler,
     "LMSDiscreteScheduler": ZSNRLMSDiscreteScheduler,
     "KDPM2DiscreteScheduler": ZSNRKDPM2DiscreteScheduler,
     "KDPM2AncestralDiscreteScheduler": ZSNRKDPM2AncestralDiscreteScheduler,
+    "UniPCMultistepScheduler": ZSNRUniPCMultistepScheduler,
+    "LCMScheduler": ZSNRLCMScheduler,
+    "TCDScheduler": ZSNRTCDScheduler,
     "EDMEulerScheduler": ZSNREDMEulerScheduler,
     "EDMDPMSolverMultistepScheduler": ZSNREDMDPMSolverMultistepScheduler,
+}
+
+#: the flow-matching schedulers (diffusers class name -> the class here), apart from :data:`SCHEDULERS`: their sample
+#: is x_t = (1 - t) x0 + t noise on flow times, not a training table of betas, so they take none of the other
+#: schedulers' configs nor those schedulers theirs
+FLOW_SCHEDULERS = {
+    "FlowMatchEulerDiscreteScheduler": ZSNRFlowMatchEulerDiscreteScheduler,
+    "FlowMatchHeunDiscreteScheduler": ZSNRFlowMatchHeunDiscreteScheduler,
 }

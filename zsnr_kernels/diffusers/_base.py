@@ -34,8 +34,9 @@ INF = math.inf
 #: diffusers' prediction_type -> this library's prediction ("original_sample": the Euler scheduler's older name)
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "original_sample": "x0"}
 
-_FLOW = ("flow-matching schedules keep x = (1 - t) x0 + t noise, not these variance-preserving tables; sample such "
-         "a model with zsnr_kernels.sample(..., prediction='flow') on sigma = t / (1 - t)")
+_FLOW = ("flow-matching schedules keep x = (1 - t) x0 + t noise, not these variance-preserving tables; use "
+         "ZSNRFlowMatchEulerDiscreteScheduler or ZSNRFlowMatchHeunDiscreteScheduler, or sample such a model with "
+         "zsnr_kernels.sample(..., prediction='flow') on sigma = t / (1 - t)")
 
 #: config values the schedulers refuse although diffusers takes them: (key, value) -> why, and the fix
 REFUSED = {
@@ -46,6 +47,12 @@ REFUSED = {
     ("algorithm_type", "sde-dpmsolver"): (
         "the noise-prediction SDE-DPM-Solver combines the noise predictions of earlier steps, which the fused "
         "multistep steps do not keep, and diffusers deprecates it; use algorithm_type='sde-dpmsolver++'"),
+    ("solver_order", 4): (
+        "UniPC of order 4 and above remembers four or more predictions, and the fused kernels read at most three; "
+        "use solver_order=3 or lower (diffusers recommends 2 for guided sampling, 3 for unconditional)"),
+    ("predict_x0", False): (
+        "UniPC's noise-prediction form combines the noise predictions of earlier steps, which the fused multistep "
+        "steps do not keep (they remember denoised predictions); use predict_x0=True, diffusers' default"),
     ("use_flow_sigmas", True): _FLOW,
     ("use_dynamic_shifting", True): _FLOW,
     ("prediction_type", "flow_prediction"): _FLOW,
@@ -271,6 +278,7 @@ class _ZSNRScheduler(SchedulerMixin, ConfigMixin):
     _aliases: ClassVar[dict[str, dict]] = {}
     order = 1
     backend = "auto"
+    _clips_denoised: ClassVar[bool] = True  # clip_sample/thresholding act on D in _model_output
 
     def __init__(self) -> None:
         self._check_config()
@@ -359,8 +367,9 @@ class _ZSNRScheduler(SchedulerMixin, ConfigMixin):
                 "(prediction_type='v_prediction'), or a finite start: rescale_betas_zero_snr=False or "
                 "timestep_spacing='leading'.")
         opts = {"prediction": pz.prediction, "sigma_data": pz.sigma_data, "backend": self.backend}
-        clip = getattr(self.config, "clip_sample", False)
-        threshold = getattr(self.config, "thresholding", False)
+        # (a class whose namesake keeps these keys but never clips, TCD, sets _clips_denoised = False)
+        clip = self._clips_denoised and getattr(self.config, "clip_sample", False)
+        threshold = self._clips_denoised and getattr(self.config, "thresholding", False)
         if not (clip or threshold):
             if isinstance(model_output, tuple):
                 opts.update(guidance_scale=w, guidance_rescale=phi, rescale_space="output")

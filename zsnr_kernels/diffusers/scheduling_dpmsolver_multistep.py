@@ -73,7 +73,40 @@ class _MultistepDPM:
         return self._output(self._finish(r.y, sigma_next, k), r.denoised, return_dict, with_denoised=False)
 
 
-class ZSNRDPMSolverMultistepScheduler(_MultistepDPM, _StepIndexed):
+class _DPMSolverTimesteps:
+    """DPM-Solver's timesteps and grids (diffusers' UniPC computes the same): the spacing over n + 1 points, grids
+    over the whole training table."""
+
+    def _spaced(self, n: int, T: int) -> np.ndarray:
+        """diffusers' DPM-Solver spacings: ``linspace``/``leading`` over n + 1 points without the last (so with
+        repeated timesteps when n approaches T), ``trailing`` as the Euler family's; timesteps whose lambda =
+        -log sigma is below ``lambda_min_clipped`` are cut off.  UniPC's are the same."""
+        cfg = self.config
+        lam = -self._train_sigmas.log()
+        floor = getattr(cfg, "lambda_min_clipped", -float("inf"))  # a DPM-Solver key (UniPC has none)
+        clipped = torch.searchsorted(lam.flip(0), torch.tensor([floor], dtype=torch.float64))
+        last = T - int(clipped.item())
+        if cfg.timestep_spacing == "linspace":
+            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
+        elif cfg.timestep_spacing == "leading":
+            ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + cfg.steps_offset
+        else:
+            ts = np.arange(last, 0, -T / n).round() - 1
+            ts = ts[ts >= 0]  # numpy's extra value (see _base._spacing)
+        return ts.astype(np.int64)
+
+    def _grid_span(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return self._train_sigmas.flip(0)  # unlike the Euler family, DPM-Solver's grids span the whole table
+
+    def _grid_timesteps(self, ts: np.ndarray) -> np.ndarray:
+        """Rounded for Karras and Lu grids (not on the cosine table), truncated (by the int64 cast) otherwise, as
+        diffusers."""
+        if self._grid_kind() in ("karras", "lu") and self.config.beta_schedule != "squaredcos_cap_v2":
+            return ts.round()
+        return ts
+
+
+class ZSNRDPMSolverMultistepScheduler(_MultistepDPM, _DPMSolverTimesteps, _StepIndexed):
     """``DPMSolverMultistepScheduler`` for ``algorithm_type="dpmsolver++"`` (DPM++ 2M, 3M) and
     ``"sde-dpmsolver++"`` (DPM++ 2M SDE), same config keys.
 
@@ -131,33 +164,6 @@ class ZSNRDPMSolverMultistepScheduler(_MultistepDPM, _StepIndexed):
             raise ValueError(f"solver_order must be a positive int (orders above 3 step as 3, as in diffusers), got "
                              f"{solver_order!r}")
         self._reset_history()
-
-    def _spaced(self, n: int, T: int) -> np.ndarray:
-        """diffusers' DPM-Solver spacings: ``linspace``/``leading`` over n + 1 points without the last (so with
-        repeated timesteps when n approaches T), ``trailing`` as the Euler family's; timesteps whose lambda =
-        -log sigma is below ``lambda_min_clipped`` are cut off."""
-        cfg = self.config
-        lam = -self._train_sigmas.log()
-        clipped = torch.searchsorted(lam.flip(0), torch.tensor([cfg.lambda_min_clipped], dtype=torch.float64))
-        last = T - int(clipped.item())
-        if cfg.timestep_spacing == "linspace":
-            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
-        elif cfg.timestep_spacing == "leading":
-            ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + cfg.steps_offset
-        else:
-            ts = np.arange(last, 0, -T / n).round() - 1
-            ts = ts[ts >= 0]  # numpy's extra value (see _base._spacing)
-        return ts.astype(np.int64)
-
-    def _grid_span(self, sigmas: torch.Tensor) -> torch.Tensor:
-        return self._train_sigmas.flip(0)  # unlike the Euler family, DPM-Solver's grids span the whole table
-
-    def _grid_timesteps(self, ts: np.ndarray) -> np.ndarray:
-        """Rounded for Karras and Lu grids (not on the cosine table), truncated (by the int64 cast) otherwise, as
-        diffusers."""
-        if self._grid_kind() in ("karras", "lu") and self.config.beta_schedule != "squaredcos_cap_v2":
-            return ts.round()
-        return ts
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       mu: float | None = None, timesteps: list[int] | None = None) -> None:
