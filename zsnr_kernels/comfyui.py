@@ -201,7 +201,7 @@ def sampler_class():
 
 
 def make_sampler(sampler: str = "euler", noise: str = "philox", **options):
-    """A ZSNR Sampler object (what the node returns): ``sampler`` one of :data:`zsnr_kernels.SAMPLERS`, ``noise``
+    """A ZSNR Sampler object (what the node returns): ``sampler`` one of :data:`NODE_SAMPLERS`, ``noise``
     one of :data:`NOISE_SOURCES`, ``options`` those :func:`zsnr_kernels.sample` takes (``eta``, ``s_noise``,
     ``s_churn``, ``s_tmin``, ``s_tmax``, ``solver_type``)."""
     return sampler_class()(sampler, noise, options)
@@ -209,17 +209,22 @@ def make_sampler(sampler: str = "euler", noise: str = "philox", **options):
 
 def _sampler_init(self, sampler, noise, options):
     self.spec = co.sampler_spec(sampler)
+    if self.spec.uncond:
+        raise ValueError(f"sampler: {sampler} (CFG++) renoises with the unconditional prediction, which ComfyUI's "
+                         "Sampler interface does not hand over (only the guided one), so it would silently be its "
+                         f"plain sampler here; use one of {NODE_SAMPLERS}, or zsnr_kernels.sample(..., sampler="
+                         f"{sampler!r}) with a model returning (cond, uncond)")
     self.noise = _validate.choice("noise", noise, NOISE_SOURCES)
     self.options = dict(options)
 
 
-def _comfy_noise_sampler(spec, x, vals, seed):
+def _comfy_noise_sampler(spec, x, vals, seed, sigmas=None):
     """ComfyUI's own noise for this sampler, as its KSAMPLER draws it: a Brownian tree over the finite sigmas for
     the SDE samplers (at sigma = inf the limit of its normalised increment, a unit Gaussian seeded by the seed),
     ``default_noise_sampler`` for the others (ancestral noise and churn)."""
     import comfy.k_diffusion.sampling as ks
 
-    if spec.kind == "multistep" and spec.eta:
+    if (spec.kind == "multistep" or spec.name == "dpmpp_sde") and spec.eta:  # ComfyUI's SDE samplers
         finite = [v for v in vals if 0.0 < v < INF]
         # none for [inf, 0] (ZSNR Schedule with one step): that step draws no noise, and a tree needs an interval
         tree = ks.BrownianTreeNoiseSampler(x, torch.tensor(min(finite)), torch.tensor(max(finite)), seed=seed,
@@ -229,12 +234,24 @@ def _comfy_noise_sampler(spec, x, vals, seed):
         def brownian(sigma, sigma_next):
             if sigma == INF or tree is None:
                 return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+            if spec.name == "dpmpp_sde" and sigmas is not None:  # its times as ComfyUI computes them, see below
+                return tree(*_dpmpp_sde_times(sigmas, vals, sigma, sigma_next))
             return tree(torch.tensor(sigma), torch.tensor(sigma_next))
 
         return brownian
     if "seed" in inspect.signature(ks.default_noise_sampler).parameters:  # today's ComfyUI seeds it
         return ks.default_noise_sampler(x, seed=seed)
     return ks.default_noise_sampler(x)
+
+
+def _dpmpp_sde_times(sigmas, vals, sigma: float, target: float):
+    """The tree times ComfyUI's ``sample_dpmpp_sde`` passes, in its sigmas' dtype: (sigma_fn(t), sigma_fn(t + h/2))
+    for the first stage and (sigma_fn(t), sigma_fn(t_next)) for the second, from sample()'s (sigma_i, sigma_s) and
+    (sigma_i, sigma_{i+1}) (a Brownian tree moves with its query times by more than float rounding)."""
+    i = vals.index(sigma)
+    t, t_next = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
+    end = t_next if target == vals[i + 1] else t + (t_next - t) * 0.5
+    return t.neg().exp(), end.neg().exp()
 
 
 def _sampler_sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
@@ -246,7 +263,7 @@ def _sampler_sample(self, model_wrap, sigmas, extra_args, callback, noise, laten
     docstring)."""
     comfy_samplers = _comfy()
     ms = model_wrap.inner_model.model_sampling
-    vals = _validate.sigmas(sigmas)
+    vals = _validate.sigmas(sigmas, final_zero=False)  # SplitSigmas' first half ends above 0
     sd = float(ms.sigma_data)
     pz = parameterization("x0", sd)
     limit = None
@@ -284,7 +301,7 @@ def _sampler_sample(self, model_wrap, sigmas, extra_args, callback, noise, laten
     seed = extra_args.get("seed")
     opts = dict(self.options)
     if self.noise == "comfy" and (self.spec.stochastic(opts.get("eta", 1.0)) or opts.get("s_churn", 0.0) > 0):
-        opts["noise_sampler"] = _comfy_noise_sampler(self.spec, noise, vals, seed)
+        opts["noise_sampler"] = _comfy_noise_sampler(self.spec, noise, vals, seed, sigmas)
     elif seed is not None:
         opts["seed"] = int(seed)
     k_callback = None
@@ -375,8 +392,16 @@ def _float(default, lo, hi, step=0.01):
     return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": False})
 
 
+#: the samplers the ZSNR Sampler node offers: all but CFG++ (``SamplerSpec.uncond``), which needs the unconditional
+#: prediction apart from the guided one, where ComfyUI's ``Sampler`` interface hands over the guided denoised only
+#: (this snapshot's ``sampler_post_cfg_function`` hook could supply it: not done yet)
+NODE_SAMPLERS = tuple(name for name, spec in co.SAMPLERS.items() if not spec.uncond)
+
+
 class ZSNRSampler:
-    """ZSNR Sampler: every sampler of the library, exact from sigma = inf (for SamplerCustom)."""
+    """ZSNR Sampler: every sampler of the library, exact from sigma = inf (for SamplerCustom).  ``solver_type`` is
+    dpmpp_2m_sde's correction (midpoint, heun) and unipc's variant (bh1, bh2: ComfyUI's uni_pc and uni_pc_bh2); a
+    sampler that does not take the value shown keeps its own default."""
 
     RETURN_TYPES = ("SAMPLER",)
     FUNCTION = "get_sampler"
@@ -385,13 +410,13 @@ class ZSNRSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "sampler_name": (list(co.SAMPLERS),),
+            "sampler_name": (list(NODE_SAMPLERS),),
             "eta": _float(1.0, 0.0, 100.0),
             "s_noise": _float(1.0, 0.0, 100.0),
             "s_churn": _float(0.0, 0.0, 100.0),
             "s_tmin": _float(0.0, 0.0, 1e10),
             "s_tmax": _float(1e10, 0.0, 1e10),  # a widget holds no inf: 1e10 is above every training sigma
-            "solver_type": (list(co.SOLVER_TYPES),),
+            "solver_type": (list(dict.fromkeys(co.SOLVER_TYPES + co.UNIPC_VARIANTS)),),
             "noise": (list(NOISE_SOURCES),),
         }}
 
@@ -404,7 +429,7 @@ class ZSNRSampler:
             opts["s_noise"] = s_noise
         if spec.churn:
             opts.update(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax)
-        if "solver_type" in dict(spec.options):
+        if solver_type in co.solver_types(sampler_name):  # one widget for all: another sampler's value is ignored
             opts["solver_type"] = solver_type
         return (make_sampler(sampler_name, noise, **opts),)
 

@@ -8,7 +8,7 @@ Switch a k-diffusion script with one line::
 
 ``K.sampling`` is this module, so ``K.sample_euler`` works too; ``K.external`` and ``K.utils`` are k-diffusion's
 own modules (the model wrappers, the helpers), imported on first use, and the samplers this module does not
-rewrite (``sample_dpmpp_sde``, ``sample_dpm_fast``, ``sample_dpm_adaptive``) are k-diffusion's own functions.
+rewrite (``sample_dpm_fast``, ``sample_dpm_adaptive``) are k-diffusion's own functions.
 
 **Same results.**  Each ``sample_*`` takes k-diffusion 0.1.1's arguments and defaults, calls
 ``model(x, sigma, **extra_args)`` (a k-diffusion denoiser, returning x0) at the same x and sigma, calls
@@ -35,7 +35,8 @@ sampler returns NaN.  Here, with ``sigmas[0] = inf``:
   has no finite input at sigma = inf.
 * The step from inf is each sampler's exact limit there (docs/design.md §2.3): first order for the DPM++ multistep
   samplers, and Euler (one model call) for heun, dpm_2 and lms, Euler ancestral for dpm_2_ancestral, whose
-  second-order updates have no limit there.
+  second-order updates have no limit there; dpmpp_sde keeps both calls for eta > 0 (its midpoint is at inf too)
+  and is Euler at eta = 0.
 * ``callback`` gets ``x=None`` at sigma = inf (x is infinite there), and on this path it is called after the
   fused update, which forms ``denoised``.
 * :func:`get_sigmas_zero_snr` builds the schedule (k-diffusion's ``get_sigmas`` gives NaN for such a model), and
@@ -84,7 +85,7 @@ _D_BEFORE_CALLBACK = ("euler", "heun", "dpm_2", "lms")
 # k-diffusion's noise source per sampler (facts of its code, not of the samplers): a default noise sampler for the
 # ancestral ones, a Brownian tree for the SDE ones
 _ANCESTRAL = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral")
-_SDE = ("dpmpp_2m_sde", "dpmpp_3m_sde")
+_SDE = ("dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde")
 
 #: spacings of :func:`get_sigmas_zero_snr`
 ZERO_SNR_SPACINGS = ("trailing", "linspace", "k-diffusion", "karras", "exponential", "polyexponential")
@@ -357,8 +358,8 @@ def get_sigmas_zero_snr(model_or_alphas_cumprod, n, spacing="trailing", *, rho=N
 
 
 def _schedule(sigmas) -> tuple[torch.Tensor, list[float]]:
-    """(sigmas as a tensor, as floats): 1-D, no NaN, >= 0, strictly descending; only sigmas[0] may be inf.  Unlike
-    :func:`zsnr_kernels.sample`, the last value need not be 0 (k-diffusion then returns x at that sigma)."""
+    """(sigmas as a tensor, as floats): 1-D, no NaN, >= 0, strictly descending; only sigmas[0] may be inf.  The last value
+    need not be 0 (k-diffusion then returns x at that sigma, as :func:`zsnr_kernels.sample` does)."""
     if isinstance(sigmas, torch.Tensor):
         if sigmas.ndim != 1:
             raise ValueError(f"sigmas must be 1-D, got shape {tuple(sigmas.shape)}")
@@ -411,12 +412,27 @@ def _as_state_noise(z, x: torch.Tensor):
     return z.to(device=x.device, dtype=x.dtype) if isinstance(z, torch.Tensor) else z
 
 
+def _dpmpp_sde_draws(noise_sampler, sigma_t, sigma_next_t, at_inf: bool, x) -> tuple[_Draw, _Draw]:
+    """The two noise draws of a ``sample_dpmpp_sde`` step, called with the arguments k-diffusion computes, in the
+    sigmas' own dtype: ``(sigma_fn(t), sigma_fn(t + h/2))`` for the first stage and ``(sigma_fn(t),
+    sigma_fn(t_next))`` for the second (a Brownian tree's increments move with its query times by more than float
+    rounding, so the times are k-diffusion's to the bit).  From sigma = inf (k-diffusion: t + h/2 is NaN) the first
+    stage's are ``(inf, inf)``, the limit of its interval."""
+    t, t_next = sigma_t.log().neg(), sigma_next_t.log().neg()
+    sigma_from, sigma_to = t.neg().exp(), t_next.neg().exp()
+    sigma_mid = sigma_t if at_inf else (t + (t_next - t) * 0.5).neg().exp()
+    return (_Draw(lambda: _as_state_noise(noise_sampler(sigma_from, sigma_mid), x)),
+            _Draw(lambda: _as_state_noise(noise_sampler(sigma_from, sigma_to), x)))
+
+
 def _k_diffusion_draws(sampler: str, sigma_next: float, eta: float, two_stages: bool) -> bool:
     """Whether k-diffusion makes this step's noise draw (after the step's model calls) even when it adds none."""
     if co.SAMPLERS[sampler].churn:
         return True  # the next step's churn noise: k-diffusion draws it at that step's start, used or not
     if sampler == "dpm_2_ancestral":
         return two_stages  # drawn only in its DPM-Solver-2 branch (sigma_down > 0)
+    if sampler == "dpmpp_sde":
+        return sigma_next > 0  # both stages' draws, whatever eta (k-diffusion multiplies them by sigma_up = 0)
     if sampler in _SDE:
         return bool(eta) and sigma_next > 0
     return sigma_next > 0  # euler_ancestral, dpmpp_2s_ancestral
@@ -501,11 +517,14 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
             callback({"x": xs, "i": i, "sigma": sig_t[i], "sigma_hat": hat_t[i],
                       "denoised": out.clone() if sampler in _D_BEFORE_CALLBACK else out})
         kw = dict(options)
-        draw = None
+        draw = draw2 = None
         if spec.churn and i + 1 < n:
             draw = _Draw(lambda: torch.randn_like(x))  # k-diffusion's churn noise of step i + 1
             if hats[i + 1] != sigma_next:  # fold that churn into this update (docs/design.md §2.5)
                 kw.update(sigma_hat_next=hats[i + 1], s_noise=s_noise, noise=draw)
+        elif noise_sampler is not None and sampler == "dpmpp_sde":
+            draw, draw2 = _dpmpp_sde_draws(noise_sampler, sig_t[i], sig_t[i + 1], vals[i] == INF, x)
+            kw["noise"] = draw
         elif noise_sampler is not None:
             draw = _Draw(lambda i=i: _as_state_noise(noise_sampler(sig_t[i], sig_t[i + 1]), x))
             kw["noise"] = draw
@@ -515,11 +534,13 @@ def _sample(sampler, model, x, sigmas, extra_args, callback, disable, *, noise_s
         if callback is not None and vnet is not None:  # D of a v model comes out of the fused step
             callback({"x": xs, "i": i, "sigma": sig_t[i], "sigma_hat": hat_t[i], "denoised": r.denoised})
         two_stages = not r.complete
+        if draw2 is not None and sigma_next > 0:  # dpmpp_sde's first-stage draw, made before its second model call
+            draw.settle()
         if two_stages:
             _, out2 = evaluate(r.y, r.sigma, False)
-            r = step(r.y, out2, sigma, sigma_next, first=r, **kw)
+            r = step(r.y, out2, sigma, sigma_next, first=r, **(kw if draw2 is None else {**kw, "noise": draw2}))
         if draw is not None and _k_diffusion_draws(sampler, sigma_next, eta, two_stages):
-            draw.settle()
+            (draw if draw2 is None else draw2).settle()
         if depth:
             history = ([(sigma, r.derivative if spec.keeps == "derivative" else r.denoised)] + history)[:depth]
         y = r.y
@@ -574,6 +595,21 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     """Ancestral sampling with DPM-Solver++(2S) steps, as ``k_diffusion.sampling.sample_dpmpp_2s_ancestral``."""
     return _sample("dpmpp_2s_ancestral", model, x, sigmas, extra_args, callback, disable, eta=eta,
                    s_noise=s_noise, noise_sampler=noise_sampler)
+
+
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                     noise_sampler=None, r=1 / 2):
+    """DPM-Solver++(2S) SDE, as ``k_diffusion.sampling.sample_dpmpp_sde`` (:func:`zsnr_kernels.dpmpp_sde_step`):
+    two model calls per step, the noise sampler called with k-diffusion's ``(sigma, sigma_s)`` and ``(sigma,
+    sigma')``; default noise a :class:`BrownianTreeNoiseSampler` over the finite sigmas, seeded from torch's
+    generator.  ``r`` must be 1/2 (the fused step's midpoint; k-diffusion's other values are not rewritten).  From
+    sigma = inf: eta > 0 keeps both calls (the second at sigma = inf too), eta = 0 is one Euler step
+    (:func:`zsnr_kernels.coefficients.dpmpp_sde`)."""
+    if r != 0.5:
+        raise ValueError(f"r={r!r}: the fused dpmpp_sde step takes k-diffusion's default r = 1/2 only; for another "
+                         "midpoint use k_diffusion.sampling.sample_dpmpp_sde itself")
+    return _sample("dpmpp_sde", model, x, sigmas, extra_args, callback, disable, eta=eta, s_noise=s_noise,
+                   noise_sampler=noise_sampler)
 
 
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -699,9 +735,9 @@ def _load_k_diffusion_module(name: str):
 def __getattr__(name):
     """From k-diffusion itself, imported on first use (:func:`k_diffusion_module`): ``external`` and ``utils`` (its
     model wrappers and helpers), and the names of ``k_diffusion.sampling`` this module does not define
-    (``sample_dpmpp_sde``, ``sample_dpm_fast``, ``sample_dpm_adaptive``, ``DPMSolver`` ...), unchanged: those run
-    k-diffusion's own code (finite schedules, no fused kernels).  So a front end that lists the samplers it finds
-    (``hasattr(K.sampling, "sample_dpmpp_sde")``) keeps them."""
+    (``sample_dpm_fast``, ``sample_dpm_adaptive``, ``DPMSolver`` ...), unchanged: those run k-diffusion's own code
+    (finite schedules, no fused kernels).  So a front end that lists the samplers it finds
+    (``hasattr(K.sampling, "sample_dpm_fast")``) keeps them."""
     if name.startswith("__"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     source = name if name in ("external", "utils") else "sampling"
@@ -720,6 +756,6 @@ __all__ = [
     "ZERO_SNR_SPACINGS", "BrownianTreeNoiseSampler", "append_zero", "default_noise_sampler", "get_ancestral_step",
     "get_sigmas_exponential", "get_sigmas_karras", "get_sigmas_polyexponential", "get_sigmas_vp",
     "get_sigmas_zero_snr", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
-    "sample_dpmpp_2s_ancestral", "sample_dpmpp_3m_sde", "sample_euler", "sample_euler_ancestral", "sample_heun",
+    "sample_dpmpp_2s_ancestral", "sample_dpmpp_3m_sde", "sample_dpmpp_sde", "sample_euler", "sample_euler_ancestral", "sample_heun",
     "sample_lms", "sampling", "to_d",
 ]

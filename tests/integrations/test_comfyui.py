@@ -286,3 +286,145 @@ def test_installer_writes_a_shim_comfyuis_loader_loads(tmp_path):
     (root / "custom_nodes" / zc.SHIM_NAME).write_text("# someone else's\n")
     assert zc.run(ap.parse_args([str(root)])) == 2
     assert zc.run(ap.parse_args([str(root), "--force"])) == 0
+
+
+def test_a_workflow_runs_through_comfyuis_executor(zsnr_model, tmp_path, monkeypatch):
+    """A workflow as ComfyUI's frontend queues it (API-format JSON): the installed shim's ZSNR Schedule, Sampler and
+    Guidance nodes wired into ComfyUI's own ``SamplerCustom`` and ``EmptyLatentImage``, checked by ComfyUI's
+    ``validate_prompt`` (every input against the nodes' INPUT_TYPES) and run by its ``PromptExecutor`` (under
+    ``torch.inference_mode``, as the server runs it).  The latent it produces is finite and equals the nodes
+    called directly.  (The model and conditioning come from two test nodes: nothing is downloaded.)"""
+    import json
+
+    _argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    try:
+        import execution
+        import nodes
+        from comfy_extras import nodes_custom_sampler
+    finally:
+        sys.argv = _argv
+    root = tmp_path / "ComfyUI"
+    (root / "comfy").mkdir(parents=True)
+    (root / "custom_nodes").mkdir()
+    shim = zc.install(str(root))
+    for key in zc.NODE_CLASS_MAPPINGS:  # loaded by ComfyUI's loader below, and taken out again after the test
+        monkeypatch.delitem(nodes.NODE_CLASS_MAPPINGS, key, raising=False)
+        monkeypatch.delitem(nodes.NODE_DISPLAY_NAME_MAPPINGS, key, raising=False)
+    assert nodes.load_custom_node(shim)
+    positive, negative = _conds()
+    captured = []
+
+    class TestModel:
+        RETURN_TYPES, FUNCTION, CATEGORY = ("MODEL",), "load", "test"
+        INPUT_TYPES = classmethod(lambda cls: {"required": {}})
+
+        def load(self):
+            return (zsnr_model,)
+
+    class TestConds:
+        RETURN_TYPES, FUNCTION, CATEGORY = ("CONDITIONING", "CONDITIONING"), "load", "test"
+        INPUT_TYPES = classmethod(lambda cls: {"required": {}})
+
+        def load(self):
+            return positive, negative
+
+    class Keep:
+        RETURN_TYPES, FUNCTION, CATEGORY, OUTPUT_NODE = (), "keep", "test", True
+        INPUT_TYPES = classmethod(lambda cls: {"required": {"samples": ("LATENT",)}})
+
+        def keep(self, samples):
+            captured.append(samples["samples"].clone())
+            return {}
+
+    for key, cls in {"TestModel": TestModel, "TestConds": TestConds, "Keep": Keep,
+                     "SamplerCustom": nodes_custom_sampler.SamplerCustom}.items():
+        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, key, cls)
+    workflow = json.loads(json.dumps({
+        "1": {"class_type": "TestModel", "inputs": {}},
+        "2": {"class_type": "TestConds", "inputs": {}},
+        "3": {"class_type": "ZSNRGuidance", "inputs": {"model": ["1", 0], "multiplier": 0.7, "rescale_space": "v"}},
+        "4": {"class_type": "ZSNRSchedule", "inputs": {"model": ["3", 0], "schedule": "trailing", "steps": 6,
+                                                      "denoise": 1.0, "steps_offset": 0}},
+        "5": {"class_type": "ZSNRSampler", "inputs": {"sampler_name": "unipc", "eta": 1.0, "s_noise": 1.0,
+                                                     "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 1e10,
+                                                     "solver_type": "bh1", "noise": "philox"}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "7": {"class_type": "SamplerCustom", "inputs": {"model": ["3", 0], "add_noise": True, "noise_seed": 42,
+                                                       "cfg": 4.0, "positive": ["2", 0], "negative": ["2", 1],
+                                                       "sampler": ["5", 0], "sigmas": ["4", 0],
+                                                       "latent_image": ["6", 0]}},
+        "8": {"class_type": "Keep", "inputs": {"samples": ["7", 0]}},
+    }))
+    valid, error, outputs, node_errors = execution.validate_prompt(workflow)
+    assert valid, (error, node_errors)
+
+    class Server:  # what PromptExecutor reports progress to (the web server in ComfyUI)
+        client_id = last_node_id = None
+
+        def send_sync(self, *args, **kwargs):
+            pass
+
+    executor = execution.PromptExecutor(Server())
+    executor.execute(workflow, "zsnr-test", {}, outputs)
+    assert executor.success, executor.status_messages
+    (got,) = captured
+    assert got.shape == SHAPE and torch.isfinite(got).all()
+
+    guided = zc.ZSNRGuidance().patch(zsnr_model, 0.7, "v")[0]
+    sigmas = zc.ZSNRSchedule().get_sigmas(guided, "trailing", 6, 1.0)[0]
+    assert sigmas[0] == math.inf
+    sampler = zc.ZSNRSampler().get_sampler("unipc", 1.0, 1.0, 0.0, 0.0, 1e10, "bh1", "philox")[0]
+    latent = nodes.EmptyLatentImage().generate(64, 64, 2)[0]
+    with torch.inference_mode():  # as the executor runs (with grad, the model's weights make autograd record)
+        want = nodes_custom_sampler.SamplerCustom().sample(guided, True, 42, 4.0, positive, negative, sampler,
+                                                           sigmas, latent)[0]["samples"]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+def test_split_sigmas_halves_equal_the_whole_run(zsnr_model, name):
+    """SplitSigmas (hires-fix and refiner workflows): the first half ends above 0 and returns ComfyUI's latent at
+    that sigma; the second half (add_noise off) continues from it, and the two equal the whole run to float32
+    rounding (these samplers keep nothing between steps)."""
+    from comfy_extras import nodes_custom_sampler as ncs
+
+    positive, negative = _conds()
+    sigmas = zc.ZSNRSchedule().get_sigmas(zsnr_model, "trailing", 8, 1.0)[0]
+    high, low = ncs.SplitSigmas().get_sigmas(sigmas, 3)
+    assert high[0] == math.inf and high[-1] > 0 and low[0] == high[-1]
+    sampler = zc.make_sampler(name)
+    latent = {"samples": torch.zeros(SHAPE)}
+    run = ncs.SamplerCustom().sample
+    with torch.inference_mode():
+        whole = run(zsnr_model, True, 42, 4.0, positive, negative, sampler, sigmas, latent)[0]["samples"]
+        first = run(zsnr_model, True, 42, 4.0, positive, negative, sampler, high, latent)[0]
+        second = run(zsnr_model, False, 0, 4.0, positive, negative, sampler, low, first)[0]["samples"]
+    assert torch.isfinite(first["samples"]).all()
+    torch.testing.assert_close(second, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,name", [("bh1", "uni_pc"), ("bh2", "uni_pc_bh2")])
+@pytest.mark.parametrize("steps", [5, 8])
+def test_unipc_equals_comfyuis_uni_pc(model, variant, name, steps):
+    """ComfyUI's ``uni_pc``/``uni_pc_bh2`` (the UniPC authors' code: order min(3, steps - 1), lower order at the
+    end, data prediction) against the ZSNR Sampler's ``unipc`` with that order and variant, on a schedule that ends
+    above 0: ComfyUI replaces a final 0 by 0.001, so the schedule ends at a finite sigma and both return the latent
+    there."""
+    sigmas = comfy.samplers.calculate_sigmas_scheduler(model.model, "karras", steps)[:-1]
+    order = min(3, len(sigmas) - 2)
+    ours = _run(model, zc.make_sampler("unipc", solver_type=variant, order=order), sigmas)
+    theirs = _run(model, comfy.samplers.sampler_object(name), sigmas)
+    assert torch.isfinite(theirs).all()
+    scale = theirs.abs().max().item()
+    assert (ours - theirs).abs().max().item() <= 2e-5 * scale, (ours - theirs).abs().max().item()
+
+
+def test_cfg_pp_samplers_are_not_offered_where_the_uncond_prediction_is_not_handed_over():
+    """CFG++ needs D_u apart from the guided D; ComfyUI's Sampler gets the guided one only, so the node does not list
+    the cfg_pp samplers and make_sampler refuses them with the reason (rather than silently running the plain
+    sampler)."""
+    names = zc.ZSNRSampler.INPUT_TYPES()["required"]["sampler_name"][0]
+    assert "euler_cfg_pp" not in names and "unipc" in names and "euler" in names
+    assert set(names) == {n for n, s in zk.SAMPLERS.items() if not s.uncond}
+    with pytest.raises(ValueError, match="unconditional prediction"):
+        zc.make_sampler("euler_cfg_pp")

@@ -20,8 +20,8 @@ from zsnr_kernels import k_diffusion as K
 
 INF = math.inf
 ALL = ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m",
-       "dpmpp_2m_sde", "dpmpp_3m_sde", "lms"]
-NOISY = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"]
+       "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde", "lms"]
+NOISY = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde"]
 CHURN = ["euler", "heun", "dpm_2"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # max abs difference, relative to the tensor's scale if > 1
 SHAPE = (2, 4, 9, 11)
@@ -136,7 +136,7 @@ def test_signatures_are_k_diffusions(kdiff):
         assert params(getattr(K, name)) == params(getattr(sampling, name)), name
     assert K.sampling is K and K.sampling.sample_euler is K.sample_euler
     # what this module does not rewrite is k-diffusion's own, so front ends listing samplers keep them
-    for name in ("sample_dpmpp_sde", "sample_dpm_fast", "sample_dpm_adaptive", "DPMSolver"):
+    for name in ("sample_dpm_fast", "sample_dpm_adaptive", "DPMSolver"):
         assert getattr(K.sampling, name) is getattr(sampling, name)
     assert not hasattr(K, "sample_no_such_sampler") and not hasattr(K, "__no_such_dunder__")
 
@@ -169,6 +169,7 @@ def test_matches_k_diffusion(kdiff, sampler, schedule, dtype):
     ("euler_ancestral", {}), ("euler_ancestral", {"eta": 0.0}), ("dpm_2_ancestral", {}),
     ("dpm_2_ancestral", {"eta": 1.5}), ("dpmpp_2s_ancestral", {"s_noise": 0.0}), ("dpmpp_2m_sde", {}),
     ("dpmpp_2m_sde", {"eta": 0.0}), ("dpmpp_2m_sde", {"s_noise": 0.0}), ("dpmpp_3m_sde", {"eta": 0.5}),
+    ("dpmpp_sde", {}), ("dpmpp_sde", {"eta": 0.0}), ("dpmpp_sde", {"eta": 0.5, "s_noise": 0.9}),
 ])
 def test_default_noise_matches_k_diffusion(kdiff, sampler, kw):
     """No noise_sampler: k-diffusion's randn_like(x) / Brownian tree from torch's global generator.  Same seed,
@@ -243,7 +244,7 @@ def test_forwarding_to_a_broken_k_diffusion_answers_no(monkeypatch):
     monkeypatch.setattr(K, "_k_diffusion_loaded", {})  # as in a fresh process
     monkeypatch.setitem(sys.modules, "torchsde", None)
     monkeypatch.setattr(importlib, "import_module", broken)
-    assert not hasattr(K.sampling, "sample_dpmpp_sde")
+    assert not hasattr(K.sampling, "sample_dpm_fast")
     assert "k_diffusion.sampling" not in sys.modules
 
 
@@ -429,7 +430,10 @@ def test_zero_snr_equals_sample_on_the_inner_network(kdiff, sampler):
     expected = zk.sample(_inner_as_v_model(model, inner, cond), noise, sigmas, sampler=sampler,
                          noise_sampler=streams[1] if sampler in NOISY else None)
     _close(ours, expected, torch.float64, "result")
-    if sampler in NOISY:
+    if sampler == "dpmpp_sde":  # the drop-in passes k-diffusion's sigma_fn(t_fn(sigma)), sample() sigma itself
+        assert len(streams[0].calls) == len(streams[1].calls)
+        assert all(math.isclose(u, v, rel_tol=1e-14) for a, b in zip(*(s.calls for s in streams)) for u, v in zip(a, b))
+    elif sampler in NOISY:
         assert streams[0].calls == streams[1].calls
     assert [r["i"] for r in reports] == list(range(12)) and reports[0]["x"] is None
     assert all(r.keys() == {"x", "i", "sigma", "sigma_hat", "denoised"} for r in reports)
@@ -611,3 +615,63 @@ def test_half_precision_x_with_a_float32_network(kdiff):
         full = getattr(K, name)(model, x, sigmas, disable=True)
         assert half.dtype == torch.float16 and torch.isfinite(half).all()
         assert (half.float() - full).abs().max().item() < 5e-2 * max(full.abs().max().item(), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------- dpmpp_sde
+
+
+def test_dpmpp_sde_is_rewritten_and_calls_the_brownian_tree_as_k_diffusion(kdiff):
+    """``K.sample_dpmpp_sde`` runs the fused steps (not k-diffusion's function): with the default noise (a Brownian
+    tree seeded from torch's generator) and float32 sigmas, the tree is queried at k-diffusion's own float32 times
+    (sigma_fn(t), sigma_fn(t + h/2)) and (sigma_fn(t), sigma_fn(t_next)), so the noise is k-diffusion's to the bit;
+    the model's second call is at the float64 midpoint (k-diffusion: float32), hence float32-level agreement."""
+    sampling, external = kdiff
+    assert K.sample_dpmpp_sde is not sampling.sample_dpmpp_sde and "sample_dpmpp_sde" in K.__all__
+    model, _ = _wrapper(external, "v")
+    sigmas = sampling.get_sigmas_karras(8, 0.03, 14.6)  # float32, k-diffusion's default
+    x = _noise() * sigmas[0].double()
+    queries = {"theirs": [], "ours": []}
+    results = {}
+    for name, mod in (("theirs", sampling), ("ours", K)):
+        real = sampling.BrownianTreeNoiseSampler.__call__
+
+        def spy(self, s, sn, name=name, real=real):
+            queries[name].append((s.dtype, float(s), float(sn)))
+            return real(self, s, sn)
+
+        torch.manual_seed(3)
+        seed = torch.randint(0, 2 ** 63 - 1, []).item()
+        ns = sampling.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seed)
+        ns.__class__ = type("Spy", (sampling.BrownianTreeNoiseSampler,), {"__call__": spy})
+        results[name] = mod.sample_dpmpp_sde(model, x, sigmas, extra_args={"cond": _cond()}, disable=True,
+                                             noise_sampler=ns)
+    assert queries["ours"] == queries["theirs"] and len(queries["ours"]) == 2 * (len(sigmas) - 2)
+    assert (results["ours"] - results["theirs"]).abs().max().item() < 1e-4
+
+
+def test_dpmpp_sde_from_inf_with_the_default_brownian_tree(kdiff):
+    """From sigma = inf both first-stage draws are over infinite intervals: the tree's limit (one unit Gaussian,
+    the normalised increments of nested infinite intervals being perfectly correlated).  The drop-in equals
+    zsnr_kernels.sample with the same tree."""
+    _, external = kdiff
+    model, inner = _wrapper(external, "discrete", zero_snr=True)
+    sigmas = K.get_sigmas_zero_snr(model, 8)
+    noise, cond = _noise(), _cond()
+    torch.manual_seed(9)
+    ours = K.sample_dpmpp_sde(model, noise, sigmas, extra_args={"cond": cond}, disable=True)
+    assert torch.isfinite(ours).all()
+    torch.manual_seed(9)
+    finite = sigmas[(sigmas > 0) & torch.isfinite(sigmas)]
+    tree = K.BrownianTreeNoiseSampler(noise, finite.min(), finite.max())
+    expected = zk.sample(_inner_as_v_model(model, inner, cond), noise, sigmas, sampler="dpmpp_sde",
+                         noise_sampler=lambda s, sn: tree(torch.tensor(s, dtype=torch.float64),
+                                                          torch.tensor(sn, dtype=torch.float64)))
+    assert (ours - expected).abs().max().item() < 1e-8
+
+
+def test_dpmpp_sde_refuses_another_r(kdiff):
+    sampling, external = kdiff
+    model, _ = _wrapper(external, "v")
+    sigmas = sampling.get_sigmas_karras(4, 0.03, 14.6).double()
+    with pytest.raises(ValueError, match="r = 1/2"):
+        K.sample_dpmpp_sde(model, _noise() * sigmas[0], sigmas, r=0.3, extra_args={"cond": _cond()})
