@@ -477,7 +477,35 @@ class _TimestepIndexed(_ZSNRScheduler):
 # ------------------------------------------------------------------------- Euler family and DPM-Solver (indexed)
 
 
-class _StepIndexed(_ZSNRScheduler):
+class _StepCounter:
+    """diffusers' step counter, shared by the walks that count steps (``_StepIndexed`` here, LCM's and TCD's):
+    ``step_index``, ``begin_index``/``set_begin_index`` (img2img) and ``index_for_timestep``."""
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step (model evaluation) in ``timesteps`` (None before the first step)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first step (evaluation), as set by a pipeline with :meth:`set_begin_index` (img2img)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Index of ``timestep`` in ``timesteps``; the second match when it occurs twice (diffusers' rule, so that
+        img2img starting mid-schedule does not skip a sigma)."""
+        if schedule_timesteps is None:
+            schedule_timesteps = self.timesteps
+        indices = (schedule_timesteps == timestep).nonzero()
+        if len(indices) == 0:
+            raise ValueError(f"timestep {timestep} is not one of scheduler.timesteps; pass one of them")
+        return indices[1 if len(indices) > 1 else 0].item()
+
+
+class _StepIndexed(_StepCounter, _ZSNRScheduler):
     """Schedulers that walk ``sigmas`` with a step counter, as diffusers' Euler family and DPM-Solver do.
 
     ``sigmas`` is the float64 sampling schedule (descending; the first inf at zero terminal SNR, the last the final
@@ -507,29 +535,6 @@ class _StepIndexed(_ZSNRScheduler):
         if self.config.timestep_spacing in ("linspace", "trailing"):
             return torch.tensor(self._pz.noise_scale(float(self.sigmas[0])), dtype=self.sigmas.dtype)
         return torch.tensor(1.0, dtype=self.sigmas.dtype)
-
-    @property
-    def step_index(self) -> int | None:
-        """Index of the next model evaluation in ``timesteps`` (None before the first step)."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """The first evaluation, as set by a pipeline with :meth:`set_begin_index` (img2img)."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """Index of ``timestep`` in ``timesteps``; the second match when it occurs twice (diffusers' rule, so that
-        img2img starting mid-schedule does not skip a sigma)."""
-        if schedule_timesteps is None:
-            schedule_timesteps = self.timesteps
-        indices = (schedule_timesteps == timestep).nonzero()
-        if len(indices) == 0:
-            raise ValueError(f"timestep {timestep} is not one of scheduler.timesteps; pass one of them")
-        return indices[1 if len(indices) > 1 else 0].item()
 
     def _next_eval(self, timestep) -> int:
         if self._step_index is None:

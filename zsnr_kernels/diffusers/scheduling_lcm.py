@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from .. import steps
-from ._base import (_PREDICTIONS, _dtype_of, _dynamic_threshold, _guided, _steps_count, _TimestepIndexed,
-                    register_to_config)
+from ._base import (_PREDICTIONS, _dtype_of, _dynamic_threshold, _guided, _StepCounter, _steps_count,
+                    _TimestepIndexed, register_to_config)
 from .scheduling_ddpm import ZSNRDDPMScheduler
 
 from diffusers.utils import BaseOutput  # noqa: E402,I001 - after _base, which says when diffusers is missing
@@ -31,7 +31,7 @@ class ZSNRLCMSchedulerOutput(BaseOutput):
     denoised: torch.Tensor | None = None
 
 
-class _ConsistencyScheduler(_TimestepIndexed):
+class _ConsistencyScheduler(_StepCounter, _TimestepIndexed):
     """diffusers' ``LCMScheduler`` and ``TCDScheduler`` walk: integer timesteps taken from a consistency model's
     distillation schedule (``original_inference_steps`` points T // n apart, ``strength`` for img2img) or given
     (``timesteps=``), read by a step counter as diffusers' (``step_index``, ``set_begin_index``); the noise levels
@@ -55,28 +55,6 @@ class _ConsistencyScheduler(_TimestepIndexed):
     # diffusers' LCM/TCD: the timestep after ``timestep`` in the list (tensor(-1) after the last), t - 1 before
     # set_timesteps; the same as DDPM's
     previous_timestep = ZSNRDDPMScheduler.previous_timestep
-
-    @property
-    def step_index(self) -> int | None:
-        """Index of the next step in ``timesteps`` (None before the first step)."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """The first step, as set by a pipeline with :meth:`set_begin_index` (img2img)."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
-        """Index of ``timestep`` in ``timesteps``; the second match when it occurs twice (diffusers' rule)."""
-        if schedule_timesteps is None:
-            schedule_timesteps = self.timesteps
-        indices = (schedule_timesteps == timestep).nonzero()
-        if len(indices) == 0:
-            raise ValueError(f"timestep {timestep} is not one of scheduler.timesteps; pass one of them")
-        return indices[1 if len(indices) > 1 else 0].item()
 
     def _init_step_index(self, timestep) -> None:
         if self._begin_index is None:
