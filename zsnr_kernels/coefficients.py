@@ -755,7 +755,6 @@ def _unipc_terms(sigma: float, sigma_next: float, older: tuple[float, ...], vari
     return w0 - w_new, ws, w_new
 
 
-@functools.lru_cache(maxsize=4096)  # ~30 us of Python per call (its small solves); a schedule run again costs none
 def unipc(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple[float, ...] = (),
           order: int = 2, corrector: int = 0, variant: str = "bh2") -> StepCoeffs:
     """UniPC (Zhao et al. 2023, arXiv 2302.04867) with data prediction, as diffusers' ``UniPCMultistepScheduler``
@@ -784,6 +783,12 @@ def unipc(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tup
     * the step to sigma' = 0 is first order (x' = D_i): h = inf there and the higher-order terms have no limit
       (diffusers' default ``lower_order_final`` makes that step first order too).
     """
+    return _unipc(pz, sigma, sigma_next, tuple(sigma_prev), order, corrector, variant)
+
+
+@functools.lru_cache(maxsize=4096)  # ~30 us of Python per call (its small solves); a schedule run again costs none
+def _unipc(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple[float, ...], order: int,
+           corrector: int, variant: str) -> StepCoeffs:
     _check_pair(sigma, sigma_next)
     if variant not in UNIPC_VARIANTS:
         raise ValueError(f"solver_type must be one of {UNIPC_VARIANTS} for unipc, got {variant!r}")
@@ -1044,6 +1049,10 @@ SAMPLERS = MappingProxyType(_TABLE)
 
 #: the samplers the compiled kernels implement, in the order of zsnr::SamplerKind
 SAMPLER_KINDS = tuple(name for name, spec in SAMPLERS.items() if spec.kernel)
+
+
+#: the highest ``order`` each sampler taking one accepts
+MAX_ORDERS = {"lms": LMS_MAX_ORDER, "unipc": UNIPC_MAX_ORDER}
 
 
 def solver_types(sampler: str) -> tuple[str, ...]:

@@ -203,7 +203,7 @@ def sampler_class():
 def make_sampler(sampler: str = "euler", noise: str = "philox", **options):
     """A ZSNR Sampler object (what the node returns): ``sampler`` one of :data:`NODE_SAMPLERS`, ``noise``
     one of :data:`NOISE_SOURCES`, ``options`` those :func:`zsnr_kernels.sample` takes (``eta``, ``s_noise``,
-    ``s_churn``, ``s_tmin``, ``s_tmax``, ``solver_type``)."""
+    ``s_churn``, ``s_tmin``, ``s_tmax``, ``solver_type``, ``order``, ``disable_corrector``)."""
     return sampler_class()(sampler, noise, options)
 
 
@@ -399,9 +399,11 @@ NODE_SAMPLERS = tuple(name for name, spec in co.SAMPLERS.items() if not spec.unc
 
 
 class ZSNRSampler:
-    """ZSNR Sampler: every sampler of the library, exact from sigma = inf (for SamplerCustom).  ``solver_type`` is
-    dpmpp_2m_sde's correction (midpoint, heun) and unipc's variant (bh1, bh2: ComfyUI's uni_pc and uni_pc_bh2); a
-    sampler that does not take the value shown keeps its own default."""
+    """ZSNR Sampler: every sampler of the library but CFG++ (:data:`NODE_SAMPLERS`), exact from sigma = inf (for
+    SamplerCustom).  ``solver_type`` is dpmpp_2m_sde's correction (midpoint, heun) and unipc's variant (bh1, bh2); a
+    sampler that does not take the value shown keeps its own default (unipc: bh2).  ``order`` (optional, 0: the
+    sampler's default) is lms's order and unipc's (diffusers' default 2).  ComfyUI's ``uni_pc`` is unipc with bh1
+    and order 3 (min(3, steps - 1)), ``uni_pc_bh2`` the same with bh2."""
 
     RETURN_TYPES = ("SAMPLER",)
     FUNCTION = "get_sampler"
@@ -418,9 +420,11 @@ class ZSNRSampler:
             "s_tmax": _float(1e10, 0.0, 1e10),  # a widget holds no inf: 1e10 is above every training sigma
             "solver_type": (list(dict.fromkeys(co.SOLVER_TYPES + co.UNIPC_VARIANTS)),),
             "noise": (list(NOISE_SOURCES),),
+        }, "optional": {
+            "order": ("INT", {"default": 0, "min": 0, "max": max(co.MAX_ORDERS.values())}),
         }}
 
-    def get_sampler(self, sampler_name, eta, s_noise, s_churn, s_tmin, s_tmax, solver_type, noise):
+    def get_sampler(self, sampler_name, eta, s_noise, s_churn, s_tmin, s_tmax, solver_type, noise, order=0):
         spec = co.sampler_spec(sampler_name)
         opts = {}  # the options this sampler's row takes (sample() refuses none, but reads only these)
         if spec.eta:
@@ -431,6 +435,8 @@ class ZSNRSampler:
             opts.update(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax)
         if solver_type in co.solver_types(sampler_name):  # one widget for all: another sampler's value is ignored
             opts["solver_type"] = solver_type
+        if order and sampler_name in co.MAX_ORDERS:
+            opts["order"] = order
         return (make_sampler(sampler_name, noise, **opts),)
 
 

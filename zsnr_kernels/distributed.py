@@ -140,19 +140,28 @@ def _check_args(y: torch.Tensor, process_group, shard_dim) -> int:
     return d
 
 
-def layout(y: torch.Tensor, process_group=None, shard_dim=None, *, refresh: bool = False) -> Shard:
+def layout(y: torch.Tensor, process_group=None, shard_dim=None, *, refresh: bool = False, learn: bool = True) -> Shard:
     """The :class:`Shard` of ``y``, this rank's slice along ``shard_dim``: learned by one ``all_gather`` of every rank's
     local shape (which also checks that the other dims agree), then cached per (group, dim, local shape).
 
     ``refresh``: learn it again (a collective every rank of the group must make; ``sample()`` does at the start of
     each run).  A cached layout is taken without communication, so a rank whose local shape stays the same while
-    another rank's changes must be refreshed on every rank (or call :func:`forget_layouts` on every rank)."""
+    another rank's changes must be refreshed on every rank (or call :func:`forget_layouts` on every rank).
+
+    ``learn=False`` (what the step functions pass): a layout of a group that is not cached is an error rather than
+    a collective, since whether it is cached is each rank's own business: one rank communicating where another does
+    not would pair the all_gather with another rank's next collective (a hang, or garbage).  Call
+    ``layout(y, group, dim, refresh=True)`` on every rank before a loop of step functions, as ``sample()`` does."""
     d = _check_args(y, process_group, shard_dim)
     shape = tuple(y.shape)
     key = (id(process_group), d, shape, y.device.type)
     hit = _LAYOUTS.get(key)
     if hit is not None and hit.group is process_group and not refresh:
         return hit
+    if process_group is not None and not learn:
+        raise ValueError(f"this rank's slice layout (shape {shape} along dim {d}) is not known for process_group: call "
+                         "zsnr_kernels.distributed.layout(y, process_group, shard_dim, refresh=True) on every rank "
+                         "before stepping (sample() does): learning it is a collective every rank must make")
     outer, inner = math.prod(shape[1:d]), math.prod(shape[d + 1:])
     if process_group is None:
         sh = Shard(None, d, (shape[d],), 0, outer, inner)
@@ -173,6 +182,8 @@ def layout(y: torch.Tensor, process_group=None, shard_dim=None, *, refresh: bool
                                  f"rank (rank {rank}) one of shape {shape} along dim {d}: every rank must hold a slice "
                                  "of the same latent along the same dim (equal sizes in every other dim)")
         sh = Shard(process_group, d, tuple(row[2 + d] for row in rows), rank, outer, inner)
+    if len(_LAYOUTS) >= 256:  # bounded: each entry holds its group (other shapes are learned again when used)
+        _LAYOUTS.clear()
     _LAYOUTS[key] = sh
     return sh
 

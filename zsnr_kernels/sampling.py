@@ -105,12 +105,22 @@ def sample(model, noise, sigmas, *, sampler="euler", prediction="v", sigma_data=
         kwargs["eta"] = eta
     if spec.s_noise:
         kwargs["s_noise"] = s_noise
-    own = dict(spec.options)
+    own = dict(spec.options)  # the options this sampler takes: checked here, before the first model call
     if "solver_type" in own:
-        kwargs["solver_type"] = own["solver_type"] if solver_type is None else solver_type
+        kwargs["solver_type"] = (own["solver_type"] if solver_type is None else
+                                 _validate.choice("solver_type", solver_type, co.solver_types(spec.name)))
     if "order" in own:
-        kwargs["order"] = own["order"] if order is None else order
-    run_options = dict(kwargs, disable_corrector=tuple(disable_corrector or ()))
+        kwargs["order"] = (own["order"] if order is None else
+                           _validate.integer("order", order, lo=1, hi=co.MAX_ORDERS.get(spec.name, own["order"])))
+    elif order is not None:
+        raise ValueError(f"order={order!r}: sampler {spec.name!r} has no order (lms and unipc do); leave it None")
+    disable_corrector = () if disable_corrector is None else disable_corrector
+    if disable_corrector and spec.per_step is None:
+        raise ValueError(f"disable_corrector: sampler {spec.name!r} has no corrector (unipc has); leave it ()")
+    if not (isinstance(disable_corrector, (tuple, list, set, frozenset, range)) and all(
+            type(k) is int for k in disable_corrector)):
+        raise TypeError(f"disable_corrector must be a sequence of step indices (ints), got {disable_corrector!r}")
+    run_options = dict(kwargs, disable_corrector=tuple(disable_corrector))
 
     # sigma_hat of every step: churn (euler/heun/dpm_2 only), quantized to the model's table, never below sigma
     hats = list(vals[:-1])

@@ -35,7 +35,10 @@ Keyword arguments every step function takes:
 * ``return_denoised``: False skips writing D where the sampler does not need it.
 * ``process_group``, ``shard_dim``: sequence parallelism (:mod:`zsnr_kernels.distributed`): the tensors are this
   rank's slice of the latent along the non-batch dim ``shard_dim``; the guidance-rescale statistics are the full
-  latent's (a collective: every rank calls the step) and seeded noise is drawn at the global element indices.
+  latent's (a collective: every rank calls the step) and seeded noise is drawn at the global element indices.  The
+  slices' layout is learned once by ``zsnr_kernels.distributed.layout(y, process_group, shard_dim, refresh=True)``,
+  which every rank calls before its loop of steps (``sample()`` does); a step with a group whose layout is not
+  known refuses (ValueError) rather than communicate where another rank may not.
 
 Noise (samplers that add it): ``noise=`` a unit-Gaussian tensor of y's shape (or a function returning one, called
 only when the step adds noise), or ``seed=`` with ``step_index=`` (the index of the step in the schedule) for the
@@ -183,7 +186,8 @@ def churn_step(y, sigma, sigma_hat, *, s_noise=1.0, noise=None, seed=None, step_
     if e == 0.0:
         return y * k
     if (process_group is not None or shard_dim is not None) and noise is None and seed is not None:
-        noise = _distributed.step_noise(_distributed.layout(y, process_group, shard_dim), y, seed, step_index)
+        shard = _distributed.layout(y, process_group, shard_dim, learn=False)
+        noise = _distributed.step_noise(shard, y, seed, step_index)
     return reference.add_noise(y, k, e, eager.noise_tensor(y, noise, seed, step_index))
 
 
@@ -227,7 +231,8 @@ def _run(
                         "step takes in help(zsnr_kernels.steps)")
     y = _validate.tensor("y", y)
     # sequence parallelism (zsnr_kernels.distributed): y is this rank's slice along shard_dim
-    shard = None if process_group is None and shard_dim is None else _distributed.layout(y, process_group, shard_dim)
+    shard = (None if process_group is None and shard_dim is None
+             else _distributed.layout(y, process_group, shard_dim, learn=False))
     pz = parameterization(prediction, sigma_data)
     w, phi, space = _validate.guidance(guidance_scale, guidance_rescale, rescale_space)
     # per-sample sigmas on the device (§2.9): one StepArgs of (B,) tensors, whose values the host never reads (a
@@ -738,7 +743,7 @@ def dpmpp_sde_step(y, model_output, sigma, sigma_next, *, first=None, eta=1.0, s
                 raise ValueError("SamplingPlan does not plan dpmpp_sde's noise yet (its second stage draws Philox "
                                  "draw 1, which the plan's table steps do not take): use sample(), or eta=0")
             if options.get("process_group") is not None or options.get("shard_dim") is not None:  # global indices
-                shard = _distributed.layout(y, options.get("process_group"), options.get("shard_dim"))
+                shard = _distributed.layout(y, options.get("process_group"), options.get("shard_dim"), learn=False)
                 return _distributed.global_normal(shard, y, seeds, index, 1)
             return _noise.normal(tuple(y.shape), seeds, index, 1, dtype=y.dtype, device=y.device)
         seed = step_index = None

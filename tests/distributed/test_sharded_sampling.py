@@ -252,3 +252,29 @@ def test_arguments_are_checked():
         zk.euler_step(y, f, 2.0, 1.0, guidance_scale=2.0, process_group=object())
     with pytest.raises(ValueError, match="SamplingPlan does not plan sharded runs"):
         zk.SamplingPlan([float("inf"), 1.0, 0.0], (1, 4, 6), shard_dim=1)
+
+
+def test_a_step_with_a_group_whose_layout_is_unknown_refuses_instead_of_communicating():
+    """Learning a layout is a collective; whether it is cached is each rank's own business, so a step never learns
+    one on its own (one rank's all_gather would pair with another rank's next collective): it refuses with the fix,
+    and steps once ``layout(..., refresh=True)`` ran (on every rank, as sample() does)."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        zd.forget_layouts()
+        y = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(0))
+        f = (torch.randn_like(y), torch.randn_like(y))
+        kw = dict(guidance_scale=3.0, guidance_rescale=0.7, process_group=group, shard_dim=2)
+        with pytest.raises(ValueError, match="refresh=True"):
+            zk.euler_step(y, f, 2.0, 1.0, **kw)
+        zd.layout(y, group, 2, refresh=True)
+        assert torch.equal(zk.euler_step(y, f, 2.0, 1.0, **kw).y, zk.euler_step(y, f, 2.0, 1.0, **{
+            **kw, "process_group": None}).y)
+    finally:
+        dist.destroy_process_group()
+        zd.forget_layouts()

@@ -412,7 +412,8 @@ def test_unipc_equals_comfyuis_uni_pc(model, variant, name, steps):
     there."""
     sigmas = comfy.samplers.calculate_sigmas_scheduler(model.model, "karras", steps)[:-1]
     order = min(3, len(sigmas) - 2)
-    ours = _run(model, zc.make_sampler("unipc", solver_type=variant, order=order), sigmas)
+    node = zc.ZSNRSampler().get_sampler("unipc", 1.0, 1.0, 0.0, 0.0, 1e10, variant, "comfy", order=order)[0]
+    ours = _run(model, node, sigmas)
     theirs = _run(model, comfy.samplers.sampler_object(name), sigmas)
     assert torch.isfinite(theirs).all()
     scale = theirs.abs().max().item()

@@ -263,3 +263,29 @@ def test_misuse_names_the_argument():
         zk.unipc_step(y, y, 2.0, 1.0, solver_type="midpoint")
     with pytest.raises(ValueError, match="corrector=2"):
         zk.unipc_step(y, y, 2.0, 1.0, history=[(3.0, y)], corrector=2)
+
+
+def test_sample_checks_the_options_before_the_first_model_call():
+    """order, solver_type and disable_corrector are checked (and refused for a sampler that does not take them)
+    before the model is called: no model call is wasted on a value a later step would refuse."""
+    calls = []
+
+    def model(y, s):
+        calls.append(1)
+        return torch.zeros_like(y)
+
+    noise, sig = torch.zeros(1, 2), schedules.karras(10, 0.1, 10.0)
+    for kw, err, match in [(dict(order=4), ValueError, "order"), (dict(order=0), ValueError, "order"),
+                           (dict(order="3"), TypeError, "order"), (dict(solver_type="midpoint"), ValueError,
+                                                                   "solver_type"),
+                           (dict(disable_corrector=5), TypeError, "disable_corrector")]:
+        with pytest.raises(err, match=match):
+            zk.sample(model, noise, sig, sampler="unipc", **kw)
+    with pytest.raises(ValueError, match="order=3: sampler 'euler' has no order"):
+        zk.sample(model, noise, sig, sampler="euler", order=3)
+    with pytest.raises(ValueError, match="disable_corrector: sampler 'euler'"):
+        zk.sample(model, noise, sig, sampler="euler", disable_corrector=(1,))
+    with pytest.raises(ValueError, match="order"):
+        zk.sample(model, noise, sig, sampler="lms", order=5)
+    assert not calls
+    zk.sample(model, noise, sig, sampler="unipc", order=3, disable_corrector=None)
