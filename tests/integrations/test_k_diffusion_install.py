@@ -39,7 +39,8 @@ def test_external_and_forwarded_samplers_load_without_the_training_stack():
             full = False
         ext = K.external
         assert ext.DiscreteVDDPMDenoiser.__module__ == "k_diffusion.external"
-        assert K.sample_dpmpp_sde.__module__ == "k_diffusion.sampling"
+        assert K.sample_dpm_fast.__module__ == "k_diffusion.sampling"      # forwarded: k-diffusion's own
+        assert K.sample_dpmpp_sde.__module__ == "zsnr_kernels.k_diffusion"  # rewritten on the fused steps
         import k_diffusion.external
         assert k_diffusion.external is ext
         print("full" if full else "bare")
