@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _validate, coefficients as co, noise as _noise
+from . import _validate, coefficients as co, noise as _noise, reference
 from .backends import device as _device, ext as _ext, layout as _layout, registry as _backend, table as _table
 from .backends.call import DTYPE_CODES
 from .parameterization import rescale_space_coeffs
@@ -389,8 +389,7 @@ def _rows_with_factors(rows: list, factors: list[float]) -> list[list[float]]:
     rows = [list(r) for r in (rows * len(factors) if len(rows) == 1 else rows)]
     P, Q, U, T = _table.P, _table.Q, _table.U, _table.T
     for r, f in zip(rows, factors):
-        p, q, u, t = r[P], r[Q], r[U], r[T]
-        r[P], r[Q], r[_table.PHI] = p + (q * u / t) * (f - 1.0), q * f, 0.0
+        (r[P], r[Q]), r[_table.PHI] = reference.fold_rescale(r[P], r[Q], r[Q] * r[U] / r[T], f), 0.0
     return rows
 
 

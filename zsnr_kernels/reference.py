@@ -70,6 +70,13 @@ def rescale_factor(g_cond: torch.Tensor, g_guided: torch.Tensor, phi: float) -> 
     return torch.where(ok, phi * ratio + (1.0 - phi), torch.ones_like(std_g))
 
 
+def fold_rescale(p, q, q_u_over_t, f):
+    """The denoise coefficients with the guidance-rescale factor f of G = u y + t F folded in: D = p' y + q' F with
+    p' = p + (q u / t)(f - 1), q' = q f (combine.h ``fold_rescale``).  ``q_u_over_t`` is q u / t, rounded once in
+    the coefficients' own precision by the caller; numbers or tensors."""
+    return p + q_u_over_t * (f - 1.0), q * f
+
+
 def fused_step(
     y: torch.Tensor,
     out_cond: torch.Tensor,
@@ -116,8 +123,7 @@ def fused_step(
         f = f.reshape((-1,) + (1,) * (yc.ndim - 1))
         # q u / t in the coefficients' own precision (Python floats, or float64 table columns), rounded once: the
         # same number whichever way the coefficients came
-        qut = _per_sample(q * rescale_uv[0] / rescale_uv[1], yc)
-        pp, qq = pp + qut * (f - 1.0), qq * f
+        pp, qq = fold_rescale(pp, qq, _per_sample(q * rescale_uv[0] / rescale_uv[1], yc), f)
     D = pp * yc + qq * F
     if with_u and d_u is None:
         d_u = D
