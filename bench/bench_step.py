@@ -7,6 +7,8 @@ command line has it); read its docstring for what is measured and how.
     python bench/bench_step.py --ops euler_cfg_rescale --shapes 4x4x128x128 --dtypes float32 --csv out.csv
     python -m pytest bench/bench_step.py --benchmark-only -q --benchmark-json=run.json   # regression cases
     python -m zsnr_kernels bench-compare bench/baselines/<kind>.json run.json            # against the baseline
+    python bench/bench_step.py --comm [WORLD]         # a sharded step's communication cost on WORLD gloo processes
+                                                      # (default 2; --quick: small latents, tests/distributed)
 
 Each case stores in ``extra_info`` its ``x_roof``: its median time over the roof's, measured in the same test right
 after it (:func:`zsnr_kernels.tools.bench.roof_us`: the triad over the case's bytes on the case's device, or the
@@ -169,5 +171,152 @@ def test_bench_triad(benchmark, shape, machine_kind):
     benchmark_against_roof(benchmark, triad_fn(case.nbytes), case.nbytes, machine_kind)
 
 
+# ------------------------------------------------------------------------ sharded steps: the communication cost
+#
+#     python bench/bench_step.py --comm [WORLD]      (default 2 processes; see comm_main)
+
+#: (name, full latent shape, shard dim) of the sharded-step measurement
+COMM_CASES = [
+    ("video (1,16,21,60,104) / frames", (1, 16, 21, 60, 104), 2),
+    ("image (1,16,128,128) / rows", (1, 16, 128, 128), 2),
+    ("tokens (1,4096,64) / tokens", (1, 4096, 64), 1),
+]
+COMM_REPS = 15
+#: ``--comm WORLD --quick``: the sharded-sampling tests' latents, a few repetitions (a smoke run)
+COMM_QUICK = [("frames (1,4,6,8,8) / frames", (1, 4, 6, 8, 8), 2), ("tokens (2,16,64) / tokens", (2, 16, 64), 1)]
+#: what comm_worker times, in the order each repetition runs them
+COMM_COLUMNS = ("plain", "sharded", "sharded_explicit", "sharded_before", "sharded_no_rescale", "all_gather", "stats",
+                "noise_before")
+
+
+def _normals_before(shard, y, seeds, step_index):
+    """The slice's noise as sharded steps drew it before the kernels took the slice's place (kept to compare with):
+    the compiled generator's normals of each sample from its element 0 to the slice's last element, of which the
+    slice's are kept and handed to the step as noise=."""
+    b, o, lg, inner, off, loc = y.shape[0], shard.outer, shard.total, shard.inner, shard.offset, shard.local
+    n = (o - 1) * lg * inner + (off + loc) * inner
+    full = torch.empty(b, o * lg * inner, dtype=torch.float32)
+    for i, s in enumerate(seeds):
+        _ext.C.cpu_philox_normals(full[i].data_ptr(), s, step_index, 0, n)
+    return full.view(b, o, lg, inner)[:, :, off:off + loc].reshape(y.shape)
+
+
+def comm_worker(rank: int, world: int, port: int, cases=None, reps: int = COMM_REPS) -> list | None:
+    """One of ``world`` gloo processes on 127.0.0.1 (1 thread each), each holding an uneven slice of every case's
+    latent; times, interleaved (every repetition runs each variant once, all ranks started together by a barrier):
+
+    * ``plain``: the fused step on the rank's slice, unsharded (the kernel's own statistics and noise): the step's
+      own time;
+    * ``sharded``: the sharded step (guidance-rescale statistics of the full latent, one all_gather, and the noise
+      drawn by the kernel at the slice's global indices);
+    * ``sharded_explicit``: the same with the slice's noise drawn beside the step and passed as noise= (the path of a
+      slice that splits the groups of four);
+    * ``sharded_before``: the same with the noise drawn as before the kernels took the slice (:func:`_normals_before`);
+    * ``sharded_no_rescale``: the sharded step without guidance rescale (no communication);
+    * ``all_gather``: the step's one collective alone; ``stats``: the row statistics and merge, no communication;
+      ``noise_before``: the normals the old path drew.
+
+    Returns rank 0's rows ``(name, slice sizes, bytes sent per rank per step, {column: median ms})`` (None on other
+    ranks), after printing them with the load average."""
+    import statistics
+
+    import torch.distributed as dist
+
+    from zsnr_kernels import distributed as zd
+
+    torch.set_num_threads(1)
+    zk.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        group = dist.group.WORLD
+        rows = []
+        load = [os.getloadavg()[0]]
+        for name, shape, dim in cases or COMM_CASES:
+            n = shape[dim]
+            sizes = [n // world + (r < n % world) for r in range(world)]
+            local = list(shape)
+            local[dim] = sizes[rank]
+            g = torch.Generator().manual_seed(rank)
+            y, fc, fu = (torch.randn(local, generator=g) for _ in range(3))
+            kw = dict(guidance_scale=5.0, guidance_rescale=0.7, backend="cpu")
+            shard = zd.layout(y, group, dim, refresh=True)
+            sharded = dict(kw, process_group=group, shard_dim=dim)
+            step = zk.euler_ancestral_step
+            b = shape[0]
+            stats = torch.zeros(b, max(sizes), zd.STATS_PER_ROW, dtype=torch.float64)
+            bufs = [torch.empty_like(stats) for _ in range(world)]
+            one = zd.Shard(None, dim, (sizes[rank],), 0, shard.outer, shard.inner)
+            seeds = zk.noise.normalize_seeds(7, b)  # seed=7: sample i gets 7 + i
+            fns = {
+                "plain": lambda: step(y, (fc, fu), 3.0, 1.0, seed=7, step_index=3, **kw),
+                "sharded": lambda: step(y, (fc, fu), 3.0, 1.0, seed=7, step_index=3, **sharded),
+                "sharded_explicit": lambda: step(y, (fc, fu), 3.0, 1.0, noise=lambda: zd.global_normal(
+                    shard, y, seeds, 3), **sharded),
+                "sharded_before": lambda: step(y, (fc, fu), 3.0, 1.0, noise=lambda: _normals_before(
+                    shard, y, seeds, 3), **sharded),
+                "sharded_no_rescale": lambda: step(y, (fc, fu), 3.0, 1.0, seed=7, step_index=3,
+                                                   **dict(sharded, guidance_rescale=0.0)),
+                "all_gather": lambda: dist.all_gather(bufs, stats, group=group),
+                "stats": lambda: zd.rescale_factors(one, y, fc, fu, 5.0, 0.7, [(0.0, 1.0)]),
+                "noise_before": lambda: _normals_before(shard, y, seeds, 3),
+            }
+            times = {k: [] for k in COMM_COLUMNS}
+            for k in COMM_COLUMNS:  # warm up
+                dist.barrier(group=group)
+                fns[k]()
+            for _ in range(reps):
+                for k in COMM_COLUMNS:
+                    dist.barrier(group=group)
+                    t = time.perf_counter()
+                    fns[k]()
+                    times[k].append(time.perf_counter() - t)
+            rows.append((name, sizes, stats.numel() * 8, {k: statistics.median(v) * 1e3 for k, v in times.items()}))
+            load.append(os.getloadavg()[0])
+        if rank != 0:
+            return None
+        print(f"load average {load[0]:.2f} at the start, {load[-1]:.2f} at the end ({os.cpu_count()} cores; above "
+              f"1.0 on 2 cores: unreliable); {world} gloo processes on 127.0.0.1, 1 thread each; medians of {reps} "
+              "interleaved repetitions, ms")
+        for name, sizes, nbytes, t in rows:
+            print(f"{name}: slices {sizes}; one all_gather per step with guidance rescale: sends {nbytes} B per rank, "
+                  f"receives {nbytes * (world - 1)} B; seeded noise: no communication")
+            print("   plain step on the slice {plain:.3f} | sharded step {sharded:.3f} (noise beside it "
+                  "{sharded_explicit:.3f}, as before {sharded_before:.3f}; no rescale {sharded_no_rescale:.3f}) | "
+                  "all_gather alone {all_gather:.3f} | row statistics {stats:.3f} | noise as before "
+                  "{noise_before:.3f}".format(**t))
+            print(f"   sharded / plain = {t['sharded'] / t['plain']:.2f} (before: "
+                  f"{t['sharded_before'] / t['plain']:.2f}); all_gather / plain step = "
+                  f"{t['all_gather'] / t['plain']:.3f}")
+        return rows
+    finally:
+        dist.destroy_process_group()
+
+
+def comm_main(world: int = 2, quick: bool = False, timeout: float = 1800.0) -> int:
+    """Start ``world`` gloo processes of :func:`comm_worker` (rank 0 prints the table; ``quick``: :data:`COMM_QUICK`,
+    3 repetitions); their exit status."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--comm-rank", str(r), str(world), str(port),
+                               *(["--quick"] if quick else [])], env=env) for r in range(world)]
+    return max(p.wait(timeout=timeout) for p in procs)
+
+
 if __name__ == "__main__":
-    main(prog="python bench/bench_step.py")
+    import sys
+
+    if sys.argv[1:2] == ["--comm"]:  # --comm [WORLD] [--quick]
+        rest = [a for a in sys.argv[2:] if a != "--quick"]
+        sys.exit(comm_main(int(rest[0]) if rest else 2, quick="--quick" in sys.argv))
+    if sys.argv[1:2] == ["--comm-rank"]:
+        quick = "--quick" in sys.argv
+        comm_worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), COMM_QUICK if quick else None,
+                    3 if quick else COMM_REPS)
+    else:
+        main(prog="python bench/bench_step.py")

@@ -55,7 +55,7 @@ T* as_ptr(std::uintptr_t address) {
   X(dtype) X(batch) X(n) X(y) X(f_cond) X(f_uncond) X(hist) X(noise) X(y_out) X(d_out) X(carry_out)              \
   X(prediction) X(sigma_data) X(sampler) X(stage) X(solver_heun) X(order) X(eta) X(s_noise) X(guidance_scale)    \
   X(guidance_rescale) X(rescale_space) X(n_sigma) X(n_prev) X(sigmas) X(table) X(seeds) X(step_index) X(draw)    \
-  X(workspace) X(stream)
+  X(slice_local) X(slice_total) X(slice_offset) X(workspace) X(stream)
 
 enum class Field : int {
 #define ZSNR_FIELD_ENUM(name) name,
@@ -200,6 +200,14 @@ class Step {
     plan.seeds = seeds_.read(call, Field::seeds, t.batch);
     plan.step_index = static_cast<uint32_t>(get_int(call, Field::step_index));
     plan.draw = static_cast<uint32_t>(get_int(call, Field::draw));
+    plan.slice = zsnr::NoiseSlice{get_int(call, Field::slice_local), get_int(call, Field::slice_total),
+                                  get_int(call, Field::slice_offset)};
+    if (!zsnr::slice_drawable(plan.slice, t.n))
+      throw std::invalid_argument("fused_step: slice_local, slice_total, slice_offset (" +
+                                  std::to_string(plan.slice.local) + ", " + std::to_string(plan.slice.total) + ", " +
+                                  std::to_string(plan.slice.offset) + ") do not place samples of " +
+                                  std::to_string(t.n) + " elements in theirs (zsnr/philox.h NoiseSlice: multiples of "
+                                  "4, or local = total = n and offset 0)");
     workspace = get_address(call, Field::workspace);
     stream = get_address(call, Field::stream);
   }
@@ -469,12 +477,20 @@ PYBIND11_MODULE(_C, m) {
           zsnr::cpu::philox_rows(seed, step, draw, g0, ng, out);
         }, py::arg("out_ptr"), py::arg("seed"), py::arg("step"), py::arg("draw"), py::arg("g0"), py::arg("ng"),
         "Fill uint32 out[ng, 4] with the Philox words of groups g0.. as the CPU element pass makes them (tests).");
-  m.def("cpu_philox_normals", [](std::uintptr_t out_ptr, uint64_t seed, uint32_t step, uint32_t draw, int64_t n) {
+  m.def("cpu_philox_normals", [](std::uintptr_t out_ptr, uint64_t seed, uint32_t step, uint32_t draw, int64_t n,
+                                 int64_t slice_local, int64_t slice_total, int64_t slice_offset) {
+          const zsnr::NoiseSlice slice = slice_local == 0 ? zsnr::NoiseSlice{n, n, 0}
+                                                          : zsnr::NoiseSlice{slice_local, slice_total, slice_offset};
+          if (n < 0 || !zsnr::slice_drawable(slice, n))
+            throw std::invalid_argument("cpu_philox_normals: slice_local, slice_total, slice_offset must place n "
+                                        "elements in the sample (zsnr/philox.h NoiseSlice: multiples of 4)");
           float* out = as_ptr<float>(out_ptr);
           py::gil_scoped_release no_gil;
-          zsnr::cpu::philox_normals(seed, step, draw, n, out);
+          zsnr::cpu::philox_normals(seed, step, draw, slice, n, out);
         }, py::arg("out_ptr"), py::arg("seed"), py::arg("step"), py::arg("draw"), py::arg("n"),
-        "Fill float32 out[n] with the normals of one sample as the CPU element pass makes them, on this thread.");
+        py::arg("slice_local") = 0, py::arg("slice_total") = 0, py::arg("slice_offset") = 0,
+        "Fill float32 out[n] with the normals of one sample as the CPU element pass makes them, on this thread; with "
+        "slice_local > 0, of the elements of that slice of the sample (zsnr/philox.h NoiseSlice, groups whole).");
   m.def("cpu_half_stores", [](int32_t dtype, std::uintptr_t src, std::uintptr_t dst, int64_t n) {
           check_half_dtype("cpu_half_stores", dtype);
           py::gil_scoped_release no_gil;

@@ -20,21 +20,28 @@ Two parts of a step are not element-wise, and are made so here (everything else 
   1, as in the kernels.  (The kernels' own statistics sum a sample in 16384-element chunks of its flat index, which
   a slice along a middle dim does not even hold contiguously: no partials of slices reproduce those bits.  The
   factor defined here differs from theirs by the summation order only: measured, at most 2e-8 relative.)
-* **Noise**: the Philox normal of an element is a function of its index within the sample (§2.8); a rank draws its
-  slice's normals at their global indices and hands them to the step as an explicit ``noise=`` tensor.  On CPU
-  tensors (with the compiled module) they are the compiled generator's (``_C.cpu_philox_normals``, the function the
-  cpu kernels' element pass computes: bit for bit its in-kernel noise), for every backend; elsewhere the reference
-  (:func:`zsnr_kernels.noise.group_normals`) on the latent's device, within ``tools.tolerances.NORMAL_ATOL`` of the
-  CUDA/Triton kernels' in-kernel normals.  The compiled generator starts at a sample's element 0: a rank computes
-  its samples' normals up to its slice's last element (about the whole sample, ~1-5 ns per element and core)
-  and keeps its slice.
+* **Noise**: the Philox normal of an element is a function of its index within the sample (§2.8); a rank's slice
+  takes the normals of its elements' global indices.  The step draws them itself (:func:`kernel_noise_slice`): the
+  step record carries the slice's place in the sample (:attr:`Shard.noise_slice`, a
+  :class:`zsnr_kernels.noise.NoiseSlice`), and the kernels map each local group of four elements to its group of
+  the sample (csrc/include/zsnr/philox.h ``slice_group``), at no cost beyond the slice's own normals.  That needs
+  the groups of four to stay whole: local, total and offset (each a size along ``shard_dim`` times the product of
+  the dims after it) multiples of 4, which every latent whose dims after ``shard_dim`` hold a multiple of 4
+  elements satisfies.  Otherwise a compiled backend gets the normals as an explicit ``noise=`` tensor
+  (:func:`global_normal`, :func:`step_noise`): on CPU tensors (with the compiled module) the compiled generator's
+  (``_C.cpu_philox_normals``, the function the cpu kernels' element pass computes: bit for bit its in-kernel noise),
+  elsewhere the reference (:func:`zsnr_kernels.noise.normal` with the slice) on the latent's device, within
+  ``tools.tolerances.NORMAL_ATOL`` of the CUDA/Triton kernels' in-kernel normals.  The torch backend draws any
+  slice itself (the reference).  ``churn_step`` (EDM churn of the first state, no kernel) takes the explicit
+  normals too.
 
-How the factor reaches the step (no kernel changes): the step runs in the backends' table mode (the coefficient
-record :class:`zsnr_kernels.SamplingPlan` uses) with one float64 row per sample whose p, q are the rescaled ones,
-p' = p + (q u / t)(f - 1), q' = q f (csrc/include/zsnr/combine.h ``fold_rescale``, for G = u y + t F), and the row's
-guidance rescale 0, so the kernel runs no statistics pass of its own.  CFG++'s unconditional D_u = p y + q F_u keeps
-the raw p, q (:func:`_rows_with_factors`).  Steps without guidance rescale run the backend's ordinary fused
-step (with the explicit noise), bit for bit the unsharded step on the cpu backend.
+How the factor reaches the step (no change to the statistics kernels): the step runs in the backends' table mode
+(the coefficient record :class:`zsnr_kernels.SamplingPlan` uses) with one float64 row per sample whose p, q are the
+rescaled ones, p' = p + (q u / t)(f - 1), q' = q f (csrc/include/zsnr/combine.h ``fold_rescale``, for
+G = u y + t F), and the row's guidance rescale 0, so the kernel runs no statistics pass of its own.  CFG++'s
+unconditional D_u = p y + q F_u keeps the raw p, q (:func:`rows_with_factors`).  Steps without guidance rescale run
+the backend's ordinary fused step (its noise drawn at the slice's places), bit for bit the unsharded step on the cpu
+backend.
 
 The layout (every rank's size along ``shard_dim``, so its offset) is learned by one ``all_gather`` of the local
 shapes, once per process group, dim and local shape (:func:`layout`; ``sample()`` learns it afresh at the start of
@@ -57,8 +64,8 @@ from .backends import device as _device, ext as _ext, layout as _layout, registr
 from .backends.call import DTYPE_CODES
 from .parameterization import rescale_space_coeffs
 
-__all__ = ["Shard", "layout", "forget_layouts", "agree_seeds", "global_normal", "step_noise", "row_statistics",
-           "rescale_factors", "fused_step", "STATS_PER_ROW"]
+__all__ = ["Shard", "layout", "forget_layouts", "agree_seeds", "global_normal", "kernel_noise_slice", "step_noise",
+           "row_statistics", "rescale_factors", "rows_with_factors", "fused_step", "STATS_PER_ROW"]
 
 #: float64 values gathered per (sample, row) and step with guidance rescale: mean and M2 of G_c and of G
 STATS_PER_ROW = 4
@@ -97,6 +104,13 @@ class Shard:
     @property
     def row_size(self) -> int:
         return self.outer * self.inner
+
+    @property
+    def noise_slice(self) -> _noise.NoiseSlice:
+        """Where this rank's slice of each sample lies in the sample, as the Philox noise is drawn for it
+        (:class:`zsnr_kernels.noise.NoiseSlice`: runs of local * inner elements, total * inner apart, offset * inner
+        in)."""
+        return _noise.NoiseSlice(self.local * self.inner, self.total * self.inner, self.offset * self.inner)
 
 
 _LAYOUTS: dict = {}
@@ -217,16 +231,22 @@ def _kernel_normals(y: torch.Tensor) -> bool:
 
 def global_normal(shard: Shard, y: torch.Tensor, seeds, step_index: int, draw: int = 0, *,
                   kernel: bool | None = None) -> torch.Tensor:
-    """This rank's slice of the §2.8 noise of the full latent: unit normals shaped like ``y`` (the slice), in y's
-    dtype, each drawn at its element's index within the full sample.  ``seeds`` one per sample (anything
+    """This rank's slice of the §2.8 noise of the full latent: unit normals shaped like ``y`` (the slice, contiguous),
+    in y's dtype, each drawn at its element's index within the full sample.  ``seeds`` one per sample (anything
     :func:`zsnr_kernels.noise.normalize_seeds` takes).  ``kernel``: from the compiled CPU generator (default on CPU
     tensors where it is built) or from the reference :func:`zsnr_kernels.noise.group_normals`."""
     b = y.shape[0]
     seeds = _noise.normalize_seeds(seeds, b)
     step_index = _validate.index("step_index", step_index, 2**32)
     o, lg, inner, off, loc = shard.outer, shard.total, shard.inner, shard.offset, shard.local
+    sl = shard.noise_slice
     use_kernel = _kernel_normals(y) if kernel is None else kernel
-    if use_kernel:
+    if use_kernel and sl.groups_whole:  # the slice's own normals, as the cpu element pass draws them for it
+        n = o * loc * inner
+        z = torch.empty(b, n, dtype=torch.float32)
+        for i, s in enumerate(seeds):
+            _ext.C.cpu_philox_normals(z[i].data_ptr(), s, step_index, draw, n, *sl)
+    elif use_kernel:
         # the normals of elements 0 .. (last element of the slice) of each sample, as the cpu element pass draws them
         n = (o - 1) * lg * inner + (off + loc) * inner
         full = torch.empty(b, o * lg * inner, dtype=torch.float32)
@@ -234,16 +254,8 @@ def global_normal(shard: Shard, y: torch.Tensor, seeds, step_index: int, draw: i
             _ext.C.cpu_philox_normals(full[i].data_ptr(), s, step_index, draw, n)
         z = full.view(b, o, lg, inner)[:, :, off:off + loc]
     else:
-        dev = y.device
-        run = loc * inner
-        starts = torch.arange(o, dtype=torch.int64, device=dev) * (lg * inner) + off * inner  # [o]
-        ng = (run + 3) // 4 + 1  # groups covering any run of `run` elements, whatever its start mod 4
-        g = (starts // 4)[:, None] + torch.arange(ng, dtype=torch.int64, device=dev)[None, :]  # [o, ng]
-        key0, key1 = _noise._seed_keys(seeds, b, dev)  # [b, 1]
-        normals = _noise.group_normals(key0[:, :, None], key1[:, :, None], g[None], step_index, draw)  # [b, o, 4 ng]
-        idx = (starts % 4)[:, None] + torch.arange(run, dtype=torch.int64, device=dev)[None, :]  # [o, run]
-        z = normals.gather(2, idx[None].expand(b, o, run))
-    return z.reshape(y.shape).to(device=y.device, dtype=y.dtype)
+        z = _noise.normal(tuple(y.shape), seeds, step_index, draw, device=y.device, noise_slice=sl)
+    return z.reshape(y.shape).to(device=y.device, dtype=y.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------------------- the rescale factor
@@ -382,8 +394,9 @@ def rescale_factors(shard: Shard, y: torch.Tensor, f_cond: torch.Tensor, f_uncon
 # ------------------------------------------------------------------------------------------------- the step
 
 
-def _rows_with_factors(rows: list, factors: list[float]) -> list[list[float]]:
-    """Per-sample table rows with the factor folded into p, q (module docstring) and the row's rescale off.  CFG++'s
+def rows_with_factors(rows: list, factors: list[float]) -> list[list[float]]:
+    """Per-sample table rows (from one row for the batch, or one per sample) with each sample's factor folded into
+    p, q (module docstring) and the row's rescale off (a sharded step's, and a sharded SamplingPlan's).  CFG++'s
     unconditional D_u keeps the raw p, q: the table holds its weights on y and F_u folded on the host (columns A and
     ``BFU``, GY and ``GFU``), which the factor does not touch."""
     rows = [list(r) for r in (rows * len(factors) if len(rows) == 1 else rows)]
@@ -394,21 +407,21 @@ def _rows_with_factors(rows: list, factors: list[float]) -> list[list[float]]:
 
 
 def fused_step(shard: Shard, name: str, y, f_cond, f_uncond, history, pz, args, sigma_eval, *, guidance_scale,
-               guidance_rescale, rescale_space, noise, seeds, step_index, want_denoised, out):
-    """A backend's ``fused_step`` (registry signature) on this rank's slice.  ``noise`` is already this slice's (a
-    tensor or a function returning one): the caller drew it at the global indices.  Without guidance rescale it is
-    the backend's own step; with it, the factor of the full latent (:func:`rescale_factors`) folded into per-sample
-    table rows, run by the backend's ``table_step``."""
+               guidance_rescale, rescale_space, noise, seeds, step_index, want_denoised, out, draw=0,
+               noise_slice=None):
+    """A backend's ``fused_step`` (registry signature) on this rank's slice.  Seeded noise is drawn by the step at
+    ``noise_slice``'s places (:func:`kernel_noise_slice`), or ``noise`` is already this slice's (a tensor or a
+    function returning one: the caller drew it at the global indices).  Without guidance rescale it is the backend's
+    own step; with it, the factor of the full latent (:func:`rescale_factors`) folded into per-sample table rows,
+    run by the backend's ``table_step``."""
     run = _backend.FUSED[name]
     if not guidance_rescale or f_uncond is None:
         return run(y, f_cond, f_uncond, history, pz, args, sigma_eval, guidance_scale=guidance_scale,
                    guidance_rescale=guidance_rescale, rescale_space=rescale_space, noise=noise, seeds=seeds,
-                   step_index=step_index, want_denoised=want_denoised, out=out)
+                   step_index=step_index, want_denoised=want_denoised, out=out, draw=draw, noise_slice=noise_slice)
     if type(args[0].sigma) is not float:
         raise ValueError("sharded guidance rescale takes host sigmas (numbers or per-sample lists), not sigma tensors "
                          "on the device")
-    if seeds is not None:
-        raise ValueError("internal: a sharded step takes its noise at the global indices, not seeds")
     cs = [co.step_coeffs(pz, a) for a in args]
     if callable(noise):
         noise = noise() if any(c.e != 0.0 for c in cs) else None
@@ -416,24 +429,34 @@ def fused_step(shard: Shard, name: str, y, f_cond, f_uncond, history, pz, args, 
             _validate.tensor("noise", noise, y)
     uv = [rescale_space_coeffs(pz, s, rescale_space) for s in sigma_eval]
     factors = rescale_factors(shard, y, f_cond, f_uncond, guidance_scale, guidance_rescale, uv)
-    st = _device.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=None,
+    st = _device.device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
                              want_denoised=want_denoised, out=out)
     if st.carry_out is not None and st.noisy and name in ("cpu", "cuda"):
         raise ValueError(f"sampler {args[0].sampler!r} keeps a derivative and adds noise in one step, which the "
                          f"{name} kernels cannot do; use backend='torch' or 'triton'")
     rows = _table.step_rows(pz, st.coeffs, sigma_eval, guidance_scale=guidance_scale,
                             guidance_rescale=guidance_rescale, rescale_space=rescale_space)
-    rows = _rows_with_factors(rows, factors)
+    rows = rows_with_factors(rows, factors)
     table = _layout.to_device(torch.tensor(rows, dtype=torch.float64), y.device)
     _backend.module(name).table_step(
         st.y, st.f_cond, st.f_uncond, st.history, table, guidance_scale=guidance_scale, guidance_rescale=0.0,
-        rescale_space=rescale_space, noise_mode=1 if st.noisy else 0, noise=st.noise, seeds=None, step_index=0,
-        y_out=st.y_out, d_out=st.d_out, carry_out=st.carry_out)
+        rescale_space=rescale_space, noise_mode=(2 if st.philox else 1) if st.noisy else 0, noise=st.noise,
+        seeds=seeds, step_index=0 if step_index is None else step_index, y_out=st.y_out, d_out=st.d_out,
+        carry_out=st.carry_out, draw=draw, noise_slice=noise_slice)
     return st.finish(out), st.d_out, st.carry_out, [c.sigma_out for c in st.coeffs], st.coeffs[0].complete
 
 
+def kernel_noise_slice(shard: Shard, backend: str) -> _noise.NoiseSlice | None:
+    """The slice a sharded step on ``backend`` hands its kernels to draw its seeded noise at the global indices
+    (:attr:`Shard.noise_slice`), or None where they cannot (a compiled backend and a slice that splits the groups of
+    four, :func:`zsnr_kernels.backends.call.kernel_slice`): the step then takes :func:`step_noise` as ``noise=``."""
+    sl = shard.noise_slice
+    return sl if backend == "torch" or sl.groups_whole else None
+
+
 def step_noise(shard: Shard, y: torch.Tensor, seeds, step_index, draw: int = 0):
-    """The lazy ``noise=`` of a sharded step with ``seed=``: a function drawing the slice's normals at their global
+    """The lazy ``noise=`` of a sharded step with ``seed=`` whose kernels do not draw the slice themselves
+    (:func:`kernel_noise_slice`), and of ``churn_step``: a function drawing the slice's normals at their global
     indices (called only when the step adds noise)."""
     if step_index is None:
         raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")

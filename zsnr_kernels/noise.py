@@ -15,6 +15,9 @@ counter laid out as above, and ``csrc/include/zsnr/philox.h`` for the C++/CUDA c
 are bit-identical on every backend; the normals agree to float rounding of log/cos/sin.  Because the
 counter is per sample, a batch of 8 gives the same noise as 8 batches of 1, on any device.
 
+A slice of a sample (a latent sharded across processes, :mod:`zsnr_kernels.distributed`) takes the noise of its
+elements at their places in the sample: :class:`NoiseSlice` maps its element j to the sample's element J.
+
 Integers are held in int64 tensors with values in [0, 2**32); a 32x32-bit product is split into 16-bit
 halves so that no int64 product overflows.
 """
@@ -23,13 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _validate
 
-__all__ = ["philox4x32", "uint32_to_uniform", "normal", "group_normals", "normalize_seeds", "seed_bits"]
+__all__ = ["philox4x32", "uint32_to_uniform", "normal", "group_normals", "normalize_seeds", "seed_bits", "NoiseSlice"]
 
 MASK32 = 0xFFFFFFFF
 PHILOX_KEY_A = 0x9E3779B9  # key bump of k0 after each round
@@ -114,6 +118,65 @@ def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
     return r * torch.cos(th), r * torch.sin(th)
 
 
+class NoiseSlice(NamedTuple):
+    """Where a slice of each sample lies in the sample its noise is drawn for (docs/design.md §2.8), as
+    ``csrc/include/zsnr/philox.h``'s ``NoiseSlice`` defines it (the one definition; the kernels draw it there).
+
+    A latent sharded along one non-batch dim holds, per sample, one run of ``local`` (L) elements for every index of
+    the dims before the shard dim; each run is its part of ``total`` (G) elements of the sample, starting ``offset``
+    (O) elements into them.  With D the product of the dims after the shard dim, L = (the slice's size along it) D,
+    G = (the sample's size along it) D, O = (the slice's start) D (:meth:`along`).  The slice's element j (its flat
+    index within the slice's sample) is the sample's element ``J = (j // L) * G + O + j % L``, whose noise it takes.
+    The whole sample is L = G = n, O = 0."""
+
+    local: int
+    total: int
+    offset: int
+
+    @classmethod
+    def along(cls, shape: Sequence[int], dim: int, start: int, size: int) -> NoiseSlice:
+        """The slice of a latent of ``shape`` (the slice's own, batch first) that holds indices ``start`` ..
+        ``start + shape[dim] - 1`` of the ``size`` indices the full latent has along the non-batch dim ``dim``."""
+        inner = math.prod(shape[dim + 1:])
+        return cls(shape[dim] * inner, size * inner, start * inner)
+
+    @property
+    def whole(self) -> bool:
+        """Whether it is the whole sample (J = j)."""
+        return self.local == self.total and self.offset == 0
+
+    @property
+    def groups_whole(self) -> bool:
+        """Whether each group of four local elements is one group of the sample (L, G, O multiples of 4; philox.h
+        ``slice_groups_whole``): the slices the compiled kernels draw themselves."""
+        return self.whole or (self.local % 4 == 0 and self.total % 4 == 0 and self.offset % 4 == 0)
+
+    def check(self, n: int, name: str = "noise_slice") -> NoiseSlice:
+        """``self``, if it places samples of ``n`` elements (1 <= L, 0 <= O, O + L <= G, n a multiple of L);
+        ValueError naming ``name`` otherwise."""
+        for field, v in zip(self._fields, self):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}.{field} must be an int, got {type(v).__name__}")
+        if not (1 <= self.local and 0 <= self.offset and self.offset + self.local <= self.total
+                and n % self.local == 0):
+            raise ValueError(f"{name}={tuple(self)} does not place samples of {n} elements: each sample must be runs "
+                             f"of local elements (n a multiple of local) inside runs of total, offset + local <= total "
+                             "(build it with NoiseSlice.along(shape, dim, start, size))")
+        return self
+
+    def index(self, j):
+        """The sample's element J of local element(s) ``j`` (an int or an int64 tensor)."""
+        return (j // self.local) * self.total + self.offset + j % self.local
+
+    def group(self, g):
+        """The sample's group of local group(s) ``g`` of a slice with whole groups (philox.h ``slice_group``):
+        ``(g // (L/4)) * (G/4) + O/4 + g % (L/4)``."""
+        if self.whole:
+            return g
+        l4 = self.local // 4
+        return (g // l4) * (self.total // 4) + self.offset // 4 + g % l4
+
+
 def _seed_int(value: object, name: str) -> int:
     v = _validate.integer(name, value)
     if not -(2**63) <= v < 2**64:
@@ -196,10 +259,13 @@ def normal(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    noise_slice: NoiseSlice | None = None,
 ) -> Tensor:
     """Standard normal noise of ``shape`` by the docs/design.md §2.8 definition (see the module docstring).
 
-    ``shape[0]`` is the batch B; element j counts over the flattened remaining dims of each sample.
+    ``shape[0]`` is the batch B; element j counts over the flattened remaining dims of each sample.  With
+    ``noise_slice`` (a :class:`NoiseSlice`), ``shape`` is a slice's and element j takes the noise of the sample's
+    element ``noise_slice.index(j)`` (any slice: groups need not stay whole here).
     ``seed``: one int s (sample i gets s + i), or a sequence / integer tensor of B ints (``normalize_seeds``).
     ``step`` (the step index) and ``draw`` (the draw within the step) are ints in [0, 2**32).
     Computed in float32, then cast to ``dtype``; on ``device`` (default: the default device).
@@ -218,9 +284,22 @@ def normal(
         device = getattr(torch, "get_default_device", lambda: torch.device("cpu"))()
     device = torch.device(device)
     batch, n = shape[0], math.prod(shape[1:])
+    if noise_slice is not None:
+        if not isinstance(noise_slice, NoiseSlice):
+            raise TypeError(f"noise_slice must be a zsnr_kernels.noise.NoiseSlice, got {type(noise_slice).__name__}")
+        noise_slice = None if noise_slice.check(n).whole else noise_slice
     key0, key1 = _seed_keys(seed, batch, device)
-    g = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
-    out = group_normals(key0, key1, g, step, draw)[:, :n]
+    if noise_slice is None or noise_slice.groups_whole:
+        g = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+        out = group_normals(key0, key1, g if noise_slice is None else noise_slice.group(g), step, draw)[:, :n]
+    else:  # runs that split groups: each run's groups, then its elements picked out of them
+        sl = noise_slice
+        starts = sl.index(torch.arange(n // sl.local, dtype=torch.int64, device=device) * sl.local)  # [runs]
+        ng = (sl.local + 3) // 4 + 1  # groups covering a run of `local` elements, whatever its start mod 4
+        g = (starts // 4)[:, None] + torch.arange(ng, dtype=torch.int64, device=device)[None, :]  # [runs, ng]
+        normals = group_normals(key0[:, :, None], key1[:, :, None], g[None], step, draw)  # [B, runs, 4 ng]
+        idx = (starts % 4)[:, None] + torch.arange(sl.local, dtype=torch.int64, device=device)[None, :]
+        out = normals.gather(2, idx[None].expand(batch, -1, -1)).reshape(batch, n)
     return out.reshape(shape).to(dtype)
 
 

@@ -19,6 +19,14 @@ So a whole loop, model included, can be captured in one CUDA graph (``torch.cuda
 noise copied into the same input tensor (see the README).  On the ``torch`` backend the reference reads the
 table's columns as device tensors.
 
+A sharded latent (``process_group=``, ``shard_dim=``: each rank plans and runs its slice, :mod:`zsnr_kernels.distributed`)
+is planned too: the plan learns the slices' layout when it is built (a collective every rank of the group makes, as
+``sample()`` does at the start of a run), shares the group's first rank's seeds when it drew its own, and its steps
+draw their noise at the slice's global indices (in the kernel: :func:`zsnr_kernels.distributed.kernel_noise_slice`).
+With guidance rescale each step computes the factor of the full latent (one ``all_gather`` of the row statistics,
+read on the host) and runs its row with the factor folded in, as sharded ``sample()`` steps do; such a step waits
+for the device and communicates, so a sharded plan with guidance rescale cannot be captured in a CUDA graph.
+
 Not planned: EDM churn (``s_churn``), ``noise_sampler`` noise and per-sample sigma schedules; those runs use
 :func:`zsnr_kernels.sample`.
 """
@@ -29,8 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _validate, coefficients as co, sampling, steps
-from .backends import registry as _backend, table as _table
+from . import _validate, coefficients as co, distributed, sampling, steps
+from .backends import layout as _layout, registry as _backend, table as _table
 from .parameterization import parameterization
 
 __all__ = ["SamplingPlan"]
@@ -46,6 +54,7 @@ class _Eval:
     sigma_eval: float
     step_index: int | None
     y_out: int
+    draw: int = 0                      # the Philox draw of its noise within the step (dpmpp_sde's stage 2: 1)
     d_out: int = -1                    # -1: not produced
     carry_out: int = -1
     coeffs: co.StepCoeffs | None = None
@@ -81,13 +90,13 @@ class _Recorder:
         zero = torch.zeros_like(y)
         return (zero, zero.clone()) if self.guided else zero
 
-    def step(self, y, history, args, sigma_eval, result, *, seeds, step_index, guided):
+    def step(self, y, history, args, sigma_eval, result, *, seeds, step_index, guided, draw=0):
         if len(args) != 1:
             raise ValueError("a SamplingPlan needs one sigma schedule for the whole batch, not per-sample sigmas")
         if seeds is not None:
             self.seeds = list(seeds)
         e = _Eval(self.model_calls[-1][0], self._slot(y), [self._slot(h) for h in history], args[0],
-                  sigma_eval[0], step_index, y_out=-1)
+                  sigma_eval[0], step_index, y_out=-1, draw=draw)
         e.y_out = self._new(result.y)
         if result.denoised is not None:
             e.d_out = self._new(result.denoised)
@@ -104,6 +113,10 @@ class SamplingPlan:
     ``seed`` (one int per sample, or an int s: sample i gets s + i) fixes the Philox noise of stochastic
     samplers; a stochastic plan without one draws its seeds once from torch's generator, when it is built (as
     ``sample()`` does per run), so every run of the plan adds the same noise.
+
+    ``process_group``, ``shard_dim``: ``shape`` is this rank's slice of the latent along ``shard_dim`` (module
+    docstring); every rank of the group builds its plan (a collective) and runs it, the same evaluations in the same
+    order.  The gathered slices equal ``sample(..., process_group=, shard_dim=)`` and one process's run.
 
     A plan on CUDA tensors runs the ``cuda`` or ``triton`` kernels (``backend``, as for a step) and can be
     captured in a CUDA graph.  One on the ``torch`` backend (float64, or no kernels) computes its Philox noise with
@@ -125,17 +138,17 @@ class SamplingPlan:
                  sigma_data=1.0, guidance_scale=1.0, guidance_rescale=0.0, rescale_space="output", eta=1.0,
                  s_noise=1.0, solver_type=None, order=None, disable_corrector=(), seed=None, backend="auto",
                  process_group=None, shard_dim=None):
-        if process_group is not None or shard_dim is not None:
-            raise ValueError("SamplingPlan does not plan sharded runs yet (process_group= / shard_dim=): its table "
-                             "steps would need the sharded guidance-rescale factor and the noise at global indices "
-                             "on the device; use zsnr_kernels.sample(..., process_group=, shard_dim=) or the step "
-                             "functions, which take them")
         shape = tuple(int(v) for v in shape)
         if len(shape) < 1 or min(shape) < 1:
             raise ValueError(f"shape must be a non-empty latent shape with positive sizes, got {shape}")
         self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
         probe = torch.empty(0, dtype=dtype, device=self.device).new_empty(shape[:1] + (1,) * (len(shape) - 1))
         self.backend = _backend.resolve(backend, probe)
+        # a sharded latent: the slices' layout, learned now (a collective every rank makes, as sample() does)
+        self.shard = None
+        if process_group is not None or shard_dim is not None:
+            like = torch.empty((), dtype=dtype, device=self.device).expand(shape)  # the slice's shape, no memory
+            self.shard = distributed.layout(like, process_group, shard_dim, refresh=True)
         self.pz = parameterization(prediction, sigma_data)
         self.guidance_scale, self.guidance_rescale, self.rescale_space = _validate.guidance(
             guidance_scale, guidance_rescale, rescale_space)
@@ -151,6 +164,8 @@ class SamplingPlan:
                             s_noise=s_noise, solver_type=solver_type, order=order,
                             disable_corrector=disable_corrector, seed=seed, backend="torch")
         self.seeds = rec.seeds  # None for a deterministic run (which drew none)
+        if self.shard is not None and seed is None and self.seeds is not None:  # drawn here: each rank's differ
+            self.seeds = distributed.agree_seeds(self.shard, self.seeds, like)
         vals = _validate.sigmas(sigmas, final_zero=False)
         self._initial_scale, self._final_sigma = self.pz.noise_scale(vals[0]), vals[-1]
         self._evals = rec.evals
@@ -165,7 +180,12 @@ class SamplingPlan:
             e.coeffs = co.step_coeffs(self.pz, e.args)
             rows.append(_table.step_table(self.pz, [e.coeffs], [e.sigma_eval], guidance_scale=self.guidance_scale,
                                           guidance_rescale=self.guidance_rescale, rescale_space=self.rescale_space))
-        self.table = torch.stack(rows).to(self.device)                        # [evaluations, 1, NUM_COEFFS]
+        host = torch.stack(rows)
+        self.table = host.to(self.device)                                     # [evaluations, 1, NUM_COEFFS]
+        # sharded: the rows on the host (for the rescale factor's fold) and the slice the kernels draw noise for
+        self._rows = host.tolist() if self.shard is not None else None
+        self._noise_slice = (None if self.shard is None
+                             else distributed.kernel_noise_slice(self.shard, self.backend))
         self.sigmas = torch.stack([s for _, s in rec.model_calls]).to(self.device)  # [evaluations, batch]
         self._run = _backend.module(self.backend)
         self._state = self._run.plan_state(shape, dtype, self.device, self.seeds)
@@ -256,12 +276,28 @@ class SamplingPlan:
         for name, o in out.items():  # the plan's buffers are apart; a model could return a view of one
             if o is not None:
                 _validate.apart(f"the plan's {name} buffer", o, (f_cond, f_uncond), lambda k: "model_output")
+        f_cond = f_cond.contiguous()
+        f_uncond = None if f_uncond is None else f_uncond.contiguous()
+        step_index = 0 if e.step_index is None else e.step_index
+        table, phi = self.table[k], self.guidance_rescale if f_uncond is not None else 0.0
+        noise_mode, noise, noise_slice = (2 if e.coeffs.e != 0.0 else 0), None, None
+        if self.shard is not None:  # the slice's noise at its global indices; the rescale factor of the full latent
+            if noise_mode == 2 and self._noise_slice is None:  # a slice the kernels cannot draw: drawn beside
+                noise_mode, noise = 1, distributed.global_normal(self.shard, y, self.seeds, step_index, e.draw)
+            noise_slice = self._noise_slice
+            if phi:
+                row = self._rows[k][0]
+                factors = distributed.rescale_factors(self.shard, y, f_cond, f_uncond, self.guidance_scale, phi,
+                                                      [(row[_table.U], row[_table.T])])
+                table = _layout.to_device(torch.tensor(distributed.rows_with_factors([row], factors),
+                                                       dtype=torch.float64), self.device)
+                phi = 0.0
         self._run.table_step(
-            y, f_cond.contiguous(), None if f_uncond is None else f_uncond.contiguous(), hist, self.table[k],
-            guidance_scale=self.guidance_scale, guidance_rescale=self.guidance_rescale if f_uncond is not None else 0.0,
-            rescale_space=self.rescale_space, noise_mode=2 if e.coeffs.e != 0.0 else 0, seeds=self.seeds,
-            step_index=0 if e.step_index is None else e.step_index, y_out=out["y"], d_out=out["d"],
-            carry_out=out["carry"] if e.coeffs.carry is not None else None, state=self._state)
+            y, f_cond, f_uncond, hist, table, guidance_scale=self.guidance_scale, guidance_rescale=phi,
+            rescale_space=self.rescale_space, noise_mode=noise_mode, noise=noise, seeds=self.seeds,
+            step_index=step_index, y_out=out["y"], d_out=out["d"],
+            carry_out=out["carry"] if e.coeffs.carry is not None else None, state=self._state, draw=e.draw,
+            noise_slice=noise_slice)
         self._next = k + 1
 
     def result(self) -> torch.Tensor:

@@ -219,11 +219,13 @@ def _run(
     first_origin=None,
     process_group=None,
     shard_dim=None,
+    draw: int = 0,
     **unknown,
 ) -> StepResult:
     """Validate, then run the fused step on the chosen backend.  ``args`` holds one StepArgs for the batch or one
-    per sample; ``sigma_eval`` is where the model was called (a float or a per-sample list); ``unknown`` catches a
-    misspelt option, to name the step function the user called instead of this one."""
+    per sample; ``sigma_eval`` is where the model was called (a float or a per-sample list); ``draw`` is the Philox
+    draw of ``seed=`` noise within the step (docs/design.md §2.8: 1 for dpmpp_sde's second call); ``unknown``
+    catches a misspelt option, to name the step function the user called instead of this one."""
     if unknown:
         name = _step_name(args[0].sampler)
         raise TypeError(f"{name + '()' if name.endswith('_step') else name} got an unexpected keyword argument "
@@ -253,6 +255,8 @@ def _run(
         _validate.out(out, y, (y, f_cond, f_uncond, None if callable(noise) else noise, *history),
                       lambda k: _input_name(k, f_uncond is not None))
     step_index = _validate.step_index(step_index)
+    if draw:
+        draw = _validate.index("draw", draw, 2**32)
     seeds = None if seed is None else _noise.step_seeds(seed, y.shape[0])
     if seeds is not None and step_index is None:
         raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
@@ -264,8 +268,11 @@ def _run(
         or (noise is not None and isinstance(noise, torch.Tensor) and noise.requires_grad)
         or (len(history) > 0 and any(t.requires_grad for t in history)))
     name = _backend.resolve(backend, y, grad)
+    noise_slice = None
     if shard is not None and seeds is not None:  # the slice's Philox noise at its global indices (§2.8)
-        noise, seeds = _distributed.step_noise(shard, y, seeds, step_index), None
+        noise_slice = _distributed.kernel_noise_slice(shard, name)  # drawn by the kernel where it can
+        if noise_slice is None:  # else drawn here, handed to the step as noise=
+            noise, seeds = _distributed.step_noise(shard, y, seeds, step_index, draw), None
     if on_device:  # the device values, checked on the device; or read, for a backend that takes host values
         args, sigma_eval, on_device = _device_sigmas(pz, y, args, sigma_eval, first_origin, name)
     if seeds is not None and name != "torch" and isinstance(seeds, torch.Tensor) and (
@@ -295,7 +302,8 @@ def _run(
         run = functools.partial(_distributed.fused_step, shard, name)
     y_out, d, carry, sigma_out, complete = run(
         y, f_cond, f_uncond, list(history), pz, args, sig_eval, guidance_scale=w, guidance_rescale=phi,
-        rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out)
+        rescale_space=space, noise=noise, seeds=seeds, step_index=step_index, want_denoised=want_d, out=out,
+        draw=draw, noise_slice=noise_slice)
     sigma_next = (sigma_out if on_device else sigma_out[0] if len(args) == 1
                   else torch.tensor(sigma_out, dtype=torch.float64))
     result = StepResult(y_out, sigma_next, d if want_d else None, complete, carry,
@@ -304,7 +312,7 @@ def _run(
     if rec is not None:  # zsnr_kernels.plan is recording a run in this context
         if isinstance(seeds, torch.Tensor):  # a plan keeps host seeds (it records on host tensors: no wait)
             seeds = _noise.normalize_seeds(seeds, y.shape[0])
-        rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index,
+        rec.step(y, list(history), args, sig_eval, result, seeds=seeds, step_index=step_index, draw=draw,
                  guided=f_uncond is not None)
     return result
 
@@ -322,7 +330,7 @@ def _recording():
 @contextlib.contextmanager
 def recording(recorder):
     """Inside the block, every step this thread (or asyncio task) runs calls ``recorder.step(y, history, args,
-    sigma_eval, result, seeds=, step_index=, guided=)`` after it ran: how :class:`zsnr_kernels.SamplingPlan`
+    sigma_eval, result, seeds=, step_index=, draw=, guided=)`` after it ran: how :class:`zsnr_kernels.SamplingPlan`
     learns what ``sample()`` does.  Steps of other threads are not recorded."""
     global _recordings
     token = _recorder.set(recorder)
@@ -718,8 +726,8 @@ def dpmpp_sde_step(y, model_output, sigma, sigma_next, *, first=None, eta=1.0, s
 
     Noise: ``noise=`` is used by each call that adds noise (pass a function or a fresh tensor per call); with
     ``seed=`` the two stages draw different Philox noise of step ``step_index`` (docs/design.md §2.8): draw 0 in the
-    first call, draw 1 in the second.  (The second is formed as a noise tensor beside the fused step, one more
-    write and read of y's size, until the backends take the record's ``draw``.)  ``sample()`` with a
+    first call, draw 1 in the second, each drawn inside the fused step (the step record's ``draw``).  ``sample()``
+    with a
     ``noise_sampler`` calls it as k-diffusion does: ``(sigma, sigma_s)`` for the first stage, ``(sigma, sigma')``
     for the second.
 
@@ -733,22 +741,8 @@ def dpmpp_sde_step(y, model_output, sigma, sigma_next, *, first=None, eta=1.0, s
         r = _two_stage("dpmpp_sde", y, model_output, sigma, sigma_next, None, options, noise=noise, seed=seed,
                        step_index=step_index, eta=eta, s_noise=s_noise)
         return r if r.complete else StepResult(r.y, r.sigma, r.denoised, False, start, r.origin)
-    if seed is not None and noise is None:  # the second draw of the step (§2.8), as a noise tensor
-        if step_index is None:
-            raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
-        seeds, index = _noise.step_seeds(seed, _validate.tensor("y", y).shape[0]), _validate.step_index(step_index)
-
-        def noise():
-            if _recordings and _recording() is not None:
-                raise ValueError("SamplingPlan does not plan dpmpp_sde's noise yet (its second stage draws Philox "
-                                 "draw 1, which the plan's table steps do not take): use sample(), or eta=0")
-            if options.get("process_group") is not None or options.get("shard_dim") is not None:  # global indices
-                shard = _distributed.layout(y, options.get("process_group"), options.get("shard_dim"), learn=False)
-                return _distributed.global_normal(shard, y, seeds, index, 1)
-            return _noise.normal(tuple(y.shape), seeds, index, 1, dtype=y.dtype, device=y.device)
-        seed = step_index = None
     return _two_stage("dpmpp_sde", y, model_output, sigma, sigma_next, first, options, noise=noise, seed=seed,
-                      step_index=step_index, eta=eta, s_noise=s_noise)
+                      step_index=step_index, eta=eta, s_noise=s_noise, draw=1)  # the step's second draw (§2.8)
 
 
 def dpmpp_2m_step(y, model_output, sigma, sigma_next, *, history=None, **options) -> StepResult:
@@ -942,8 +936,9 @@ def step_function(sampler: str):
 
 
 def _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, *, noise, seed, step_index, hat=None,
-               eta=1.0, s_noise=1.0, own=None) -> StepResult:
-    """The two-stage samplers: stage from ``first``; the final call folds the next step's churn (heun, dpm_2)."""
+               eta=1.0, s_noise=1.0, own=None, draw=0) -> StepResult:
+    """The two-stage samplers: stage from ``first``; the final call folds the next step's churn (heun, dpm_2).
+    ``draw``: the Philox draw of the second call's ``seed=`` noise (the first call's is 0)."""
     sg, sn, shn = _sigmas(y, sigma, sigma_next, hat)
     stage, hist = _first_stage(first, sampler)
     if first is not None:
@@ -952,7 +947,8 @@ def _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, *, n
     args = (_args(sampler, sg, sn, hat=shn, stage=stage, eta=eta, s_noise=s_noise) if own is None else
             _args(sampler, sg, sn, hat=shn, stage=stage, eta=eta, s_noise=s_noise, **own))  # a call with ** is slower
     return _run(y, model_output, _eval_sigma(y, sg, first), args, history=hist, noise=noise, seed=seed,
-                step_index=step_index, first_origin=None if first is None else first.origin, **options)
+                step_index=step_index, first_origin=None if first is None else first.origin,
+                draw=0 if first is None else draw, **options)
 
 
 #: the named step functions of the samplers whose row says ``step=True`` (a plain dict: torch.compile traces it)

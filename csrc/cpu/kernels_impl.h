@@ -344,18 +344,18 @@ ZSNR_CPU_VECTOR_INLINE SinCos vsincosf(float th) {
 
 #include "philox_simd.h"
 
-// Normals of groups [g0, g0 + ng) (four elements each, ng <= kTile / 4) of one sample into buf[4 * ng]: the
-// Philox words (philox_simd.h), then the uniforms and Box-Muller a quarter at a time into four arrays (so the
-// loop vectorises), then interleaved.  `after(from, to, total)` is called as the arithmetic advances, from 0 to
+// Normals of local groups [g0, g0 + ng) (four elements each, ng <= kTile / 4) of one sample's `slice` (zsnr/philox.h;
+// the whole sample: groups g0.. themselves) into buf[4 * ng]: the Philox words (philox_simd.h), then the uniforms
+// and Box-Muller a quarter at a time into four arrays (so the loop vectorises), then interleaved.  `after(from, to, total)` is called as the arithmetic advances, from 0 to
 // total (the words of every group, then its normals, `chunk` groups at a time), so a caller can spread other work
 // over it.
 template <typename After>
-inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf,
-                        After&& after, int64_t chunk) {
+inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, const NoiseSlice& slice, int64_t g0, int64_t ng,
+                        float* buf, After&& after, int64_t chunk) {
   alignas(64) uint32_t x0[kTile / 4], x1[kTile / 4], x2[kTile / 4], x3[kTile / 4];
   alignas(64) float n0[kTile / 4], n1[kTile / 4], n2[kTile / 4], n3[kTile / 4];
   const int64_t total = 2 * ng;
-  philox_words(seed, step, draw, static_cast<uint64_t>(g0), ng, x0, x1, x2, x3,
+  philox_words(seed, step, draw, slice, static_cast<uint64_t>(g0), ng, x0, x1, x2, x3,
                [&](int64_t g_lo, int64_t g_hi) { after(g_lo, g_hi, total); });
   for (int64_t c = 0; c < ng; c += chunk) {
     const int32_t c_lo = static_cast<int32_t>(c), c_hi = static_cast<int32_t>(c + chunk < ng ? c + chunk : ng);
@@ -383,8 +383,9 @@ inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0,
 }
 
 // The normals alone, in one pass.
-inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t g0, int64_t ng, float* buf) {
-  philox_tile(seed, step, draw, g0, ng, buf, [](int64_t, int64_t, int64_t) {}, ng);
+inline void philox_tile(uint64_t seed, uint32_t step, uint32_t draw, const NoiseSlice& slice, int64_t g0, int64_t ng,
+                        float* buf) {
+  philox_tile(seed, step, draw, slice, g0, ng, buf, [](int64_t, int64_t, int64_t) {}, ng);
 }
 
 // Asks for the cache lines of elements [lo, hi) of p (PREFETCHT0: into L1; T1, into L2 only, was 5-8% slower in
@@ -418,10 +419,10 @@ using TileTensors = const T* [9];
 // DPM++(3M) SDE 0.77x / 0.84x in float32, 0.95x / 0.74x in bfloat16; at (4,4,128,128) DPM++(3M) SDE in float32
 // (6 MB) 0.85x, the rest unchanged.
 template <typename T>
-inline void noise_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t lo, int64_t hi, float* buf,
-                       const TileTensors<T>& tensors, bool ask) {
+inline void noise_tile(uint64_t seed, uint32_t step, uint32_t draw, const NoiseSlice& slice, int64_t lo, int64_t hi,
+                       float* buf, const TileTensors<T>& tensors, bool ask) {
   if (!ask) {
-    philox_tile(seed, step, draw, lo / 4, (hi - lo + 3) / 4, buf);
+    philox_tile(seed, step, draw, slice, lo / 4, (hi - lo + 3) / 4, buf);
     return;
   }
   constexpr int64_t kNormalsChunk = 64;  // groups of normals between two rounds of requests
@@ -429,7 +430,7 @@ inline void noise_tile(uint64_t seed, uint32_t step, uint32_t draw, int64_t lo, 
     const int64_t s = lo + (hi - lo) * from / total, e = lo + (hi - lo) * to / total;
     for (const T* p : tensors) prefetch_lines(p, s, e);
   };
-  philox_tile(seed, step, draw, lo / 4, (hi - lo + 3) / 4, buf, ask_for, kNormalsChunk);
+  philox_tile(seed, step, draw, slice, lo / 4, (hi - lo + 3) / 4, buf, ask_for, kNormalsChunk);
 }
 
 // Whether the tensors of a step outgrow the L2 caches of the threads running it: below that, the lines a noise tile
@@ -447,7 +448,8 @@ inline bool outgrows_l2(int64_t bytes, int threads) {
 }
 
 template <int32_t DT, int NHist, bool Guided, bool StoreD, bool StoreCarry, int NoiseMode>
-void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* seeds, uint32_t step, uint32_t draw) {
+void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* seeds, uint32_t step, uint32_t draw,
+                  const NoiseSlice& slice) {
   using S = Storage<DT>;
   using T = typename S::T;
   const int64_t chunks = (t.n + kChunk - 1) / kChunk;
@@ -483,7 +485,7 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
     for (int64_t lo = chunk_lo; lo < chunk_hi; lo += kTile) {
       const int64_t hi = lo + kTile < chunk_hi ? lo + kTile : chunk_hi;
       if (NoiseMode == 2)
-        noise_tile(seeds[b], step, draw, lo, hi, zbuf, {y, fc, fu, h0, h1, h2, yo, dout, cout}, ask);
+        noise_tile(seeds[b], step, draw, slice, lo, hi, zbuf, {y, fc, fu, h0, h1, h2, yo, dout, cout}, ask);
       if constexpr (kLoadTile<DT>) {
         load_half<DT>(y + lo, ybuf, hi - lo);
         load_half<DT>(fc + lo, fcbuf, hi - lo);
@@ -523,9 +525,10 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
   }
 }
 
-// noise_mode: 0 none, 1 read t.noise, 2 Philox from seeds.  A step with a carry (LMS) never draws noise.
+// noise_mode: 0 none, 1 read t.noise, 2 Philox from seeds (each sample's elements at their places in `slice`).  A step
+// with a carry (LMS) never draws noise.
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw,
-             int32_t n_hist, int32_t noise_mode) {
+             const NoiseSlice& slice, int32_t n_hist, int32_t noise_mode) {
   constexpr int kCarry = 3;  // the variant beside noise modes 0, 1, 2: a carry, no noise
   const int variant = t.carry_out != nullptr ? kCarry : noise_mode;
   int_switch<kFloat32, kFloat16, kBFloat16>(t.dtype, [&](auto dt) {
@@ -535,7 +538,8 @@ void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint3
           int_switch<0, 1, 2, kCarry>(variant, [&](auto v) {
             constexpr int kV = decltype(v)::value;
             combine_impl<decltype(dt)::value, decltype(nh)::value, decltype(guided)::value,
-                         decltype(store_d)::value, kV == kCarry, kV == kCarry ? 0 : kV>(t, c, seeds, step, draw);
+                         decltype(store_d)::value, kV == kCarry, kV == kCarry ? 0 : kV>(t, c, seeds, step, draw,
+                                                                                        slice);
           });
         });
       });
@@ -561,11 +565,11 @@ void half_loads(int32_t dtype, const uint16_t* src, float* dst, int64_t n) {
   else load_half<kBFloat16>(src, dst, n);
 }
 
-void philox_normals(uint64_t seed, uint32_t step, uint32_t draw, int64_t n, float* out) {
+void philox_normals(uint64_t seed, uint32_t step, uint32_t draw, const NoiseSlice& slice, int64_t n, float* out) {
   alignas(64) float buf[kTile];
   for (int64_t lo = 0; lo < n; lo += kTile) {
     const int64_t m = n - lo < kTile ? n - lo : kTile;
-    philox_tile(seed, step, draw, lo / 4, (m + 3) / 4, buf);
+    philox_tile(seed, step, draw, slice, lo / 4, (m + 3) / 4, buf);
     std::memcpy(out + lo, buf, static_cast<size_t>(m) * sizeof(float));
   }
 }

@@ -116,3 +116,26 @@ inline void philox_words(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g
                          uint32_t* x1, uint32_t* x2, uint32_t* x3) {
   philox_words(seed, step, draw, g0, ng, x0, x1, x2, x3, [](int64_t, int64_t) {});
 }
+
+// The words of local groups [g0, g0 + ng) of a slice of a sample (zsnr/philox.h NoiseSlice, groups whole): a slice's
+// local groups run contiguous in the sample for L/4 groups at a time, so each such run is one philox_words call at
+// its first group's place in the sample (slice_group), vector blocks and all.  `after` as philox_words', counted
+// from g0.  The whole sample is one run.
+template <typename After>
+inline void philox_words(uint64_t seed, uint32_t step, uint32_t draw, const NoiseSlice& slice, uint64_t g0,
+                         int64_t ng, uint32_t* x0, uint32_t* x1, uint32_t* x2, uint32_t* x3, After&& after) {
+  if (slice_whole(slice)) {
+    philox_words(seed, step, draw, g0, ng, x0, x1, x2, x3, after);
+    return;
+  }
+  const uint64_t run_groups = static_cast<uint64_t>(slice.local) / 4;
+  for (int64_t g = 0; g < ng;) {
+    const uint64_t local = g0 + static_cast<uint64_t>(g);
+    const int64_t left = static_cast<int64_t>(run_groups - local % run_groups);
+    const int64_t m = left < ng - g ? left : ng - g;
+    const int64_t at = g;
+    philox_words(seed, step, draw, slice_group(slice, local), m, x0 + at, x1 + at, x2 + at, x3 + at,
+                 [&](int64_t lo, int64_t hi) { after(at + lo, at + hi); });
+    g += m;
+  }
+}

@@ -15,10 +15,11 @@ namespace cpu {
 #define ZSNR_DECLARE_ISA(isa)                                                                              \
   namespace isa {                                                                                          \
   void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step, uint32_t draw, \
-               int32_t n_hist, int32_t noise_mode);                                                        \
+               const NoiseSlice& slice, int32_t n_hist, int32_t noise_mode);                               \
   void rescale_sums(const Tensors& t, float w, const RescaleWeights* ab, int32_t with_y, double* out);    \
   void philox_rows(uint64_t seed, uint32_t step, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out);   \
-  void philox_normals(uint64_t seed, uint32_t step, uint32_t draw, int64_t n, float* out);                 \
+  void philox_normals(uint64_t seed, uint32_t step, uint32_t draw, const NoiseSlice& slice, int64_t n,     \
+                      float* out);                                                                         \
   void half_stores(int32_t dtype, const float* src, uint16_t* dst, int64_t n);                             \
   void half_loads(int32_t dtype, const uint16_t* src, float* dst, int64_t n);                              \
   }
@@ -98,16 +99,17 @@ void rescale_sums(const Tensors& t, float w, const RescaleWeights* ab, int32_t w
 }
 
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,
-             int32_t n_hist_used, int32_t noise_mode) {
-  ZSNR_DISPATCH(combine, t, c, seeds, step_index, draw, n_hist_used, noise_mode);
+             const NoiseSlice& slice, int32_t n_hist_used, int32_t noise_mode) {
+  ZSNR_DISPATCH(combine, t, c, seeds, step_index, draw, slice, n_hist_used, noise_mode);
 }
 
 void philox_rows(uint64_t seed, uint32_t step_index, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out) {
   ZSNR_DISPATCH(philox_rows, seed, step_index, draw, g0, ng, out);
 }
 
-void philox_normals(uint64_t seed, uint32_t step_index, uint32_t draw, int64_t n, float* out) {
-  ZSNR_DISPATCH(philox_normals, seed, step_index, draw, n, out);
+void philox_normals(uint64_t seed, uint32_t step_index, uint32_t draw, const NoiseSlice& slice, int64_t n,
+                    float* out) {
+  ZSNR_DISPATCH(philox_normals, seed, step_index, draw, slice, n, out);
 }
 
 void half_stores(int32_t dtype, const float* src, uint16_t* dst, int64_t n) {
@@ -124,7 +126,7 @@ StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out
   StepOutcome r{kOk, 1, -1};
   if (t.batch < 1 || t.n < 1 || t.dtype < kFloat32 || t.dtype > kBFloat16 || plan.n_prev < 0 ||
       plan.n_prev > kMaxHistory || t.n_hist < 0 || t.n_hist > kMaxHistory ||
-      (plan.n_sigma != 1 && plan.n_sigma != t.batch)) {
+      (plan.n_sigma != 1 && plan.n_sigma != t.batch) || !slice_drawable(plan.slice, t.n)) {
     r.error = kErrBadArgs;
     return r;
   }
@@ -188,7 +190,7 @@ StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out
   Tensors tt = t;
   if (!cs[0].has_carry) tt.carry_out = nullptr;
   const int32_t noise_mode = !noisy ? 0 : (t.noise != nullptr ? 1 : 2);
-  combine(tt, ec.data(), plan.seeds, plan.step_index, plan.draw, n_hist, noise_mode);
+  combine(tt, ec.data(), plan.seeds, plan.step_index, plan.draw, plan.slice, n_hist, noise_mode);
   for (int64_t i = 0; i < ns; ++i) sigma_out[i] = cs[i].sigma_out;
   return r;
 }

@@ -30,17 +30,20 @@ StepOutcome fused_step(const Tensors& t, const StepPlan& plan, double* sigma_out
 // with_y (the `x0` and `v` spaces; without y, ab may be nullptr).
 void rescale_sums(const Tensors& t, float w, const RescaleWeights* ab, int32_t with_y, double* out);
 
-// The element pass with ready per-sample coefficients c[batch].
+// The element pass with ready per-sample coefficients c[batch]; Philox noise (noise_mode 2) of each sample's elements
+// at their places in `slice` (zsnr/philox.h; groups whole).
 void combine(const Tensors& t, const ElemCoeffs* c, const uint64_t* seeds, uint32_t step_index, uint32_t draw,
-             int32_t n_hist_used, int32_t noise_mode);
+             const NoiseSlice& slice, int32_t n_hist_used, int32_t noise_mode);
 
 // The Philox words of groups [g0, g0 + ng) of the sample with `seed` (docs/design.md §2.8), as the element pass makes
 // them: out[4 * i + k] = word k of group g0 + i (tests check them against the shared scalar definition).
 void philox_rows(uint64_t seed, uint32_t step_index, uint32_t draw, uint64_t g0, int64_t ng, uint32_t* out);
 
-// The normals of elements [0, n) of that sample, as the element pass makes them, on the calling thread (tests,
-// and the benchmark's measure of the noise cost per element).
-void philox_normals(uint64_t seed, uint32_t step_index, uint32_t draw, int64_t n, float* out);
+// The normals of elements [0, n) of that sample's `slice` (zsnr/philox.h; {n, n, 0}: the sample itself), as the
+// element pass makes them, on the calling thread (tests, the benchmark's measure of the noise cost per element, and
+// zsnr_kernels.distributed's explicit noise).
+void philox_normals(uint64_t seed, uint32_t step_index, uint32_t draw, const NoiseSlice& slice, int64_t n,
+                    float* out);
 
 // dst[i] = src[i] rounded to float16 (dtype kFloat16) or bfloat16 (kBFloat16) as the element pass stores it
 // (tests: every instruction set rounds alike).

@@ -357,6 +357,7 @@ struct CombineArgs {
   const FoldedPQ* pq;
   const uint64_t* seeds;
   uint32_t step, draw;
+  NoiseSlice slice;  // each sample's place in the sample its noise is drawn for (zsnr/philox.h, groups whole)
 };
 
 template <typename T, int NHist, bool Guided, bool StoreD, bool StoreCarry, int NoiseMode>
@@ -405,7 +406,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs a) 
       if (NHist > 1) load_group(h1, j, vec, cnt, v1);
       if (NHist > 2) load_group(h2, j, vec, cnt, v2);
       if (NoiseMode == 1 && noisy) load_group(zin, j, vec, cnt, vz);
-      if (NoiseMode == 2 && noisy) philox_normal4(seed_lo, seed_hi, a.step, a.draw, static_cast<uint64_t>(g), vz);
+      if (NoiseMode == 2 && noisy)
+        philox_normal4(seed_lo, seed_hi, a.step, a.draw, slice_group(a.slice, static_cast<uint64_t>(g)), vz);
       float out[4], dv[4], cv[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -576,8 +578,9 @@ cudaError_t launch_rescale(const Tensors& t, const CoeffSource& coeffs, const Re
 }
 
 cudaError_t launch_combine(const Tensors& t, const CoeffSource& coeffs, const FoldedPQ* pq, int32_t noise_mode,
-                           const uint64_t* seeds, uint32_t step_index, uint32_t draw, cudaStream_t stream) {
-  if (!tensors_ok(t) || !source_ok(coeffs, t.batch) || noise_mode < 0 ||
+                           const uint64_t* seeds, uint32_t step_index, uint32_t draw, const NoiseSlice& slice,
+                           cudaStream_t stream) {
+  if (!tensors_ok(t) || !source_ok(coeffs, t.batch) || !slice_drawable(slice, t.n) || noise_mode < 0 ||
       noise_mode > 2 || (noise_mode == 1 && t.noise == nullptr) || (noise_mode == 2 && seeds == nullptr) ||
       (noise_mode != 0 && t.carry_out != nullptr))  // LMS (the carry) never draws noise
     return cudaErrorInvalidValue;
@@ -604,6 +607,7 @@ cudaError_t launch_combine(const Tensors& t, const CoeffSource& coeffs, const Fo
   a.seeds = seeds;
   a.step = step_index;
   a.draw = draw;
+  a.slice = slice;
   switch (u.dtype) {
     case kFloat32: return launch_combine_typed<float>(a, u, noise_mode, stream);
     case kFloat16: return launch_combine_typed<__half>(a, u, noise_mode, stream);
@@ -631,7 +635,7 @@ cudaError_t fused_step(const Tensors& t, const StepPlan& plan, const Workspace& 
   // variant does (Python refuses such a step before it gets here)
   if (table && t.carry_out != nullptr && noise_mode != 0) return cudaErrorInvalidValue;
   const int32_t mode = t.carry_out != nullptr ? 0 : noise_mode;
-  return launch_combine(t, coeffs, pq, mode, plan.seeds, plan.step_index, plan.draw, stream);
+  return launch_combine(t, coeffs, pq, mode, plan.seeds, plan.step_index, plan.draw, plan.slice, stream);
 }
 
 }  // namespace cuda

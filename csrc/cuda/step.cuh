@@ -92,11 +92,13 @@ cudaError_t launch_rescale(const Tensors& t, const CoeffSource& coeffs, const Re
                            cudaStream_t stream);
 
 // The element pass.  pq (nullptr: none) overrides each sample's p, q.  noise_mode: 0 none, 1 read t.noise, 2
-// Philox from seeds[batch] with (step_index, draw).  A sample whose e is 0 draws nothing.
+// Philox from seeds[batch] with (step_index, draw), each sample's elements at their places in `slice` (zsnr/philox.h:
+// {n, n, 0} for the whole sample; groups whole, else cudaErrorInvalidValue).  A sample whose e is 0 draws nothing.
 // t.carry_out, when given, is written for every sample (zeros where the step has no carry: g_y = g_d = 0);
 // pass it only for LMS, which never draws noise (noise_mode must then be 0).
 cudaError_t launch_combine(const Tensors& t, const CoeffSource& coeffs, const FoldedPQ* pq, int32_t noise_mode,
-                           const uint64_t* seeds, uint32_t step_index, uint32_t draw, cudaStream_t stream);
+                           const uint64_t* seeds, uint32_t step_index, uint32_t draw, const NoiseSlice& slice,
+                           cudaStream_t stream);
 
 // The whole step: launch_coeffs (not in table mode), launch_rescale when guided with rescale, launch_combine (noise
 // mode 1 when t.noise is given, else 2 when plan.seeds is given, else 0).  In table mode nothing is checked on the

@@ -51,8 +51,6 @@ def test_plan_equals_sample(sampler, backend, space):
     prediction, sigmas = _setting(sampler)
     kw = dict(sampler=sampler, prediction=prediction, guidance_scale=3.0, guidance_rescale=0.7, seed=[11, 12],
               backend=backend, rescale_space=space)
-    if sampler == "dpmpp_sde":  # a plan does not take its second noise draw yet (tests/math/test_dpmpp_sde.py)
-        kw["eta"] = 0.0
     noise = _noise()
     plan = SamplingPlan(sigmas, noise.shape, **kw)
     assert torch.equal(plan.run(model, noise), zk.sample(model, noise, sigmas, **kw))
@@ -148,8 +146,6 @@ CHILD = textwrap.dedent(
         s = sig[1:] if prediction == "eps" else sig
         kw = dict(sampler=sampler, prediction=prediction, guidance_scale=3.0, guidance_rescale=0.7, seed=[11, 12],
                   backend="triton")
-        if sampler == "dpmpp_sde":  # a plan does not take its second noise draw yet
-            kw["eta"] = 0.0
         plan = SamplingPlan(s, noise.shape, **kw)
         out[sampler] = (plan.run(model, noise), zk.sample(model, noise, s, **kw))
     torch.save(out, sys.argv[1])

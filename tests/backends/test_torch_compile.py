@@ -24,7 +24,7 @@ def _op_args(y, *, f_uncond=None, history=(), want_d=True, sampler=0, n_prev=0, 
             1.0, 1.0, [5.0, 5.0, 3.0, 3.0, *sigma_prev], n_prev, 4.0, rescale, 0, None, 0)
 
 
-@pytest.mark.parametrize("variant", ["plain", "guided_rescale", "history", "carry_asked_of_euler"])
+@pytest.mark.parametrize("variant", ["plain", "guided_rescale", "history", "carry_asked_of_euler", "philox_slice"])
 def test_opcheck(variant):
     from zsnr_kernels.backends import ops as _ops
 
@@ -37,6 +37,10 @@ def test_opcheck(variant):
     elif variant == "carry_asked_of_euler":  # only LMS has a carry: an empty one, in the fake kernel too
         kw = dict(want_carry=True)
     args = _op_args(y, **kw)
+    if variant == "philox_slice":  # euler_ancestral's noise, draw 1, of a slice: the record's draw and slice fields
+        y = torch.randn(2, 4, 8)
+        args = _op_args(y, sampler=1)
+        args = args[:21] + (torch.tensor([5, 6]), 3, None, 1, [16, 64, 32])
     torch.library.opcheck(_ops.step, args)
     out = torch.empty_like(y)
     torch.library.opcheck(_ops.step_out, (out,) + args[:5] + args[7:])
@@ -54,7 +58,7 @@ def _model():
     return model
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "dpmpp_sde"])  # dpmpp_sde: draws 0 and 1
 def test_compiled_sampling_loop_has_no_graph_break_and_equals_eager(sampler):
     model = _model()
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))

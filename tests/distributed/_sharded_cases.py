@@ -12,11 +12,15 @@ import torch
 LATENTS = {
     "frames": ((1, 4, 6, 8, 8), 2, (1, 3, 4)),   # a video latent (B, C, F, H, W) sharded along frames
     "tokens": ((2, 16, 64), 1, (2,)),            # a token latent (B, T, C) sharded along tokens
+    # rows of 7 elements: a slice's runs split the Philox groups of four, so the kernels cannot draw its noise and
+    # the step takes it as a tensor (zsnr_kernels.distributed.kernel_noise_slice)
+    "odd": ((2, 3, 10, 7), 2, (1, 3)),
 }
 #: the slices of each world size, in rank order (uneven)
 SPLITS = {
     "frames": {1: [6], 2: [4, 2], 3: [1, 2, 3]},
     "tokens": {1: [16], 2: [9, 7], 3: [3, 8, 5]},
+    "odd": {1: [10], 2: [6, 4], 3: [3, 4, 3]},
 }
 SIGMAS = [math.inf, 8.0, 2.5, 0.9, 0.3, 0.0]
 #: a finite start, where churn noises the first state too (steps.churn_step)

@@ -15,9 +15,14 @@ import torch.distributed as dist  # noqa: E402
 import _sharded_cases as C  # noqa: E402
 
 
+#: samplers run by a sharded SamplingPlan too (a case "<latent>/<backend>/plan-<sampler>": the plan's run)
+PLANNED = ("euler_ancestral", "dpmpp_sde", "dpmpp_3m_sde", "euler_ancestral_cfg_pp")
+
+
 def cases():
     """(case name, latent, sample() keyword arguments, communicating model): every sampler on both latents on the cpu
-    backend, a few on the torch backend, and the communicating model."""
+    backend, a few on the torch backend, and the communicating model; and a few run by a sharded SamplingPlan with
+    the same arguments (its result is compared with sample()'s of one process)."""
     from zsnr_kernels import coefficients as co
 
     out = []
@@ -34,6 +39,12 @@ def cases():
         out.append((f"{latent}/cpu/unseeded", latent, kw, False))
         kw = dict(sampler="heun", seed=C.SEED, backend="cpu", s_churn=4.0, **C.GUIDANCE)  # churn of the first state
         out.append((f"{latent}/cpu/churn-from-finite", latent, kw, False))
+        for backend in ("cpu", "torch"):
+            for name in PLANNED if backend == "cpu" else PLANNED[:2]:
+                kw = dict(sampler=name, seed=C.SEED, backend=backend, **C.GUIDANCE)
+                out.append((f"{latent}/{backend}/plan-{name}", latent, kw, False))
+        kw = dict(sampler="dpmpp_sde", backend="cpu", **C.GUIDANCE)  # no seed: the plan shares rank 0's
+        out.append((f"{latent}/cpu/plan-unseeded", latent, kw, False))
     return out
 
 
@@ -50,6 +61,10 @@ def main(rank: int, world: int, port: int, outdir: str) -> None:
             if "seed" not in kw:
                 torch.manual_seed(100 + rank)  # each rank's generator differs: sample() must agree on rank 0's seeds
             z = C.local_slice(C.noise(latent), latent, world, rank)
+            if "/plan-" in case:
+                plan = zk.SamplingPlan(C.sigmas(case), z.shape, process_group=group, shard_dim=dim, **kw)
+                results[case] = plan.run(model, z)
+                continue
             results[case] = zk.sample(model, z, C.sigmas(case), process_group=group, shard_dim=dim, **kw)
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     finally:

@@ -79,8 +79,9 @@ CASES = {case: (kw, comm) for case, _, kw, comm in _worker.cases()}
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_sampler_gathered_equals_one_process_bit_for_bit(gathered, world):
     """cpu backend, fp32, guidance 5 with rescale 0.7 and seeded noise (churn for euler/heun/dpm_2), on a video latent
-    sharded along frames and a token latent along tokens, uneven slices: the gathered slices equal the run of one
-    process (shard_dim, no group) bit for bit, so 1, 2 and 3 processes give the same image."""
+    sharded along frames, a token latent along tokens and a latent whose rows split the Philox groups (its noise
+    drawn beside the step), uneven slices: the gathered slices equal the run of one process (shard_dim, no group)
+    bit for bit, so 1, 2 and 3 processes give the same image."""
     bad = []
     for case, (kw, comm) in CASES.items():
         if comm or "/torch/" in case:
@@ -96,8 +97,8 @@ def test_every_sampler_gathered_equals_one_process_bit_for_bit(gathered, world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_torch_backend_gathered_equals_one_process(gathered, world):
     """The torch reference backend: within the float32 tolerance of one process (measured: bit for bit here, since
-    every normal comes from the compiled generator on CPU and the reference's element-wise ops do not depend on
-    the slice)."""
+    the reference draws each slice's normals at their global indices (noise.NoiseSlice, groups split or not; the
+    EDM churn of a first state from the compiled generator) and its element-wise ops do not depend on the slice)."""
     for case, (kw, comm) in CASES.items():
         if "/torch/" not in case:
             continue
@@ -120,6 +121,23 @@ def test_a_model_that_communicates_runs_the_whole_loop(gathered, world):
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("world", [2, 3])
+def test_a_sharded_plan_equals_one_process(gathered, world):
+    """SamplingPlan(process_group=, shard_dim=) on every rank: its slices, gathered, equal sample() of one process
+    (with shard_dim) bit for bit on the cpu backend, seeded or not (an unseeded plan shares rank 0's seeds), and to
+    the float32 tolerance on the torch backend; dpmpp_sde's second draw included."""
+    planned = [case for case in CASES if "/plan-" in case]
+    assert len(planned) == len(C.LATENTS) * (len(_worker.PLANNED) + 3)
+    for case in planned:
+        kw, comm = CASES[case]
+        want = _single(case, kw, comm)
+        if "/torch/" in case:
+            torch.testing.assert_close(gathered[world][case], want, rtol=0, atol=1e-5, msg=case)
+        else:
+            assert torch.equal(gathered[world][case], want), case
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("world", [2, 3])
 def test_unseeded_runs_share_the_first_ranks_seeds(gathered, world):
     """Without seed= each rank's torch generator differs; sample() broadcasts the group's first rank's seeds, so the
     slices still form one image: that of one process with rank 0's generator."""
@@ -136,8 +154,8 @@ def test_shard_dim_differs_from_the_plain_run_only_by_the_statistics_order(laten
     rescale statistics are summed in (float64 rows against the kernels' float32 chunks, or the reference's float32
     std) and the noise source on the torch backend (compiled generator against the reference, NORMAL_ATOL).
     Measured on these latents: at most 1.4e-6 (cpu) and 4.4e-6 (torch) in a result of unit scale; without guidance
-    rescale the cpu runs are equal bit for bit (but dpmpp_sde, whose second draw the plain run takes from the
-    reference generator, NORMAL_ATOL from the compiled one that sharded runs use)."""
+    rescale the cpu runs are equal bit for bit (both draw every normal in the kernel, dpmpp_sde's second draw
+    included)."""
     shape, dim, mix = C.LATENTS[latent]
     model, z = C.Model(mix), C.noise(latent)
     for name in co.SAMPLERS:
@@ -145,7 +163,7 @@ def test_shard_dim_differs_from_the_plain_run_only_by_the_statistics_order(laten
         plain = zk.sample(model, z, C.SIGMAS, **kw)
         sharded = zk.sample(model, z, C.SIGMAS, shard_dim=dim, **kw)
         torch.testing.assert_close(sharded, plain, rtol=0, atol=2e-5, msg=name)
-        if backend == "cpu" and name != "dpmpp_sde":
+        if backend == "cpu":
             kw["guidance_rescale"] = 0.0
             assert torch.equal(zk.sample(model, z, C.SIGMAS, shard_dim=dim, **kw),
                                zk.sample(model, z, C.SIGMAS, **kw)), name
@@ -250,8 +268,10 @@ def test_arguments_are_checked():
         zk.euler_step(y, f, 2.0, 1.0, guidance_scale=2.0, shard_dim=1.0)
     with pytest.raises(ValueError, match="needs shard_dim"):
         zk.euler_step(y, f, 2.0, 1.0, guidance_scale=2.0, process_group=object())
-    with pytest.raises(ValueError, match="SamplingPlan does not plan sharded runs"):
-        zk.SamplingPlan([float("inf"), 1.0, 0.0], (1, 4, 6), shard_dim=1)
+    with pytest.raises(ValueError, match="non-batch dim"):
+        zk.SamplingPlan([float("inf"), 1.0, 0.0], (1, 4, 6), shard_dim=0)
+    with pytest.raises(ValueError, match="needs shard_dim"):
+        zk.SamplingPlan([float("inf"), 1.0, 0.0], (1, 4, 6), process_group=object())
 
 
 def test_a_step_with_a_group_whose_layout_is_unknown_refuses_instead_of_communicating():

@@ -342,14 +342,38 @@ def test_sample_never_writes_the_start_state_the_second_stage_reads():
     assert torch.equal(got, zk.final_sample(y))
 
 
-def test_a_plan_takes_eta_0_and_refuses_the_noise_it_cannot_draw_yet():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=requires_C)])
+@pytest.mark.parametrize("eta", [0.0, 1.0, 0.5])
+def test_a_plan_equals_sample_with_both_draws(backend, eta):
+    """A SamplingPlan runs dpmpp_sde with its noise: stage 2's Philox draw 1 is recorded and drawn by the table step
+    (the record's ``draw``), bit for bit sample() on the same backend."""
     noise = _rand(2, 4, 6, 5, seed=0, dtype=torch.float32)
-    plan = zk.SamplingPlan(SIGMAS, noise.shape, sampler="dpmpp_sde", eta=0.0, backend="torch")
-    assert torch.equal(plan.run(lambda y, s: _model(y, s)[0], noise),
-                       zk.sample(lambda y, s: _model(y, s)[0], noise, SIGMAS, sampler="dpmpp_sde", eta=0.0,
-                                 backend="torch"))
-    with pytest.raises(ValueError, match="SamplingPlan does not plan dpmpp_sde"):
-        zk.SamplingPlan(SIGMAS, noise.shape, sampler="dpmpp_sde", seed=1, backend="torch")
+    kw = dict(sampler="dpmpp_sde", eta=eta, seed=[11, 12], backend=backend, guidance_scale=3.0,
+              guidance_rescale=0.7)
+    plan = zk.SamplingPlan(SIGMAS, noise.shape, **kw)
+    if eta:
+        assert {e.draw for e in plan._evals if e.coeffs.e != 0.0} == {0, 1}
+    assert torch.equal(plan.run(_model, noise), zk.sample(_model, noise, SIGMAS, **kw))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=requires_C)])
+def test_the_second_draw_is_drawn_in_the_step(backend):
+    """Stage 2 with seed= is the step with the noise tensor of (step_index, draw 1): the kernel draws it (cpu: the
+    in-kernel generator, within NORMAL_ATOL of the reference's normals; torch: the reference itself, bit for bit)."""
+    from zsnr_kernels.tools import tolerances
+
+    y, f, f2 = (_rand(2, 3, 4, 5, seed=k, dtype=torch.float32) for k in (1, 2, 3))
+    r = zk.dpmpp_sde_step(y, f, 6.0, 2.0, seed=[5, 6], step_index=3, backend=backend)
+    got = zk.dpmpp_sde_step(r.y, f2, 6.0, 2.0, first=r, seed=[5, 6], step_index=3, backend=backend)
+    z1 = zk.noise.normal(y.shape, [5, 6], 3, 1)
+    want = zk.dpmpp_sde_step(r.y, f2, 6.0, 2.0, first=r, noise=z1, backend=backend)
+    if backend == "torch":
+        assert torch.equal(got.y, want.y)
+    else:
+        e = co.ancestral(zk.parameterization("v"), 6.0, 2.0, 1.0).e
+        torch.testing.assert_close(got.y, want.y, rtol=0, atol=abs(e) * tolerances.NORMAL_ATOL + 1e-6)
+        assert not torch.equal(got.y, zk.dpmpp_sde_step(r.y, f2, 6.0, 2.0, first=r, noise=zk.noise.normal(
+            y.shape, [5, 6], 3, 0), backend=backend).y)
 
 
 def test_the_row_and_the_exports():

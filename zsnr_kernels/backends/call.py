@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _validate, coefficients as co
+from ..noise import NoiseSlice
 from ..parameterization import PREDICTIONS, Parameterization
 
 #: zsnr::DType
@@ -68,7 +69,10 @@ class StepCall(NamedTuple):
     table: object             # float64 [n_sigma][NUM_COEFFS] coefficient rows (table mode), or 0
     seeds: object             # uint64 [batch] Philox seeds, or 0
     step_index: int
-    draw: int
+    draw: int                 # the Philox draw within the step (docs/design.md §2.8): 0, or 1 for dpmpp_sde's stage 2
+    slice_local: int          # where each sample's n elements lie in the sample the Philox noise is drawn for
+    slice_total: int          # (noise.NoiseSlice, csrc/include/zsnr/philox.h): L, G, O; (n, n, 0) the whole sample
+    slice_offset: int
     workspace: int            # the cuda module's device scratch (0 on the cpu)
     stream: int               # the cuda module's cudaStream_t (0 on the cpu)
 
@@ -78,16 +82,40 @@ _new = tuple.__new__
 
 def step_call(y: torch.Tensor, f_cond, f_uncond, history, noise, y_out, d_out, carry_out, fields: tuple, n_sigma: int,
               n_prev: int, sigmas, table, seeds, step_index, draw: int = 0, workspace: int = 0,
-              stream: int = 0) -> StepCall:
+              stream: int = 0, noise_slice=None) -> StepCall:
     """The record of one step over [batch][n] tensors (``None``: none); ``fields`` as :func:`describe` gives them.
-    Written out without helpers: this runs on every step."""
+    ``noise_slice``: where each sample's elements take their Philox noise, a :class:`zsnr_kernels.noise.NoiseSlice`
+    with whole groups (:func:`kernel_slice`), or None for the whole sample.  Written out without helpers: this runs
+    on every step."""
     batch = y.shape[0]  # len(y) costs three times as much (Tensor.__len__)
+    n = y.numel() // batch
+    if noise_slice is not None:
+        kernel_slice(noise_slice, n)
     return _new(StepCall, (
-        DTYPE_CODES[y.dtype], batch, y.numel() // batch, y.data_ptr(), f_cond.data_ptr(),
+        DTYPE_CODES[y.dtype], batch, n, y.data_ptr(), f_cond.data_ptr(),
         0 if f_uncond is None else f_uncond.data_ptr(), tuple([h.data_ptr() for h in history]) if history else (),
         0 if noise is None else noise.data_ptr(), y_out.data_ptr(), 0 if d_out is None else d_out.data_ptr(),
         0 if carry_out is None else carry_out.data_ptr(), *fields, n_sigma, n_prev, sigmas, table, seeds,
-        0 if step_index is None else int(step_index) % 4294967296, draw, workspace, stream))
+        0 if step_index is None else int(step_index) % 4294967296, draw,
+        *((n, n, 0) if noise_slice is None else noise_slice), workspace, stream))
+
+
+def kernel_slice(noise_slice, n: int):
+    """``noise_slice`` (a :class:`zsnr_kernels.noise.NoiseSlice`, or None) if the compiled kernels can draw it for
+    samples of ``n`` elements: it places them (:meth:`NoiseSlice.check`) and keeps groups of four whole (local, total
+    and offset multiples of 4, csrc/include/zsnr/philox.h ``slice_groups_whole``); ValueError naming the fix
+    otherwise.  The same rule for the cpu, cuda and triton kernels (the torch reference draws any slice)."""
+    if noise_slice is None:
+        return None
+    if not isinstance(noise_slice, NoiseSlice):
+        raise TypeError(f"noise_slice must be a zsnr_kernels.noise.NoiseSlice, got {type(noise_slice).__name__}")
+    noise_slice.check(n)
+    if not noise_slice.groups_whole:
+        raise ValueError(f"noise_slice={tuple(noise_slice)} splits the Philox groups of four elements (local, total "
+                         "and offset must be multiples of 4 for the compiled kernels to draw it): pass the slice's "
+                         "noise as noise= instead (zsnr_kernels.noise.normal(shape, seeds, step, draw, "
+                         "noise_slice=...)), or use backend='torch'")
+    return noise_slice
 
 
 def describe(pz: Parameterization, args: list, sigma_eval: list, guidance_scale: float, guidance_rescale: float,

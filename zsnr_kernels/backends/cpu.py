@@ -36,9 +36,11 @@ def not_supported_reasons(y: torch.Tensor) -> list[str]:
 
 def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
                guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
-               want_denoised: bool, out):
+               want_denoised: bool, out, draw: int = 0, noise_slice=None):
     """Run one step.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``, or raises
     the ValueError the torch path would raise (the Python spec is re-run on the failing sample for the message).
+    Philox noise (``seeds``) is draw ``draw`` of step ``step_index``, each element at its place in ``noise_slice``
+    (a :class:`zsnr_kernels.noise.NoiseSlice` with whole groups; None: the whole sample).
 
     A sampler the kernels do not know (not in ``coefficients.SAMPLER_KINDS``) runs from the Python spec's
     coefficient table (:func:`table_step`)."""
@@ -48,28 +50,30 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
                                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                        rescale_space=rescale_space, noise=noise, seeds=seeds, step_index=step_index,
                                        want_denoised=want_denoised, out=out,
-                                       backend="cpu")
+                                       backend="cpu", draw=draw, noise_slice=noise_slice)
     fields, sigmas, n_prev = describe(pz, args, sigma_eval, guidance_scale, guidance_rescale, rescale_space)
     y_out, d_out, carry_out, (error, complete, bad, sigma_out) = launch(  # positional: this runs on every step
         y, f_cond, f_uncond, history, noise, seeds, step_index, fields, sigmas, n_prev, len(args), want_denoised,
-        a0.sampler == "lms", out)
+        a0.sampler == "lms", out, draw, noise_slice)
     if error:
         _raise(error, pz, args, sigma_eval, bad, len(history))
     return y_out, d_out, carry_out, sigma_out, bool(complete)
 
 
 def launch(y, f_cond, f_uncond, history, noise, seeds, step_index, fields: tuple, sigmas: list, n_prev: int,
-           n_sigma: int, want_denoised: bool, want_carry: bool, out):
+           n_sigma: int, want_denoised: bool, want_carry: bool, out, draw: int = 0, noise_slice=None):
     """One step from its record's fields and sigma block (:func:`zsnr_kernels.backends.call.describe`): the tensors
-    laid out, the outputs allocated, the record built and run by ``_C.fused_step``.  Returns ``(y_out, D or None,
-    carry or None, (error, complete, bad_sample, sigma_out))``; y_out is ``out`` when given."""
+    laid out, the outputs allocated, the record built and run by ``_C.fused_step`` (Philox noise: draw ``draw``, at
+    ``noise_slice``'s places).  Returns ``(y_out, D or None, carry or None, (error, complete, bad_sample,
+    sigma_out))``; y_out is ``out`` when given."""
     philox = seeds is not None and noise is None
     inputs, y_out = layout.prepare([y, f_cond, f_uncond, noise, *history[:MAX_HISTORY]], philox, out)
     y_k, fc_k, fu_k, z_k, *hist_k = inputs  # alive until the kernel has read them (copies where a layout needed)
     d_out = torch.empty_like(y_k) if want_denoised else None
     carry_out = torch.empty_like(y_k) if want_carry else None
     res = ext.C.fused_step(step_call(y_k, fc_k, fu_k, hist_k, z_k, y_out, d_out, carry_out, fields, n_sigma, n_prev,
-                                     sigmas, 0, 0 if seeds is None else seeds, step_index))
+                                     sigmas, 0, 0 if seeds is None else seeds, step_index, draw,
+                                     noise_slice=noise_slice))
     if out is not None and y_out is not out:  # the kernel wrote a temporary (another layout)
         y_out = layout.finish(y_out, out)
     return y_out, d_out, carry_out, res
@@ -83,18 +87,21 @@ def plan_state(shape, dtype, device, seeds):
 
 def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, guidance_rescale: float,
                rescale_space: str, noise_mode: int, noise=None, seeds=None, step_index=0, y_out, d_out=None,
-               carry_out=None, state=None) -> None:
+               carry_out=None, state=None, draw: int = 0, noise_slice=None) -> None:
     """One step of contiguous ``[batch][n]`` tensors from float64 coefficient rows (table mode of csrc/cpu/step.h):
     ``table`` a contiguous ``[1 or batch, NUM_COEFFS]`` CPU tensor (:mod:`zsnr_kernels.backends.table`), ``history``
     exactly the tensors its rows weight.  ``noise_mode``: 0 none, 1 ``noise``, 2 Philox from ``seeds`` (uint64 per
-    sample) or the plan's ``state`` (:func:`plan_state`) at ``step_index``.  Writes y_out (, D, carry)."""
+    sample) or the plan's ``state`` (:func:`plan_state`) at ``step_index`` and ``draw``, each element at its place
+    in ``noise_slice`` (a :class:`zsnr_kernels.noise.NoiseSlice` with whole groups; None: the whole sample).  Writes
+    y_out (, D, carry)."""
     if noise_mode == 2:
         seed_arg = state if state is not None else list(seeds)
     else:
         seed_arg = 0
     fields = (*TABLE_STEP, guidance_scale, guidance_rescale, SPACE_CODES[rescale_space])
     call = step_call(y, f_cond, f_uncond, history, noise if noise_mode == 1 else None, y_out, d_out, carry_out,
-                     fields, table.shape[0], 0, 0, _table.address(table, y), seed_arg, step_index)
+                     fields, table.shape[0], 0, 0, _table.address(table, y), seed_arg, step_index, draw,
+                     noise_slice=noise_slice)
     error = ext.C.fused_step(call)[0]
     if error:
         raise RuntimeError(f"zsnr_kernels._C.fused_step failed with code {error} on a coefficient table")

@@ -175,30 +175,31 @@ def _stream(device) -> int:
 
 def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
                guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
-               want_denoised: bool, out):
+               want_denoised: bool, out, draw: int = 0, noise_slice=None):
     """Enqueue one step.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``; raises the
     spec's ValueError (before any launch) for a step it refuses.  A sampler the kernels do not know runs from the
-    spec's coefficient table (:func:`table_step`)."""
+    spec's coefficient table (:func:`table_step`).  Philox noise (``seeds``) is draw ``draw`` of step
+    ``step_index``, each element at its place in ``noise_slice`` (whole groups; None: the whole sample)."""
     if args[0].sampler not in SAMPLER_CODES:
         return _device.spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_eval,
                                        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                        rescale_space=rescale_space, noise=noise, seeds=seeds, step_index=step_index,
                                        want_denoised=want_denoised, out=out,
-                                       backend="cuda")
+                                       backend="cuda", draw=draw, noise_slice=noise_slice)
     cs, n_hist, noisy = co.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
     fields, sigmas, n_prev = describe(pz, args, sigma_eval, guidance_scale, guidance_rescale, rescale_space)
     y_out, d_out, carry_out, _ = launch(
         y, f_cond, f_uncond, history[:n_hist], noise if noisy else None, seeds if noisy else None, step_index, fields,
-        sigmas, n_prev, len(args), want_denoised, cs[0].carry is not None, out)
+        sigmas, n_prev, len(args), want_denoised, cs[0].carry is not None, out, draw, noise_slice)
     return y_out, d_out, carry_out, [c.sigma_out for c in cs], cs[0].complete
 
 
 def launch(y, f_cond, f_uncond, history, noise, seeds, step_index, fields: tuple, sigmas: list, n_prev: int,
-           n_sigma: int, want_denoised: bool, want_carry: bool, out):
+           n_sigma: int, want_denoised: bool, want_carry: bool, out, draw: int = 0, noise_slice=None):
     """Enqueue one step checked by the spec from its record's fields and sigma block
     (:func:`zsnr_kernels.backends.call.describe`): ``history`` exactly the tensors the step reads, ``noise`` or
-    ``seeds`` only when it adds noise.  Returns ``(y_out, D or None, carry or None, None)`` (errors stay on the
-    device: the spec raised them before)."""
+    ``seeds`` only when it adds noise (Philox: draw ``draw``, at ``noise_slice``'s places).  Returns ``(y_out, D or
+    None, carry or None, None)`` (errors stay on the device: the spec raised them before)."""
     philox = seeds is not None and noise is None
     (y_k, fc_k, fu_k, z_k, *hist_k), y_out = layout.prepare([y, f_cond, f_uncond, noise, *history], philox, out)
     d_out = torch.empty_like(y_k) if want_denoised else None
@@ -209,7 +210,8 @@ def launch(y, f_cond, f_uncond, history, noise, seeds, step_index, fields: tuple
     m = module()
     ws = _workspace(m, device, y_k.shape[0], y_k.numel() // y_k.shape[0])
     _run(m, device, step_call(y_k, fc_k, fu_k, hist_k, z_k, y_out, d_out, carry_out, fields, n_sigma, n_prev,
-                              sig_t.data_ptr(), 0, layout.ptr(seed_t), step_index, 0, ws.data_ptr(), _stream(device)))
+                              sig_t.data_ptr(), 0, layout.ptr(seed_t), step_index, draw, ws.data_ptr(), _stream(device),
+                              noise_slice))
     return layout.finish(y_out, out), d_out, carry_out, None
 
 
@@ -247,11 +249,12 @@ def plan_state(shape, dtype, device, seeds) -> PlanState:
 
 def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, guidance_rescale: float,
                rescale_space: str, noise_mode: int, noise=None, seeds=None, step_index=0, y_out, d_out=None,
-               carry_out=None, state=None) -> None:
+               carry_out=None, state=None, draw: int = 0, noise_slice=None) -> None:
     """Enqueue one step of contiguous ``[batch][n]`` tensors from float64 coefficient rows (table mode of
     csrc/cuda/step.cuh: no coefficient launch): ``table`` a contiguous ``[1 or batch, NUM_COEFFS]`` tensor on y's
     device, ``history`` exactly the tensors its rows weight.  ``noise_mode``: 0 none, 1 ``noise``, 2 Philox from
-    ``seeds`` (uint64 per sample) or the plan's ``state`` (:func:`plan_state`) at ``step_index``."""
+    ``seeds`` (uint64 per sample) or the plan's ``state`` (:func:`plan_state`) at ``step_index`` and ``draw``, each
+    element at its place in ``noise_slice`` (whole groups; None: the whole sample)."""
     device = y.device
     seed_t = None
     if noise_mode == 2:
@@ -261,4 +264,4 @@ def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, gu
     ws = state.workspace if state is not None else _workspace(m, device, y.shape[0], y.numel() // y.shape[0])
     _run(m, device, step_call(y, f_cond, f_uncond, history, noise if noise_mode == 1 else None, y_out, d_out,
                               carry_out, fields, table.shape[0], 0, 0, _table.address(table, y), layout.ptr(seed_t),
-                              step_index, 0, ws.data_ptr(), _stream(device)))
+                              step_index, draw, ws.data_ptr(), _stream(device), noise_slice))

@@ -51,10 +51,11 @@ def device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, *, noise, se
 
 def spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_eval, *, guidance_scale: float,
                     guidance_rescale: float, rescale_space: str, noise, seeds, step_index, want_denoised: bool, out,
-                    backend: str, carry_with_noise: bool = False):
+                    backend: str, carry_with_noise: bool = False, draw: int = 0, noise_slice=None):
     """A backend's ``fused_step`` from the spec's coefficients: validated and laid out (:func:`device_step`), its
     coefficient table built on the host and copied to y's device without a synchronisation, then run by the
-    backend's ``table_step``.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``.
+    backend's ``table_step`` (Philox noise: draw ``draw`` of the step, at ``noise_slice``'s places).  Returns
+    ``(y_out, denoised or None, carry or None, sigma_out list, complete)``.
 
     ``carry_with_noise``: whether the backend's element pass can store a carry (an LMS-style derivative) and add
     noise in one step (the Triton kernel can; the cpu and cuda element passes have no such variant, and no built-in
@@ -73,7 +74,7 @@ def spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_ev
                guidance_scale=guidance_scale, guidance_rescale=phi, rescale_space=rescale_space,
                noise_mode=(2 if st.philox else 1) if st.noisy else 0, noise=st.noise, seeds=seeds,
                step_index=0 if step_index is None else step_index, y_out=st.y_out, d_out=st.d_out,
-               carry_out=st.carry_out)
+               carry_out=st.carry_out, draw=draw, noise_slice=noise_slice)
     return st.finish(out), st.d_out, st.carry_out, [c.sigma_out for c in st.coeffs], st.coeffs[0].complete
 
 

@@ -22,15 +22,17 @@ def _column(vals: list[float], per_sample: bool):
 
 def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
                guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
-               want_denoised: bool, out):
+               want_denoised: bool, out, draw: int = 0, noise_slice=None):
     """Run one step.  Returns ``(y_out, denoised, carry or None, sigma_out list, complete)``; raises the spec's
     ValueError for a step it refuses.  ``noise`` may be a function returning the noise tensor: it is called only
-    when a sample adds noise.  With sigmas on the device (one StepArgs of (B,) tensors, §2.9) the coefficients are
-    computed there and ``sigma_out`` is a (B,) tensor (:func:`_device_step`)."""
+    when a sample adds noise.  Philox noise (``seeds``) is draw ``draw`` of step ``step_index``, each element at its
+    place in ``noise_slice`` (a :class:`zsnr_kernels.noise.NoiseSlice`; None: the whole sample), as in the kernels.
+    With sigmas on the device (one StepArgs of (B,) tensors, §2.9) the coefficients are computed there and
+    ``sigma_out`` is a (B,) tensor (:func:`_device_step`)."""
     if type(args[0].sigma) is not float and isinstance(args[0].sigma, torch.Tensor):
         return _device_step(y, f_cond, f_uncond, history, pz, args[0], sigma_eval, guidance_scale=guidance_scale,
                             guidance_rescale=guidance_rescale, rescale_space=rescale_space, noise=noise, seeds=seeds,
-                            step_index=step_index, out=out)
+                            step_index=step_index, out=out, draw=draw, noise_slice=noise_slice)
     cs = [co.step_coeffs(pz, a) for a in args]
     per_sample = len(cs) > 1
     n_hist = _validate.step_coeffs(cs, len(history))
@@ -42,7 +44,7 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     e, z = 0.0, None
     if any(c.e != 0.0 for c in cs):
         e = col(c.e for c in cs)
-        z = noise_tensor(y, noise, seeds, step_index)
+        z = noise_tensor(y, noise, seeds, step_index, draw, noise_slice)
     carry = None
     if cs[0].carry is not None:
         carry = (col(c.carry[0] for c in cs), col(c.carry[1] for c in cs))
@@ -66,7 +68,8 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
 
 
 def _device_step(y, f_cond, f_uncond, history, pz: Parameterization, a, sigma_eval: torch.Tensor, *,
-                 guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index, out):
+                 guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index, out,
+                 draw: int = 0, noise_slice=None):
     """:func:`fused_step` from sigmas on the device: :func:`zsnr_kernels.coefficients.step_coeffs_tensor`, every
     value check on the device.  A sample that fails one (the ``ok`` of the coefficients; a NaN or negative
     sigma_eval, which the second-stage checks also give; eps at sigma = inf; a step that adds noise with neither
@@ -80,7 +83,7 @@ def _device_step(y, f_cond, f_uncond, history, pz: Parameterization, a, sigma_ev
     z, e = None, 0.0
     if c.noisy:  # some sample may add noise: draw it for all (e is 0 where a sample adds none)
         if noise is not None or seeds is not None:
-            z, e = noise_tensor(y, noise, seeds, step_index), c.e
+            z, e = noise_tensor(y, noise, seeds, step_index, draw, noise_slice), c.e
         else:
             ok = ok & (c.e == 0.0)
     bad = lambda v: torch.where(ok, v, torch.nan)  # noqa: E731
@@ -95,9 +98,11 @@ def _device_step(y, f_cond, f_uncond, history, pz: Parameterization, a, sigma_ev
     return y_out, d, carry, bad(c.sigma_out), c.complete
 
 
-def noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None) -> torch.Tensor:
+def noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None, draw: int = 0,
+                 noise_slice=None) -> torch.Tensor:
     """The unit noise of a step: ``noise`` (a tensor shaped like y, or a function returning one), else the Philox
-    noise of ``seed`` at ``step_index`` (docs/design.md §2.8) in y's compute dtype."""
+    noise of ``seed`` at ``step_index`` and ``draw`` (docs/design.md §2.8) in y's compute dtype, each element at its
+    place in ``noise_slice`` (:class:`zsnr_kernels.noise.NoiseSlice`; None: the whole sample)."""
     if callable(noise):
         noise = noise()
     if noise is not None:
@@ -107,8 +112,8 @@ def noise_tensor(y: torch.Tensor, noise=None, seed=None, step_index=None) -> tor
     if step_index is None:
         raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
     # the float32 normals enter the math unrounded, as in the kernels (rounding them to a bf16 y would add error)
-    return _noise.normal(tuple(y.shape), seed, int(step_index), 0, dtype=reference.compute_dtype(y.dtype),
-                         device=y.device)
+    return _noise.normal(tuple(y.shape), seed, int(step_index), draw, dtype=reference.compute_dtype(y.dtype),
+                         device=y.device, noise_slice=noise_slice)
 
 
 def plan_state(shape, dtype, device, seeds):
@@ -118,11 +123,12 @@ def plan_state(shape, dtype, device, seeds):
 
 def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, guidance_rescale: float,
                rescale_space: str, noise_mode: int, noise=None, seeds=None, step_index=0, y_out, d_out=None,
-               carry_out=None, state=None) -> None:
+               carry_out=None, state=None, draw: int = 0, noise_slice=None) -> None:
     """One step from float64 coefficient rows (``[1 or batch, NUM_COEFFS]`` on y's device): the reference with the
     table's columns as device tensors, so a step reads no device value on the host.  ``history`` exactly the tensors
     the rows weight; ``noise_mode``: 0 none, 1 ``noise``, 2 the Philox noise of ``seeds`` (or the plan's ``state``)
-    at ``step_index``, computed with PyTorch ops.  Writes y_out (, D, carry)."""
+    at ``step_index`` and ``draw``, each element at its place in ``noise_slice`` (None: the whole sample), computed
+    with PyTorch ops.  Writes y_out (, D, carry)."""
     from . import table as _table
 
     col = lambda j: table[:, j]  # noqa: E731 -- (1,) broadcasts over the batch, (batch,) is per sample
@@ -130,8 +136,8 @@ def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, gu
     if noise_mode == 1:
         z = noise
     elif noise_mode == 2:
-        z = _noise.normal(tuple(y.shape), state if state is not None else seeds, int(step_index), 0,
-                          dtype=reference.compute_dtype(y.dtype), device=y.device)
+        z = _noise.normal(tuple(y.shape), state if state is not None else seeds, int(step_index), draw,
+                          dtype=reference.compute_dtype(y.dtype), device=y.device, noise_slice=noise_slice)
     y_new, d, carry = reference.fused_step(
         y, f_cond, f_uncond, p=col(_table.P), q=col(_table.Q), a=col(_table.A), b=col(_table.B),
         history=tuple(history), h=tuple(col(_table.H0 + j) for j in range(len(history))), noise=z,

@@ -36,11 +36,11 @@ def _has_carry(want_carry: bool, sampler: int, table) -> bool:
 
 
 def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, fields, sigmas, n_prev, seeds,
-         step_index, table):
+         step_index, table, draw, noise_slice):
     """Run the step on ``backend`` into ``y_out``: from the record's fields through the backend's ``launch`` (the
     launcher computes the coefficients), or from the coefficient rows ``table`` through its ``table_step``; returns
     (D or None, carry or None).  ``history`` holds the tensors the step reads; ``noise``/``seeds`` are given only
-    when it adds noise."""
+    when it adds noise (Philox: draw ``draw``, at the places of ``noise_slice``, [local, total, offset] or None)."""
     entry = registry.get(backend)
     if not entry.compiled:
         raise ValueError(f"zsnr_kernels::step: backend {backend!r} runs no compiled kernels; the op takes one of "
@@ -49,12 +49,13 @@ def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry
     # the launchers take the seeds as host ints: a CPU seed tensor is read without waiting, a CUDA one waits here
     # (the CUDA and Triton launchers would take the device tensor's address instead: docs/design.md §2.9)
     seeds = None if seeds is None else [s % _U64 for s in seeds.tolist()]
+    noise_slice = None if noise_slice is None else _noise.NoiseSlice(*noise_slice)
     carry = _has_carry(want_carry, fields[2], table)
     if table is None:
         if not hasattr(module, "launch"):
             raise ValueError(f"zsnr_kernels::step: the {backend} kernels read the step's coefficient rows: pass table")
         _, d, c, res = module.launch(y, f_cond, f_uncond, history, noise, seeds, step_index, fields, sigmas, n_prev,
-                                     len(sigmas) // (4 + n_prev), want_d, carry, y_out)
+                                     len(sigmas) // (4 + n_prev), want_d, carry, y_out, draw, noise_slice)
         if res is not None and res[0]:
             raise RuntimeError(f"zsnr_kernels::step: the {backend} kernels failed with code {res[0]} where the "
                                "Python spec did not")
@@ -66,7 +67,7 @@ def _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry
     module.table_step(y, f_cond, f_uncond, history, layout.to_device(rows, y.device), guidance_scale=fields[8],
                       guidance_rescale=fields[9], rescale_space=_SPACES[fields[10]],
                       noise_mode=(1 if noise is not None else 2) if noisy else 0, noise=noise, seeds=seeds,
-                      step_index=step_index, y_out=y_out, d_out=d, carry_out=c)
+                      step_index=step_index, y_out=y_out, d_out=d, carry_out=c, draw=draw, noise_slice=noise_slice)
     return d, c
 
 
@@ -80,24 +81,25 @@ def step(y: torch.Tensor, f_cond: torch.Tensor, f_uncond: Optional[torch.Tensor]
          noise: Optional[torch.Tensor], want_d: bool, want_carry: bool, backend: str, prediction: int,
          sigma_data: float, sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
          sigmas: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float, rescale_space: int,
-         seeds: Optional[torch.Tensor], step_index: int,
-         table: Optional[list[float]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         seeds: Optional[torch.Tensor], step_index: int, table: Optional[list[float]] = None, draw: int = 0,
+         noise_slice: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One fused step (the fields of the step record, :class:`zsnr_kernels.backends.call.StepCall`, plus the
     backend; ``table``: the step's float64 coefficient rows flattened, for a backend or sampler whose kernels do
-    not compute coefficients): (y_out, D, carry)."""
+    not compute coefficients; ``noise_slice``: the record's slice fields [local, total, offset], or None for the
+    whole sample): (y_out, D, carry)."""
     y, f_cond, f_uncond, history, noise = _contiguous(y, f_cond, f_uncond, history, noise)
     y_out = torch.empty_like(y)
     fields = (prediction, sigma_data, sampler, stage, solver_heun, order, eta, s_noise, guidance_scale,
               guidance_rescale, rescale_space)
     d, carry = _run(backend, y, f_cond, f_uncond, history, noise, y_out, want_d, want_carry, fields, sigmas, n_prev,
-                    seeds, step_index, table)
+                    seeds, step_index, table, draw, noise_slice)
     return y_out, (d if d is not None else y.new_empty(0)), (carry if carry is not None else y.new_empty(0))
 
 
 @step.register_fake
 def _(y, f_cond, f_uncond, history, noise, want_d, want_carry, backend, prediction, sigma_data, sampler, stage,
       solver_heun, order, eta, s_noise, sigmas, n_prev, guidance_scale, guidance_rescale, rescale_space, seeds,
-      step_index, table=None):
+      step_index, table=None, draw=0, noise_slice=None):
     like = lambda want: torch.empty_like(y, memory_format=torch.contiguous_format) if want else y.new_empty(0)  # noqa
     return like(True), like(want_d), like(_has_carry(want_carry, sampler, table))
 
@@ -107,7 +109,8 @@ def step_out(out: torch.Tensor, y: torch.Tensor, f_cond: torch.Tensor, f_uncond:
              history: list[torch.Tensor], noise: Optional[torch.Tensor], backend: str, prediction: int,
              sigma_data: float, sampler: int, stage: int, solver_heun: int, order: int, eta: float, s_noise: float,
              sigmas: list[float], n_prev: int, guidance_scale: float, guidance_rescale: float, rescale_space: int,
-             seeds: Optional[torch.Tensor], step_index: int, table: Optional[list[float]] = None) -> None:
+             seeds: Optional[torch.Tensor], step_index: int, table: Optional[list[float]] = None, draw: int = 0,
+             noise_slice: Optional[list[int]] = None) -> None:
     """The ``out=`` form: y_out written into ``out`` (contiguous, shaped like y; it may be y itself)."""
     if not out.is_contiguous():
         raise ValueError("out must be contiguous for zsnr_kernels::step_out")
@@ -115,7 +118,7 @@ def step_out(out: torch.Tensor, y: torch.Tensor, f_cond: torch.Tensor, f_uncond:
     fields = (prediction, sigma_data, sampler, stage, solver_heun, order, eta, s_noise, guidance_scale,
               guidance_rescale, rescale_space)
     _run(backend, y, f_cond, f_uncond, history, noise, out, False, False, fields, sigmas, n_prev, seeds, step_index,
-         table)
+         table, draw, noise_slice)
 
 
 @step_out.register_fake
@@ -125,7 +128,7 @@ def _(out, *args, **kwargs):
 
 def fused_step_traced(backend: str, y, f_cond, f_uncond, history, pz: Parameterization, args: list,
                       sigma_eval: list, *, guidance_scale: float, guidance_rescale: float, rescale_space: str, noise,
-                      seeds, step_index, want_denoised: bool, out):
+                      seeds, step_index, want_denoised: bool, out, draw: int = 0, noise_slice=None):
     """A backend's ``fused_step`` through the ops above, for ``torch.compile``: the same arguments and results.
 
     The host values (sigma_out, complete) and every error come from the Python spec, which the kernels mirror.  A
@@ -143,7 +146,8 @@ def fused_step_traced(backend: str, y, f_cond, f_uncond, history, pz: Parameteri
         seeds = torch.tensor(_noise.seed_bits(seeds), dtype=torch.int64)  # graph input, Python ints constants
     plan = dict(zip(STEP_FIELDS, fields, strict=True), backend=backend, sigmas=sigmas, n_prev=n_prev,
                 seeds=seeds if noisy and noise is None else None,
-                step_index=0 if step_index is None else int(step_index), table=table)
+                step_index=0 if step_index is None else int(step_index), table=table, draw=int(draw),
+                noise_slice=None if noise_slice is None else list(noise_slice))
     history = list(history[:n_hist])
     noise = noise if noisy else None
     want_carry = cs[0].carry is not None

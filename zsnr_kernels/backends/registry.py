@@ -6,10 +6,12 @@ Each backend is one module of :mod:`zsnr_kernels.backends` with the same three f
 
 * ``not_supported_reasons(y) -> list[str]``: why it cannot run a step on ``y`` (empty when it can);
 * ``fused_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, *, guidance_scale, guidance_rescale,
-  rescale_space, noise, seeds, step_index, want_denoised, out)``: one step from the spec's arguments, returning
-  ``(y_out, denoised or None, carry or None, sigma_out list, complete)``;
+  rescale_space, noise, seeds, step_index, want_denoised, out, draw=0, noise_slice=None)``: one step from the spec's
+  arguments, returning ``(y_out, denoised or None, carry or None, sigma_out list, complete)``; Philox noise from
+  ``seeds`` is draw ``draw`` of step ``step_index`` (docs/design.md §2.8), each element at its place in
+  ``noise_slice`` (:class:`zsnr_kernels.noise.NoiseSlice`: a slice of a sharded latent; None: the whole sample);
 * ``table_step(...)``: one step of a :class:`zsnr_kernels.SamplingPlan` from a row of its float64 coefficient
-  table (:mod:`zsnr_kernels.backends.table`).
+  table (:mod:`zsnr_kernels.backends.table`), taking ``draw`` and ``noise_slice`` alike.
 
 Adding a backend is that module plus one line in :data:`REGISTRY`.
 """

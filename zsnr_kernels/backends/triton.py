@@ -54,14 +54,15 @@ def not_supported_reasons(y: torch.Tensor) -> list[str]:
 
 def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, sigma_eval: list, *,
                guidance_scale: float, guidance_rescale: float, rescale_space: str, noise, seeds, step_index,
-               want_denoised: bool, out):
+               want_denoised: bool, out, draw: int = 0, noise_slice=None):
     """Run one step.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``; raises the
-    spec's ValueError (before any launch) for a step it refuses."""
+    spec's ValueError (before any launch) for a step it refuses.  Philox noise (``seeds``) is draw ``draw`` of step
+    ``step_index``, each element at its place in ``noise_slice`` (whole groups; None: the whole sample)."""
     return _device.spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_eval,
                                    guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                    rescale_space=rescale_space, noise=noise, seeds=seeds, step_index=step_index,
                                    want_denoised=want_denoised, out=out,
-                                   backend="triton", carry_with_noise=True)
+                                   backend="triton", carry_with_noise=True, draw=draw, noise_slice=noise_slice)
 
 
 class PlanState:
@@ -88,11 +89,12 @@ def plan_state(shape, dtype, device, seeds) -> PlanState:
 
 def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, guidance_rescale: float,
                rescale_space: str, noise_mode: int, noise=None, seeds=None, step_index=0, y_out, d_out=None,
-               carry_out=None, state=None) -> None:
+               carry_out=None, state=None, draw: int = 0, noise_slice=None) -> None:
     """One step of contiguous ``[batch][n]`` tensors from float64 coefficient rows (:func:`.combine.launch`):
     ``table`` a ``[1 or batch, NUM_COEFFS]`` tensor on y's device, ``history`` exactly the tensors its rows weight.
     ``noise_mode``: 0 none, 1 ``noise``, 2 Philox from ``seeds`` (uint64 per sample) or the plan's ``state``
-    (:func:`plan_state`) at ``step_index``.  ``guidance_scale`` is the table's (column W)."""
+    (:func:`plan_state`) at ``step_index`` and ``draw``, each element at its place in ``noise_slice`` (whole groups;
+    None: the whole sample).  ``guidance_scale`` is the table's (column W)."""
     from .triton_kernels import combine as K
 
     seed_t = None
@@ -101,5 +103,5 @@ def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, gu
     rescale = f_uncond is not None and guidance_rescale != 0.0
     K.launch(y, f_cond, f_uncond, history, table, n_hist=len(history), rescale=rescale,
              with_y=rescale and rescale_space != "output", noise_mode=noise_mode, noise=noise, seeds=seed_t,
-             step_index=step_index, y_out=y_out, d_out=d_out, carry_out=carry_out,
+             step_index=step_index, draw=draw, noise_slice=noise_slice, y_out=y_out, d_out=d_out, carry_out=carry_out,
              block=None if state is None else state.block, workspace=None if state is None else state.workspace)

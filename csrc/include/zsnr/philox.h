@@ -94,6 +94,45 @@ ZSNR_HD void philox_normal4(uint32_t seed_lo, uint32_t seed_hi, uint32_t step, u
   box_muller(uint_to_uniform(x.z), uint_to_uniform(x.w), &out[2], &out[3]);
 }
 
+// Where a slice of a sample lies in the sample (a latent sharded along one dim, zsnr_kernels/distributed.py): the
+// slice holds runs of L = `local` elements, one run for every index of the dims before the shard dim, each run the
+// slice's part of G = `total` elements of the sample, starting O = `offset` elements into them.  With D the product
+// of the dims after the shard dim: L = (the slice's size along the shard dim) D, G = (the sample's size) D,
+// O = (the slice's start) D.  Local element j (its flat index in the slice's sample) is element
+//   J = (j / L) G + O + j % L
+// of the sample, and takes that element's noise (docs/design.md §2.8).  The whole sample: L = G (= n), O = 0, J = j.
+// This is the one definition of the mapping: the CPU and CUDA kernels call slice_group, the Triton kernel and the
+// reference (zsnr_kernels/noise.py NoiseSlice) mirror it.
+struct NoiseSlice {
+  int64_t local, total, offset;  // L, G, O in elements
+};
+
+// Whether the slice is the whole sample (no mapping).
+ZSNR_HD bool slice_whole(const NoiseSlice& s) { return s.local == s.total; }
+
+// Whether a slice maps each local group of four onto one group of the sample (L, G and O multiples of 4, so that
+// groups stay whole) -- the slices the kernels draw; the callers give the others their noise as a tensor.  A slice
+// must also lie inside its runs (1 <= L, O + L <= G) and the sample's n must be a multiple of L (checked by callers).
+ZSNR_HD bool slice_groups_whole(const NoiseSlice& s) {
+  return slice_whole(s) || (s.local % 4 == 0 && s.total % 4 == 0 && s.offset % 4 == 0);
+}
+
+// Whether the kernels can draw a slice for samples of n elements: whole groups, and the slice inside its runs.
+ZSNR_HD bool slice_drawable(const NoiseSlice& s, int64_t n) {
+  if (slice_whole(s)) return s.offset == 0;
+  return s.local >= 1 && s.offset >= 0 && s.offset + s.local <= s.total && n % s.local == 0 &&
+         slice_groups_whole(s);
+}
+
+// The group of the sample that local group g of a slice with whole groups is (slice_groups_whole):
+//   g_sample = (g / (L/4)) (G/4) + O/4 + g % (L/4).
+ZSNR_HD uint64_t slice_group(const NoiseSlice& s, uint64_t g) {
+  if (slice_whole(s)) return g;
+  const uint64_t l4 = static_cast<uint64_t>(s.local) / 4;
+  const uint64_t row = g / l4;
+  return row * (static_cast<uint64_t>(s.total) / 4) + static_cast<uint64_t>(s.offset) / 4 + (g - row * l4);
+}
+
 // The normal of element j of a sample (docs/design.md §2.8).  Loops that fill consecutive elements
 // should call philox_normal4 once per group of four instead.
 ZSNR_HD float philox_normal(uint32_t seed_lo, uint32_t seed_hi, uint32_t step, uint32_t draw,

@@ -12,6 +12,7 @@
 #include "zsnr/coefficients.h"
 #include "zsnr/combine.h"
 #include "zsnr/common.h"
+#include "zsnr/philox.h"
 
 namespace zsnr {
 
@@ -83,6 +84,8 @@ struct StepPlan {
   // noise
   const uint64_t* seeds;         // [batch] Philox seeds, or nullptr
   uint32_t step_index, draw;
+  NoiseSlice slice;              // where each sample's n elements lie in the sample the noise is drawn for
+                                 // (zsnr/philox.h; {n, n, 0}: the whole sample); groups whole (slice_groups_whole)
   const double* table;           // [n_sigma][kNumCoeffs] coefficient rows, or nullptr to compute them
 };
 

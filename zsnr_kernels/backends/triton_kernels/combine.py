@@ -31,7 +31,9 @@ points could not launch).  A program finds its sample and block with one 32-bit 
 Noise (docs/design.md §2.8) is read from a tensor (NOISE_MODE 1) or drawn in the kernel (NOISE_MODE 2): Philox4x32-10
 keyed by the sample's 64-bit seed, counter (g_lo, g_hi, step, draw) with g = j // 4, then Triton's
 ``uint_to_uniform_float`` and ``pair_uniform_to_normal`` (as ``tl.randn4x``); element j takes normal j % 4 of
-group g -- the definition of ``zsnr_kernels.noise.normal``.
+group g -- the definition of ``zsnr_kernels.noise.normal``.  A slice of a sample (SLICED: a latent sharded across
+processes) draws each local group at its group of the sample, ``csrc/include/zsnr/philox.h``'s ``slice_group``
+(``zsnr_kernels.noise.NoiseSlice``, whose local, total and offset are multiples of 4 here).
 
 Byte model of one launch: reads y, F_c (, F_u), each H_k (, z when NOISE_MODE is 1); writes y_out (, D, carry).
 The rescale statistics read F_c, F_u (and y for the ``x0``/``v`` spaces) once more.
@@ -47,7 +49,7 @@ import triton.language as tl
 
 from ... import noise as _noise
 from .. import table as _table
-from ..call import MAX_HISTORY as MAX_HIST
+from ..call import MAX_HISTORY as MAX_HIST, kernel_slice
 from ..device import stream_workspace
 from ..layout import to_device
 
@@ -220,13 +222,17 @@ def _rescale_kernel(y_ptr, fc_ptr, fu_ptr, part_ptr, count_ptr, coef_ptr, coef_s
 
 
 @triton.jit
-def _philox_normals(seed, step, draw, g0, BLOCK: tl.constexpr):
-    """The BLOCK unit normals of elements 4*g0 .. 4*g0 + BLOCK - 1 of a sample (docs/design.md §2.8).
+def _philox_normals(seed, step, draw, g0, l4, g4, o4, SLICED: tl.constexpr, BLOCK: tl.constexpr):
+    """The BLOCK unit normals of elements 4*g0 .. 4*g0 + BLOCK - 1 of a sample (docs/design.md §2.8); with SLICED,
+    of those local elements of a slice of the sample whose L/4, G/4, O/4 (groups) are l4, g4, o4: local group g
+    is the sample's group (g // l4) * g4 + o4 + g % l4 (csrc/include/zsnr/philox.h ``slice_group``).
 
     One Philox call per group of four elements: counter (g_lo, g_hi, step, draw), key = the 64-bit seed.
     The four normals of a group are interleaved so that element j gets normal j % 4 of group j // 4.
     """
     g = g0 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    if SLICED:
+        g = (g // l4) * g4 + o4 + g % l4
     zero = (g * 0).to(tl.uint32)
     c0 = g.to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
@@ -272,13 +278,13 @@ def _coef(cp, col):
     return tl.load(cp + col).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["coef_stride", "step", "draw"])  # n specialised: see _rescale_kernel
+@triton.jit(do_not_specialize=["coef_stride", "step", "draw", "slice_l4", "slice_g4", "slice_o4"])  # n: _rescale_kernel
 def _combine_kernel(
     y_ptr, fc_ptr, fu_ptr, h0_ptr, h1_ptr, h2_ptr, z_ptr, seed_ptr, coef_ptr, coef_stride, pq_ptr,
     y_out_ptr, d_out_ptr, carry_out_ptr,
-    n, step, draw,
+    n, step, draw, slice_l4, slice_g4, slice_o4,
     N_HIST: tl.constexpr, GUIDED: tl.constexpr, RESCALED: tl.constexpr, STORE_D: tl.constexpr,
-    STORE_CARRY: tl.constexpr, NOISE_MODE: tl.constexpr, BLOCK: tl.constexpr,
+    STORE_CARRY: tl.constexpr, NOISE_MODE: tl.constexpr, SLICED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One block of one sample of the fused step; grid (batch * cdiv(n, BLOCK),), program ``b * cdiv(n, BLOCK) + blk``
     running block ``blk`` of sample b.  Every tensor is [batch][n].
@@ -286,7 +292,8 @@ def _combine_kernel(
     Sample b's coefficients are the float64 table row ``coef_ptr + b * coef_stride`` (stride 0: one row for the
     batch); with RESCALED, (p, q) come from ``pq_ptr[b]`` instead, where :func:`_rescale_kernel` folded the
     guidance rescale factor in.  Unused pointers may be any valid tensor (their loads are compiled out by the
-    constexpr flags).  BLOCK is a multiple of 4.
+    constexpr flags).  BLOCK is a multiple of 4.  SLICED (NOISE_MODE 2): each sample is a slice of the sample its
+    noise is drawn for, whose L/4, G/4 and O/4 are slice_l4, slice_g4, slice_o4 (:func:`_philox_normals`).
     """
     pid = tl.program_id(0)
     n_blocks = (n - 1) // BLOCK + 1  # cdiv(n, BLOCK) without overflowing an int32 n (n >= 1)
@@ -327,7 +334,7 @@ def _combine_kernel(
         acc = tl.fma(_coef(cp, C_E), z, acc)
     if NOISE_MODE == 2:
         seed = tl.load(seed_ptr + b)  # int64 holding the uint64 seed
-        z = _philox_normals(seed, step, draw, blk * (BLOCK // 4), BLOCK)
+        z = _philox_normals(seed, step, draw, blk * (BLOCK // 4), slice_l4, slice_g4, slice_o4, SLICED, BLOCK)
         acc = tl.fma(_coef(cp, C_E), z, acc)
     tl.store(y_out_ptr + idx, _to_storage(acc, y_out_ptr), mask=mask)
     if STORE_D:
@@ -356,11 +363,14 @@ class Workspace:
 
 
 def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False, noise_mode=0, noise=None,
-           seeds=None, step_index=0, draw=0, y_out, d_out=None, carry_out=None, block=None, workspace=None):
+           seeds=None, step_index=0, draw=0, noise_slice=None, y_out, d_out=None, carry_out=None, block=None,
+           workspace=None):
     """Launch the step's kernels on contiguous [batch][n] tensors: the rescale pass when ``rescale``, then the
-    element pass, on y's device and its current stream.  ``table`` is a float64 [1 or batch, NUM_COEFFS] tensor
-    on y's device (a view into a larger precomputed table is fine); ``seeds`` an int64 tensor of the uint64 seed
-    bits on y's device.  Nothing here reads a device value on the host, so the launches can be captured in a CUDA
+    element pass, on y's device and its current stream.  Philox noise (``noise_mode`` 2) is draw ``draw`` of step
+    ``step_index``, each element at its place in ``noise_slice`` (a :class:`zsnr_kernels.noise.NoiseSlice` with
+    whole groups, :func:`zsnr_kernels.backends.call.kernel_slice`; None: the whole sample).  ``table`` is a float64
+    [1 or batch, NUM_COEFFS] tensor on y's device (a view into a larger precomputed table is fine); ``seeds`` an
+    int64 tensor of the uint64 seed bits on y's device.  Nothing here reads a device value on the host, so the launches can be captured in a CUDA
     graph.  ``block``: elements per program of the element pass (a power of two >= 16), default
     :func:`launch_block`'s choice (the statistics pass sums per :func:`stats_block`, whatever ``block`` is);
     ``workspace``: the rescale pass's :class:`Workspace` (default: :func:`stream_workspace`'s)."""
@@ -373,6 +383,8 @@ def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False
     if batch * max(n_blocks, n_stats) > MAX_PROGRAMS:
         raise ValueError(f"y of {batch} x {n} elements needs {batch * max(n_blocks, n_stats)} programs, more than a "
                          f"grid holds ({MAX_PROGRAMS})")
+    sliced = noise_mode == 2 and kernel_slice(noise_slice, n) is not None and not noise_slice.whole
+    l4, g4, o4 = (noise_slice.local // 4, noise_slice.total // 4, noise_slice.offset // 4) if sliced else (1, 1, 0)
     stride = 0 if table.shape[0] == 1 else table.stride(0)
     fu = f_uncond if f_uncond is not None else f_cond
     hist = list(history[:n_hist]) + [y] * (MAX_HIST - n_hist)
@@ -395,9 +407,9 @@ def launch(y, f_cond, f_uncond, history, table, *, n_hist, rescale, with_y=False
             y, f_cond, fu, hist[0], hist[1], hist[2], noise if noise is not None else y,
             seeds if seeds is not None else table, table, stride, pq,
             y_out, y_out if d_out is None else d_out, y_out if carry_out is None else carry_out,
-            n, int(step_index) % 2**32, int(draw) % 2**32,
+            n, int(step_index) % 2**32, int(draw) % 2**32, l4, g4, o4,
             N_HIST=n_hist, GUIDED=f_uncond is not None, RESCALED=bool(rescale), STORE_D=d_out is not None,
-            STORE_CARRY=carry_out is not None, NOISE_MODE=noise_mode, BLOCK=block,
+            STORE_CARRY=carry_out is not None, NOISE_MODE=noise_mode, SLICED=sliced, BLOCK=block,
             enable_fp_fusion=False)  # the tl.fma calls are the only contractions: CPU and GPU round alike
 
 

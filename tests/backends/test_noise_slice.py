@@ -1,0 +1,186 @@
+"""Philox noise of a slice of a sample drawn by the step itself (issue 20): a latent sharded along one dim holds, per
+sample, runs of its slice; the step record carries the slice's place in the sample (``noise.NoiseSlice``: local,
+total, offset, csrc/include/zsnr/philox.h ``slice_group``), and every backend's in-kernel noise of a slice is then
+the full sample's noise at the same places, bit for bit: cpu (every instruction set), torch (the reference), and
+triton under the interpreter.  The slices are the sharded-sampling tests' uneven ones, along frames of (1,4,6,8,8)
+and along tokens of (2,16,64).  The CUDA kernel is the same code path (``slice_group`` in the element loop), compiled
+by tests/backends/test_cuda_nvcc_build.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from zsnr_kernels import noise as zn
+from zsnr_kernels.backends import call as _call, ext as _ext, registry, table as _table
+from zsnr_kernels.tools import tolerances
+
+requires_C = pytest.mark.skipif(not _ext.available(), reason=f"zsnr_kernels._C: {_ext.why_unavailable()}")
+
+#: (full latent shape, shard dim, the uneven slices of 2 and 3 ranks)
+LATENTS = {
+    "frames": ((1, 4, 6, 8, 8), 2, ([4, 2], [1, 2, 3])),
+    "tokens": ((2, 16, 64), 1, ([9, 7], [3, 8, 5])),
+}
+SEEDS, STEP, DRAW = [5, 2**64 - 1], 2**32 - 1, 1
+
+
+def noise_step(backend: str, shape, noise_slice=None, *, seeds=SEEDS, step=STEP, draw=DRAW) -> torch.Tensor:
+    """y_out of a table step whose one nonzero coefficient is e = 1 on y = 0 (y_out = z exactly, in float32): the
+    step's in-kernel Philox noise of (seeds, step, draw) for a latent of ``shape`` placed by ``noise_slice``."""
+    y = torch.zeros(shape)
+    row = [0.0] * _table.NUM_COEFFS
+    row[_table.W], row[_table.T], row[_table.E] = 1.0, 1.0, 1.0
+    out = torch.empty_like(y)
+    registry.module(backend).table_step(
+        y, y, None, [], torch.tensor([row], dtype=torch.float64), guidance_scale=1.0, guidance_rescale=0.0,
+        rescale_space="output", noise_mode=2, seeds=list(seeds[:shape[0]]), step_index=step, y_out=out, draw=draw,
+        noise_slice=noise_slice)
+    return out
+
+
+def slices(latent: str):
+    """(world, rank, start, size, local shape, NoiseSlice) of every slice of the 2- and 3-rank splits."""
+    shape, dim, splits = LATENTS[latent]
+    for sizes in splits:
+        start = 0
+        for rank, size in enumerate(sizes):
+            local = list(shape)
+            local[dim] = size
+            yield len(sizes), rank, start, size, tuple(local), zn.NoiseSlice.along(local, dim, start, shape[dim])
+            start += size
+
+
+def _check_slices(backend: str, run) -> None:
+    for latent, (shape, dim, _) in LATENTS.items():
+        full = run(backend, shape)
+        assert torch.isfinite(full).all() and full.std() > 0.5
+        for world, rank, start, size, local, sl in slices(latent):
+            assert sl.groups_whole and not sl.whole
+            got = run(backend, local, sl)
+            assert torch.equal(got, full.narrow(dim, start, size)), (latent, world, rank, sl)
+
+
+@requires_C
+def test_cpu_slice_noise_is_the_full_noise_at_the_same_places_on_every_instruction_set():
+    levels = {}
+    try:
+        for level in range(len(_ext.ISA_LEVELS)):
+            levels.setdefault(_ext.C.cpu_limit_isa(level), level)
+        for level in levels.values():
+            _ext.C.cpu_limit_isa(level)
+            _check_slices("cpu", noise_step)
+    finally:
+        _ext.restore_isa()
+
+
+def test_torch_slice_noise_is_the_full_noise_at_the_same_places():
+    _check_slices("torch", noise_step)
+
+
+@requires_C
+def test_cpu_in_kernel_slice_noise_is_the_compiled_generators_and_the_references():
+    """The in-kernel normals of a slice are ``_C.cpu_philox_normals`` of the slice (what zsnr_kernels.distributed hands
+    a step as explicit noise where a kernel cannot draw the slice) bit for bit, and the reference's
+    (``noise.normal(..., noise_slice=)``) within NORMAL_ATOL."""
+    for latent in LATENTS:
+        for _, _, _, _, local, sl in slices(latent):
+            got = noise_step("cpu", local, sl)
+            n = got[0].numel()
+            for b in range(local[0]):
+                z = torch.empty(n)
+                _ext.C.cpu_philox_normals(z.data_ptr(), SEEDS[b], STEP, DRAW, n, *sl)
+                assert torch.equal(got[b].reshape(-1), z)
+            ref = zn.normal(local, SEEDS[:local[0]], STEP, DRAW, noise_slice=sl)
+            torch.testing.assert_close(got, ref, rtol=0, atol=tolerances.NORMAL_ATOL)
+
+
+def test_reference_draws_slices_that_split_groups():
+    """The reference draws any slice (runs whose start or length is not a multiple of 4): the full noise at the same
+    places (to float rounding of log/cos/sin, which PyTorch's loops could round apart by position; measured bit for
+    bit here), and what the torch backend's step draws for it, where the compiled kernels would split a group of
+    four."""
+    full = zn.normal((2, 3, 10, 7), SEEDS, STEP, DRAW)
+    start = 0
+    for size in (3, 4, 3):
+        sl = zn.NoiseSlice.along((2, 3, size, 7), 2, start, 10)
+        assert not sl.groups_whole
+        got = zn.normal((2, 3, size, 7), SEEDS, STEP, DRAW, noise_slice=sl)
+        torch.testing.assert_close(got, full[:, :, start:start + size], rtol=0, atol=tolerances.NORMAL_ATOL)
+        assert torch.equal(noise_step("torch", (2, 3, size, 7), sl), got)
+        start += size
+
+
+def test_the_mapping_is_philox_h_slice_group():
+    """NoiseSlice.index maps local elements to the sample's; with whole groups, NoiseSlice.group maps local group g
+    to the sample's group of its four elements (philox.h ``slice_group``)."""
+    sl = zn.NoiseSlice.along((1, 4, 3, 8, 8), 2, 2, 6)
+    assert sl == zn.NoiseSlice(3 * 64, 6 * 64, 2 * 64)
+    j = torch.arange(4 * 3 * 64)
+    full = torch.arange(4 * 6 * 64).view(4, 6, 64)
+    assert torch.equal(sl.index(j), full[:, 2:5].reshape(-1))
+    g = torch.arange(j.numel() // 4)
+    assert torch.equal(sl.group(g), sl.index(4 * g) // 4)
+    assert zn.NoiseSlice(8, 8, 0).whole and zn.NoiseSlice(8, 8, 0).group(5) == 5
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=requires_C), "triton"])
+def test_a_slice_the_kernels_cannot_draw_is_refused_naming_the_fix(backend):
+    """The compiled kernels (cpu, cuda, triton: one check, backends.call.kernel_slice) refuse a slice that splits
+    the groups of four, or does not place the step's samples, before anything runs, naming the fix."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    bad = zn.NoiseSlice(6, 14, 2)  # runs of 6 elements: groups split
+    with pytest.raises(ValueError, match="splits the Philox groups.*noise="):
+        _call.kernel_slice(bad, 12)
+    with pytest.raises(ValueError, match="does not place samples of 12 elements"):
+        _call.kernel_slice(zn.NoiseSlice(8, 16, 4), 12)
+    with pytest.raises(ValueError, match="does not place samples"):
+        _call.kernel_slice(zn.NoiseSlice(8, 8, 4), 16)
+    with pytest.raises(TypeError, match="NoiseSlice"):
+        _call.kernel_slice((8, 8, 0), 8)
+    if backend == "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
+        with pytest.raises(ValueError, match="splits the Philox groups"):
+            noise_step(backend, (1, 2, 6), bad)
+    with pytest.raises(ValueError, match="does not place samples of 12 elements"):
+        zn.normal((1, 12), 0, 0, noise_slice=zn.NoiseSlice(8, 16, 4))
+
+
+TRITON_CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    import torch
+    import test_noise_slice as T
+
+    out = {}
+    for latent, (shape, dim, _) in T.LATENTS.items():
+        out[latent] = T.noise_step("triton", shape)
+        for world, rank, start, size, local, sl in T.slices(latent):
+            out[(latent, world, rank)] = T.noise_step("triton", local, sl)
+    torch.save(out, sys.argv[1])
+    """
+)
+
+
+def test_triton_slice_noise_is_the_full_noise_at_the_same_places(tmp_path):
+    """Under TRITON_INTERPRET=1 (a child process: the variable must be set before Triton sees a kernel)."""
+    pytest.importorskip("triton")
+    path = tmp_path / "out.pt"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHILD, str(path), os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = torch.load(path, weights_only=False)
+    for latent, (shape, dim, _) in LATENTS.items():
+        full = out[latent]
+        assert torch.isfinite(full).all()
+        torch.testing.assert_close(full, zn.normal(shape, SEEDS[:shape[0]], STEP, DRAW), rtol=0,
+                                   atol=tolerances.NORMAL_ATOL)
+        for world, rank, start, size, _, _ in slices(latent):
+            assert torch.equal(out[(latent, world, rank)], full.narrow(dim, start, size)), (latent, world, rank)
