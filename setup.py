@@ -315,8 +315,8 @@ def ext_modules() -> list:
     return [
         Pybind11Extension(
             "zsnr_kernels._C",
-            ["csrc/bindings.cpp", "csrc/cpu/step.cpp", "csrc/cpu/kernels_base.cpp", "csrc/cpu/kernels_avx2.cpp",
-             "csrc/cpu/kernels_avx512.cpp"],
+            ["csrc/bindings.cpp", "csrc/cpu/step.cpp", "csrc/cpu/thread_pool.cpp", "csrc/cpu/kernels_base.cpp",
+             "csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_avx512.cpp"],
             include_dirs=["csrc/include", "csrc"],
             cxx_std=17,
         ),

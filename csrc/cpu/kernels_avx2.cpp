@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "step.h"
+#include "thread_pool.h"
 #include "zsnr/combine.h"
 #include "zsnr/dispatch.h"
 #include "zsnr/philox.h"

@@ -1,14 +1,14 @@
 // The CPU loops over the shared math, compiled once per instruction set (kernels_base.cpp, kernels_avx2.cpp,
-// kernels_avx512.cpp) inside a namespace chosen by the including file; step.cpp picks one at run time.  OpenMP
-// splits the work into fixed chunks (results do not depend on the thread count), which the threads take one at a
-// time as they finish the last (schedule(dynamic), so that a thread sharing its core with another busy process
-// takes fewer; the statistics' partial sums are stored per chunk and reduced in chunk order, so the results do not
-// depend on which thread took which chunk either); `omp simd` vectorises the element loops.
-// NOTE: measured on the 2-core build machine with `python -c "while True: pass"` beside it (guided + rescaled
-// Euler in place at (1,16,21,60,104), fp32, 200 calls each): 2 threads' median call 0.45-0.58x the 1-thread median
-// with static chunks, 0.56-0.63x dynamic, but the mean 1.6-2.4x static and 0.9-1.8x dynamic: a p90 of 5-16 ms is
-// the join waiting for a spinning OpenMP worker that the scheduler has parked behind the busy process, which no
-// schedule avoids; with OMP_WAIT_POLICY=passive (the worker sleeps, and is woken with priority) 1.0-1.05x either way.
+// kernels_avx512.cpp) inside a namespace chosen by the including file; step.cpp picks one at run time.  The work
+// is split into fixed chunks (results do not depend on the thread count), which the threads of thread_pool.h take
+// one at a time as they finish the last (so a thread sharing its core with another busy process takes fewer, and
+// the step waits only for chunks already started); the statistics' partial sums are stored per chunk and reduced
+// in chunk order, so the results do not depend on which thread took which chunk either; `omp simd` vectorises the
+// element loops.
+// NOTE: measured on the 2-core build machine (AMD EPYC; guided + rescaled Euler in place at (1,16,21,60,104), fp32,
+// 200 calls with 1 and with 2 threads alternating, the machine busy with other work at a load average of 7-8 and a
+// `python -c "while True: pass"` beside it): an OpenMP loop here took 4.7-5.9x the 1-thread mean with 2 threads
+// (medians 26-38x: its barrier waits for a worker parked behind the busy processes), the pool 0.91x.
 //
 // Byte model of the element pass (N = batch * n elements of `dtype`): reads y, F_c (, F_u), each remembered
 // tensor (, the explicit noise), writes y_out (, D, carry); CFG++'s D_u term reads nothing more (F_u is read).
@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "step.h"
+#include "thread_pool.h"
 #include "zsnr/combine.h"
 #include "zsnr/dispatch.h"
 #include "zsnr/philox.h"
@@ -255,10 +256,8 @@ void rescale_sums_impl(const Tensors& t, float w, const RescaleWeights* ab, int3
   using T = typename Storage<DT>::T;
   const int64_t chunks = (t.n + kChunk - 1) / kChunk;
   const int64_t tasks = t.batch * chunks;
-  [[maybe_unused]] const int threads = num_threads();  // unused without OpenMP
   std::vector<double> partial(static_cast<size_t>(tasks) * kNumSums, 0.0);
-#pragma omp parallel for schedule(dynamic) if (parallel(tasks, t.batch, t.n)) num_threads(threads)
-  for (int64_t task = 0; task < tasks; ++task) {
+  run_tasks(tasks, parallel(tasks, t.batch, t.n) ? num_threads() : 1, [&](int64_t task) {
     const int64_t b = task / chunks, lo = (task % chunks) * kChunk;
     const int64_t hi = lo + kChunk < t.n ? lo + kChunk : t.n;
     const T* fc = static_cast<const T*>(t.f_cond) + b * t.n;
@@ -270,7 +269,7 @@ void rescale_sums_impl(const Tensors& t, float w, const RescaleWeights* ab, int3
                                            with_y ? ab[b] : RescaleWeights{0.0f, 1.0f});
     if (with_y) block_sums<DT, true>(fc, fu, y, lo, hi, p, acc);
     else block_sums<DT, false>(fc, fu, y, lo, hi, p, acc);
-  }
+  });
   for (int64_t b = 0; b < t.batch; ++b) {  // fixed order: the result does not depend on the thread count
     double* o = out + b * kNumSums;
     for (int k = 0; k < kNumSums; ++k) o[k] = 0.0;
@@ -457,8 +456,7 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
   const int threads = num_threads();
   constexpr int64_t kStreams = 3 + Guided + NHist + StoreD + StoreCarry;  // y, F_c, ..., y_out
   const bool ask = NoiseMode == 2 && outgrows_l2(kStreams * t.batch * t.n * int64_t{sizeof(T)}, threads);
-#pragma omp parallel for schedule(dynamic) if (parallel(tasks, t.batch, t.n)) num_threads(threads)
-  for (int64_t task = 0; task < tasks; ++task) {
+  run_tasks(tasks, parallel(tasks, t.batch, t.n) ? threads : 1, [&](int64_t task) {
     const int64_t b = task / chunks, chunk_lo = (task % chunks) * kChunk;
     const int64_t chunk_hi = chunk_lo + kChunk < t.n ? chunk_lo + kChunk : t.n;
     const ElemCoeffs c = coeffs[b];
@@ -522,7 +520,7 @@ void combine_impl(const Tensors& t, const ElemCoeffs* coeffs, const uint64_t* se
         store_half<DT>(obuf, yo + lo, hi - lo);
       }
     }
-  }
+  });
 }
 
 // noise_mode: 0 none, 1 read t.noise, 2 Philox from seeds (each sample's elements at their places in `slice`).  A step

@@ -32,7 +32,7 @@ ZSNR_DECLARE_ISA(avx512)
 #undef ZSNR_DECLARE_ISA
 
 namespace {
-std::atomic<int32_t> g_threads{0};            // 0: OpenMP's default
+std::atomic<int32_t> g_threads{0};            // 0: the default (num_threads)
 std::atomic<int32_t> g_isa_cap{kIsaAvx512};  // limit_isa
 
 Isa best_isa() {
@@ -55,11 +55,11 @@ Isa best_isa() {
 void set_num_threads(int32_t n) { g_threads.store(n > 0 ? n : 0, std::memory_order_relaxed); }
 
 int32_t num_threads() {
-#if defined(_OPENMP)
   const int32_t n = g_threads.load(std::memory_order_relaxed);
+#if defined(_OPENMP)
   return n > 0 ? n : omp_get_max_threads();
 #else
-  return 1;
+  return n > 0 ? n : 1;
 #endif
 }
 

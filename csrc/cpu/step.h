@@ -51,9 +51,9 @@ void half_stores(int32_t dtype, const float* src, uint16_t* dst, int64_t n);
 // dst[i] = src[i] (float16 or bfloat16) as a float, as the element pass loads it.
 void half_loads(int32_t dtype, const uint16_t* src, float* dst, int64_t n);
 
-// The OpenMP threads of the element and statistics passes: set_num_threads(n >= 1) for every calling thread
-// (unlike omp_set_num_threads, whose setting is per calling thread), 0 restores OpenMP's default.  Results do not
-// depend on it (fixed chunks).  Without OpenMP, always 1.
+// The threads of the element and statistics passes (thread_pool.h: the caller and up to n - 1 pool threads):
+// set_num_threads(n >= 1) for every calling thread, 0 restores the default, OpenMP's omp_get_max_threads() (what
+// OMP_NUM_THREADS sets; 1 in a build without OpenMP).  Results do not depend on it (fixed chunks).
 void set_num_threads(int32_t n);
 int32_t num_threads();
 

@@ -121,17 +121,17 @@ def _raise(error: int, pz, args, sigma_eval, bad: int, n_history: int):
 
 
 def set_num_threads(n: int | None) -> None:
-    """Set how many OpenMP threads the ``cpu`` kernels use, for every Python thread; ``None`` restores OpenMP's
-    default (``OMP_NUM_THREADS``, else one per core).
+    """Set how many threads the ``cpu`` kernels use, for every Python thread; ``None`` restores the default,
+    OpenMP's setting of the calling thread (``OMP_NUM_THREADS``, else one per core; ``torch.set_num_threads`` sets
+    it too, since PyTorch's wheel loads the same libgomp).  This setting applies to every Python thread and leaves
+    PyTorch's alone.  Results do not depend on the thread count.
 
-    Without it the kernels follow OpenMP's setting of the calling thread, which ``torch.set_num_threads`` also
-    sets (PyTorch's wheel loads the libgomp these kernels then share); this setting applies to every Python
-    thread and leaves PyTorch's alone.  On a busy machine fewer threads can be much faster: an OpenMP worker spins
-    between parallel regions, the OS parks it behind the busy process, and a step waits for it (the chunks are
-    handed out dynamically, but the end of the loop still waits).  Beside one spinning process on 2 cores, the
-    guided, rescaled step at the video latent with 2 threads took 0.9-1.8x the 1-thread time on average, with
-    5-16 ms outliers; with ``OMP_WAIT_POLICY=passive`` in the environment before Python starts (libgomp reads it
-    once, and PyTorch's ops share it) 1.00-1.05x.  Results do not depend on the thread count.
+    The kernels run on a thread pool of their own (``csrc/cpu/thread_pool.h``), not in OpenMP loops: the calling
+    thread takes the fixed chunks of a step itself and waits only for chunks a pool thread has already started, so
+    a pool thread that the OS has parked behind another busy process does not hold the step up (an OpenMP loop
+    ends in a barrier that waits for it).  Measured beside busy processes on a 2-core machine (load 7-8, the
+    guided, rescaled step at the video latent): 2 threads took 0.91x the 1-thread mean, where the OpenMP loops took
+    4.7-5.9x.
 
     Fork: OpenMP cannot run a parallel region in a child process forked after the parent ran one (its thread pool
     is not copied, and the child hangs waiting for it, as a plain torch op on a large tensor hangs there).  The
@@ -147,7 +147,7 @@ def set_num_threads(n: int | None) -> None:
     process, free to use every thread.
     """
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"n must be a positive int (or None for OpenMP's default), got {n!r}")
+        raise ValueError(f"n must be a positive int (or None for the default), got {n!r}")
     if not ext.available():
         raise RuntimeError(f"the cpu backend is unavailable: {ext.why_unavailable()}")
     ext.C.set_num_threads(0 if n is None else n)
@@ -164,5 +164,5 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 def get_num_threads() -> int:
-    """How many OpenMP threads the ``cpu`` kernels use (1 when built without OpenMP or unavailable)."""
+    """How many threads the ``cpu`` kernels use (1 where the cpu backend is unavailable)."""
     return ext.C.num_threads() if ext.available() else 1
