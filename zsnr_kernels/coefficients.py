@@ -622,6 +622,101 @@ def dpmpp_3m_sde(pz: Parameterization, sigma: float, sigma_next: float, sigma_pr
     return StepCoeffs(a=a, b=c_next * x_d, h=tuple(c_next * k for k in hist), e=noise, sigma_out=sigma_next)
 
 
+# ------------------------------------------------------------------------------------- singlestep DPM-Solver++
+
+#: the highest order of singlestep DPM-Solver++ (diffusers refuses more)
+SINGLESTEP_MAX_ORDER = 3
+
+
+def _singlestep_history(sigma: float, sigma_prev: tuple[float, ...], order: int) -> None:
+    """An order-k singlestep step reads the group's k - 1 earlier D (sigmas strictly above sigma, growing with age),
+    then the group's start state, at the sigma of the group's first evaluation."""
+    if len(sigma_prev) < order:
+        raise ValueError(f"dpmpp_singlestep of order {order} reads {order - 1} earlier denoised prediction(s) of its "
+                         f"group and then the group's start state ({order} history entries), got {len(sigma_prev)}")
+    _check_history(sigma, sigma_prev[: order - 1])
+    if sigma_prev[order - 1] != sigma_prev[order - 2]:
+        raise ValueError(f"dpmpp_singlestep of order {order}: history[{order - 1}] is the group's start state, at the "
+                         f"sigma of its first evaluation history[{order - 2}] ({sigma_prev[order - 2]}), got "
+                         f"{sigma_prev[order - 1]}; pass [(sigma, D) of the group's earlier evaluations, newest first] "
+                         "+ [(sigma_g, y_g)]")
+
+
+def dpmpp_singlestep(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple[float, ...] = (),
+                     order: int = 1, solver_type: str = "midpoint", eta: float = 0.0,
+                     s_noise: float = 1.0) -> StepCoeffs:
+    """Singlestep DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095; diffusers' ``DPMSolverSinglestepScheduler``): the
+    step of ``order`` k = 1..3 that ends a group of k consecutive steps.  Every step of a group integrates from the
+    group's start state y_g (at sigma_g) to its own sigma', with the denoised predictions of the group's evaluations
+    so far; the group's steps have orders 1, 2, .., k (diffusers' order list), so order 1 starts a group (y_g = y).
+
+    ``sigma_prev`` (order >= 2): the sigmas of the group's earlier evaluations, newest first, then sigma_g once more
+    for the start state: (sigma_g, sigma_g) for order 2, (sigma_m, sigma_g, sigma_g) for order 3.  The history
+    tensors are those evaluations' D, then y_g; ``h`` weighs them in that order and the current state gets a = 0 (it
+    enters through D alone).  Order 1 is the first-order step from the current state (history not read).
+
+    In x = y / c_in(sigma), with lambda = -log sigma, h = log(sigma_g/sigma'), h_k = log(sigma_g/sigma_k),
+    r_k = h_k/h (r0 of the current sigma, r1 of sigma_m), d_k = log(sigma_k/sigma') = h (1 - r_k), H = h (1 + eta),
+    B = 1 - e^{-H}, phi2 = 1 - B/H and phi3 = phi2/H - 1/2:
+
+        x' = (sigma'/sigma_g) e^{-eta h} x_g + B D_g + C + sigma' s_noise sqrt(1 - e^{-2 eta h}) z
+
+    with the correction C of diffusers' update: order 2, ``midpoint`` B/(2 r0) (D - D_g), ``heun`` phi2/r0 (D - D_g);
+    order 3, ``midpoint`` phi2/r0 (D - D_g), ``heun`` phi2 D1 - phi3 D2 (diffusers' D1, D2 through D, D_m, D_g),
+    which is w0 (D - D_g) + w1 (D_m - D_g) with
+
+        w0 = [B/(1+eta) + phi2 (d1 - 2/(1+eta))] / (r0 (d1 - d0)),
+        w1 = [phi2 (2/(1+eta) - d0) - B/(1+eta)] / (r1 (d1 - d0))
+
+    (the 1/h of phi3 cancels against r0 - r1 = (d1 - d0)/h: no cancellation at large h).  eta = 0 is diffusers'
+    ``dpmsolver++``; eta = 1 its ``sde-dpmsolver++``, whose third-order ``heun`` update diffusers writes with
+    -(phi3 + 1) D2 (the sign of its 1/2, as in its multistep SDE update): this is the integral, -phi3 D2.
+
+    Ends of the schedule (docs/design.md §2.3):
+
+    * sigma' = 0: D, first order at every order (as dpmpp_2m; the correction's weight h/h0 grows without bound as
+      sigma' -> 0, and diffusers' order list ends with first order there).
+    * sigma_g = inf (the first group of a zero-terminal-SNR schedule): h = h_k = inf, r_k -> 1 (r_k = 1 - d_k/h with
+      finite d_k), B = phi2 = 1, phi3 = -1/2, the start state's weight (s'/s_g) e^{-eta h} -> s' (eta = 0; 0 for
+      eta > 0) and its noise s' s_noise.  So order 1 is Euler from inf; order 2 ``midpoint`` weighs D_g and D by 1/2
+      each, ``heun`` and order 3 ``midpoint`` take D alone (D_g weight 0); order 3 ``heun`` weighs D by
+      (d1 - 1/(1+eta))/(d1 - d0), D_m by (1/(1+eta) - d0)/(d1 - d0) and D_g by 0.  Finite, and the limit of the
+      steps from a finite sigma_g, approached like 1/log(sigma_g) (the weights are ratios of logs).
+    """
+    _check_pair(sigma, sigma_next)
+    if isinstance(order, bool) or order not in range(1, SINGLESTEP_MAX_ORDER + 1):
+        raise ValueError(f"dpmpp_singlestep: order must be 1, 2 or 3, got {order!r}")
+    if solver_type not in SOLVER_TYPES:
+        raise ValueError(f"solver_type must be one of {SOLVER_TYPES}, got {solver_type!r}")
+    if order > 1:
+        _singlestep_history(sigma, sigma_prev, order)
+    if sigma_next == 0.0:
+        return StepCoeffs(a=0.0, b=pz.c_in(0.0), sigma_out=0.0)
+    if order == 1:
+        _, _, a, base, noise = _sde_base(pz, sigma, sigma_next, eta, s_noise)
+        return StepCoeffs(a=a, b=pz.c_in(sigma_next) * base, e=noise, sigma_out=sigma_next)
+    sigma_g = sigma_prev[order - 1]
+    h, big_h, a_g, base, noise = _sde_base(pz, sigma_g, sigma_next, eta, s_noise)
+    phi2 = 1.0 if big_h == INF else 1.0 - base / big_h
+    r0 = 1.0 if h == INF else _log_ratio(sigma_g, sigma) / h
+    if order == 2:
+        w0 = (0.5 * base if solver_type == "midpoint" else phi2) / r0
+        w = (w0,)
+    elif solver_type == "midpoint":
+        w = (phi2 / r0, 0.0)
+    else:
+        sigma_m = sigma_prev[0]
+        r1 = 1.0 if h == INF else _log_ratio(sigma_g, sigma_m) / h
+        d0, d1 = _log_ratio(sigma, sigma_next), _log_ratio(sigma_m, sigma_next)
+        k = 1.0 / (1.0 + eta)
+        w = ((base * k + phi2 * (d1 - 2.0 * k)) / (r0 * (d1 - d0)),
+             (phi2 * (2.0 * k - d0) - base * k) / (r1 * (d1 - d0)))
+    c_next = pz.c_in(sigma_next)
+    # newest first: D (b), the group's earlier D (D_m for order 3, then D_g), then y_g
+    hist = tuple(c_next * v for v in w[1:]) + (c_next * (base - sum(w)), a_g)
+    return StepCoeffs(a=0.0, b=c_next * w[0], h=hist, e=noise, sigma_out=sigma_next)
+
+
 _GAUSS_X, _GAUSS_W = np.polynomial.legendre.leggauss(4)  # exact for the cubic Lagrange basis of order 4
 
 
@@ -1054,6 +1149,21 @@ SAMPLER_KINDS = tuple(name for name, spec in SAMPLERS.items() if spec.kernel)
 #: the highest ``order`` each sampler taking one accepts
 MAX_ORDERS = {"lms": LMS_MAX_ORDER, "unipc": UNIPC_MAX_ORDER}
 
+#: singlestep DPM-Solver++ (:func:`dpmpp_singlestep`) as a sampler row, for :func:`register_sampler`.  Not in the
+#: table yet: a built-in row has a named ``zsnr_kernels.steps.<name>_step``, and the loops that keep a multistep
+#: history (``sample()``, the k-diffusion drop-ins, the self-test) remember denoised predictions only, where this
+#: sampler also reads the state its group started from (history ``[D of the group's earlier evaluations, newest
+#: first] + [y_g]``).  ``zsnr_kernels.diffusers.ZSNRDPMSolverSinglestepScheduler`` registers it while it steps.
+DPMPP_SINGLESTEP = SamplerSpec(
+    "dpmpp_singlestep", "multistep",
+    lambda pz, s: dpmpp_singlestep(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev), s.order, s.solver_type, s.eta,
+                                   s.s_noise),
+    history=SINGLESTEP_MAX_ORDER, keeps="denoised", eta=True, s_noise=True,
+    options=(("solver_type", "midpoint"), ("order", 1)),
+    at_inf="order 1: first order (Euler; with eta its noise); a group that starts at inf: r_k -> 1, so order 2 "
+           "midpoint averages D_inf and D, heun and order 3 midpoint take D alone, order 3 heun weighs D and D_m by "
+           "ratios of the finite log steps (D_inf weight 0)")
+
 
 def solver_types(sampler: str) -> tuple[str, ...]:
     """The ``solver_type`` values ``sampler`` takes (empty for a sampler without that option): dpmpp_2m_sde's
@@ -1115,7 +1225,9 @@ class TensorCoeffs(NamedTuple):
     step ended after its first stage (sigma = inf, sigma_next = 0) is a value.  Such a sample's second stage keeps
     the state its first stage wrote (a = 1, no other term).  ``noisy``: whether some sample may add noise, from the
     arguments alone (eta, churn); ``e`` is 0 for the samples that add none.  ``ok``: (B,) bool, False where the float
-    path would refuse the sample's sigmas (:func:`step_coeffs_tensor` lists the checks)."""
+    path would refuse the sample's sigmas (:func:`step_coeffs_tensor` lists the checks).  ``b_u``, ``carry_u``: CFG++'s
+    weights of the unconditional D_u in the update and in the carry (:class:`StepCoeffs`); 0.0 for every other
+    sampler."""
 
     a: object
     b: object
@@ -1126,6 +1238,8 @@ class TensorCoeffs(NamedTuple):
     carry: tuple | None = None
     noisy: bool = False
     ok: object = True
+    b_u: object = 0.0
+    carry_u: object = 0.0
 
 
 def _t_c_in(pz: Parameterization, s):
@@ -1423,6 +1537,223 @@ def _t_lms(pz, a):
     return c, at_inf | _t_history_ok(s, prev)
 
 
+def _t_phi_scaled(pairs: list) -> list:
+    """:func:`_phi_scaled` of each (k, z) of ``pairs`` (z a (B,) tensor), per sample: the same series (summed term by
+    term, each sample stopping where the float loop stops: the same bits) below |z| = 1/2 and the same recursion above
+    (torch's expm1 for libm's).  Each side sees a harmless stand-in where the other is taken, so neither forms inf/inf
+    or 0*inf to be discarded.  All pairs go through one loop, stacked (the same elementwise operations: a step's
+    phi functions cost one series, not one per k and order condition)."""
+    fill = lambda vals: torch.stack([torch.full_like(z, v) for v, (_, z) in zip(vals, pairs)])  # noqa: E731
+    ks = [k for k, _ in pairs]
+    z = torch.stack([z for _, z in pairs])
+    small = torch.abs(z) < 0.5
+    zs = torch.where(small, z, 0.0)
+    term, total = fill([1.0 / math.factorial(k + 1) for k in ks]), torch.zeros_like(z)
+    k1 = fill([k + 1 for k in ks])
+    going = torch.ones_like(small)
+    for m in range(1, _PHI_SERIES_TERMS + 1):  # phi_{k+1}(z) = sum_m z^m / (m + k + 1)!
+        total = torch.where(going, total + term, total)
+        term = term * (zs / (k1 + m))
+        going = going & ~(torch.abs(term) < 1e-18 * torch.abs(total))
+    fact = fill([float(math.factorial(k)) for k in ks])
+    series = fact * zs * total
+    zr = torch.where(small, 1.0, z)
+    phi = torch.expm1(zr) / zr
+    for j in range(1, max(ks) + 1):  # phi_{j+1} = (phi_j - 1/j!)/z, kept where j <= k
+        nxt = (phi - 1.0 / math.factorial(j)) / zr
+        phi = nxt if j <= min(ks) else torch.where(fill([float(j <= k) for k in ks]) != 0.0, nxt, phi)
+    return list(torch.where(small, series, fact * zr * phi).unbind(0))
+
+
+#: the terms the series of :func:`_t_phi_scaled` runs to: the float loop of :func:`_phi_scaled` stops by the 15th
+#: (|z| < 1/2 and k >= 1 give |term_m| <= 2^-m (k+1)!/(m+k+1)! of the first term, below 1e-18 of the sum at m = 15),
+#: so every sample has stopped before the loop ends
+_PHI_SERIES_TERMS = 16
+
+
+def _t_solve(lhs: list, rhs: list) -> list:
+    """:func:`_solve` per sample, operation by operation: the same pivot (the first row of largest magnitude), the
+    same products, differences and sums in the same order, so the same bits; a row swap is a torch.where over the
+    samples whose pivot row it is.  lhs, rhs: lists of (B,) tensors."""
+    m = len(rhs)
+    a = [list(row) + [v] for row, v in zip(lhs, rhs)]
+    for k in range(m):
+        best, piv = torch.abs(a[k][k]), torch.full_like(a[k][k], k, dtype=torch.int64)
+        for i in range(k + 1, m):
+            take = torch.abs(a[i][k]) > best
+            best, piv = torch.where(take, torch.abs(a[i][k]), best), torch.where(take, i, piv)
+        row_k = a[k]
+        for i in range(k + 1, m):
+            sel = piv == i
+            a[k] = [torch.where(sel, x, y) for x, y in zip(a[i], a[k])]
+            a[i] = [torch.where(sel, x, y) for x, y in zip(row_k, a[i])]
+        for i in range(k + 1, m):
+            f = a[i][k] / a[k][k]
+            for j in range(k, m + 1):
+                a[i][j] = a[i][j] - f * a[k][j]
+    x = [None] * m
+    for k in reversed(range(m)):
+        acc = None
+        for j in range(k + 1, m):
+            acc = a[k][j] * x[j] if acc is None else acc + a[k][j] * x[j]
+        x[k] = (a[k][m] if acc is None else a[k][m] - acc) / a[k][k]
+    return x
+
+
+def _t_unipc_terms(sigma, sigma_next, older: tuple, variant: str, order: int, corrector: bool, phis: list):
+    """:func:`_unipc_terms` per sample: ``(w0, ws, w_new)`` as (B,) tensors (``w_new`` 0.0 for a predictor);
+    ``phis[j]`` is ``_phi_scaled(j + 1, -h)`` of this step's h per sample, as many as its order conditions take.
+
+    A remembered point at sigma = inf is dropped from the order conditions of the samples where it is inf.  On a
+    valid history only the oldest of the ``order - 1`` points can be inf (the points grow with age), so both systems
+    are solved, with every point and without the oldest, and each sample takes its own (a sample whose history has
+    an earlier inf is refused by its ``ok``)."""
+    h = _t_log_ratio(sigma, sigma_next)
+    entries = older[: order - 1]
+    keep = [p != INF for p in entries]
+    rks = [-_t_log_ratio(p, sigma) / h for p in entries]
+    hh = -h
+    big_b = hh if variant == "bh1" else torch.expm1(hh)
+    n = len(entries)
+    if corrector and order == 1:
+        brho, brho_drop = [0.5 * big_b], [0.5 * big_b]
+    elif not corrector and order == 2:
+        brho, brho_drop = [0.5 * big_b] * n, [0.5 * big_b] * (n - 1)
+    else:
+        one = [torch.ones_like(sigma)] if corrector else []
+        rhs = phis[: n + len(one)]
+
+        def solve(cols):
+            return _t_solve([[torch.ones_like(sigma) if j == 0 else c if j == 1 else c * c if j == 2 else c**j
+                              for c in cols] for j in range(len(cols))], rhs[: len(cols)])
+        brho, brho_drop = solve(rks + one), solve(rks[:-1] + one) if n else None
+    full = keep[-1] if n else None  # the samples that keep every point
+    ws, w0 = [], 0.0
+    for k in range(n):
+        w = brho[k] / rks[k]
+        if k == n - 1:
+            w = torch.where(full, w, 0.0)  # dropped: the float path skips it (w0 - 0.0 is w0)
+        else:
+            w = torch.where(full, w, brho_drop[k] / rks[k])
+        ws.append(w)
+        w0 = w0 - w
+    w_new = 0.0
+    if corrector:
+        w_new = brho[-1] if not n else torch.where(full, brho[-1], brho_drop[-1])
+    return w0 - w_new, ws, w_new
+
+
+def _t_unipc(pz, a):
+    """:func:`unipc` per sample: the predictor's and the corrector's terms where the float path takes them (the
+    predictor where sigma is finite and sigma' > 0, the corrector where sigma'/sigma != 0, not with bh1 after a
+    remembered sigma = inf), each a torch.where over the samples; the orders, the variant and the history depth are
+    host values and checked as the float path checks them."""
+    s, sn = a.sigma, a.sigma_next
+    order, corrector, variant = a.order, a.corrector, a.solver_type
+    if variant not in UNIPC_VARIANTS:
+        raise ValueError(f"solver_type must be one of {UNIPC_VARIANTS} for unipc, got {variant!r}")
+    if not (isinstance(order, int) and 1 <= order <= UNIPC_MAX_ORDER):
+        raise ValueError(f"order must be 1, 2 or 3 for unipc, got {order!r}")
+    if not (isinstance(corrector, int) and 0 <= corrector <= UNIPC_MAX_ORDER):
+        raise ValueError(f"corrector must be 0 (none) or the order 1-3 of the step it corrects, got {corrector!r}")
+    prev = tuple(a.sigma_prev[:UNIPC_MAX_ORDER])
+    if corrector > len(prev):
+        raise ValueError(f"a corrector of order {corrector} needs {corrector} remembered predictions (the one of "
+                         f"the step it corrects and {corrector - 1} before it), got {len(prev)}")
+    ok = _t_history_ok(s, prev)
+    r = _t_ratio(s, sn)
+    b = 1.0 - r
+    hist = [torch.zeros_like(s) for _ in prev]
+    p = min(order, len(prev) + 1)
+    # the right-hand sides of the order conditions that are solved (the predictor of order 3; the corrector of order
+    # >= 2, whose predictor of order 3 shares its step), all in one stacked series
+    want = [(k, -_t_log_ratio(s, sn), "p") for k in range(1, 3) if p == 3]
+    want += [(k, -_t_log_ratio(prev[0], s), "c") for k in range(1, corrector + 1) if corrector > 1]
+    phis = _t_phi_scaled([(k, z) for k, z, _ in want]) if want else []
+    phi_p = [v for v, w in zip(phis, want) if w[2] == "p"]
+    phi_c = [v for v, w in zip(phis, want) if w[2] == "c"]
+    if p > 1:
+        first = (s == INF) | (sn == 0.0)  # first order there
+        w0, ws, _ = _t_unipc_terms(s, sn, prev, variant, p, False, phi_p)
+        b = torch.where(first, b, b - w0)
+        hist = [torch.where(first, v, v - w) for v, w in zip(hist, ws)] + hist[len(ws):]
+    if corrector:
+        use = r != 0.0
+        if variant == "bh1":
+            use = use & (prev[0] != INF)
+        w0, ws, w_new = _t_unipc_terms(prev[0], s, prev[1:], variant, corrector, True, phi_c)
+        if corrector > 1:
+            p0, ps, _ = _t_unipc_terms(prev[0], s, prev[1:], variant, corrector, False, phi_c)
+            w0, ws = w0 - p0, [wk - pk for wk, pk in zip(ws, ps)]
+        b = torch.where(use, b - r * w_new, b)
+        hist[0] = torch.where(use, hist[0] - r * w0, hist[0])
+        for k, wk in enumerate(ws):
+            hist[k + 1] = torch.where(use, hist[k + 1] - r * wk, hist[k + 1])
+    c_next = _t_c_in(pz, sn)
+    return (TensorCoeffs(_t_noise_scale(pz, sn) / _t_noise_scale(pz, s), c_next * b, tuple(c_next * v for v in hist),
+                         0.0, sn), ok)
+
+
+def _t_ancestral_cfg_pp(pz, s, sn, eta, s_noise):
+    """:func:`ancestral_cfg_pp`: (a, b, e, b_u)."""
+    ca, _, ce, _ = _t_ancestral(pz, s, sn, eta, s_noise, clamp=True)
+    d, _, _ = _t_split(s, sn, eta)
+    dr = d * _t_ratio(s, sn)
+    c_next = _t_c_in(pz, sn)
+    return ca, c_next, ce, torch.where(dr != 0.0, -c_next * dr, 0.0)
+
+
+def _t_ancestral_cfg_pp_row(eta_of, s_noise_of):
+    def coeffs(pz, a):
+        ca, cb, ce, cu = _t_ancestral_cfg_pp(pz, a.sigma, a.sigma_next, eta_of(a), s_noise_of(a))
+        return TensorCoeffs(ca, cb, (), ce, a.sigma_next, b_u=cu), True
+    return coeffs
+
+
+def _t_dpmpp_2m_cfg_pp(pz, a):
+    """:func:`dpmpp_2m_cfg_pp`: its history weight is 0 (not absent) where the float path has none (sigma' = 0)."""
+    s, sn = a.sigma, a.sigma_next
+    ca, cb = _t_euler(pz, s, sn)
+    c_next = _t_c_in(pz, sn)
+    r = _t_ratio(s, sn)
+    zero = torch.zeros_like(s)
+    extra = dict(carry=(zero, zero), b_u=torch.where(r != 0.0, -c_next * r, 0.0), carry_u=torch.ones_like(s))
+    if not a.sigma_prev:
+        return TensorCoeffs(ca, c_next, (), 0.0, sn, **extra), torch.ones_like(s, dtype=torch.bool)
+    prev = a.sigma_prev[0]
+    use = sn != 0.0
+    corr = torch.where(use, cb * (_t_log_ratio(s, sn) / (2.0 * _t_log_ratio(prev, s))), 0.0)
+    return (TensorCoeffs(ca, c_next + corr, (torch.where(use, -corr, 0.0),), 0.0, sn, **extra),
+            ~use | _t_history_ok(s, (prev,)))
+
+
+def _t_dpmpp_2s_ancestral_cfg_pp(pz, a):
+    """:func:`dpmpp_2s_ancestral_cfg_pp`: every sample takes two calls; one whose step ends after the first (sigma_down
+    = 0; the limit from sigma = inf with eta < 1) keeps its state in the second.  The first call outputs D_u1 as its
+    carry for every sample."""
+    s, sn, eta = a.sigma, a.sigma_next, a.eta
+    d, u, clamped = _t_split(s, sn, eta)
+    c_next = _t_c_in(pz, sn)
+    noise = a.s_noise * _t_noise_scale(pz, sn) * u
+    euler_to_0 = (sn == 0.0) | clamped
+    mid = torch.sqrt(sn * torch.where(s == INF, INF if eta < 1.0 else eta * sn, s * d))
+    at_inf = ~euler_to_0 & (mid == INF)
+    done = euler_to_0 | at_inf
+    zero, one = torch.zeros_like(s), torch.ones_like(s)
+    if a.stage == 1:
+        an_a, an_b, an_e, an_u = _t_ancestral_cfg_pp(pz, s, sn, eta, a.s_noise)
+        eu_a, eu_b = _t_euler(pz, s, torch.where(done, sn, mid))
+        return TensorCoeffs(torch.where(euler_to_0, 0.0, torch.where(at_inf, an_a, eu_a)),
+                            torch.where(done, c_next, 0.0), (),
+                            torch.where(euler_to_0, noise, torch.where(at_inf, an_e, zero)),
+                            torch.where(done, sn, mid), complete=False, carry=(zero, zero),
+                            b_u=torch.where(euler_to_0, 0.0, torch.where(at_inf, an_u, eu_b)), carry_u=one)
+    ma, mb, mh = _t_midpoint_stage2(pz, s, mid, d * sn, sn, d, dpmpp=True)
+    return TensorCoeffs(torch.where(done, one, ma), zero,
+                        (torch.where(done, zero, c_next), torch.where(done, zero, mh - c_next)),
+                        torch.where(done, zero, noise), sn, b_u=torch.where(done, zero, mb))
+
+
 def _t_single(fn):
     return lambda pz, a: (fn(pz, a), True)
 
@@ -1454,11 +1785,16 @@ _TENSOR_COEFFS = {
     "lms": _t_lms,
     "lcm": lambda pz, a: (TensorCoeffs(torch.zeros_like(a.sigma), _t_c_in(pz, a.sigma_next), (),
                                        _t_noise_scale(pz, a.sigma_next), a.sigma_next), True),
+    "unipc": _t_unipc,
+    "euler_cfg_pp": _t_ancestral_cfg_pp_row(lambda a: 0.0, lambda a: 0.0),
+    "euler_ancestral_cfg_pp": _t_ancestral_cfg_pp_row(lambda a: a.eta, lambda a: a.s_noise),
+    "dpmpp_2m_cfg_pp": _t_dpmpp_2m_cfg_pp,
+    "dpmpp_2s_ancestral_cfg_pp": _t_single(_t_dpmpp_2s_ancestral_cfg_pp),
 }
 
-
 def has_tensor_coeffs(sampler: str) -> bool:
-    """Whether :func:`step_coeffs_tensor` computes ``sampler``'s coefficients (every built-in sampler)."""
+    """Whether a step with device sigmas computes ``sampler``'s coefficients with :func:`step_coeffs_tensor` (every
+    built-in sampler)."""
     return sampler in _TENSOR_COEFFS
 
 

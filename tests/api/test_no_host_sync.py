@@ -8,6 +8,8 @@ error inside CUDA-graph capture."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 
 import zsnr_kernels as zk
 from conftest import TinyNet
+from zsnr_kernels import coefficients as co
 from zsnr_kernels.backends import ext as _ext
 
 INF = math.inf
@@ -56,6 +59,7 @@ SIG, NXT = [INF, 6.0, 0.7, 3.0], [2.5, 2.0, 0.0, 1.0]
 SIG2, NXT2 = [9.0, 6.0, 0.7, 3.0], [2.5, 2.0, 0.1, 1.0]  # two-stage: every sample takes both stages
 HIST1 = [[INF, 9.0, 1.5, 5.0]]
 HIST2 = [[9.0, 9.0, 1.5, 5.0], [INF, 14.0, 3.0, 8.0]]
+HIST3 = [[9.0, 9.0, 1.5, 5.0], [14.0, 14.0, 3.0, 8.0], [INF, 30.0, 7.0, 20.0]]
 MULTI = [6.0, 6.0, 0.7, 3.0]
 CASES = [  # step, sigma, sigma_next, options (lists are per sample), history sigmas
     ("euler", SIG, NXT, {}, []),
@@ -73,6 +77,14 @@ CASES = [  # step, sigma, sigma_next, options (lists are per sample), history si
     ("dpmpp_2m_sde", MULTI, NXT, {"solver_type": "heun"}, HIST1),
     ("dpmpp_3m_sde", MULTI, NXT, {}, HIST2),
     ("lms", MULTI, NXT, {}, HIST2),
+    # unipc: from inf (no history), the bh2 corrector after a remembered inf (sample 0 of HIST1), the oldest point at
+    # inf dropped (sample 0 of HIST2, HIST3), the step to 0 (sample 2), every corrector order
+    ("unipc", SIG, NXT, {"order": 2}, []),
+    ("unipc", MULTI, NXT, {"order": 2}, HIST1),
+    ("unipc", MULTI, NXT, {"order": 1, "solver_type": "bh1"}, HIST1),
+    ("unipc", MULTI, NXT, {"order": 3, "solver_type": "bh1"}, HIST2),
+    ("unipc", MULTI, NXT, {"order": 3, "corrector": 3}, HIST3),
+    ("unipc", MULTI, NXT, {"order": 2, "corrector": 0, "solver_type": "bh1"}, HIST3),
 ]
 IDS = [f"{c[0]}{'_churn' if 'sigma_hat_next' in c[3] else ''}" for c in CASES]
 
@@ -80,7 +92,7 @@ IDS = [f"{c[0]}{'_churn' if 'sigma_hat_next' in c[3] else ''}" for c in CASES]
 def _step(step, sig, nxt, kw, hist, col, seeds, **common):
     """A whole step (both calls of a two-stage sampler) with the per-sample values made by ``col``."""
     fn = getattr(zk, step + "_step")
-    t = {k: _rand(4, 3, 5, 6, seed=i) for i, k in enumerate(("y", "fc", "fu", "h0", "h1"))}
+    t = {k: _rand(4, 3, 5, 6, seed=i) for i, k in enumerate(("y", "fc", "fu", "h0", "h1", "h2"))}
     opts = {k: col(v) if isinstance(v, list) else v for k, v in kw.items()}
     if hist:
         opts["history"] = [(col(s), t[f"h{k}"]) for k, s in enumerate(hist)]
@@ -110,6 +122,110 @@ def test_step_with_device_sigmas_and_seeds_reads_nothing_and_equals_host_values(
         assert (a is None) == (b is None), k
         if a is not None:
             torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-14, msg=k)
+
+
+CFG_PP_CASES = [
+    ("euler_cfg_pp", SIG, NXT, {}, []),
+    ("euler_ancestral_cfg_pp", SIG, NXT, {"eta": 0.9}, []),
+    ("euler_ancestral_cfg_pp", SIG, NXT, {"eta": 1.5, "s_noise": 0.8}, []),  # clamped: sigma_down = 0
+    ("dpmpp_2m_cfg_pp", MULTI, NXT, {}, HIST1),
+    ("dpmpp_2m_cfg_pp", SIG, NXT, {}, []),
+    ("dpmpp_2s_ancestral_cfg_pp", SIG2, NXT2, {}, []),
+    ("dpmpp_2s_ancestral_cfg_pp", SIG2, NXT2, {"eta": 0.6}, []),
+]
+
+
+@pytest.mark.parametrize("step,sig,nxt,kw,hist", CFG_PP_CASES, ids=[c[0] for c in CFG_PP_CASES])
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
+def test_cfg_pp_step_with_device_sigmas_reads_nothing_and_equals_host_values(step, sig, nxt, kw, hist, guidance_scale):
+    """The CFG++ rows as the others above: D_u's weight and carry from the tensor mirror (D_u = D at guidance 1)."""
+    common = dict(guidance_scale=guidance_scale, guidance_rescale=0.7, rescale_space="v")
+    seeds = [21, 22, 23, 2**63 + 5]
+    with pytest.warns(UserWarning) if guidance_scale == 1.0 else contextlib.nullcontext():
+        host = _step(step, sig, nxt, kw, hist, list, seeds, **common)
+    assert co.has_tensor_coeffs(step)
+    with pytest.warns(UserWarning) if guidance_scale == 1.0 else contextlib.nullcontext():
+        dev = _step(step, sig, nxt, kw, hist, noread, noread(seeds[:3] + [-(2**63) + 5], torch.int64), **common)
+    assert host.complete and dev.complete and type(dev.sigma) is NoRead
+    torch.testing.assert_close(plain(dev.sigma), host.sigma, rtol=1e-15, atol=0)
+    for k in ("y", "denoised", "derivative"):
+        a, b = getattr(host, k), plain(getattr(dev, k))
+        assert (a is None) == (b is None), k
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-14, msg=k)
+
+
+def _per_sample_run(sampler, net, noise, schedules, col, seeds, kw, guidance_scale=3.0, backend="torch"):
+    """A loop over per-sample schedules (one column per step, ``col`` making the column: host lists or device
+    values) as sample() runs one schedule: unipc's orders per step as diffusers sets them, the remembered D (D_u for
+    dpmpp_2m_cfg_pp) with its sigma column, both calls of a two-stage step."""
+    spec = co.SAMPLERS[sampler]
+    fn = zk.steps.step_function(sampler)
+    n = len(schedules[0]) - 1
+    def model(y, s):  # a guided pair (F_c, F_u); s a host list or number, or a tensor on the device
+        s = plain(s) if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.float64).reshape(-1)
+        f = net(plain(y), s)
+        return f, 0.6 * f + 0.1
+
+    y, history = noise, []
+    for i in range(n):
+        sig, nxt = col([s[i] for s in schedules]), col([s[i + 1] for s in schedules])
+        extra = dict(kw)
+        if spec.per_step is not None:
+            extra.update(spec.per_step(i, n, {"order": kw.get("order", 2)}))
+        if spec.kind == "multistep":
+            extra["history"] = history
+        common = dict(guidance_scale=guidance_scale, seed=seeds, step_index=i, backend=backend, **extra)
+        r = fn(y, model(y, sig), sig, nxt, **common)
+        if not r.complete:
+            r = fn(r.y, model(r.y, r.sigma), sig, nxt, first=r, **common)
+        if spec.kind == "multistep":
+            item = r.derivative if spec.keeps == "derivative" else r.denoised
+            history = [(sig, item)] + history[: spec.history - 1]
+        y = r.y
+    return plain(y)
+
+
+RUN_SCHEDULES = [  # per sample: from inf, from a finite sigma, from inf again; all to 0
+    [INF, 8.0, 3.0, 1.2, 0.4, 0.1, 0.0],
+    [20.0, 6.0, 2.5, 0.9, 0.3, 0.05, 0.0],
+    [INF, 5.0, 2.0, 0.7, 0.2, 0.06, 0.0],
+]
+RUNS = [("unipc", {"order": 3}), ("unipc", {"order": 3, "solver_type": "bh1"}), ("unipc", {"order": 2}),
+        ("euler_cfg_pp", {}), ("euler_ancestral_cfg_pp", {"eta": 0.8}), ("dpmpp_2m_cfg_pp", {}),
+        ("dpmpp_2s_ancestral_cfg_pp", {})]
+
+
+@pytest.mark.parametrize("sampler,kw", RUNS, ids=[f"{s}-{'-'.join(map(str, k.values()))}" for s, k in RUNS])
+def test_per_sample_run_reads_nothing_and_equals_host_values(sampler, kw):
+    """A whole run with per-sample schedules on the device (history sigmas included, some at inf) reads no value on
+    the host and gives each sample the run of its own schedule with host values."""
+    net = TinyNet(2, seed=0)
+    noise = _rand(3, 2, 5, 5, seed=3)
+    seeds = [7, 8, 9]
+    dev = _per_sample_run(sampler, net, noise, RUN_SCHEDULES, noread, noread(seeds, torch.int64), kw)
+    assert torch.isfinite(dev).all()
+    if co.SAMPLERS[sampler].kind == "two_stage":  # the host path takes one stage decision for the batch: one by one
+        for i, sched in enumerate(RUN_SCHEDULES):
+            one = _per_sample_run(sampler, net, noise[i:i + 1], [sched], list, [seeds[i]], kw)
+            torch.testing.assert_close(dev[i:i + 1], one, rtol=1e-12, atol=1e-13)
+    else:
+        host = _per_sample_run(sampler, net, noise, RUN_SCHEDULES, list, seeds, kw)
+        torch.testing.assert_close(dev, host, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="the compiled CPU module is not built")
+@pytest.mark.parametrize("sampler,kw", RUNS, ids=[f"{s}-{'-'.join(map(str, k.values()))}" for s, k in RUNS])
+def test_per_sample_run_on_the_cpu_backend_equals_the_device_path(sampler, kw):
+    """The cpu backend takes CPU tensors, whose per-sample sigmas it reads (no wait) and steps with the float
+    coefficient functions: the same run as the torch backend's from device sigmas, to float32 rounding."""
+    net = TinyNet(2, seed=0)
+    noise = _rand(3, 2, 5, 5, seed=3)
+    scheds = RUN_SCHEDULES[1:2] * 3 if co.SAMPLERS[sampler].kind == "two_stage" else RUN_SCHEDULES
+    cpu_col = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731 -- CPU tensors: read, never waited for
+    got = _per_sample_run(sampler, net, noise.float(), scheds, cpu_col, torch.tensor([7, 8, 9]), kw, backend="cpu")
+    want = _per_sample_run(sampler, net, noise, scheds, noread, noread([7, 8, 9], torch.int64), kw)
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"])

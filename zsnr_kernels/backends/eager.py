@@ -92,7 +92,8 @@ def _device_step(y, f_cond, f_uncond, history, pz: Parameterization, a, sigma_ev
         uv = co.rescale_space_coeffs_tensor(pz, sigma_eval, rescale_space)
     y_out, d, carry = reference.fused_step(
         y, f_cond, f_uncond, p=bad(p), q=q, a=bad(c.a), b=c.b, history=tuple(history[:len(c.h)]), h=c.h, noise=z,
-        e=e, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, rescale_uv=uv, carry=c.carry)
+        e=e, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, rescale_uv=uv, carry=c.carry,
+        b_u=c.b_u, carry_u=c.carry_u)
     if out is not None:
         y_out = out.copy_(y_out)
     return y_out, d, carry, bad(c.sigma_out), c.complete

@@ -42,13 +42,16 @@ diffusers scheduler it is named after, so a pipeline takes it unchanged and swit
   timestep s = floor((1 - gamma) t') with TCD's renoising from s to t' folded in as EDM churn (``sigma_hat_next``);
   ``step`` returns ``prev_sample`` and ``pred_noised_sample``
 
-Not here yet, for want of the library's sampler: ``DPMSolverSinglestepScheduler`` (singlestep DPM-Solver 2S/3S).
+* :class:`ZSNRDPMSolverSinglestepScheduler` (``DPMSolverSinglestepScheduler``, ``dpmsolver++`` and
+  ``sde-dpmsolver++``, orders 1-3): :func:`~zsnr_kernels.coefficients.dpmpp_singlestep`, each step one fused pass
+  from the state its group of steps started at (run through ``steps.sampler_step`` with the row
+  :data:`~zsnr_kernels.coefficients.DPMPP_SINGLESTEP`, registered while it steps)
 
 :data:`SCHEDULERS` maps each diffusers class name to the class here.
 
 The package is laid out as diffusers' ``schedulers``: one module per scheduler (``scheduling_ddim``,
 ``scheduling_ddpm``, ``scheduling_euler_discrete``, ``scheduling_euler_ancestral_discrete``,
-``scheduling_heun_discrete``, ``scheduling_dpmsolver_multistep``, ``scheduling_dpmsolver_sde``, ``scheduling_lms_discrete``,
+``scheduling_heun_discrete``, ``scheduling_dpmsolver_multistep``, ``scheduling_dpmsolver_sde``, ``scheduling_dpmsolver_singlestep``, ``scheduling_lms_discrete``,
 ``scheduling_k_dpm_2_discrete``, ``scheduling_k_dpm_2_ancestral_discrete``, ``scheduling_unipc_multistep``,
 ``scheduling_edm_euler``, ``scheduling_edm_dpmsolver_multistep``, ``scheduling_flow_match_euler_discrete``,
 ``scheduling_flow_match_heun_discrete``, ``scheduling_lcm``, ``scheduling_tcd``) and ``_base`` for what they share (the output class, the base scheduler,
@@ -132,9 +135,11 @@ Deviations by design or from diffusers' own faults:
 * ``sde-dpmsolver++`` with ``solver_order=3`` follows k-diffusion's ``sample_dpmpp_3m_sde``: diffusers' third-order
   SDE update has the wrong sign on the 1/2 of its second-difference weight (it integrates to
   (1 - e^{-2h})/(4h^2) - 1/(2h) + 1/2; diffusers writes - 1/2).  The deterministic orders 1-3 match diffusers.
+  Likewise the singlestep ``sde-dpmsolver++`` of order 3 with ``solver_type="heun"`` takes the integral's weight
+  (diffusers' singlestep update has the same sign error); its other orders and types match diffusers.
 * Zero-length steps (timesteps a spacing repeats when the step count nears the table's) leave the sample as it
-  is; DPM-Solver and UniPC keep their history over them, where diffusers divides by their zero log-ratio and
-  returns NaN.
+  is; DPM-Solver and UniPC keep their history over them, singlestep DPM-Solver starts a new group of steps after
+  them, where diffusers divides by their zero log-ratio and returns NaN.
 * UniPC's ``bh1`` to a final sigma of 0 returns the last D (the limit: that step is first order), where diffusers
   returns NaN (it multiplies B(h) = -inf by its zero first-order residual).
 * ``trailing`` step counts for which numpy's ``arange`` yields one value too many (T = 1000: 61, 103, 121, ...)
@@ -190,6 +195,7 @@ from .scheduling_ddim import ZSNRDDIMScheduler
 from .scheduling_ddpm import ZSNRDDPMScheduler
 from .scheduling_dpmsolver_multistep import ZSNRDPMSolverMultistepScheduler
 from .scheduling_dpmsolver_sde import ZSNRDPMSolverSDEScheduler
+from .scheduling_dpmsolver_singlestep import ZSNRDPMSolverSinglestepScheduler
 from .scheduling_edm_dpmsolver_multistep import ZSNREDMDPMSolverMultistepScheduler
 from .scheduling_edm_euler import ZSNREDMEulerScheduler
 from .scheduling_euler_ancestral_discrete import ZSNREulerAncestralDiscreteScheduler
@@ -211,6 +217,7 @@ __all__ = [
     "ZSNRDDPMScheduler",
     "ZSNRDPMSolverMultistepScheduler",
     "ZSNRDPMSolverSDEScheduler",
+    "ZSNRDPMSolverSinglestepScheduler",
     "ZSNREDMDPMSolverMultistepScheduler",
     "ZSNREDMEulerScheduler",
     "ZSNREulerAncestralDiscreteScheduler",
@@ -239,6 +246,7 @@ SCHEDULERS = {
     "HeunDiscreteScheduler": ZSNRHeunDiscreteScheduler,
     "DPMSolverMultistepScheduler": ZSNRDPMSolverMultistepScheduler,
     "DPMSolverSDEScheduler": ZSNRDPMSolverSDEScheduler,
+    "DPMSolverSinglestepScheduler": ZSNRDPMSolverSinglestepScheduler,
     "LMSDiscreteScheduler": ZSNRLMSDiscreteScheduler,
     "KDPM2DiscreteScheduler": ZSNRKDPM2DiscreteScheduler,
     "KDPM2AncestralDiscreteScheduler": ZSNRKDPM2AncestralDiscreteScheduler,
