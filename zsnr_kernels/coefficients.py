@@ -881,16 +881,21 @@ def unipc(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tup
     return _unipc(pz, sigma, sigma_next, tuple(sigma_prev), order, corrector, variant)
 
 
-@functools.lru_cache(maxsize=4096)  # ~30 us of Python per call (its small solves); a schedule run again costs none
-def _unipc(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple[float, ...], order: int,
-           corrector: int, variant: str) -> StepCoeffs:
-    _check_pair(sigma, sigma_next)
+def _check_unipc_options(order, corrector, variant) -> None:
+    """UniPC's host-value options (the float path and the tensor mirror alike)."""
     if variant not in UNIPC_VARIANTS:
         raise ValueError(f"solver_type must be one of {UNIPC_VARIANTS} for unipc, got {variant!r}")
     if not (isinstance(order, int) and 1 <= order <= UNIPC_MAX_ORDER):
         raise ValueError(f"order must be 1, 2 or 3 for unipc, got {order!r}")
     if not (isinstance(corrector, int) and 0 <= corrector <= UNIPC_MAX_ORDER):
         raise ValueError(f"corrector must be 0 (none) or the order 1-3 of the step it corrects, got {corrector!r}")
+
+
+@functools.lru_cache(maxsize=4096)  # ~30 us of Python per call (its small solves); a schedule run again costs none
+def _unipc(pz: Parameterization, sigma: float, sigma_next: float, sigma_prev: tuple[float, ...], order: int,
+           corrector: int, variant: str) -> StepCoeffs:
+    _check_pair(sigma, sigma_next)
+    _check_unipc_options(order, corrector, variant)
     prev = tuple(sigma_prev[:UNIPC_MAX_ORDER])
     _check_history(sigma, prev)
     if corrector > len(prev):
@@ -1650,12 +1655,7 @@ def _t_unipc(pz, a):
     host values and checked as the float path checks them."""
     s, sn = a.sigma, a.sigma_next
     order, corrector, variant = a.order, a.corrector, a.solver_type
-    if variant not in UNIPC_VARIANTS:
-        raise ValueError(f"solver_type must be one of {UNIPC_VARIANTS} for unipc, got {variant!r}")
-    if not (isinstance(order, int) and 1 <= order <= UNIPC_MAX_ORDER):
-        raise ValueError(f"order must be 1, 2 or 3 for unipc, got {order!r}")
-    if not (isinstance(corrector, int) and 0 <= corrector <= UNIPC_MAX_ORDER):
-        raise ValueError(f"corrector must be 0 (none) or the order 1-3 of the step it corrects, got {corrector!r}")
+    _check_unipc_options(order, corrector, variant)
     prev = tuple(a.sigma_prev[:UNIPC_MAX_ORDER])
     if corrector > len(prev):
         raise ValueError(f"a corrector of order {corrector} needs {corrector} remembered predictions (the one of "
