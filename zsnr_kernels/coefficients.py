@@ -33,6 +33,7 @@ sigma/sigma_next.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from collections.abc import Callable
@@ -1125,8 +1126,10 @@ def register_sampler(spec: SamplerSpec) -> SamplerSpec:
     :class:`zsnr_kernels.SamplingPlan` run it on every backend from then on."""
     if not isinstance(spec, SamplerSpec):
         raise TypeError(f"spec must be a SamplerSpec, got {type(spec).__name__}")
-    if spec.name in _TABLE:
-        raise ValueError(f"a sampler named {spec.name!r} is registered already")
+    if spec.name in _ROWS:
+        raise ValueError(f"a sampler named {spec.name!r} is registered already" + (
+            " (a row the library runs without listing it in SAMPLERS; steps.sampler_step takes its name as it is)"
+            if spec.name in _HIDDEN else ""))
     if spec.kernel or spec.step:
         raise ValueError("kernel=True and step=True name a sampler the library implements (a C++ mirror, a named "
                          "step function); a registered one runs through steps.sampler_step and the coefficient "
@@ -1146,6 +1149,12 @@ def unregister_sampler(name: str) -> None:
 #: the sampler table, read-only (:func:`register_sampler` adds a row): name -> :class:`SamplerSpec`
 SAMPLERS = MappingProxyType(_TABLE)
 
+#: rows the step functions run by name but the table does not list (so ``sample()``'s menu, the ComfyUI node, the
+#: self-test and the k-diffusion drop-ins, which iterate :data:`SAMPLERS`, do not offer them): a sampler whose loop
+#: the library's own loops cannot run yet (:data:`DPMPP_SINGLESTEP`).  Fixed at import; never changed at run time.
+_HIDDEN: dict[str, SamplerSpec] = {}
+_ROWS = collections.ChainMap(_TABLE, _HIDDEN)  # every row a step can name
+
 
 #: the samplers the compiled kernels implement, in the order of zsnr::SamplerKind
 SAMPLER_KINDS = tuple(name for name, spec in SAMPLERS.items() if spec.kernel)
@@ -1154,11 +1163,12 @@ SAMPLER_KINDS = tuple(name for name, spec in SAMPLERS.items() if spec.kernel)
 #: the highest ``order`` each sampler taking one accepts
 MAX_ORDERS = {"lms": LMS_MAX_ORDER, "unipc": UNIPC_MAX_ORDER}
 
-#: singlestep DPM-Solver++ (:func:`dpmpp_singlestep`) as a sampler row, for :func:`register_sampler`.  Not in the
-#: table yet: a built-in row has a named ``zsnr_kernels.steps.<name>_step``, and the loops that keep a multistep
-#: history (``sample()``, the k-diffusion drop-ins, the self-test) remember denoised predictions only, where this
-#: sampler also reads the state its group started from (history ``[D of the group's earlier evaluations, newest
-#: first] + [y_g]``).  ``zsnr_kernels.diffusers.ZSNRDPMSolverSinglestepScheduler`` registers it while it steps.
+#: singlestep DPM-Solver++ (:func:`dpmpp_singlestep`) as a sampler row, run by ``steps.sampler_step("dpmpp_singlestep",
+#: ...)`` but not listed in :data:`SAMPLERS` (:data:`_HIDDEN`): a listed row has a named
+#: ``zsnr_kernels.steps.<name>_step``, and the loops that keep a multistep history (``sample()``, the k-diffusion
+#: drop-ins, the self-test) remember denoised predictions only, where this sampler also reads the state its group
+#: started from (history ``[D of the group's earlier evaluations, newest first] + [y_g]``).
+#: ``zsnr_kernels.diffusers.ZSNRDPMSolverSinglestepScheduler`` steps with it.
 DPMPP_SINGLESTEP = SamplerSpec(
     "dpmpp_singlestep", "multistep",
     lambda pz, s: dpmpp_singlestep(pz, s.sigma, s.sigma_next, tuple(s.sigma_prev), s.order, s.solver_type, s.eta,
@@ -1168,6 +1178,7 @@ DPMPP_SINGLESTEP = SamplerSpec(
     at_inf="order 1: first order (Euler; with eta its noise); a group that starts at inf: r_k -> 1, so order 2 "
            "midpoint averages D_inf and D, heun and order 3 midpoint take D alone, order 3 heun weighs D and D_m by "
            "ratios of the finite log steps (D_inf weight 0)")
+_HIDDEN[DPMPP_SINGLESTEP.name] = DPMPP_SINGLESTEP
 
 
 def solver_types(sampler: str) -> tuple[str, ...]:
@@ -1180,7 +1191,7 @@ def solver_types(sampler: str) -> tuple[str, ...]:
 
 def sampler_spec(name) -> SamplerSpec:
     """The row of sampler ``name`` (ValueError naming the choices for another name)."""
-    spec = SAMPLERS.get(name) if isinstance(name, str) else None
+    spec = _ROWS.get(name) if isinstance(name, str) else None
     if spec is None:
         raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {name!r}")
     return spec
@@ -1188,7 +1199,7 @@ def sampler_spec(name) -> SamplerSpec:
 
 def step_coeffs(pz: Parameterization, s: StepArgs) -> StepCoeffs:
     """The coefficients of one sampler call: the dispatch the step functions and the kernels share."""
-    spec = _TABLE.get(s.sampler)
+    spec = _ROWS.get(s.sampler)
     if spec is None:
         raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {s.sampler!r}")
     c = spec.coeffs(pz, s)
@@ -1839,7 +1850,7 @@ def step_coeffs_tensor(pz: Parameterization, a: StepArgs) -> TensorCoeffs:
     ok = ok & (sn >= 0.0) & (s > sn) & _t_sigma_ok(s) & _t_sigma_ok(sn) & _t_span_ok(pz, a)
     for p in a.sigma_prev:
         ok = ok & _t_sigma_ok(p)
-    spec = _TABLE[a.sampler]
+    spec = _ROWS[a.sampler]
     complete = spec.kind != "two_stage" or a.stage == 2
     if spec.churn and target is not None:
         ok = ok & _t_sigma_ok(target)

@@ -219,12 +219,13 @@ def _run(
     first_origin=None,
     process_group=None,
     shard_dim=None,
-    draw: int = 0,
+    _draw: int = 0,
     **unknown,
 ) -> StepResult:
     """Validate, then run the fused step on the chosen backend.  ``args`` holds one StepArgs for the batch or one
-    per sample; ``sigma_eval`` is where the model was called (a float or a per-sample list); ``draw`` is the Philox
-    draw of ``seed=`` noise within the step (docs/design.md §2.8: 1 for dpmpp_sde's second call); ``unknown``
+    per sample; ``sigma_eval`` is where the model was called (a float or a per-sample list); ``_draw`` is the
+    Philox draw of ``seed=`` noise within the step (docs/design.md §2.8: 1 for dpmpp_sde's second call; private, so
+    that no step function takes it as an option); ``unknown``
     catches a misspelt option, to name the step function the user called instead of this one."""
     if unknown:
         name = _step_name(args[0].sampler)
@@ -255,8 +256,7 @@ def _run(
         _validate.out(out, y, (y, f_cond, f_uncond, None if callable(noise) else noise, *history),
                       lambda k: _input_name(k, f_uncond is not None))
     step_index = _validate.step_index(step_index)
-    if draw:
-        draw = _validate.index("draw", draw, 2**32)
+    draw = _validate.index("draw", _draw, 2**32) if _draw else 0
     seeds = None if seed is None else _noise.step_seeds(seed, y.shape[0])
     if seeds is not None and step_index is None:
         raise ValueError("seed= needs step_index= (the index of the step in the schedule) to pick the noise")
@@ -290,7 +290,7 @@ def _run(
             if not _own_origin(args, first_origin):  # an unmodified first stage of this call (the common case)
                 _check_first_sigma(pz, args, sig_eval)  # passes both; else they say what differs
                 _check_origin(args, first_origin)
-    want_d = return_denoised or co.SAMPLERS[args[0].sampler].keeps_denoised(args[0].stage)
+    want_d = return_denoised or co.sampler_spec(args[0].sampler).keeps_denoised(args[0].stage)
     if name != "torch" and callable(noise):  # explicit noise drawn lazily: only if the spec says a sample adds some
         noise = noise() if any(co.step_coeffs(pz, a).e != 0.0 for a in args) else None
         if noise is not None:
@@ -948,7 +948,7 @@ def _two_stage(sampler, y, model_output, sigma, sigma_next, first, options, *, n
             _args(sampler, sg, sn, hat=shn, stage=stage, eta=eta, s_noise=s_noise, **own))  # a call with ** is slower
     return _run(y, model_output, _eval_sigma(y, sg, first), args, history=hist, noise=noise, seed=seed,
                 step_index=step_index, first_origin=None if first is None else first.origin,
-                draw=0 if first is None else draw, **options)
+                _draw=0 if first is None else draw, **options)
 
 
 #: the named step functions of the samplers whose row says ``step=True`` (a plain dict: torch.compile traces it)

@@ -4,7 +4,7 @@ lambda = -log sigma, the order of convergence on a Gaussian, the limit at sigma 
 zero-SNR schedule), the end at sigma' = 0, the history it reads, and its row run as one fused step.
 
 The row (:data:`~zsnr_kernels.coefficients.DPMPP_SINGLESTEP`) is not in the built-in sampler table (a built-in row
-has a named step function in zsnr_kernels.steps); the tests register it while they run.
+has a named step function in zsnr_kernels.steps); the steps run it by name (coefficients._HIDDEN).
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ def _prev(order: int, sigmas: tuple[float, ...]) -> tuple[float, ...]:
 
 @pytest.fixture
 def row():
-    co.register_sampler(co.DPMPP_SINGLESTEP)
-    yield co.DPMPP_SINGLESTEP.name
-    co.unregister_sampler(co.DPMPP_SINGLESTEP.name)
+    """The row's name: steps.sampler_step runs it without a registration (coefficients._HIDDEN)."""
+    return co.DPMPP_SINGLESTEP.name
 
 
 def test_the_row_is_not_a_built_in_sampler():
@@ -48,6 +47,9 @@ def test_the_row_is_not_a_built_in_sampler():
     ``sample()`` keeps a history of denoised predictions only: the row waits outside the table until both read
     the group's start state."""
     assert co.DPMPP_SINGLESTEP.name not in zk.SAMPLERS
+    assert co.sampler_spec(co.DPMPP_SINGLESTEP.name) is co.DPMPP_SINGLESTEP  # the steps run it by name
+    with pytest.raises(ValueError, match="registered already.*without listing it"):
+        co.register_sampler(co.DPMPP_SINGLESTEP)
     assert co.DPMPP_SINGLESTEP.kind == "multistep" and co.DPMPP_SINGLESTEP.history == co.SINGLESTEP_MAX_ORDER
 
 

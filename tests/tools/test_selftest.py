@@ -103,3 +103,9 @@ def test_the_cases_cover_every_sampler_from_inf():
     two_stage = {name for name, spec in co.SAMPLERS.items() if spec.kind == "two_stage"}
     assert {c.sampler for c in cases if c.stage2 and c.check == "finite"} == two_stage
     assert {c.sampler for c in cases if c.in_place} == set(co.SAMPLERS)
+
+
+def test_every_sampler_passes_on_the_build_machine(capsys):
+    """The whole self-test, every sampler of the table (two-stage second calls with their first call's carry:
+    dpmpp_sde's y_0 and its second Philox draw, the CFG++ rows' D_u), on the backends this machine has."""
+    assert main(["selftest", "--dtypes", "float32"]) == 0, capsys.readouterr().out

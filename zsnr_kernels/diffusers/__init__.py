@@ -45,7 +45,8 @@ diffusers scheduler it is named after, so a pipeline takes it unchanged and swit
 * :class:`ZSNRDPMSolverSinglestepScheduler` (``DPMSolverSinglestepScheduler``, ``dpmsolver++`` and
   ``sde-dpmsolver++``, orders 1-3): :func:`~zsnr_kernels.coefficients.dpmpp_singlestep`, each step one fused pass
   from the state its group of steps started at (run through ``steps.sampler_step`` with the row
-  :data:`~zsnr_kernels.coefficients.DPMPP_SINGLESTEP`, registered while it steps)
+  :data:`~zsnr_kernels.coefficients.DPMPP_SINGLESTEP`, a row the steps run by name that the sampler table does not
+  list)
 
 :data:`SCHEDULERS` maps each diffusers class name to the class here.
 

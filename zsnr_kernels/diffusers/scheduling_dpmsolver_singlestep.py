@@ -4,9 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import numpy as np
 import torch
 
@@ -18,35 +15,6 @@ from .scheduling_dpmsolver_multistep import _DPMSolverTimesteps, _first_half
 __all__ = ["ZSNRDPMSolverSinglestepScheduler"]
 
 _ROW = co.DPMPP_SINGLESTEP
-_LOCK = threading.Lock()
-_USERS = [0, False]  # steps running now, and whether they registered the row
-
-
-@contextlib.contextmanager
-def _sampler_row():
-    """The singlestep row of the sampler table, registered (``coefficients.register_sampler``) while a step runs and
-    removed after the last running step: the library's built-in rows each have a named step function, which this
-    one does not have yet (see :data:`zsnr_kernels.coefficients.DPMPP_SINGLESTEP`), so it is not left in
-    :data:`zsnr_kernels.SAMPLERS`.  A row of that name already there (the same row, registered by the user) is used
-    as it is."""
-    with _LOCK:
-        if _USERS[0] == 0:
-            present = co.SAMPLERS.get(_ROW.name)
-            if present is None:
-                co.register_sampler(_ROW)
-            elif present is not _ROW:
-                raise ValueError(f"a sampler named {_ROW.name!r} is registered that is not "
-                                 "zsnr_kernels.coefficients.DPMPP_SINGLESTEP; unregister it to step this scheduler")
-            _USERS[1] = present is None
-        _USERS[0] += 1
-    try:
-        yield _ROW.name
-    finally:
-        with _LOCK:
-            _USERS[0] -= 1
-            if _USERS[0] == 0 and _USERS[1]:
-                co.unregister_sampler(_ROW.name)
-                _USERS[1] = False
 
 
 class ZSNRDPMSolverSinglestepScheduler(_DPMSolverTimesteps, _StepIndexed):
@@ -192,8 +160,7 @@ class ZSNRDPMSolverSinglestepScheduler(_DPMSolverTimesteps, _StepIndexed):
         history = [*reversed(ds[len(ds) - (order - 1):]), start] if order > 1 else None
         sde = self.config.algorithm_type == "sde-dpmsolver++"
         noise = self._noise(sample, generator, dtype) if sde else None
-        with _sampler_row() as name:
-            r = steps.sampler_step(name, sample, f, sigma, sigma_next, history=history, order=order,
-                                   solver_type=self.config.solver_type, eta=float(sde), noise=noise, **opts)
+        r = steps.sampler_step(_ROW.name, sample, f, sigma, sigma_next, history=history, order=order,
+                               solver_type=self.config.solver_type, eta=float(sde), noise=noise, **opts)
         ds.append((sigma, r.denoised))
         return self._output(self._finish(r.y, sigma_next, k), r.denoised, return_dict, with_denoised=False)

@@ -103,6 +103,7 @@ class Case:
     prev: tuple = ()
     stage2: bool = False
     first_sigma: float | tuple | None = None
+    first_carry: bool = False             # the first call's StepResult.derivative (h1): dpmpp_sde's y_0, CFG++'s D_u
     rescale_space: str = "output"
     in_place: bool = False                # also run with out=y (must equal the fresh output bit for bit)
 
@@ -119,7 +120,7 @@ class Case:
 
     @property
     def tensors(self) -> tuple[str, ...]:
-        n_hist = (2 if self.sampler == "dpmpp_sde" else 1) if self.stage2 else len(self.prev)  # dpmpp_sde: + y_0
+        n_hist = (1 + self.first_carry) if self.stage2 else len(self.prev)
         return ("y", "fc", "fu", *(f"h{k}" for k in range(n_hist)))
 
 
@@ -140,7 +141,8 @@ def _two_stage(check: str, sampler: str, sigma, sigma_next, hat=None, **kw) -> l
     if not first.complete:
         s = first.sigma
         cases.append(Case(check, sampler, sigma, sigma_next, hat, stage2=True, **kw,
-                          first_sigma=tuple(s.tolist()) if isinstance(s, torch.Tensor) else s))
+                          first_sigma=tuple(s.tolist()) if isinstance(s, torch.Tensor) else s,
+                          first_carry=first.derivative is not None))
     return cases
 
 
@@ -175,10 +177,6 @@ def _inputs(index: int, case: Case, dtype: torch.dtype) -> dict[str, torch.Tenso
     g = torch.Generator().manual_seed(1000 + index)
     t = {name: torch.randn(SHAPE, generator=g, dtype=torch.float64) for name in case.tensors}
     t["fc"] = 0.8 * t["fu"] + 0.6 * t["fc"]  # a conditional output correlated with the unconditional one
-    if case.stage2 and case.sampler == "dpmpp_sde":
-        # its second noise draw (Philox draw 1) reaches the step as a tensor of y's dtype (steps.dpmpp_sde_step):
-        # an input like the others, which the float64 reference reads as the backend does
-        t["z1"] = _noise.normal(SHAPE, list(SEEDS), STEP_INDEX, 1, dtype=torch.float64)
     return {k: v.to(dtype) for k, v in t.items()}
 
 
@@ -193,10 +191,7 @@ def _call(case: Case, t: dict, backend: str, out: torch.Tensor | None = None) ->
         kw["history"] = [(_sigma(s, device), t[f"h{k}"]) for k, s in enumerate(case.prev)]
     if case.stage2:
         kw["first"] = steps.StepResult(y, _sigma(case.first_sigma, device), t["h0"], complete=False,
-                                       derivative=t.get("h1"))  # dpmpp_sde's start state
-    if "z1" in t:  # dpmpp_sde's second draw, see _inputs
-        del kw["seed"], kw["step_index"]
-        kw["noise"] = t["z1"]
+                                       derivative=t.get("h1"))  # dpmpp_sde's y_0, CFG++'s D_u
     return steps.sampler_step(case.sampler, y, (t["fc"], t["fu"]), _sigma(case.sigma, device),
                               _sigma(case.sigma_next, device), out=out, **kw)
 
@@ -520,8 +515,6 @@ def _check_plan(report: Report, backend: str, device: str, dtype_name: str, samp
                      "bit-exact" if bitwise else f"{_tol.RUN_ULPS[dtype]} ulps")
     what = f"{sampler} {_fmt_sigma(PLAN_SIGMAS)}"
     kw = dict(PLAN_GUIDANCE, sampler=sampler, seed=list(SEEDS), backend=backend)
-    if sampler == "dpmpp_sde":  # a plan does not take its second noise draw (Philox draw 1) yet
-        kw["eta"] = 0.0
     g = torch.Generator().manual_seed(11)
     noise = torch.randn(SHAPE, generator=g).to(dtype=dtype, device=device)
     try:
