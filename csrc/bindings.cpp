@@ -207,7 +207,7 @@ class Step {
                                   std::to_string(plan.slice.local) + ", " + std::to_string(plan.slice.total) + ", " +
                                   std::to_string(plan.slice.offset) + ") do not place samples of " +
                                   std::to_string(t.n) + " elements in theirs (zsnr/philox.h NoiseSlice: multiples of "
-                                  "4, or local = total = n and offset 0)");
+                                  "4, or local = total dividing n and offset 0)");
     workspace = get_address(call, Field::workspace);
     stream = get_address(call, Field::stream);
   }
@@ -535,8 +535,8 @@ PYBIND11_MODULE(_C, m) {
         "One fused sampler step on CPU tensors from its StepCall record (see csrc/cpu/step.h): (error, complete, "
         "bad_sample, sigma_out).");
   m.def("set_num_threads", &zsnr::cpu::set_num_threads, py::arg("n"),
-        "OpenMP threads of the CPU kernels, for every calling thread (0: OpenMP's default).");
-  m.def("num_threads", &zsnr::cpu::num_threads, "OpenMP threads the CPU kernels use.");
+        "Threads of the CPU kernels (csrc/cpu/thread_pool.h), for every calling thread (0: OpenMP's default).");
+  m.def("num_threads", &zsnr::cpu::num_threads, "Threads the CPU kernels use.");
   m.def("cpu_isa", []() { return std::string(zsnr::cpu::isa_name()); },
         "The instruction set the CPU kernels use on this machine.");
   m.def("cpu_limit_isa", [](int32_t level) {

@@ -414,6 +414,10 @@ def fused_step(shard: Shard, name: str, y, f_cond, f_uncond, history, pz, args, 
     function returning one: the caller drew it at the global indices).  Without guidance rescale it is the backend's
     own step; with it, the factor of the full latent (:func:`rescale_factors`) folded into per-sample table rows,
     run by the backend's ``table_step``."""
+    if seeds is not None and noise_slice is None and shard.local != shard.total:
+        raise ValueError("a sharded step takes its seeded noise at the slice's global indices: pass noise_slice="
+                         "kernel_noise_slice(shard, name) (the kernels draw it), or noise=step_noise(shard, y, seeds, "
+                         "step_index, draw) instead of seeds")
     run = _backend.FUSED[name]
     if not guidance_rescale or f_uncond is None:
         return run(y, f_cond, f_uncond, history, pz, args, sigma_eval, guidance_scale=guidance_scale,

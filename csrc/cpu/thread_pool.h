@@ -13,7 +13,8 @@
 // woken by the next job is scheduled promptly rather than queued behind a busy process.
 //
 // A caller that finds the pool busy (a second Python thread stepping at the same time: the kernels run without the
-// GIL) runs its tasks itself, as does a process forked from one that used the pool (its threads were not copied).
+// GIL) runs its tasks itself.  A process forked from one that used the pool starts a pool of its own (the parent's
+// threads were not copied).  More than 2^20 - 1 tasks (2^34 elements in 16384-element chunks) run on the caller.
 #pragma once
 
 #include <cstdint>

@@ -184,3 +184,13 @@ def test_triton_slice_noise_is_the_full_noise_at_the_same_places(tmp_path):
                                    atol=tolerances.NORMAL_ATOL)
         for world, rank, start, size, _, _ in slices(latent):
             assert torch.equal(out[(latent, world, rank)], full.narrow(dim, start, size)), (latent, world, rank)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="the cpu kernels are not built")
+@pytest.mark.parametrize("bad", [(5, 5, 0), (-4, -4, 0), (4, 8, 8), (4, 2**62, 2**63 - 2), (6, 12, 2)])
+def test_the_compiled_module_refuses_a_slice_that_does_not_place_the_sample(bad):
+    """The C++ check (zsnr/philox.h slice_drawable) on its own, without the Python checks in front of it: L = G with
+    O = 0 must divide n, the slice must lie inside its runs (compared without overflow), the groups stay whole."""
+    out = torch.empty(16)
+    with pytest.raises(ValueError, match="slice_local, slice_total, slice_offset"):
+        _ext.C.cpu_philox_normals(out.data_ptr(), 1, 0, 0, 16, *bad)

@@ -133,11 +133,11 @@ def set_num_threads(n: int | None) -> None:
     guided, rescaled step at the video latent): 2 threads took 0.91x the 1-thread mean, where the OpenMP loops took
     4.7-5.9x.
 
-    Fork: OpenMP cannot run a parallel region in a child process forked after the parent ran one (its thread pool
-    is not copied, and the child hangs waiting for it, as a plain torch op on a large tensor hangs there).  The
-    pool is PyTorch's libgomp, which these kernels share, so a parallel PyTorch op in the parent starts it as
-    surely as these kernels do, and nothing here can tell whether one has run.  So every child forked from a
-    process that imported zsnr_kernels runs these kernels on one thread: importing it registers an
+    Fork: the steps' pool starts anew in a forked child, but OpenMP cannot run a parallel region in a child forked
+    after the parent ran one (its threads are not copied, and the child hangs waiting for them, as a plain torch op
+    on a large tensor hangs there), and the compiled module's explicit-noise generator (``noise.normal`` on the cpu)
+    still runs OpenMP loops in PyTorch's libgomp, which any parallel PyTorch op in the parent may have started.  So
+    every child forked from a process that imported zsnr_kernels runs these kernels on one thread: importing it registers an
     ``os.register_at_fork`` handler that calls ``set_num_threads(1)`` in the child (``os.fork``,
     ``multiprocessing``'s ``fork`` start method, the default on Linux before Python 3.14, and the children of a
     ``forkserver`` that preloads zsnr_kernels).  Call ``set_num_threads(n)`` in the child to use more threads only

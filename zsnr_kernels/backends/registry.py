@@ -48,7 +48,7 @@ class Backend:
 REGISTRY: tuple[Backend, ...] = (
     Backend("torch", "eager", "the eager PyTorch reference: any device, any float dtype, differentiable", 1, 2,
             compiled=False),
-    Backend("cpu", "cpu", "the OpenMP/SIMD kernels of csrc/cpu: CPU tensors, fp32/fp16/bf16", 0, None,
+    Backend("cpu", "cpu", "the SIMD kernels of csrc/cpu on their thread pool: CPU tensors, fp32/fp16/bf16", 0, None,
             compiled=True),
     Backend("cuda", "cuda", "the CUDA kernels of csrc/cuda: CUDA tensors, fp32/fp16/bf16", None, 0, compiled=True),
     Backend("triton", "triton", "the Triton kernels: CUDA tensors (CPU tensors under TRITON_INTERPRET=1), "

@@ -118,9 +118,11 @@ ZSNR_HD bool slice_groups_whole(const NoiseSlice& s) {
 }
 
 // Whether the kernels can draw a slice for samples of n elements: whole groups, and the slice inside its runs.
+// (L = G with O = 0 maps every element to itself, for any L >= 1 dividing n; the bounds are compared by subtraction,
+// which cannot overflow.)
 ZSNR_HD bool slice_drawable(const NoiseSlice& s, int64_t n) {
-  if (slice_whole(s)) return s.offset == 0;
-  return s.local >= 1 && s.offset >= 0 && s.offset + s.local <= s.total && n % s.local == 0 &&
+  if (slice_whole(s)) return s.local >= 1 && s.offset == 0 && n % s.local == 0;
+  return s.local >= 1 && s.offset >= 0 && s.local <= s.total && s.offset <= s.total - s.local && n % s.local == 0 &&
          slice_groups_whole(s);
 }
 
