@@ -80,3 +80,28 @@ def kdiff():
     import _kdiffusion
 
     return _kdiffusion.load()
+
+
+def isa_level_of(used: str) -> int:
+    """The level (the index in zsnr_kernels.backends.ext.ISA_LEVELS) of an instruction-set name as
+    ``_C.cpu_limit_isa`` and ``_C.cpu_isa`` give it (``"avx2+fma+f16c"`` is level 1)."""
+    from zsnr_kernels.backends import ext as _ext
+
+    return next(level for level, name in enumerate(_ext.ISA_LEVELS) if used.startswith(name))
+
+
+@pytest.fixture(params=[0, 1, 2], ids=["baseline", "avx2", "avx512"])
+def isa_level(request):
+    """Cap the cpu kernels at one instruction set (skipped where this CPU lacks it or the kernels are not built);
+    the cap is lifted afterwards."""
+    from zsnr_kernels.backends import ext as _ext
+
+    if not _ext.available():
+        pytest.skip(f"zsnr_kernels._C: {_ext.why_unavailable()}")
+    try:
+        used = isa_level_of(_ext.C.cpu_limit_isa(request.param))
+        if used < request.param:
+            pytest.skip("this CPU lacks the instruction set")
+        yield used
+    finally:
+        _ext.restore_isa()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import TinyNet
+from conftest import TinyNet, isa_level_of
 
 import zsnr_kernels as zk
 from zsnr_kernels import coefficients as co, noise as zn
@@ -305,21 +305,6 @@ def test_in_kernel_noise_equals_noise_normal():
     torch.testing.assert_close(r.y / e, z, atol=tolerances.NORMAL_ATOL, rtol=0)
 
 
-ISA_LEVELS = {"baseline": 0, "avx2+fma+f16c": 1, "avx512": 2}  # csrc/cpu/step.cpp's isa_name()
-
-
-@pytest.fixture(params=[0, 1, 2], ids=["baseline", "avx2", "avx512"])
-def isa_level(request):
-    """Cap the kernels at one instruction set (skipped where this CPU lacks it); the cap is lifted afterwards."""
-    try:
-        used = ISA_LEVELS[_ext.C.cpu_limit_isa(request.param)]
-        if used < request.param:
-            pytest.skip("this CPU lacks the instruction set")
-        yield used
-    finally:
-        _ext.restore_isa()
-
-
 def test_philox_words_of_every_instruction_set_equal_the_definition(isa_level):
     """The element pass's Philox words (vector code in csrc/cpu/philox_simd.h, scalar for the tail) equal the
     shared scalar philox4x32_10 bit for bit, across the 2**32 carry of the group index and for a tail shorter than
@@ -484,7 +469,7 @@ def test_rescale_of_nearly_equal_outputs_at_a_large_scale_is_as_accurate_as_torc
 
 def _supported_isa_levels() -> list[int]:
     try:
-        return sorted({ISA_LEVELS[_ext.C.cpu_limit_isa(level)] for level in ISA_LEVELS.values()})
+        return sorted({isa_level_of(_ext.C.cpu_limit_isa(level)) for level in range(len(_ext.ISA_LEVELS))})
     finally:
         _ext.restore_isa()
 

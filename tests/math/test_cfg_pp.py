@@ -386,23 +386,6 @@ def _reference(case, guidance, dtype):
 
 
 CASE_IDS = [f"{c[0]}-{c[1]}-{c[2]}-eta{c[3]}{'-hist' if c[4] else ''}" for c in STEP_CASES]
-ISA_LEVELS = {"baseline": 0, "avx2+fma+f16c": 1, "avx512": 2}  # csrc/cpu/step.cpp's isa_name()
-
-
-@pytest.fixture(params=[0, 1, 2], ids=["baseline", "avx2", "avx512"])
-def isa_level(request):
-    """Cap the cpu kernels at one instruction set (skipped where this CPU lacks it); the cap is lifted afterwards."""
-    if not _ext.available():
-        pytest.skip(f"zsnr_kernels._C: {_ext.why_unavailable()}")
-    try:
-        used = ISA_LEVELS[_ext.C.cpu_limit_isa(request.param)]
-        if used < request.param:
-            pytest.skip("this CPU lacks the instruction set")
-        yield used
-    finally:
-        _ext.restore_isa()
-
-
 @pytest.mark.parametrize("guidance", list(GUIDANCE))
 @pytest.mark.parametrize("case", STEP_CASES, ids=CASE_IDS)
 def test_cpu_each_isa_and_torch_match_float64_reference(case, guidance, isa_level):
