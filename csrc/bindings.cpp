@@ -307,12 +307,15 @@ void check_half_dtype(const char* fn, int32_t dtype) {
     throw std::invalid_argument(std::string(fn) + ": dtype must be the float16 or bfloat16 code");
 }
 
+// The shared scalar definitions (zsnr/philox.h) over many counters, for the tests that check every other Philox
+// against them.  One thread, no OpenMP loop: nothing in this module runs a parallel region outside the kernels'
+// own pool (cpu/thread_pool.h), so a forked child may use every thread.
+//
 // out[4 i + k] = word k of Philox4x32-10(key, (c0_start + i mod 2^32, c1, c2, c3)), i < n.
 void philox4x32(std::uintptr_t out_ptr, int64_t n, uint32_t key0, uint32_t key1, uint32_t c0_start,
                 uint32_t c1, uint32_t c2, uint32_t c3) {
   uint32_t* out = as_ptr<uint32_t>(out_ptr);
   py::gil_scoped_release no_gil;
-#pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t c0 = c0_start + static_cast<uint32_t>(i);
     const zsnr::U32x4 x = zsnr::philox4x32_10(key0, key1, zsnr::U32x4{c0, c1, c2, c3});
@@ -332,7 +335,6 @@ void philox_normal(std::uintptr_t out_ptr, int64_t batch, int64_t n_per_sample,
   const uint64_t* seeds = as_ptr<const uint64_t>(seeds_ptr);
   const int64_t groups = (n_per_sample + 3) / 4;  // groups of four elements per sample
   py::gil_scoped_release no_gil;
-#pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < batch * groups; ++t) {
     const int64_t b = t / groups;
     const int64_t g = t - b * groups;

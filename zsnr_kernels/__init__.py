@@ -11,9 +11,8 @@ one linear combination of y, the denoised prediction and remembered tensors with
   k-diffusion's samplers and schedulers for diffusers pipelines (imported on first use).
 * :func:`use_backend` picks the backend of every step in a block (``backend="auto"`` otherwise picks it per
   tensor: :data:`BACKENDS`).
-* :func:`set_num_threads` sets how many threads the ``cpu`` kernels use.  A child process forked (``os.fork``,
-  multiprocessing's ``fork`` start method) runs them on one thread, since OpenMP (which their noise generator and
-  PyTorch's ops use) hangs in a child forked after its parent ran a parallel region; see :func:`set_num_threads`.
+* :func:`set_num_threads` sets how many threads the ``cpu`` kernels use (their own pool, which a forked child
+  starts anew with the parent's setting; see :func:`set_num_threads` for PyTorch's ops in such a child).
 * :func:`retain_freed_memory` (opt-in, glibc) keeps glibc from returning a loop's freed step outputs to the OS and
   page-faulting them back in on the next step.
 """

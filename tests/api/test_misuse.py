@@ -303,13 +303,18 @@ def _child_step(y, queue):
 
 @pytest.mark.skipif(not _ext.available(), reason="the cpu kernels are not built")
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork on this platform")
-def test_a_child_forked_after_a_parallel_step_runs_the_kernels_single_threaded():
-    """OpenMP hangs in a child forked after the parent ran a parallel region; the at-fork handler puts the child's
-    kernels on one thread, so a step there finishes (a hang fails on the join timeout instead of blocking)."""
+def test_a_child_forked_after_parallel_work_steps_on_the_parents_thread_count():
+    """An OpenMP loop hangs in a child forked after the parent ran a parallel region; the kernels run no OpenMP
+    region (their own pool, which the child starts anew), so after parallel PyTorch work and a parallel step in the
+    parent, the child steps on the parent's thread count and gets the parent's bits (a hang fails on the queue's
+    timeout instead of blocking)."""
     y = _rand(2, 4, 128, 128)  # several 16384-element chunks: the kernels run in parallel
     zk.set_num_threads(2)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
-        want = zk.euler_step(y, y, 5.0, 1.0).y.numpy().tobytes()  # a parallel region in this process
+        torch.mul(_rand(8, 4, 256, 256), 2.0)  # a parallel region in PyTorch's OpenMP
+        want = zk.euler_step(y, y, 5.0, 1.0).y.numpy().tobytes()  # and one on the kernels' pool
         ctx = multiprocessing.get_context("fork")
         queue = ctx.Queue()
         child = ctx.Process(target=_child_step, args=(y, queue))
@@ -317,14 +322,15 @@ def test_a_child_forked_after_a_parallel_step_runs_the_kernels_single_threaded()
         try:
             threads, got = queue.get(timeout=60)  # before the join: the child exits once its result is read
         except queue_module.Empty:
-            pytest.fail("the forked child hung in the kernels' OpenMP region")
+            pytest.fail("the forked child hung in the kernels")
         finally:
             child.join(10)
             if child.is_alive():
                 child.kill()
                 child.join()
         assert child.exitcode == 0
-        assert threads == 1 and got == want
-        assert zk.get_num_threads() == 2  # the parent keeps its setting
+        assert threads == 2 and got == want
+        assert zk.get_num_threads() == 2
     finally:
         zk.set_num_threads(None)
+        torch.set_num_threads(torch_threads)

@@ -56,7 +56,7 @@ def test_concurrent_jobs_and_changing_thread_counts_give_the_one_thread_bits():
 
 
 def _child(y, fc, fu, queue):
-    zk.set_num_threads(2)  # the at-fork handler set 1; the child's own pool serves 2
+    assert zk.get_num_threads() == 2  # the parent's setting; the child's own pool serves it
     queue.put(_step(y, fc, fu).numpy().tobytes())
 
 

@@ -7,8 +7,6 @@ as ``[batch][n]``; other layouts are copied to contiguous and the result copied 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import _validate, coefficients as co
@@ -133,34 +131,18 @@ def set_num_threads(n: int | None) -> None:
     guided, rescaled step at the video latent): 2 threads took 0.91x the 1-thread mean, where the OpenMP loops took
     4.7-5.9x.
 
-    Fork: the steps' pool starts anew in a forked child, but OpenMP cannot run a parallel region in a child forked
-    after the parent ran one (its threads are not copied, and the child hangs waiting for them, as a plain torch op
-    on a large tensor hangs there), and the compiled module's explicit-noise generator (``noise.normal`` on the cpu)
-    still runs OpenMP loops in PyTorch's libgomp, which any parallel PyTorch op in the parent may have started.  So
-    every child forked from a process that imported zsnr_kernels runs these kernels on one thread: importing it registers an
-    ``os.register_at_fork`` handler that calls ``set_num_threads(1)`` in the child (``os.fork``,
-    ``multiprocessing``'s ``fork`` start method, the default on Linux before Python 3.14, and the children of a
-    ``forkserver`` that preloads zsnr_kernels).  Call ``set_num_threads(n)`` in the child to use more threads only
-    where the parent ran no parallel region, neither these kernels nor PyTorch ops; for PyTorch's own ops in the
-    child call ``torch.set_num_threads(1)``.  Or start workers with the ``spawn`` method
-    (``multiprocessing.get_context("spawn")``), or ``forkserver`` without preloading zsnr_kernels: a fresh
-    process, free to use every thread.
+    Fork: a child forked from a process that ran these kernels starts a pool of its own (the parent's pool threads
+    are not copied) and keeps the parent's setting, so it steps on as many threads as the parent did.  Nothing in
+    the compiled module runs an OpenMP parallel region (OpenMP gives only the default thread count), so the kernels
+    cannot hang in a child the way an OpenMP loop does after the parent ran one.  PyTorch's own parallel ops can:
+    in a child forked after the parent ran any, call ``torch.set_num_threads(1)`` before PyTorch ops on large
+    tensors, or start workers with the ``spawn`` method (``multiprocessing.get_context("spawn")``).
     """
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive int (or None for the default), got {n!r}")
     if not ext.available():
         raise RuntimeError(f"the cpu backend is unavailable: {ext.why_unavailable()}")
     ext.C.set_num_threads(0 if n is None else n)
-
-
-def _single_thread_after_fork() -> None:
-    """In a forked child: the kernels on the calling thread (see :func:`set_num_threads`)."""
-    if ext.available():
-        ext.C.set_num_threads(1)
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_single_thread_after_fork)
 
 
 def get_num_threads() -> int:
