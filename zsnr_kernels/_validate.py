@@ -382,19 +382,21 @@ def step_index(v) -> int | None:
     return index("step_index", v, 2**32)
 
 
-def out(o, y: torch.Tensor, inputs, names) -> torch.Tensor:
+def out(o, y: torch.Tensor, inputs, names, compiling: bool | None = None) -> torch.Tensor:
     """``out=`` of a step: a tensor like y that can be written, apart from the step's ``inputs`` (the tensors it
-    reads, None entries allowed; ``names(k)`` names inputs[k] in a message) or one of them exactly (:func:`apart`)."""
-    tensor("out", o, y)
-    dense = per_sample_dense(o)
+    reads, None entries allowed; ``names(k)`` names inputs[k] in a message) or one of them exactly (:func:`apart`).
+    ``compiling``: ``torch.compiler.is_compiling()`` where the caller has asked it (None: asked here)."""
+    if not matches(o, y):
+        tensor("out", o, y)
+    dense = o.is_contiguous() or per_sample_dense(o)
     if not dense and any(s == 0 and n > 1 for n, s in zip(o.shape, o.stride())):
         raise ValueError("out has elements that share memory (a stride-0 view, e.g. from expand()); pass a tensor "
                          "with memory of its own, e.g. torch.empty_like(y)")
     if o.requires_grad and o.is_leaf and torch.is_grad_enabled():
         raise ValueError("out is a leaf tensor that requires grad, which cannot be written in place; pass a "
                          "tensor without requires_grad, or out=None")
-    if torch.compiler.is_compiling():  # traced: fake tensors have no inference flag and no data pointer; the
-        return o                       # eager call of the same step checks them
+    if torch.compiler.is_compiling() if compiling is None else compiling:  # traced: fake tensors have no inference
+        return o  # flag and no data pointer; the eager call of the same step checks them
     if o.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError("out was made under torch.inference_mode and this call runs outside it, where an "
                          "inference tensor cannot be written; call the step under torch.inference_mode(), or pass "

@@ -135,6 +135,9 @@ class StepResult(_StepFields):
         return self
 
 
+_new = tuple.__new__  # a complete step's result without StepResult.__new__'s call (this runs on every step)
+
+
 def initial_state(noise: torch.Tensor, sigma_max, *, prediction: str = "v", sigma_data: float = 1.0):
     """(y, sigma) to start sampling at ``sigma_max`` from unit Gaussian ``noise``: y = s(sigma_max) * noise.
 
@@ -233,6 +236,7 @@ def _run(
                         f"{next(iter(unknown))!r}; see help(zsnr_kernels.{name.split('(')[0]}) and the options every "
                         "step takes in help(zsnr_kernels.steps)")
     y = _validate.tensor("y", y)
+    compiling = torch.compiler.is_compiling()  # asked once: it is read four times below, on every step
     # sequence parallelism (zsnr_kernels.distributed): y is this rank's slice along shard_dim
     shard = (None if process_group is None and shard_dim is None
              else _distributed.layout(y, process_group, shard_dim, learn=False))
@@ -254,7 +258,7 @@ def _run(
                          "noise), not both")
     if out is not None:
         _validate.out(out, y, (y, f_cond, f_uncond, None if callable(noise) else noise, *history),
-                      lambda k: _input_name(k, f_uncond is not None))
+                      lambda k: _input_name(k, f_uncond is not None), compiling)
     step_index = _validate.step_index(step_index)
     draw = _validate.index("draw", _draw, 2**32) if _draw else 0
     seeds = None if seed is None else _noise.step_seeds(seed, y.shape[0])
@@ -267,7 +271,7 @@ def _run(
         or (out is not None and out.requires_grad)
         or (noise is not None and isinstance(noise, torch.Tensor) and noise.requires_grad)
         or (len(history) > 0 and any(t.requires_grad for t in history)))
-    name = _backend.resolve(backend, y, grad)
+    name = _backend.resolve(backend, y, grad, compiling)
     noise_slice = None
     if shard is not None and seeds is not None:  # the slice's Philox noise at its global indices (§2.8)
         noise_slice = _distributed.kernel_noise_slice(shard, name)  # drawn by the kernel where it can
@@ -275,8 +279,7 @@ def _run(
             noise, seeds = _distributed.step_noise(shard, y, seeds, step_index, draw), None
     if on_device:  # the device values, checked on the device; or read, for a backend that takes host values
         args, sigma_eval, on_device = _device_sigmas(pz, y, args, sigma_eval, first_origin, name)
-    if seeds is not None and name != "torch" and isinstance(seeds, torch.Tensor) and (
-            not torch.compiler.is_compiling()):
+    if seeds is not None and name != "torch" and isinstance(seeds, torch.Tensor) and not compiling:
         seeds = _noise.normalize_seeds(seeds, y.shape[0])  # the compiled launchers take host seeds (_device_sigmas)
     if on_device:
         sig_eval = sigma_eval
@@ -297,7 +300,7 @@ def _run(
             _validate.tensor("noise", noise, y)
             if out is not None:
                 _validate.apart("out", out, (noise,), lambda k: "noise")
-    run = ops.fused_step(name) if torch.compiler.is_compiling() else _backend.FUSED[name]
+    run = ops.fused_step(name) if compiling else _backend.FUSED[name]
     if shard is not None:  # the guidance-rescale statistics of the full latent
         run = functools.partial(_distributed.fused_step, shard, name)
     y_out, d, carry, sigma_out, complete = run(
@@ -306,8 +309,8 @@ def _run(
         draw=draw, noise_slice=noise_slice)
     sigma_next = (sigma_out if on_device else sigma_out[0] if len(args) == 1
                   else torch.tensor(sigma_out, dtype=torch.float64))
-    result = StepResult(y_out, sigma_next, d if want_d else None, complete, carry,
-                        None if complete else _origin(args))
+    result = (_new(StepResult, (y_out, sigma_next, d if want_d else None, True, carry)) if complete else
+              StepResult(y_out, sigma_next, d if want_d else None, False, carry, _origin(args)))
     rec = _recording() if _recordings else None
     if rec is not None:  # zsnr_kernels.plan is recording a run in this context
         if isinstance(seeds, torch.Tensor):  # a plan keeps host seeds (it records on host tensors: no wait)

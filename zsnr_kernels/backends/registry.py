@@ -117,11 +117,12 @@ def not_supported_reasons(backend: str, y: torch.Tensor) -> list[str]:
     return entry.load().not_supported_reasons(y)
 
 
-def resolve(backend: str, y: torch.Tensor, needs_grad: bool = False) -> str:
+def resolve(backend: str, y: torch.Tensor, needs_grad: bool = False, compiling: bool | None = None) -> str:
     """The backend that will run a step on ``y``: an explicit one if it can (else ValueError with its reasons);
     for ``auto``, the one :func:`use_backend` set (held to the same rule as an explicit one), else the first of
     ``auto``'s order for y's device that can.  With ``needs_grad`` (autograd records the step) only the torch
-    reference can: the kernels have no backward."""
+    reference can: the kernels have no backward.  ``compiling``: ``torch.compiler.is_compiling()`` where the caller
+    has asked it already (None: asked here)."""
     if backend == "auto":
         preferred = _preferred_name()
         if preferred != "auto":
@@ -136,7 +137,9 @@ def resolve(backend: str, y: torch.Tensor, needs_grad: bool = False) -> str:
         raise ValueError(f"backend={backend!r} cannot run this step: an input requires grad and the fused kernels "
                          "have no backward; use backend='torch' (differentiable), or call the step under "
                          "torch.no_grad()")
-    if not isinstance(backend, str) or torch.compiler.is_compiling():  # traced: no cache (see parameterization)
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    if not isinstance(backend, str) or compiling:  # traced: no cache (see parameterization)
         return _resolve(backend, y)  # raises the error naming the argument where there is one
     # the device's kind and index (cuda checks each GPU's architecture), cheaper than y.device.type
     key = (backend, y.is_cpu, y.is_cuda, y.get_device(), y.dtype, y.numel() == 0)
