@@ -33,7 +33,8 @@ from torch import Tensor
 
 from . import _validate
 
-__all__ = ["philox4x32", "uint32_to_uniform", "normal", "group_normals", "normalize_seeds", "seed_bits", "NoiseSlice"]
+__all__ = ["philox4x32", "uint32_to_uniform", "normal", "group_normals", "normalize_seeds", "seed_bits", "NoiseSlice",
+           "check_slice"]
 
 MASK32 = 0xFFFFFFFF
 PHILOX_KEY_A = 0x9E3779B9  # key bump of k0 after each round
@@ -152,16 +153,19 @@ class NoiseSlice(NamedTuple):
         return self.whole or (self.local % 4 == 0 and self.total % 4 == 0 and self.offset % 4 == 0)
 
     def check(self, n: int, name: str = "noise_slice") -> NoiseSlice:
-        """``self``, if it places samples of ``n`` elements (1 <= L, 0 <= O, O + L <= G, n a multiple of L);
-        ValueError naming ``name`` otherwise."""
+        """``self``, if it places samples of ``n`` elements (1 <= L, 0 <= O, O + L <= G, n a multiple of L, and the
+        sample it lies in, n / L runs of G elements, fewer than 2**63 elements: a tensor's, whose indices the step
+        record's int64 fields and the reference's int64 index arithmetic hold); ValueError naming ``name``
+        otherwise.  Every backend refuses a slice by this rule (:func:`check_slice`)."""
         for field, v in zip(self._fields, self):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name}.{field} must be an int, got {type(v).__name__}")
         if not (1 <= self.local and 0 <= self.offset and self.offset + self.local <= self.total
-                and n % self.local == 0):
+                and n % self.local == 0 and max(n // self.local, 1) * self.total < 2**63):
             raise ValueError(f"{name}={tuple(self)} does not place samples of {n} elements: each sample must be runs "
-                             f"of local elements (n a multiple of local) inside runs of total, offset + local <= total "
-                             "(build it with NoiseSlice.along(shape, dim, start, size))")
+                             "of local elements (n a multiple of local) inside runs of total, offset + local <= total, "
+                             "in a sample of fewer than 2**63 elements (build it with NoiseSlice.along(shape, dim, "
+                             "start, size))")
         return self
 
     def index(self, j):
@@ -175,6 +179,18 @@ class NoiseSlice(NamedTuple):
             return g
         l4 = self.local // 4
         return (g // l4) * (self.total // 4) + self.offset // 4 + g % l4
+
+
+def check_slice(noise_slice, n: int, name: str = "noise_slice") -> NoiseSlice | None:
+    """``noise_slice`` if it is None (the whole sample) or a :class:`NoiseSlice` that places samples of ``n``
+    elements (:meth:`NoiseSlice.check`); TypeError for another type (a plain tuple included: a slice is built by
+    :meth:`NoiseSlice.along`, not written out by hand).  The check of a slice every backend makes, drawing noise
+    or not; the compiled kernels add that groups stay whole (:func:`zsnr_kernels.backends.call.kernel_slice`)."""
+    if noise_slice is None:
+        return None
+    if not isinstance(noise_slice, NoiseSlice):
+        raise TypeError(f"{name} must be a zsnr_kernels.noise.NoiseSlice, got {type(noise_slice).__name__}")
+    return noise_slice.check(n, name)
 
 
 def _seed_int(value: object, name: str) -> int:
@@ -285,9 +301,7 @@ def normal(
     device = torch.device(device)
     batch, n = shape[0], math.prod(shape[1:])
     if noise_slice is not None:
-        if not isinstance(noise_slice, NoiseSlice):
-            raise TypeError(f"noise_slice must be a zsnr_kernels.noise.NoiseSlice, got {type(noise_slice).__name__}")
-        noise_slice = None if noise_slice.check(n).whole else noise_slice
+        noise_slice = None if check_slice(noise_slice, n).whole else noise_slice
     key0, key1 = _seed_keys(seed, batch, device)
     if noise_slice is None or noise_slice.groups_whole:
         g = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)

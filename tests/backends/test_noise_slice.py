@@ -4,10 +4,16 @@ total, offset, csrc/include/zsnr/philox.h ``slice_group``), and every backend's 
 the full sample's noise at the same places, bit for bit: cpu (every instruction set), torch (the reference), and
 triton under the interpreter.  The slices are the sharded-sampling tests' uneven ones, along frames of (1,4,6,8,8)
 and along tokens of (2,16,64).  The CUDA kernel is the same code path (``slice_group`` in the element loop), compiled
-by tests/backends/test_cuda_nvcc_build.py."""
+by tests/backends/test_cuda_nvcc_build.py.
+
+A slice a step cannot take is refused alike by every backend, on every path (drawing noise or not, ``fused_step`` and
+a SamplingPlan's ``table_step``): one check (``backends.call.kernel_slice``; the torch reference's
+``noise.check_slice`` is the same less the groups-whole rule), the same exception and message, before any tensor is
+written."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,8 +22,9 @@ import textwrap
 import pytest
 import torch
 
-from zsnr_kernels import noise as zn
-from zsnr_kernels.backends import call as _call, ext as _ext, registry, table as _table
+from zsnr_kernels import coefficients as co, noise as zn
+from zsnr_kernels.backends import call as _call, cuda as _cuda, ext as _ext, registry, table as _table
+from zsnr_kernels.parameterization import parameterization
 from zsnr_kernels.tools import tolerances
 
 requires_C = pytest.mark.skipif(not _ext.available(), reason=f"zsnr_kernels._C: {_ext.why_unavailable()}")
@@ -194,3 +201,178 @@ def test_the_compiled_module_refuses_a_slice_that_does_not_place_the_sample(bad)
     out = torch.empty(16)
     with pytest.raises(ValueError, match="slice_local, slice_total, slice_offset"):
         _ext.C.cpu_philox_normals(out.data_ptr(), 1, 0, 0, 16, *bad)
+
+
+#: the latent of the refusal tests: samples of n = 24 elements
+REFUSE_SHAPE = (2, 3, 8)
+#: slices that no step on REFUSE_SHAPE takes (the torch reference takes "splits_groups": it draws any slice)
+BAD_SLICES = {
+    "tuple": (24, 24, 0),  # a slice is a NoiseSlice (NoiseSlice.along), not its fields
+    "float_field": zn.NoiseSlice(8.0, 24, 0),
+    "past_its_run": zn.NoiseSlice(8, 16, 12),  # offset + local > total
+    "local_not_dividing_n": zn.NoiseSlice(16, 32, 0),
+    "empty_runs": zn.NoiseSlice(0, 8, 0),
+    "negative_offset": zn.NoiseSlice(8, 24, -8),
+    "beyond_int64": zn.NoiseSlice(8, 2**64, 0),  # the step record's fields are int64
+    "sample_of_2**63_elements": zn.NoiseSlice(8, 2**62, 0),  # 3 runs of 2**62
+    "splits_groups": zn.NoiseSlice(6, 12, 2),  # the compiled kernels' refusal
+}
+#: a slice every step takes: runs of 8 of 16, the second half
+GOOD_SLICE = zn.NoiseSlice(8, 16, 8)
+#: the ways a slice reaches a backend: fused_step's (sampler, what it is given), or table_step's noise_mode
+REFUSE_PATHS = {
+    "philox": ("euler_ancestral", "seeds"),  # draws the slice's noise in the kernel
+    "seeded_no_noise": ("euler", "seeds"),  # seeded, adds no noise
+    "noise_tensor": ("euler_ancestral", "noise"),  # the noise is given: nothing reads the slice
+    "spec_table_philox": ("lcm", "seeds"),  # a sampler the cpu and cuda kernels do not know: the spec's table
+    "spec_table_no_noise": ("heun_flow", "seeds"),
+    "table_step_0": 0,  # a SamplingPlan's step: noise_mode 0 (none), 1 (a tensor), 2 (Philox)
+    "table_step_1": 1,
+    "table_step_2": 2,
+}
+
+
+def refusal(backend: str, path: str, noise_slice):
+    """Run REFUSE_PATHS[path] on ``backend`` with ``noise_slice``: None if the step ran, else (the exception's type
+    name, its message, whether every tensor -- out included, in another layout for fused_step, which a step copies
+    back into -- is as it was)."""
+    gen = torch.Generator().manual_seed(0)
+    y, f, z = (torch.randn(REFUSE_SHAPE, generator=gen) for _ in range(3))
+    run = registry.module(backend)
+    mode = REFUSE_PATHS[path]
+    if isinstance(mode, int):
+        row = [0.0] * _table.NUM_COEFFS
+        row[_table.W], row[_table.T], row[_table.A], row[_table.E] = 1.0, 1.0, 1.0, float(mode != 0)
+        out = torch.full(REFUSE_SHAPE, 7.0)
+        call = lambda: run.table_step(  # noqa: E731
+            y, f, None, [], torch.tensor([row], dtype=torch.float64), guidance_scale=1.0, guidance_rescale=0.0,
+            rescale_space="output", noise_mode=mode, noise=z if mode == 1 else None,
+            seeds=SEEDS if mode == 2 else None, step_index=STEP, y_out=out, draw=DRAW, noise_slice=noise_slice)
+    else:
+        sampler, given = mode
+        out = torch.full((2, 8, 3), 7.0).transpose(1, 2)  # REFUSE_SHAPE in another layout
+        call = lambda: run.fused_step(  # noqa: E731
+            y, f, None, [], parameterization("eps", 1.0), [co.StepArgs(sampler, 5.0, 2.0)], [5.0],
+            guidance_scale=1.0, guidance_rescale=0.0, rescale_space="output", noise=z if given == "noise" else None,
+            seeds=SEEDS if given == "seeds" else None, step_index=STEP, want_denoised=False, out=out, draw=DRAW,
+            noise_slice=noise_slice)
+    tensors = (y, f, z, out)
+    before = [t.clone() for t in tensors]
+    try:
+        call()
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__, str(exc), all(torch.equal(t, b) for t, b in zip(tensors, before))
+    return None
+
+
+def raised(check, noise_slice):
+    """(type name, message) of what ``check(noise_slice, n)`` raises for REFUSE_SHAPE's samples, or None."""
+    try:
+        check(noise_slice, 24)
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+class _CudaStandIn:
+    """The ``_C_cuda`` interface that backends/cuda.py calls, counting launches (tests/backends/test_cuda_backend.py
+    runs them on the CPU kernels; a refused step must reach none)."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def device_count(self):
+        return 0, 1
+
+    def workspace_bytes(self, batch, n):
+        return 64
+
+    def error_string(self, code):
+        return f"error {code}"
+
+    def fused_step(self, call):
+        self.launches += 1
+        return 0
+
+
+@pytest.fixture
+def cuda_stand_in(monkeypatch):
+    """The cuda backend's host side on CPU tensors, up to the launch."""
+    fake = _CudaStandIn()
+    monkeypatch.setattr(_cuda, "module", lambda: fake)
+    monkeypatch.setattr(_cuda, "_stream", lambda device: 0)
+    return fake
+
+
+TRITON_REFUSALS_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[2])
+    import test_noise_slice as T
+
+    slices = {**T.BAD_SLICES, "good": T.GOOD_SLICE}
+    json.dump({f"{bad}/{path}": T.refusal("triton", path, sl) for bad, sl in slices.items() for path in T.REFUSE_PATHS},
+              open(sys.argv[1], "w"))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def triton_refusals(tmp_path_factory):
+    """:func:`refusal` of every bad slice (and GOOD_SLICE) on every path of the triton backend, under
+    TRITON_INTERPRET=1 (one child process: the variable must be set before Triton sees a kernel), keyed
+    ``"{bad}/{path}"``; lists for tuples (JSON)."""
+    pytest.importorskip("triton")
+    path = tmp_path_factory.mktemp("triton_refusals") / "out.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", TRITON_REFUSALS_CHILD, str(path), os.path.dirname(__file__)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(path.read_text())
+
+
+def _outcomes(backend: str, bad: str, paths, request) -> dict:
+    """{path: refusal (a list, as JSON gives it)} of slice ``bad`` (or "good": GOOD_SLICE) on ``backend``."""
+    if backend == "triton":
+        results = request.getfixturevalue("triton_refusals")
+        return {p: results[f"{bad}/{p}"] for p in paths}
+    sl = GOOD_SLICE if bad == "good" else BAD_SLICES[bad]
+    outcomes = {}
+    for p in paths:
+        r = refusal(backend, p, sl)
+        outcomes[p] = None if r is None else list(r)
+    return outcomes
+
+
+BACKENDS = [pytest.param("cpu", marks=requires_C), "cuda", "triton", "torch"]
+
+
+@pytest.mark.parametrize("bad", list(BAD_SLICES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_refuses_a_bad_slice_alike_on_every_path(backend, bad, request):
+    """The compiled backends (cpu, cuda's host side up to the launch, triton interpreted) refuse each bad slice on
+    every path -- fused_step drawing noise, seeded without noise, given a noise tensor, from the spec's table, and a
+    SamplingPlan's table_step in each noise mode -- with backends.call.kernel_slice's exception and message, before
+    they touch a tensor.  The torch reference refuses it alike, except a slice that splits the groups of four, which
+    it draws (docs/design.md §2.8)."""
+    if backend == "cuda":
+        stand_in = request.getfixturevalue("cuda_stand_in")
+    paths = list(REFUSE_PATHS)
+    want = None if backend == "torch" and bad == "splits_groups" else raised(_call.kernel_slice, BAD_SLICES[bad])
+    got = _outcomes(backend, bad, paths, request)
+    assert got == {p: None if want is None else [*want, True] for p in paths}
+    if want is not None:
+        assert raised(zn.check_slice, BAD_SLICES[bad]) == (None if bad == "splits_groups" else want)
+    if backend == "cuda":
+        assert stand_in.launches == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_slice_that_places_the_sample_runs_on_every_path(backend, request):
+    """The control of the refusals: GOOD_SLICE runs on every path of every backend (what refuses a bad slice is the
+    slice check, not the step)."""
+    if backend == "cuda":
+        stand_in = request.getfixturevalue("cuda_stand_in")
+    assert _outcomes(backend, "good", list(REFUSE_PATHS), request) == dict.fromkeys(REFUSE_PATHS)
+    if backend == "cuda":
+        assert stand_in.launches == len(REFUSE_PATHS)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _validate, coefficients as co
-from ..noise import NoiseSlice
+from ..noise import check_slice
 from ..parameterization import PREDICTIONS, Parameterization
 
 #: zsnr::DType
@@ -105,11 +105,8 @@ def kernel_slice(noise_slice, n: int):
     samples of ``n`` elements: it places them (:meth:`NoiseSlice.check`) and keeps groups of four whole (local, total
     and offset multiples of 4, csrc/include/zsnr/philox.h ``slice_groups_whole``); ValueError naming the fix
     otherwise.  The same rule for the cpu, cuda and triton kernels (the torch reference draws any slice)."""
-    if noise_slice is None:
+    if check_slice(noise_slice, n) is None:
         return None
-    if not isinstance(noise_slice, NoiseSlice):
-        raise TypeError(f"noise_slice must be a zsnr_kernels.noise.NoiseSlice, got {type(noise_slice).__name__}")
-    noise_slice.check(n)
     if not noise_slice.groups_whole:
         raise ValueError(f"noise_slice={tuple(noise_slice)} splits the Philox groups of four elements (local, total "
                          "and offset must be multiples of 4 for the compiled kernels to draw it): pass the slice's "

@@ -186,6 +186,7 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
                                        rescale_space=rescale_space, noise=noise, seeds=seeds, step_index=step_index,
                                        want_denoised=want_denoised, out=out,
                                        backend="cuda", draw=draw, noise_slice=noise_slice)
+    _device.step_slice(noise_slice, y)  # before the spec, as the cpu backend's record refuses it, noise or not
     cs, n_hist, noisy = co.spec_step(pz, args, sigma_eval, len(history), noise is not None or seeds is not None)
     fields, sigmas, n_prev = describe(pz, args, sigma_eval, guidance_scale, guidance_rescale, rescale_space)
     y_out, d_out, carry_out, _ = launch(
@@ -254,7 +255,9 @@ def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, gu
     csrc/cuda/step.cuh: no coefficient launch): ``table`` a contiguous ``[1 or batch, NUM_COEFFS]`` tensor on y's
     device, ``history`` exactly the tensors its rows weight.  ``noise_mode``: 0 none, 1 ``noise``, 2 Philox from
     ``seeds`` (uint64 per sample) or the plan's ``state`` (:func:`plan_state`) at ``step_index`` and ``draw``, each
-    element at its place in ``noise_slice`` (whole groups; None: the whole sample)."""
+    element at its place in ``noise_slice`` (whole groups; None: the whole sample), refused first when bad, drawing
+    noise or not (:func:`zsnr_kernels.backends.device.step_slice`)."""
+    _device.step_slice(noise_slice, y)
     device = y.device
     seed_t = None
     if noise_mode == 2:

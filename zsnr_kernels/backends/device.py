@@ -3,12 +3,24 @@ cannot raise, then laid out (:mod:`zsnr_kernels.backends.layout`); and the per-s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .. import coefficients as co
 from . import layout
+from .call import kernel_slice
+
+
+def step_slice(noise_slice, y: torch.Tensor):
+    """``noise_slice`` checked for the samples of ``y`` by the compiled kernels' one rule
+    (:func:`zsnr_kernels.backends.call.kernel_slice`: a :class:`zsnr_kernels.noise.NoiseSlice` that places them, with
+    whole groups of four), whether or not the step draws noise: a slice that does not fit y is the caller's error
+    whatever the step, and the cpu backend's step record (``call.step_call``) refuses it on every step.  The device
+    backends call this first, before the spec, any layout or launch, so that they refuse a bad slice with the cpu
+    backend's exception and message, in its order, and leave every tensor untouched."""
+    return None if noise_slice is None else kernel_slice(noise_slice, math.prod(y.shape[1:]))
 
 
 @dataclass
@@ -59,9 +71,11 @@ def spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_ev
 
     ``carry_with_noise``: whether the backend's element pass can store a carry (an LMS-style derivative) and add
     noise in one step (the Triton kernel can; the cpu and cuda element passes have no such variant, and no built-in
-    sampler needs one), else such a step is refused before anything runs."""
+    sampler needs one), else such a step is refused before anything runs.  A bad ``noise_slice`` is refused first
+    (:func:`step_slice`), drawing noise or not."""
     from .table import step_table
 
+    step_slice(noise_slice, y)
     st = device_step(y, f_cond, f_uncond, history, pz, args, sigma_eval, noise=noise, seeds=seeds,
                      want_denoised=want_denoised, out=out)
     if st.carry_out is not None and st.noisy and not carry_with_noise:

@@ -3,6 +3,8 @@ the eager PyTorch step every other backend is checked against.  Any device, any 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _validate, coefficients as co, noise as _noise, reference
@@ -29,6 +31,8 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
     place in ``noise_slice`` (a :class:`zsnr_kernels.noise.NoiseSlice`; None: the whole sample), as in the kernels.
     With sigmas on the device (one StepArgs of (B,) tensors, §2.9) the coefficients are computed there and
     ``sigma_out`` is a (B,) tensor (:func:`_device_step`)."""
+    if noise_slice is not None:  # refused alike whether or not the step draws noise, as on every backend
+        _noise.check_slice(noise_slice, math.prod(y.shape[1:]))
     if type(args[0].sigma) is not float and isinstance(args[0].sigma, torch.Tensor):
         return _device_step(y, f_cond, f_uncond, history, pz, args[0], sigma_eval, guidance_scale=guidance_scale,
                             guidance_rescale=guidance_rescale, rescale_space=rescale_space, noise=noise, seeds=seeds,
@@ -132,6 +136,8 @@ def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, gu
     with PyTorch ops.  Writes y_out (, D, carry)."""
     from . import table as _table
 
+    if noise_slice is not None:  # refused alike whether or not the step draws noise, as on every backend
+        _noise.check_slice(noise_slice, math.prod(y.shape[1:]))
     col = lambda j: table[:, j]  # noqa: E731 -- (1,) broadcasts over the batch, (batch,) is per sample
     z = None
     if noise_mode == 1:

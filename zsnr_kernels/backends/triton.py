@@ -57,7 +57,8 @@ def fused_step(y, f_cond, f_uncond, history, pz: Parameterization, args: list, s
                want_denoised: bool, out, draw: int = 0, noise_slice=None):
     """Run one step.  Returns ``(y_out, denoised or None, carry or None, sigma_out list, complete)``; raises the
     spec's ValueError (before any launch) for a step it refuses.  Philox noise (``seeds``) is draw ``draw`` of step
-    ``step_index``, each element at its place in ``noise_slice`` (whole groups; None: the whole sample)."""
+    ``step_index``, each element at its place in ``noise_slice`` (whole groups; None: the whole sample), which is
+    checked first, drawing noise or not (:func:`zsnr_kernels.backends.device.step_slice`)."""
     return _device.spec_table_step(table_step, y, f_cond, f_uncond, history, pz, args, sigma_eval,
                                    guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                    rescale_space=rescale_space, noise=noise, seeds=seeds, step_index=step_index,
@@ -94,9 +95,12 @@ def table_step(y, f_cond, f_uncond, history, table, *, guidance_scale: float, gu
     ``table`` a ``[1 or batch, NUM_COEFFS]`` tensor on y's device, ``history`` exactly the tensors its rows weight.
     ``noise_mode``: 0 none, 1 ``noise``, 2 Philox from ``seeds`` (uint64 per sample) or the plan's ``state``
     (:func:`plan_state`) at ``step_index`` and ``draw``, each element at its place in ``noise_slice`` (whole groups;
-    None: the whole sample).  ``guidance_scale`` is the table's (column W)."""
+    None: the whole sample).  ``guidance_scale`` is the table's (column W).  A bad ``noise_slice`` is refused before
+    anything runs, drawing noise or not, as the cpu and cuda launchers' step record refuses it
+    (:func:`zsnr_kernels.backends.device.step_slice`): the launcher itself reads the slice only when it draws."""
     from .triton_kernels import combine as K
 
+    _device.step_slice(noise_slice, y)
     seed_t = None
     if noise_mode == 2:
         seed_t = state.seeds if state is not None else K.seed_tensor(seeds, y.shape[0], y.device)
