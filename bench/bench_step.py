@@ -10,10 +10,11 @@ command line has it); read its docstring for what is measured and how.
     python bench/bench_step.py --comm [WORLD]         # a sharded step's communication cost on WORLD gloo processes
                                                       # (default 2; --quick: small latents, tests/distributed)
 
-Each case stores in ``extra_info`` its ``x_roof``: its median time over the roof's, measured in the same test right
-after it (:func:`zsnr_kernels.tools.bench.roof_us`: the triad over the case's bytes on the case's device, or the
-in-kernel noise where that takes longer), with the conditions it ran in (:func:`benchmark_against_roof`).  Times
-differ between machines and runs; the ratio is what ``bench-compare`` tracks (:mod:`zsnr_kernels.tools.bench_compare`).
+Each case stores in ``extra_info`` its ``x_roof``: its median time over the roof's, the two timed in interleaved rounds
+after pytest-benchmark's own timing (:func:`zsnr_kernels.tools.bench.roof_us`: the triad over the case's bytes on the
+case's device, or the in-kernel noise where that takes longer), and ``x_roof_min``, the fastest samples' ratio, with
+the conditions it ran in (:func:`benchmark_against_roof`).  Times differ between machines and runs; ``x_roof_min`` is
+what ``bench-compare`` tracks (:mod:`zsnr_kernels.tools.bench_compare` says why).
 The cases run on one thread with freed memory kept (:func:`pinned_conditions` says why).
 
 ``ZSNR_BENCH_SLOWDOWN=0.3`` makes every benchmarked call 30% slower for real (a busy-wait of 0.3 x its fastest
@@ -49,7 +50,7 @@ from zsnr_kernels.tools.bench import (  # noqa: F401  (COLUMNS: the script's int
 BENCH_OPS = [HEADLINE, "dpmpp_2m", "euler_ancestral"]
 SLOWDOWN = float(os.environ.get("ZSNR_BENCH_SLOWDOWN") or 0.0)
 THREADS = int(os.environ.get("ZSNR_BENCH_THREADS") or 1)
-ROOF_BUDGET_S, ROOF_ROUNDS = 0.2, 3     # bench.measure of the roof after each case
+ROOF_BUDGET_S, ROOF_ROUNDS = 0.3, 7     # bench.measure of each case and its roof, interleaved
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -75,12 +76,6 @@ def pinned_conditions():
 
 
 @pytest.fixture(scope="session")
-def noise_ns() -> float:
-    """The cpu kernels' in-kernel noise cost per element, all threads together (measured once per session)."""
-    return bench.noise_cost_ns() / zk.get_num_threads() if _ext.available() else 0.0
-
-
-@pytest.fixture(scope="session")
 def machine_kind() -> str:
     return bench.machine_kind()
 
@@ -102,33 +97,43 @@ def slowed(call, fraction: float):
     return slow
 
 
-def benchmark_against_roof(benchmark, call, nbytes: int, kind: str, noise_us: float = 0.0, device: str = "cpu"):
-    """Benchmark ``call``, then time the triad over ``nbytes`` on ``device`` (:func:`bench.measure`) and record in
-    ``extra_info`` the case's ``x_roof`` (median / roof) and the conditions: machine kind, threads, cores, load
-    average, and the cores other processes used meanwhile.  Nothing is recorded under ``--benchmark-disable``."""
+def benchmark_against_roof(benchmark, call, nbytes: int, kind: str, noise_elements: int = 0, device: str = "cpu"):
+    """Benchmark ``call``, then time it again interleaved with its roof (:func:`bench.measure`: ``ROOF_ROUNDS``
+    rounds of the call, the triad over ``nbytes`` on ``device`` and, for a step drawing noise in the cpu kernels,
+    the noise of its ``noise_elements`` (:func:`bench.noise_fn`), so a drift of the machine moves them alike) and
+    record in ``extra_info`` the case's ``x_roof`` (its median over the roof's, :func:`bench.roof_us`), its
+    ``x_roof_min`` (its fastest sample over the roof's: what ``bench-compare`` tracks) and the conditions: machine kind, threads, cores, load average, and the cores other processes used meanwhile.  Nothing
+    is recorded under ``--benchmark-disable``."""
     others = bench.others_cpu()
     benchmark.extra_info.update(bytes=nbytes, machine_kind=kind, threads=THREADS, cores=os.cpu_count(),
                                 loadavg=os.getloadavg()[0])
-    benchmark(slowed(call, SLOWDOWN) if SLOWDOWN else call)
+    timed = slowed(call, SLOWDOWN) if SLOWDOWN else call
+    benchmark(timed)
     if benchmark.disabled:
         return
-    triad_s = bench.measure({"triad": triad_fn(nbytes, device)}, ROOF_BUDGET_S, ROOF_ROUNDS, device=device)["triad"]
-    roof = bench.roof_us(triad_s * 1e6, noise_us)
-    benchmark.extra_info.update(roof_us=roof, x_roof=benchmark.stats.stats.median * 1e6 / roof, others_cpu=others())
+    fns = {"case": timed, "triad": triad_fn(nbytes, device)}
+    if noise_elements:
+        fns["noise"] = bench.noise_fn(noise_elements)
+    fastest: dict[str, float] = {}
+    t = bench.measure(fns, ROOF_BUDGET_S, ROOF_ROUNDS, mins=fastest, device=device)
+    roof = bench.roof_us(t["triad"] * 1e6, t.get("noise", 0.0) * 1e6 / THREADS)  # the noise: the threads share it
+    roof_min = bench.roof_us(fastest["triad"] * 1e6, fastest.get("noise", 0.0) * 1e6 / THREADS)
+    benchmark.extra_info.update(roof_us=roof, case_us=t["case"] * 1e6, x_roof=t["case"] * 1e6 / roof,
+                                x_roof_min=fastest["case"] * 1e6 / roof_min, others_cpu=others())
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=fmt_shape)
 @pytest.mark.parametrize("op", BENCH_OPS)
-def test_bench_step(benchmark, op, shape, dtype, backend, noise_ns, machine_kind):
+def test_bench_step(benchmark, op, shape, dtype, backend, machine_kind):
     """One step call per backend; extra_info carries the byte model so GB/s can be recomputed."""
     if backend == "cpu" and not _ext.available():
         pytest.skip(_ext.why_unavailable())
     case = make_case(OPS[op], shape, DTYPES[dtype])
     benchmark.extra_info.update(byte_model=OPS[op].byte_model)
-    benchmark_against_roof(benchmark, case.call(backend), case.nbytes, machine_kind,
-                           bench.in_kernel_noise_us(OPS[op], backend, math.prod(shape), noise_ns))
+    noise_elements = math.prod(shape) if OPS[op].noisy and backend == "cpu" else 0  # the eager reference reads noise
+    benchmark_against_roof(benchmark, case.call(backend), case.nbytes, machine_kind, noise_elements)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])

@@ -1,7 +1,8 @@
 """``python -m zsnr_kernels bench-compare`` (zsnr_kernels/tools/bench_compare.py) on synthetic pytest-benchmark JSON:
-the baseline stores each case's measured spread, a 30% rise beyond it is flagged, a change within it passes, a
-missing case fails, another machine kind, thread count or a contended run is warned about; and one real case of
-bench/bench_step.py writes the x_roof the command reads."""
+the baseline stores each case's measured spread (gathering an earlier baseline's runs), a 30% rise beyond it is
+flagged, a change within it passes, several runs are compared by their median, a missing case fails, another
+machine kind, thread count or a contended run is warned about; and one real case of bench/bench_step.py writes the
+x_roof_min the command reads."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 KIND = "test-cpu-x86_64-avx512-2c"
 
 
-def _run_json(path, x_roof: dict, kind=KIND, threads=1, others_cpu=0.1):
+def _run_json(path, x_roof_min: dict, kind=KIND, threads=1, others_cpu=0.1):
     """A pytest-benchmark JSON file as bench/bench_step.py writes it (only the fields bench-compare reads), of a
     2-core machine."""
     extra = {"machine_kind": kind, "threads": threads, "cores": 2, "loadavg": 1.1, "others_cpu": others_cpu}
-    benchmarks = [{"name": name, "stats": {"median": 1e-4}, "extra_info": {"x_roof": x, **extra}}
-                  for name, x in x_roof.items()]
+    benchmarks = [{"name": name, "stats": {"median": 1e-4}, "extra_info": {"x_roof_min": x, **extra}}
+                  for name, x in x_roof_min.items()]
     path.write_text(json.dumps({"machine_info": {}, "benchmarks": benchmarks}))
     return str(path)
 
@@ -39,14 +40,15 @@ def baseline(tmp_path, capsys):
     assert main(["bench-compare", "--make-baseline", str(path), *runs]) == 0
     assert f"wrote {path}: 2 cases, 3 runs, machine kind {KIND}, 1 thread(s)" in capsys.readouterr().out
     base = json.loads(path.read_text())
-    assert base["cases"]["steady"] == {"x_roof": 2.0, "spread": pytest.approx(0.01), "runs": [2.0, 2.02, 1.98]}
+    assert base["tracked"] == "x_roof_min"
+    assert base["cases"]["steady"] == {"x_roof_min": 2.0, "spread": pytest.approx(0.01), "runs": [2.0, 2.02, 1.98]}
     assert base["cases"]["noisy"]["spread"] == pytest.approx(0.2)
     return str(path)
 
 
-def _compare(capsys, base, run) -> tuple[int, dict, str]:
+def _compare(capsys, base, *runs) -> tuple[int, dict, str]:
     """Exit status, {case: verdict} from the printed table, and the output."""
-    status = main(["bench-compare", base, run])
+    status = main(["bench-compare", base, *runs])
     out = capsys.readouterr().out
     lines = out.splitlines()
     rule = next(i for i, line in enumerate(lines) if line.startswith("---"))
@@ -90,13 +92,55 @@ def test_other_conditions_are_warned_about(baseline, tmp_path, capsys):
     assert verdicts == {"steady": "ok (contended)", "noisy": "ok (contended)"}
 
 
+def test_several_runs_are_compared_by_each_cases_median(baseline, tmp_path, capsys):
+    """Runs of one change in their own processes: a case slow in one of three passes (its median is the others'),
+    slow in two of three it is flagged."""
+    runs = [_run_json(tmp_path / f"run{i}.json", {"steady": s, "noisy": 1.0}) for i, s in enumerate((2.6, 2.0, 2.02))]
+    status, verdicts, out = _compare(capsys, baseline, *runs)
+    assert status == 0 and verdicts == {"steady": "ok", "noisy": "ok"} and "run: median of 3 runs" in out
+    runs[1] = _run_json(tmp_path / "run1.json", {"steady": 2.7, "noisy": 1.0})
+    status, verdicts, _ = _compare(capsys, baseline, *runs)
+    assert status == 1 and verdicts["steady"] == "SLOWER"
+
+
+def test_a_baseline_gathers_the_runs_of_an_earlier_one(baseline, tmp_path, capsys):
+    """--make-baseline given an earlier baseline keeps its runs beside the new ones (another session's): the spread
+    takes in both."""
+    later = [_run_json(tmp_path / f"later{i}.json", {"steady": s, "noisy": 1.0}) for i, s in enumerate((2.3, 2.2))]
+    path = tmp_path / "gathered.json"
+    assert main(["bench-compare", "--make-baseline", str(path), baseline, *later]) == 0
+    capsys.readouterr()
+    base = json.loads(path.read_text())
+    assert base["runs"] == 5 and base["made_from"] == ["base.json:r0.json", "base.json:r1.json", "base.json:r2.json",
+                                                       "later0.json", "later1.json"]
+    assert base["cases"]["steady"]["runs"] == [2.0, 2.02, 1.98, 2.3, 2.2]
+    assert base["cases"]["steady"]["x_roof_min"] == 2.02
+    assert base["cases"]["steady"]["spread"] == pytest.approx(2.3 / 2.02 - 1.0)
+
+
+def test_a_baseline_of_another_ratio_is_refused(baseline, tmp_path):
+    """A baseline made before x_roof_min (it stored the median ratio, without a "tracked" field) is refused, for a
+    comparison and as runs of a new baseline: the two ratios differ by what the medians take in."""
+    old = json.loads(Path(baseline).read_text())
+    del old["tracked"]
+    for case in old["cases"].values():
+        case["x_roof"] = case.pop("x_roof_min")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    run = _run_json(tmp_path / "run.json", {"steady": 2.0, "noisy": 1.0})
+    with pytest.raises(SystemExit, match="a baseline of x_roof, and bench-compare compares x_roof_min"):
+        main(["bench-compare", str(path), run])
+    with pytest.raises(SystemExit, match="make it again"):
+        main(["bench-compare", "--make-baseline", str(tmp_path / "new.json"), str(path), run])
+
+
 def test_inputs_it_cannot_use_are_refused(tmp_path, baseline):
     with pytest.raises(SystemExit, match="at least 2 runs"):
         main(["bench-compare", "--make-baseline", str(tmp_path / "b.json"), _run_json(tmp_path / "r.json", {"a": 1})])
     with pytest.raises(SystemExit, match="not a baseline"):
         main(["bench-compare", _run_json(tmp_path / "r.json", {"a": 1}), _run_json(tmp_path / "s.json", {"a": 1})])
     (tmp_path / "disabled.json").write_text(json.dumps({"benchmarks": [{"name": "a", "extra_info": {}}]}))
-    with pytest.raises(SystemExit, match="no case has an x_roof"):
+    with pytest.raises(SystemExit, match="no case has an x_roof_min"):
         main(["bench-compare", baseline, str(tmp_path / "disabled.json")])
 
 
@@ -116,7 +160,8 @@ def test_a_bench_step_case_writes_what_bench_compare_reads(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     (case,) = json.loads(Path(run).read_text())["benchmarks"]
-    assert case["extra_info"]["x_roof"] > 0 and case["extra_info"]["threads"] == 1
+    assert case["extra_info"]["x_roof"] > 0 and case["extra_info"]["x_roof_min"] > 0
+    assert case["extra_info"]["threads"] == 1
     base = str(tmp_path / "base.json")
     assert main(["bench-compare", "--make-baseline", base, run, run]) == 0
     assert list(json.loads(Path(base).read_text())["cases"]) == ["test_bench_triad[1x4x64x64]"]

@@ -285,6 +285,18 @@ def noise_cost_ns(elements: int = 1 << 16, budget_s: float = 0.2) -> float:
     return _calibrate(fill, budget_s) * 1e9 / elements
 
 
+def noise_fn(elements: int) -> Callable[[], object]:
+    """The cpu kernels' in-kernel noise of ``elements`` elements (Philox4x32-10 and Box-Muller, as the element pass
+    computes it) into a buffer of their own, on the calling thread: the noise roof of a noisy step, to time beside
+    the step (``bench/bench_step.py``), so that a drift of the machine moves both."""
+    out = torch.empty(elements)
+
+    def fill():  # holds the buffer
+        _ext.C.cpu_philox_normals(out.data_ptr(), 12345, 0, 0, elements)
+
+    return fill
+
+
 def in_kernel_noise_us(op: Op, backend: str, elements: int, noise_ns: float) -> float:
     """Microseconds the cpu kernels' threads take to compute ``op``'s Philox noise over ``elements`` (``noise_ns``
     per element, all threads together: :func:`noise_cost_ns` / threads); 0 where no noise is drawn in the kernel
