@@ -102,8 +102,9 @@ def benchmark_against_roof(benchmark, call, nbytes: int, kind: str, noise_elemen
     rounds of the call, the triad over ``nbytes`` on ``device`` and, for a step drawing noise in the cpu kernels,
     the noise of its ``noise_elements`` (:func:`bench.noise_fn`), so a drift of the machine moves them alike) and
     record in ``extra_info`` the case's ``x_roof`` (its median over the roof's, :func:`bench.roof_us`), its
-    ``x_roof_min`` (its fastest sample over the roof's: what ``bench-compare`` tracks) and the conditions: machine kind, threads, cores, load average, and the cores other processes used meanwhile.  Nothing
-    is recorded under ``--benchmark-disable``."""
+    ``x_roof_min`` (its fastest sample over the roof's: what ``bench-compare`` tracks) and the conditions: machine
+    kind, threads, cores, load average, and the cores other processes used meanwhile.  Nothing is recorded under
+    ``--benchmark-disable``."""
     others = bench.others_cpu()
     benchmark.extra_info.update(bytes=nbytes, machine_kind=kind, threads=THREADS, cores=os.cpu_count(),
                                 loadavg=os.getloadavg()[0])
@@ -170,8 +171,8 @@ def test_bench_overhead_euler_small(benchmark, machine_kind):
 
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=fmt_shape)
 def test_bench_triad(benchmark, shape, machine_kind):
-    """The triad over the headline's bytes (fp32), timed by pytest-benchmark: its x_roof (about 1) shows that the
-    two timings of one call agree."""
+    """The triad over the headline's bytes (fp32) as a case, timed against itself as the roof: its x_roof and
+    x_roof_min (about 1) show how far two interleaved timings of one call can differ."""
     case = make_case(OPS[HEADLINE], shape, torch.float32)
     benchmark_against_roof(benchmark, triad_fn(case.nbytes), case.nbytes, machine_kind)
 

@@ -532,6 +532,11 @@ PYBIND11_MODULE(_C, m) {
         "The statistics pass of the guidance rescale: per sample the sums of combine.h's RescaleSum order, with "
         "guidance scale w (rounded to float) and G = u[b] y + t[b] F (combine.h rescale_weights; read when "
         "with_y) (tests).");
+  m.def("rescale_weights", [](double u, double t) {
+          const zsnr::RescaleWeights ab = zsnr::rescale_weights(u, t);
+          return py::make_tuple(ab.a, ab.b);
+        }, py::arg("u"), py::arg("t"),
+        "combine.h rescale_weights: the float32 weights (a, b) of y and F in G/s for G = u y + t F.");
   m.def("build_info", &build_info, "Compiler, flags and OpenMP state of this build.");
   m.def("fused_step", &fused_step, py::arg("call"),
         "One fused sampler step on CPU tensors from its StepCall record (see csrc/cpu/step.h): (error, complete, "

@@ -12,7 +12,7 @@ one linear combination of y, the denoised prediction and remembered tensors with
 * :func:`use_backend` picks the backend of every step in a block (``backend="auto"`` otherwise picks it per
   tensor: :data:`BACKENDS`).
 * :func:`set_num_threads` sets how many threads the ``cpu`` kernels use (their own pool, which a forked child
-  starts anew with the parent's setting; see :func:`set_num_threads` for PyTorch's ops in such a child).
+  starts anew with the parent's setting; see :func:`set_num_threads` for the PyTorch ops a step may run there).
 * :func:`retain_freed_memory` (opt-in, glibc) keeps glibc from returning a loop's freed step outputs to the OS and
   page-faulting them back in on the next step.
 """

@@ -64,8 +64,8 @@ def parser() -> argparse.ArgumentParser:
             ("bench", bench, "time the fused steps against eager PyTorch and torch.compile (CSV, PNG)"),
             ("selftest", selftest, "every backend that runs here against the float64 reference; exit status 1 on "
                                    "any miss"),
-            ("bench-compare", bench_compare, "compare a pytest-benchmark run of bench/bench_step.py with a baseline "
-                                             "on x_roof; exit status 1 on a regression"),
+            ("bench-compare", bench_compare, "compare pytest-benchmark runs of bench/bench_step.py with a baseline "
+                                             "on x_roof_min; exit status 1 on a regression"),
             ("comfyui-install", comfyui, "write the ZSNR nodes' shim into a ComfyUI's custom_nodes/")):
         module.add_arguments(sub.add_parser(name, help=what, description=module.__doc__.split("\n\n")[0]))
     return ap

@@ -289,14 +289,6 @@ def _merge(mean: torch.Tensor, m2: torch.Tensor, count: int, dim: int) -> tuple[
     return mean[..., 0] + dbar, _tree_sum(m2) + count * _tree_sum(e * e)
 
 
-def _scaled_weights(u: float, t: float) -> tuple[float, float]:
-    """combine.h ``rescale_weights``: the weights (a, b) of y and F in G/s, each rounded to float32."""
-    f32 = lambda v: torch.tensor(v, dtype=torch.float32).item()  # noqa: E731
-    if abs(u) > abs(t):
-        return 1.0, f32(t / u)
-    return (f32(u / t) if t != 0.0 else 0.0), 1.0
-
-
 def _block_moments(shard: Shard, y, fc, fu, w: float, uv: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Per *block* of this rank's slice (one index of the dims before ``shard_dim`` and one row: ``inner`` contiguous
     elements, [B, outer, local] of them): the mean and M2 of G_c and of G, float64 ``[B, outer, local, 2]`` each.
@@ -310,7 +302,7 @@ def _block_moments(shard: Shard, y, fc, fu, w: float, uv: list) -> tuple[torch.T
     nb = b * o * loc
     view = lambda x: x.contiguous().view(nb, inner)  # noqa: E731
     if y.device.type == "cpu" and y.dtype in DTYPE_CODES and _ext.available():
-        ab = [_scaled_weights(u, t) for u, t in uv]
+        ab = [_ext.C.rescale_weights(u, t) for u, t in uv]  # the kernels' own (a, b): combine.h
         with_y = int(any(u != 0.0 or t != 1.0 for u, t in uv))
         if not with_y:
             ab = [(0.0, 1.0)] * b

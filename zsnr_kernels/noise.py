@@ -156,10 +156,13 @@ class NoiseSlice(NamedTuple):
         """``self``, if it places samples of ``n`` elements (1 <= L, 0 <= O, O + L <= G, n a multiple of L, and the
         sample it lies in, n / L runs of G elements, fewer than 2**63 elements: a tensor's, whose indices the step
         record's int64 fields and the reference's int64 index arithmetic hold); ValueError naming ``name``
-        otherwise.  Every backend refuses a slice by this rule (:func:`check_slice`)."""
+        otherwise (samples of no elements: any slice, there is nothing to place).  Every backend refuses a slice by
+        this rule (:func:`check_slice`)."""
         for field, v in zip(self._fields, self):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name}.{field} must be an int, got {type(v).__name__}")
+        if n == 0:  # an empty slice (a rank holding none of an uneven split): nothing to place
+            return self
         if not (1 <= self.local and 0 <= self.offset and self.offset + self.local <= self.total
                 and n % self.local == 0 and max(n // self.local, 1) * self.total < 2**63):
             raise ValueError(f"{name}={tuple(self)} does not place samples of {n} elements: each sample must be runs "
@@ -189,7 +192,8 @@ def check_slice(noise_slice, n: int, name: str = "noise_slice") -> NoiseSlice | 
     if noise_slice is None:
         return None
     if not isinstance(noise_slice, NoiseSlice):
-        raise TypeError(f"{name} must be a zsnr_kernels.noise.NoiseSlice, got {type(noise_slice).__name__}")
+        raise TypeError(f"{name} must be a zsnr_kernels.noise.NoiseSlice (build it with NoiseSlice.along(shape, dim, "
+                        f"start, size)), got {type(noise_slice).__name__}")
     return noise_slice.check(n, name)
 
 

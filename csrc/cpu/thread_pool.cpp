@@ -95,22 +95,25 @@ void pool_thread(Pool* p, int id, uint32_t seen) {
   }
 }
 
-Pool*& pool_slot() {
-  static Pool* p = nullptr;
-  return p;
-}
+// The pool, made on first use.  An atomic pointer rather than a function-local static: a child forked while another
+// thread ran a static's initializer would wait on its guard for good.
+std::atomic<Pool*> g_pool{nullptr};
+
+#if defined(ZSNR_HAVE_PTHREAD_ATFORK)
+// Registered as the module loads, before any pool exists: a forked child has none of the pool's threads (and
+// perhaps a mutex one of them held), so it drops the parent's pool (its copy is leaked) and makes its own on first
+// use.
+[[maybe_unused]] const int g_at_fork =
+    pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr, std::memory_order_relaxed); });
+#endif
 
 Pool& pool() {
-  static const bool once = [] {
-    pool_slot() = new Pool;  // never destroyed: its threads are detached and may outlive static destruction
-#if defined(ZSNR_HAVE_PTHREAD_ATFORK)
-    // a forked child has none of the pool's threads (and perhaps a mutex held by one): it starts a pool of its own
-    pthread_atfork(nullptr, nullptr, [] { pool_slot() = new Pool; });
-#endif
-    return true;
-  }();
-  (void)once;
-  return *pool_slot();
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p != nullptr) return *p;
+  Pool* made = new Pool;  // never destroyed: its threads are detached and may outlive static destruction
+  if (g_pool.compare_exchange_strong(p, made, std::memory_order_acq_rel, std::memory_order_acquire)) return *made;
+  delete made;  // another thread made the pool first (a Pool starts no thread before its first job)
+  return *p;
 }
 
 void run_serial(int64_t tasks, void (*body)(void*, int64_t), void* ctx) {

@@ -298,6 +298,10 @@ def test_nan_model_output_reaches_the_result_alike_on_every_backend():
 
 def _child_step(y, queue):
     r = zk.euler_step(y, y, 5.0, 1.0)  # no torch op on a large tensor here: PyTorch's own would hang
+    words, normals = torch.empty(1 << 16, 4, dtype=torch.uint32), torch.empty(4, 1 << 14)
+    _ext.C.philox4x32(words.data_ptr(), 1 << 16, 1, 2, 0, 0, 0, 0)  # the module's other long loops run here too
+    seeds = torch.tensor([0, 1, 2, 3], dtype=torch.uint64)
+    _ext.C.philox_normal(normals.data_ptr(), 4, 1 << 14, seeds.data_ptr(), 0, 0)
     queue.put((zk.get_num_threads(), r.y.numpy().tobytes()))
 
 

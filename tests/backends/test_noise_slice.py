@@ -22,6 +22,7 @@ import textwrap
 import pytest
 import torch
 
+import zsnr_kernels as zk
 from zsnr_kernels import coefficients as co, noise as zn
 from zsnr_kernels.backends import call as _call, cuda as _cuda, ext as _ext, registry, table as _table
 from zsnr_kernels.parameterization import parameterization
@@ -376,3 +377,12 @@ def test_a_slice_that_places_the_sample_runs_on_every_path(backend, request):
     assert _outcomes(backend, "good", list(REFUSE_PATHS), request) == dict.fromkeys(REFUSE_PATHS)
     if backend == "cuda":
         assert stand_in.launches == len(REFUSE_PATHS)
+
+
+def test_an_empty_slice_steps():
+    """A rank holding none of an uneven split (a slice of zero elements along the shard dim) steps, seeded or not:
+    there is nothing to place."""
+    y = torch.zeros(2, 0, 8)
+    assert zn.check_slice(zn.NoiseSlice(0, 0, 0), 0) == (0, 0, 0)
+    for step in (zk.euler_step, zk.euler_ancestral_step):
+        assert step(y, y, 5.0, 1.0, seed=1, step_index=0, shard_dim=1).y.shape == (2, 0, 8)

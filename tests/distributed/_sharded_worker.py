@@ -39,6 +39,9 @@ def cases():
         out.append((f"{latent}/cpu/unseeded", latent, kw, False))
         kw = dict(sampler="heun", seed=C.SEED, backend="cpu", s_churn=4.0, **C.GUIDANCE)  # churn of the first state
         out.append((f"{latent}/cpu/churn-from-finite", latent, kw, False))
+        for space in ("x0", "v"):  # rescale statistics of G = u y + t F, the weights of combine.h rescale_weights
+            kw = dict(sampler="dpmpp_2m", seed=C.SEED, backend="cpu", rescale_space=space, **C.GUIDANCE)
+            out.append((f"{latent}/cpu/rescale-{space}", latent, kw, False))
         for backend in ("cpu", "torch"):
             for name in PLANNED if backend == "cpu" else PLANNED[:2]:
                 kw = dict(sampler=name, seed=C.SEED, backend=backend, **C.GUIDANCE)

@@ -33,17 +33,25 @@ def _run_json(path, x_roof_min: dict, kind=KIND, threads=1, others_cpu=0.1):
 
 @pytest.fixture
 def baseline(tmp_path, capsys):
-    """Three runs: a steady case (spread 1%, threshold the 10% floor) and a noisy one (spread 20%: threshold 60%)."""
+    """Four runs: a steady case (spread 1%, threshold the 10% floor) and a noisy one (spread 20%: threshold 60%)."""
     runs = [_run_json(tmp_path / f"r{i}.json", {"steady": s, "noisy": n})
-            for i, (s, n) in enumerate([(2.00, 1.0), (2.02, 1.2), (1.98, 0.9)])]
+            for i, (s, n) in enumerate([(2.00, 1.0), (2.02, 1.2), (1.98, 0.8), (2.0, 1.0)])]
     path = tmp_path / "base.json"
     assert main(["bench-compare", "--make-baseline", str(path), *runs]) == 0
-    assert f"wrote {path}: 2 cases, 3 runs, machine kind {KIND}, 1 thread(s)" in capsys.readouterr().out
+    assert f"wrote {path}: 2 cases, 4 runs, machine kind {KIND}, 1 thread(s)" in capsys.readouterr().out
     base = json.loads(path.read_text())
     assert base["tracked"] == "x_roof_min"
-    assert base["cases"]["steady"] == {"x_roof_min": 2.0, "spread": pytest.approx(0.01), "runs": [2.0, 2.02, 1.98]}
+    assert base["cases"]["steady"] == {"x_roof_min": 2.0, "spread": pytest.approx(0.01),
+                                       "runs": [2.0, 2.02, 1.98, 2.0]}
     assert base["cases"]["noisy"]["spread"] == pytest.approx(0.2)
     return str(path)
+
+
+def test_the_spread_leaves_out_one_run_far_from_the_others():
+    """One run in a slow process does not blind a case: the spread is the largest distance from the median but
+    one (with three runs or more)."""
+    assert bench_compare.spread([2.0, 2.02, 1.98, 2.0, 3.0], 2.0) == pytest.approx(0.01)
+    assert bench_compare.spread([2.0, 2.4], 2.2) == pytest.approx(0.2 / 2.2)
 
 
 def _compare(capsys, base, *runs) -> tuple[int, dict, str]:
@@ -104,18 +112,21 @@ def test_several_runs_are_compared_by_each_cases_median(baseline, tmp_path, caps
 
 
 def test_a_baseline_gathers_the_runs_of_an_earlier_one(baseline, tmp_path, capsys):
-    """--make-baseline given an earlier baseline keeps its runs beside the new ones (another session's): the spread
-    takes in both."""
-    later = [_run_json(tmp_path / f"later{i}.json", {"steady": s, "noisy": 1.0}) for i, s in enumerate((2.3, 2.2))]
+    """--make-baseline given an earlier baseline keeps its runs beside the new ones (another session's), case by
+    case: the spread takes in both; a case it tracks that the new runs lack is refused, not dropped."""
+    later = [_run_json(tmp_path / f"later{i}.json", {"steady": s, "noisy": 1.0, "added": 3.0})
+             for i, s in enumerate((2.3, 2.2))]
     path = tmp_path / "gathered.json"
     assert main(["bench-compare", "--make-baseline", str(path), baseline, *later]) == 0
-    capsys.readouterr()
+    assert "left out, not in every run: added" in capsys.readouterr().err
     base = json.loads(path.read_text())
-    assert base["runs"] == 5 and base["made_from"] == ["base.json:r0.json", "base.json:r1.json", "base.json:r2.json",
-                                                       "later0.json", "later1.json"]
-    assert base["cases"]["steady"]["runs"] == [2.0, 2.02, 1.98, 2.3, 2.2]
-    assert base["cases"]["steady"]["x_roof_min"] == 2.02
-    assert base["cases"]["steady"]["spread"] == pytest.approx(2.3 / 2.02 - 1.0)
+    assert base["runs"] == 6 and base["made_from"] == ["base.json (4 runs)", "later0.json", "later1.json"]
+    assert base["cases"]["steady"]["runs"] == [2.0, 2.02, 1.98, 2.0, 2.3, 2.2]
+    assert base["cases"]["steady"]["x_roof_min"] == pytest.approx(2.01)
+    assert base["cases"]["steady"]["spread"] == pytest.approx(2.2 / 2.01 - 1.0)
+    short = _run_json(tmp_path / "short.json", {"steady": 2.0})
+    with pytest.raises(SystemExit, match="the runs lack cases the baseline tracks: noisy"):
+        main(["bench-compare", "--make-baseline", str(tmp_path / "lost.json"), baseline, short])
 
 
 def test_a_baseline_of_another_ratio_is_refused(baseline, tmp_path):

@@ -132,11 +132,13 @@ def set_num_threads(n: int | None) -> None:
     4.7-5.9x.
 
     Fork: a child forked from a process that ran these kernels starts a pool of its own (the parent's pool threads
-    are not copied) and keeps the parent's setting, so it steps on as many threads as the parent did.  Nothing in
-    the compiled module runs an OpenMP parallel region (OpenMP gives only the default thread count), so the kernels
-    cannot hang in a child the way an OpenMP loop does after the parent ran one.  PyTorch's own parallel ops can:
-    in a child forked after the parent ran any, call ``torch.set_num_threads(1)`` before PyTorch ops on large
-    tensors, or start workers with the ``spawn`` method (``multiprocessing.get_context("spawn")``).
+    are not copied) and keeps the parent's setting.  The compiled module runs no OpenMP parallel region (OpenMP
+    gives only the default thread count), so its steps cannot hang in a child the way an OpenMP loop does after
+    the parent ran one.  PyTorch's parallel ops can, and a step runs some: the copy of a tensor whose layout the
+    kernels cannot read (``layout.prepare``), the ``torch`` backend, ``noise.normal``.  In a child forked after the
+    parent ran parallel PyTorch work, call ``torch.set_num_threads(1)`` before those, and ``set_num_threads(n)``
+    for these kernels (``torch.set_num_threads`` sets their default too: OpenMP's setting, which both read); or
+    start workers with the ``spawn`` method (``multiprocessing.get_context("spawn")``).
     """
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive int (or None for the default), got {n!r}")
