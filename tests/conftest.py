@@ -1,4 +1,5 @@
-"""Shared fixtures: small deterministic networks used as models, and the k-diffusion oracle loader."""
+"""Shared fixtures: small deterministic networks used as models, the k-diffusion oracle loader, and the CUDA
+module's interface run on the CPU kernels (the cuda backend's host side tested without a GPU)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,48 @@ def isa_level(request):
         yield used
     finally:
         _ext.restore_isa()
+
+
+class CudaOnCpu:
+    """The ``_C_cuda`` interface that ``zsnr_kernels/backends/cuda.py`` calls, executed by the CPU kernels of ``_C``
+    on CPU memory: every launch is recorded in ``calls`` (what the host side marshalled) and run, so a test sees both
+    what reached the launcher and its result."""
+
+    cuda_runtime_version = 0
+
+    def __init__(self):
+        self.calls = []
+
+    def device_count(self):
+        return 0, 1
+
+    def workspace_bytes(self, batch, n):
+        return 64
+
+    def error_string(self, code):
+        return f"error {code}"
+
+    def fused_step(self, call):
+        import ctypes
+
+        from zsnr_kernels.backends import ext
+
+        n_sigma, n_prev, batch = call.n_sigma, call.n_prev, call.batch
+        vals = list((ctypes.c_double * (n_sigma * (4 + n_prev))).from_address(call.sigmas)) if call.sigmas else 0
+        seed_list = list((ctypes.c_uint64 * batch).from_address(call.seeds)) if call.seeds else []
+        table = list((ctypes.c_double * (n_sigma * 16)).from_address(call.table)) if call.table else None
+        self.calls.append(dict(n_sigma=n_sigma, sigmas=vals, seeds=seed_list, table=table, stream=call.stream,
+                               workspace=call.workspace))
+        res = ext.C.fused_step(call._replace(sigmas=vals, seeds=seed_list or 0, workspace=0, stream=0))
+        return res[0]
+
+
+@pytest.fixture
+def cuda_on_cpu(monkeypatch):
+    """The cuda backend with :class:`CudaOnCpu` as its compiled module (on CPU tensors, stream 1234)."""
+    from zsnr_kernels.backends import cuda
+
+    fake = CudaOnCpu()
+    monkeypatch.setattr(cuda, "module", lambda: fake)
+    monkeypatch.setattr(cuda, "_stream", lambda device: 1234)
+    return fake

@@ -11,7 +11,6 @@ With a GPU (skipped here), the real backend runs against the cpu backend and the
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 import pytest
@@ -26,40 +25,9 @@ INF = math.inf
 requires_C = pytest.mark.skipif(not _ext.available(), reason=f"zsnr_kernels._C: {_ext.why_unavailable()}")
 
 
-class _CpuStandIn:
-    """The ``_C_cuda`` interface, executed by the CPU kernels of ``_C`` on CPU memory."""
-
-    cuda_runtime_version = 0
-
-    def __init__(self):
-        self.calls = []
-
-    def device_count(self):
-        return 0, 1
-
-    def workspace_bytes(self, batch, n):
-        return 64
-
-    def error_string(self, code):
-        return f"error {code}"
-
-    def fused_step(self, call):
-        n_sigma, n_prev, batch = call.n_sigma, call.n_prev, call.batch
-        vals = list((ctypes.c_double * (n_sigma * (4 + n_prev))).from_address(call.sigmas)) if call.sigmas else 0
-        seed_list = list((ctypes.c_uint64 * batch).from_address(call.seeds)) if call.seeds else []
-        table = list((ctypes.c_double * (n_sigma * 16)).from_address(call.table)) if call.table else None
-        self.calls.append(dict(n_sigma=n_sigma, sigmas=vals, seeds=seed_list, table=table, stream=call.stream,
-                               workspace=call.workspace))
-        res = _ext.C.fused_step(call._replace(sigmas=vals, seeds=seed_list or 0, workspace=0, stream=0))
-        return res[0]
-
-
 @pytest.fixture
-def stand_in(monkeypatch):
-    fake = _CpuStandIn()
-    monkeypatch.setattr(_cuda, "module", lambda: fake)
-    monkeypatch.setattr(_cuda, "_stream", lambda device: 1234)
-    return fake
+def stand_in(cuda_on_cpu):
+    return cuda_on_cpu
 
 
 def _randn(shape, seed):

@@ -24,7 +24,7 @@ import torch
 
 import zsnr_kernels as zk
 from zsnr_kernels import coefficients as co, noise as zn
-from zsnr_kernels.backends import call as _call, cuda as _cuda, ext as _ext, registry, table as _table
+from zsnr_kernels.backends import call as _call, ext as _ext, registry, table as _table
 from zsnr_kernels.parameterization import parameterization
 from zsnr_kernels.tools import tolerances
 
@@ -275,34 +275,11 @@ def raised(check, noise_slice):
     return None
 
 
-class _CudaStandIn:
-    """The ``_C_cuda`` interface that backends/cuda.py calls, counting launches (tests/backends/test_cuda_backend.py
-    runs them on the CPU kernels; a refused step must reach none)."""
-
-    def __init__(self):
-        self.launches = 0
-
-    def device_count(self):
-        return 0, 1
-
-    def workspace_bytes(self, batch, n):
-        return 64
-
-    def error_string(self, code):
-        return f"error {code}"
-
-    def fused_step(self, call):
-        self.launches += 1
-        return 0
-
-
 @pytest.fixture
-def cuda_stand_in(monkeypatch):
-    """The cuda backend's host side on CPU tensors, up to the launch."""
-    fake = _CudaStandIn()
-    monkeypatch.setattr(_cuda, "module", lambda: fake)
-    monkeypatch.setattr(_cuda, "_stream", lambda device: 0)
-    return fake
+def cuda_stand_in(cuda_on_cpu):
+    """The cuda backend's host side on CPU tensors (tests/conftest.py ``CudaOnCpu``): a refused step reaches no
+    launch."""
+    return cuda_on_cpu
 
 
 TRITON_REFUSALS_CHILD = textwrap.dedent(
@@ -365,7 +342,7 @@ def test_every_backend_refuses_a_bad_slice_alike_on_every_path(backend, bad, req
     if want is not None:
         assert raised(zn.check_slice, BAD_SLICES[bad]) == (None if bad == "splits_groups" else want)
     if backend == "cuda":
-        assert stand_in.launches == 0
+        assert stand_in.calls == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -376,7 +353,7 @@ def test_a_slice_that_places_the_sample_runs_on_every_path(backend, request):
         stand_in = request.getfixturevalue("cuda_stand_in")
     assert _outcomes(backend, "good", list(REFUSE_PATHS), request) == dict.fromkeys(REFUSE_PATHS)
     if backend == "cuda":
-        assert stand_in.launches == len(REFUSE_PATHS)
+        assert len(stand_in.calls) == len(REFUSE_PATHS)
 
 
 def test_an_empty_slice_steps():
