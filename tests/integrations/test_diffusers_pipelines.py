@@ -183,16 +183,19 @@ def test_ldm_pipeline_dpm_solver_sde(unet, vqvae, config):
     assert _close(want, got)[0], _close(want, got)
 
 
-@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                  "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
-                                  "UniPCMultistepScheduler", "DPMSolverSDEScheduler"])
-def test_ldm_pipeline_zero_snr(unet, vqvae, name):
+@pytest.mark.parametrize(("name", "config"), [
+    *((name, ZERO_SNR) for name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                    "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler")),
+    # no timestep_spacing in diffusers' singlestep class (its linspace timesteps start at 999 too)
+    ("DPMSolverSinglestepScheduler", {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+                                      "solver_order": 3})])
+def test_ldm_pipeline_zero_snr(unet, vqvae, name, config):
     """At zero SNR the first UNet call gets the pipeline's start noise itself, at timestep 999, and the decoded
     latents are finite."""
     calls = []
     hook = unet.register_forward_pre_hook(lambda module, args: calls.append((args[0].clone(), args[1])))
     try:
-        pipe = _ldm(unet, vqvae, zd.SCHEDULERS[name](**ZERO_SNR))
+        pipe = _ldm(unet, vqvae, zd.SCHEDULERS[name](**config))
         latents = _ldm_latents(pipe)
     finally:
         hook.remove()
